@@ -1,0 +1,130 @@
+"""Vision Transformer in Flax NNX, with the seed's module tree.
+
+Order: PatchEmbed (an nnx.Conv), Attention, Block (pre-LN, MLP as ff1/ff2), ViT.
+Images are NHWC: unbatched (H, W, C) -> (K,) or batched (B, H, W, C) -> (B, K).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vit_config import ViTConfig, check_image_shape
+
+Tap = Callable[[str, jax.Array], jax.Array]
+
+
+def _no_tap(name: str, value: jax.Array) -> jax.Array:
+    return value
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # jax's default is the tanh form
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+def resolve_dtype(dtype) -> jnp.dtype:
+    """float32 by default; float64 only when JAX x64 is on (otherwise JAX silently demotes)."""
+    dtype = jnp.dtype(dtype if dtype is not None else jnp.float32)
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ValueError("dtype float64 needs JAX x64: jax.config.update('jax_enable_x64', True)")
+    if dtype not in (jnp.float32, jnp.float64, jnp.bfloat16):
+        raise ValueError(f"dtype {dtype} is not supported: expected float32, float64 or bfloat16")
+    return dtype
+
+
+class Attention(nnx.Module):
+    """Unmasked multi-head self-attention from four Linear projections (the seed's MHA)."""
+
+    def __init__(self, d_model: int, num_heads: int, *, qkv_bias: bool = True,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        dense = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.q = nnx.Linear(d_model, d_model, use_bias=qkv_bias, **dense)
+        self.k = nnx.Linear(d_model, d_model, use_bias=qkv_bias, **dense)
+        self.v = nnx.Linear(d_model, d_model, use_bias=qkv_bias, **dense)
+        self.o = nnx.Linear(d_model, d_model, **dense)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, d = x.shape
+        split = (b, t, self.num_heads, d // self.num_heads)
+        q, k, v = (proj(x).reshape(split) for proj in (self.q, self.k, self.v))  # (B, T, H, hd)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(split[-1]).astype(x.dtype)
+        weights = jax.nn.softmax(scores, axis=-1)  # over keys
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)  # (B, T, H, hd)
+        return self.o(out.reshape(b, t, d))
+
+
+class Block(nnx.Module):
+    """Pre-LN encoder block: x + attn(ln1(x)), then x + ff2(act(ff1(ln2(x))))."""
+
+    def __init__(self, config: ViTConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        c = config
+        dense = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.ln1 = nnx.LayerNorm(c.d_model, epsilon=c.ln_eps, **dense)
+        self.attn = Attention(c.d_model, c.num_heads, qkv_bias=c.qkv_bias, dtype=dtype, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(c.d_model, epsilon=c.ln_eps, **dense)
+        self.ff1 = nnx.Linear(c.d_model, c.d_ff, **dense)
+        self.ff2 = nnx.Linear(c.d_ff, c.d_model, **dense)
+        self.activation = c.activation
+
+    def mlp(self, x: jax.Array) -> jax.Array:
+        return self.ff2(ACTIVATIONS[self.activation](self.ff1(x)))
+
+    def __call__(self, x: jax.Array, tap: Tap = _no_tap) -> jax.Array:
+        x = x + tap("attn", self.attn(self.ln1(x)))
+        return x + tap("mlp", self.mlp(self.ln2(x)))
+
+
+class ViT(nnx.Module):
+    """patch_embed -> flatten -> [CLS] -> + pos_embed -> blocks -> ln_f -> pool -> head."""
+
+    def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs, dtype=None):
+        c = self.config = config
+        dtype = resolve_dtype(dtype)
+        dense = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
+        p = c.patch_size
+        self.patch_embed = nnx.Conv(c.in_channels, c.d_model, kernel_size=(p, p), strides=p,
+                                    padding="VALID", **dense)
+        if c.pool == "cls":
+            self.cls_token = nnx.Param(jnp.zeros((1, c.d_model), dtype))
+        self.pos_embed = nnx.Param(jnp.zeros((c.num_tokens, c.d_model), dtype))
+        self.blocks = nnx.List([Block(c, dtype=dtype, rngs=rngs) for _ in range(c.num_layers)])
+        self.ln_f = nnx.LayerNorm(c.d_model, epsilon=c.ln_eps, **dense)
+        self.head = nnx.Linear(c.d_model, c.num_classes, **dense)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.pos_embed[...].dtype
+
+    def __call__(self, images: jax.Array, *, return_intermediates: bool = False):
+        """Logits for NHWC images; with `return_intermediates`, also a dict of named activations."""
+        batched = check_image_shape(images.shape, self.config, "NHWC")
+        x = jnp.asarray(images, self.dtype)
+        x = x if batched else x[None]
+        seen: dict[str, jax.Array] = {}
+
+        def tap(name: str, value: jax.Array) -> jax.Array:
+            if return_intermediates:
+                seen[name] = value if batched else value[0]
+            return value
+
+        x = self.patch_embed(x)  # (B, Hp, Wp, D)
+        b, hp, wp, d = x.shape
+        x = tap("patch_embed", x.reshape(b, hp * wp, d))  # (B, N, D), row-major over the grid
+        if self.config.pool == "cls":
+            cls = jnp.broadcast_to(self.cls_token[...], (b, 1, d))
+            x = jnp.concatenate([cls, x], axis=1)  # (B, 1 + N, D)
+        x = tap("tokens", x + self.pos_embed[...])
+        for i, block in enumerate(self.blocks):
+            x = tap(f"blocks.{i}", block(x, lambda n, v, i=i: tap(f"blocks.{i}.{n}", v)))
+        x = tap("ln_f", self.ln_f(x))
+        pooled = tap("pooled", x[:, 0] if self.config.pool == "cls" else x.mean(axis=1))  # (B, D)
+        logits = tap("logits", self.head(pooled))  # (B, K)
+        logits = logits if batched else logits[0]
+        return (logits, seen) if return_intermediates else logits

@@ -1,0 +1,194 @@
+"""The one framework-free ViT configuration, shared by `jax_impl` and `torch_impl`.
+
+Importing this module imports neither JAX nor PyTorch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["ACTIVATIONS", "POOLS", "PRESETS", "ConfigError", "ImageShapeError", "ViTConfig",
+           "check_image_shape"]
+
+POOLS = ("mean", "cls")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
+
+
+class ConfigError(ValueError):
+    """A `ViTConfig` field holds a value no ViT can be built from."""
+
+    def __init__(self, field: str, value: Any, why: str):
+        self.field, self.value = field, value
+        super().__init__(f"ViTConfig.{field}={value!r}: {why}")
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    # Input image size in pixels: an int for square images, or (H, W).
+    image_size: int | tuple[int, int] = 224
+    # Side of the square, non-overlapping patches (the conv's kernel and stride).
+    patch_size: int = 16
+    # Image channels (3 for RGB).
+    in_channels: int = 3
+    # Token width, D.
+    d_model: int = 768
+    # Attention heads; head_dim = d_model // num_heads.
+    num_heads: int = 12
+    # Hidden width of the MLP (4 * d_model in the ViT paper).
+    d_ff: int = 3072
+    # Encoder blocks (0 is allowed: patch embedding, final norm and head only).
+    num_layers: int = 12
+    # Classifier outputs.
+    num_classes: int = 1000
+    # "cls": read a learned [CLS] row (ViT paper, timm, HF); "mean": average the tokens (the seed).
+    pool: str = "cls"
+    # MLP activation: "gelu" exact (timm, HF, torch default), "gelu_tanh" (flax nn.gelu default,
+    # big_vision), "relu" (the seed).
+    activation: str = "gelu"
+    # LayerNorm epsilon: flax and timm 1e-6, torch nn.LayerNorm default 1e-5, HF ViT 1e-12.
+    ln_eps: float = 1e-6
+    # Bias on the query, key and value projections (timm qkv_bias); the output projection always has one.
+    qkv_bias: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.image_size, (list, tuple)):
+            object.__setattr__(self, "image_size", tuple(self.image_size))
+        self._validate()
+
+    def _validate(self) -> None:
+        size = self.image_size
+        sides = size if isinstance(size, tuple) else (size,)
+        if len(sides) not in (1, 2) or not all(_is_positive_int(s) for s in sides):
+            raise ConfigError("image_size", size, "expected a positive int or a (H, W) pair of them")
+        for name in ("patch_size", "in_channels", "d_model", "num_heads", "d_ff", "num_classes"):
+            if not _is_positive_int(getattr(self, name)):
+                raise ConfigError(name, getattr(self, name), "expected a positive int")
+        if not (isinstance(self.num_layers, int) and not isinstance(self.num_layers, bool)
+                and self.num_layers >= 0):
+            raise ConfigError("num_layers", self.num_layers, "expected an int >= 0")
+        if self.d_model % self.num_heads:
+            raise ConfigError("d_model", self.d_model,
+                              f"not divisible by num_heads={self.num_heads}")
+        for side in self.image_hw:
+            if side % self.patch_size:
+                raise ConfigError("image_size", size,
+                                  f"side {side} is not divisible by patch_size={self.patch_size}")
+        if self.pool not in POOLS:
+            raise ConfigError("pool", self.pool, f"expected one of {POOLS}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError("activation", self.activation, f"expected one of {ACTIVATIONS}")
+        if isinstance(self.ln_eps, bool) or not isinstance(self.ln_eps, (int, float)) \
+                or not (0 < self.ln_eps < 1) or not math.isfinite(self.ln_eps):
+            raise ConfigError("ln_eps", self.ln_eps, "expected a float in (0, 1)")
+        if not isinstance(self.qkv_bias, bool):
+            raise ConfigError("qkv_bias", self.qkv_bias, "expected a bool")
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        s = self.image_size
+        return s if isinstance(s, tuple) else (s, s)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid (Hp, Wp)."""
+        h, w = self.image_hw
+        return h // self.patch_size, w // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        hp, wp = self.grid
+        return hp * wp
+
+    @property
+    def num_tokens(self) -> int:
+        """Rows of the position embedding: patches, plus one for [CLS]."""
+        return self.num_patches + (self.pool == "cls")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    def num_params(self) -> int:
+        """Parameter count, computed from the sizes alone (both implementations must match it)."""
+        d, p, c = self.d_model, self.patch_size, self.in_channels
+        qkv = 3 * (d * d + (d if self.qkv_bias else 0))
+        block = 2 * 2 * d + qkv + (d * d + d) + (d * self.d_ff + self.d_ff) + (self.d_ff * d + d)
+        embed = d * c * p * p + d + self.num_tokens * d + (d if self.pool == "cls" else 0)
+        return embed + self.num_layers * block + 2 * d + d * self.num_classes + self.num_classes
+
+    # ---- (de)serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if isinstance(self.image_size, tuple):
+            d["image_size"] = list(self.image_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ViTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(unknown[0], d[unknown[0]], f"unknown field; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ViTConfig":
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> "ViTConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str) -> "ViTConfig":
+        if name not in PRESETS:
+            raise ConfigError("preset", name, f"unknown preset; known: {sorted(PRESETS)}")
+        return cls(**PRESETS[name])
+
+
+def _is_positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+# The ViT paper's sizes (Dosovitskiy et al. 2020, Table 1; Ti and S from Touvron et al. 2021,
+# DeiT Table 1) with timm's conventions: 224 px, CLS pool, exact GELU, eps 1e-6, 1000 classes.
+_PAPER = dict(image_size=224, num_classes=1000, pool="cls", activation="gelu", ln_eps=1e-6)
+PRESETS: dict[str, dict[str, Any]] = {
+    # The seed's toy: 4x4x3 images, P=2 (4 patches), mean pool, ReLU, flax LayerNorm eps.
+    "seed": dict(image_size=4, patch_size=2, d_model=8, num_heads=2, d_ff=16, num_layers=2,
+                 num_classes=5, pool="mean", activation="relu", ln_eps=1e-6),
+    "vit_ti16": dict(_PAPER, patch_size=16, d_model=192, num_heads=3, d_ff=768, num_layers=12),
+    "vit_s16": dict(_PAPER, patch_size=16, d_model=384, num_heads=6, d_ff=1536, num_layers=12),
+    "vit_b16": dict(_PAPER, patch_size=16, d_model=768, num_heads=12, d_ff=3072, num_layers=12),
+    "vit_l16": dict(_PAPER, patch_size=16, d_model=1024, num_heads=16, d_ff=4096, num_layers=24),
+    "vit_h14": dict(_PAPER, patch_size=14, d_model=1280, num_heads=16, d_ff=5120, num_layers=32),
+}
+
+
+class ImageShapeError(ValueError):
+    """An image batch whose rank, channels or size does not fit the model's config."""
+
+
+def check_image_shape(shape: tuple[int, ...], config: ViTConfig, layout: str) -> bool:
+    """Validate an image shape in `layout` ("NHWC" or "NCHW"); return True when batched."""
+    shape = tuple(shape)
+    if len(shape) not in (3, 4):
+        raise ImageShapeError(f"expected a {layout[1:]} image or a {layout} batch (rank 3 or 4), "
+                              f"got shape {shape} (rank {len(shape)})")
+    names = layout if len(shape) == 4 else layout[1:]
+    dims = dict(zip(names, shape, strict=True))
+    if dims["C"] != config.in_channels:
+        raise ImageShapeError(f"expected C={config.in_channels} in {names} layout, got shape "
+                              f"{shape} with C={dims['C']}")
+    if (dims["H"], dims["W"]) != config.image_hw:
+        raise ImageShapeError(f"expected H, W = {config.image_hw} in {names} layout "
+                              f"(config.image_size), got shape {shape} with H, W = "
+                              f"{(dims['H'], dims['W'])}")
+    return len(shape) == 4

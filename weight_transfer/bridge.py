@@ -1,0 +1,170 @@
+"""Move parameters between `jax_impl.ViT` (NNX state) and `torch_impl.ViT` (state dict).
+
+Everything crosses as flat `dict[str, np.ndarray]` keyed by dotted paths
+(`blocks.0.attn.q.kernel` on the NNX side, `blocks.0.attn.q.weight` on the torch side), mapped
+by the one table in `weight_transfer.table`. Dtypes are kept, bfloat16 included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import torch
+from flax import nnx
+
+import jax_impl
+import torch_impl
+from vit_config import ViTConfig
+from weight_transfer.table import NNX_TORCH, apply_table, oriented, rule
+
+Flat = dict[str, np.ndarray]
+
+# ---- framework arrays <-> numpy (bit-exact, bfloat16 through its 16-bit pattern) ----------
+
+
+def torch_to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def numpy_to_torch(a: np.ndarray) -> torch.Tensor:
+    a = np.array(a, copy=True, order="C")  # owned and writable: torch shares the buffer
+    if a.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def numpy_to_jax(a: np.ndarray) -> jax.Array:
+    if a.dtype == np.float64 and not jax.config.jax_enable_x64:
+        raise ValueError("float64 weights need JAX x64 (jax.config.update('jax_enable_x64', True)"
+                         " or `with jax.enable_x64(True):`); JAX would silently demote them")
+    return jnp.asarray(a)
+
+
+# ---- flat views of each side ----------------------------------------------------------------
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def nnx_flat(state_or_model: Any) -> Flat:
+    """A model's (or an `nnx.State`'s) parameters as `{dotted path: array}`."""
+    state = state_or_model
+    if isinstance(state_or_model, nnx.Module):
+        state = nnx.state(state_or_model, nnx.Param)
+    return {_dotted(path): np.asarray(var.get_value()) for path, var in nnx.to_flat_state(state)}
+
+
+def torch_flat(state_dict_or_model: Mapping[str, torch.Tensor] | torch.nn.Module) -> Flat:
+    sd = state_dict_or_model
+    if isinstance(sd, torch.nn.Module):
+        sd = sd.state_dict()
+    return {k: torch_to_numpy(v) for k, v in sd.items()}
+
+
+def _abstract_nnx(config: ViTConfig, dtype) -> tuple[nnx.GraphDef, nnx.State]:
+    abstract = nnx.eval_shape(lambda: jax_impl.ViT(config, rngs=nnx.Rngs(0), dtype=dtype))
+    return nnx.split(abstract)
+
+
+def nnx_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
+    _, state = _abstract_nnx(config, jnp.float32)
+    return {_dotted(p): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(state)}
+
+
+def torch_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = torch_impl.ViT(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+# ---- the lower-level state functions ----------------------------------------------------------
+
+
+def nnx_to_torch_flat(flat: Mapping[str, np.ndarray], config: ViTConfig) -> Flat:
+    """`{nnx path: array}` -> `{torch key: array}` through the table, checked against `config`."""
+    return apply_table(flat, oriented(NNX_TORCH, config.num_layers), torch_shapes(config),
+                       what="NNX")
+
+
+def torch_to_nnx_flat(flat: Mapping[str, np.ndarray], config: ViTConfig) -> Flat:
+    """`{torch key: array}` -> `{nnx path: array}`, the same table read right to left."""
+    return apply_table(flat, oriented(NNX_TORCH, config.num_layers, reverse=True),
+                       nnx_shapes(config), what="torch")
+
+
+def nnx_state_to_state_dict(state: nnx.State | Mapping[str, np.ndarray], config: ViTConfig
+                            ) -> dict[str, torch.Tensor]:
+    """An NNX parameter state (or its flat dict) -> a `torch_impl.ViT` state dict."""
+    flat = state if isinstance(state, Mapping) and not isinstance(state, nnx.State) \
+        else nnx_flat(state)
+    return {k: numpy_to_torch(v) for k, v in nnx_to_torch_flat(flat, config).items()}
+
+
+def state_dict_to_nnx_state(state_dict: Mapping[str, Any], config: ViTConfig) -> nnx.State:
+    """A `torch_impl.ViT` state dict (torch tensors or numpy arrays) -> an NNX parameter state."""
+    flat = {k: torch_to_numpy(v) if isinstance(v, torch.Tensor) else np.asarray(v)
+            for k, v in state_dict.items()}
+    return _nnx_state_from_flat(torch_to_nnx_flat(flat, config), config)
+
+
+def _nnx_state_from_flat(flat: Mapping[str, np.ndarray], config: ViTConfig) -> nnx.State:
+    _, abstract = _abstract_nnx(config, jnp.float32)
+    return nnx.from_flat_state([(path, var.replace(numpy_to_jax(flat[_dotted(path)])))
+                                for path, var in nnx.to_flat_state(abstract)])
+
+
+def nnx_from_flat(flat: Mapping[str, np.ndarray], config: ViTConfig) -> jax_impl.ViT:
+    """Build a `jax_impl.ViT` whose parameters are exactly `flat` (`{nnx path: array}`)."""
+    shapes = nnx_shapes(config)
+    checked = apply_table(flat, [rule(k, k) for k in shapes], shapes, what="NNX")
+    dtypes = {a.dtype for a in checked.values()}
+    graphdef, _ = _abstract_nnx(config, dtypes.pop() if len(dtypes) == 1 else jnp.float32)
+    return nnx.merge(graphdef, _nnx_state_from_flat(checked, config))
+
+
+def torch_from_state_dict(state_dict: Mapping[str, torch.Tensor], config: ViTConfig
+                          ) -> torch_impl.ViT:
+    """Build a `torch_impl.ViT` holding exactly these tensors (no init, no second copy)."""
+    with torch.device("meta"):
+        model = torch_impl.ViT(config)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model
+
+
+# ---- the model-level API ------------------------------------------------------------------------
+
+
+def to_torch(nnx_model: jax_impl.ViT) -> torch_impl.ViT:
+    """The `torch_impl.ViT` computing the same function as `nnx_model` (same config and dtype)."""
+    config = nnx_model.config
+    return torch_from_state_dict(nnx_state_to_state_dict(nnx_flat(nnx_model), config), config)
+
+
+def to_nnx(torch_model: torch_impl.ViT) -> jax_impl.ViT:
+    """The `jax_impl.ViT` computing the same function as `torch_model` (same config and dtype)."""
+    config = torch_model.config
+    return nnx_from_flat(torch_to_nnx_flat(torch_flat(torch_model), config), config)
+
+
+# ---- images --------------------------------------------------------------------------------------
+
+
+def nhwc_to_nchw(images):
+    """(B, H, W, C) or (H, W, C) -> (B, C, H, W) or (C, H, W); numpy, JAX or torch in, same out."""
+    axes = (0, 3, 1, 2) if images.ndim == 4 else (2, 0, 1)
+    return images.permute(*axes) if isinstance(images, torch.Tensor) else images.transpose(axes)
+
+
+def nchw_to_nhwc(images):
+    """(B, C, H, W) or (C, H, W) -> (B, H, W, C) or (H, W, C); numpy, JAX or torch in, same out."""
+    axes = (0, 2, 3, 1) if images.ndim == 4 else (1, 2, 0)
+    return images.permute(*axes) if isinstance(images, torch.Tensor) else images.transpose(axes)

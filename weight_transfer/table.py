@@ -1,0 +1,154 @@
+"""Declarative mapping tables and the one engine that applies them in either direction.
+
+A table is a tuple of `Rule`s: left key(s), right key(s), and a named `Transform` from left to
+right. `{}` in a key stands for the block index. The reverse direction is the same table read
+from the right (`Transform.reversed`); there is never a second table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from weight_transfer.transforms import CONV, IDENTITY, LINEAR, Transform
+
+FLOAT_KINDS = ("float16", "bfloat16", "float32", "float64")
+
+
+@dataclass(frozen=True)
+class Rule:
+    left: tuple[str, ...]
+    right: tuple[str, ...]
+    transform: Transform = IDENTITY
+
+    def expand(self, num_layers: int) -> list[Rule]:
+        if not any("{}" in k for k in self.left + self.right):
+            return [self]
+        return [Rule(tuple(k.replace("{}", str(i)) for k in self.left),
+                     tuple(k.replace("{}", str(i)) for k in self.right), self.transform)
+                for i in range(num_layers)]
+
+    def reversed(self) -> Rule:
+        return Rule(self.right, self.left, self.transform.reversed())
+
+
+def rule(left: str | tuple[str, ...], right: str | tuple[str, ...],
+         transform: Transform = IDENTITY) -> Rule:
+    as_tuple = lambda k: (k,) if isinstance(k, str) else tuple(k)  # noqa: E731
+    return Rule(as_tuple(left), as_tuple(right), transform)
+
+
+def linear(path: str, other: str | None = None) -> tuple[Rule, ...]:
+    """flax Linear `kernel (in, out)`, `bias` <-> torch Linear `weight (out, in)`, `bias`."""
+    other = other or path
+    return (rule(f"{path}.kernel", f"{other}.weight", LINEAR), rule(f"{path}.bias", f"{other}.bias"))
+
+
+def layernorm(path: str, other: str | None = None) -> tuple[Rule, ...]:
+    """flax LayerNorm `scale`, `bias` <-> torch LayerNorm `weight`, `bias` (a rename)."""
+    other = other or path
+    return (rule(f"{path}.scale", f"{other}.weight"), rule(f"{path}.bias", f"{other}.bias"))
+
+
+# jax_impl (flat NNX paths)  <->  torch_impl (state-dict keys). The trees are equal, so only
+# leaf names and layouts change.
+NNX_TORCH: tuple[Rule, ...] = (
+    rule("patch_embed.kernel", "patch_embed.weight", CONV),  # (P, P, C, D) <-> (D, C, P, P)
+    rule("patch_embed.bias", "patch_embed.bias"),
+    rule("cls_token", "cls_token"),  # (1, D)
+    rule("pos_embed", "pos_embed"),  # (N [+ 1], D)
+    *layernorm("blocks.{}.ln1"),
+    *linear("blocks.{}.attn.q"),
+    *linear("blocks.{}.attn.k"),
+    *linear("blocks.{}.attn.v"),
+    *linear("blocks.{}.attn.o"),
+    *layernorm("blocks.{}.ln2"),
+    *linear("blocks.{}.ff1"),
+    *linear("blocks.{}.ff2"),
+    *layernorm("ln_f"),
+    *linear("head"),
+)
+
+
+class TransferError(ValueError):
+    """A state that does not fit the target: every missing, unexpected and mis-shaped key at once."""
+
+    def __init__(self, problems: list[str], *, missing=(), unexpected=(), mismatched=()):
+        self.problems = list(problems)
+        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+        listing = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) mapping the weights:\n{listing}")
+
+
+def _dummy(shape: tuple[int, ...]) -> np.ndarray:
+    """A zero-strided stand-in with `shape`, to run a transform on shapes alone."""
+    return np.broadcast_to(np.zeros((), np.int8), shape)
+
+
+def shape_hint(actual: tuple[int, ...], expected: tuple[int, ...],
+               target: tuple[int, ...] | None = None) -> str:
+    if target is not None and actual == target and actual != expected:
+        return ": looks already converted (it has the shape the target layout wants)"
+    if sorted(actual) == sorted(expected) and actual != expected:
+        order = [expected.index(s) for s in actual] if len(set(actual)) == len(actual) else None
+        how = f" (axes {tuple(order)} of the expected)" if order else ""
+        return f": looks transposed, a permutation of the expected shape{how}"
+    return ""
+
+
+def dtype_name(a) -> str:
+    return str(getattr(a, "dtype", type(a).__name__))
+
+
+def apply_table(source: Mapping[str, np.ndarray], rules: list[Rule],
+                target_shapes: Mapping[str, tuple[int, ...]], *, what: str = "source"
+                ) -> dict[str, np.ndarray]:
+    """Map `source` through oriented, expanded `rules` onto a target with `target_shapes`.
+
+    Total and checked: every source tensor must be consumed and every target filled, with each
+    source shape equal to what the target demands; otherwise one `TransferError` lists all.
+    """
+    active = [r for r in rules if all(k in target_shapes for k in r.right)]
+    filled = {k for r in active for k in r.right}
+    problems, missing, unexpected, mismatched = [], [], [], []
+    for key in sorted(set(target_shapes) - filled):
+        problems.append(f"no rule fills target key {key!r}")
+    expected: dict[str, tuple[tuple[int, ...], Rule]] = {}
+    for r in active:
+        shapes = r.transform.inverse(*(_dummy(target_shapes[k]) for k in r.right))
+        for key, arr in zip(r.left, shapes, strict=True):
+            expected[key] = (arr.shape, r)
+    for key, (shape, r) in expected.items():
+        if key not in source:
+            missing.append(key)
+            problems.append(f"missing {what} key {key!r}: expected shape {shape} "
+                            f"(fills {', '.join(map(repr, r.right))})")
+            continue
+        actual = tuple(source[key].shape)
+        if actual != shape:
+            target = target_shapes[r.right[0]] if len(r.right) == 1 else None
+            mismatched.append(key)
+            problems.append(f"{what} key {key!r}: expected shape {shape}, got {actual}"
+                            f"{shape_hint(actual, shape, target)} (fills "
+                            f"{', '.join(map(repr, r.right))} via {r.transform.name})")
+        elif dtype_name(source[key]) not in FLOAT_KINDS:
+            mismatched.append(key)
+            problems.append(f"{what} key {key!r}: expected a float dtype {FLOAT_KINDS}, "
+                            f"got {dtype_name(source[key])}")
+    for key in sorted(set(source) - set(expected)):
+        unexpected.append(key)
+        problems.append(f"unexpected {what} key {key!r} with shape {tuple(source[key].shape)}")
+    if problems:
+        raise TransferError(problems, missing=missing, unexpected=unexpected, mismatched=mismatched)
+    out: dict[str, np.ndarray] = {}
+    for r in active:
+        for key, arr in zip(r.right, r.transform.forward(*(source[k] for k in r.left)), strict=True):
+            out[key] = np.ascontiguousarray(arr)
+    return out
+
+
+def oriented(table: tuple[Rule, ...], num_layers: int, *, reverse: bool = False) -> list[Rule]:
+    rules = [e for r in table for e in r.expand(num_layers)]
+    return [r.reversed() for r in rules] if reverse else rules

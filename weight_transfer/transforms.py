@@ -1,0 +1,118 @@
+"""Layout transforms: small named pure functions on arrays, registered in inverse pairs.
+
+Every function takes one or more arrays and returns a tuple of arrays, so fused tensors (timm's
+qkv) and one-to-one tensors go through the same machinery. `Transform.forward` maps the left
+column of a table to its right column, `Transform.inverse` maps back; `test_transforms.py`
+proves every registered pair round-trips bit-exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+Arrays = tuple[np.ndarray, ...]
+
+
+@dataclass(frozen=True)
+class Transform:
+    name: str
+    forward: Callable[..., Arrays]
+    inverse: Callable[..., Arrays]
+    arity: tuple[int, int] = (1, 1)  # (arrays on the left, arrays on the right)
+
+    def reversed(self) -> Transform:
+        return Transform(f"inverse of {self.name}", self.inverse, self.forward, self.arity[::-1])
+
+
+def identity(x):
+    return (x,)
+
+
+def conv_hwio_to_oihw(k):
+    return (k.transpose(3, 2, 0, 1),)  # (kH, kW, I, O) -> (O, I, kH, kW)
+
+
+def conv_oihw_to_hwio(k):
+    return (k.transpose(2, 3, 1, 0),)  # (O, I, kH, kW) -> (kH, kW, I, O)
+
+
+def linear_in_out_to_out_in(k):
+    return (k.T,)  # flax kernel (in, out) -> torch weight (out, in)
+
+
+def linear_out_in_to_in_out(w):
+    return (w.T,)  # torch weight (out, in) -> flax kernel (in, out)
+
+
+def add_batch_axis(x):
+    return (x[None],)  # (N, D) -> (1, N, D), as timm stores pos_embed and cls_token
+
+
+def drop_batch_axis(x):
+    if x.shape[0] != 1:
+        raise ValueError(f"expected a leading axis of size 1, got shape {x.shape}")
+    return (x[0],)
+
+
+def fuse_rows(*parts):
+    return (np.concatenate(parts, axis=0),)  # q, k, v (D, ...) each -> (3D, ...), rows q|k|v
+
+
+def split_rows_in_3(fused):
+    return tuple(np.split(fused, 3, axis=0))
+
+
+def split_heads_in(k, num_heads: int):
+    return (k.reshape(k.shape[0], num_heads, -1),)  # (D, D) -> (D, heads, hd)
+
+
+def merge_heads_in(k):
+    return (k.reshape(k.shape[0], -1),)  # (D, heads, hd) -> (D, D)
+
+
+def split_heads_out(k, num_heads: int):
+    return (k.reshape(num_heads, -1, k.shape[-1]),)  # (D, D) -> (heads, hd, D)
+
+
+def merge_heads_out(k):
+    return (k.reshape(-1, k.shape[-1]),)  # (heads, hd, D) -> (D, D)
+
+
+def split_bias_heads(b, num_heads: int):
+    return (b.reshape(num_heads, -1),)  # (D,) -> (heads, hd)
+
+
+def flatten(b):
+    return (b.reshape(-1),)
+
+
+IDENTITY = Transform("identity", identity, identity)
+CONV = Transform("conv_hwio_to_oihw", conv_hwio_to_oihw, conv_oihw_to_hwio)
+LINEAR = Transform("linear_in_out_to_out_in", linear_in_out_to_out_in, linear_out_in_to_in_out)
+BATCH_AXIS = Transform("add_batch_axis", add_batch_axis, drop_batch_axis)
+FUSE_QKV = Transform("fuse_qkv_rows", fuse_rows, split_rows_in_3, arity=(3, 1))
+
+
+def heads_in(num_heads: int) -> Transform:
+    """flax MultiHeadDotProductAttention q/k/v kernel layout: (D, D) <-> (D, heads, hd)."""
+    return Transform("split_heads_in", lambda k: split_heads_in(k, num_heads), merge_heads_in)
+
+
+def heads_out(num_heads: int) -> Transform:
+    """flax MultiHeadDotProductAttention out kernel layout: (D, D) <-> (heads, hd, D)."""
+    return Transform("split_heads_out", lambda k: split_heads_out(k, num_heads), merge_heads_out)
+
+
+def bias_heads(num_heads: int) -> Transform:
+    """flax MultiHeadDotProductAttention q/k/v bias layout: (D,) <-> (heads, hd)."""
+    return Transform("split_bias_heads", lambda b: split_bias_heads(b, num_heads), flatten)
+
+
+def compose(first: Transform, then: Transform) -> Transform:
+    """`then` after `first` (both one-to-one)."""
+    return Transform(f"{first.name} then {then.name}",
+                     lambda x: then.forward(*first.forward(x)),
+                     lambda y: first.inverse(*then.inverse(y)))
