@@ -7,6 +7,7 @@ by the one table in `weight_transfer.table`. Dtypes are kept, bfloat16 included.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -70,16 +71,19 @@ def torch_flat(state_dict_or_model: Mapping[str, torch.Tensor] | torch.nn.Module
     return {k: torch_to_numpy(v) for k, v in sd.items()}
 
 
+@functools.lru_cache(maxsize=64)
 def _abstract_nnx(config: ViTConfig, dtype) -> tuple[nnx.GraphDef, nnx.State]:
     abstract = nnx.eval_shape(lambda: jax_impl.ViT(config, rngs=nnx.Rngs(0), dtype=dtype))
     return nnx.split(abstract)
 
 
+@functools.lru_cache(maxsize=64)
 def nnx_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
-    _, state = _abstract_nnx(config, jnp.float32)
+    _, state = _abstract_nnx(config, jnp.dtype(jnp.float32))
     return {_dotted(p): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(state)}
 
 
+@functools.lru_cache(maxsize=64)
 def torch_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = torch_impl.ViT(config)
@@ -117,7 +121,7 @@ def state_dict_to_nnx_state(state_dict: Mapping[str, Any], config: ViTConfig) ->
 
 
 def _nnx_state_from_flat(flat: Mapping[str, np.ndarray], config: ViTConfig) -> nnx.State:
-    _, abstract = _abstract_nnx(config, jnp.float32)
+    _, abstract = _abstract_nnx(config, jnp.dtype(jnp.float32))
     return nnx.from_flat_state([(path, var.replace(numpy_to_jax(flat[_dotted(path)])))
                                 for path, var in nnx.to_flat_state(abstract)])
 
@@ -127,7 +131,7 @@ def nnx_from_flat(flat: Mapping[str, np.ndarray], config: ViTConfig) -> jax_impl
     shapes = nnx_shapes(config)
     checked = apply_table(flat, [rule(k, k) for k in shapes], shapes, what="NNX")
     dtypes = {a.dtype for a in checked.values()}
-    graphdef, _ = _abstract_nnx(config, dtypes.pop() if len(dtypes) == 1 else jnp.float32)
+    graphdef, _ = _abstract_nnx(config, jnp.dtype(dtypes.pop() if len(dtypes) == 1 else jnp.float32))
     return nnx.merge(graphdef, _nnx_state_from_flat(checked, config))
 
 

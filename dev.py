@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Set up the project's virtual environment, then run the main job or the tests.
+
+    python dev.py check [vit-parity check options]   # parity check on the default preset
+    python dev.py test  [pytest options]             # the whole test suite
+
+Needs only Python >= 3.11. The environment lives in .venv and is (re)installed from
+pyproject.toml, with the test extras, whenever pyproject.toml changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+STAMP = VENV / ".vit-parity-installed"
+
+
+def python() -> Path:
+    return BIN / ("python.exe" if os.name == "nt" else "python")
+
+
+def ensure_env() -> None:
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == want and python().exists():
+        return
+    if not python().exists():
+        print(f"dev.py: creating {VENV}", file=sys.stderr)
+        venv.create(VENV, with_pip=True)
+    print("dev.py: installing vit-parity with its test extras (first run takes a few minutes)",
+          file=sys.stderr)
+    subprocess.run([str(python()), "-m", "pip", "install", "--quiet", "-e", f"{ROOT}[test]"],
+                   check=True, cwd=ROOT)
+    STAMP.write_text(want)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("check", "test"):
+        wants_help = bool(argv) and argv[0] in ("-h", "--help")
+        print(__doc__.strip(), file=sys.stdout if wants_help else sys.stderr)
+        return 0 if wants_help else 2
+    command, rest = argv[0], argv[1:]
+    ensure_env()
+    if command == "check":
+        cmd = [str(python()), "-m", "weight_transfer", "check", *rest]
+    else:
+        cmd = [str(python()), "-m", "pytest", *rest]
+    return subprocess.run(cmd, cwd=ROOT).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

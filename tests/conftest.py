@@ -1,0 +1,38 @@
+import jax
+import numpy as np
+import pytest
+import torch
+
+from vit_config import ViTConfig
+
+# Relative to max(1, max |logits|). float32: HF's PT<->Flax tests use 1e-5 absolute on tiny
+# models; we hold ViT-S width to the same bound. float64: the same rounding at 2**-52.
+TOL = {"float32": 1e-5, "float64": 1e-12}
+
+
+@pytest.fixture
+def x64():
+    """JAX float64 for one test only; the global flag is restored afterwards."""
+    with jax.enable_x64(True):
+        yield
+
+
+def tiny(**changes) -> ViTConfig:
+    """A small, non-square config; every size distinct so a swapped axis changes a shape."""
+    base = dict(image_size=(8, 12), patch_size=4, in_channels=3, d_model=24, num_heads=3,
+                d_ff=40, num_layers=2, num_classes=7, pool="cls", activation="gelu")
+    return ViTConfig(**{**base, **changes})
+
+
+def assert_close(ref, out, dtype: str, what: str):
+    ref = np.asarray(ref, np.float64)
+    out = np.asarray(out, np.float64)
+    assert ref.shape == out.shape, f"{what}: shapes {ref.shape} vs {out.shape}"
+    scale = max(1.0, float(np.abs(ref).max()))
+    err = float(np.abs(ref - out).max())
+    assert err <= TOL[dtype] * scale, f"{what}: max |diff| {err:.3e} > {TOL[dtype]:.0e} x {scale:.3g}"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    torch.manual_seed(0)

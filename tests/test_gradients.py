@@ -1,0 +1,60 @@
+"""Gradients of a cross-entropy loss: every parameter (mapped through the table) and the input."""
+
+import contextlib
+
+import jax
+import numpy as np
+import pytest
+
+from tests.conftest import tiny
+from vit_config import ViTConfig
+from weight_transfer import to_nnx, to_torch, torch_to_nnx_flat
+from weight_transfer.parity import (
+    nnx_grads,
+    random_images,
+    random_nnx,
+    random_torch,
+    relative_error,
+    torch_grads,
+)
+
+# Relative to each gradient tensor's max |value|: float64 leaves ~1e-14 of rounding after a
+# handful of layers; float32's 2**-23 grows to ~1e-6..1e-5 through softmax and LayerNorm.
+GRAD_TOL = {"float32": 1e-4, "float64": 1e-10}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("direction", ["nnx->torch", "torch->nnx"])
+@pytest.mark.parametrize("config", [
+    tiny(pool="cls", activation="gelu"),
+    tiny(pool="mean", activation="gelu_tanh", qkv_bias=False),
+    ViTConfig.preset("seed"),
+], ids=["cls-gelu", "mean-tanh-nobias", "seed"])
+def test_gradient_parity(config, direction, dtype):
+    ctx = jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
+    with ctx, jax.default_matmul_precision("highest"):
+        images = random_images(config, 4, seed=2, dtype=dtype)
+        labels = np.arange(4) % config.num_classes
+        if direction == "nnx->torch":
+            jm = random_nnx(config, seed=3, dtype=dtype)
+            tm = to_torch(jm)
+        else:
+            tm = random_torch(config, seed=3, dtype=dtype)
+            jm = to_nnx(tm)
+        g_jax, gx_jax = nnx_grads(jm, images, labels)
+        g_torch, gx_torch = torch_grads(tm, images, labels)
+    g_torch_as_nnx = torch_to_nnx_flat(g_torch, config)
+    assert set(g_torch_as_nnx) == set(g_jax)
+    scale = max(np.abs(g).max() for g in g_jax.values())
+    for key in sorted(g_jax):
+        if key.endswith("attn.k.bias"):
+            # Exactly zero in exact arithmetic: the key bias adds q . b_k to every score of a
+            # query, and softmax is shift-invariant. Both sides must return rounding noise only.
+            for side, g in (("jax", g_jax[key]), ("torch", g_torch_as_nnx[key])):
+                assert np.abs(g).max() <= GRAD_TOL[dtype] * scale, f"{side} d loss / d {key}"
+            continue
+        assert np.abs(g_jax[key]).max() > 0, f"{key}: zero gradient, the test would be vacuous"
+        err = relative_error(g_jax[key], g_torch_as_nnx[key])
+        assert err <= GRAD_TOL[dtype], f"d loss / d {key}: relative error {err:.3e}"
+    err = relative_error(gx_jax, gx_torch)
+    assert err <= GRAD_TOL[dtype], f"d loss / d images: relative error {err:.3e}"

@@ -1,0 +1,52 @@
+"""torch -> nnx -> torch and nnx -> torch -> nnx return every tensor bit for bit."""
+
+import contextlib
+
+import jax
+import numpy as np
+import pytest
+
+from tests.conftest import tiny
+from weight_transfer import nnx_flat, to_nnx, to_torch, torch_flat
+from weight_transfer.parity import random_nnx, random_torch
+
+CONFIGS = [tiny(), tiny(pool="mean", qkv_bias=False, num_layers=0)]
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return a.view(f"u{a.dtype.itemsize}")
+
+
+def assert_bit_exact(before: dict, after: dict):
+    assert sorted(before) == sorted(after)
+    for key in before:
+        assert before[key].dtype == after[key].dtype, key
+        assert before[key].shape == after[key].shape, key
+        np.testing.assert_array_equal(bits(before[key]), bits(after[key]), err_msg=key)
+
+
+# (make a random source, flatten it, carry it there and back)
+WAYS = {
+    "torch->nnx->torch": (random_torch, torch_flat, lambda m: to_torch(to_nnx(m))),
+    "nnx->torch->nnx": (random_nnx, nnx_flat, lambda m: to_nnx(to_torch(m))),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["cls", "mean-nobias-0layers"])
+@pytest.mark.parametrize("way", sorted(WAYS))
+def test_round_trip_is_bit_exact(way, config, dtype):
+    make, flat, there_and_back = WAYS[way]
+    ctx = jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
+    with ctx:
+        source = make(config, seed=7, dtype=dtype)
+        returned = there_and_back(source)
+        assert str(returned.dtype).removeprefix("torch.") == dtype
+        assert_bit_exact(flat(source), flat(returned))
+
+
+def test_random_fill_touches_every_parameter():
+    """No parameter keeps a default init (zeros pos_embed/cls_token, ones LayerNorm scale)."""
+    for flat in (nnx_flat(random_nnx(tiny())), torch_flat(random_torch(tiny()))):
+        for key, value in flat.items():
+            assert np.unique(value).size == value.size, f"{key} has repeated values"

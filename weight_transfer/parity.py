@@ -1,0 +1,189 @@
+"""Parity between the two implementations: random weights, the same images, both directions.
+
+Tolerances are relative to the logits' scale: `|a - b|max <= tol * max(1, |a|max)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+
+import jax
+import ml_dtypes
+import numpy as np
+import torch
+from flax import nnx
+
+import jax_impl
+import torch_impl
+from vit_config import ViTConfig
+from weight_transfer.bridge import (
+    nchw_to_nhwc,
+    nhwc_to_nchw,
+    nnx_flat,
+    nnx_from_flat,
+    nnx_shapes,
+    numpy_to_torch,
+    to_nnx,
+    to_torch,
+    torch_from_state_dict,
+    torch_shapes,
+    torch_to_numpy,
+)
+
+# float32: a few ulps of accumulated rounding per layer at ViT-S width (HF's PT<->Flax tests use
+# 1e-5 absolute on tiny models); float64: the same rounding at 2**-52 instead of 2**-23.
+TOLERANCE = {"float32": 1e-5, "float64": 1e-12, "bfloat16": 5e-2}
+NUMPY_DTYPES = {"float32": np.float32, "float64": np.float64, "bfloat16": ml_dtypes.bfloat16}
+
+
+def random_flat(shapes: Mapping[str, tuple[int, ...]], seed: int, dtype: str = "float32"
+                ) -> dict[str, np.ndarray]:
+    """Random values for every parameter (no zeros, no ones): N(0, 1/fan_in) for matrices and
+    kernels (fan_in read as the size over the largest axis, layout-agnostic), N(0, 0.5) otherwise.
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key in sorted(shapes):
+        shape = shapes[key]
+        size = int(np.prod(shape))
+        std = 0.5 if len(shape) < 2 or key.endswith(("pos_embed", "cls_token")) \
+            else (size // max(shape)) ** -0.5
+        out[key] = (rng.standard_normal(shape) * std).astype(NUMPY_DTYPES[dtype])
+    return out
+
+
+def random_nnx(config: ViTConfig, seed: int = 0, dtype: str = "float32") -> jax_impl.ViT:
+    """A `jax_impl.ViT` with every parameter drawn at random in its own (NNX) layout."""
+    return nnx_from_flat(random_flat(nnx_shapes(config), seed, dtype), config)
+
+
+def random_torch(config: ViTConfig, seed: int = 0, dtype: str = "float32") -> torch_impl.ViT:
+    """A `torch_impl.ViT` with every parameter drawn at random in its own (torch) layout."""
+    flat = random_flat(torch_shapes(config), seed, dtype)
+    return torch_from_state_dict({k: numpy_to_torch(v) for k, v in flat.items()}, config)
+
+
+def random_images(config: ViTConfig, batch: int, seed: int = 0, dtype: str = "float32"
+                  ) -> np.ndarray:
+    """A float NHWC batch `(batch, H, W, C)` of N(0, 1) pixels."""
+    h, w = config.image_hw
+    rng = np.random.default_rng(seed + 10_000)
+    return rng.standard_normal((batch, h, w, config.in_channels)).astype(NUMPY_DTYPES[dtype])
+
+
+@contextlib.contextmanager
+def exact_matmuls() -> Iterator[None]:
+    """JAX matmuls at full precision and torch TF32 off, for the duration of a comparison."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with jax.default_matmul_precision("highest"):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@functools.partial(nnx.jit, static_argnames="return_intermediates")
+def run_nnx(model: jax_impl.ViT, images_nhwc, return_intermediates: bool = False):
+    """The model under `nnx.jit` (one compile per shape, instead of one per eager op)."""
+    return model(images_nhwc, return_intermediates=return_intermediates)
+
+
+def run_torch(model: torch_impl.ViT, images_nhwc: np.ndarray, **kw):
+    with torch.no_grad():
+        return model(numpy_to_torch(nhwc_to_nchw(images_nhwc)), **kw)
+
+
+def to_numpy(x) -> np.ndarray:
+    return torch_to_numpy(x) if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def max_error(a, b) -> tuple[float, float]:
+    """(max |a - b|, max(1, max |a|)), in float64."""
+    a, b = to_numpy(a).astype(np.float64), to_numpy(b).astype(np.float64)
+    return float(np.max(np.abs(a - b))), float(max(1.0, np.max(np.abs(a))))
+
+
+@dataclass
+class DirectionResult:
+    direction: str  # "nnx->torch" or "torch->nnx"
+    dtype: str
+    max_abs_error: float
+    logit_scale: float
+    tolerance: float
+
+    @property
+    def bound(self) -> float:
+        return self.tolerance * self.logit_scale
+
+    @property
+    def passed(self) -> bool:
+        return bool(np.isfinite(self.max_abs_error)) and self.max_abs_error <= self.bound
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "bound": self.bound, "passed": self.passed}
+
+
+def _x64_for(dtype: str):
+    return jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
+
+
+def check_direction(config: ViTConfig, direction: str, dtype: str = "float32", *, seed: int = 0,
+                    batch: int = 2) -> DirectionResult:
+    """Random weights on the source side, ported, and the same images through both."""
+    with _x64_for(dtype), exact_matmuls():
+        images = random_images(config, batch, seed, dtype)
+        if direction == "nnx->torch":
+            source = random_nnx(config, seed, dtype)
+            ref, out = run_nnx(source, images), run_torch(to_torch(source), images)
+        elif direction == "torch->nnx":
+            source = random_torch(config, seed, dtype)
+            ref, out = run_torch(source, images), run_nnx(to_nnx(source), images)
+        else:
+            raise ValueError(f"direction {direction!r}: expected 'nnx->torch' or 'torch->nnx'")
+        err, scale = max_error(ref, out)
+    return DirectionResult(direction, dtype, err, scale, TOLERANCE[dtype])
+
+
+def check(config: ViTConfig, dtypes=("float32", "float64"), *, seed: int = 0, batch: int = 2
+          ) -> list[DirectionResult]:
+    return [check_direction(config, d, dt, seed=seed, batch=batch)
+            for dt in dtypes for d in ("nnx->torch", "torch->nnx")]
+
+
+# ---- gradients ------------------------------------------------------------------------------------
+
+
+def nnx_grads(model: jax_impl.ViT, images_nhwc, labels) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """d(mean cross-entropy)/d(every parameter) as `{nnx path: array}`, and d/d(images) (NHWC)."""
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(params, images):
+        logits = nnx.merge(graphdef, params)(images)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jax.numpy.take_along_axis(logp, labels[:, None], axis=-1).mean()
+
+    images = jax.numpy.asarray(images_nhwc, model.dtype)
+    g_params, g_images = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, images)
+    return nnx_flat(g_params), np.asarray(g_images)
+
+
+def torch_grads(model: torch_impl.ViT, images_nhwc, labels
+                ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The same for torch: `{state-dict key: array}` (torch layout) and d/d(images) in NHWC."""
+    images = numpy_to_torch(nhwc_to_nchw(np.asarray(images_nhwc))).to(model.dtype)
+    images.requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(model(images), torch.as_tensor(np.asarray(labels)))
+    loss.backward()
+    grads = {k: torch_to_numpy(p.grad) for k, p in model.named_parameters()}
+    return grads, nchw_to_nhwc(torch_to_numpy(images.grad))
+
+
+def relative_error(ref, out) -> float:
+    """max |ref - out| / max |ref| (absolute where ref is all zeros), in float64."""
+    ref, out = to_numpy(ref).astype(np.float64), to_numpy(out).astype(np.float64)
+    return float(np.abs(ref - out).max() / (np.abs(ref).max() or 1.0))
