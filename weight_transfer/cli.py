@@ -34,24 +34,101 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _image_size(text: str | None):
+    if text is None:
+        return None
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"--image-size {text!r}: expected N or HxW, e.g. 384 or 384x256") from None
+    if len(sizes) not in (1, 2):
+        raise UsageError(f"--image-size {text!r}: expected N or HxW")
+    return sizes[0] if len(sizes) == 1 else tuple(sizes)
+
+
+def _print_json(data) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from weight_transfer import parity
 
-    config = ViTConfig.preset(args.preset)
-    if args.layers is not None:
-        config = config.replace(num_layers=args.layers)
-    results = parity.check(config, args.dtype, seed=args.seed, batch=args.batch)
+    if args.checkpoint:
+        from weight_transfer.porting import load_checkpoint
+
+        kw = dict(layout=args.layout, allow_pickle=args.allow_pickle)
+        jax_model = load_checkpoint(args.checkpoint, "jax", **kw)
+        config = jax_model.config
+        results = [parity.check_models(jax_model, load_checkpoint(args.checkpoint, "torch", **kw),
+                                       seed=args.seed, batch=args.batch)]
+        what = f"checkpoint {args.checkpoint}"
+    else:
+        config = ViTConfig.preset(args.preset)
+        if args.layers is not None:
+            config = config.replace(num_layers=args.layers)
+        results = parity.check(config, args.dtype, seed=args.seed, batch=args.batch)
+        what = f"preset {args.preset}, random weights"
     rows = [r.as_dict() for r in results]
     if args.json:
-        print(json.dumps({"preset": args.preset, "config": config.to_dict(), "results": rows},
-                         indent=2))
+        _print_json({"what": what, "config": config.to_dict(), "results": rows})
     else:
-        print(f"parity check: preset {args.preset} ({config.num_params():,} parameters, "
-              f"{config.num_layers} layers), batch {args.batch}, seed {args.seed}, random weights")
+        print(f"parity check: {what} ({config.num_params():,} parameters, "
+              f"{config.num_layers} layers), batch {args.batch}, seed {args.seed}")
         print(_table(rows, [("direction", "direction"), ("dtype", "dtype"),
                             ("max_abs_error", "max |diff|"), ("bound", "bound"),
                             ("passed", "result")]))
     return 0 if all(r.passed for r in results) else 1
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from weight_transfer.porting import convert
+
+    report = convert(args.src, args.dst, to=args.to, from_=args.layout,
+                     image_size=_image_size(args.image_size), dtype=args.dtype,
+                     max_shard_size=args.max_shard_size, force=args.force,
+                     allow_pickle=args.allow_pickle, allow_nonfinite=args.allow_nonfinite,
+                     interpolation=args.interpolation, antialias=args.antialias)
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"converted {report['source']} ({report['layout']}) -> {report['output']} "
+              f"({args.to}), {report['tensors']} tensors")
+        _print_provenance(report)
+    return 0
+
+
+def _print_provenance(report: dict) -> None:
+    for field, why in report["assumed"].items():
+        print(f"  assumed {field} = {why}")
+    for what in report["dropped"]:
+        print(f"  dropped {what}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from weight_transfer.porting import inspect_checkpoint
+
+    info = inspect_checkpoint(args.checkpoint, layout=args.layout, allow_pickle=args.allow_pickle)
+    if args.json:
+        _print_json(info)
+        return 0
+    print(f"{info['path']}: {info['layout_description']} ({info['layout']})")
+    print(f"  parameters {info['parameters']:,} (config implies {info['expected_parameters']:,}), "
+          f"{info['tensors']} tensors, {info['bytes']:,} bytes, dtypes {info['dtypes']}")
+    print("  config " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
+    _print_provenance(info)
+    for key, n in info["nonfinite"].items():
+        print(f"  NaN/Inf: {key} has {n}")
+    return 0
+
+
+def _add_source_options(p: argparse.ArgumentParser) -> None:
+    from weight_transfer.layouts import LAYOUTS
+
+    p.add_argument("--from", dest="layout", choices=list(LAYOUTS), default=None,
+                   help="layout of the input (detected from the key names by default)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read .bin/.pth files (torch.load with weights_only=True)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fill a preset with random weights on one side, port it to "
                        "the other, and compare logits in both directions. Exit 1 beyond "
                        "tolerance (float32 1e-5, float64 1e-12, relative to max(1, |logits|)).")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="a checkpoint to load into both implementations (default: a preset "
+                   "with random weights)")
+    _add_source_options(p)
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
                    help=f"model size (default {DEFAULT_PRESET})")
     p.add_argument("--layers", type=int, default=None,
@@ -73,6 +154,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for weights and images")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=cmd_check)
+
+    from weight_transfer.porting import DTYPES, SAVE_LAYOUTS
+
+    p = sub.add_parser("convert", help="convert a checkpoint to another layout",
+                       description="Convert SRC (safetensors, sharded index, HF folder, .npz, or "
+                       ".bin/.pth with --allow-pickle) to DST in another layout, one tensor at a "
+                       "time; the output appears only when complete.")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--to", required=True, choices=SAVE_LAYOUTS, help="layout to write")
+    _add_source_options(p)
+    p.add_argument("--image-size", default=None, help="resample position embeddings to N or HxW")
+    p.add_argument("--interpolation", default="bicubic", choices=["bilinear", "bicubic"])
+    p.add_argument("--antialias", action="store_true", help="antialias when resampling")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="cast every weight")
+    p.add_argument("--max-shard-size", default=None,
+                   help="split the output into shards of at most this size (e.g. 2GB)")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf weights")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(run=cmd_convert)
+
+    p = sub.add_parser("inspect", help="layout, config, parameter count, dtypes of a checkpoint",
+                       description="Describe a checkpoint: detected layout, inferred config "
+                       "(and what was assumed), parameter count, dtypes, sizes, NaN/Inf.")
+    p.add_argument("checkpoint")
+    _add_source_options(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(run=cmd_inspect)
     return parser
 
 

@@ -148,6 +148,16 @@ def check_direction(config: ViTConfig, direction: str, dtype: str = "float32", *
     return DirectionResult(direction, dtype, err, scale, TOLERANCE[dtype])
 
 
+def check_models(nnx_model: jax_impl.ViT, torch_model: torch_impl.ViT, *, seed: int = 0,
+                 batch: int = 2) -> DirectionResult:
+    """The same random images through two loaded models (e.g. one checkpoint in both)."""
+    dtype = str(np.dtype(nnx_model.dtype))
+    with _x64_for(dtype), exact_matmuls():
+        images = random_images(nnx_model.config, batch, seed, dtype)
+        err, scale = max_error(run_torch(torch_model, images), run_nnx(nnx_model, images))
+    return DirectionResult("torch vs nnx", dtype, err, scale, TOLERANCE[dtype])
+
+
 def check(config: ViTConfig, dtypes=("float32", "float64"), *, seed: int = 0, batch: int = 2
           ) -> list[DirectionResult]:
     return [check_direction(config, d, dt, seed=seed, batch=batch)

@@ -7,7 +7,7 @@ from the right (`Transform.reversed`); there is never a second table.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,9 +82,25 @@ class TransferError(ValueError):
         super().__init__(f"{len(self.problems)} problem(s) mapping the weights:\n{listing}")
 
 
-def _dummy(shape: tuple[int, ...]) -> np.ndarray:
+Meta = tuple[tuple[int, ...], np.dtype]  # (shape, dtype) of a tensor not yet loaded
+
+
+def _dummy(shape: tuple[int, ...], dtype=np.int8) -> np.ndarray:
     """A zero-strided stand-in with `shape`, to run a transform on shapes alone."""
-    return np.broadcast_to(np.zeros((), np.int8), shape)
+    return np.broadcast_to(np.zeros((), dtype), shape)
+
+
+def meta_of(arrays: Mapping[str, np.ndarray]) -> dict[str, Meta]:
+    return {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
+
+
+def output_meta(rules: list[Rule], source: Mapping[str, Meta]) -> dict[str, Meta]:
+    """Shapes and dtypes the (already checked) `rules` produce from `source`, without data."""
+    out = {}
+    for r in rules:
+        outs = r.transform.forward(*(_dummy(*source[k]) for k in r.left))
+        out.update({k: (a.shape, a.dtype) for k, a in zip(r.right, outs, strict=True)})
+    return out
 
 
 def shape_hint(actual: tuple[int, ...], expected: tuple[int, ...],
@@ -98,14 +114,10 @@ def shape_hint(actual: tuple[int, ...], expected: tuple[int, ...],
     return ""
 
 
-def dtype_name(a) -> str:
-    return str(getattr(a, "dtype", type(a).__name__))
-
-
-def apply_table(source: Mapping[str, np.ndarray], rules: list[Rule],
+def check_table(source: Mapping[str, Meta], rules: list[Rule],
                 target_shapes: Mapping[str, tuple[int, ...]], *, what: str = "source"
-                ) -> dict[str, np.ndarray]:
-    """Map `source` through oriented, expanded `rules` onto a target with `target_shapes`.
+                ) -> list[Rule]:
+    """The rules that fill a target with `target_shapes` from `source` (`{key: (shape, dtype)}`).
 
     Total and checked: every source tensor must be consumed and every target filled, with each
     source shape equal to what the target demands; otherwise one `TransferError` lists all.
@@ -126,27 +138,54 @@ def apply_table(source: Mapping[str, np.ndarray], rules: list[Rule],
             problems.append(f"missing {what} key {key!r}: expected shape {shape} "
                             f"(fills {', '.join(map(repr, r.right))})")
             continue
-        actual = tuple(source[key].shape)
+        actual, dtype = tuple(source[key][0]), str(source[key][1])
         if actual != shape:
             target = target_shapes[r.right[0]] if len(r.right) == 1 else None
             mismatched.append(key)
             problems.append(f"{what} key {key!r}: expected shape {shape}, got {actual}"
                             f"{shape_hint(actual, shape, target)} (fills "
                             f"{', '.join(map(repr, r.right))} via {r.transform.name})")
-        elif dtype_name(source[key]) not in FLOAT_KINDS:
+        elif dtype not in FLOAT_KINDS:
             mismatched.append(key)
             problems.append(f"{what} key {key!r}: expected a float dtype {FLOAT_KINDS}, "
-                            f"got {dtype_name(source[key])}")
+                            f"got {dtype}")
     for key in sorted(set(source) - set(expected)):
         unexpected.append(key)
-        problems.append(f"unexpected {what} key {key!r} with shape {tuple(source[key].shape)}")
+        problems.append(f"unexpected {what} key {key!r} with shape {tuple(source[key][0])}")
     if problems:
         raise TransferError(problems, missing=missing, unexpected=unexpected, mismatched=mismatched)
-    out: dict[str, np.ndarray] = {}
-    for r in active:
-        for key, arr in zip(r.right, r.transform.forward(*(source[k] for k in r.left)), strict=True):
-            out[key] = np.ascontiguousarray(arr)
-    return out
+    return active
+
+
+def stream_table(items: Iterable[tuple[str, np.ndarray]], rules: list[Rule]
+                 ) -> Iterator[tuple[str, np.ndarray]]:
+    """Apply checked rules to `(key, array)` pairs as they come, holding only a rule's inputs
+    (q, k and v of one block for a fused qkv) until it can fire."""
+    by_key = {k: r for r in rules for k in r.left}
+    waiting: dict[Rule, dict[str, np.ndarray]] = {}
+    for key, array in items:
+        r = by_key[key]
+        got = waiting.setdefault(r, {})
+        got[key] = array
+        if len(got) == len(r.left):
+            del waiting[r]
+            outs = r.transform.forward(*(got[k] for k in r.left))
+            yield from ((k, np.ascontiguousarray(a)) for k, a in zip(r.right, outs, strict=True))
+
+
+def apply_table(source: Mapping[str, np.ndarray], rules: list[Rule],
+                target_shapes: Mapping[str, tuple[int, ...]], *, what: str = "source"
+                ) -> dict[str, np.ndarray]:
+    """Map in-memory `source` through oriented, expanded `rules`; see `check_table`."""
+    active = check_table(meta_of(source), rules, target_shapes, what=what)
+    used = {k for r in active for k in r.left}
+    return dict(stream_table(((k, v) for k, v in source.items() if k in used), active))
+
+
+def forward_targets(rules: list[Rule], source: Mapping[str, Meta]) -> dict[str, tuple[int, ...]]:
+    """Target shapes for a table read forward: what every rule whose inputs exist produces."""
+    usable = [r for r in rules if all(k in source for k in r.left)]
+    return {k: m[0] for k, m in output_meta(usable, source).items()}
 
 
 def oriented(table: tuple[Rule, ...], num_layers: int, *, reverse: bool = False) -> list[Rule]:

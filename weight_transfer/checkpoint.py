@@ -1,0 +1,555 @@
+"""Checkpoint files: read any supported layout, infer its config, convert, write atomically.
+
+Reading is lazy (safetensors are memory-mapped and read one tensor at a time), conversion is a
+chain of table streams, and safetensors outputs are written tensor by tensor, so converting a
+checkpoint never holds the whole model twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from vit_config import ConfigError, ViTConfig
+from weight_transfer.layouts import LAYOUTS, Layout, LayoutError, detect_layout, get_layout
+from weight_transfer.table import (
+    NNX_TORCH,
+    Meta,
+    Rule,
+    _dummy,
+    check_table,
+    forward_targets,
+    oriented,
+    stream_table,
+)
+
+FORMAT_VERSION = "1"
+SAFETENSORS_DTYPES = {"F16": np.float16, "BF16": ml_dtypes.bfloat16, "F32": np.float32,
+                      "F64": np.float64, "I8": np.int8, "U8": np.uint8, "I16": np.int16,
+                      "I32": np.int32, "I64": np.int64, "BOOL": np.bool_}
+DTYPE_CODES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
+NPZ_MANIFEST = "__vit_parity__"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, trusted or written, with the path and the reason."""
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """Tensors of one checkpoint, read lazily: `meta` now, `load(key)` on demand."""
+
+    path: Path
+    meta: dict[str, Meta]
+    load: Callable[[str], np.ndarray]
+    metadata: dict[str, str] = field(default_factory=dict)  # safetensors __metadata__
+    hf_config: dict[str, Any] | None = None  # config.json next to the weights
+    files: list[Path] = field(default_factory=list)
+
+    def items(self, keys: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+        for key in self.meta if keys is None else keys:
+            yield key, self.load(key)
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header and the data offset, validated against the file size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{path}: corrupt safetensors header (says {n} header bytes, "
+                                  f"file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data = size - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = np.dtype(SAFETENSORS_DTYPES[info["dtype"]])
+            begin, end = info["data_offsets"]
+            want = math.prod(info["shape"]) * dtype.itemsize
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {key!r} has an unknown dtype or a malformed "
+                                  f"entry: {info!r}") from None
+        if end - begin != want or end > data or begin < 0:
+            raise CheckpointError(f"{path}: tensor {key!r} claims {info['shape']} {info['dtype']} "
+                                  f"({want} bytes) at [{begin}, {end}), but the data section has "
+                                  f"{data} bytes: truncated or lying header")
+    return header, 8 + n
+
+
+def _open_safetensors(paths: list[Path]) -> tuple[dict[str, Meta], Callable, dict[str, str]]:
+    meta: dict[str, Meta] = {}
+    where: dict[str, tuple[Path, dict, int]] = {}
+    metadata: dict[str, str] = {}
+    for path in paths:
+        header, start = _read_safetensors_header(path)
+        metadata.update(header.pop("__metadata__", None) or {})
+        for key, info in header.items():
+            meta[key] = (tuple(info["shape"]), np.dtype(SAFETENSORS_DTYPES[info["dtype"]]))
+            where[key] = (path, info, start)
+    maps: dict[Path, np.memmap] = {}
+
+    def load(key: str) -> np.ndarray:
+        path, info, start = where[key]
+        if path not in maps:
+            maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
+        begin, end = info["data_offsets"]
+        raw = maps[path][start + begin: start + end]
+        return raw.view(meta[key][1]).reshape(meta[key][0])  # read-only view, copied on use
+
+    return meta, load, metadata
+
+
+def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> Source:
+    """Open a safetensors file, a sharded index, a Hugging Face folder, an .npz, or (only with
+    `allow_pickle`) a torch .bin/.pth/.pt file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    hf_config = None
+    if path.is_dir():
+        cfg = path / "config.json"
+        hf_config = _read_json(cfg) if cfg.exists() else None
+        for name in ("model.safetensors.index.json", "model.safetensors"):
+            if (path / name).exists():
+                path_in = path / name
+                break
+        else:
+            bins = [p for p in ("pytorch_model.bin",) if (path / p).exists()]
+            if bins:
+                path_in = path / bins[0]
+            else:
+                raise CheckpointError(f"{path}: a folder without model.safetensors, "
+                                      f"model.safetensors.index.json or pytorch_model.bin")
+        source = read_checkpoint(path_in, allow_pickle=allow_pickle)
+        source.hf_config = hf_config
+        return source
+    name = path.name
+    if name.endswith(".safetensors.index.json"):
+        index = _read_json(path)
+        try:
+            shards = sorted(set(index["weight_map"].values()))
+        except (KeyError, AttributeError, TypeError):
+            raise CheckpointError(f"{path}: not a sharded index (no 'weight_map')") from None
+        files = [path.parent / s for s in shards]
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"{path}: shard {f.name} is missing")
+        meta, load, metadata = _open_safetensors(files)
+        listed = set(index["weight_map"])
+        if listed != set(meta):
+            raise CheckpointError(f"{path}: the index and the shards disagree on "
+                                  f"{sorted(listed ^ set(meta))[:5]}")
+        return Source(path, meta, load, metadata, files=files)
+    if name.endswith(".safetensors"):
+        meta, load, metadata = _open_safetensors([path])
+        return Source(path, meta, load, metadata, files=[path])
+    if name.endswith(".npz"):
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+            raise CheckpointError(f"{path}: not a readable .npz ({e})") from None
+        manifest = arrays.pop(NPZ_MANIFEST, None)
+        metadata = {"vit_parity": manifest.tobytes().decode()} if manifest is not None else {}
+        return Source(path, {k: (a.shape, a.dtype) for k, a in arrays.items()},
+                      arrays.__getitem__, metadata, files=[path])
+    if name.endswith((".bin", ".pth", ".pt")):
+        if not allow_pickle:
+            raise CheckpointError(f"{path}: a pickle-based torch file; it is only read when asked "
+                                  f"(allow_pickle=True, --allow-pickle), and then with "
+                                  f"torch.load(weights_only=True)")
+        return _read_torch_pickle(path)
+    raise CheckpointError(f"{path}: unknown checkpoint type (expected .safetensors, "
+                          f".safetensors.index.json, a folder, .npz, or .bin/.pth with pickle)")
+
+
+def _read_torch_pickle(path: Path) -> Source:
+    import torch
+
+    from weight_transfer.bridge import torch_to_numpy
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for a bad file
+        raise CheckpointError(f"{path}: torch.load(weights_only=True) failed: {e}") from None
+    if not isinstance(sd, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict, got {type(sd).__name__}")
+    arrays = {k: torch_to_numpy(v) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    return Source(path, {k: (a.shape, a.dtype) for k, a in arrays.items()}, arrays.__getitem__,
+                  files=[path])
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def file_digest(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()
+
+
+# ---- config inference ---------------------------------------------------------------------------
+
+
+@dataclass
+class Inferred:
+    config: ViTConfig
+    layout: Layout
+    found: dict[str, str]  # field -> where it came from
+    assumed: dict[str, str]  # field -> why this value was assumed
+    dropped: list[str]  # keys left out on purpose (HF pooler)
+
+
+# Where each layout keeps the tensors whose shapes give the sizes (`{}` = block 0).
+PROBES = {
+    "torch": dict(patch="patch_embed.weight", pos="pos_embed", cls="cls_token",
+                  ff1="blocks.0.ff1.bias", head="head.bias", qbias="blocks.0.attn.q.bias"),
+    "nnx": dict(patch="patch_embed.kernel", pos="pos_embed", cls="cls_token",
+                ff1="blocks.0.ff1.bias", head="head.bias", qbias="blocks.0.attn.q.bias"),
+    "timm": dict(patch="patch_embed.proj.weight", pos="pos_embed", cls="cls_token",
+                 ff1="blocks.0.mlp.fc1.bias", head="head.bias", qbias="blocks.0.attn.qkv.bias"),
+    "hf": dict(patch="vit.embeddings.patch_embeddings.projection.weight",
+               pos="vit.embeddings.position_embeddings", cls="vit.embeddings.cls_token",
+               ff1="vit.encoder.layer.0.intermediate.dense.bias", head="classifier.bias",
+               qbias="vit.encoder.layer.0.attention.attention.query.bias"),
+    "hf5": dict(patch="vit.embeddings.patch_embeddings.projection.weight",
+                pos="vit.embeddings.position_embeddings", cls="vit.embeddings.cls_token",
+                ff1="vit.layers.0.mlp.fc1.bias", head="classifier.bias",
+                qbias="vit.layers.0.attention.q_proj.bias"),
+    "big_vision": dict(patch="embedding/kernel", pos="Transformer/posembed_input/pos_embedding",
+                       cls="cls", ff1="Transformer/encoderblock_0/MlpBlock_3/Dense_0/bias",
+                       head="head/bias",
+                       qbias="Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/bias"),
+    "big_vision_bv": dict(patch="embedding/kernel", pos="pos_embedding", cls="cls",
+                          ff1="Transformer/encoderblock_0/MlpBlock_0/Dense_0/bias",
+                          head="head/bias",
+                          qbias="Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/bias"),
+}
+BLOCK_INDEX = re.compile(r"(?:^|[./])(?:blocks\.|layer\.|layers\.|encoderblock_)(\d+)[./]")
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                  "gelu_fast": "gelu_tanh", "relu": "relu"}
+
+
+def _normalise_hf(source: Source, dropped: list[str]) -> None:
+    """ViTModel -> the ViTForImageClassification names: add `vit.`; its tanh pooler is dropped;
+    with no classifier, the head is set to the identity so logits are the CLS features."""
+    keys = list(source.meta)
+    if any(k.startswith("vit.") for k in keys):
+        return
+    meta, load = dict(source.meta), source.load
+    renamed = {("vit." + k if not k.startswith(("pooler.", "classifier.")) else k): k for k in keys}
+    for new in list(renamed):
+        if new.startswith("pooler."):
+            dropped.append(new)
+            del renamed[new]
+    source.meta = {new: meta[old] for new, old in renamed.items()}
+    extra: dict[str, np.ndarray] = {}
+    if "classifier.weight" not in source.meta:
+        d = next(m[0][-1] for k, m in source.meta.items() if k.endswith("layernorm.weight"))
+        dtype = next(iter(source.meta.values()))[1]
+        extra = {"classifier.weight": np.eye(d, dtype=dtype), "classifier.bias": np.zeros(d, dtype)}
+        source.meta.update({k: (a.shape, a.dtype) for k, a in extra.items()})
+        dropped.append("(no classifier: head set to the identity; logits = final-norm CLS features)")
+    source.load = lambda k: extra[k] if k in extra else load(renamed[k])
+
+
+def infer_config(source: Source, layout: Layout | None = None) -> Inferred:
+    """The layout (detected unless given) and the `ViTConfig`, from metadata, config.json and
+    tensor shapes; says which fields were found and which had to be assumed."""
+    dropped: list[str] = []
+    layout = layout or detect_layout(source.meta)
+    if layout.name in ("hf", "hf5"):
+        _normalise_hf(source, dropped)
+    if any(k.startswith("fc_norm.") for k in source.meta):
+        raise LayoutError(f"{source.path}: a timm model with fc_norm (global_pool='avg'): its "
+                          f"LayerNorm runs after pooling, a different function from this ViT's "
+                          f"norm before pooling; rebuild the timm model with fc_norm=False")
+    found, assumed = {}, {}
+    if "vit_parity" in source.metadata:
+        manifest = json.loads(source.metadata["vit_parity"])
+        found = {f: "vit-parity metadata" for f in manifest["config"]}
+        return Inferred(ViTConfig.from_dict(manifest["config"]), layout, found, assumed, dropped)
+    probe = PROBES[layout.name]
+    try:
+        shape = lambda role: source.meta[probe[role]][0]  # noqa: E731
+        patch, pos = shape("patch"), shape("pos")
+    except KeyError as e:
+        raise CheckpointError(f"{source.path}: cannot infer the config, {e} is missing "
+                              f"({layout.name} layout)") from None
+    spatial_first = layout.base == "nnx"  # HWIO kernels
+    p, c = (patch[0], patch[2]) if spatial_first else (patch[-1], patch[1])
+    d = pos[-1]
+    has_cls = probe["cls"] in source.meta
+    n = pos[-2] - (has_cls and layout.name != "big_vision_bv")
+    layers = {int(m.group(1)) for k in source.meta for m in [BLOCK_INDEX.search(k)] if m}
+    sizes = dict(patch_size=p, in_channels=c, d_model=d, num_layers=len(layers),
+                 pool="cls" if has_cls else "mean", qkv_bias=probe["qbias"] in source.meta,
+                 d_ff=shape("ff1")[0] if probe["ff1"] in source.meta else 4 * d,
+                 num_classes=shape("head")[0] if probe["head"] in source.meta else 1000)
+    found.update({f: "tensor shapes" for f in sizes})
+    hf = source.hf_config or {}
+    if hf:
+        sizes.update(num_heads=hf["num_attention_heads"], ln_eps=hf.get("layer_norm_eps", 1e-12),
+                     activation=HF_ACTIVATIONS.get(hf.get("hidden_act", "gelu"), "gelu"),
+                     image_size=hf.get("image_size", 224))
+        found.update({f: "config.json" for f in ("num_heads", "ln_eps", "activation", "image_size")})
+    else:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise CheckpointError(f"{source.path}: {n} position rows are not a square grid; "
+                                  f"pass config=ViTConfig(...) to say the image size")
+        sizes["image_size"] = side * p
+        assumed["image_size"] = f"{side * p} (square, from {n} patches)"
+        q = source.meta.get(probe["qbias"])
+        if layout.name.startswith("big_vision") and q is not None:
+            sizes["num_heads"] = q[0][0]
+            found["num_heads"] = "attention kernel shape (D, heads, head_dim)"
+        else:
+            sizes["num_heads"] = d // 64 if d % 64 == 0 else 1
+            assumed["num_heads"] = f"{sizes['num_heads']} (head_dim 64, the ViT paper's)"
+        tanh = layout.name.startswith("big_vision")
+        sizes["activation"] = "gelu_tanh" if tanh else "gelu"
+        assumed["activation"] = ("gelu_tanh (flax nn.gelu's default, big_vision)" if tanh
+                                 else "gelu exact (timm, torch)")
+        sizes["ln_eps"] = 1e-6
+        assumed["ln_eps"] = "1e-6 (timm, flax)"
+        if layout.name == "timm" and has_cls:
+            assumed["pool"] = "cls (timm global_pool='token'; a state dict cannot say 'avg')"
+    try:
+        config = ViTConfig(**sizes)
+    except ConfigError as e:
+        raise CheckpointError(f"{source.path}: the inferred config is invalid: {e}") from None
+    return Inferred(config, layout, found, assumed, dropped)
+
+
+# ---- conversion streams -------------------------------------------------------------------------
+
+
+def _base_shapes(base: str, config: ViTConfig) -> dict[str, tuple[int, ...]]:
+    from weight_transfer.bridge import nnx_shapes, torch_shapes
+
+    return nnx_shapes(config) if base == "nnx" else torch_shapes(config)
+
+
+Hook = Callable[[str, np.ndarray], np.ndarray]
+
+
+@dataclass
+class Plan:
+    """A checked chain of table steps from a source layout to a target layout."""
+
+    steps: list[list[Rule]]
+    order: list[tuple[str, Meta]]  # output keys in the order the stream yields them
+    inputs: list[str]  # source keys in read order
+    hook: Hook | None = None  # applied to every tensor in our base layout, after the first step
+
+    def run(self, items: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
+        items = stream_table(items, self.steps[0])
+        if self.hook is not None:
+            items = ((k, self.hook(k, a)) for k, a in items)
+        for rules in self.steps[1:]:
+            items = stream_table(items, rules)
+        return iter(items)
+
+
+def plan_conversion(meta: Mapping[str, Meta], src: Layout, dst: Layout, config: ViTConfig,
+                    *, out_config: ViTConfig | None = None, hook: Hook | None = None,
+                    what: str | None = None) -> Plan:
+    """Check every step on shapes alone (raising one `TransferError` listing all problems).
+
+    `hook` may change tensors (resampling, dtype casts) between the source's table and the
+    rest, which are then checked against `out_config` (default `config`).
+    """
+    out = out_config or config
+    steps = [check_table(meta, oriented(src.table(config), config.num_layers, reverse=True),
+                         _base_shapes(src.base, config), what=what or src.name)]
+    base = src.base
+    if base != dst.base:
+        steps.append(oriented(NNX_TORCH, out.num_layers, reverse=base == "torch"))
+        base = dst.base
+    base_meta = {k: (s, np.dtype("float32")) for k, s in _base_shapes(base, out).items()}
+    forward = oriented(dst.table(out), out.num_layers)
+    steps.append(check_table(base_meta, forward, forward_targets(forward, base_meta),
+                             what=dst.base))
+    used = {k for r in steps[0] for k in r.left}
+    inputs = [k for k in meta if k in used]
+    dummies = ((k, _dummy(*meta[k])) for k in inputs)
+    order = [(k, (a.shape, a.dtype)) for k, a in Plan(steps, [], inputs, hook).run(dummies)]
+    return Plan(steps, order, inputs, hook)
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_output(dst: Path, *, force: bool = False) -> Iterator[Path]:
+    """A temporary folder next to `dst`: write the outputs there under their final names; they
+    are moved into place only if the block succeeds, so a failure leaves nothing behind."""
+    if dst.exists() and not force:
+        raise CheckpointError(f"{dst}: already exists (use --force / force=True to replace it)")
+    if not dst.parent.is_dir():
+        raise CheckpointError(f"{dst}: the directory {dst.parent} does not exist")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        yield tmp
+        produced = sorted(tmp.iterdir())
+        clashes = [dst.parent / p.name for p in produced if (dst.parent / p.name).exists()]
+        if clashes and not force:
+            raise CheckpointError(f"{clashes[0]}: already exists (use --force / force=True)")
+        for p in produced:
+            final = dst.parent / p.name
+            if final.is_dir() and not final.is_symlink():
+                shutil.rmtree(final)
+            os.replace(p, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _header(order: list[tuple[str, Meta]], metadata: dict[str, str]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for key, (shape, dtype) in order:
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        header[key] = {"dtype": DTYPE_CODES[np.dtype(dtype)], "shape": list(shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_safetensors(path: Path, order: list[tuple[str, Meta]],
+                      tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str]) -> None:
+    """Stream tensors into one safetensors file whose header (from `order`) is written first."""
+    expected = dict(order)
+    with open(path, "wb") as f:
+        f.write(_header(order, metadata))
+        for (key, array), (want, _) in zip(tensors, order, strict=True):
+            if key != want or (array.shape, array.dtype) != expected[key]:
+                raise RuntimeError(f"stream out of order at {key!r} (expected {want!r})")
+            f.write(np.ascontiguousarray(array).view(np.uint8).reshape(-1).data)
+
+
+def shard(order: list[tuple[str, Meta]], max_bytes: int | None) -> list[list[tuple[str, Meta]]]:
+    """Split the key order into consecutive shards of at most `max_bytes` (HF's convention)."""
+    shards: list[list[tuple[str, Meta]]] = [[]]
+    size = 0
+    for key, (shape, dtype) in order:
+        n = math.prod(shape) * np.dtype(dtype).itemsize
+        if max_bytes and shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, (shape, dtype)))
+        size += n
+    return shards
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """`"500MB"`, `"2GB"`, `"1GiB"` or an int of bytes."""
+    if text is None or isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise CheckpointError(f"max shard size {text!r}: expected e.g. 500MB, 2GB or 1GiB")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
+             "GIB": 2**30}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def write_layout(out: Path, layout: Layout, plan: Plan, tensors: Iterator[tuple[str, np.ndarray]],
+                 config: ViTConfig, manifest: dict[str, str], max_shard_size: int | None) -> str:
+    """Write the stream as `layout` wants: a folder for hf, an .npz for big_vision, else
+    safetensors (sharded with an index when `max_shard_size` splits it)."""
+    metadata = {"format": "flax" if layout.base == "nnx" else "pt",
+                "vit_parity": json.dumps({**manifest, "config": config.to_dict()}, sort_keys=True)}
+    if layout.name.startswith("big_vision"):
+        arrays = {k: np.asarray(a) for k, a in tensors}
+        # npz has no metadata: the manifest travels as one uint8 array of JSON bytes.
+        arrays[NPZ_MANIFEST] = np.frombuffer(metadata["vit_parity"].encode(), np.uint8)
+        with open(out, "wb") as f:
+            np.savez(f, **arrays)
+        return out.name
+    if layout.name in ("hf", "hf5"):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(hf_config_json(config), indent=2))
+        metadata = {"format": "pt"}
+        base = out / "model.safetensors"
+    else:
+        base = out
+    shards = shard(plan.order, max_shard_size)
+    if len(shards) == 1:
+        write_safetensors(base, plan.order, tensors, metadata)
+        return out.name
+    stem = base.name.removesuffix(".safetensors")
+    names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, part in zip(names, shards, strict=True):
+        take = (next(tensors) for _ in range(len(part)))
+        write_safetensors(base.parent / name, part, take, metadata)
+        weight_map.update({k: name for k, _ in part})
+    total = sum(math.prod(s) * np.dtype(d).itemsize for _, (s, d) in plan.order)
+    index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
+    (base.parent / f"{base.name}.index.json").write_text(json.dumps(index, indent=2))
+    return out.name if out != base else f"{base.name}.index.json"
+
+
+def hf_config_json(config: ViTConfig) -> dict[str, Any]:
+    if config.pool != "cls":
+        raise LayoutError("the HF ViT reads its classifier from the CLS row: a mean-pool "
+                          "model has no HF equivalent")
+    h, w = config.image_hw
+    act = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}[config.activation]
+    return {"architectures": ["ViTForImageClassification"], "model_type": "vit",
+            "hidden_size": config.d_model, "num_hidden_layers": config.num_layers,
+            "num_attention_heads": config.num_heads, "intermediate_size": config.d_ff,
+            "hidden_act": act, "layer_norm_eps": config.ln_eps,
+            "image_size": h if h == w else [h, w],  # HF's ViTEmbeddings takes either
+            "patch_size": config.patch_size, "num_channels": config.in_channels,
+            "qkv_bias": config.qkv_bias, "num_labels": config.num_classes,
+            "id2label": {str(i): f"LABEL_{i}" for i in range(config.num_classes)},
+            "label2id": {f"LABEL_{i}": i for i in range(config.num_classes)},
+            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+def default_suffix(layout: Layout) -> str:
+    return {"hf": "", "hf5": "", "big_vision": ".npz", "big_vision_bv": ".npz"}.get(
+        layout.name, ".safetensors")
+
+
+__all__ = ["LAYOUTS", "CheckpointError", "Inferred", "Plan", "Source", "infer_config",
+           "atomic_output", "plan_conversion", "read_checkpoint", "write_layout"]

@@ -1,0 +1,205 @@
+"""Load, save and convert checkpoints in every supported layout (the porting API)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vit_config import ViTConfig
+from weight_transfer.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    Inferred,
+    Plan,
+    Source,
+    atomic_output,
+    file_digest,
+    infer_config,
+    parse_size,
+    plan_conversion,
+    read_checkpoint,
+    write_layout,
+)
+from weight_transfer.layouts import LAYOUTS, Layout, LayoutError, get_layout
+from weight_transfer.resample import INTERPOLATIONS, resample_pos_embed
+from weight_transfer.table import meta_of
+
+SAVE_LAYOUTS = ("nnx", "torch", "timm", "hf", "big_vision")
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+class NonFiniteError(ValueError):
+    """A weight holds NaN or Inf (refused unless allowed)."""
+
+
+@dataclass
+class Prepared:
+    source: Source
+    inferred: Inferred
+    config: ViTConfig  # after resampling
+    plan: Plan
+
+
+def _numpy_dtype(dtype: str | None):
+    if dtype is None:
+        return None
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype {dtype!r}: expected one of {DTYPES}")
+    from weight_transfer.parity import NUMPY_DTYPES
+
+    return np.dtype(NUMPY_DTYPES.get(dtype, dtype))
+
+
+def _hook(config: ViTConfig, out: ViTConfig, dtype, allow_nonfinite: bool, interpolation: str,
+          antialias: bool):
+    """What happens to each tensor in our base layout: NaN/Inf check, resampling, dtype."""
+
+    def hook(key: str, a: np.ndarray) -> np.ndarray:
+        if a.dtype.kind == "f" or str(a.dtype) == "bfloat16":
+            bad = ~np.isfinite(a.astype(np.float32))
+            if bad.any() and not allow_nonfinite:
+                raise NonFiniteError(f"weight {key!r} holds {int(bad.sum())} NaN/Inf value(s); "
+                                     f"refused (allow_nonfinite=True, --allow-nonfinite to load)")
+        if key == "pos_embed" and out.grid != config.grid:
+            a = resample_pos_embed(np.asarray(a), config.grid, out.grid,
+                                   num_prefix_tokens=int(config.pool == "cls"),
+                                   interpolation=interpolation, antialias=antialias)
+        return a.astype(dtype) if dtype is not None else a
+
+    return hook
+
+
+def prepare(src: str | os.PathLike, to: Layout, *, layout: str | None = None,
+            image_size=None, dtype: str | None = None, config: ViTConfig | None = None,
+            allow_pickle: bool = False, allow_nonfinite: bool = False,
+            interpolation: str = "bicubic", antialias: bool = False) -> Prepared:
+    """Read `src`, infer its layout and config, and check the whole conversion to `to`."""
+    if interpolation not in INTERPOLATIONS:
+        raise CheckpointError(f"interpolation {interpolation!r}: expected one of {INTERPOLATIONS}")
+    source = read_checkpoint(src, allow_pickle=allow_pickle)
+    inferred = infer_config(source, get_layout(layout) if layout else None)
+    config = config or inferred.config
+    out = config.replace(image_size=image_size) if image_size is not None else config
+    hook = _hook(config, out, _numpy_dtype(dtype), allow_nonfinite, interpolation, antialias)
+    plan = plan_conversion(source.meta, inferred.layout, to, config, out_config=out, hook=hook,
+                           what=f"{inferred.layout.name} ({source.path.name})")
+    return Prepared(source, inferred, out, plan)
+
+
+def load_checkpoint(path: str | os.PathLike, framework: str = "jax", *, layout: str | None = None,
+                    image_size=None, dtype: str | None = None, config: ViTConfig | None = None,
+                    allow_pickle: bool = False, allow_nonfinite: bool = False,
+                    interpolation: str = "bicubic", antialias: bool = False):
+    """A ready `jax_impl.ViT` (framework="jax") or `torch_impl.ViT` (framework="torch").
+
+    `path`: a safetensors file, a sharded `*.safetensors.index.json`, a Hugging Face folder
+    (config.json + weights), an `.npz`, or with `allow_pickle` a torch `.bin`/`.pth`.
+    `layout` is detected from the key names unless given; `config` overrides the inferred one;
+    `image_size` resamples the position embeddings (timm's `resample_abs_pos_embed` rules).
+    """
+    if framework not in ("jax", "torch"):
+        raise ValueError(f"framework {framework!r}: expected 'jax' or 'torch'")
+    to = LAYOUTS["nnx" if framework == "jax" else "torch"]
+    p = prepare(path, to, layout=layout, image_size=image_size, dtype=dtype, config=config,
+                allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+                interpolation=interpolation, antialias=antialias)
+    flat = dict(p.plan.run(p.source.items(p.plan.inputs)))
+    from weight_transfer.bridge import nnx_from_flat, numpy_to_torch, torch_from_state_dict
+
+    if framework == "jax":
+        return nnx_from_flat(flat, p.config)
+    return torch_from_state_dict({k: numpy_to_torch(v) for k, v in flat.items()}, p.config)
+
+
+def _model_flat(model) -> tuple[Layout, dict[str, np.ndarray]]:
+    from weight_transfer.bridge import nnx_flat, torch_flat
+
+    if type(model).__module__.startswith("jax_impl"):
+        return LAYOUTS["nnx"], nnx_flat(model)
+    if type(model).__module__.startswith("torch_impl"):
+        return LAYOUTS["torch"], torch_flat(model)
+    raise TypeError(f"expected a jax_impl.ViT or torch_impl.ViT, got {type(model).__name__}")
+
+
+def _target_path(path: Path, layout: Layout) -> Path:
+    if layout.name in ("hf", "hf5") or path.suffix:
+        return path
+    return path.with_suffix(".npz" if layout.name.startswith("big_vision") else ".safetensors")
+
+
+def save_checkpoint(model, path: str | os.PathLike, *, layout: str = "nnx",
+                    max_shard_size: int | str | None = None, force: bool = False) -> Path:
+    """Write one of our models in any layout: safetensors for nnx/torch/timm (sharded with an
+    index when `max_shard_size` is given), a folder for hf, an .npz for big_vision. Atomic."""
+    dst_layout = get_layout(layout)
+    src_layout, flat = _model_flat(model)
+    plan = plan_conversion(meta_of(flat), src_layout, dst_layout, model.config)
+    out = _target_path(Path(path), dst_layout)
+    manifest = {"format_version": FORMAT_VERSION, "layout": dst_layout.name,
+                "source": f"{type(model).__module__.split('.')[0]}.ViT in memory"}
+    with atomic_output(out, force=force) as tmp:
+        name = write_layout(tmp / out.name, dst_layout, plan, plan.run(flat.items()),
+                            model.config, manifest, parse_size(max_shard_size))
+    return out.parent / name
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
+            from_: str | None = None, image_size=None, dtype: str | None = None,
+            max_shard_size: int | str | None = None, force: bool = False,
+            allow_pickle: bool = False, allow_nonfinite: bool = False,
+            config: ViTConfig | None = None, interpolation: str = "bicubic",
+            antialias: bool = False) -> dict[str, Any]:
+    """Convert a checkpoint file to another layout, one tensor at a time; returns a report."""
+    dst_layout = get_layout(to)
+    p = prepare(src, dst_layout, layout=from_, image_size=image_size, dtype=dtype, config=config,
+                allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+                interpolation=interpolation, antialias=antialias)
+    out = _target_path(Path(dst), dst_layout)
+    if out.resolve() in {f.resolve() for f in p.source.files} | {p.source.path.resolve()}:
+        raise CheckpointError(f"{out}: the output would overwrite the input")
+    manifest = {"format_version": FORMAT_VERSION, "layout": dst_layout.name,
+                "source_layout": p.inferred.layout.name,
+                "source_sha256": file_digest(p.source.files)}
+    with atomic_output(out, force=force) as tmp:
+        name = write_layout(tmp / out.name, dst_layout, p.plan,
+                            p.plan.run(p.source.items(p.plan.inputs)), p.config, manifest,
+                            parse_size(max_shard_size))
+    return {"source": str(p.source.path), "output": str(out.parent / name), **report(p)}
+
+
+def report(p: Prepared) -> dict[str, Any]:
+    return {"layout": p.inferred.layout.name, "config": p.config.to_dict(),
+            "found": p.inferred.found, "assumed": p.inferred.assumed,
+            "dropped": p.inferred.dropped, "tensors": len(p.plan.order)}
+
+
+def inspect_checkpoint(path: str | os.PathLike, *, layout: str | None = None,
+                       allow_pickle: bool = False) -> dict[str, Any]:
+    """Layout, inferred config, parameter count, dtypes, sizes and NaN/Inf counts of a file."""
+    source = read_checkpoint(path, allow_pickle=allow_pickle)
+    inferred = infer_config(source, get_layout(layout) if layout else None)
+    tensors, dtypes, nonfinite = 0, {}, {}
+    size = 0
+    for key, a in source.items():
+        tensors += int(np.prod(a.shape))
+        dtypes[str(a.dtype)] = dtypes.get(str(a.dtype), 0) + 1
+        size += a.nbytes
+        if a.dtype.kind == "f" or str(a.dtype) == "bfloat16":
+            bad = int((~np.isfinite(a.astype(np.float32))).sum())
+            if bad:
+                nonfinite[key] = bad
+    return {"path": str(source.path), "layout": inferred.layout.name,
+            "layout_description": inferred.layout.description,
+            "config": inferred.config.to_dict(), "found": inferred.found,
+            "assumed": inferred.assumed, "dropped": inferred.dropped,
+            "parameters": tensors, "expected_parameters": inferred.config.num_params(),
+            "tensors": len(source.meta), "dtypes": dtypes, "bytes": size,
+            "nonfinite": nonfinite, "metadata": source.metadata}
+
+
+__all__ = ["SAVE_LAYOUTS", "CheckpointError", "LayoutError", "NonFiniteError", "convert",
+           "inspect_checkpoint", "load_checkpoint", "save_checkpoint"]

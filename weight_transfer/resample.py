@@ -1,0 +1,107 @@
+"""Resample position embeddings to a new patch grid, as timm's `resample_abs_pos_embed` does.
+
+Interpolation is written as two 1-D weight matrices (rows: output positions, columns: input
+positions) computed in NumPy with PyTorch's `F.interpolate(align_corners=False)` rules:
+bilinear; bicubic with a=-0.75; and with `antialias=True` the widened, normalised kernels
+(bicubic a=-0.5) that torch uses when downsampling. The matrices are applied with NumPy, JAX or
+torch alike, so both frameworks resample identically (`resample_grid`), and the tests compare
+against timm and torch themselves.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def _cubic(x: np.ndarray, a: float) -> np.ndarray:
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+
+
+def _triangle(x: np.ndarray) -> np.ndarray:
+    return np.maximum(0.0, 1.0 - np.abs(x))
+
+
+def weights_1d(n_in: int, n_out: int, interpolation: str, antialias: bool) -> np.ndarray:
+    """(n_out, n_in) float64 matrix M with out = M @ in along one axis."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation {interpolation!r}: expected one of {INTERPOLATIONS}")
+    f32 = np.float32  # torch computes scales and source coordinates in float32
+    scale = f32(n_in) / f32(n_out)
+    m = np.zeros((n_out, n_in))
+    if antialias:  # torch's separable AA kernels (PIL's), widened when downsampling, normalised
+        stretch = max(scale, 1.0)
+        support = (2.0 if interpolation == "bicubic" else 1.0) * stretch
+        for i in range(n_out):
+            center = scale * (i + 0.5)
+            lo = max(int(center - support + 0.5), 0)
+            hi = min(int(center + support + 0.5), n_in)
+            x = (np.arange(lo, hi) - center + 0.5) / stretch
+            w = _cubic(x, -0.5) if interpolation == "bicubic" else _triangle(x)
+            m[i, lo:hi] = w / w.sum()
+        return m
+    for i in range(n_out):
+        src = scale * (f32(i) + f32(0.5)) - f32(0.5)
+        if interpolation == "bilinear":
+            src = max(src, f32(0.0))
+            i0 = min(int(math.floor(src)), n_in - 1)
+            i1 = min(i0 + 1, n_in - 1)
+            t = src - f32(i0)
+            m[i, i0] += 1 - t
+            m[i, i1] += t
+        else:
+            i0 = math.floor(src)
+            t = src - f32(i0)
+            taps = _cubic(np.array([1 + t, t, 1 - t, 2 - t], f32), f32(-0.75))
+            for j, w in zip(range(i0 - 1, i0 + 3), taps, strict=True):
+                m[i, min(max(j, 0), n_in - 1)] += w  # border replicate
+    return m
+
+
+def resample_grid(grid, new_hw: tuple[int, int], interpolation: str = "bicubic",
+                  antialias: bool = False):
+    """(H, W, D) -> (H', W', D) for a NumPy, JAX or torch array, in the input's dtype.
+
+    Computed in float64 (JAX: float64 under x64, else float32 at highest precision), so the
+    result is the exact interpolation rounded once.
+    """
+    h, w = grid.shape[0], grid.shape[1]
+    mh = weights_1d(h, new_hw[0], interpolation, antialias)
+    mw = weights_1d(w, new_hw[1], interpolation, antialias)
+    if type(grid).__module__.startswith("torch"):
+        import torch
+
+        mh, mw = torch.from_numpy(mh), torch.from_numpy(mw)
+        return torch.einsum("ih,jw,hwd->ijd", mh, mw, grid.double()).to(grid.dtype)
+    if type(grid).__module__.startswith("jax"):
+        import jax
+        import jax.numpy as jnp
+
+        wide = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+        out = jnp.einsum("ih,jw,hwd->ijd", mh.astype(wide), mw.astype(wide), grid.astype(wide),
+                         precision="highest")
+        return out.astype(grid.dtype)
+    out = np.einsum("ih,jw,hwd->ijd", mh, mw, np.asarray(grid, np.float64))
+    return out.astype(grid.dtype)
+
+
+def resample_pos_embed(pos, old_grid: tuple[int, int], new_grid: tuple[int, int], *,
+                       num_prefix_tokens: int = 0, interpolation: str = "bicubic",
+                       antialias: bool = False):
+    """(prefix + Hp * Wp, D) -> (prefix + Hp' * Wp', D); the [CLS] row is kept as is."""
+    prefix, rows = pos[:num_prefix_tokens], pos[num_prefix_tokens:]
+    d = rows.shape[-1]
+    grid = resample_grid(rows.reshape(*old_grid, d), new_grid, interpolation, antialias)
+    flat = grid.reshape(new_grid[0] * new_grid[1], d)
+    if type(pos).__module__.startswith("torch"):
+        import torch
+
+        return torch.cat([prefix, flat], dim=0)
+    xp = np if isinstance(pos, np.ndarray) else __import__("jax.numpy", fromlist=["numpy"])
+    return xp.concatenate([prefix, flat], axis=0)
