@@ -45,3 +45,57 @@ def test_parity_failure_exits_1(monkeypatch, capsys):
     monkeypatch.setattr(parity, "check", lambda *a, **k: [bad])
     assert cli.main(["check", "--preset", "seed"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+# ---- convert / inspect / check CKPT ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def timm_file(tmp_path_factory):
+    import weight_transfer as wt
+    from tests.conftest import tiny
+    from weight_transfer.parity import random_torch
+
+    path = tmp_path_factory.mktemp("cli") / "model.safetensors"
+    return wt.save_checkpoint(random_torch(tiny(), seed=3), path, layout="timm")
+
+
+def test_convert_inspect_check_round(tmp_path, timm_file):
+    r = run("convert", str(timm_file), str(tmp_path / "hf"), "--to", "hf", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["layout"] == "timm" and report["output"] == str(tmp_path / "hf")
+    r = run("inspect", str(tmp_path / "hf"), "--json")
+    info = json.loads(r.stdout)
+    assert r.returncode == 0 and info["layout"] == "hf"
+    assert info["parameters"] == info["expected_parameters"]
+    r = run("inspect", str(tmp_path / "hf"))
+    assert "Hugging Face" in r.stdout and "parameters" in r.stdout
+    r = run("check", str(tmp_path / "hf"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["results"][0]["passed"]
+
+
+@pytest.mark.parametrize("make_args, fragment", [
+    (lambda d, f: ["convert", str(d / "missing.safetensors"), str(d / "o"), "--to", "nnx"],
+     "no such file"),
+    (lambda d, f: ["convert", str(f), str(d / "nodir" / "o.safetensors"), "--to", "nnx"],
+     "does not exist"),
+    (lambda d, f: ["convert", str(f), str(f), "--to", "nnx"], "overwrite the input"),
+    (lambda d, f: ["convert", str(f), str(d / "o"), "--to", "keras"], "invalid choice"),
+    (lambda d, f: ["convert", str(f), str(d / "o"), "--to", "nnx", "--image-size", "big"],
+     "--image-size 'big'"),
+    (lambda d, f: ["convert", str(f), str(d / "o"), "--to", "nnx", "--max-shard-size", "lots"],
+     "max shard size 'lots'"),
+    (lambda d, f: ["convert", str(f), str(d / "o"), "--to", "nnx", "--from", "hf"],
+     "none of the 32 hf (model.safetensors) keys belongs to this layout"),
+    (lambda d, f: ["inspect", str(d)], "a folder without model.safetensors"),
+])
+def test_bad_convert_input_exits_2(tmp_path, timm_file, make_args, fragment):
+    before = timm_file.read_bytes()
+    r = run(*make_args(tmp_path, timm_file))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert fragment in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.startswith(("vit-parity: error:", "usage:"))
+    assert timm_file.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] in ([], ["nodir"]) or not (tmp_path / "o").exists()

@@ -268,8 +268,8 @@ def _normalise_hf(source: Source, dropped: list[str]) -> None:
     """ViTModel -> the ViTForImageClassification names: add `vit.`; its tanh pooler is dropped;
     with no classifier, the head is set to the identity so logits are the CLS features."""
     keys = list(source.meta)
-    if any(k.startswith("vit.") for k in keys):
-        return
+    if any(k.startswith("vit.") for k in keys) or not any(k.startswith("embeddings.") for k in keys):
+        return  # already ViTForImageClassification names, or not HF at all (the table will say)
     meta, load = dict(source.meta), source.load
     renamed = {("vit." + k if not k.startswith(("pooler.", "classifier.")) else k): k for k in keys}
     for new in list(renamed):
@@ -287,9 +287,10 @@ def _normalise_hf(source: Source, dropped: list[str]) -> None:
     source.load = lambda k: extra[k] if k in extra else load(renamed[k])
 
 
-def infer_config(source: Source, layout: Layout | None = None) -> Inferred:
-    """The layout (detected unless given) and the `ViTConfig`, from metadata, config.json and
-    tensor shapes; says which fields were found and which had to be assumed."""
+def infer_config(source: Source, layout: Layout | None = None,
+                 given: ViTConfig | None = None) -> Inferred:
+    """The layout (detected unless given) and the `ViTConfig` (`given`, or from metadata,
+    config.json and tensor shapes); says which fields were found and which were assumed."""
     dropped: list[str] = []
     layout = layout or detect_layout(source.meta)
     if layout.name in ("hf", "hf5"):
@@ -299,6 +300,8 @@ def infer_config(source: Source, layout: Layout | None = None) -> Inferred:
                           f"LayerNorm runs after pooling, a different function from this ViT's "
                           f"norm before pooling; rebuild the timm model with fc_norm=False")
     found, assumed = {}, {}
+    if given is not None:
+        return Inferred(given, layout, {f: "given" for f in given.to_dict()}, assumed, dropped)
     if "vit_parity" in source.metadata:
         manifest = json.loads(source.metadata["vit_parity"])
         found = {f: "vit-parity metadata" for f in manifest["config"]}

@@ -81,8 +81,8 @@ def prepare(src: str | os.PathLike, to: Layout, *, layout: str | None = None,
     if interpolation not in INTERPOLATIONS:
         raise CheckpointError(f"interpolation {interpolation!r}: expected one of {INTERPOLATIONS}")
     source = read_checkpoint(src, allow_pickle=allow_pickle)
-    inferred = infer_config(source, get_layout(layout) if layout else None)
-    config = config or inferred.config
+    inferred = infer_config(source, get_layout(layout) if layout else None, config)
+    config = inferred.config
     out = config.replace(image_size=image_size) if image_size is not None else config
     hook = _hook(config, out, _numpy_dtype(dtype), allow_nonfinite, interpolation, antialias)
     plan = plan_conversion(source.meta, inferred.layout, to, config, out_config=out, hook=hook,

@@ -75,10 +75,14 @@ NNX_TORCH: tuple[Rule, ...] = (
 class TransferError(ValueError):
     """A state that does not fit the target: every missing, unexpected and mis-shaped key at once."""
 
+    SHOWN = 40  # the message lists this many; `.problems` holds them all
+
     def __init__(self, problems: list[str], *, missing=(), unexpected=(), mismatched=()):
         self.problems = list(problems)
         self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
-        listing = "\n".join(f"  - {p}" for p in self.problems)
+        shown = self.problems[:self.SHOWN]
+        more = len(self.problems) - len(shown)
+        listing = "\n".join(f"  - {p}" for p in shown) + (f"\n  ... and {more} more" if more else "")
         super().__init__(f"{len(self.problems)} problem(s) mapping the weights:\n{listing}")
 
 
@@ -152,6 +156,9 @@ def check_table(source: Mapping[str, Meta], rules: list[Rule],
     for key in sorted(set(source) - set(expected)):
         unexpected.append(key)
         problems.append(f"unexpected {what} key {key!r} with shape {tuple(source[key][0])}")
+    if source and len(unexpected) == len(source):
+        problems.insert(0, f"none of the {len(source)} {what} keys belongs to this layout: is "
+                           f"the layout right?")
     if problems:
         raise TransferError(problems, missing=missing, unexpected=unexpected, mismatched=mismatched)
     return active

@@ -1,0 +1,194 @@
+"""Ports against the real libraries: timm, Hugging Face transformers, and timm's npz loader.
+
+Every third-party model is built locally with random weights (no downloads), and every one of
+its parameters is overwritten with random values before comparing.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import weight_transfer as wt
+from tests.conftest import assert_close
+from vit_config import ViTConfig
+from weight_transfer.parity import random_images, random_nnx, run_nnx, run_torch
+
+timm = pytest.importorskip("timm")
+transformers = pytest.importorskip("transformers")
+
+
+def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (p.shape[-1] ** -0.5 if p.ndim > 1 else 0.5))
+    return module.eval()
+
+
+def nchw(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(wt.nhwc_to_nchw(images).copy())
+
+
+def timm_vit(**kw):
+    from timm.models.vision_transformer import VisionTransformer
+
+    base = dict(img_size=(32, 48), patch_size=8, embed_dim=48, depth=2, num_heads=3,
+                mlp_ratio=2.0, num_classes=5)
+    return randomize(VisionTransformer(**{**base, **kw}))
+
+
+def ours_for_timm(pool: str, qkv_bias: bool = True) -> ViTConfig:
+    return ViTConfig(image_size=(32, 48), patch_size=8, d_model=48, num_heads=3, d_ff=96,
+                     num_layers=2, num_classes=5, pool=pool, qkv_bias=qkv_bias)
+
+
+TIMM_CASES = {
+    "token": (dict(global_pool="token"), "cls", True),
+    "avg-no-cls": (dict(global_pool="avg", class_token=False, fc_norm=False), "mean", True),
+    "token-no-qkv-bias": (dict(global_pool="token", qkv_bias=False), "cls", False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TIMM_CASES))
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_timm_to_ours_matches_timm_forward(tmp_path, case, framework):
+    kw, pool, qkv_bias = TIMM_CASES[case]
+    model = timm_vit(**kw)
+    path = tmp_path / "timm.safetensors"
+    save_file(model.state_dict(), path)
+    config = ours_for_timm(pool, qkv_bias)
+    ours = wt.load_checkpoint(path, framework, config=config)
+    images = random_images(config, 2)
+    with torch.no_grad():
+        expected = model(nchw(images))
+    got = run_nnx(ours, images) if framework == "jax" else run_torch(ours, images)
+    assert_close(expected, got, "float32", f"timm {case} -> {framework}")
+
+
+@pytest.mark.parametrize("case", sorted(TIMM_CASES))
+def test_ours_to_timm_loads_strict_and_matches(tmp_path, case):
+    kw, pool, qkv_bias = TIMM_CASES[case]
+    ours = random_nnx(ours_for_timm(pool, qkv_bias), seed=4)
+    path = wt.save_checkpoint(ours, tmp_path / "ours", layout="timm")
+    model = timm_vit(**kw)
+    model.load_state_dict(load_file(path), strict=True)
+    images = random_images(ours.config, 2)
+    with torch.no_grad():
+        expected = model(nchw(images))
+    assert_close(expected, run_nnx(ours, images), "float32", f"nnx -> timm {case}")
+
+
+def test_timm_vit_tiny_patch16_224_detected_and_inferred(tmp_path):
+    """A registered timm model, square 224 px: layout and config come from the file alone."""
+    model = randomize(timm.create_model("vit_tiny_patch16_224", pretrained=False), seed=1)
+    path = tmp_path / "vit_tiny.safetensors"
+    save_file(model.state_dict(), path)
+    info = wt.inspect_checkpoint(path)
+    assert info["layout"] == "timm"
+    assert ViTConfig.from_dict(info["config"]) == ViTConfig.preset("vit_ti16")
+    assert info["parameters"] == sum(p.numel() for p in model.parameters()) == 5_717_416
+    assert "num_heads" in info["assumed"] and "pool" in info["assumed"]
+    ours = wt.load_checkpoint(path, "jax")
+    images = random_images(ours.config, 2)
+    with torch.no_grad():
+        expected = model(nchw(images))
+    assert_close(expected, run_nnx(ours, images), "float32", "vit_tiny_patch16_224 -> nnx")
+
+
+def test_timm_fc_norm_is_refused_not_silently_ported(tmp_path):
+    model = timm_vit(global_pool="avg", class_token=False)  # fc_norm defaults on with avg
+    path = tmp_path / "fc_norm.safetensors"
+    save_file(model.state_dict(), path)
+    with pytest.raises(wt.LayoutError, match="fc_norm.*after pooling"):
+        wt.load_checkpoint(path, "jax")
+
+
+def hf_config(**kw):
+    base = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96,
+                image_size=32, patch_size=8, num_labels=5, hidden_act="gelu")
+    return transformers.ViTConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_hf_folder_to_ours_matches_hf_forward(tmp_path, framework):
+    hf = randomize(transformers.ViTForImageClassification(hf_config()), seed=2)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = wt.load_checkpoint(tmp_path / "hf", framework)
+    assert ours.config.ln_eps == 1e-12 and ours.config.activation == "gelu"  # HF's defaults
+    images = random_images(ours.config, 2)
+    with torch.no_grad():
+        expected = hf(pixel_values=nchw(images)).logits
+    got = run_nnx(ours, images) if framework == "jax" else run_torch(ours, images)
+    assert_close(expected, got, "float32", f"HF folder -> {framework}")
+
+
+def test_hf5_in_memory_names_are_read(tmp_path):
+    hf = randomize(transformers.ViTForImageClassification(hf_config(layer_norm_eps=1e-6)), seed=3)
+    path = tmp_path / "hf5.safetensors"
+    save_file(hf.state_dict(), path)  # transformers 5 names: vit.layers.{i}.attention.q_proj
+    assert wt.inspect_checkpoint(path)["layout"] == ("hf5" if any(
+        ".q_proj." in k for k in hf.state_dict()) else "hf")
+    config = ViTConfig(image_size=32, patch_size=8, d_model=48, num_heads=3, d_ff=96,
+                       num_layers=2, num_classes=5, ln_eps=1e-6)
+    ours = wt.load_checkpoint(path, "jax", config=config)
+    images = random_images(config, 2)
+    with torch.no_grad():
+        expected = hf(pixel_values=nchw(images)).logits
+    assert_close(expected, run_nnx(ours, images), "float32", "HF in-memory names -> nnx")
+
+
+def test_ours_to_hf_from_pretrained(tmp_path):
+    config = ViTConfig(image_size=32, patch_size=8, d_model=48, num_heads=3, d_ff=96,
+                       num_layers=2, num_classes=5, ln_eps=1e-12)
+    ours = random_nnx(config, seed=6)
+    folder = wt.save_checkpoint(ours, tmp_path / "hf_out", layout="hf")
+    assert json.loads((folder / "config.json").read_text())["layer_norm_eps"] == 1e-12
+    hf = transformers.ViTForImageClassification.from_pretrained(folder).eval()
+    images = random_images(config, 2)
+    with torch.no_grad():
+        expected = hf(pixel_values=nchw(images)).logits
+    assert_close(expected, run_nnx(ours, images), "float32", "nnx -> HF from_pretrained")
+
+
+@pytest.mark.parametrize("pooler", [True, False])
+def test_hf_vit_model_without_classifier(tmp_path, pooler):
+    """ViTModel has no classifier: the head becomes the identity, logits = CLS features."""
+    hf = randomize(transformers.ViTModel(hf_config(), add_pooling_layer=pooler), seed=7)
+    hf.save_pretrained(tmp_path / "vitmodel")
+    info = wt.inspect_checkpoint(tmp_path / "vitmodel")
+    dropped = " ".join(info["dropped"])
+    assert ("pooler.dense.weight" in dropped) == pooler and "identity" in dropped
+    ours = wt.load_checkpoint(tmp_path / "vitmodel", "jax")
+    images = random_images(ours.config, 2)
+    with torch.no_grad():
+        expected = hf(pixel_values=nchw(images)).last_hidden_state[:, 0]
+    assert_close(expected, run_nnx(ours, images), "float32", "ViTModel CLS features")
+
+
+def test_big_vision_npz_loads_in_timms_own_loader(tmp_path):
+    from timm.models.vision_transformer import _load_weights
+
+    config = ours_for_timm("cls")
+    ours = random_nnx(config, seed=8)
+    path = wt.save_checkpoint(ours, tmp_path / "vit", layout="big_vision")
+    model = timm_vit(global_pool="token")
+    _load_weights(model, str(path))
+    images = random_images(config, 2)
+    with torch.no_grad():
+        expected = model(nchw(images))
+    assert_close(expected, run_nnx(ours, images), "float32", "our npz in timm's _load_weights")
+
+
+def test_big_vision_bv_variant_folds_cls_position(tmp_path):
+    """big_vision adds pos_embedding before the CLS joins: the CLS position folds into the
+    token, so the function is the same (not bit-exact: one float add)."""
+    ours = random_nnx(ours_for_timm("cls"), seed=9)
+    path = wt.save_checkpoint(ours, tmp_path / "bv", layout="big_vision_bv")
+    with np.load(path) as npz:
+        assert npz["pos_embedding"].shape == (1, 24, 48) and npz["cls"].shape == (1, 1, 48)
+    back = wt.load_checkpoint(path, "jax")
+    images = random_images(ours.config, 2)
+    assert_close(run_nnx(ours, images), run_nnx(back, images), "float32", "bv fold round trip")
