@@ -225,3 +225,12 @@ def test_unknown_file_kinds(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="a folder without model.safetensors"):
         wt.load_checkpoint(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("config", [tiny(), tiny(pool="mean", qkv_bias=False, num_layers=0)])
+def test_table_derived_nnx_shapes(config):
+    """File conversion derives NNX shapes through the table; they equal the model's own."""
+    from weight_transfer.bridge import nnx_shapes
+    from weight_transfer.checkpoint import _base_shapes
+
+    assert _base_shapes("nnx", config) == nnx_shapes(config)

@@ -10,10 +10,27 @@ from weight_transfer import cli, parity
 
 
 def run(*args):
+    """A real process: what a user's shell sees."""
     return subprocess.run([sys.executable, "-m", "weight_transfer", *args], capture_output=True,
                           text=True)
 
 
+@pytest.fixture
+def call(capsys):
+    """In-process `vit-parity ARGS` -> (exit code, stdout, stderr); argparse exits included."""
+
+    def call(*args):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return call
+
+
+@pytest.mark.slow
 def test_check_seed_preset_json():
     r = run("check", "--preset", "seed", "--json")
     assert r.returncode == 0, r.stderr
@@ -28,16 +45,23 @@ def test_check_seed_preset_json():
     (["check", "--layers", "-1", "--preset", "seed"], "num_layers=-1"),
     (["nonsense"], "invalid choice"),
 ])
-def test_bad_input_exits_2_with_one_message(args, fragment):
-    r = run(*args)
+def test_bad_input_exits_2_with_one_message(call, args, fragment):
+    r = call(*args)
     assert r.returncode == 2
     assert fragment in r.stderr and "Traceback" not in r.stderr
 
 
-def test_help_everywhere():
-    for args in (["--help"], ["check", "--help"]):
-        r = run(*args)
+def test_help_everywhere(call):
+    for args in (["--help"], ["check", "--help"], ["convert", "--help"], ["inspect", "--help"]):
+        r = call(*args)
         assert r.returncode == 0 and "usage: vit-parity" in r.stdout
+
+
+def test_a_real_process_prints_no_traceback(tmp_path):
+    r = run("convert", str(tmp_path / "missing.safetensors"), str(tmp_path / "o"), "--to", "nnx")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        f"vit-parity: error: {tmp_path / 'missing.safetensors'}: no such file or directory"]
 
 
 def test_parity_failure_exits_1(monkeypatch, capsys):
@@ -60,18 +84,18 @@ def timm_file(tmp_path_factory):
     return wt.save_checkpoint(random_torch(tiny(), seed=3), path, layout="timm")
 
 
-def test_convert_inspect_check_round(tmp_path, timm_file):
-    r = run("convert", str(timm_file), str(tmp_path / "hf"), "--to", "hf", "--json")
+def test_convert_inspect_check_round(call, tmp_path, timm_file):
+    r = call("convert", str(timm_file), str(tmp_path / "hf"), "--to", "hf", "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["layout"] == "timm" and report["output"] == str(tmp_path / "hf")
-    r = run("inspect", str(tmp_path / "hf"), "--json")
+    r = call("inspect", str(tmp_path / "hf"), "--json")
     info = json.loads(r.stdout)
     assert r.returncode == 0 and info["layout"] == "hf"
     assert info["parameters"] == info["expected_parameters"]
-    r = run("inspect", str(tmp_path / "hf"))
+    r = call("inspect", str(tmp_path / "hf"))
     assert "Hugging Face" in r.stdout and "parameters" in r.stdout
-    r = run("check", str(tmp_path / "hf"), "--json")
+    r = call("check", str(tmp_path / "hf"), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["results"][0]["passed"]
 
@@ -91,9 +115,9 @@ def test_convert_inspect_check_round(tmp_path, timm_file):
      "none of the 32 hf (model.safetensors) keys belongs to this layout"),
     (lambda d, f: ["inspect", str(d)], "a folder without model.safetensors"),
 ])
-def test_bad_convert_input_exits_2(tmp_path, timm_file, make_args, fragment):
+def test_bad_convert_input_exits_2(call, tmp_path, timm_file, make_args, fragment):
     before = timm_file.read_bytes()
-    r = run(*make_args(tmp_path, timm_file))
+    r = call(*make_args(tmp_path, timm_file))
     assert r.returncode == 2, r.stdout + r.stderr
     assert fragment in r.stderr and "Traceback" not in r.stderr
     assert r.stderr.startswith(("vit-parity: error:", "usage:"))

@@ -81,6 +81,7 @@ def test_ours_to_timm_loads_strict_and_matches(tmp_path, case):
     assert_close(expected, run_nnx(ours, images), "float32", f"nnx -> timm {case}")
 
 
+@pytest.mark.slow
 def test_timm_vit_tiny_patch16_224_detected_and_inferred(tmp_path):
     """A registered timm model, square 224 px: layout and config come from the file alone."""
     model = randomize(timm.create_model("vit_tiny_patch16_224", pretrained=False), seed=1)

@@ -49,6 +49,7 @@ def test_parity_seed_preset(dtype):
     check(ViTConfig.preset("seed"), dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_parity_vit_s16_width(dtype):
     """ViT-S/16 width (384, 6 heads, 1536) at 224 px with 2 blocks instead of 12, for speed."""
@@ -75,6 +76,7 @@ def ported_pair(config, dtype, seed):
     return source, to_nnx(source)
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(config=configs(), batched=st.booleans())

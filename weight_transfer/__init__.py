@@ -1,36 +1,33 @@
-"""The weight bridge between `jax_impl.ViT` and `torch_impl.ViT`, and the tools built on it."""
+"""The weight bridge between `jax_impl.ViT` and `torch_impl.ViT`, and the tools built on it.
 
-from weight_transfer.bridge import (
-    nchw_to_nhwc,
-    nhwc_to_nchw,
-    nnx_flat,
-    nnx_from_flat,
-    nnx_state_to_state_dict,
-    nnx_to_torch_flat,
-    state_dict_to_nnx_state,
-    to_nnx,
-    to_torch,
-    torch_flat,
-    torch_from_state_dict,
-    torch_to_nnx_flat,
-)
-from weight_transfer.table import NNX_TORCH, Rule, TransferError
-from weight_transfer.transforms import Transform
+Names are imported on first use, so `vit-parity --help` does not pay for JAX and PyTorch.
+"""
 
-__all__ = [
-    "NNX_TORCH", "Rule", "TransferError", "Transform", "nchw_to_nhwc", "nhwc_to_nchw", "nnx_flat",
-    "nnx_from_flat", "nnx_state_to_state_dict", "nnx_to_torch_flat", "state_dict_to_nnx_state",
-    "to_nnx", "to_torch", "torch_flat", "torch_from_state_dict", "torch_to_nnx_flat",
-]
-from weight_transfer.checkpoint import CheckpointError  # noqa: E402
-from weight_transfer.layouts import LAYOUTS, LayoutError  # noqa: E402
-from weight_transfer.porting import (  # noqa: E402
-    NonFiniteError,
-    convert,
-    inspect_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+import importlib
 
-__all__ += ["LAYOUTS", "CheckpointError", "LayoutError", "NonFiniteError", "convert",
-            "inspect_checkpoint", "load_checkpoint", "save_checkpoint"]
+_EXPORTS = {
+    "weight_transfer.bridge": [
+        "nchw_to_nhwc", "nhwc_to_nchw", "nnx_flat", "nnx_from_flat", "nnx_state_to_state_dict",
+        "nnx_to_torch_flat", "state_dict_to_nnx_state", "to_nnx", "to_torch", "torch_flat",
+        "torch_from_state_dict", "torch_to_nnx_flat"],
+    "weight_transfer.table": ["NNX_TORCH", "Rule", "TransferError"],
+    "weight_transfer.transforms": ["Transform"],
+    "weight_transfer.checkpoint": ["CheckpointError"],
+    "weight_transfer.layouts": ["LAYOUTS", "LayoutError"],
+    "weight_transfer.porting": ["NonFiniteError", "convert", "inspect_checkpoint",
+                                "load_checkpoint", "save_checkpoint"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'weight_transfer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

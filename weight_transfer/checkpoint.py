@@ -114,15 +114,15 @@ def _open_safetensors(paths: list[Path]) -> tuple[dict[str, Meta], Callable, dic
         for key, info in header.items():
             meta[key] = (tuple(info["shape"]), np.dtype(SAFETENSORS_DTYPES[info["dtype"]]))
             where[key] = (path, info, start)
-    maps: dict[Path, np.memmap] = {}
-
     def load(key: str) -> np.ndarray:
+        """One tensor, read into its own buffer (no memory map: only this tensor is resident)."""
         path, info, start = where[key]
-        if path not in maps:
-            maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
+        shape, dtype = meta[key]
         begin, end = info["data_offsets"]
-        raw = maps[path][start + begin: start + end]
-        return raw.view(meta[key][1]).reshape(meta[key][0])  # read-only view, copied on use
+        with open(path, "rb") as f:
+            f.seek(start + begin)
+            raw = f.read(end - begin)
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)  # read-only view
 
     return meta, load, metadata
 
@@ -363,12 +363,18 @@ def infer_config(source: Source, layout: Layout | None = None,
 
 
 def _base_shapes(base: str, config: ViTConfig) -> dict[str, tuple[int, ...]]:
-    from weight_transfer.bridge import nnx_shapes, torch_shapes
+    """Our layouts' shapes: torch's from a meta-device model; NNX's through the table from
+    those (no JAX tracing; `test_table_derived_nnx_shapes` checks them against eval_shape)."""
+    from weight_transfer.bridge import torch_shapes
 
-    return nnx_shapes(config) if base == "nnx" else torch_shapes(config)
+    shapes = torch_shapes(config)
+    if base == "torch":
+        return shapes
+    meta = {k: (s, np.dtype(np.float32)) for k, s in shapes.items()}
+    return forward_targets(oriented(NNX_TORCH, config.num_layers, reverse=True), meta)
 
 
-Hook = Callable[[str, np.ndarray], np.ndarray]
+Hook = Callable[[str, np.ndarray, bool], np.ndarray]  # (key, array, dry run) -> array
 
 
 @dataclass
@@ -380,12 +386,14 @@ class Plan:
     inputs: list[str]  # source keys in read order
     hook: Hook | None = None  # applied to every tensor in our base layout, after the first step
 
-    def run(self, items: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
-        items = stream_table(items, self.steps[0])
-        if self.hook is not None:
-            items = ((k, self.hook(k, a)) for k, a in items)
-        for rules in self.steps[1:]:
-            items = stream_table(items, rules)
+    def run(self, items: Iterable[tuple[str, np.ndarray]], *, dry: bool = False
+            ) -> Iterator[tuple[str, np.ndarray]]:
+        """The converted tensors, one at a time; `dry` runs on stand-ins for the key order."""
+        last = len(self.steps) - 1  # copy into contiguous memory once, at the end of the chain
+        for i, rules in enumerate(self.steps):
+            items = stream_table(items, rules, contiguous=i == last and not dry)
+            if i == 0 and self.hook is not None:
+                items = ((k, self.hook(k, a, dry)) for k, a in items)
         return iter(items)
 
 
@@ -411,7 +419,7 @@ def plan_conversion(meta: Mapping[str, Meta], src: Layout, dst: Layout, config: 
     used = {k for r in steps[0] for k in r.left}
     inputs = [k for k in meta if k in used]
     dummies = ((k, _dummy(*meta[k])) for k in inputs)
-    order = [(k, (a.shape, a.dtype)) for k, a in Plan(steps, [], inputs, hook).run(dummies)]
+    order = [(k, (a.shape, a.dtype)) for k, a in Plan(steps, [], inputs, hook).run(dummies, dry=True)]
     return Plan(steps, order, inputs, hook)
 
 

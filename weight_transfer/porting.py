@@ -58,19 +58,26 @@ def _hook(config: ViTConfig, out: ViTConfig, dtype, allow_nonfinite: bool, inter
           antialias: bool):
     """What happens to each tensor in our base layout: NaN/Inf check, resampling, dtype."""
 
-    def hook(key: str, a: np.ndarray) -> np.ndarray:
-        if a.dtype.kind == "f" or str(a.dtype) == "bfloat16":
-            bad = ~np.isfinite(a.astype(np.float32))
-            if bad.any() and not allow_nonfinite:
-                raise NonFiniteError(f"weight {key!r} holds {int(bad.sum())} NaN/Inf value(s); "
-                                     f"refused (allow_nonfinite=True, --allow-nonfinite to load)")
+    def hook(key: str, a: np.ndarray, dry: bool) -> np.ndarray:
+        if not dry and not allow_nonfinite and (bad := count_nonfinite(a)):
+            raise NonFiniteError(f"weight {key!r} holds {bad} NaN/Inf value(s); refused "
+                                 f"(allow_nonfinite=True, --allow-nonfinite to load)")
         if key == "pos_embed" and out.grid != config.grid:
             a = resample_pos_embed(np.asarray(a), config.grid, out.grid,
                                    num_prefix_tokens=int(config.pool == "cls"),
                                    interpolation=interpolation, antialias=antialias)
-        return a.astype(dtype) if dtype is not None else a
+        return a.astype(dtype, copy=False) if dtype is not None else a
 
     return hook
+
+
+def count_nonfinite(a: np.ndarray) -> int:
+    """NaN and Inf values in a float array (a float64 sum first: the common case costs no copy)."""
+    if a.dtype.kind != "f" and str(a.dtype) != "bfloat16":
+        return 0
+    if np.isfinite(np.sum(a, dtype=np.float64)):
+        return 0
+    return int((~np.isfinite(a.astype(np.float32))).sum())
 
 
 def prepare(src: str | os.PathLike, to: Layout, *, layout: str | None = None,
@@ -188,10 +195,8 @@ def inspect_checkpoint(path: str | os.PathLike, *, layout: str | None = None,
         tensors += int(np.prod(a.shape))
         dtypes[str(a.dtype)] = dtypes.get(str(a.dtype), 0) + 1
         size += a.nbytes
-        if a.dtype.kind == "f" or str(a.dtype) == "bfloat16":
-            bad = int((~np.isfinite(a.astype(np.float32))).sum())
-            if bad:
-                nonfinite[key] = bad
+        if bad := count_nonfinite(a):
+            nonfinite[key] = bad
     return {"path": str(source.path), "layout": inferred.layout.name,
             "layout_description": inferred.layout.description,
             "config": inferred.config.to_dict(), "found": inferred.found,

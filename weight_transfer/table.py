@@ -164,10 +164,11 @@ def check_table(source: Mapping[str, Meta], rules: list[Rule],
     return active
 
 
-def stream_table(items: Iterable[tuple[str, np.ndarray]], rules: list[Rule]
-                 ) -> Iterator[tuple[str, np.ndarray]]:
+def stream_table(items: Iterable[tuple[str, np.ndarray]], rules: list[Rule], *,
+                 contiguous: bool = True) -> Iterator[tuple[str, np.ndarray]]:
     """Apply checked rules to `(key, array)` pairs as they come, holding only a rule's inputs
-    (q, k and v of one block for a fused qkv) until it can fire."""
+    (q, k and v of one block for a fused qkv) until it can fire. `contiguous=False` leaves
+    views as they are (for dry runs on shapes)."""
     by_key = {k: r for r in rules for k in r.left}
     waiting: dict[Rule, dict[str, np.ndarray]] = {}
     for key, array in items:
@@ -177,7 +178,8 @@ def stream_table(items: Iterable[tuple[str, np.ndarray]], rules: list[Rule]
         if len(got) == len(r.left):
             del waiting[r]
             outs = r.transform.forward(*(got[k] for k in r.left))
-            yield from ((k, np.ascontiguousarray(a)) for k, a in zip(r.right, outs, strict=True))
+            for k, a in zip(r.right, outs, strict=True):
+                yield k, np.ascontiguousarray(a) if contiguous else a
 
 
 def apply_table(source: Mapping[str, np.ndarray], rules: list[Rule],

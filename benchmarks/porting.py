@@ -1,0 +1,122 @@
+"""Porting throughput and peak memory, as ratios against baselines measured in the same run.
+
+    python benchmarks/porting.py                 # ViT-H/14 (about 2.5 GB in float32)
+    python benchmarks/porting.py --preset vit_b16 --json
+
+Writes a random timm-layout checkpoint of the preset, then
+- copy:    `shutil.copyfile` of that file (the time baseline; on Linux an in-kernel copy, no
+           bytes through user space), and a streamed copy that reads and writes 16 MiB chunks
+           through Python (what any converter that touches the bytes must at least pay);
+- convert: `weight_transfer.convert(..., to="nnx")` in a fresh process: fused qkv split, every
+           linear transposed, written tensor by tensor; its peak RSS above the RSS it had right
+           after importing everything (the interpreter baseline) is the memory cost.
+Targets (porting issue): convert time < 3 x copy time; peak above baseline < 25% of the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vit_config import PRESETS, ViTConfig
+
+CHILD = r"""
+import json, sys, time
+import weight_transfer.porting as porting
+from weight_transfer.bridge import nnx_shapes  # everything imported before the baseline
+
+def status(field):  # kB, from /proc/self/status
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+baseline = status("VmRSS")
+start = time.perf_counter()
+porting.convert(sys.argv[1], sys.argv[2], to=sys.argv[3])
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "baseline_kib": baseline, "peak_kib": status("VmHWM")}))
+"""
+
+
+def write_random_timm(config: ViTConfig, path: Path, seed: int = 0) -> int:
+    """A timm-layout safetensors file of random float32 weights, written one tensor at a time."""
+    from weight_transfer.bridge import torch_shapes
+    from weight_transfer.checkpoint import plan_conversion, write_safetensors
+    from weight_transfer.layouts import LAYOUTS
+
+    meta = {k: (s, np.dtype(np.float32)) for k, s in torch_shapes(config).items()}
+    plan = plan_conversion(meta, LAYOUTS["torch"], LAYOUTS["timm"], config)
+    rng = np.random.default_rng(seed)
+    tensors = ((k, rng.standard_normal(s, dtype=np.float32)) for k, (s, _) in plan.order)
+    write_safetensors(path, plan.order, tensors, {"format": "pt"})
+    return path.stat().st_size
+
+
+def streamed_copy(src: Path, dst: Path, chunk: int = 16 << 20) -> None:
+    with open(src, "rb") as f, open(dst, "wb") as g:
+        while block := f.read(chunk):
+            g.write(block)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(preset: str, workdir: Path) -> dict:
+    config = ViTConfig.preset(preset)
+    src, copy, out = workdir / "timm.safetensors", workdir / "copy.safetensors", workdir / "nnx.safetensors"
+    size = write_random_timm(config, src)
+    copy_s = min(timed(lambda: shutil.copyfile(src, copy)) for _ in range(2))
+    stream_s = min(timed(lambda: streamed_copy(src, copy)) for _ in range(2))
+    child = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), "nnx"],
+                           capture_output=True, text=True, check=True)
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    extra = (result["peak_kib"] - result["baseline_kib"]) * 1024
+    return {
+        "preset": preset, "parameters": config.num_params(), "checkpoint_bytes": size,
+        "copy_seconds": copy_s, "convert_seconds": result["seconds"],
+        "time_ratio": result["seconds"] / copy_s, "time_target": 3.0,
+        "streamed_copy_seconds": stream_s, "time_ratio_streamed": result["seconds"] / stream_s,
+        "baseline_rss_bytes": result["baseline_kib"] * 1024, "peak_rss_bytes": result["peak_kib"] * 1024,
+        "peak_over_baseline_bytes": extra, "memory_ratio": extra / size, "memory_target": 0.25,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="vit_h14", choices=sorted(PRESETS))
+    parser.add_argument("--dir", default=None, help="where to write the files (default: a temp dir)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        r = measure(args.preset, Path(tmp))
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    gb = r["checkpoint_bytes"] / 1e9
+    print(f"porting benchmark: {r['preset']} ({r['parameters']:,} parameters, {gb:.2f} GB float32, "
+          f"timm -> nnx), {os.cpu_count()} cores")
+    print(f"  copy (shutil.copyfile)  {r['copy_seconds']:7.2f} s")
+    print(f"  copy (streamed)         {r['streamed_copy_seconds']:7.2f} s")
+    print(f"  convert                 {r['convert_seconds']:7.2f} s   ratio {r['time_ratio']:.2f} to "
+          f"shutil.copyfile (target < 3), {r['time_ratio_streamed']:.2f} to the streamed copy")
+    print(f"  peak RSS above baseline {r['peak_over_baseline_bytes'] / 1e6:8.1f} MB   ratio to "
+          f"checkpoint {r['memory_ratio']:.3f} (target < 0.25)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
