@@ -1,4 +1,4 @@
-"""The seed's entry points, and a NumPy reference written from the seed's spec."""
+"""The seed's entry points, and the NumPy reference forward (`weight_transfer.numpy_ref`)."""
 
 import jax
 import numpy as np
@@ -7,10 +7,9 @@ import torch
 from flax import nnx
 
 import jax_impl
-from tests import reference
 from tests.conftest import assert_close, tiny
 from vit_config import ViTConfig
-from weight_transfer import nhwc_to_nchw, nnx_flat, to_torch
+from weight_transfer import nhwc_to_nchw, nnx_flat, numpy_ref, to_torch
 from weight_transfer.parity import random_nnx
 
 ARGS = (2.0, 8.0, 2.0, 16.0, 2.0, 5.0)  # patch, d_model, heads, d_ff, layers, classes as floats
@@ -64,7 +63,7 @@ def test_numpy_reference_agrees_with_both(config):
     torch_model = to_torch(model)
     h, w = config.image_hw
     images = np.random.default_rng(6).standard_normal((2, h, w, 3)).astype(np.float32)
-    expected = np.stack([reference.forward(params, im, config) for im in images])
+    expected = numpy_ref.forward(params, images, config)["logits"]
     with jax.default_matmul_precision("highest"):
         assert_close(expected, model(images), "float32", "jax_impl vs NumPy reference")
     with torch.no_grad():
@@ -76,5 +75,5 @@ def test_numpy_reference_agrees_in_float64(x64):
     config = tiny(pool="mean", activation="gelu")
     model = random_nnx(config, seed=5, dtype="float64")
     image = np.random.default_rng(6).standard_normal((8, 12, 3))
-    assert_close(reference.forward(nnx_flat(model), image, config), model(image), "float64",
+    assert_close(numpy_ref.forward(nnx_flat(model), image[None], config)["logits"][0], model(image), "float64",
                  "jax_impl float64 vs NumPy reference")

@@ -197,3 +197,87 @@ def relative_error(ref, out) -> float:
     """max |ref - out| / max |ref| (absolute where ref is all zeros), in float64."""
     ref, out = to_numpy(ref).astype(np.float64), to_numpy(out).astype(np.float64)
     return float(np.abs(ref - out).max() / (np.abs(ref).max() or 1.0))
+
+
+# ---- the layer diff -------------------------------------------------------------------------------
+
+# A layer diverges when the float32 gap between the two sides exceeds this many times the sum of
+# their own float32 errors (each side against itself in float64), plus a few float32 ulps.
+FLOOR_FACTOR = 8.0
+EPS32 = 2.0**-23
+GAP64_BOUND = 1e-9
+
+
+@dataclass
+class LayerGap:
+    name: str
+    max_abs: float  # max |ref - cand| in float32
+    max_rel: float  # max_abs / max |ref|
+    noise_floor: float  # max |side32 - side64| summed over both sides: rounding alone
+    gap64: float  # max |ref - cand| with both sides in float64
+    divergent: bool
+    note: str = ""
+
+
+@dataclass
+class DiffReport:
+    reference: str
+    candidate: str
+    layers: list[LayerGap]
+    first_divergence: str | None
+    settings: dict
+
+    @property
+    def passed(self) -> bool:
+        return self.first_divergence is None
+
+    def as_dict(self) -> dict:
+        return {"reference": self.reference, "candidate": self.candidate,
+                "passed": self.passed, "first_divergence": self.first_divergence,
+                "settings": self.settings, "layers": [asdict(layer) for layer in self.layers]}
+
+
+def _gap(a: np.ndarray | None, b: np.ndarray | None) -> float:
+    if a is None or b is None or a.shape != b.shape:
+        return float("inf")
+    return float(np.max(np.abs(a - b))) if a.size else 0.0
+
+
+def compare(reference, candidate, images: np.ndarray) -> DiffReport:
+    """Every named intermediate of two models on the same NHWC images: float32 gap, the noise
+    floor measured by rerunning each side in float64, and the first layer that diverges.
+
+    Either side may be a `jax_impl.ViT`, a `torch_impl.ViT`, a timm `VisionTransformer` or an HF
+    `ViTForImageClassification` (hooked). JAX matmuls run at "highest" precision and torch TF32
+    is off for the duration.
+    """
+    from weight_transfer.adapters import layer_order, side
+
+    ref, cand = side(reference), side(candidate)
+    images = np.asarray(images, np.float32)
+    with exact_matmuls():
+        r32, r64 = ref.run(images, False), ref.run(images, True)
+        c32, c64 = cand.run(images, False), cand.run(images, True)
+    layers, first = [], None
+    for name in layer_order(max(ref.num_layers, cand.num_layers)):
+        if name not in r32 or name not in c32:
+            missing = "reference" if name not in r32 else "candidate"
+            layers.append(LayerGap(name, float("nan"), float("nan"), float("nan"), float("nan"),
+                                   False, f"not captured on the {missing} side"))
+            continue
+        gap, gap64 = _gap(r32[name], c32[name]), _gap(r64[name], c64[name])
+        floor = _gap(r32[name], r64[name]) + _gap(c32[name], c64[name])
+        scale = float(np.max(np.abs(r64[name]))) if r64[name].size else 0.0
+        note = "" if r32[name].shape == c32[name].shape else \
+            f"shapes differ: {r32[name].shape} vs {c32[name].shape}"
+        # float32 beyond its rounding, or float64 (where rounding is ~1e-15) beyond 1e-9: a change
+        # smaller than float32 can resolve (an epsilon of 1e-5 vs 1e-6) still shows in float64.
+        divergent = not (gap <= FLOOR_FACTOR * floor + 4 * EPS32 * max(scale, 1e-30)
+                         and gap64 <= GAP64_BOUND * max(scale, 1.0))
+        layers.append(LayerGap(name, gap, gap / scale if scale else gap, floor, gap64,
+                               divergent, note))
+        if divergent and first is None:
+            first = name
+    settings = {"jax_default_matmul_precision": "highest", "torch_allow_tf32": False,
+                "floor_factor": FLOOR_FACTOR, "images": list(images.shape)}
+    return DiffReport(ref.name, cand.name, layers, first, settings)

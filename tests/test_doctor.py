@@ -1,0 +1,233 @@
+"""The layer diff and the mismatch doctor: each classic fault planted on purpose, then named."""
+
+import numpy as np
+import pytest
+import torch
+
+import weight_transfer as wt
+from tests.conftest import tiny
+from vit_config import ViTConfig
+from weight_transfer import numpy_ref
+from weight_transfer.adapters import Side, layer_order, side
+from weight_transfer.doctor import diagnose
+from weight_transfer.parity import compare, random_images, random_nnx
+
+CONFIG = tiny()  # (8, 12) images, P=4: a 2 x 3 grid; D=24, 3 heads, d_ff 40, 2 blocks
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return random_nnx(CONFIG, seed=21)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return random_images(CONFIG, 2, seed=22)
+
+
+def planted(model, config=None, **edits):
+    flat = wt.nnx_flat(model)
+    for key, fn in edits.items():
+        flat[key] = fn(flat[key])
+    return wt.nnx_from_flat(flat, config or model.config)
+
+
+def every_block(leaf: str, fn, names="qkvo"):
+    return {f"blocks.{i}.attn.{n}.{leaf}": fn for i in range(CONFIG.num_layers) for n in names}
+
+
+# ---- the diff ------------------------------------------------------------------------------------
+
+
+def test_numpy_replay_matches_every_intermediate(ref, images):
+    """The doctor's NumPy replay computes what our models compute, layer by layer."""
+    replay = numpy_ref.forward(wt.nnx_flat(ref), images, CONFIG)
+    ours = side(ref).run(images, True)
+    assert sorted(replay) == sorted(ours) == sorted(layer_order(CONFIG.num_layers))
+    for name in ours:
+        np.testing.assert_allclose(replay[name], ours[name], rtol=0, atol=1e-12, err_msg=name)
+
+
+def test_compare_correct_pair_passes_with_floor(ref, images):
+    report = compare(ref, wt.to_torch(ref), images)
+    assert report.passed and report.first_divergence is None
+    assert [layer.name for layer in report.layers] == layer_order(CONFIG.num_layers)
+    for layer in report.layers:
+        assert layer.noise_floor > 0 and layer.gap64 < 1e-12, layer
+    assert report.settings["jax_default_matmul_precision"] == "highest"
+
+
+def test_compare_names_the_first_divergent_layer(ref, images):
+    bad = planted(ref, **{"blocks.1.ff1.bias": lambda b: b + 1e-3})
+    report = compare(wt.to_torch(ref), bad, images)
+    assert report.first_divergence == "blocks.1.mlp"
+    gaps = {layer.name: layer for layer in report.layers}
+    assert not gaps["blocks.1.attn"].divergent and gaps["blocks.1.mlp"].divergent
+    assert gaps["blocks.1.mlp"].max_abs > 100 * gaps["blocks.1.mlp"].noise_floor
+
+
+timm = pytest.importorskip("timm")
+
+
+def timm_model(**kw):
+    from timm.models.vision_transformer import VisionTransformer
+
+    from tests.test_ecosystems import randomize
+
+    return randomize(VisionTransformer(img_size=(8, 12), patch_size=4, embed_dim=24, depth=2,
+                                       num_heads=3, mlp_ratio=40 / 24, num_classes=7, **kw), 23)
+
+
+def port_of_timm(model, **config_changes):
+    sd = {k.replace("fc_norm.", "norm."): v for k, v in model.state_dict().items()}
+    config = CONFIG.replace(**config_changes)
+    flat = {k: v.numpy() for k, v in sd.items()}
+    from weight_transfer.checkpoint import plan_conversion
+    from weight_transfer.layouts import LAYOUTS
+    from weight_transfer.table import meta_of
+
+    plan = plan_conversion(meta_of(flat), LAYOUTS["timm"], LAYOUTS["nnx"], config)
+    return wt.nnx_from_flat(dict(plan.run(flat.items())), config)
+
+
+def test_compare_against_timm_layer_by_layer(images):
+    model = timm_model(global_pool="token")
+    report = compare(model, port_of_timm(model), images)
+    assert report.passed, [(layer.name, layer.max_abs, layer.noise_floor) for layer in report.layers]
+    assert report.reference.startswith("timm")
+
+
+# ---- the doctor ------------------------------------------------------------------------------------
+
+
+def head_permutation(a, transpose=False):
+    h, hd = CONFIG.num_heads, CONFIG.head_dim
+    a = a.T if transpose else a
+    out = a.reshape(h, hd, *a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
+    return out.T if transpose else out
+
+
+def interleave_qkv(flat):
+    h, hd, d = CONFIG.num_heads, CONFIG.head_dim, CONFIG.d_model
+    for i in range(CONFIG.num_layers):
+        for leaf in ("kernel", "bias"):
+            keys = [f"blocks.{i}.attn.{n}.{leaf}" for n in "qkv"]
+            rows = [flat[k].T if leaf == "kernel" else flat[k] for k in keys]
+            fused = np.concatenate(rows).reshape(3, h, hd, *rows[0].shape[1:])
+            fused = fused.swapaxes(0, 1).reshape(3 * d, *rows[0].shape[1:])  # per-head rows
+            for k, part in zip(keys, np.split(fused, 3), strict=True):
+                flat[k] = part.T if leaf == "kernel" else part
+    return flat
+
+
+def column_major_positions(pos):
+    hp, wp = CONFIG.grid
+    rows = pos[1:].reshape(hp, wp, -1).transpose(1, 0, 2).reshape(hp * wp, -1)
+    return np.concatenate([pos[:1], rows])
+
+
+def make_fault(name, ref):
+    """(reference, candidate) with exactly one planted fault."""
+    if name == "conv_kernel_spatial_swap":
+        return ref, planted(ref, **{"patch_embed.kernel": lambda k: k.transpose(1, 0, 2, 3)})
+    if name == "conv_kernel_in_out_swap":
+        square = random_nnx(CONFIG.replace(in_channels=24), seed=5)
+        return square, planted(square, **{"patch_embed.kernel": lambda k: k.transpose(0, 1, 3, 2)})
+    if name == "linear_not_transposed":
+        return ref, planted(ref, **every_block("kernel", lambda k: k.T))
+    if name == "input_layout":
+        clean = side(ref)
+        misfed = Side("misfed", CONFIG.num_layers, lambda im, f64: clean.run(
+            numpy_ref.read_images(im, "nchw_as_nhwc"), f64))
+        return misfed, ref
+    if name == "ln_eps":
+        return ref, planted(ref, CONFIG.replace(ln_eps=1e-5))
+    if name == "gelu_variant":
+        return ref, planted(ref, CONFIG.replace(activation="gelu_tanh"))
+    if name == "qkv_order":
+        flat = wt.nnx_flat(ref)
+        for i in range(CONFIG.num_layers):
+            for leaf in ("kernel", "bias"):
+                q, k = f"blocks.{i}.attn.q.{leaf}", f"blocks.{i}.attn.k.{leaf}"
+                flat[q], flat[k] = flat[k], flat[q]
+        return ref, wt.nnx_from_flat(flat, CONFIG)
+    if name == "qkv_interleaved":
+        return ref, wt.nnx_from_flat(interleave_qkv(wt.nnx_flat(ref)), CONFIG)
+    if name == "head_split_order":
+        edits = every_block("kernel", lambda k: head_permutation(k, transpose=True), "qkv")
+        edits.update(every_block("bias", head_permutation, "qkv"))
+        edits.update(every_block("kernel", head_permutation, "o"))
+        return ref, planted(ref, **edits)
+    if name == "attention_scale":
+        # 4 heads of 6: sqrt(head_dim / d_model) = 1/2 exactly, so float32 weights scale exactly
+        four = random_nnx(CONFIG.replace(num_heads=4), seed=6)
+        half = {f"blocks.{i}.attn.q.{leaf}": (lambda w: w * 0.5)
+                for i in range(CONFIG.num_layers) for leaf in ("kernel", "bias")}
+        return four, planted(four, **half)
+    if name == "pooling":
+        model = timm_model(global_pool="avg", class_token=True, fc_norm=False)
+        return model, port_of_timm(model)
+    if name == "final_norm_position":
+        model = timm_model(global_pool="avg", class_token=False, fc_norm=True)
+        return model, port_of_timm(model, pool="mean")
+    if name == "posembed_cls_slot":
+        return ref, planted(ref, pos_embed=lambda p: np.roll(p, -1, axis=0))
+    if name == "posembed_grid_order":
+        return ref, planted(ref, pos_embed=column_major_positions)
+    raise KeyError(name)
+
+
+FAULTS = ["conv_kernel_spatial_swap", "conv_kernel_in_out_swap", "linear_not_transposed",
+          "input_layout", "ln_eps", "gelu_variant", "qkv_order", "qkv_interleaved",
+          "head_split_order", "attention_scale", "pooling", "final_norm_position",
+          "posembed_cls_slot", "posembed_grid_order"]
+
+
+def test_every_hypothesis_has_a_planted_fault():
+    from weight_transfer.doctor import HYPOTHESES
+
+    assert sorted(HYPOTHESES) == sorted(FAULTS)
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_doctor_names_exactly_the_planted_fault(ref, fault):
+    reference, candidate = make_fault(fault, ref)
+    images = random_images(candidate.config, 2, seed=22)
+    assert not compare(reference, candidate, images).passed  # the plant really breaks parity
+    d = diagnose(reference, candidate, images)
+    assert [f.id for f in d.findings] == [fault], d.as_dict()
+    assert d.fixed and d.first_divergence is not None
+
+
+@pytest.mark.parametrize("first, second", [
+    ("conv_kernel_spatial_swap", "ln_eps"),
+    ("qkv_order", "gelu_variant"),
+    ("posembed_grid_order", "head_split_order"),
+])
+def test_doctor_finds_two_faults_at_once(ref, images, first, second):
+    _, one = make_fault(first, ref)
+    flat = wt.nnx_flat(one)
+    _, two = make_fault(second, wt.nnx_from_flat(flat, ref.config))
+    if second in ("ln_eps", "gelu_variant"):  # config faults: carry the first's weights
+        two = wt.nnx_from_flat(flat, two.config)
+    d = diagnose(ref, two, images)
+    assert sorted(f.id for f in d.findings) == sorted([first, second]), d.as_dict()
+    assert d.fixed
+
+
+def test_correct_pairs_get_no_findings(ref, images):
+    for reference, candidate in [(ref, wt.to_torch(ref)), (wt.to_torch(ref), ref),
+                                 (timm_model(global_pool="token"), None)]:
+        candidate = candidate or port_of_timm(reference)
+        d = diagnose(reference, candidate, images)
+        assert d.findings == [] and d.fixed and d.first_divergence is None
+
+
+def test_doctor_refuses_a_third_party_candidate(ref, images):
+    with pytest.raises(TypeError, match="jax_impl.ViT or torch_impl.ViT"):
+        diagnose(ref, torch.nn.Linear(2, 2), images)
+
+
+def test_vit_config_sizes_for_doctor_are_distinct():
+    assert len({CONFIG.d_model, CONFIG.d_ff, CONFIG.head_dim, CONFIG.num_heads}) == 4
+    assert ViTConfig.preset("seed") != CONFIG

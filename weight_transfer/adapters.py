@@ -1,0 +1,151 @@
+"""One interface over every model we compare: ours (NNX or torch) and third-party torch models.
+
+`side(model).run(images_nhwc, float64)` returns the named intermediates as float64 NumPy
+arrays: `patch_embed`, `tokens`, `blocks.{i}.attn`, `blocks.{i}.mlp`, `blocks.{i}`, `ln_f`,
+`pooled`, `logits`. Ours produce them natively (`return_intermediates=True`); timm and
+Hugging Face models are captured with forward hooks under the same names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+Intermediates = dict[str, np.ndarray]
+
+
+def layer_order(num_layers: int) -> list[str]:
+    names = ["patch_embed", "tokens"]
+    for i in range(num_layers):
+        names += [f"blocks.{i}.attn", f"blocks.{i}.mlp", f"blocks.{i}"]
+    return names + ["ln_f", "pooled", "logits"]
+
+
+@dataclass
+class Side:
+    """A model to compare, as a function of (NHWC float images, float64?) -> intermediates."""
+
+    name: str
+    num_layers: int
+    run: Callable[[np.ndarray, bool], Intermediates]
+
+
+def _np(x) -> np.ndarray:
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(torch.float64).cpu().numpy()
+    return np.asarray(x, np.float64)
+
+
+def _nnx_side(model) -> Side:
+    import jax
+
+    from weight_transfer.bridge import nnx_flat, nnx_from_flat
+    from weight_transfer.parity import run_nnx
+
+    def run(images, float64):
+        m = model
+        with jax.enable_x64(True) if float64 else contextlib.nullcontext():
+            if float64:
+                m = nnx_from_flat({k: v.astype(np.float64) for k, v in nnx_flat(model).items()},
+                                  model.config)
+            _, seen = run_nnx(m, images.astype(np.float64 if float64 else np.float32),
+                              return_intermediates=True)
+            return {k: _np(v) for k, v in seen.items()}
+
+    return Side("jax_impl.ViT", model.config.num_layers, run)
+
+
+def _torch_side(model) -> Side:
+    from weight_transfer.parity import run_torch
+
+    def run(images, float64):
+        m = copy.deepcopy(model).double() if float64 else model
+        _, seen = run_torch(m, images.astype(np.float64 if float64 else np.float32),
+                            return_intermediates=True)
+        return {k: _np(v) for k, v in seen.items()}
+
+    return Side("torch_impl.ViT", model.config.num_layers, run)
+
+
+def _hooked_side(name: str, model, blocks, points: Callable) -> Side:
+    """A third-party torch model whose intermediates are captured by forward hooks.
+
+    `points(model)` lists (module, our name, how): how is "out" (the module's output, first
+    element if a tuple) or "in" (its first input, for the head's pooled features).
+    """
+    import torch
+
+    from weight_transfer.bridge import nhwc_to_nchw
+
+    def run(images, float64):
+        m = copy.deepcopy(model).double() if float64 else model
+        dtype = torch.float64 if float64 else torch.float32
+        seen: Intermediates = {}
+        handles = []
+        for module, key, how in points(m):
+            def hook(mod, args, out, key=key, how=how):
+                value = args[0] if how == "in" else (out[0] if isinstance(out, tuple) else out)
+                seen[key] = _np(value)
+            handles.append(module.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                x = torch.from_numpy(np.ascontiguousarray(nhwc_to_nchw(images))).to(dtype)
+                out = m(x)
+        finally:
+            for h in handles:
+                h.remove()
+        seen["logits"] = _np(getattr(out, "logits", out))
+        return seen
+
+    return Side(name, len(blocks), run)
+
+
+def _timm_points(m):
+    points = [(m.patch_embed, "patch_embed", "out"), (m.pos_drop, "tokens", "out")]
+    for i, b in enumerate(m.blocks):
+        points += [(b.ls1, f"blocks.{i}.attn", "out"), (b.ls2, f"blocks.{i}.mlp", "out"),
+                   (b, f"blocks.{i}", "out")]
+    if hasattr(m.norm, "weight"):  # with fc_norm, timm's norm is an Identity: no ln_f point
+        points.append((m.norm, "ln_f", "out"))
+    return points + [(m.head, "pooled", "in")]
+
+
+def _hf_points(m):
+    vit = m.vit
+    layers = getattr(vit, "layers", None) or vit.encoder.layer
+    points = [(vit.embeddings.patch_embeddings, "patch_embed", "out"),
+              (vit.embeddings, "tokens", "out")]
+    for i, layer in enumerate(layers):
+        mlp = getattr(layer, "mlp", None)
+        points += [(layer.attention, f"blocks.{i}.attn", "out"), (layer, f"blocks.{i}", "out")]
+        if mlp is not None:  # transformers 5; in v4 the MLP's residual is inside ViTOutput
+            points.append((mlp, f"blocks.{i}.mlp", "out"))
+    return points + [(vit.layernorm, "ln_f", "out"), (m.classifier, "pooled", "in")]
+
+
+def side(model) -> Side:
+    """The `Side` for one of ours, a timm `VisionTransformer` or an HF `ViTForImageClassification`."""
+    if isinstance(model, Side):
+        return model
+    kind = type(model).__module__.split(".")[0]
+    if kind == "jax_impl":
+        return _nnx_side(model)
+    if kind == "torch_impl":
+        return _torch_side(model)
+    if kind == "timm":
+        return _hooked_side(f"timm {type(model).__name__}", model.eval(), model.blocks,
+                            _timm_points)
+    if kind == "transformers" and hasattr(model, "vit"):
+        vit = model.vit
+        layers = getattr(vit, "layers", None) or vit.encoder.layer
+        return _hooked_side(f"transformers {type(model).__name__}", model.eval(), layers,
+                            _hf_points)
+    raise TypeError(f"cannot compare a {type(model).__module__}.{type(model).__name__}: expected "
+                    f"jax_impl.ViT, torch_impl.ViT, a timm VisionTransformer or an HF "
+                    f"ViTForImageClassification")
