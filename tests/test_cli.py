@@ -123,3 +123,41 @@ def test_bad_convert_input_exits_2(call, tmp_path, timm_file, make_args, fragmen
     assert r.stderr.startswith(("vit-parity: error:", "usage:"))
     assert timm_file.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] in ([], ["nodir"]) or not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A reference checkpoint and a candidate with its patch kernel moved with .T and eps 1e-5."""
+    import weight_transfer as wt
+    from tests.conftest import tiny
+    from weight_transfer.parity import random_nnx
+
+    d = tmp_path_factory.mktemp("pair")
+    model = random_nnx(tiny(), seed=1)
+    ref = wt.save_checkpoint(model, d / "ref.safetensors", layout="torch")
+    flat = wt.nnx_flat(model)
+    flat["patch_embed.kernel"] = flat["patch_embed.kernel"].transpose(1, 0, 2, 3)
+    cand = wt.save_checkpoint(wt.nnx_from_flat(flat, tiny(ln_eps=1e-5)), d / "cand.safetensors")
+    return ref, cand
+
+
+def test_diff_table_json_and_plot(call, tmp_path, pair):
+    ref, cand = pair
+    r = call("diff", str(ref), str(ref))
+    assert r.returncode == 0 and "first divergence: none" in r.stdout
+    r = call("diff", str(ref), str(cand), "--json", "--plot", str(tmp_path / "gap.png"))
+    assert r.returncode == 1
+    report = json.loads(r.stdout)
+    assert report["first_divergence"] == "patch_embed" and not report["passed"]
+    assert (tmp_path / "gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_doctor_cli_names_both_faults(call, pair):
+    ref, cand = pair
+    r = call("doctor", str(ref), str(cand), "--json")
+    assert r.returncode == 1
+    d = json.loads(r.stdout)
+    assert d["first_divergence"] == "patch_embed" and d["fixed"]
+    assert [f["id"] for f in d["findings"]] == ["conv_kernel_spatial_swap", "ln_eps"]
+    r = call("doctor", str(ref), str(ref))
+    assert r.returncode == 0 and "agree" in r.stdout

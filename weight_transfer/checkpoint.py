@@ -63,10 +63,19 @@ class Source:
     metadata: dict[str, str] = field(default_factory=dict)  # safetensors __metadata__
     hf_config: dict[str, Any] | None = None  # config.json next to the weights
     files: list[Path] = field(default_factory=list)
+    reader: SafetensorsReader | None = None  # reads in file order and hashes as it goes
 
     def items(self, keys: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
-        for key in self.meta if keys is None else keys:
+        keys = list(self.meta if keys is None else keys)
+        if self.reader is not None:
+            keys.sort(key=self.reader.position)
+        for key in keys:
             yield key, self.load(key)
+
+    def digest(self) -> str:
+        """sha256 over the files' own sha256s; free when every byte was read in order."""
+        done = self.reader.digests() if self.reader is not None else None
+        return _chain(done) if done else file_digest(self.files)
 
 
 def _read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -104,27 +113,48 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + n
 
 
-def _open_safetensors(paths: list[Path]) -> tuple[dict[str, Meta], Callable, dict[str, str]]:
-    meta: dict[str, Meta] = {}
-    where: dict[str, tuple[Path, dict, int]] = {}
-    metadata: dict[str, str] = {}
-    for path in paths:
-        header, start = _read_safetensors_header(path)
-        metadata.update(header.pop("__metadata__", None) or {})
-        for key, info in header.items():
-            meta[key] = (tuple(info["shape"]), np.dtype(SAFETENSORS_DTYPES[info["dtype"]]))
-            where[key] = (path, info, start)
-    def load(key: str) -> np.ndarray:
-        """One tensor, read into its own buffer (no memory map: only this tensor is resident)."""
-        path, info, start = where[key]
-        shape, dtype = meta[key]
-        begin, end = info["data_offsets"]
-        with open(path, "rb") as f:
-            f.seek(start + begin)
+class SafetensorsReader:
+    """Tensors of one or more safetensors files, one read per tensor (no memory map: only the
+    tensor being converted is resident). Reads that come in file order also feed each file's
+    sha256, so the source digest costs no second pass."""
+
+    def __init__(self, paths: list[Path]):
+        self.meta: dict[str, Meta] = {}
+        self.where: dict[str, tuple[int, int, int]] = {}  # key -> (file, begin, end), absolute
+        self.metadata: dict[str, str] = {}
+        self.paths = paths
+        self.hashers, self.hashed, self.sizes = [], [], []
+        for i, path in enumerate(paths):
+            header, start = _read_safetensors_header(path)
+            self.metadata.update(header.pop("__metadata__", None) or {})
+            for key, info in header.items():
+                self.meta[key] = (tuple(info["shape"]), np.dtype(SAFETENSORS_DTYPES[info["dtype"]]))
+                begin, end = info["data_offsets"]
+                self.where[key] = (i, start + begin, start + end)
+            with open(path, "rb") as f:
+                self.hashers.append(hashlib.sha256(f.read(start)))
+            self.hashed.append(start)
+            self.sizes.append(path.stat().st_size)
+
+    def position(self, key: str) -> tuple[int, int]:
+        return self.where[key][:2]
+
+    def load(self, key: str) -> np.ndarray:
+        i, begin, end = self.where[key]
+        with open(self.paths[i], "rb") as f:
+            f.seek(begin)
             raw = f.read(end - begin)
+        if self.hashed[i] == begin:
+            self.hashers[i].update(raw)
+            self.hashed[i] = end
+        shape, dtype = self.meta[key]
         return np.frombuffer(raw, dtype=dtype).reshape(shape)  # read-only view
 
-    return meta, load, metadata
+    def digests(self) -> list[bytes] | None:
+        """Each file's sha256 if every byte was hashed, else None."""
+        if self.hashed != self.sizes:
+            return None
+        return [h.digest() for h in self.hashers]
 
 
 def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> Source:
@@ -162,15 +192,15 @@ def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> S
         for f in files:
             if not f.exists():
                 raise CheckpointError(f"{path}: shard {f.name} is missing")
-        meta, load, metadata = _open_safetensors(files)
+        reader = SafetensorsReader(files)
         listed = set(index["weight_map"])
-        if listed != set(meta):
+        if listed != set(reader.meta):
             raise CheckpointError(f"{path}: the index and the shards disagree on "
-                                  f"{sorted(listed ^ set(meta))[:5]}")
-        return Source(path, meta, load, metadata, files=files)
+                                  f"{sorted(listed ^ set(reader.meta))[:5]}")
+        return Source(path, reader.meta, reader.load, reader.metadata, files=files, reader=reader)
     if name.endswith(".safetensors"):
-        meta, load, metadata = _open_safetensors([path])
-        return Source(path, meta, load, metadata, files=[path])
+        reader = SafetensorsReader([path])
+        return Source(path, reader.meta, reader.load, reader.metadata, files=[path], reader=reader)
     if name.endswith(".npz"):
         try:
             with np.load(path, allow_pickle=False) as npz:
@@ -215,11 +245,15 @@ def _read_json(path: Path) -> Any:
 
 
 def file_digest(files: list[Path]) -> str:
-    h = hashlib.sha256()
+    digests = []
     for f in files:
         with open(f, "rb") as fh:
-            h.update(hashlib.file_digest(fh, "sha256").digest())
-    return h.hexdigest()
+            digests.append(hashlib.file_digest(fh, "sha256").digest())
+    return _chain(digests)
+
+
+def _chain(digests: list[bytes]) -> str:
+    return hashlib.sha256(b"".join(digests)).hexdigest()
 
 
 # ---- config inference ---------------------------------------------------------------------------
@@ -277,6 +311,7 @@ def _normalise_hf(source: Source, dropped: list[str]) -> None:
             dropped.append(new)
             del renamed[new]
     source.meta = {new: meta[old] for new, old in renamed.items()}
+    source.reader = None  # keys renamed: read in header order, digest the files afterwards
     extra: dict[str, np.ndarray] = {}
     if "classifier.weight" not in source.meta:
         d = next(m[0][-1] for k, m in source.meta.items() if k.endswith("layernorm.weight"))
@@ -502,14 +537,38 @@ def parse_size(text: str | int | None) -> int | None:
     return int(float(m.group(1)) * scale)
 
 
+DIGEST_PLACEHOLDER = "0" * 64  # the source's sha256, patched in once the stream has been read
+
+
+def _patch_digest(files: list[Path], digest: str) -> None:
+    """Replace the placeholder in each written header (same length: offsets stay valid)."""
+    old, new = DIGEST_PLACEHOLDER.encode(), digest.encode()
+    for path in files:
+        with open(path, "r+b") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if path.suffix == ".safetensors" else path.stat().st_size
+            start = 8 if path.suffix == ".safetensors" else 0
+            f.seek(start)
+            text = f.read(n)
+            f.seek(start)
+            f.write(text.replace(old, new, 1))
+
+
 def write_layout(out: Path, layout: Layout, plan: Plan, tensors: Iterator[tuple[str, np.ndarray]],
-                 config: ViTConfig, manifest: dict[str, str], max_shard_size: int | None) -> str:
+                 config: ViTConfig, manifest: dict[str, str], max_shard_size: int | None,
+                 source_digest: Callable[[], str] | None = None) -> str:
     """Write the stream as `layout` wants: a folder for hf, an .npz for big_vision, else
-    safetensors (sharded with an index when `max_shard_size` splits it)."""
+    safetensors (sharded with an index when `max_shard_size` splits it). `source_digest` is
+    called after the stream is consumed and lands in the manifest as `source_sha256`."""
+    if source_digest is not None:
+        manifest = {**manifest, "source_sha256": DIGEST_PLACEHOLDER}
     metadata = {"format": "flax" if layout.base == "nnx" else "pt",
                 "vit_parity": json.dumps({**manifest, "config": config.to_dict()}, sort_keys=True)}
     if layout.name.startswith("big_vision"):
         arrays = {k: np.asarray(a) for k, a in tensors}
+        if source_digest is not None:
+            metadata["vit_parity"] = metadata["vit_parity"].replace(DIGEST_PLACEHOLDER,
+                                                                    source_digest())
         # npz has no metadata: the manifest travels as one uint8 array of JSON bytes.
         arrays[NPZ_MANIFEST] = np.frombuffer(metadata["vit_parity"].encode(), np.uint8)
         with open(out, "wb") as f:
@@ -525,6 +584,8 @@ def write_layout(out: Path, layout: Layout, plan: Plan, tensors: Iterator[tuple[
     shards = shard(plan.order, max_shard_size)
     if len(shards) == 1:
         write_safetensors(base, plan.order, tensors, metadata)
+        if source_digest is not None and "vit_parity" in metadata:
+            _patch_digest([base], source_digest())
         return out.name
     stem = base.name.removesuffix(".safetensors")
     names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -535,8 +596,11 @@ def write_layout(out: Path, layout: Layout, plan: Plan, tensors: Iterator[tuple[
         weight_map.update({k: name for k, _ in part})
     total = sum(math.prod(s) * np.dtype(d).itemsize for _, (s, d) in plan.order)
     index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
-    (base.parent / f"{base.name}.index.json").write_text(json.dumps(index, indent=2))
-    return out.name if out != base else f"{base.name}.index.json"
+    index_path = base.parent / f"{base.name}.index.json"
+    index_path.write_text(json.dumps(index, indent=2))
+    if source_digest is not None and "vit_parity" in metadata:
+        _patch_digest([base.parent / n for n in names] + [index_path], source_digest())
+    return out.name if out != base else index_path.name
 
 
 def hf_config_json(config: ViTConfig) -> dict[str, Any]:

@@ -122,6 +122,102 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_pair(args: argparse.Namespace):
+    """REF and CAND checkpoints, each into the framework asked for, and the images to use."""
+    from weight_transfer.parity import random_images
+    from weight_transfer.porting import load_checkpoint
+
+    kw = dict(layout=args.layout, allow_pickle=args.allow_pickle)
+    ref = load_checkpoint(args.reference, args.ref_framework, **kw)
+    cand = load_checkpoint(args.candidate, args.cand_framework, **kw)
+    if ref.config.image_hw != cand.config.image_hw or \
+            ref.config.in_channels != cand.config.in_channels:
+        raise UsageError(f"the two models take different images: {ref.config.image_hw} x "
+                         f"{ref.config.in_channels} vs {cand.config.image_hw} x "
+                         f"{cand.config.in_channels}")
+    return ref, cand, random_images(ref.config, args.batch, args.seed)
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from weight_transfer.parity import compare
+
+    ref, cand, images = _load_pair(args)
+    report = compare(ref, cand, images)
+    if args.plot:
+        plot_report(report, args.plot)
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        rows = [dict(layer=l.name, max_abs=l.max_abs, max_rel=l.max_rel, floor=l.noise_floor,
+                     gap64=l.gap64, ok=not l.divergent) for l in report.layers]
+        print(f"layer diff: {report.reference} ({args.reference}) vs {report.candidate} "
+              f"({args.candidate}); JAX precision highest, TF32 off")
+        print(_table(rows, [("layer", "layer"), ("max_abs", "max |diff| f32"),
+                            ("max_rel", "relative"), ("floor", "noise floor"),
+                            ("gap64", "max |diff| f64"), ("ok", "result")]))
+        print(f"first divergence: {report.first_divergence or 'none'}")
+    return 0 if report.passed else 1
+
+
+def plot_report(report, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot needs matplotlib (pip install 'vit-parity[plot]')") from None
+    names = [l.name for l in report.layers]
+    x = range(len(names))
+    tiny = 1e-18  # log scale: exact zeros drawn at the bottom
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names)), 4))
+    ax.semilogy(x, [max(l.max_abs, tiny) for l in report.layers], "o-", label="float32 gap")
+    ax.semilogy(x, [max(l.noise_floor, tiny) for l in report.layers], "s--",
+                label="noise floor (each side vs its float64)")
+    ax.semilogy(x, [max(l.gap64, tiny) for l in report.layers], "^:", label="float64 gap")
+    if report.first_divergence:
+        ax.axvline(names.index(report.first_divergence), color="red", alpha=0.4,
+                   label=f"first divergence: {report.first_divergence}")
+    ax.set_xticks(list(x), names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("max |difference|")
+    ax.set_title(f"{report.reference} vs {report.candidate}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from weight_transfer.doctor import diagnose
+
+    ref, cand, images = _load_pair(args)
+    d = diagnose(ref, cand, images)
+    if args.json:
+        _print_json(d.as_dict())
+    else:
+        print(f"first divergence: {d.first_divergence or 'none: the two models agree'}")
+        for f in d.findings:
+            print(f"  [{f.id}] {f.detail}")
+        if d.first_divergence:
+            print("fixed: the findings close the gap" if d.fixed else
+                  f"not fixed: still diverging at {d.remaining} (no single known correction "
+                  "closes it)")
+    return 0 if d.first_divergence is None else 1
+
+
+def _add_pair_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("reference", help="checkpoint of the reference model")
+    p.add_argument("candidate", help="checkpoint of the candidate model")
+    p.add_argument("--ref-framework", choices=["jax", "torch"], default="torch",
+                   help="load the reference into jax_impl or torch_impl (default torch)")
+    p.add_argument("--cand-framework", choices=["jax", "torch"], default="jax",
+                   help="load the candidate into jax_impl or torch_impl (default jax)")
+    p.add_argument("--batch", type=int, default=2, help="random images per batch (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the images")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _add_source_options(p)
+
+
 def _add_source_options(p: argparse.ArgumentParser) -> None:
     from weight_transfer.layouts import LAYOUTS
 
@@ -183,6 +279,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source_options(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("diff", help="layer-by-layer gaps between two models",
+                       description="Run the same images through REF and CAND; for every named "
+                       "intermediate print the float32 gap, the noise floor (each side against "
+                       "its own float64 run) and the float64 gap; exit 1 if a layer diverges.")
+    _add_pair_options(p)
+    p.add_argument("--plot", metavar="FILE.png", help="draw error against depth")
+    p.set_defaults(run=cmd_diff)
+
+    p = sub.add_parser("doctor", help="name the fault that makes two models disagree",
+                       description="Find the first divergent layer, then try known corrections "
+                       "(transposed kernels, epsilon, GELU variant, qkv order, head split, "
+                       "pooling...) on the candidate one at a time; report those that close "
+                       "the gap. Exit 1 if the models disagree.")
+    _add_pair_options(p)
+    p.set_defaults(run=cmd_doctor)
     return parser
 
 

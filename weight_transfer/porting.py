@@ -17,7 +17,6 @@ from weight_transfer.checkpoint import (
     Plan,
     Source,
     atomic_output,
-    file_digest,
     infer_config,
     parse_size,
     plan_conversion,
@@ -169,12 +168,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
     if out.resolve() in {f.resolve() for f in p.source.files} | {p.source.path.resolve()}:
         raise CheckpointError(f"{out}: the output would overwrite the input")
     manifest = {"format_version": FORMAT_VERSION, "layout": dst_layout.name,
-                "source_layout": p.inferred.layout.name,
-                "source_sha256": file_digest(p.source.files)}
+                "source_layout": p.inferred.layout.name}
     with atomic_output(out, force=force) as tmp:
         name = write_layout(tmp / out.name, dst_layout, p.plan,
                             p.plan.run(p.source.items(p.plan.inputs)), p.config, manifest,
-                            parse_size(max_shard_size))
+                            parse_size(max_shard_size), source_digest=p.source.digest)
     return {"source": str(p.source.path), "output": str(out.parent / name), **report(p)}
 
 
