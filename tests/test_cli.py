@@ -161,3 +161,11 @@ def test_doctor_cli_names_both_faults(call, pair):
     assert [f["id"] for f in d["findings"]] == ["conv_kernel_spatial_swap", "ln_eps"]
     r = call("doctor", str(ref), str(ref))
     assert r.returncode == 0 and "agree" in r.stdout
+
+
+def test_check_grads_json(call):
+    r = call("check", "--preset", "seed", "--dtype", "float32", "--grads", "--json")
+    assert r.returncode == 0, r.stderr
+    grads = json.loads(r.stdout)["gradients"]
+    assert {g["name"] for g in grads} >= {"images", "patch_embed.kernel", "head.bias"}
+    assert not any(g["divergent"] for g in grads)

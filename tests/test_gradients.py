@@ -58,3 +58,18 @@ def test_gradient_parity(config, direction, dtype):
         assert err <= GRAD_TOL[dtype], f"d loss / d {key}: relative error {err:.3e}"
     err = relative_error(gx_jax, gx_torch)
     assert err <= GRAD_TOL[dtype], f"d loss / d images: relative error {err:.3e}"
+
+
+def test_compare_grads_floor_rule_passes_a_port_and_catches_a_fault():
+    from weight_transfer import nnx_flat, nnx_from_flat
+    from weight_transfer.parity import compare_grads
+
+    config = tiny()
+    jm = random_nnx(config, seed=4)
+    images, labels = random_images(config, 3, seed=5), np.arange(3)
+    rows = compare_grads(jm, to_torch(jm), images, labels)
+    assert len(rows) == len(nnx_flat(jm)) + 1 and not any(r.divergent for r in rows)
+    flat = nnx_flat(jm)
+    flat["blocks.1.ff2.bias"] = flat["blocks.1.ff2.bias"] + 1e-3
+    rows = {r.name: r for r in compare_grads(nnx_from_flat(flat, config), to_torch(jm), images, labels)}
+    assert rows["blocks.1.ff2.kernel"].divergent and rows["images"].divergent

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 
 from vit_config import PRESETS, ViTConfig
 
@@ -70,15 +71,48 @@ def cmd_check(args: argparse.Namespace) -> int:
         results = parity.check(config, args.dtype, seed=args.seed, batch=args.batch)
         what = f"preset {args.preset}, random weights"
     rows = [r.as_dict() for r in results]
+    grads = _check_grads(args, config) if args.grads else None
+    ok = all(r.passed for r in results) and (grads is None or not any(g.divergent for g in grads))
     if args.json:
-        _print_json({"what": what, "config": config.to_dict(), "results": rows})
+        extra = {"gradients": [asdict(g) for g in grads]} if grads is not None else {}
+        _print_json({"what": what, "config": config.to_dict(), "results": rows, **extra})
     else:
         print(f"parity check: {what} ({config.num_params():,} parameters, "
               f"{config.num_layers} layers), batch {args.batch}, seed {args.seed}")
         print(_table(rows, [("direction", "direction"), ("dtype", "dtype"),
                             ("max_abs_error", "max |diff|"), ("bound", "bound"),
                             ("passed", "result")]))
-    return 0 if all(r.passed for r in results) else 1
+        if grads is not None:
+            bad = [g for g in grads if g.divergent]
+            ratio = lambda g: g.max_abs / g.noise_floor if g.noise_floor else 0.0  # noqa: E731
+            worst = max(grads, key=ratio)
+            print(f"gradients of cross-entropy w.r.t. {len(grads) - 1} parameters and the "
+                  f"images (float32, noise floor from float64): {len(bad)} divergent; the "
+                  f"largest gap is {ratio(worst):.2f}x its noise floor ({worst.name})")
+            for g in bad:
+                print(f"  DIVERGENT {g.name}: max |diff| {g.max_abs:.3e}, floor "
+                      f"{g.noise_floor:.3e}, float64 gap {g.gap64:.3e}")
+    return 0 if ok else 1
+
+
+def _check_grads(args: argparse.Namespace, config: ViTConfig):
+    """Gradient parity on the same weights: the checkpoint's, or the preset's random ones."""
+    import numpy as np
+
+    from weight_transfer import parity
+    from weight_transfer.bridge import to_torch
+
+    if args.checkpoint:
+        from weight_transfer.porting import load_checkpoint
+
+        kw = dict(layout=args.layout, allow_pickle=args.allow_pickle)
+        jm, tm = load_checkpoint(args.checkpoint, "jax", **kw), load_checkpoint(args.checkpoint, "torch", **kw)
+    else:
+        jm = parity.random_nnx(config, args.seed)
+        tm = to_torch(jm)
+    images = parity.random_images(config, args.batch, args.seed)
+    labels = np.arange(args.batch) % config.num_classes
+    return parity.compare_grads(jm, tm, images, labels)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -248,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["float32", "float64", "bfloat16"], help="dtypes to compare")
     p.add_argument("--batch", type=int, default=2, help="images per batch (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and images")
+    p.add_argument("--grads", action="store_true",
+                   help="also compare gradients w.r.t. every parameter and the images")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=cmd_check)
 

@@ -237,6 +237,14 @@ class DiffReport:
                 "settings": self.settings, "layers": [asdict(layer) for layer in self.layers]}
 
 
+def is_divergent(gap: float, floor: float, gap64: float, scale: float, unit: float) -> bool:
+    """float32 beyond its own rounding, or float64 (rounding ~1e-15) beyond 1e-9 of `unit` (the
+    magnitude the values are judged at): a change smaller than float32 resolves (an epsilon of
+    1e-5 vs 1e-6) still shows in float64."""
+    return not (gap <= FLOOR_FACTOR * floor + 4 * EPS32 * max(scale, 1e-30)
+                and gap64 <= GAP64_BOUND * unit)
+
+
 def _gap(a: np.ndarray | None, b: np.ndarray | None) -> float:
     if a is None or b is None or a.shape != b.shape:
         return float("inf")
@@ -270,10 +278,7 @@ def compare(reference, candidate, images: np.ndarray) -> DiffReport:
         scale = float(np.max(np.abs(r64[name]))) if r64[name].size else 0.0
         note = "" if r32[name].shape == c32[name].shape else \
             f"shapes differ: {r32[name].shape} vs {c32[name].shape}"
-        # float32 beyond its rounding, or float64 (where rounding is ~1e-15) beyond 1e-9: a change
-        # smaller than float32 can resolve (an epsilon of 1e-5 vs 1e-6) still shows in float64.
-        divergent = not (gap <= FLOOR_FACTOR * floor + 4 * EPS32 * max(scale, 1e-30)
-                         and gap64 <= GAP64_BOUND * max(scale, 1.0))
+        divergent = is_divergent(gap, floor, gap64, scale, max(scale, 1.0))
         layers.append(LayerGap(name, gap, gap / scale if scale else gap, floor, gap64,
                                divergent, note))
         if divergent and first is None:
@@ -281,3 +286,41 @@ def compare(reference, candidate, images: np.ndarray) -> DiffReport:
     settings = {"jax_default_matmul_precision": "highest", "torch_allow_tf32": False,
                 "floor_factor": FLOOR_FACTOR, "images": list(images.shape)}
     return DiffReport(ref.name, cand.name, layers, first, settings)
+
+
+def compare_grads(nnx_model: jax_impl.ViT, torch_model: torch_impl.ViT, images: np.ndarray,
+                  labels: np.ndarray) -> list[LayerGap]:
+    """d(cross-entropy)/d(every parameter) and d/d(images), torch's mapped through the table,
+    with the same noise-floor rule as `compare` (each side's float32 against its float64)."""
+    import copy
+
+    images = np.asarray(images, np.float32)
+    labels = np.asarray(labels)
+    config = nnx_model.config
+    with exact_matmuls():
+        j32, jx32 = nnx_grads(nnx_model, images, labels)
+        t32, tx32 = torch_grads(torch_model, images, labels)
+        with jax.enable_x64(True):
+            j64_model = nnx_from_flat({k: v.astype(np.float64) for k, v in nnx_flat(nnx_model).items()},
+                                      config)
+            j64, jx64 = nnx_grads(j64_model, images.astype(np.float64), labels)
+        t64, tx64 = torch_grads(copy.deepcopy(torch_model).double(), images.astype(np.float64), labels)
+    from weight_transfer.bridge import torch_to_nnx_flat
+
+    t32, t64 = torch_to_nnx_flat(t32, config), torch_to_nnx_flat(t64, config)
+    j32, j64, t32, t64 = ({**g, "images": x} for g, x in
+                          ((j32, jx32), (j64, jx64), (t32, tx32), (t64, tx64)))
+    # Judged relative to each tensor's own scale, but never below 1e-6 of the largest gradient:
+    # some gradients are exactly zero in exact arithmetic (the key bias: softmax is
+    # shift-invariant) and hold only rounding noise on both sides.
+    overall = max(float(np.max(np.abs(g))) for g in j64.values())
+    rows = []
+    for key in sorted(j32):
+        a32, a64 = j32[key].astype(np.float64), j64[key]
+        b32, b64 = t32[key].astype(np.float64), t64[key]
+        gap, gap64 = _gap(a32, b32), _gap(a64, b64)
+        floor = _gap(a32, a64) + _gap(b32, b64)
+        scale = float(np.max(np.abs(a64)))
+        rows.append(LayerGap(key, gap, gap / scale if scale else gap, floor, gap64,
+                             is_divergent(gap, floor, gap64, scale, max(scale, 1e-6 * overall))))
+    return rows
