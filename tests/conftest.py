@@ -1,9 +1,20 @@
-import jax
-import numpy as np
-import pytest
-import torch
+import os
 
-from vit_config import ViTConfig
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per framework per worker: pytest-xdist already runs one worker per core, and
+    # torch's and XLA's own thread pools on top of that oversubscribe the machine.
+    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
+                                       "intra_op_parallelism_threads=1")
+    import torch
+
+    torch.set_num_threads(1)
+
+import jax  # noqa: E402
+import numpy as np
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from vit_config import ViTConfig  # noqa: E402
 
 # Relative to max(1, max |logits|). float32: HF's PT<->Flax tests use 1e-5 absolute on tiny
 # models; we hold ViT-S width to the same bound. float64: the same rounding at 2**-52.

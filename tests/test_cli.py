@@ -169,3 +169,12 @@ def test_check_grads_json(call):
     grads = json.loads(r.stdout)["gradients"]
     assert {g["name"] for g in grads} >= {"images", "patch_embed.kernel", "head.bias"}
     assert not any(g["divergent"] for g in grads)
+
+
+@pytest.mark.slow
+def test_train_parity_cli(call, tmp_path):
+    r = call("train-parity", "--steps", "10", "--json", "--plot", str(tmp_path / "loss.png"))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["passed"] and len(report["losses"]["torch32"]) == 10
+    assert (tmp_path / "loss.png").stat().st_size > 1000
