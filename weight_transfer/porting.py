@@ -99,20 +99,29 @@ def prepare(src: str | os.PathLike, to: Layout, *, layout: str | None = None,
 def load_checkpoint(path: str | os.PathLike, framework: str = "jax", *, layout: str | None = None,
                     image_size=None, dtype: str | None = None, config: ViTConfig | None = None,
                     allow_pickle: bool = False, allow_nonfinite: bool = False,
-                    interpolation: str = "bicubic", antialias: bool = False):
+                    interpolation: str = "bicubic", antialias: bool = False, mesh=None,
+                    sharding: str = "replicated"):
     """A ready `jax_impl.ViT` (framework="jax") or `torch_impl.ViT` (framework="torch").
 
     `path`: a safetensors file, a sharded `*.safetensors.index.json`, a Hugging Face folder
     (config.json + weights), an `.npz`, or with `allow_pickle` a torch `.bin`/`.pth`.
     `layout` is detected from the key names unless given; `config` overrides the inferred one;
     `image_size` resamples the position embeddings (timm's `resample_abs_pos_embed` rules).
+    With `mesh` (a `jax.sharding.Mesh`), the JAX model's parameters are placed on it,
+    `sharding="replicated"` or `"fsdp"` (see `weight_transfer.sharding`).
     """
     if framework not in ("jax", "torch"):
         raise ValueError(f"framework {framework!r}: expected 'jax' or 'torch'")
+    if mesh is not None and framework != "jax":
+        raise ValueError("mesh= places a JAX model's parameters; framework must be 'jax'")
     to = LAYOUTS["nnx" if framework == "jax" else "torch"]
     p = prepare(path, to, layout=layout, image_size=image_size, dtype=dtype, config=config,
                 allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
                 interpolation=interpolation, antialias=antialias)
+    if mesh is not None:
+        from weight_transfer.sharding import load_sharded
+
+        return load_sharded(p, mesh, sharding)
     flat = dict(p.plan.run(p.source.items(p.plan.inputs)))
     from weight_transfer.bridge import nnx_from_flat, numpy_to_torch, torch_from_state_dict
 

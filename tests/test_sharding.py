@@ -1,0 +1,79 @@
+"""Loading straight onto a JAX mesh of 8 simulated CPU devices (in a subprocess)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import weight_transfer as wt
+from tests.conftest import tiny
+from weight_transfer.parity import random_torch
+from weight_transfer.sharding import partition_spec
+
+HELPER = Path(__file__).parent / "helpers" / "sharded_check.py"
+# d_model 32 and d_ff 64 divide by 8 devices; 7 classes and 3-pixel patches do not.
+CONFIG = tiny(d_model=32, num_heads=4, d_ff=64)
+
+
+def run_sharded(path, sharding):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "PYTHONPATH": str(HELPER.parents[2])}
+    out = subprocess.run([sys.executable, str(HELPER), str(path), sharding], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mesh")
+    model = random_torch(CONFIG, seed=9)
+    return {"nnx": wt.save_checkpoint(model, d / "nnx", layout="nnx", max_shard_size="20KB"),
+            "timm": wt.save_checkpoint(model, d / "timm.safetensors", layout="timm")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["nnx", "timm"])
+@pytest.mark.parametrize("sharding", ["replicated", "fsdp"])
+def test_sharded_load_matches_unsharded_torch(files, layout, sharding):
+    r = run_sharded(files[layout], sharding)
+    assert r["max_abs"] <= 1e-5 * r["scale"]
+    assert r["devices"] == [8]  # every parameter lives on all 8 devices (whole or in blocks)
+    for key, spec in r["specs"].items():
+        shape = r["shapes"][key]
+        if sharding == "replicated":
+            assert all(a == "None" for a in spec), (key, spec)
+            assert r["block_shapes"][key][0] == shape
+        else:
+            want = [str(a) for a in partition_spec(tuple(shape), _Mesh8(), "fsdp")]
+            assert strip(spec) == strip(want), (key, spec, want)
+    if sharding == "fsdp":
+        assert r["specs"]["blocks.0.ff1.kernel"] == ["None", "fsdp"]  # (32, 64): the 64 axis
+        assert r["block_shapes"]["blocks.0.ff1.kernel"][0] == [32, 8]
+        assert r["specs"]["head.bias"] == []  # 7 classes: replicated
+
+
+def strip(spec: list[str]) -> list[str]:
+    """PartitionSpec drops trailing Nones: compare without them."""
+    while spec and spec[-1] == "None":
+        spec = spec[:-1]
+    return spec
+
+
+class _Mesh8:
+    axis_names = ("fsdp",)
+    shape = {"fsdp": 8}
+
+
+def test_partition_spec_rules():
+    assert tuple(partition_spec((32, 64), _Mesh8(), "fsdp")) == (None, "fsdp")
+    assert tuple(partition_spec((7,), _Mesh8(), "fsdp")) == ()
+    assert tuple(partition_spec((32, 64), _Mesh8(), "replicated")) == ()
+
+
+def test_mesh_needs_jax():
+    with pytest.raises(ValueError, match="framework must be 'jax'"):
+        wt.load_checkpoint("x.safetensors", "torch", mesh=object())

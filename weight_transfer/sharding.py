@@ -1,0 +1,91 @@
+"""Load a checkpoint straight into an NNX model whose parameters live on a `jax.sharding.Mesh`.
+
+- `"replicated"`: every device holds every parameter (data parallelism).
+- `"fsdp"`: each parameter is split along its largest axis divisible by the mesh's first axis
+  (parameters with no such axis stay replicated).
+
+Each device's block is built by `jax.make_array_from_callback`. When the file already holds the
+NNX layout (a `--to nnx` safetensors file, single or sharded), the callback reads exactly that
+block's bytes from the file: rows [a, b) of a tensor are one contiguous byte range, so no device
+ever causes a whole tensor to be read. Other layouts are converted one tensor at a time, each
+tensor held once on the host while its blocks are placed. On several hosts
+(`jax.distributed.initialize`), the same code runs on each: `make_array_from_callback` only asks
+for the blocks of the host's own devices, so each host reads only its shards.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SHARDINGS = ("replicated", "fsdp")
+
+
+def partition_spec(shape: tuple[int, ...], mesh, sharding: str):
+    """The PartitionSpec for one parameter."""
+    from jax.sharding import PartitionSpec
+
+    if sharding == "replicated":
+        return PartitionSpec()
+    axis_name = mesh.axis_names[0]
+    n = mesh.shape[axis_name]
+    candidates = [i for i, s in enumerate(shape) if s % n == 0 and s >= n]
+    if not candidates:
+        return PartitionSpec()
+    axis = max(candidates, key=lambda i: shape[i])
+    return PartitionSpec(*[axis_name if i == axis else None for i in range(len(shape))])
+
+
+def _block_reader(source, key: str):
+    """A function index -> that block of the stored tensor, read from the file alone."""
+    reader = source.reader
+    i, begin, _ = reader.where[key]
+    shape, dtype = reader.meta[key]
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        if not shape:
+            lo, hi = 0, 1
+        else:
+            rows = index[0] if index else slice(None)
+            lo, hi, _ = rows.indices(shape[0])
+        with open(reader.paths[i], "rb") as f:
+            f.seek(begin + lo * row_bytes)
+            raw = f.read((hi - lo) * row_bytes)
+        block = np.frombuffer(raw, dtype=dtype).reshape((hi - lo, *shape[1:]) if shape else ())
+        return block[(slice(None), *index[1:])] if shape else block
+
+    return read
+
+
+def load_sharded(prepared, mesh, sharding: str):
+    """A `jax_impl.ViT` whose parameters are `jax.Array`s laid out over `mesh`."""
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    from weight_transfer.bridge import _abstract_nnx, _dotted
+
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding {sharding!r}: expected one of {SHARDINGS}")
+    p = prepared
+    direct = (p.inferred.layout.name == "nnx" and p.source.reader is not None
+              and p.config == p.inferred.config)
+    hook = p.plan.hook or (lambda key, a, dry: a)
+    arrays: dict[str, jax.Array] = {}
+
+    def place(key: str, shape, read) -> None:
+        spec = NamedSharding(mesh, partition_spec(tuple(shape), mesh, sharding))
+        arrays[key] = jax.make_array_from_callback(tuple(shape), spec, read)
+
+    if direct:  # the file is in NNX layout: every block straight from its bytes
+        for key, (shape, _) in p.plan.order:
+            raw = _block_reader(p.source, key)
+            place(key, shape, lambda index, raw=raw, key=key: hook(key, raw(index), False))
+    else:  # convert tensor by tensor; each tensor is on the host once, not once per device
+        for key, array in p.plan.run(p.source.items(p.plan.inputs)):
+            place(key, array.shape, lambda index, array=array: array[index])
+    dtypes = {a.dtype for a in arrays.values()}
+    graphdef, abstract = _abstract_nnx(p.config, dtypes.pop() if len(dtypes) == 1 else np.dtype("float32"))
+    state = nnx.from_flat_state([(path, var.replace(arrays[_dotted(path)]))
+                                 for path, var in nnx.to_flat_state(abstract)])
+    return nnx.merge(graphdef, state)
