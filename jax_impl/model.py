@@ -84,8 +84,12 @@ class Block(nnx.Module):
 class ViT(nnx.Module):
     """patch_embed -> flatten -> [CLS] -> + pos_embed -> blocks -> ln_f -> pool -> head."""
 
-    def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs, dtype=None):
+    def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs, dtype=None,
+                 scan_layers: bool = False):
+        """`scan_layers=True` stacks the blocks' parameters on a leading (num_layers,) axis and
+        runs them with `nnx.scan` (as big_vision does): one block to compile instead of L."""
         c = self.config = config
+        self.scan_layers = scan_layers and c.num_layers > 0
         dtype = resolve_dtype(dtype)
         dense = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
         p = c.patch_size
@@ -94,7 +98,10 @@ class ViT(nnx.Module):
         if c.pool == "cls":
             self.cls_token = nnx.Param(jnp.zeros((1, c.d_model), dtype))
         self.pos_embed = nnx.Param(jnp.zeros((c.num_tokens, c.d_model), dtype))
-        self.blocks = nnx.List([Block(c, dtype=dtype, rngs=rngs) for _ in range(c.num_layers)])
+        if self.scan_layers:
+            self.blocks = _stacked_blocks(c, dtype, rngs)  # every parameter (L, ...)
+        else:
+            self.blocks = nnx.List([Block(c, dtype=dtype, rngs=rngs) for _ in range(c.num_layers)])
         self.ln_f = nnx.LayerNorm(c.d_model, epsilon=c.ln_eps, **dense)
         self.head = nnx.Linear(c.d_model, c.num_classes, **dense)
 
@@ -121,10 +128,41 @@ class ViT(nnx.Module):
             cls = jnp.broadcast_to(self.cls_token[...], (b, 1, d))
             x = jnp.concatenate([cls, x], axis=1)  # (B, 1 + N, D)
         x = tap("tokens", x + self.pos_embed[...])
-        for i, block in enumerate(self.blocks):
+        if self.scan_layers:
+            x, per_layer = _scan_blocks(self.blocks, x, return_intermediates)
+            for name, stacked in per_layer.items():  # (L, B, T, D) each
+                for i in range(self.config.num_layers):
+                    tap(f"blocks.{i}{name}", stacked[i])
+        for i, block in enumerate(() if self.scan_layers else self.blocks):
             x = tap(f"blocks.{i}", block(x, lambda n, v, i=i: tap(f"blocks.{i}.{n}", v)))
         x = tap("ln_f", self.ln_f(x))
         pooled = tap("pooled", x[:, 0] if self.config.pool == "cls" else x.mean(axis=1))  # (B, D)
         logits = tap("logits", self.head(pooled))  # (B, K)
         logits = logits if batched else logits[0]
         return (logits, seen) if return_intermediates else logits
+
+
+def _stacked_blocks(config: ViTConfig, dtype, rngs: nnx.Rngs) -> Block:
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs: nnx.Rngs) -> Block:
+        return Block(config, dtype=dtype, rngs=rngs)
+
+    return create(rngs)
+
+
+def _scan_blocks(blocks: Block, x: jax.Array, keep: bool) -> tuple[jax.Array, dict]:
+    """Run stacked blocks with nnx.scan; with `keep`, also each layer's branch outputs."""
+
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+    def body(x, block):
+        seen = {}
+
+        def tap(name, value):
+            seen[f".{name}"] = value
+            return value
+
+        x = block(x, tap)
+        return x, ({**seen, "": x} if keep else {})
+
+    return body(x, blocks)

@@ -9,7 +9,8 @@ _EXPORTS = {
     "weight_transfer.bridge": [
         "nchw_to_nhwc", "nhwc_to_nchw", "nnx_flat", "nnx_from_flat", "nnx_state_to_state_dict",
         "nnx_to_torch_flat", "state_dict_to_nnx_state", "to_nnx", "to_torch", "torch_flat",
-        "torch_from_state_dict", "torch_to_nnx_flat"],
+        "torch_from_state_dict", "torch_to_nnx_flat", "stack_layers", "unstack_layers",
+        "nnx_loop_flat"],
     "weight_transfer.table": ["NNX_TORCH", "Rule", "TransferError"],
     "weight_transfer.transforms": ["Transform"],
     "weight_transfer.checkpoint": ["CheckpointError"],

@@ -21,7 +21,8 @@ from flax import nnx
 import jax_impl
 import torch_impl
 from vit_config import ViTConfig
-from weight_transfer.table import NNX_TORCH, apply_table, oriented, rule
+from weight_transfer.table import NNX_TORCH, Rule, apply_table, oriented, rule
+from weight_transfer.transforms import STACK
 
 Flat = dict[str, np.ndarray]
 
@@ -72,15 +73,48 @@ def torch_flat(state_dict_or_model: Mapping[str, torch.Tensor] | torch.nn.Module
 
 
 @functools.lru_cache(maxsize=64)
-def _abstract_nnx(config: ViTConfig, dtype) -> tuple[nnx.GraphDef, nnx.State]:
-    abstract = nnx.eval_shape(lambda: jax_impl.ViT(config, rngs=nnx.Rngs(0), dtype=dtype))
+def _abstract_nnx(config: ViTConfig, dtype, scan_layers: bool = False
+                  ) -> tuple[nnx.GraphDef, nnx.State]:
+    abstract = nnx.eval_shape(lambda: jax_impl.ViT(config, rngs=nnx.Rngs(0), dtype=dtype,
+                                                   scan_layers=scan_layers))
     return nnx.split(abstract)
 
 
 @functools.lru_cache(maxsize=64)
-def nnx_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
-    _, state = _abstract_nnx(config, jnp.dtype(jnp.float32))
+def nnx_shapes(config: ViTConfig, scan_layers: bool = False) -> dict[str, tuple[int, ...]]:
+    _, state = _abstract_nnx(config, jnp.dtype(jnp.float32), scan_layers)
     return {_dotted(p): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(state)}
+
+
+def scan_rules(config: ViTConfig) -> list[Rule]:
+    """Loop layout (`blocks.{i}.X`, an nnx.List) <-> scanned layout (`blocks.X`, stacked on a
+    leading (num_layers,) axis), derived from the NNX column of `NNX_TORCH`."""
+    rules = []
+    for key in (k for r in NNX_TORCH for k in r.left):
+        if key.startswith("blocks.{}."):
+            leaf = key.removeprefix("blocks.{}.")
+            per_layer = tuple(f"blocks.{i}.{leaf}" for i in range(config.num_layers))
+            rules.append(Rule(per_layer, (f"blocks.{leaf}",), STACK))
+        else:
+            rules.append(rule(key, key))
+    return rules
+
+
+def stack_layers(flat: Mapping[str, np.ndarray], config: ViTConfig) -> Flat:
+    """Loop-layout NNX params -> scanned layout (bit-exact)."""
+    return apply_table(flat, scan_rules(config), nnx_shapes(config, True), what="NNX")
+
+
+def unstack_layers(flat: Mapping[str, np.ndarray], config: ViTConfig) -> Flat:
+    """Scanned-layout NNX params -> loop layout (bit-exact)."""
+    return apply_table(flat, [r.reversed() for r in scan_rules(config)], nnx_shapes(config),
+                       what="NNX (scanned)")
+
+
+def nnx_loop_flat(model: jax_impl.ViT) -> Flat:
+    """A model's params in the loop layout, whichever way its blocks are stored."""
+    flat = nnx_flat(model)
+    return unstack_layers(flat, model.config) if model.scan_layers else flat
 
 
 @functools.lru_cache(maxsize=64)
@@ -120,19 +154,24 @@ def state_dict_to_nnx_state(state_dict: Mapping[str, Any], config: ViTConfig) ->
     return _nnx_state_from_flat(torch_to_nnx_flat(flat, config), config)
 
 
-def _nnx_state_from_flat(flat: Mapping[str, np.ndarray], config: ViTConfig) -> nnx.State:
-    _, abstract = _abstract_nnx(config, jnp.dtype(jnp.float32))
+def _nnx_state_from_flat(flat: Mapping[str, np.ndarray], config: ViTConfig,
+                         scan_layers: bool = False) -> nnx.State:
+    _, abstract = _abstract_nnx(config, jnp.dtype(jnp.float32), scan_layers)
     return nnx.from_flat_state([(path, var.replace(numpy_to_jax(flat[_dotted(path)])))
                                 for path, var in nnx.to_flat_state(abstract)])
 
 
-def nnx_from_flat(flat: Mapping[str, np.ndarray], config: ViTConfig) -> jax_impl.ViT:
-    """Build a `jax_impl.ViT` whose parameters are exactly `flat` (`{nnx path: array}`)."""
-    shapes = nnx_shapes(config)
+def nnx_from_flat(flat: Mapping[str, np.ndarray], config: ViTConfig, *,
+                  scan_layers: bool = False) -> jax_impl.ViT:
+    """Build a `jax_impl.ViT` whose parameters are exactly `flat` (`{nnx path: array}`, in the
+    loop layout, or the scanned one with `scan_layers=True`)."""
+    scan_layers = scan_layers and config.num_layers > 0
+    shapes = nnx_shapes(config, scan_layers)
     checked = apply_table(flat, [rule(k, k) for k in shapes], shapes, what="NNX")
     dtypes = {a.dtype for a in checked.values()}
-    graphdef, _ = _abstract_nnx(config, jnp.dtype(dtypes.pop() if len(dtypes) == 1 else jnp.float32))
-    return nnx.merge(graphdef, _nnx_state_from_flat(checked, config))
+    dtype = jnp.dtype(dtypes.pop() if len(dtypes) == 1 else jnp.float32)
+    graphdef, _ = _abstract_nnx(config, dtype, scan_layers)
+    return nnx.merge(graphdef, _nnx_state_from_flat(checked, config, scan_layers))
 
 
 def torch_from_state_dict(state_dict: Mapping[str, torch.Tensor], config: ViTConfig
@@ -150,13 +189,17 @@ def torch_from_state_dict(state_dict: Mapping[str, torch.Tensor], config: ViTCon
 def to_torch(nnx_model: jax_impl.ViT) -> torch_impl.ViT:
     """The `torch_impl.ViT` computing the same function as `nnx_model` (same config and dtype)."""
     config = nnx_model.config
-    return torch_from_state_dict(nnx_state_to_state_dict(nnx_flat(nnx_model), config), config)
+    return torch_from_state_dict(nnx_state_to_state_dict(nnx_loop_flat(nnx_model), config), config)
 
 
-def to_nnx(torch_model: torch_impl.ViT) -> jax_impl.ViT:
-    """The `jax_impl.ViT` computing the same function as `torch_model` (same config and dtype)."""
+def to_nnx(torch_model: torch_impl.ViT, *, scan_layers: bool = False) -> jax_impl.ViT:
+    """The `jax_impl.ViT` computing the same function as `torch_model` (same config and dtype);
+    `scan_layers=True` builds it with stacked blocks run by nnx.scan."""
     config = torch_model.config
-    return nnx_from_flat(torch_to_nnx_flat(torch_flat(torch_model), config), config)
+    flat = torch_to_nnx_flat(torch_flat(torch_model), config)
+    if scan_layers and config.num_layers:
+        flat = stack_layers(flat, config)
+    return nnx_from_flat(flat, config, scan_layers=scan_layers)
 
 
 # ---- images --------------------------------------------------------------------------------------

@@ -89,7 +89,16 @@ def flatten(b):
     return (b.reshape(-1),)
 
 
+def stack_layers(*per_layer):
+    return (np.stack(per_layer),)  # L x (...) -> (L, ...), as nnx.scan keeps them
+
+
+def unstack_layers(stacked):
+    return tuple(stacked)  # (L, ...) -> L x (...)
+
+
 IDENTITY = Transform("identity", identity, identity)
+STACK = Transform("stack_layers", stack_layers, unstack_layers, arity=(-1, 1))
 CONV = Transform("conv_hwio_to_oihw", conv_hwio_to_oihw, conv_oihw_to_hwio)
 LINEAR = Transform("linear_in_out_to_out_in", linear_in_out_to_out_in, linear_out_in_to_in_out)
 BATCH_AXIS = Transform("add_batch_axis", add_batch_axis, drop_batch_axis)

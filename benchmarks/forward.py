@@ -1,0 +1,183 @@
+"""Forward throughput and compile time, as ratios measured in one run on this machine.
+
+    python benchmarks/forward.py                # ViT-B/16, batch 8, float32, CPU
+    python benchmarks/forward.py --json --skip-compile
+
+Throughput (same weights everywhere, ported through the bridge):
+- `jax_impl` under `nnx.jit`, `torch_impl`, timm's `vit_base_patch16_224`, and a Flax reference
+  written here from flax's own `nnx.MultiHeadAttention` (random weights, same sizes);
+- the XLA matmul ceiling: a jitted (B*T, D) @ (D, 4D) float32 matmul, the model's dominant
+  shape, in FLOP/s; `jax_impl`'s model FLOP/s divided by it is the fraction reported.
+Compile time of `jax_impl` (lower + compile) for the Python loop and the `nnx.scan` stack.
+Targets (performance issue): torch_impl >= timm; jax_impl >= 80% of the ceiling and >= the
+Flax reference; ViT-L/16 scanned compile <= 1/3 of the loop's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from vit_config import ViTConfig
+
+
+def best_of(fn, repeat: int) -> float:
+    fn()  # warm-up (and compile)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def model_flops(c: ViTConfig, batch: int) -> float:
+    """Multiply-adds x 2 of one forward: patch embedding, attention, MLP, head."""
+    t, d = c.num_tokens, c.d_model
+    per_block = 2 * t * (4 * d * d + 2 * d * c.d_ff) + 2 * 2 * t * t * d
+    embed = 2 * c.num_patches * c.in_channels * c.patch_size**2 * d
+    return batch * (embed + c.num_layers * per_block + 2 * d * c.num_classes)
+
+
+def flax_reference(c: ViTConfig):
+    """A ViT from flax's own building blocks (nnx.MultiHeadAttention), for comparison."""
+    import jax
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.ln1 = nnx.LayerNorm(c.d_model, epsilon=c.ln_eps, rngs=rngs)
+            self.attn = nnx.MultiHeadAttention(num_heads=c.num_heads, in_features=c.d_model,
+                                               decode=False, rngs=rngs)
+            self.ln2 = nnx.LayerNorm(c.d_model, epsilon=c.ln_eps, rngs=rngs)
+            self.fc1 = nnx.Linear(c.d_model, c.d_ff, rngs=rngs)
+            self.fc2 = nnx.Linear(c.d_ff, c.d_model, rngs=rngs)
+
+        def __call__(self, x):
+            x = x + self.attn(self.ln1(x))
+            return x + self.fc2(jax.nn.gelu(self.fc1(self.ln2(x)), approximate=False))
+
+    class Reference(nnx.Module):
+        def __init__(self, rngs):
+            p = c.patch_size
+            self.patch = nnx.Conv(c.in_channels, c.d_model, (p, p), strides=p, padding="VALID",
+                                  rngs=rngs)
+            self.cls = nnx.Param(jax.numpy.zeros((1, 1, c.d_model)))
+            self.pos = nnx.Param(jax.numpy.zeros((1, c.num_tokens, c.d_model)))
+            self.blocks = nnx.List([Block(rngs) for _ in range(c.num_layers)])
+            self.norm = nnx.LayerNorm(c.d_model, epsilon=c.ln_eps, rngs=rngs)
+            self.head = nnx.Linear(c.d_model, c.num_classes, rngs=rngs)
+
+        def __call__(self, x):
+            x = self.patch(x)
+            b = x.shape[0]
+            x = x.reshape(b, -1, c.d_model)
+            cls = jax.numpy.broadcast_to(self.cls[...], (b, 1, c.d_model))
+            x = jax.numpy.concatenate([cls, x], axis=1) + self.pos[...]
+            for block in self.blocks:
+                x = block(x)
+            return self.head(self.norm(x)[:, 0])
+
+    return Reference(nnx.Rngs(0))
+
+
+def throughput(preset: str, batch: int, repeat: int) -> dict:
+    import jax
+    import timm
+    import torch
+    from flax import nnx
+    from safetensors.torch import load_file
+
+    import weight_transfer as wt
+    from weight_transfer.parity import random_images, random_nnx
+
+    config = ViTConfig.preset(preset)
+    images = random_images(config, batch)
+    nchw = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    ours_jax = random_nnx(config)
+    ours_torch = wt.to_torch(ours_jax).eval()
+    out = {}
+    forward = nnx.jit(lambda m, x: m(x))
+    xj = jax.numpy.asarray(images)
+    out["jax_impl (nnx.jit)"] = best_of(lambda: forward(ours_jax, xj).block_until_ready(), repeat)
+    ref = flax_reference(config)
+    out["flax nnx.MultiHeadAttention reference"] = best_of(
+        lambda: forward(ref, xj).block_until_ready(), repeat)
+    with torch.inference_mode():
+        out["torch_impl"] = best_of(lambda: ours_torch(nchw), repeat)
+        timm_model = timm.create_model(f"vit_{'base' if preset == 'vit_b16' else 'small'}_patch16_224",
+                                       pretrained=False).eval()
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            path = wt.save_checkpoint(ours_torch, f"{d}/w.safetensors", layout="timm")
+            timm_model.load_state_dict(load_file(path), strict=True)
+        out["timm"] = best_of(lambda: timm_model(nchw), repeat)
+    # The XLA ceiling: the dominant matmul shape, jitted, in FLOP/s.
+    m, k, n = batch * config.num_tokens, config.d_model, config.d_ff
+    a = jax.numpy.asarray(np.random.default_rng(0).standard_normal((m, k)), jax.numpy.float32)
+    w = jax.numpy.asarray(np.random.default_rng(1).standard_normal((k, n)), jax.numpy.float32)
+    mm = jax.jit(lambda a, w: a @ w)
+    ceiling = 2 * m * k * n / best_of(lambda: mm(a, w).block_until_ready(), repeat * 5)
+    flops = model_flops(config, batch)
+    return {"preset": preset, "batch": batch, "seconds": out,
+            "images_per_second": {k: batch / v for k, v in out.items()},
+            "model_gflop": flops / 1e9, "xla_matmul_gflops": ceiling / 1e9,
+            "jax_fraction_of_ceiling": flops / out["jax_impl (nnx.jit)"] / ceiling,
+            "torch_impl_over_timm": out["timm"] / out["torch_impl"],
+            "jax_over_flax_reference": out["flax nnx.MultiHeadAttention reference"] / out["jax_impl (nnx.jit)"]}
+
+
+def compile_seconds(preset: str, batch: int, scan: bool) -> float:
+    import jax
+    from flax import nnx
+
+    import jax_impl
+
+    config = ViTConfig.preset(preset)
+    model = nnx.eval_shape(lambda: jax_impl.ViT(config, rngs=nnx.Rngs(0), scan_layers=scan))
+    graphdef, state = nnx.split(model)
+    h, w = config.image_hw
+    x = jax.ShapeDtypeStruct((batch, h, w, config.in_channels), jax.numpy.float32)
+    fn = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+    start = time.perf_counter()
+    fn.lower(state, x).compile()
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="vit_b16", choices=["vit_b16", "vit_s16"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    result = {"throughput": throughput(args.preset, args.batch, args.repeat)}
+    if not args.skip_compile:
+        result["compile"] = {p: {"loop": compile_seconds(p, args.batch, False),
+                                 "scan": compile_seconds(p, args.batch, True)}
+                             for p in ("vit_b16", "vit_l16")}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    t = result["throughput"]
+    print(f"forward: {t['preset']}, batch {t['batch']}, float32, CPU ({t['model_gflop']:.1f} GFLOP "
+          f"per batch); best of {args.repeat}")
+    for name, s in t["seconds"].items():
+        print(f"  {name:40s} {s * 1e3:9.1f} ms  {t['images_per_second'][name]:7.2f} img/s")
+    print(f"  XLA matmul ceiling {t['xla_matmul_gflops']:.1f} GFLOP/s; jax_impl reaches "
+          f"{t['jax_fraction_of_ceiling']:.1%} of it (target >= 80%)")
+    print(f"  torch_impl vs timm: {t['torch_impl_over_timm']:.2f}x timm's speed (target >= 1)")
+    print(f"  jax_impl vs the flax reference: {t['jax_over_flax_reference']:.2f}x (target >= 1)")
+    for preset, c in result.get("compile", {}).items():
+        print(f"  compile {preset}: loop {c['loop']:.1f} s, scan {c['scan']:.1f} s, scan/loop "
+              f"{c['scan'] / c['loop']:.2f} (target <= 0.33 for vit_l16)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
