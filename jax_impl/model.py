@@ -39,11 +39,16 @@ def resolve_dtype(dtype) -> jnp.dtype:
 
 
 class Attention(nnx.Module):
-    """Unmasked multi-head self-attention from four Linear projections (the seed's MHA)."""
+    """Unmasked multi-head self-attention from four Linear projections (the seed's MHA).
+
+    The core is written by hand as the seed specifies; `fused=True` hands it to
+    `jax.nn.dot_product_attention` instead (same maths, XLA's fused kernel, faster on CPU).
+    """
 
     def __init__(self, d_model: int, num_heads: int, *, qkv_bias: bool = True,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=jnp.float32, fused: bool = False, rngs: nnx.Rngs):
         self.num_heads = num_heads
+        self.fused = fused
         dense = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.q = nnx.Linear(d_model, d_model, use_bias=qkv_bias, **dense)
         self.k = nnx.Linear(d_model, d_model, use_bias=qkv_bias, **dense)
@@ -54,6 +59,8 @@ class Attention(nnx.Module):
         b, t, d = x.shape
         split = (b, t, self.num_heads, d // self.num_heads)
         q, k, v = (proj(x).reshape(split) for proj in (self.q, self.k, self.v))  # (B, T, H, hd)
+        if self.fused:
+            return self.o(jax.nn.dot_product_attention(q, k, v).reshape(b, t, d))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(split[-1]).astype(x.dtype)
         weights = jax.nn.softmax(scores, axis=-1)  # over keys
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)  # (B, T, H, hd)
@@ -63,11 +70,13 @@ class Attention(nnx.Module):
 class Block(nnx.Module):
     """Pre-LN encoder block: x + attn(ln1(x)), then x + ff2(act(ff1(ln2(x))))."""
 
-    def __init__(self, config: ViTConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: ViTConfig, *, dtype=jnp.float32, fused_attention: bool = False,
+                 rngs: nnx.Rngs):
         c = config
         dense = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.ln1 = nnx.LayerNorm(c.d_model, epsilon=c.ln_eps, **dense)
-        self.attn = Attention(c.d_model, c.num_heads, qkv_bias=c.qkv_bias, dtype=dtype, rngs=rngs)
+        self.attn = Attention(c.d_model, c.num_heads, qkv_bias=c.qkv_bias, dtype=dtype,
+                              fused=fused_attention, rngs=rngs)
         self.ln2 = nnx.LayerNorm(c.d_model, epsilon=c.ln_eps, **dense)
         self.ff1 = nnx.Linear(c.d_model, c.d_ff, **dense)
         self.ff2 = nnx.Linear(c.d_ff, c.d_model, **dense)
@@ -85,9 +94,10 @@ class ViT(nnx.Module):
     """patch_embed -> flatten -> [CLS] -> + pos_embed -> blocks -> ln_f -> pool -> head."""
 
     def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs, dtype=None,
-                 scan_layers: bool = False):
+                 scan_layers: bool = False, fused_attention: bool = False):
         """`scan_layers=True` stacks the blocks' parameters on a leading (num_layers,) axis and
-        runs them with `nnx.scan` (as big_vision does): one block to compile instead of L."""
+        runs them with `nnx.scan` (as big_vision does): one block to compile instead of L.
+        `fused_attention=True` uses `jax.nn.dot_product_attention` for the attention core."""
         c = self.config = config
         self.scan_layers = scan_layers and c.num_layers > 0
         dtype = resolve_dtype(dtype)
@@ -98,10 +108,11 @@ class ViT(nnx.Module):
         if c.pool == "cls":
             self.cls_token = nnx.Param(jnp.zeros((1, c.d_model), dtype))
         self.pos_embed = nnx.Param(jnp.zeros((c.num_tokens, c.d_model), dtype))
+        block = dict(dtype=dtype, fused_attention=fused_attention)
         if self.scan_layers:
-            self.blocks = _stacked_blocks(c, dtype, rngs)  # every parameter (L, ...)
+            self.blocks = _stacked_blocks(c, block, rngs)  # every parameter (L, ...)
         else:
-            self.blocks = nnx.List([Block(c, dtype=dtype, rngs=rngs) for _ in range(c.num_layers)])
+            self.blocks = nnx.List([Block(c, **block, rngs=rngs) for _ in range(c.num_layers)])
         self.ln_f = nnx.LayerNorm(c.d_model, epsilon=c.ln_eps, **dense)
         self.head = nnx.Linear(c.d_model, c.num_classes, **dense)
 
@@ -142,11 +153,11 @@ class ViT(nnx.Module):
         return (logits, seen) if return_intermediates else logits
 
 
-def _stacked_blocks(config: ViTConfig, dtype, rngs: nnx.Rngs) -> Block:
+def _stacked_blocks(config: ViTConfig, options: dict, rngs: nnx.Rngs) -> Block:
     @nnx.split_rngs(splits=config.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def create(rngs: nnx.Rngs) -> Block:
-        return Block(config, dtype=dtype, rngs=rngs)
+        return Block(config, **options, rngs=rngs)
 
     return create(rngs)
 

@@ -46,3 +46,14 @@ def test_scan_init_builds_per_layer_params():
     model = jax_impl.ViT(tiny(num_layers=3), rngs=nnx.Rngs(0), scan_layers=True)
     q = np.asarray(model.blocks.attn.q.kernel[...])
     assert q.shape == (3, 24, 24) and not np.allclose(q[0], q[1])
+
+
+def test_fused_attention_is_the_same_function():
+    config = tiny()
+    loop = random_nnx(config, seed=8)
+    graphdef, state = nnx.split(loop)
+    fused = jax_impl.ViT(config, rngs=nnx.Rngs(0), fused_attention=True)
+    nnx.update(fused, state)
+    images = random_images(config, 2)
+    with jax.default_matmul_precision("highest"):
+        assert_close(run_nnx(loop, images), run_nnx(fused, images), "float32", "fused attention")
