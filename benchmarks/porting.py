@@ -10,6 +10,9 @@ Writes a random timm-layout checkpoint of the preset, then
 - convert: `weight_transfer.convert(..., to="nnx")` in a fresh process: fused qkv split, every
            linear transposed, written tensor by tensor; its peak RSS above the RSS it had right
            after importing everything (the interpreter baseline) is the memory cost.
+- load:    `load_checkpoint(..., "torch")` in a fresh process: the model is built on the meta
+           device and assigned the tensors as they stream in; its peak RSS above baseline over
+           the file size is ~1.0 when the weights are held once (no second copy).
 Targets (porting issue): convert time < 3 x copy time; peak above baseline < 25% of the file.
 """
 
@@ -47,6 +50,9 @@ porting.convert(sys.argv[1], sys.argv[2], to=sys.argv[3])
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "baseline_kib": baseline, "peak_kib": status("VmHWM")}))
 """
+# Loading into torch_impl: built on the meta device, tensors assigned as they stream in.
+LOAD_TORCH = CHILD.replace("porting.convert(sys.argv[1], sys.argv[2], to=sys.argv[3])",
+                           "model = porting.load_checkpoint(sys.argv[1], 'torch')")
 
 
 def write_random_timm(config: ViTConfig, path: Path, seed: int = 0) -> int:
@@ -81,10 +87,10 @@ def measure(preset: str, workdir: Path) -> dict:
     size = write_random_timm(config, src)
     copy_s = min(timed(lambda: shutil.copyfile(src, copy)) for _ in range(2))
     stream_s = min(timed(lambda: streamed_copy(src, copy)) for _ in range(2))
-    child = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), "nnx"],
-                           capture_output=True, text=True, check=True)
-    result = json.loads(child.stdout.strip().splitlines()[-1])
+    result = _child(CHILD, src, out)
+    loaded = _child(LOAD_TORCH, src, out)
     extra = (result["peak_kib"] - result["baseline_kib"]) * 1024
+    load_extra = (loaded["peak_kib"] - loaded["baseline_kib"]) * 1024
     return {
         "preset": preset, "parameters": config.num_params(), "checkpoint_bytes": size,
         "copy_seconds": copy_s, "convert_seconds": result["seconds"],
@@ -92,7 +98,15 @@ def measure(preset: str, workdir: Path) -> dict:
         "streamed_copy_seconds": stream_s, "time_ratio_streamed": result["seconds"] / stream_s,
         "baseline_rss_bytes": result["baseline_kib"] * 1024, "peak_rss_bytes": result["peak_kib"] * 1024,
         "peak_over_baseline_bytes": extra, "memory_ratio": extra / size, "memory_target": 0.25,
+        "torch_load_seconds": loaded["seconds"], "torch_load_peak_over_baseline_bytes": load_extra,
+        "torch_load_memory_ratio": load_extra / size,
     }
+
+
+def _child(code: str, src: Path, out: Path) -> dict:
+    child = subprocess.run([sys.executable, "-c", code, str(src), str(out), "nnx"],
+                           capture_output=True, text=True, check=True)
+    return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
@@ -115,6 +129,9 @@ def main(argv=None) -> int:
           f"shutil.copyfile (target < 3), {r['time_ratio_streamed']:.2f} to the streamed copy")
     print(f"  peak RSS above baseline {r['peak_over_baseline_bytes'] / 1e6:8.1f} MB   ratio to "
           f"checkpoint {r['memory_ratio']:.3f} (target < 0.25)")
+    print(f"  load into torch_impl (meta device + assign) {r['torch_load_seconds']:.2f} s, peak RSS "
+          f"above baseline {r['torch_load_peak_over_baseline_bytes'] / 1e6:.1f} MB = "
+          f"{r['torch_load_memory_ratio']:.2f} x the checkpoint (1.0 = the model alone, no second copy)")
     return 0
 
 

@@ -65,3 +65,13 @@ def test_every_table_transform_is_registered_with_inverse():
     for r in NNX_TORCH:
         assert r.transform.inverse is not None and r.transform.forward is not None
         assert r.transform in (T.IDENTITY, T.CONV, T.LINEAR), r
+
+
+@pytest.mark.parametrize("shape", [(700, 300), (3, 5), (256, 1024)])
+def test_tiled_contiguous_copy_is_exact(shape):
+    from weight_transfer.table import to_contiguous
+
+    a = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    out = to_contiguous(a.T)
+    assert out.flags.c_contiguous
+    np.testing.assert_array_equal(out, a.T)

@@ -36,8 +36,11 @@ def torch_to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def numpy_to_torch(a: np.ndarray) -> torch.Tensor:
-    a = np.array(a, copy=True, order="C")  # owned and writable: torch shares the buffer
+def numpy_to_torch(a: np.ndarray, *, share: bool = False) -> torch.Tensor:
+    """A tensor holding a copy of `a`; with `share`, `a`'s own buffer when it is writable and
+    contiguous (for fresh arrays nobody else holds)."""
+    if not (share and a.flags.writeable and a.flags.c_contiguous):
+        a = np.array(a, copy=True, order="C")
     if a.dtype == ml_dtypes.bfloat16:
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)

@@ -17,7 +17,9 @@ import shutil
 import struct
 import tempfile
 import zipfile
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,36 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + n
 
 
+class Background:
+    """Calls run in order on one background thread, at most `depth` waiting (so at most that
+    many tensors are held for it); an error surfaces at the next `submit` or at `drain`.
+    With two cores, disk writes and hashing overlap the transposes of the next tensor."""
+
+    def __init__(self, depth: int = 2):
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending: deque = deque()
+        self.depth = depth
+
+    def submit(self, fn, *args) -> None:
+        self.pending.append(self.pool.submit(fn, *args))
+        while len(self.pending) > self.depth:
+            self.pending.popleft().result()
+
+    def drain(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
+
+    def __enter__(self) -> Background:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                self.drain()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 class SafetensorsReader:
     """Tensors of one or more safetensors files, one read per tensor (no memory map: only the
     tensor being converted is resident). Reads that come in file order also feed each file's
@@ -124,6 +156,7 @@ class SafetensorsReader:
         self.metadata: dict[str, str] = {}
         self.paths = paths
         self.hashers, self.hashed, self.sizes = [], [], []
+        self.hashing: Background | None = None  # sha256 updates off the converting thread
         for i, path in enumerate(paths):
             header, start = _read_safetensors_header(path)
             self.metadata.update(header.pop("__metadata__", None) or {})
@@ -145,7 +178,8 @@ class SafetensorsReader:
             f.seek(begin)
             raw = f.read(end - begin)
         if self.hashed[i] == begin:
-            self.hashers[i].update(raw)
+            self.hashing = self.hashing or Background(depth=4)
+            self.hashing.submit(self.hashers[i].update, raw)
             self.hashed[i] = end
         shape, dtype = self.meta[key]
         return np.frombuffer(raw, dtype=dtype).reshape(shape)  # read-only view
@@ -154,6 +188,10 @@ class SafetensorsReader:
         """Each file's sha256 if every byte was hashed, else None."""
         if self.hashed != self.sizes:
             return None
+        if self.hashing is not None:
+            with self.hashing:
+                pass  # wait for the queued updates, stop the thread
+            self.hashing = None
         return [h.digest() for h in self.hashers]
 
 
@@ -502,12 +540,12 @@ def write_safetensors(path: Path, order: list[tuple[str, Meta]],
                       tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str]) -> None:
     """Stream tensors into one safetensors file whose header (from `order`) is written first."""
     expected = dict(order)
-    with open(path, "wb") as f:
+    with open(path, "wb") as f, Background() as writer:
         f.write(_header(order, metadata))
         for (key, array), (want, _) in zip(tensors, order, strict=True):
             if key != want or (array.shape, array.dtype) != expected[key]:
                 raise RuntimeError(f"stream out of order at {key!r} (expected {want!r})")
-            f.write(np.ascontiguousarray(array).view(np.uint8).reshape(-1).data)
+            writer.submit(f.write, np.ascontiguousarray(array).view(np.uint8).reshape(-1).data)
 
 
 def shard(order: list[tuple[str, Meta]], max_bytes: int | None) -> list[list[tuple[str, Meta]]]:

@@ -122,12 +122,15 @@ def load_checkpoint(path: str | os.PathLike, framework: str = "jax", *, layout: 
         from weight_transfer.sharding import load_sharded
 
         return load_sharded(p, mesh, sharding)
-    flat = dict(p.plan.run(p.source.items(p.plan.inputs)))
     from weight_transfer.bridge import nnx_from_flat, numpy_to_torch, torch_from_state_dict
 
+    tensors = p.plan.run(p.source.items(p.plan.inputs))
     if framework == "jax":
-        return nnx_from_flat(flat, p.config)
-    return torch_from_state_dict({k: numpy_to_torch(v) for k, v in flat.items()}, p.config)
+        return nnx_from_flat(dict(tensors), p.config)
+    # Each tensor becomes a torch tensor as it arrives (sharing its fresh buffer), and the model
+    # is built on the meta device and assigned them: one copy of the weights in memory.
+    return torch_from_state_dict({k: numpy_to_torch(v, share=True) for k, v in tensors},
+                                 p.config)
 
 
 def _model_flat(model) -> tuple[Layout, dict[str, np.ndarray]]:
