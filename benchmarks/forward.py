@@ -35,6 +35,19 @@ def best_of(fn, repeat: int) -> float:
     return min(times)
 
 
+def interleaved(fns: dict, repeat: int) -> dict[str, float]:
+    """Best time of each, measured round-robin so that drifts in machine load hit all alike."""
+    for fn in fns.values():
+        fn()  # warm-up (and compile)
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def model_flops(c: ViTConfig, batch: int) -> float:
     """Multiply-adds x 2 of one forward: patch embedding, attention, MLP, head."""
     t, d = c.num_tokens, c.d_model
@@ -101,26 +114,25 @@ def throughput(preset: str, batch: int, repeat: int) -> dict:
     nchw = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
     ours_jax = random_nnx(config)
     ours_torch = wt.to_torch(ours_jax).eval()
-    out = {}
     forward = nnx.jit(lambda m, x: m(x))
     xj = jax.numpy.asarray(images)
-    out["jax_impl (nnx.jit)"] = best_of(lambda: forward(ours_jax, xj).block_until_ready(), repeat)
     fused = jax_impl.ViT(config, rngs=nnx.Rngs(0), fused_attention=True)
     nnx.update(fused, nnx.state(ours_jax))  # the same weights
-    out["jax_impl fused_attention (nnx.jit)"] = best_of(
-        lambda: forward(fused, xj).block_until_ready(), repeat)
     ref = flax_reference(config)
-    out["flax nnx.MultiHeadAttention reference"] = best_of(
-        lambda: forward(ref, xj).block_until_ready(), repeat)
+    timm_model = timm.create_model(f"vit_{'base' if preset == 'vit_b16' else 'small'}_patch16_224",
+                                   pretrained=False).eval()
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        path = wt.save_checkpoint(ours_torch, f"{d}/w.safetensors", layout="timm")
+        timm_model.load_state_dict(load_file(path), strict=True)
     with torch.inference_mode():
-        out["torch_impl"] = best_of(lambda: ours_torch(nchw), repeat)
-        timm_model = timm.create_model(f"vit_{'base' if preset == 'vit_b16' else 'small'}_patch16_224",
-                                       pretrained=False).eval()
-        import tempfile
-        with tempfile.TemporaryDirectory() as d:
-            path = wt.save_checkpoint(ours_torch, f"{d}/w.safetensors", layout="timm")
-            timm_model.load_state_dict(load_file(path), strict=True)
-        out["timm"] = best_of(lambda: timm_model(nchw), repeat)
+        out = interleaved({
+            "jax_impl (nnx.jit)": lambda: forward(ours_jax, xj).block_until_ready(),
+            "jax_impl fused_attention (nnx.jit)": lambda: forward(fused, xj).block_until_ready(),
+            "flax nnx.MultiHeadAttention reference": lambda: forward(ref, xj).block_until_ready(),
+            "torch_impl": lambda: ours_torch(nchw),
+            "timm": lambda: timm_model(nchw),
+        }, repeat)
     # The XLA ceiling: the dominant matmul shape, jitted, in FLOP/s.
     m, k, n = batch * config.num_tokens, config.d_model, config.d_ff
     a = jax.numpy.asarray(np.random.default_rng(0).standard_normal((m, k)), jax.numpy.float32)
@@ -173,7 +185,7 @@ def main(argv=None) -> int:
         return 0
     t = result["throughput"]
     print(f"forward: {t['preset']}, batch {t['batch']}, float32, CPU ({t['model_gflop']:.1f} GFLOP "
-          f"per batch); best of {args.repeat}")
+          f"per batch); best of {args.repeat}, interleaved")
     for name, s in t["seconds"].items():
         print(f"  {name:40s} {s * 1e3:9.1f} ms  {t['images_per_second'][name]:7.2f} img/s")
     print(f"  XLA matmul ceiling {t['xla_matmul_gflops']:.1f} GFLOP/s")
