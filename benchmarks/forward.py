@@ -9,6 +9,7 @@ Throughput (same weights everywhere, ported through the bridge):
 - the XLA matmul ceiling: a jitted (B*T, D) @ (D, 4D) float32 matmul, the model's dominant
   shape, in FLOP/s; `jax_impl`'s model FLOP/s divided by it is the fraction reported.
 Compile time of `jax_impl` (lower + compile) for the Python loop and the `nnx.scan` stack.
+Porting time and memory (`benchmarks/porting.py`) on `--porting-preset`, in the same table.
 Targets (performance issue): torch_impl >= timm; jax_impl >= 80% of the ceiling and >= the
 Flax reference; ViT-L/16 scanned compile <= 1/3 of the loop's.
 """
@@ -173,6 +174,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--porting-preset", default="vit_b16",
+                        help="also run benchmarks/porting.py on this preset (vit_h14: 2.5 GB); "
+                        "'none' to skip")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     result = {"throughput": throughput(args.preset, args.batch, args.repeat)}
@@ -180,6 +184,15 @@ def main(argv=None) -> int:
         result["compile"] = {p: {"loop": compile_seconds(p, args.batch, False),
                                  "scan": compile_seconds(p, args.batch, True)}
                              for p in ("vit_b16", "vit_l16")}
+    if args.porting_preset != "none":
+        import tempfile
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        import porting
+
+        with tempfile.TemporaryDirectory() as tmp:
+            result["porting"] = porting.measure(args.porting_preset, Path(tmp))
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -196,6 +209,12 @@ def main(argv=None) -> int:
     for preset, c in result.get("compile", {}).items():
         print(f"  compile {preset}: loop {c['loop']:.1f} s, scan {c['scan']:.1f} s, scan/loop "
               f"{c['scan'] / c['loop']:.2f} (target <= 0.33 for vit_l16)")
+    if "porting" in result:
+        r = result["porting"]
+        print(f"  porting {r['preset']} timm -> nnx: {r['time_ratio']:.2f}x shutil.copyfile's time "
+              f"(target < 3), peak RSS {r['memory_ratio']:.3f}x the checkpoint above baseline "
+              f"(target < 0.25); torch load holds {r['torch_load_memory_ratio']:.2f}x (1.0 = no "
+              f"second copy)")
     return 0
 
 

@@ -28,7 +28,7 @@ import ml_dtypes
 import numpy as np
 
 from vit_config import ConfigError, ViTConfig
-from weight_transfer.layouts import LAYOUTS, Layout, LayoutError, detect_layout, get_layout
+from weight_transfer.layouts import LAYOUTS, Layout, LayoutError, detect_layout
 from weight_transfer.table import (
     NNX_TORCH,
     Meta,

@@ -161,25 +161,25 @@ def qkv_interleaved(c: Candidate) -> Iterator[Variant]:
                 fused = np.concatenate([c.params[k].T if c.params[k].ndim == 2 else c.params[k]
                                         for k in leaf_keys], axis=0)  # (3D, ...) rows q|k|v
                 rest = fused.shape[1:]
-                if direction == "interleaved":  # rows were per head [q_h k_h v_h]: regroup
-                    parts = fused.reshape(h, 3, hd, *rest).transpose(1, 0, 2, *range(3, 3 + len(rest)))
-                else:
-                    parts = fused.reshape(3, h, hd, *rest).transpose(1, 0, 2, *range(3, 3 + len(rest)))
+                # interleaved: the rows were per head [q_h k_h v_h]; contiguous: the reverse
+                groups = (h, 3) if direction == "interleaved" else (3, h)
+                parts = fused.reshape(*groups, hd, *rest).swapaxes(0, 1)
                 parts = parts.reshape(3, d, *rest)
                 for k, part in zip(leaf_keys, parts, strict=True):
                     fixed[k] = part.T if c.params[k].ndim == 2 else part
+        layout = ("per head (q, k, v of head 0, then head 1...)" if direction == "interleaved"
+                  else "the other way")
         yield (f"the fused qkv rows were split as contiguous q|k|v thirds but are laid out "
-               f"{'per head (q, k, v of head 0, then head 1...)' if direction == 'interleaved' else 'the other way'}",
-               _with(c, **fixed))
+               f"{layout}", _with(c, **fixed))
 
 
 def head_split_order(c: Candidate) -> Iterator[Variant]:
     h, hd = c.config.num_heads, c.config.head_dim
     if h == 1 or hd == 1:
         return
-    for name, shape, axes in (("(head_dim, heads)", (hd, h), (1, 0)), ("(heads, head_dim)", (h, hd), (1, 0))):
-        def fn(a, shape=shape, axes=axes):
-            return a.reshape(*shape, *a.shape[1:]).transpose(*axes, *range(2, a.ndim + 1)).reshape(a.shape)
+    for name, split in (("(head_dim, heads)", (hd, h)), ("(heads, head_dim)", (h, hd))):
+        def fn(a, split=split):  # regroup the feature axis (axis 0) as split, swapped
+            return a.reshape(*split, *a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
         yield (f"the attention features were split into heads as {name} instead of the other "
                f"order: each head mixes features of several heads", _with(c, **_regroup(c, fn, True)))
 
@@ -188,7 +188,8 @@ def attention_scale(c: Candidate) -> Iterator[Variant]:
     r = math.sqrt(c.config.head_dim / c.config.d_model)
     if r == 1:
         return
-    for factor, what in ((r, "1/sqrt(d_model) on the reference side"), (1 / r, "1/sqrt(d_model) on the candidate side")):
+    for factor, side in ((r, "reference"), (1 / r, "candidate")):
+        what = f"1/sqrt(d_model) on the {side} side"
         yield (f"attention scores are scaled by {what} instead of 1/sqrt(head_dim)",
                dataclasses.replace(c, knobs=dataclasses.replace(
                    c.knobs, score_factor=c.knobs.score_factor * factor)))
@@ -306,11 +307,12 @@ def diagnose(reference, candidate, images: np.ndarray, *, max_faults: int = 3,
     for _ in range(max_faults):
         if score[0] == len(order):
             break
+        rank = lambda s: (s[0], -s[1])  # noqa: E731  (later divergence, then smaller gap)
         best = None
         for hid, hypothesis in HYPOTHESES.items():
             for detail, variant in hypothesis(cand):
                 s = _score(ref, variant, images, order)
-                if (s[0], -s[1]) > (score[0], -score[1]) and (best is None or (s[0], -s[1]) > (best[0][0], -best[0][1])):
+                if rank(s) > rank(score) and (best is None or rank(s) > rank(best[0])):
                     best = (s, hid, detail, variant)
         if best is None or (best[0][0] == score[0] and best[0][1] > 0.5 * score[1]):
             break  # nothing moves the divergence or clearly shrinks it
