@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vit_config import ViTConfig
-from weight_transfer.table import Rule, rule
+from weight_transfer.table import NNX_TORCH, Rule, rule
 from weight_transfer.transforms import (
     BATCH_AXIS,
     FUSE_QKV,
@@ -145,16 +145,13 @@ def flax_renamed(ours: str, theirs: str, leaves: Iterable[str]) -> tuple[Rule, .
     return tuple(rule(f"{ours}.{leaf}", f"{theirs}/{leaf}") for leaf in leaves)
 
 
-def _ours_nnx(config: ViTConfig) -> tuple[Rule, ...]:
-    from weight_transfer.table import NNX_TORCH
+def ours(column: str) -> Callable[[ViTConfig], tuple[Rule, ...]]:
+    """Our own layout as a table of identities: the "left" (NNX) or "right" (torch) keys."""
 
-    return tuple(rule(k, k, IDENTITY) for r in NNX_TORCH for k in r.left)
+    def table(config: ViTConfig) -> tuple[Rule, ...]:
+        return tuple(rule(k, k, IDENTITY) for r in NNX_TORCH for k in getattr(r, column))
 
-
-def _ours_torch(config: ViTConfig) -> tuple[Rule, ...]:
-    from weight_transfer.table import NNX_TORCH
-
-    return tuple(rule(k, k, IDENTITY) for r in NNX_TORCH for k in r.right)
+    return table
 
 
 @dataclass(frozen=True)
@@ -167,13 +164,15 @@ class Layout:
 
 
 LAYOUTS: dict[str, Layout] = {l.name: l for l in (
-    Layout("nnx", "nnx", _ours_nnx, r"^blocks\.\d+\.attn\.q\.kernel$|^ln_f\.scale$",
+    Layout("nnx", "nnx", ours("left"), r"^blocks\.\d+\.attn\.q\.kernel$|^ln_f\.scale$",
            "jax_impl.ViT flat NNX state"),
-    Layout("torch", "torch", _ours_torch, r"^blocks\.\d+\.attn\.q\.weight$|^ln_f\.weight$",
+    Layout("torch", "torch", ours("right"), r"^blocks\.\d+\.attn\.q\.weight$|^ln_f\.weight$",
            "torch_impl.ViT state dict"),
-    Layout("timm", "torch", timm_table, r"^blocks\.\d+\.attn\.qkv\.weight$|^patch_embed\.proj\.weight$",
+    Layout("timm", "torch", timm_table,
+           r"^blocks\.\d+\.attn\.qkv\.weight$|^patch_embed\.proj\.weight$",
            "timm VisionTransformer state dict"),
-    Layout("hf", "torch", hf_table, r"^(vit\.)?encoder\.layer\.\d+\.|^(vit\.)?embeddings\.patch_embeddings",
+    Layout("hf", "torch", hf_table,
+           r"^(vit\.)?encoder\.layer\.\d+\.|^(vit\.)?embeddings\.patch_embeddings",
            "Hugging Face transformers ViT (checkpoint names)"),
     Layout("hf5", "torch", hf5_table, r"^(vit\.)?layers\.\d+\.attention\.q_proj",
            "Hugging Face transformers 5 ViT (in-memory names)"),
