@@ -178,3 +178,28 @@ def test_train_parity_cli(call, tmp_path):
     report = json.loads(r.stdout)
     assert report["passed"] and len(report["losses"]["torch32"]) == 10
     assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_progress_bar_only_on_a_terminal():
+    import io
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert cli.progress_bar("x", io.StringIO()) is None
+    out = Tty()
+    draw = cli.progress_bar("converting", out)
+    draw(1, 4)
+    draw(4, 4)
+    assert "converting [#######.......................] 1/4 tensors" in out.getvalue()
+    assert out.getvalue().endswith("4/4 tensors\n")
+
+
+def test_convert_reports_progress(tmp_path, timm_file):
+    import weight_transfer as wt
+
+    seen = []
+    wt.convert(timm_file, tmp_path / "o.safetensors", to="nnx",
+               progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1][0] == seen[-1][1] == len(seen) > 10

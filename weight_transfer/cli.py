@@ -122,7 +122,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
                      image_size=_image_size(args.image_size), dtype=args.dtype,
                      max_shard_size=args.max_shard_size, force=args.force,
                      allow_pickle=args.allow_pickle, allow_nonfinite=args.allow_nonfinite,
-                     interpolation=args.interpolation, antialias=args.antialias)
+                     interpolation=args.interpolation, antialias=args.antialias,
+                     progress=None if args.json else progress_bar("converting"))
     if args.json:
         _print_json(report)
     else:
@@ -130,6 +131,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
               f"({args.to}), {report['tensors']} tensors")
         _print_provenance(report)
     return 0
+
+
+def progress_bar(label: str, stream=None):
+    """A one-line bar on stderr when it is a terminal (and nothing otherwise)."""
+    stream = stream or sys.stderr
+    if not stream.isatty():
+        return None
+
+    def draw(done: int, total: int) -> None:
+        filled = 30 * done // max(total, 1)
+        end = "\n" if done == total else ""
+        stream.write(f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} tensors{end}")
+        stream.flush()
+
+    return draw
 
 
 def _print_provenance(report: dict) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,8 +171,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
             max_shard_size: int | str | None = None, force: bool = False,
             allow_pickle: bool = False, allow_nonfinite: bool = False,
             config: ViTConfig | None = None, interpolation: str = "bicubic",
-            antialias: bool = False) -> dict[str, Any]:
-    """Convert a checkpoint file to another layout, one tensor at a time; returns a report."""
+            antialias: bool = False, progress: Callable[[int, int], None] | None = None
+            ) -> dict[str, Any]:
+    """Convert a checkpoint file to another layout, one tensor at a time; returns a report.
+    `progress(done, total)` is called after each tensor (the CLI draws a bar with it)."""
     dst_layout = get_layout(to)
     p = prepare(src, dst_layout, layout=from_, image_size=image_size, dtype=dtype, config=config,
                 allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
@@ -181,11 +184,19 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
         raise CheckpointError(f"{out}: the output would overwrite the input")
     manifest = {"format_version": FORMAT_VERSION, "layout": dst_layout.name,
                 "source_layout": p.inferred.layout.name}
+    tensors = p.plan.run(p.source.items(p.plan.inputs))
+    if progress is not None:
+        tensors = _counted(tensors, len(p.plan.order), progress)
     with atomic_output(out, force=force) as tmp:
-        name = write_layout(tmp / out.name, dst_layout, p.plan,
-                            p.plan.run(p.source.items(p.plan.inputs)), p.config, manifest,
+        name = write_layout(tmp / out.name, dst_layout, p.plan, tensors, p.config, manifest,
                             parse_size(max_shard_size), source_digest=p.source.digest)
     return {"source": str(p.source.path), "output": str(out.parent / name), **report(p)}
+
+
+def _counted(items, total: int, progress: Callable[[int, int], None]):
+    for done, item in enumerate(items, 1):
+        yield item
+        progress(done, total)
 
 
 def report(p: Prepared) -> dict[str, Any]:
