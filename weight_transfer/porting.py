@@ -72,10 +72,11 @@ def _hook(config: ViTConfig, out: ViTConfig, dtype, allow_nonfinite: bool, inter
 
 
 def count_nonfinite(a: np.ndarray) -> int:
-    """NaN and Inf values in a float array (a float64 sum first: the common case costs no copy)."""
+    """NaN and Inf values in a float array (a sum first: the common case costs no copy; an
+    overflowing sum only sends it to the exact count)."""
     if a.dtype.kind != "f" and str(a.dtype) != "bfloat16":
         return 0
-    if np.isfinite(np.sum(a, dtype=np.float64)):
+    if np.isfinite(np.sum(a, dtype=np.float64 if a.dtype == np.float64 else np.float32)):
         return 0
     return int((~np.isfinite(a.astype(np.float32))).sum())
 
