@@ -76,6 +76,7 @@ def streamed_copy(src: Path, dst: Path, chunk: int = 16 << 20) -> None:
 
 
 def timed(fn) -> float:
+    os.sync()  # every measurement starts with no dirty pages queued for the disk
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -87,6 +88,7 @@ def measure(preset: str, workdir: Path) -> dict:
     size = write_random_timm(config, src)
     copy_s = min(timed(lambda: shutil.copyfile(src, copy)) for _ in range(2))
     stream_s = min(timed(lambda: streamed_copy(src, copy)) for _ in range(2))
+    copy.unlink()
     result = _child(CHILD, src, out)
     loaded = _child(LOAD_TORCH, src, out)
     extra = (result["peak_kib"] - result["baseline_kib"]) * 1024
@@ -104,6 +106,7 @@ def measure(preset: str, workdir: Path) -> dict:
 
 
 def _child(code: str, src: Path, out: Path) -> dict:
+    os.sync()
     child = subprocess.run([sys.executable, "-c", code, str(src), str(out), "nnx"],
                            capture_output=True, text=True, check=True)
     return json.loads(child.stdout.strip().splitlines()[-1])
