@@ -75,3 +75,24 @@ def test_tiled_contiguous_copy_is_exact(shape):
     out = to_contiguous(a.T)
     assert out.flags.c_contiguous
     np.testing.assert_array_equal(out, a.T)
+
+
+def test_stack_layers_round_trips():
+    layers = [np.random.default_rng(i).standard_normal((4, 3)).astype(np.float32) for i in range(5)]
+    (stacked,) = T.STACK.forward(*layers)
+    assert stacked.shape == (5, 4, 3)
+    for a, b in zip(T.STACK.inverse(stacked), layers, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_cls_position_fold_keeps_the_function():
+    """Not bit-exact (the CLS position is added into the token), but the same sums."""
+    from weight_transfer.layouts import CLS_POSITION_FOLD
+
+    rng = np.random.default_rng(0)
+    cls, pos = rng.standard_normal((1, 8)), rng.standard_normal((5, 8))
+    bv_cls, bv_pos = CLS_POSITION_FOLD.forward(cls, pos)
+    assert bv_cls.shape == (1, 1, 8) and bv_pos.shape == (1, 4, 8)
+    back_cls, back_pos = CLS_POSITION_FOLD.inverse(bv_cls, bv_pos)
+    np.testing.assert_allclose(back_cls + back_pos[0], cls[0] + pos[0], rtol=1e-15)
+    np.testing.assert_array_equal(back_pos[1:], pos[1:])

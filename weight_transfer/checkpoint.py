@@ -659,10 +659,5 @@ def hf_config_json(config: ViTConfig) -> dict[str, Any]:
             "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 
-def default_suffix(layout: Layout) -> str:
-    return {"hf": "", "hf5": "", "big_vision": ".npz", "big_vision_bv": ".npz"}.get(
-        layout.name, ".safetensors")
-
-
 __all__ = ["LAYOUTS", "CheckpointError", "Inferred", "Plan", "Source", "infer_config",
            "atomic_output", "plan_conversion", "read_checkpoint", "write_layout"]

@@ -118,10 +118,3 @@ def heads_out(num_heads: int) -> Transform:
 def bias_heads(num_heads: int) -> Transform:
     """flax MultiHeadDotProductAttention q/k/v bias layout: (D,) <-> (heads, hd)."""
     return Transform("split_bias_heads", lambda b: split_bias_heads(b, num_heads), flatten)
-
-
-def compose(first: Transform, then: Transform) -> Transform:
-    """`then` after `first` (both one-to-one)."""
-    return Transform(f"{first.name} then {then.name}",
-                     lambda x: then.forward(*first.forward(x)),
-                     lambda y: first.inverse(*then.inverse(y)))
