@@ -94,5 +94,6 @@ def test_cls_position_fold_keeps_the_function():
     bv_cls, bv_pos = CLS_POSITION_FOLD.forward(cls, pos)
     assert bv_cls.shape == (1, 1, 8) and bv_pos.shape == (1, 4, 8)
     back_cls, back_pos = CLS_POSITION_FOLD.inverse(bv_cls, bv_pos)
-    np.testing.assert_allclose(back_cls + back_pos[0], cls[0] + pos[0], rtol=1e-15)
+    assert back_cls.shape == cls.shape and back_pos.shape == pos.shape
+    np.testing.assert_allclose(back_cls[0] + back_pos[0], cls[0] + pos[0], rtol=1e-15)
     np.testing.assert_array_equal(back_pos[1:], pos[1:])
