@@ -61,9 +61,12 @@ class Attention(nnx.Module):
         q, k, v = (proj(x).reshape(split) for proj in (self.q, self.k, self.v))  # (B, T, H, hd)
         if self.fused:
             return self.o(jax.nn.dot_product_attention(q, k, v).reshape(b, t, d))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(split[-1]).astype(x.dtype)
+        # Heads first, so both products are plain batched matmuls (XLA:CPU runs them ~20% faster
+        # than the equivalent einsums on ViT-B/16, benchmarks/forward.py).
+        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # (B, H, T, hd)
+        scores = (q @ k.swapaxes(-1, -2)) / jnp.sqrt(split[-1]).astype(x.dtype)  # (B, H, T, T)
         weights = jax.nn.softmax(scores, axis=-1)  # over keys
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)  # (B, T, H, hd)
+        out = (weights @ v).transpose(0, 2, 1, 3)  # (B, T, H, hd)
         return self.o(out.reshape(b, t, d))
 
 
