@@ -26,16 +26,6 @@ import numpy as np
 from vit_config import ViTConfig
 
 
-def best_of(fn, repeat: int) -> float:
-    fn()  # warm-up (and compile)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def interleaved(fns: dict, repeat: int) -> dict[str, float]:
     """Best time of each, measured round-robin so that drifts in machine load hit all alike."""
     for fn in fns.values():
@@ -126,6 +116,12 @@ def throughput(preset: str, batch: int, repeat: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         path = wt.save_checkpoint(ours_torch, f"{d}/w.safetensors", layout="timm")
         timm_model.load_state_dict(load_file(path), strict=True)
+    # The XLA ceiling: the dominant matmul shape, jitted, timed in the same round-robin.
+    m, k, n = batch * config.num_tokens, config.d_model, config.d_ff
+    a = jax.numpy.asarray(np.random.default_rng(0).standard_normal((m, k)), jax.numpy.float32)
+    w = jax.numpy.asarray(np.random.default_rng(1).standard_normal((k, n)), jax.numpy.float32)
+    mm = jax.jit(lambda a, w: a @ w)
+    reps = 20
     with torch.inference_mode():
         out = interleaved({
             "jax_impl (nnx.jit)": lambda: forward(ours_jax, xj).block_until_ready(),
@@ -133,13 +129,9 @@ def throughput(preset: str, batch: int, repeat: int) -> dict:
             "flax nnx.MultiHeadAttention reference": lambda: forward(ref, xj).block_until_ready(),
             "torch_impl": lambda: ours_torch(nchw),
             "timm": lambda: timm_model(nchw),
+            "matmul": lambda: [mm(a, w).block_until_ready() for _ in range(reps)],
         }, repeat)
-    # The XLA ceiling: the dominant matmul shape, jitted, in FLOP/s.
-    m, k, n = batch * config.num_tokens, config.d_model, config.d_ff
-    a = jax.numpy.asarray(np.random.default_rng(0).standard_normal((m, k)), jax.numpy.float32)
-    w = jax.numpy.asarray(np.random.default_rng(1).standard_normal((k, n)), jax.numpy.float32)
-    mm = jax.jit(lambda a, w: a @ w)
-    ceiling = 2 * m * k * n / best_of(lambda: mm(a, w).block_until_ready(), repeat * 5)
+    ceiling = 2 * m * k * n * reps / out.pop("matmul")
     flops = model_flops(config, batch)
     return {"preset": preset, "batch": batch, "seconds": out,
             "images_per_second": {k: batch / v for k, v in out.items()},
