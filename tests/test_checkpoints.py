@@ -234,3 +234,9 @@ def test_table_derived_nnx_shapes(config):
     from weight_transfer.checkpoint import _base_shapes
 
     assert _base_shapes("nnx", config) == nnx_shapes(config)
+
+
+def test_unknown_dtype_is_refused(tmp_path, saved):
+    with pytest.raises(CheckpointError, match="dtype 'int8': expected one of"):
+        wt.convert(saved, tmp_path / "o.safetensors", to="nnx", dtype="int8")
+    assert not (tmp_path / "o.safetensors").exists()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from vit_config import ViTConfig
@@ -49,9 +50,7 @@ def _numpy_dtype(dtype: str | None):
         return None
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype {dtype!r}: expected one of {DTYPES}")
-    from weight_transfer.parity import NUMPY_DTYPES
-
-    return np.dtype(NUMPY_DTYPES.get(dtype, dtype))
+    return np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
 
 
 def _hook(config: ViTConfig, out: ViTConfig, dtype, allow_nonfinite: bool, interpolation: str,
