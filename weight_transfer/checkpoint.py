@@ -67,10 +67,13 @@ class Source:
     files: list[Path] = field(default_factory=list)
     reader: SafetensorsReader | None = None  # reads in file order and hashes as it goes
 
-    def items(self, keys: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    def items(self, keys: Iterable[str] | None = None, *, digest: bool = False
+              ) -> Iterator[tuple[str, np.ndarray]]:
+        """The tensors in file order; with `digest`, the bytes also feed `digest()` as read."""
         keys = list(self.meta if keys is None else keys)
         if self.reader is not None:
             keys.sort(key=self.reader.position)
+            self.reader.track = digest
         for key in keys:
             yield key, self.load(key)
 
@@ -157,6 +160,7 @@ class SafetensorsReader:
         self.paths = paths
         self.hashers, self.hashed, self.sizes = [], [], []
         self.hashing: Background | None = None  # sha256 updates off the converting thread
+        self.track = False  # hash while reading (only a conversion needs the digest)
         for i, path in enumerate(paths):
             header, start = _read_safetensors_header(path)
             self.metadata.update(header.pop("__metadata__", None) or {})
@@ -177,7 +181,7 @@ class SafetensorsReader:
         with open(self.paths[i], "rb") as f:
             f.seek(begin)
             raw = f.read(end - begin)
-        if self.hashed[i] == begin:
+        if self.track and self.hashed[i] == begin:
             self.hashing = self.hashing or Background(depth=4)
             self.hashing.submit(self.hashers[i].update, raw)
             self.hashed[i] = end

@@ -184,7 +184,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
         raise CheckpointError(f"{out}: the output would overwrite the input")
     manifest = {"format_version": FORMAT_VERSION, "layout": dst_layout.name,
                 "source_layout": p.inferred.layout.name}
-    tensors = p.plan.run(p.source.items(p.plan.inputs))
+    tensors = p.plan.run(p.source.items(p.plan.inputs, digest=True))
     if progress is not None:
         tensors = _counted(tensors, len(p.plan.order), progress)
     with atomic_output(out, force=force) as tmp:
