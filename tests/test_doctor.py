@@ -199,6 +199,7 @@ def test_doctor_names_exactly_the_planted_fault(ref, fault):
     assert d.fixed and d.first_divergence is not None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first, second", [
     ("conv_kernel_spatial_swap", "ln_eps"),
     ("qkv_order", "gelu_variant"),

@@ -8,6 +8,7 @@ pytest.importorskip("sklearn")
 from weight_transfer.training import Hyper, train_parity  # noqa: E402
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer, lr", [("adamw", 3e-3), ("sgd", 0.1)])
 def test_training_stays_together(optimizer, lr):
     report = train_parity(Hyper(optimizer=optimizer, lr=lr, steps=80))
