@@ -1,6 +1,5 @@
 """Gradients of a cross-entropy loss: every parameter (mapped through the table) and the input."""
 
-import contextlib
 
 import jax
 import numpy as np
@@ -10,6 +9,7 @@ from tests.conftest import tiny
 from vit_config import ViTConfig
 from weight_transfer import to_nnx, to_torch, torch_to_nnx_flat
 from weight_transfer.parity import (
+    x64_for,
     nnx_grads,
     random_images,
     random_nnx,
@@ -31,7 +31,7 @@ GRAD_TOL = {"float32": 1e-4, "float64": 1e-10}
     ViTConfig.preset("seed"),
 ], ids=["cls-gelu", "mean-tanh-nobias", "seed"])
 def test_gradient_parity(config, direction, dtype):
-    ctx = jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
+    ctx = x64_for(dtype)
     with ctx, jax.default_matmul_precision("highest"):
         images = random_images(config, 4, seed=2, dtype=dtype)
         labels = np.arange(4) % config.num_classes

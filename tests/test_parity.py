@@ -1,6 +1,5 @@
 """Logit parity in both directions, every parameter random first."""
 
-import contextlib
 
 import jax
 import numpy as np
@@ -12,7 +11,14 @@ from hypothesis import strategies as st
 from tests.conftest import assert_close, tiny
 from vit_config import ViTConfig
 from weight_transfer import to_nnx, to_torch
-from weight_transfer.parity import random_images, random_nnx, random_torch, run_nnx, run_torch
+from weight_transfer.parity import (
+    random_images,
+    random_nnx,
+    random_torch,
+    run_nnx,
+    run_torch,
+    x64_for,
+)
 
 GRID = [dict(pool=p, activation=a, qkv_bias=b)
         for p in ("mean", "cls") for a in ("relu", "gelu", "gelu_tanh") for b in (True, False)]
@@ -29,7 +35,7 @@ def both_ways(config: ViTConfig, dtype: str, batched: bool, seed: int = 0):
 
 
 def check(config, dtype, batched=True):
-    ctx = jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
+    ctx = x64_for(dtype)
     with ctx, jax.default_matmul_precision("highest"):
         for direction, ref, out in both_ways(config, dtype, batched):
             expected_shape = (3, config.num_classes) if batched else (config.num_classes,)

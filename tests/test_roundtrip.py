@@ -1,14 +1,12 @@
 """torch -> nnx -> torch and nnx -> torch -> nnx return every tensor bit for bit."""
 
-import contextlib
 
-import jax
 import numpy as np
 import pytest
 
 from tests.conftest import tiny
 from weight_transfer import nnx_flat, to_nnx, to_torch, torch_flat
-from weight_transfer.parity import random_nnx, random_torch
+from weight_transfer.parity import random_nnx, random_torch, x64_for
 
 CONFIGS = [tiny(), tiny(pool="mean", qkv_bias=False, num_layers=0)]
 
@@ -37,7 +35,7 @@ WAYS = {
 @pytest.mark.parametrize("way", sorted(WAYS))
 def test_round_trip_is_bit_exact(way, config, dtype):
     make, flat, there_and_back = WAYS[way]
-    ctx = jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
+    ctx = x64_for(dtype)
     with ctx:
         source = make(config, seed=7, dtype=dtype)
         returned = there_and_back(source)

@@ -8,7 +8,6 @@ Hugging Face models are captured with forward hooks under the same names.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,17 +42,12 @@ def _np(x) -> np.ndarray:
 
 
 def _nnx_side(model) -> Side:
-    import jax
-
-    from weight_transfer.bridge import nnx_flat, nnx_from_flat
-    from weight_transfer.parity import run_nnx
+    from weight_transfer.bridge import nnx_astype
+    from weight_transfer.parity import run_nnx, x64_for
 
     def run(images, float64):
-        m = model
-        with jax.enable_x64(True) if float64 else contextlib.nullcontext():
-            if float64:
-                m = nnx_from_flat({k: v.astype(np.float64) for k, v in nnx_flat(model).items()},
-                                  model.config)
+        with x64_for("float64" if float64 else "float32"):
+            m = nnx_astype(model, np.float64) if float64 else model
             _, seen = run_nnx(m, images.astype(np.float64 if float64 else np.float32),
                               return_intermediates=True)
             return {k: _np(v) for k, v in seen.items()}

@@ -157,11 +157,21 @@ def state_dict_to_nnx_state(state_dict: Mapping[str, Any], config: ViTConfig) ->
     return _nnx_state_from_flat(torch_to_nnx_flat(flat, config), config)
 
 
-def _nnx_state_from_flat(flat: Mapping[str, np.ndarray], config: ViTConfig,
-                         scan_layers: bool = False) -> nnx.State:
+def _nnx_state_from_flat(flat: Mapping[str, Any], config: ViTConfig, scan_layers: bool = False,
+                         place=numpy_to_jax) -> nnx.State:
+    """The NNX parameter state holding `flat`'s values, each turned into a JAX array by `place`."""
     _, abstract = _abstract_nnx(config, jnp.dtype(jnp.float32), scan_layers)
-    return nnx.from_flat_state([(path, var.replace(numpy_to_jax(flat[_dotted(path)])))
+    return nnx.from_flat_state([(path, var.replace(place(flat[_dotted(path)])))
                                 for path, var in nnx.to_flat_state(abstract)])
+
+
+def _nnx_model_from_flat(flat: Mapping[str, Any], config: ViTConfig, scan_layers: bool = False,
+                         place=numpy_to_jax) -> jax_impl.ViT:
+    """Merge already checked values into a model whose dtype is theirs (float32 if mixed)."""
+    dtypes = {np.dtype(a.dtype) for a in flat.values()}
+    dtype = jnp.dtype(dtypes.pop() if len(dtypes) == 1 else jnp.float32)
+    graphdef, _ = _abstract_nnx(config, dtype, scan_layers)
+    return nnx.merge(graphdef, _nnx_state_from_flat(flat, config, scan_layers, place))
 
 
 def nnx_from_flat(flat: Mapping[str, np.ndarray], config: ViTConfig, *,
@@ -171,10 +181,13 @@ def nnx_from_flat(flat: Mapping[str, np.ndarray], config: ViTConfig, *,
     scan_layers = scan_layers and config.num_layers > 0
     shapes = nnx_shapes(config, scan_layers)
     checked = apply_table(flat, [rule(k, k) for k in shapes], shapes, what="NNX")
-    dtypes = {a.dtype for a in checked.values()}
-    dtype = jnp.dtype(dtypes.pop() if len(dtypes) == 1 else jnp.float32)
-    graphdef, _ = _abstract_nnx(config, dtype, scan_layers)
-    return nnx.merge(graphdef, _nnx_state_from_flat(checked, config, scan_layers))
+    return _nnx_model_from_flat(checked, config, scan_layers)
+
+
+def nnx_astype(model: jax_impl.ViT, dtype) -> jax_impl.ViT:
+    """A copy of `model` with every parameter cast to `dtype` (float64 needs JAX x64 on)."""
+    flat = {k: v.astype(dtype) for k, v in nnx_flat(model).items()}
+    return nnx_from_flat(flat, model.config, scan_layers=model.scan_layers)
 
 
 def torch_from_state_dict(state_dict: Mapping[str, torch.Tensor], config: ViTConfig

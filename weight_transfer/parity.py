@@ -23,6 +23,7 @@ from weight_transfer.bridge import (
     nchw_to_nhwc,
     nhwc_to_nchw,
     nnx_flat,
+    nnx_astype,
     nnx_from_flat,
     nnx_shapes,
     numpy_to_torch,
@@ -127,14 +128,15 @@ class DirectionResult:
         return {**asdict(self), "bound": self.bound, "passed": self.passed}
 
 
-def _x64_for(dtype: str):
+def x64_for(dtype: str):
+    """`jax.enable_x64(True)` for float64 work, nothing otherwise: x64 never leaks."""
     return jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
 
 
 def check_direction(config: ViTConfig, direction: str, dtype: str = "float32", *, seed: int = 0,
                     batch: int = 2) -> DirectionResult:
     """Random weights on the source side, ported, and the same images through both."""
-    with _x64_for(dtype), exact_matmuls():
+    with x64_for(dtype), exact_matmuls():
         images = random_images(config, batch, seed, dtype)
         if direction == "nnx->torch":
             source = random_nnx(config, seed, dtype)
@@ -152,7 +154,7 @@ def check_models(nnx_model: jax_impl.ViT, torch_model: torch_impl.ViT, *, seed: 
                  batch: int = 2) -> DirectionResult:
     """The same random images through two loaded models (e.g. one checkpoint in both)."""
     dtype = str(np.dtype(nnx_model.dtype))
-    with _x64_for(dtype), exact_matmuls():
+    with x64_for(dtype), exact_matmuls():
         images = random_images(nnx_model.config, batch, seed, dtype)
         err, scale = max_error(run_torch(torch_model, images), run_nnx(nnx_model, images))
     return DirectionResult("torch vs nnx", dtype, err, scale, TOLERANCE[dtype])
@@ -301,9 +303,8 @@ def compare_grads(nnx_model: jax_impl.ViT, torch_model: torch_impl.ViT, images: 
         j32, jx32 = nnx_grads(nnx_model, images, labels)
         t32, tx32 = torch_grads(torch_model, images, labels)
         with jax.enable_x64(True):
-            j64_model = nnx_from_flat({k: v.astype(np.float64) for k, v in nnx_flat(nnx_model).items()},
-                                      config)
-            j64, jx64 = nnx_grads(j64_model, images.astype(np.float64), labels)
+            j64, jx64 = nnx_grads(nnx_astype(nnx_model, np.float64), images.astype(np.float64),
+                                  labels)
         t64, tx64 = torch_grads(copy.deepcopy(torch_model).double(), images.astype(np.float64), labels)
     from weight_transfer.bridge import torch_to_nnx_flat
 

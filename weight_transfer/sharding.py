@@ -60,10 +60,9 @@ def _block_reader(source, key: str):
 def load_sharded(prepared, mesh, sharding: str):
     """A `jax_impl.ViT` whose parameters are `jax.Array`s laid out over `mesh`."""
     import jax
-    from flax import nnx
     from jax.sharding import NamedSharding
 
-    from weight_transfer.bridge import _abstract_nnx, _dotted
+    from weight_transfer.bridge import _nnx_model_from_flat
 
     if sharding not in SHARDINGS:
         raise ValueError(f"sharding {sharding!r}: expected one of {SHARDINGS}")
@@ -84,8 +83,4 @@ def load_sharded(prepared, mesh, sharding: str):
     else:  # convert tensor by tensor; each tensor is on the host once, not once per device
         for key, array in p.plan.run(p.source.items(p.plan.inputs)):
             place(key, array.shape, lambda index, array=array: array[index])
-    dtypes = {a.dtype for a in arrays.values()}
-    graphdef, abstract = _abstract_nnx(p.config, dtypes.pop() if len(dtypes) == 1 else np.dtype("float32"))
-    state = nnx.from_flat_state([(path, var.replace(arrays[_dotted(path)]))
-                                 for path, var in nnx.to_flat_state(abstract)])
-    return nnx.merge(graphdef, state)
+    return _nnx_model_from_flat(arrays, p.config, place=lambda array: array)  # already placed

@@ -190,7 +190,7 @@ def train_parity(h: Hyper = Hyper(), config: ViTConfig = DIGITS_CONFIG) -> Train
     """Train both frameworks (float32, and float64 for the noise bound) and compare."""
     import jax
 
-    from weight_transfer.bridge import nnx_flat, nnx_from_flat, to_torch
+    from weight_transfer.bridge import nnx_astype, to_torch
     from weight_transfer.parity import exact_matmuls, run_nnx, run_torch
 
     if h.optimizer not in OPTIMIZERS:
@@ -203,9 +203,7 @@ def train_parity(h: Hyper = Hyper(), config: ViTConfig = DIGITS_CONFIG) -> Train
         losses["jax32"], final["jax32"] = train_jax(start, h, x, y, plan)
         losses["torch32"], final["torch32"] = train_torch(to_torch(start), h, x, y, plan)
         with jax.enable_x64(True):
-            start64 = nnx_from_flat({k: v.astype(np.float64) for k, v in nnx_flat(start).items()},
-                                    config)
-            losses["jax64"], final["jax64"] = train_jax(start64, h, x, y, plan)
+            losses["jax64"], final["jax64"] = train_jax(nnx_astype(start, np.float64), h, x, y, plan)
             final["jax64"] = _weights(final["jax64"])  # read while x64 is on
         losses["torch64"], final["torch64"] = train_torch(to_torch(start).double(), h, x, y, plan)
         logits_j = np.asarray(run_nnx(final["jax32"], xt), np.float64)
