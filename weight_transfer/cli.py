@@ -55,14 +55,15 @@ def _print_json(data) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     from weight_transfer import parity
 
+    loaded = None  # the checkpoint in both frameworks, reused by --grads
     if args.checkpoint:
         from weight_transfer.porting import load_checkpoint
 
         kw = dict(layout=args.layout, allow_pickle=args.allow_pickle)
-        jax_model = load_checkpoint(args.checkpoint, "jax", **kw)
-        config = jax_model.config
-        results = [parity.check_models(jax_model, load_checkpoint(args.checkpoint, "torch", **kw),
-                                       seed=args.seed, batch=args.batch)]
+        loaded = (load_checkpoint(args.checkpoint, "jax", **kw),
+                  load_checkpoint(args.checkpoint, "torch", **kw))
+        config = loaded[0].config
+        results = [parity.check_models(*loaded, seed=args.seed, batch=args.batch)]
         what = f"checkpoint {args.checkpoint}"
     else:
         config = ViTConfig.preset(args.preset)
@@ -71,7 +72,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         results = parity.check(config, args.dtype, seed=args.seed, batch=args.batch)
         what = f"preset {args.preset}, random weights"
     rows = [r.as_dict() for r in results]
-    grads = _check_grads(args, config) if args.grads else None
+    grads = _check_grads(args, config, loaded) if args.grads else None
     ok = all(r.passed for r in results) and (grads is None or not any(g.divergent for g in grads))
     if args.json:
         extra = {"gradients": [asdict(g) for g in grads]} if grads is not None else {}
@@ -95,18 +96,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _check_grads(args: argparse.Namespace, config: ViTConfig):
-    """Gradient parity on the same weights: the checkpoint's, or the preset's random ones."""
+def _check_grads(args: argparse.Namespace, config: ViTConfig, loaded=None):
+    """Gradient parity on the same weights: the loaded checkpoint's, or the preset's random ones."""
     import numpy as np
 
     from weight_transfer import parity
     from weight_transfer.bridge import to_torch
 
-    if args.checkpoint:
-        from weight_transfer.porting import load_checkpoint
-
-        kw = dict(layout=args.layout, allow_pickle=args.allow_pickle)
-        jm, tm = load_checkpoint(args.checkpoint, "jax", **kw), load_checkpoint(args.checkpoint, "torch", **kw)
+    if loaded is not None:
+        jm, tm = loaded
     else:
         jm = parity.random_nnx(config, args.seed)
         tm = to_torch(jm)
