@@ -209,17 +209,11 @@ def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> S
     if path.is_dir():
         cfg = path / "config.json"
         hf_config = _read_json(cfg) if cfg.exists() else None
-        for name in ("model.safetensors.index.json", "model.safetensors"):
-            if (path / name).exists():
-                path_in = path / name
-                break
-        else:
-            bins = [p for p in ("pytorch_model.bin",) if (path / p).exists()]
-            if bins:
-                path_in = path / bins[0]
-            else:
-                raise CheckpointError(f"{path}: a folder without model.safetensors, "
-                                      f"model.safetensors.index.json or pytorch_model.bin")
+        names = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin")
+        path_in = next((path / n for n in names if (path / n).exists()), None)
+        if path_in is None:
+            raise CheckpointError(f"{path}: a folder without model.safetensors, "
+                                  f"model.safetensors.index.json or pytorch_model.bin")
         source = read_checkpoint(path_in, allow_pickle=allow_pickle)
         source.hf_config = hf_config
         return source
@@ -310,31 +304,18 @@ class Inferred:
     dropped: list[str]  # keys left out on purpose (HF pooler)
 
 
-# Where each layout keeps the tensors whose shapes give the sizes (`{}` = block 0).
-PROBES = {
-    "torch": dict(patch="patch_embed.weight", pos="pos_embed", cls="cls_token",
-                  ff1="blocks.0.ff1.bias", head="head.bias", qbias="blocks.0.attn.q.bias"),
-    "nnx": dict(patch="patch_embed.kernel", pos="pos_embed", cls="cls_token",
-                ff1="blocks.0.ff1.bias", head="head.bias", qbias="blocks.0.attn.q.bias"),
-    "timm": dict(patch="patch_embed.proj.weight", pos="pos_embed", cls="cls_token",
-                 ff1="blocks.0.mlp.fc1.bias", head="head.bias", qbias="blocks.0.attn.qkv.bias"),
-    "hf": dict(patch="vit.embeddings.patch_embeddings.projection.weight",
-               pos="vit.embeddings.position_embeddings", cls="vit.embeddings.cls_token",
-               ff1="vit.encoder.layer.0.intermediate.dense.bias", head="classifier.bias",
-               qbias="vit.encoder.layer.0.attention.attention.query.bias"),
-    "hf5": dict(patch="vit.embeddings.patch_embeddings.projection.weight",
-                pos="vit.embeddings.position_embeddings", cls="vit.embeddings.cls_token",
-                ff1="vit.layers.0.mlp.fc1.bias", head="classifier.bias",
-                qbias="vit.layers.0.attention.q_proj.bias"),
-    "big_vision": dict(patch="embedding/kernel", pos="Transformer/posembed_input/pos_embedding",
-                       cls="cls", ff1="Transformer/encoderblock_0/MlpBlock_3/Dense_0/bias",
-                       head="head/bias",
-                       qbias="Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/bias"),
-    "big_vision_bv": dict(patch="embedding/kernel", pos="pos_embedding", cls="cls",
-                          ff1="Transformer/encoderblock_0/MlpBlock_0/Dense_0/bias",
-                          head="head/bias",
-                          qbias="Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/bias"),
-}
+def probe_keys(layout: Layout) -> dict[str, str]:
+    """Where `layout` keeps the tensors whose shapes give the sizes, read off its own table
+    (our key on the left, theirs on the right; a fused right side serves all its inputs)."""
+    ours = dict(patch="patch_embed.kernel" if layout.base == "nnx" else "patch_embed.weight",
+                pos="pos_embed", cls="cls_token", ff1="blocks.0.ff1.bias", head="head.bias",
+                qbias="blocks.0.attn.q.bias")
+    rules = oriented(layout.table(ViTConfig()), 1)  # key names do not depend on the sizes
+    theirs = {k: r.right[r.left.index(k) if len(r.right) == len(r.left) else 0]
+              for r in rules for k in r.left}
+    return {role: theirs[key] for role, key in ours.items()}
+
+
 BLOCK_INDEX = re.compile(r"(?:^|[./])(?:blocks\.|layer\.|layers\.|encoderblock_)(\d+)[./]")
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                   "gelu_fast": "gelu_tanh", "relu": "relu"}
@@ -383,7 +364,7 @@ def infer_config(source: Source, layout: Layout | None = None,
         manifest = json.loads(source.metadata["vit_parity"])
         found = {f: "vit-parity metadata" for f in manifest["config"]}
         return Inferred(ViTConfig.from_dict(manifest["config"]), layout, found, assumed, dropped)
-    probe = PROBES[layout.name]
+    probe = probe_keys(layout)
     try:
         shape = lambda role: source.meta[probe[role]][0]  # noqa: E731
         patch, pos = shape("patch"), shape("pos")
