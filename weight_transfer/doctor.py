@@ -252,16 +252,9 @@ HYPOTHESES: dict[str, Callable[[Candidate], Iterator[Variant]]] = {
 
 def candidate_of(model) -> Candidate:
     """One of our models as the doctor's candidate (flat NNX params in float64)."""
-    from weight_transfer.bridge import nnx_flat, torch_flat, torch_to_nnx_flat
+    from weight_transfer.bridge import nnx_params
 
-    kind = type(model).__module__.split(".")[0]
-    if kind == "jax_impl":
-        flat = nnx_flat(model)
-    elif kind == "torch_impl":
-        flat = torch_to_nnx_flat(torch_flat(model), model.config)
-    else:
-        raise TypeError(f"the doctor's candidate must be a jax_impl.ViT or torch_impl.ViT (port "
-                        f"third-party models with load_checkpoint first), got {type(model).__name__}")
+    flat = nnx_params(model)  # TypeError for anything but ours
     return Candidate(model.config, {k: v.astype(np.float64) for k, v in flat.items()})
 
 

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from vit_config import ViTConfig
+from weight_transfer.bridge import nnx_params
 
 # A small ViT for 8x8 digits: 2x2 patches -> 16 tokens + CLS.
 DIGITS_CONFIG = ViTConfig(image_size=8, patch_size=2, in_channels=1, d_model=32, num_heads=4,
@@ -155,16 +156,8 @@ def _max_gap(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
-def _weights(model) -> dict[str, np.ndarray]:
-    from weight_transfer.bridge import nnx_flat, torch_flat, torch_to_nnx_flat
-
-    if type(model).__module__.startswith("jax_impl"):
-        return nnx_flat(model)
-    return torch_to_nnx_flat(torch_flat(model), model.config)
-
-
 def _weight_gap(a, b) -> float:
-    wa, wb = _weights(a), _weights(b)
+    wa, wb = nnx_params(a), nnx_params(b)
     return max(_max_gap(wa[k], wb[k]) for k in wa)
 
 
@@ -204,14 +197,14 @@ def train_parity(h: Hyper = Hyper(), config: ViTConfig = DIGITS_CONFIG) -> Train
         losses["torch32"], final["torch32"] = train_torch(to_torch(start), h, x, y, plan)
         with jax.enable_x64(True):
             losses["jax64"], final["jax64"] = train_jax(nnx_astype(start, np.float64), h, x, y, plan)
-            final["jax64"] = _weights(final["jax64"])  # read while x64 is on
+            final["jax64"] = nnx_params(final["jax64"])  # read while x64 is on
         losses["torch64"], final["torch64"] = train_torch(to_torch(start).double(), h, x, y, plan)
         logits_j = np.asarray(run_nnx(final["jax32"], xt), np.float64)
         logits_t = run_torch(final["torch32"], xt).double().numpy()
     drift = lambda a, b: _max_gap(losses[a], losses[b])  # noqa: E731
     loss_bound = DRIFT_FACTOR * (drift("jax32", "jax64") + drift("torch32", "torch64"))
-    wj, wt64 = _weights(final["jax32"]), final["jax64"]
-    wt, wt64t = _weights(final["torch32"]), _weights(final["torch64"])
+    wj, wt64 = nnx_params(final["jax32"]), final["jax64"]
+    wt, wt64t = nnx_params(final["torch32"]), nnx_params(final["torch64"])
     weight_drift = max(_max_gap(wj[k], wt64[k]) for k in wj) + \
         max(_max_gap(wt[k], wt64t[k]) for k in wt)
     logit_gap = _max_gap(logits_j, logits_t)
