@@ -28,12 +28,33 @@ def _triangle(x: np.ndarray) -> np.ndarray:
     return np.maximum(0.0, 1.0 - np.abs(x))
 
 
+f32 = np.float32
+
+
+def _fma32(a, b, c) -> np.float32:
+    """float32 `a * b + c` rounded once, as torch's CPU kernels (built with FMA contraction on
+    x86-64) compute it: the float64 product of two float32s is exact."""
+    return f32(float(a) * float(b) + float(c))
+
+
+def _cubic_taps32(t: np.float32, a: np.float32 = f32(-0.75)) -> list[np.float32]:
+    """torch's `get_cubic_upsample_coefficients(t)` in float32, with its contractions."""
+
+    def near(x):  # ((a + 2) * x - (a + 3)) * x * x + 1
+        return _fma32(f32(_fma32(a + f32(2), x, -(a + f32(3))) * x), x, f32(1))
+
+    def far(x):  # ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+        return _fma32(_fma32(_fma32(a, x, -(f32(5) * a)), x, f32(8) * a), x, -(f32(4) * a))
+
+    rest = f32(1) - t  # rounded before the + 1, as torch does
+    return [far(t + f32(1)), near(t), near(rest), far(rest + f32(1))]
+
+
 def weights_1d(n_in: int, n_out: int, interpolation: str, antialias: bool) -> np.ndarray:
     """(n_out, n_in) float64 matrix M with out = M @ in along one axis."""
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation {interpolation!r}: expected one of {INTERPOLATIONS}")
-    f32 = np.float32  # torch computes scales and source coordinates in float32
-    scale = f32(n_in) / f32(n_out)
+    scale = f32(n_in) / f32(n_out)  # torch computes scales and source coordinates in float32
     m = np.zeros((n_out, n_in))
     if antialias:  # torch's separable AA kernels (PIL's), widened when downsampling, normalised
         stretch = max(scale, 1.0)
@@ -47,18 +68,17 @@ def weights_1d(n_in: int, n_out: int, interpolation: str, antialias: bool) -> np
             m[i, lo:hi] = w / w.sum()
         return m
     for i in range(n_out):
-        src = scale * (f32(i) + f32(0.5)) - f32(0.5)
+        src = _fma32(scale, i + 0.5, -0.5)  # area_pixel_compute_source_index
         if interpolation == "bilinear":
             src = max(src, f32(0.0))
-            i0 = min(int(math.floor(src)), n_in - 1)
+            i0 = min(math.floor(src), n_in - 1)
             i1 = min(i0 + 1, n_in - 1)
             t = src - f32(i0)
-            m[i, i0] += 1 - t
+            m[i, i0] += f32(1) - t
             m[i, i1] += t
         else:
             i0 = math.floor(src)
-            t = src - f32(i0)
-            taps = _cubic(np.array([1 + t, t, 1 - t, 2 - t], f32), f32(-0.75))
+            taps = _cubic_taps32(src - f32(i0))
             for j, w in zip(range(i0 - 1, i0 + 3), taps, strict=True):
                 m[i, min(max(j, 0), n_in - 1)] += w  # border replicate
     return m
