@@ -11,15 +11,14 @@ import contextlib
 import hashlib
 import json
 import math
+import mmap
 import os
 import re
 import shutil
 import struct
 import tempfile
 import zipfile
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import ml_dtypes
 import numpy as np
 
 from vit_config import ConfigError, ViTConfig
+from weight_transfer.fileio import Background, SequentialWriter
 from weight_transfer.layouts import LAYOUTS, Layout, LayoutError, detect_layout
 from weight_transfer.table import (
     NNX_TORCH,
@@ -38,6 +38,7 @@ from weight_transfer.table import (
     forward_targets,
     oriented,
     stream_table,
+    to_contiguous,
 )
 
 FORMAT_VERSION = "1"
@@ -78,7 +79,9 @@ class Source:
             yield key, self.load(key)
 
     def digest(self) -> str:
-        """sha256 over the files' own sha256s; free when every byte was read in order."""
+        """The file's sha256 (what `sha256sum` prints and the Hugging Face Hub lists as the
+        file's SHA256); for several files, the sha256 of their sha256s concatenated in order.
+        Free when every byte was read in order (the reader hashed them on the way)."""
         done = self.reader.digests() if self.reader is not None else None
         return _chain(done) if done else file_digest(self.files)
 
@@ -118,40 +121,15 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + n
 
 
-class Background:
-    """Calls run in order on one background thread, at most `depth` waiting (so at most that
-    many tensors are held for it); an error surfaces at the next `submit` or at `drain`.
-    With two cores, disk writes and hashing overlap the transposes of the next tensor."""
-
-    def __init__(self, depth: int = 2):
-        self.pool = ThreadPoolExecutor(max_workers=1)
-        self.pending: deque = deque()
-        self.depth = depth
-
-    def submit(self, fn, *args) -> None:
-        self.pending.append(self.pool.submit(fn, *args))
-        while len(self.pending) > self.depth:
-            self.pending.popleft().result()
-
-    def drain(self) -> None:
-        while self.pending:
-            self.pending.popleft().result()
-
-    def __enter__(self) -> Background:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        try:
-            if exc[0] is None:
-                self.drain()
-        finally:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-
 class SafetensorsReader:
-    """Tensors of one or more safetensors files, one read per tensor (no memory map: only the
-    tensor being converted is resident). Reads that come in file order also feed each file's
-    sha256, so the source digest costs no second pass."""
+    """Tensors of one or more safetensors files, each a view of its own private (copy-on-write)
+    memory map, as `safetensors.torch.load_file` and `torch.load(mmap=True)` give: no copy
+    through a read buffer, writes change this process's pages and never the file, and a
+    tensor's pages leave this process when the last array viewing them goes. A torch model
+    loaded from a file whose tensors need no transpose shares those pages with the page cache
+    instead of holding a second copy. Tensors taken in file order also feed each file's sha256
+    on a background thread, so the source digest costs no second pass. (As with any memory
+    map, a file truncated by another process while mapped ends the process with SIGBUS.)"""
 
     def __init__(self, paths: list[Path]):
         self.meta: dict[str, Meta] = {}
@@ -178,15 +156,18 @@ class SafetensorsReader:
 
     def load(self, key: str) -> np.ndarray:
         i, begin, end = self.where[key]
+        shape, dtype = self.meta[key]
+        if begin == end:
+            return np.empty(shape, dtype)
+        start = begin - begin % mmap.ALLOCATIONGRANULARITY  # maps must start page-aligned
         with open(self.paths[i], "rb") as f:
-            f.seek(begin)
-            raw = f.read(end - begin)
+            mapped = mmap.mmap(f.fileno(), end - start, offset=start, access=mmap.ACCESS_COPY)
+        raw = memoryview(mapped)[begin - start:]  # unmapped when the last view is gone
         if self.track and self.hashed[i] == begin:
             self.hashing = self.hashing or Background(depth=4)
             self.hashing.submit(self.hashers[i].update, raw)
             self.hashed[i] = end
-        shape, dtype = self.meta[key]
-        return np.frombuffer(raw, dtype=dtype).reshape(shape)  # read-only view
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
     def digests(self) -> list[bytes] | None:
         """Each file's sha256 if every byte was hashed, else None."""
@@ -289,6 +270,8 @@ def file_digest(files: list[Path]) -> str:
 
 
 def _chain(digests: list[bytes]) -> str:
+    if len(digests) == 1:
+        return digests[0].hex()
     return hashlib.sha256(b"".join(digests)).hexdigest()
 
 
@@ -444,12 +427,14 @@ class Plan:
     inputs: list[str]  # source keys in read order
     hook: Hook | None = None  # applied to every tensor in our base layout, after the first step
 
-    def run(self, items: Iterable[tuple[str, np.ndarray]], *, dry: bool = False
-            ) -> Iterator[tuple[str, np.ndarray]]:
-        """The converted tensors, one at a time; `dry` runs on stand-ins for the key order."""
+    def run(self, items: Iterable[tuple[str, np.ndarray]], *, dry: bool = False,
+            materialize: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+        """The converted tensors, one at a time; `dry` runs on stand-ins for the key order.
+        Without `materialize`, transposed tensors stay views (of the source's memory map) for a
+        writer that copies each into its own reused buffer (`write_safetensors`)."""
         last = len(self.steps) - 1  # copy into contiguous memory once, at the end of the chain
         for i, rules in enumerate(self.steps):
-            items = stream_table(items, rules, contiguous=i == last and not dry)
+            items = stream_table(items, rules, contiguous=i == last and materialize and not dry)
             if i == 0 and self.hook is not None:
                 items = ((k, self.hook(k, a, dry)) for k, a in items)
         return iter(items)
@@ -523,14 +508,15 @@ def _header(order: list[tuple[str, Meta]], metadata: dict[str, str]) -> bytes:
 
 def write_safetensors(path: Path, order: list[tuple[str, Meta]],
                       tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str]) -> None:
-    """Stream tensors into one safetensors file whose header (from `order`) is written first."""
+    """Stream tensors into one safetensors file whose header (from `order`) is written first;
+    transposed views are made contiguous on the way (`fileio.SequentialWriter`)."""
     expected = dict(order)
-    with open(path, "wb") as f, Background() as writer:
+    with SequentialWriter(path) as f:
         f.write(_header(order, metadata))
         for (key, array), (want, _) in zip(tensors, order, strict=True):
             if key != want or (array.shape, array.dtype) != expected[key]:
                 raise RuntimeError(f"stream out of order at {key!r} (expected {want!r})")
-            writer.submit(f.write, np.ascontiguousarray(array).view(np.uint8).reshape(-1).data)
+            f.write(array)
 
 
 def shard(order: list[tuple[str, Meta]], max_bytes: int | None) -> list[list[tuple[str, Meta]]]:
@@ -588,7 +574,7 @@ def write_layout(out: Path, layout: Layout, plan: Plan, tensors: Iterator[tuple[
     metadata = {"format": "flax" if layout.base == "nnx" else "pt",
                 "vit_parity": json.dumps({**manifest, "config": config.to_dict()}, sort_keys=True)}
     if layout.name.startswith("big_vision"):
-        arrays = {k: np.asarray(a) for k, a in tensors}
+        arrays = {k: to_contiguous(a) for k, a in tensors}
         if source_digest is not None:
             metadata["vit_parity"] = metadata["vit_parity"].replace(DIGEST_PLACEHOLDER,
                                                                     source_digest())

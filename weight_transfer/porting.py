@@ -128,8 +128,9 @@ def load_checkpoint(path: str | os.PathLike, framework: str = "jax", *, layout: 
     tensors = p.plan.run(p.source.items(p.plan.inputs))
     if framework == "jax":
         return nnx_from_flat(dict(tensors), p.config)
-    # Each tensor becomes a torch tensor as it arrives (sharing its fresh buffer), and the model
-    # is built on the meta device and assigned them: one copy of the weights in memory.
+    # Each tensor becomes a torch tensor as it arrives, sharing its buffer (a fresh array, or
+    # the reader's copy-on-write map of the file), and the model is built on the meta device
+    # and assigned them: one copy of the weights in memory, none at all for untransposed ones.
     return torch_from_state_dict({k: numpy_to_torch(v, share=True) for k, v in tensors},
                                  p.config)
 
@@ -161,7 +162,7 @@ def save_checkpoint(model, path: str | os.PathLike, *, layout: str = "nnx",
     manifest = {"format_version": FORMAT_VERSION, "layout": dst_layout.name,
                 "source": f"{type(model).__module__.split('.')[0]}.ViT in memory"}
     with atomic_output(out, force=force) as tmp:
-        name = write_layout(tmp / out.name, dst_layout, plan, plan.run(flat.items()),
+        name = write_layout(tmp / out.name, dst_layout, plan, plan.run(flat.items(), materialize=False),
                             model.config, manifest, parse_size(max_shard_size))
     return out.parent / name
 
@@ -184,7 +185,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
         raise CheckpointError(f"{out}: the output would overwrite the input")
     manifest = {"format_version": FORMAT_VERSION, "layout": dst_layout.name,
                 "source_layout": p.inferred.layout.name}
-    tensors = p.plan.run(p.source.items(p.plan.inputs, digest=True))
+    tensors = p.plan.run(p.source.items(p.plan.inputs, digest=True), materialize=False)
     if progress is not None:
         tensors = _counted(tensors, len(p.plan.order), progress)
     with atomic_output(out, force=force) as tmp:
