@@ -3,6 +3,7 @@
 import hashlib
 import json
 import struct
+import threading
 
 import numpy as np
 import pytest
@@ -180,10 +181,12 @@ def test_nan_weights_refused_unless_allowed(tmp_path, model):
     bad = wt.nnx_from_flat(flat, model.config)
     path = wt.save_checkpoint(bad, tmp_path / "nan.safetensors")
     assert wt.inspect_checkpoint(path)["nonfinite"] == {"blocks.1.ff2.kernel": 1}
+    threads = threading.active_count()
     with pytest.raises(wt.NonFiniteError, match="'blocks.1.ff2.kernel' holds 1 NaN/Inf"):
         wt.convert(path, tmp_path / "out.safetensors", to="timm")
     assert not (tmp_path / "out.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
+    assert threading.active_count() == threads  # hashing and writing threads stopped
     wt.convert(path, tmp_path / "out.safetensors", to="timm", allow_nonfinite=True)
 
 

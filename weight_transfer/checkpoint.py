@@ -78,6 +78,11 @@ class Source:
         for key in keys:
             yield key, self.load(key)
 
+    def close(self) -> None:
+        """Stop background hashing (a conversion that failed midway leaves no thread)."""
+        if self.reader is not None:
+            self.reader.close()
+
     def digest(self) -> str:
         """The file's sha256 (what `sha256sum` prints and the Hugging Face Hub lists as the
         file's SHA256); for several files, the sha256 of their sha256s concatenated in order.
@@ -167,17 +172,22 @@ class SafetensorsReader:
             self.hashing = self.hashing or Background(depth=4)
             self.hashing.submit(self.hashers[i].update, raw)
             self.hashed[i] = end
-        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+        array = np.frombuffer(raw, dtype=dtype).reshape(shape)
+        # A writer that packs mixed dtypes may leave a tensor off its alignment: copy that one.
+        return array if begin % dtype.itemsize == 0 else array.copy()
 
     def digests(self) -> list[bytes] | None:
         """Each file's sha256 if every byte was hashed, else None."""
-        if self.hashed != self.sizes:
-            return None
-        if self.hashing is not None:
-            with self.hashing:
-                pass  # wait for the queued updates, stop the thread
-            self.hashing = None
-        return [h.digest() for h in self.hashers]
+        if self.hashing is not None and self.hashed == self.sizes:
+            self.hashing.drain()
+        self.close()
+        return [h.digest() for h in self.hashers] if self.hashed == self.sizes else None
+
+    def close(self) -> None:
+        """Stop the hashing thread; updates still queued are dropped."""
+        hashing, self.hashing = self.hashing, None
+        if hashing is not None:
+            hashing.stop()
 
 
 def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> Source:

@@ -43,12 +43,17 @@ class Background:
     def __enter__(self) -> Background:
         return self
 
+    def stop(self) -> None:
+        """Cancel what has not started, wait for what has, end the thread."""
+        self.pending.clear()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
     def __exit__(self, *exc) -> None:
         try:
             if exc[0] is None:
                 self.drain()
         finally:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.stop()
 
 
 class SequentialWriter:
@@ -131,8 +136,7 @@ class SequentialWriter:
             self.abort()
 
     def abort(self) -> None:
-        with self.io:
-            self.io.pending.clear()  # stop waiting on queued writes; the file is discarded
+        self.io.stop()  # queued writes are dropped: the caller discards the file
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -188,9 +188,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
     tensors = p.plan.run(p.source.items(p.plan.inputs, digest=True), materialize=False)
     if progress is not None:
         tensors = _counted(tensors, len(p.plan.order), progress)
-    with atomic_output(out, force=force) as tmp:
-        name = write_layout(tmp / out.name, dst_layout, p.plan, tensors, p.config, manifest,
-                            parse_size(max_shard_size), source_digest=p.source.digest)
+    try:
+        with atomic_output(out, force=force) as tmp:
+            name = write_layout(tmp / out.name, dst_layout, p.plan, tensors, p.config, manifest,
+                                parse_size(max_shard_size), source_digest=p.source.digest)
+    finally:
+        p.source.close()
     return {"source": str(p.source.path), "output": str(out.parent / name), **report(p)}
 
 
