@@ -1,5 +1,6 @@
 """Every registered layout transform and its inverse round-trip bit-exactly."""
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -67,14 +68,18 @@ def test_every_table_transform_is_registered_with_inverse():
         assert r.transform in (T.IDENTITY, T.CONV, T.LINEAR), r
 
 
-@pytest.mark.parametrize("shape", [(700, 300), (3, 5), (256, 1024)])
-def test_tiled_contiguous_copy_is_exact(shape):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("shape", [(700, 300), (3, 5), (256, 1030)])
+def test_strip_contiguous_copy_is_exact(shape, dtype):
     from weight_transfer.table import to_contiguous
 
-    a = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    a = np.random.default_rng(0).standard_normal(shape).astype(dtype)
     out = to_contiguous(a.T)
-    assert out.flags.c_contiguous
+    assert out.flags.c_contiguous and out.dtype == dtype
     np.testing.assert_array_equal(out, a.T)
+    into = np.empty(a.T.shape, dtype)
+    assert to_contiguous(a.T, out=into) is into
+    np.testing.assert_array_equal(into, a.T)
 
 
 def test_stack_layers_round_trips():
