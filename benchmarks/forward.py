@@ -27,14 +27,17 @@ from vit_config import ViTConfig
 
 
 def interleaved(fns: dict, repeat: int) -> dict[str, float]:
-    """Best time of each, measured round-robin so that drifts in machine load hit all alike."""
+    """Best time of each, measured round-robin so that drifts in machine load hit all alike.
+    Each round starts one place further along, so no contender always runs right after the
+    same one (a framework's worker threads can still be spinning when the next one starts)."""
     for fn in fns.values():
         fn()  # warm-up (and compile)
+    names = list(fns)
     best = {name: float("inf") for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
+    for r in range(repeat):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             best[name] = min(best[name], time.perf_counter() - start)
     return best
 
@@ -164,7 +167,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="vit_b16", choices=["vit_b16", "vit_s16"])
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=6, help="rounds (default 6: each contender's start position once)")
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--porting-preset", default="vit_b16",
                         help="also run benchmarks/porting.py on this preset (vit_h14: 2.5 GB); "

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from weight_transfer.parity import random_torch
 from weight_transfer.sharding import partition_spec
 
 HELPER = Path(__file__).parent / "helpers" / "sharded_check.py"
+MULTIHOST = HELPER.parent / "multihost_check.py"
 # d_model 32 and d_ff 64 divide by 8 devices; 7 classes and 3-pixel patches do not.
 CONFIG = tiny(d_model=32, num_heads=4, d_ff=64)
 
@@ -54,6 +56,35 @@ def test_sharded_load_matches_unsharded_torch(files, layout, sharding):
         assert r["specs"]["blocks.0.ff1.kernel"] == ["None", "fsdp"]  # (32, 64): the 64 axis
         assert r["block_shapes"]["blocks.0.ff1.kernel"][0] == [32, 8]
         assert r["specs"]["head.bias"] == []  # 7 classes: replicated
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["replicated", "fsdp"])
+def test_two_processes_read_only_their_own_blocks(files, sharding):
+    """Multi-host in miniature: two `jax.distributed` processes on localhost, 4 devices each,
+    one global mesh of 8. Both get the unsharded torch model's logits, and each copies out of
+    the file exactly the blocks its own devices hold (FSDP: half of every split tensor)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "PYTHONPATH": str(HELPER.parents[2])}
+    procs = [subprocess.Popen([sys.executable, str(MULTIHOST), str(files["nnx"]), sharding,
+                               str(i), str(port)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert sorted(r["process"] for r in reports) == [0, 1]
+    assert reports[0]["local_devices"] != reports[1]["local_devices"]
+    for r in reports:
+        assert r["max_abs"] <= 1e-5 * r["scale"]
+        assert r["copied_blocks_are_local_blocks"]  # nothing copied for other hosts' devices
+        if sharding == "fsdp":  # this host's devices hold about half of each split tensor
+            assert r["local_bytes"] < 0.75 * r["global_bytes"]
+        else:
+            assert r["local_bytes"] == r["global_bytes"]
 
 
 def strip(spec: list[str]) -> list[str]:

@@ -5,9 +5,10 @@
   (parameters with no such axis stay replicated).
 
 Each device's block is built by `jax.make_array_from_callback`. When the file already holds the
-NNX layout (a `--to nnx` safetensors file, single or sharded), the callback reads exactly that
-block's bytes from the file: rows [a, b) of a tensor are one contiguous byte range, so no device
-ever causes a whole tensor to be read. Other layouts are converted one tensor at a time, each
+NNX layout (a `--to nnx` safetensors file, single or sharded), the callback copies exactly that
+block out of a memory map of the tensor (like safetensors' `get_slice`): a row block is one
+contiguous byte range, a column block one segment per row, so no device ever causes a whole
+tensor to be copied. Other layouts are converted one tensor at a time, each
 tensor held once on the host while its blocks are placed. On several hosts
 (`jax.distributed.initialize`), the same code runs on each: `make_array_from_callback` only asks
 for the blocks of the host's own devices, so each host reads only its shards.
@@ -36,25 +37,10 @@ def partition_spec(shape: tuple[int, ...], mesh, sharding: str):
 
 
 def _block_reader(source, key: str):
-    """A function index -> that block of the stored tensor, read from the file alone."""
-    reader = source.reader
-    i, begin, _ = reader.where[key]
-    shape, dtype = reader.meta[key]
-    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
-
-    def read(index: tuple[slice, ...]) -> np.ndarray:
-        if not shape:
-            lo, hi = 0, 1
-        else:
-            rows = index[0] if index else slice(None)
-            lo, hi, _ = rows.indices(shape[0])
-        with open(reader.paths[i], "rb") as f:
-            f.seek(begin + lo * row_bytes)
-            raw = f.read((hi - lo) * row_bytes)
-        block = np.frombuffer(raw, dtype=dtype).reshape((hi - lo, *shape[1:]) if shape else ())
-        return block[(slice(None), *index[1:])] if shape else block
-
-    return read
+    """A function index -> that block of the stored tensor, copied out of the reader's
+    memory map of it: only the block's bytes are copied, whichever axis is split."""
+    load = source.reader.load
+    return lambda index: np.array(load(key)[index])
 
 
 def load_sharded(prepared, mesh, sharding: str):
