@@ -7,7 +7,10 @@ Throughput (same weights everywhere, ported through the bridge):
 - `jax_impl` under `nnx.jit`, `torch_impl`, timm's `vit_base_patch16_224`, and a Flax reference
   written here from flax's own `nnx.MultiHeadAttention` (random weights, same sizes);
 - the XLA matmul ceiling: a jitted (B*T, D) @ (D, 4D) float32 matmul, the model's dominant
-  shape, in FLOP/s; `jax_impl`'s model FLOP/s divided by it is the fraction reported.
+  shape, in FLOP/s; `jax_impl`'s model FLOP/s divided by it is the fraction reported (both
+  from each one's best round).
+Speed ratios between models (jax_impl / flax reference, torch_impl / timm) are medians over the
+rounds of the ratio within each round: two models timed seconds apart see the same machine.
 Compile time of `jax_impl` (lower + compile) for the Python loop and the `nnx.scan` stack.
 Porting time and memory (`benchmarks/porting.py`) on `--porting-preset`, in the same table.
 Targets (performance issue): torch_impl >= timm; jax_impl >= 80% of the ceiling and >= the
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 
@@ -26,20 +30,27 @@ import numpy as np
 from vit_config import ViTConfig
 
 
-def interleaved(fns: dict, repeat: int) -> dict[str, float]:
-    """Best time of each, measured round-robin so that drifts in machine load hit all alike.
-    Each round starts one place further along, so no contender always runs right after the
-    same one (a framework's worker threads can still be spinning when the next one starts)."""
+def interleaved(fns: dict, repeat: int) -> dict[str, list[float]]:
+    """Each function's time in every round, measured round-robin so that drifts in machine load
+    hit all alike. Each round starts one place further along, so no contender always runs right
+    after the same one (a framework's worker threads can still be spinning when the next one
+    starts)."""
     for fn in fns.values():
         fn()  # warm-up (and compile)
     names = list(fns)
-    best = {name: float("inf") for name in fns}
+    times: dict[str, list[float]] = {name: [0.0] * repeat for name in fns}
     for r in range(repeat):
         for name in names[r % len(names):] + names[:r % len(names)]:
             start = time.perf_counter()
             fns[name]()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+            times[name][r] = time.perf_counter() - start
+    return times
+
+
+def paired(times: dict[str, list[float]], slower: str, faster: str) -> float:
+    """Median over rounds of time(slower) / time(faster): how many times faster `faster` ran
+    than `slower` in the same round (robust to drifts between rounds, unlike best-of)."""
+    return statistics.median(a / b for a, b in zip(times[slower], times[faster], strict=True))
 
 
 def model_flops(c: ViTConfig, batch: int) -> float:
@@ -134,16 +145,17 @@ def throughput(preset: str, batch: int, repeat: int) -> dict:
             "timm": lambda: timm_model(nchw),
             "matmul": lambda: [mm(a, w).block_until_ready() for _ in range(reps)],
         }, repeat)
-    ceiling = 2 * m * k * n * reps / out.pop("matmul")
+    best = {k: min(v) for k, v in out.items()}
+    ceiling = 2 * m * k * n * reps / best.pop("matmul")
     flops = model_flops(config, batch)
-    return {"preset": preset, "batch": batch, "seconds": out,
-            "images_per_second": {k: batch / v for k, v in out.items()},
+    jax_names = [k for k in best if k.startswith("jax_impl")]
+    return {"preset": preset, "batch": batch, "rounds": out, "seconds": best,
+            "images_per_second": {k: batch / v for k, v in best.items()},
             "model_gflop": flops / 1e9, "xla_matmul_gflops": ceiling / 1e9,
-            "jax_fraction_of_ceiling": {k: flops / v / ceiling for k, v in out.items()
-                                        if k.startswith("jax_impl")},
-            "torch_impl_over_timm": out["timm"] / out["torch_impl"],
-            "jax_over_flax_reference": {k: out["flax nnx.MultiHeadAttention reference"] / v
-                                        for k, v in out.items() if k.startswith("jax_impl")}}
+            "jax_fraction_of_ceiling": {k: flops / best[k] / ceiling for k in jax_names},
+            "torch_impl_over_timm": paired(out, "timm", "torch_impl"),
+            "jax_over_flax_reference": {k: paired(out, "flax nnx.MultiHeadAttention reference", k)
+                                        for k in jax_names}}
 
 
 def compile_seconds(preset: str, batch: int, scan: bool) -> float:
@@ -193,7 +205,8 @@ def main(argv=None) -> int:
         return 0
     t = result["throughput"]
     print(f"forward: {t['preset']}, batch {t['batch']}, float32, CPU ({t['model_gflop']:.1f} GFLOP "
-          f"per batch); best of {args.repeat}, interleaved")
+          f"per batch); best of {args.repeat} interleaved rounds; speed ratios are medians of "
+          f"same-round ratios")
     for name, s in t["seconds"].items():
         print(f"  {name:40s} {s * 1e3:9.1f} ms  {t['images_per_second'][name]:7.2f} img/s")
     print(f"  XLA matmul ceiling {t['xla_matmul_gflops']:.1f} GFLOP/s")

@@ -8,8 +8,16 @@ import jax_impl
 import torch_impl
 from tests.conftest import tiny
 from vit_config import ImageShapeError
-from weight_transfer import TransferError, state_dict_to_nnx_state, to_torch, torch_to_nnx_flat
-from weight_transfer import nnx_from_flat, nnx_flat, nnx_to_torch_flat, torch_flat
+from weight_transfer import (
+    TransferError,
+    nnx_flat,
+    nnx_from_flat,
+    nnx_to_torch_flat,
+    state_dict_to_nnx_state,
+    to_torch,
+    torch_flat,
+    torch_to_nnx_flat,
+)
 from weight_transfer.parity import random_nnx, random_torch
 
 

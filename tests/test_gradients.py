@@ -9,13 +9,13 @@ from tests.conftest import tiny
 from vit_config import ViTConfig
 from weight_transfer import to_nnx, to_torch, torch_to_nnx_flat
 from weight_transfer.parity import (
-    x64_for,
     nnx_grads,
     random_images,
     random_nnx,
     random_torch,
     relative_error,
     torch_grads,
+    x64_for,
 )
 
 # Relative to each gradient tensor's max |value|: float64 leaves ~1e-14 of rounding after a

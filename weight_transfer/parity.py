@@ -22,8 +22,8 @@ from vit_config import ViTConfig
 from weight_transfer.bridge import (
     nchw_to_nhwc,
     nhwc_to_nchw,
-    nnx_flat,
     nnx_astype,
+    nnx_flat,
     nnx_from_flat,
     nnx_shapes,
     numpy_to_torch,
