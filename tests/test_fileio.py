@@ -106,3 +106,17 @@ def test_torch_model_shares_the_file_pages_copy_on_write(tmp_path):
     again = wt.load_checkpoint(path, "torch")
     for (k, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_data_starts_on_a_cache_line_and_copies_are_aligned(tmp_path):
+    import struct
+
+    from weight_transfer.bridge import numpy_to_torch
+
+    path = wt.save_checkpoint(random_nnx(tiny(), seed=2), tmp_path / "m.safetensors")
+    (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+    assert (8 + n) % 64 == 0  # so memory-mapped tensors start 64-byte aligned
+    reader = read_checkpoint(path).reader
+    first = min(reader.where, key=lambda key: reader.where[key][1])
+    assert reader.where[first][1] == 8 + n and reader.load(first).ctypes.data % 64 == 0
+    assert numpy_to_torch(np.ones((3, 5))[:, ::2]).data_ptr() % 64 == 0  # as torch allocates

@@ -21,7 +21,7 @@ from flax import nnx
 import jax_impl
 import torch_impl
 from vit_config import ViTConfig
-from weight_transfer.table import NNX_TORCH, Rule, apply_table, oriented, rule
+from weight_transfer.table import NNX_TORCH, Rule, apply_table, empty_aligned, oriented, rule
 from weight_transfer.transforms import STACK
 
 Flat = dict[str, np.ndarray]
@@ -37,10 +37,12 @@ def torch_to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def numpy_to_torch(a: np.ndarray, *, share: bool = False) -> torch.Tensor:
-    """A tensor holding a copy of `a`; with `share`, `a`'s own buffer when it is writable and
-    contiguous (for fresh arrays nobody else holds)."""
+    """A tensor holding a copy of `a` (64-byte aligned, as torch allocates); with `share`, `a`'s
+    own buffer when it is writable and contiguous (for fresh arrays nobody else holds)."""
     if not (share and a.flags.writeable and a.flags.c_contiguous):
-        a = np.array(a, copy=True, order="C")
+        copy = empty_aligned(a.shape, a.dtype)
+        np.copyto(copy, a)
+        a = copy
     if a.dtype == ml_dtypes.bfloat16:
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)

@@ -512,7 +512,9 @@ def _header(order: list[tuple[str, Meta]], metadata: dict[str, str]) -> bytes:
                        "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    # Padded (the format allows trailing spaces) so the data starts 64 bytes into a cache line:
+    # memory-mapped tensors then start 64-byte aligned, as torch's allocator aligns them.
+    raw += b" " * (-(8 + len(raw)) % 64)
     return struct.pack("<Q", len(raw)) + raw
 
 

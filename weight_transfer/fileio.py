@@ -62,7 +62,7 @@ class SequentialWriter:
     `O_DIRECT` when the platform and filesystem accept it (Linux ext4, xfs, ...), else through
     the page cache (tmpfs, macOS, or `direct=False`). The same bytes either way."""
 
-    def __init__(self, path: Path, *, direct: bool = True, chunk: int = 16 << 20,
+    def __init__(self, path: Path, *, direct: bool = True, chunk: int = 8 << 20,
                  buffers: int = 3):
         assert chunk % ALIGN == 0
         self.path, self.chunk = path, chunk

@@ -7,6 +7,7 @@ from the right (`Transform.reversed`); there is never a second table.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -164,6 +165,17 @@ def check_table(source: Mapping[str, Meta], rules: list[Rule],
     return active
 
 
+def empty_aligned(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray:
+    """`np.empty`, starting on a 64-byte boundary as torch's and XLA's allocators do (numpy's
+    large arrays start 16 bytes past a page): torch models that share these buffers run their
+    GEMMs on aligned weights, like models built by torch itself."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def to_contiguous(a: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
     """`np.ascontiguousarray`, but a large transposed matrix is copied in strips one cache line
     wide: each pass fills 64 bytes of every output row while reading a few source rows as
@@ -173,9 +185,9 @@ def to_contiguous(a: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray
     if `a` is already contiguous."""
     strips = a.ndim == 2 and a.flags.f_contiguous and not a.flags.c_contiguous and a.size >= 1 << 16
     if out is None:
-        if not strips:
-            return np.ascontiguousarray(a)
-        out = np.empty(a.shape, a.dtype)
+        if a.flags.c_contiguous:
+            return a
+        out = empty_aligned(a.shape, a.dtype)
     if not strips:
         np.copyto(out, a)
         return out
