@@ -59,8 +59,9 @@ class Background:
 class SequentialWriter:
     """A new file written front to back. Bytes gather in page-aligned staging buffers; each
     full buffer goes to the file on a background thread while the next one fills, with
-    `O_DIRECT` when the platform and filesystem accept it (Linux ext4, xfs, ...), else through
-    the page cache (tmpfs, macOS, or `direct=False`). The same bytes either way."""
+    `O_DIRECT` when the platform and filesystem accept it (Linux ext4, xfs, recent tmpfs...),
+    else through the page cache (a filesystem that refuses it at open or at the first write,
+    macOS, or `direct=False`). The same bytes either way."""
 
     def __init__(self, path: Path, *, direct: bool = True, chunk: int = 8 << 20,
                  buffers: int = 3):
@@ -72,7 +73,7 @@ class SequentialWriter:
             try:
                 self.fd = os.open(path, flags | os.O_DIRECT, 0o644)
             except OSError:
-                pass  # the filesystem refuses O_DIRECT (tmpfs): buffered below
+                pass  # the filesystem refuses O_DIRECT: buffered below
         self.direct = self.fd >= 0
         if not self.direct:
             self.fd = os.open(path, flags, 0o644)
