@@ -21,7 +21,15 @@ from flax import nnx
 import jax_impl
 import torch_impl
 from vit_config import ViTConfig
-from weight_transfer.table import NNX_TORCH, Rule, apply_table, empty_aligned, oriented, rule
+from weight_transfer.table import (
+    NNX_TORCH,
+    Rule,
+    apply_table,
+    empty_aligned,
+    oriented,
+    rule,
+    to_contiguous,
+)
 from weight_transfer.transforms import STACK
 
 Flat = dict[str, np.ndarray]
@@ -40,9 +48,7 @@ def numpy_to_torch(a: np.ndarray, *, share: bool = False) -> torch.Tensor:
     """A tensor holding a copy of `a` (64-byte aligned, as torch allocates); with `share`, `a`'s
     own buffer when it is writable and contiguous (for fresh arrays nobody else holds)."""
     if not (share and a.flags.writeable and a.flags.c_contiguous):
-        copy = empty_aligned(a.shape, a.dtype)
-        np.copyto(copy, a)
-        a = copy
+        a = to_contiguous(a, out=empty_aligned(a.shape, a.dtype))
     if a.dtype == ml_dtypes.bfloat16:
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)

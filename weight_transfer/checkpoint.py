@@ -178,10 +178,11 @@ class SafetensorsReader:
 
     def digests(self) -> list[bytes] | None:
         """Each file's sha256 if every byte was hashed, else None."""
-        if self.hashing is not None and self.hashed == self.sizes:
+        complete = self.hashed == self.sizes
+        if complete and self.hashing is not None:
             self.hashing.drain()
         self.close()
-        return [h.digest() for h in self.hashers] if self.hashed == self.sizes else None
+        return [h.digest() for h in self.hashers] if complete else None
 
     def close(self) -> None:
         """Stop the hashing thread; updates still queued are dropped."""

@@ -162,8 +162,9 @@ def save_checkpoint(model, path: str | os.PathLike, *, layout: str = "nnx",
     manifest = {"format_version": FORMAT_VERSION, "layout": dst_layout.name,
                 "source": f"{type(model).__module__.split('.')[0]}.ViT in memory"}
     with atomic_output(out, force=force) as tmp:
-        name = write_layout(tmp / out.name, dst_layout, plan, plan.run(flat.items(), materialize=False),
-                            model.config, manifest, parse_size(max_shard_size))
+        tensors = plan.run(flat.items(), materialize=False)  # the writer makes them contiguous
+        name = write_layout(tmp / out.name, dst_layout, plan, tensors, model.config, manifest,
+                            parse_size(max_shard_size))
     return out.parent / name
 
 
