@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vit_config import ViTConfig, check_image_shape
+from vit_config import ArgumentError, ViTConfig, check_image_shape
 
 Tap = Callable[[str, jax.Array], jax.Array]
 
@@ -32,9 +32,9 @@ def resolve_dtype(dtype) -> jnp.dtype:
     """float32 by default; float64 only when JAX x64 is on (otherwise JAX silently demotes)."""
     dtype = jnp.dtype(dtype if dtype is not None else jnp.float32)
     if dtype == jnp.float64 and not jax.config.jax_enable_x64:
-        raise ValueError("dtype float64 needs JAX x64: jax.config.update('jax_enable_x64', True)")
+        raise ArgumentError("dtype float64 needs JAX x64: jax.config.update('jax_enable_x64', True)")
     if dtype not in (jnp.float32, jnp.float64, jnp.bfloat16):
-        raise ValueError(f"dtype {dtype} is not supported: expected float32, float64 or bfloat16")
+        raise ArgumentError(f"dtype {dtype} is not supported: expected float32, float64 or bfloat16")
     return dtype
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_impl.model import ViT
-from vit_config import ViTConfig
+from vit_config import ArgumentError, ViTConfig
 
 
 def vit_forward(seed, image, patch_size, d_model, num_heads, d_ff, num_layers, num_classes):
@@ -25,7 +25,7 @@ def vit_cls_forward(seed, image, patch_size, d_model, num_heads, d_ff, num_layer
 def _forward(pool, seed, image, patch_size, d_model, num_heads, d_ff, num_layers, num_classes):
     image = jnp.asarray(image)
     if image.ndim != 3:
-        raise ValueError(f"expected one unbatched (H, W, C) image, got shape {image.shape}")
+        raise ArgumentError(f"expected one unbatched (H, W, C) image, got shape {image.shape}")
     p = int(patch_size)
     h, w, c = image.shape
     # A VALID conv with stride P ignores the last H % P rows and W % P columns.

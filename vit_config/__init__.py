@@ -11,14 +11,25 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ACTIVATIONS", "POOLS", "PRESETS", "ConfigError", "ImageShapeError", "ViTConfig",
-           "check_image_shape"]
+__all__ = ["ACTIVATIONS", "POOLS", "PRESETS", "ArgumentError", "ConfigError", "ImageShapeError", "ViTConfig",
+           "VitParityError", "check_image_shape"]
 
 POOLS = ("mean", "cls")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 
 
-class ConfigError(ValueError):
+class VitParityError(ValueError):
+    """Bad input, named: the base of every error this project raises for what a user gave it
+    (a config, a file, an argument). The CLI reports these (and `OSError`) in one line with
+    exit code 2; any other exception is a bug and keeps its traceback."""
+
+
+class ArgumentError(VitParityError):
+    """An argument outside what a function or command accepts (a framework, dtype, sharding,
+    interpolation or optimiser name, a size)."""
+
+
+class ConfigError(VitParityError):
     """A `ViTConfig` field holds a value no ViT can be built from."""
 
     def __init__(self, field: str, value: Any, why: str):
@@ -172,7 +183,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class ImageShapeError(ValueError):
+class ImageShapeError(VitParityError):
     """An image batch whose rank, channels or size does not fit the model's config."""
 
 

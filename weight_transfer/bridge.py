@@ -20,7 +20,7 @@ from flax import nnx
 
 import jax_impl
 import torch_impl
-from vit_config import ViTConfig
+from vit_config import ArgumentError, ViTConfig
 from weight_transfer.table import (
     NNX_TORCH,
     Rule,
@@ -56,7 +56,7 @@ def numpy_to_torch(a: np.ndarray, *, share: bool = False) -> torch.Tensor:
 
 def numpy_to_jax(a: np.ndarray) -> jax.Array:
     if a.dtype == np.float64 and not jax.config.jax_enable_x64:
-        raise ValueError("float64 weights need JAX x64 (jax.config.update('jax_enable_x64', True)"
+        raise ArgumentError("float64 weights need JAX x64 (jax.config.update('jax_enable_x64', True)"
                          " or `with jax.enable_x64(True):`); JAX would silently demote them")
     return jnp.asarray(a)
 

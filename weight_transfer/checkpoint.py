@@ -15,6 +15,7 @@ import mmap
 import os
 import re
 import shutil
+import stat
 import struct
 import tempfile
 import zipfile
@@ -26,7 +27,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from vit_config import ConfigError, ViTConfig
+from vit_config import ConfigError, ViTConfig, VitParityError
 from weight_transfer.fileio import Background, SequentialWriter
 from weight_transfer.layouts import LAYOUTS, Layout, LayoutError, detect_layout
 from weight_transfer.table import (
@@ -49,7 +50,7 @@ DTYPE_CODES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
 NPZ_MANIFEST = "__vit_parity__"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(VitParityError):
     """A checkpoint file that cannot be read, trusted or written, with the path and the reason."""
 
 
@@ -67,6 +68,8 @@ class Source:
     hf_config: dict[str, Any] | None = None  # config.json next to the weights
     files: list[Path] = field(default_factory=list)
     reader: SafetensorsReader | None = None  # reads in file order and hashes as it goes
+    closer: Callable[[], None] | None = None  # releases what the source holds open
+    folder: Path | None = None  # the folder given, when the weights were found in one
 
     def items(self, keys: Iterable[str] | None = None, *, digest: bool = False
               ) -> Iterator[tuple[str, np.ndarray]]:
@@ -82,6 +85,8 @@ class Source:
         """Stop background hashing (a conversion that failed midway leaves no thread)."""
         if self.reader is not None:
             self.reader.close()
+        if self.closer is not None:
+            self.closer()
 
     def digest(self) -> str:
         """The file's sha256 (what `sha256sum` prints and the Hugging Face Hub lists as the
@@ -148,6 +153,9 @@ class SafetensorsReader:
             header, start = _read_safetensors_header(path)
             self.metadata.update(header.pop("__metadata__", None) or {})
             for key, info in header.items():
+                if key in self.meta:
+                    raise CheckpointError(f"tensor {key!r} is stored twice: in "
+                                          f"{paths[self.where[key][0]]} and in {path}")
                 self.meta[key] = (tuple(info["shape"]), np.dtype(SAFETENSORS_DTYPES[info["dtype"]]))
                 begin, end = info["data_offsets"]
                 self.where[key] = (i, start + begin, start + end)
@@ -201,44 +209,43 @@ def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> S
     if path.is_dir():
         cfg = path / "config.json"
         hf_config = _read_json(cfg) if cfg.exists() else None
+        if hf_config is not None and not isinstance(hf_config, dict):
+            raise CheckpointError(f"{cfg}: expected a JSON object, got {type(hf_config).__name__}")
         names = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin")
         path_in = next((path / n for n in names if (path / n).exists()), None)
         if path_in is None:
             raise CheckpointError(f"{path}: a folder without model.safetensors, "
                                   f"model.safetensors.index.json or pytorch_model.bin")
         source = read_checkpoint(path_in, allow_pickle=allow_pickle)
-        source.hf_config = hf_config
+        source.hf_config, source.folder = hf_config, path
         return source
+    regular_file(path)
     name = path.name
     if name.endswith(".safetensors.index.json"):
-        index = _read_json(path)
-        try:
-            shards = sorted(set(index["weight_map"].values()))
-        except (KeyError, AttributeError, TypeError):
-            raise CheckpointError(f"{path}: not a sharded index (no 'weight_map')") from None
+        weight_map = _read_index(path)
+        shards = sorted(set(weight_map.values()))
         files = [path.parent / s for s in shards]
         for f in files:
-            if not f.exists():
+            if not f.is_file():
                 raise CheckpointError(f"{path}: shard {f.name} is missing")
         reader = SafetensorsReader(files)
-        listed = set(index["weight_map"])
-        if listed != set(reader.meta):
-            raise CheckpointError(f"{path}: the index and the shards disagree on "
-                                  f"{sorted(listed ^ set(reader.meta))[:5]}")
+        stored = {k: files[reader.where[k][0]].name for k in reader.meta}
+        wrong = sorted(k for k in set(weight_map) | set(stored)
+                       if weight_map.get(k) != stored.get(k))
+        if wrong:
+            k = wrong[0]
+            raise CheckpointError(f"{path}: the index and the shards disagree on {len(wrong)} "
+                                  f"tensor(s), e.g. {k!r}: the index says "
+                                  f"{weight_map.get(k, 'nothing')}, the shards hold it in "
+                                  f"{stored.get(k, 'none')}")
         return Source(path, reader.meta, reader.load, reader.metadata, files=files, reader=reader)
     if name.endswith(".safetensors"):
         reader = SafetensorsReader([path])
         return Source(path, reader.meta, reader.load, reader.metadata, files=[path], reader=reader)
     if name.endswith(".npz"):
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-            raise CheckpointError(f"{path}: not a readable .npz ({e})") from None
-        manifest = arrays.pop(NPZ_MANIFEST, None)
-        metadata = {"vit_parity": manifest.tobytes().decode()} if manifest is not None else {}
-        return Source(path, {k: (a.shape, a.dtype) for k, a in arrays.items()},
-                      arrays.__getitem__, metadata, files=[path])
+        reader = NpzReader(path)
+        return Source(path, reader.meta, reader.load, reader.metadata, files=[path],
+                      closer=reader.close)
     if name.endswith((".bin", ".pth", ".pt")):
         if not allow_pickle:
             raise CheckpointError(f"{path}: a pickle-based torch file; it is only read when asked "
@@ -247,6 +254,84 @@ def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> S
         return _read_torch_pickle(path)
     raise CheckpointError(f"{path}: unknown checkpoint type (expected .safetensors, "
                           f".safetensors.index.json, a folder, .npz, or .bin/.pth with pickle)")
+
+
+MANIFEST_MAX_BYTES = 1 << 20
+
+
+class NpzReader:
+    """The arrays of an `.npz`, read one at a time: the zip directory and each member's `.npy`
+    header are read first (names, dtypes, shapes), each member's declared size is checked
+    against its header, and nothing is inflated before a key is asked for. A 2-byte void
+    array is bfloat16 (numpy cannot name that dtype; timm's `_load_weights(load_bfloat16=True)`
+    reads such arrays the same way)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.zip = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable .npz ({e})") from None
+        self.meta: dict[str, Meta] = {}
+        self.members: dict[str, zipfile.ZipInfo] = {}
+        self.metadata: dict[str, str] = {}
+        try:
+            for info in self.zip.infolist():
+                self._add(info)
+        except BaseException:
+            self.zip.close()
+            raise
+
+    def _add(self, info: zipfile.ZipInfo) -> None:
+        where = f"{self.path}: member {info.filename!r}"
+        if not info.filename.endswith(".npy"):
+            raise CheckpointError(f"{where} is not an .npy array")
+        key = info.filename.removesuffix(".npy")
+        if key in self.members:
+            raise CheckpointError(f"{where} appears twice in the archive")
+        try:
+            with self.zip.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                    else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read_header(f)
+                header_bytes = f.tell()
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, RuntimeError) as e:
+            raise CheckpointError(f"{where}: not a readable .npy ({e})") from None
+        if dtype.hasobject:
+            raise CheckpointError(f"{where} holds Python objects (pickle); refused")
+        want = header_bytes + math.prod(shape) * dtype.itemsize
+        if info.file_size != want:
+            raise CheckpointError(f"{where} declares {info.file_size} bytes, but its header says "
+                                  f"{shape} {dtype} ({want} bytes with the header): corrupt")
+        if key == NPZ_MANIFEST:
+            if info.file_size > MANIFEST_MAX_BYTES:
+                raise CheckpointError(f"{where}: a {info.file_size}-byte manifest is too large")
+            raw = self._read(info).tobytes()
+            try:
+                self.metadata["vit_parity"] = raw.decode()
+            except UnicodeDecodeError:
+                raise CheckpointError(f"{where}: the manifest is not UTF-8 text") from None
+            return
+        if dtype.kind == "V" and dtype.itemsize == 2 and dtype.fields is None:
+            dtype = np.dtype(ml_dtypes.bfloat16)
+        self.members[key] = info
+        self.meta[key] = (tuple(shape), dtype)
+
+    def _read(self, info: zipfile.ZipInfo) -> np.ndarray:
+        try:
+            with self.zip.open(info) as f:
+                return np.lib.format.read_array(f, allow_pickle=False)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, RuntimeError) as e:
+            raise CheckpointError(f"{self.path}: member {info.filename!r}: {e}") from None
+
+    def load(self, key: str) -> np.ndarray:
+        array = self._read(self.members[key])
+        dtype = self.meta[key][1]
+        return array.view(dtype) if array.dtype != dtype else array
+
+    def close(self) -> None:
+        self.zip.close()
 
 
 def _read_torch_pickle(path: Path) -> Source:
@@ -265,10 +350,45 @@ def _read_torch_pickle(path: Path) -> Source:
                   files=[path])
 
 
-def _read_json(path: Path) -> Any:
+def _read_index(path: Path) -> dict[str, str]:
+    """A sharded index's `weight_map`, checked: tensor name -> a shard file beside the index."""
+    index = _read_json(path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{path}: not a sharded index (expected a 'weight_map' object of "
+                              f"tensor name -> shard file name)")
+    for shard_name in set(weight_map.values()):
+        if Path(shard_name).name != shard_name or shard_name in ("", ".", ".."):
+            raise CheckpointError(f"{path}: shard path {shard_name!r} leaves the index's folder; "
+                                  f"shards must be plain file names beside the index")
+    return weight_map
+
+
+JSON_MAX_BYTES = 64 << 20  # a config.json or an index; ViT-g's index is about 100 KB
+
+
+def regular_file(path: Path) -> Path:
+    """`path`, refused unless it is a regular file (a FIFO would block, a device never end)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: not a regular file; checkpoints are read from regular "
+                              f"files (or folders of them)")
+    return path
+
+
+def _read_json(path: Path) -> Any:
+    """A small JSON file: regular, at most `JSON_MAX_BYTES`, UTF-8."""
+    with open(regular_file(path), "rb") as f:
+        raw = f.read(JSON_MAX_BYTES + 1)
+    if len(raw) > JSON_MAX_BYTES:
+        raise CheckpointError(f"{path}: larger than {JSON_MAX_BYTES} bytes; not a config or index")
+    try:
+        return json.loads(raw.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
@@ -313,6 +433,39 @@ def probe_keys(layout: Layout) -> dict[str, str]:
 BLOCK_INDEX = re.compile(r"(?:^|[./])(?:blocks\.|layer\.|layers\.|encoderblock_)(\d+)[./]")
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                   "gelu_fast": "gelu_tanh", "relu": "relu"}
+
+
+_MISSING = object()
+
+
+def json_field(cfg: Mapping[str, Any], key: str, kinds: type | tuple[type, ...], where: Path,
+               default: Any = _MISSING) -> Any:
+    """`cfg[key]`, checked to be one of `kinds` (a bool is never taken for a number); absent,
+    `default` (null is a value, and refused like any other of the wrong type)."""
+    if key not in cfg:
+        if default is _MISSING:
+            raise CheckpointError(f"{where}: config.json has no {key!r}")
+        return default
+    value = cfg[key]
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise CheckpointError(f"{where}: config.json {key!r} is {value!r}; expected {names}")
+    return value
+
+
+def hf_config_fields(hf: Mapping[str, Any], where: Path) -> dict[str, Any]:
+    """The fields a Hugging Face ViT `config.json` states, checked: an activation or size this
+    ViT cannot run is refused by name, never replaced by a default."""
+    act = json_field(hf, "hidden_act", str, where, "gelu")
+    if act not in HF_ACTIVATIONS:
+        raise CheckpointError(f"{where}: config.json hidden_act {act!r} is not supported (known: "
+                              f"{', '.join(sorted(HF_ACTIVATIONS))}); refusing rather than "
+                              f"running a different activation")
+    size = json_field(hf, "image_size", (int, list), where, 224)
+    return dict(num_heads=json_field(hf, "num_attention_heads", int, where),
+                ln_eps=json_field(hf, "layer_norm_eps", (float, int), where, 1e-12),
+                activation=HF_ACTIVATIONS[act], image_size=size)
 
 
 def _normalise_hf(source: Source, dropped: list[str]) -> None:
@@ -378,9 +531,7 @@ def infer_config(source: Source, layout: Layout | None = None,
     found.update({f: "tensor shapes" for f in sizes})
     hf = source.hf_config or {}
     if hf:
-        sizes.update(num_heads=hf["num_attention_heads"], ln_eps=hf.get("layer_norm_eps", 1e-12),
-                     activation=HF_ACTIVATIONS.get(hf.get("hidden_act", "gelu"), "gelu"),
-                     image_size=hf.get("image_size", 224))
+        sizes.update(hf_config_fields(hf, source.path))
         found.update({f: "config.json" for f in ("num_heads", "ln_eps", "activation", "image_size")})
     else:
         side = math.isqrt(n)
@@ -480,26 +631,58 @@ def plan_conversion(meta: Mapping[str, Meta], src: Layout, dst: Layout, config: 
 # ---- writing ------------------------------------------------------------------------------------
 
 
+FileId = tuple[int, int]  # (st_dev, st_ino): one file, under whatever name or mount
+
+
+def file_ids(path: Path, *, limit: int = 100_000) -> set[FileId]:
+    """The identity of `path` (followed through links) and, for a folder, of everything in it."""
+    ids: set[FileId] = set()
+    with contextlib.suppress(OSError):
+        st = path.stat()
+        ids.add((st.st_dev, st.st_ino))
+        if stat.S_ISDIR(st.st_mode):
+            for root, dirs, names in os.walk(path):
+                for n in dirs + names:
+                    with contextlib.suppress(OSError):
+                        st = (Path(root) / n).stat()
+                        ids.add((st.st_dev, st.st_ino))
+                if len(ids) > limit:
+                    break
+    return ids
+
+
+def _refuse_clobbering(final: Path, protected: set[FileId]) -> None:
+    if protected and file_ids(final) & protected:
+        raise CheckpointError(f"{final}: the output would overwrite the input (or delete it: "
+                              f"the same file, or a folder holding it, under another name or "
+                              f"mount); refused even with --force: choose another output")
+
+
 @contextlib.contextmanager
-def atomic_output(dst: Path, *, force: bool = False) -> Iterator[Path]:
+def atomic_output(dst: Path, *, force: bool = False, protected: set[FileId] = frozenset()
+                  ) -> Iterator[Path]:
     """A temporary folder next to `dst`: write the outputs there under their final names; they
-    are moved into place only if the block succeeds, so a failure leaves nothing behind."""
-    if dst.exists() and not force:
+    are moved into place only if the block succeeds, so a failure leaves nothing behind.
+    Nothing that exists (a dangling link included) is replaced without `force`, and nothing in
+    `protected` (the inputs' file identities) is replaced or deleted at all."""
+    _refuse_clobbering(dst, protected)
+    if os.path.lexists(dst) and not force:
         raise CheckpointError(f"{dst}: already exists (use --force / force=True to replace it)")
     if not dst.parent.is_dir():
         raise CheckpointError(f"{dst}: the directory {dst.parent} does not exist")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
         yield tmp
-        produced = sorted(tmp.iterdir())
-        clashes = [dst.parent / p.name for p in produced if (dst.parent / p.name).exists()]
+        finals = [dst.parent / p.name for p in sorted(tmp.iterdir())]
+        clashes = [f for f in finals if os.path.lexists(f)]
         if clashes and not force:
             raise CheckpointError(f"{clashes[0]}: already exists (use --force / force=True)")
-        for p in produced:
-            final = dst.parent / p.name
+        for final in clashes:
+            _refuse_clobbering(final, protected)
+        for final in finals:
             if final.is_dir() and not final.is_symlink():
                 shutil.rmtree(final)
-            os.replace(p, final)
+            os.replace(tmp / final.name, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

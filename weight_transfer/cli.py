@@ -1,6 +1,7 @@
 """The `vit-parity` command line (also `python -m weight_transfer`).
 
-Exit codes: 0 success, 1 a parity failure, 2 bad input (one message on stderr, no traceback).
+Exit codes: 0 success, 1 a parity failure, 2 bad input (one message on stderr, no traceback),
+128 + N when stopped by signal N; 3 for a bug (traceback shown).
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ import json
 import sys
 from dataclasses import asdict
 
-from vit_config import PRESETS, ViTConfig
+from vit_config import PRESETS, ArgumentError, ViTConfig, VitParityError
 
 PROG = "vit-parity"
 DEFAULT_PRESET = "vit_b16"
 
 
-class UsageError(ValueError):
+class UsageError(ArgumentError):
     """Bad input from the command line: reported in one line with exit code 2."""
 
 
@@ -189,10 +190,11 @@ def _load_pair(args: argparse.Namespace):
 def cmd_diff(args: argparse.Namespace) -> int:
     from weight_transfer.parity import compare
 
+    _check_plot_target(args)
     ref, cand, images = _load_pair(args)
     report = compare(ref, cand, images)
     if args.plot:
-        plot_report(report, args.plot)
+        _save_plot(args, lambda path: plot_report(report, path))
     if args.json:
         _print_json(report.as_dict())
     else:
@@ -205,6 +207,32 @@ def cmd_diff(args: argparse.Namespace) -> int:
                             ("gap64", "max |diff| f64"), ("ok", "result")]))
         print(f"first divergence: {report.first_divergence or 'none'}")
     return 0 if report.passed else 1
+
+
+def _check_plot_target(args: argparse.Namespace) -> None:
+    """Refuse an existing --plot file (a dangling link included) unless --force, before work."""
+    import os
+
+    if args.plot and os.path.lexists(args.plot) and not args.force:
+        raise UsageError(f"--plot {args.plot}: already exists (use --force to replace it)")
+    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+        raise UsageError(f"--plot {args.plot}: its folder does not exist")
+
+
+def _save_plot(args: argparse.Namespace, draw) -> None:
+    """Draw into a temporary file beside the target, then rename it into place (atomic)."""
+    import os
+    import tempfile
+
+    folder, name = os.path.split(os.path.abspath(args.plot))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=os.path.splitext(name)[1], dir=folder)
+    os.close(fd)
+    try:
+        draw(tmp)
+        os.replace(tmp, args.plot)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
 
 
 def plot_report(report, path: str) -> None:
@@ -258,6 +286,10 @@ def cmd_train_parity(args: argparse.Namespace) -> int:
         from weight_transfer.training import Hyper, plot_losses, train_parity
     except ImportError as e:
         raise UsageError(str(e)) from None
+    _check_plot_target(args)
+    for name in ("steps", "batch"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} {getattr(args, name)}: expected a positive number")
     lr = args.lr if args.lr is not None else (3e-3 if args.optimizer == "adamw" else 0.1)
     try:
         report = train_parity(Hyper(optimizer=args.optimizer, lr=lr, steps=args.steps,
@@ -266,7 +298,7 @@ def cmd_train_parity(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise UsageError(str(e)) from None
     if args.plot:
-        plot_losses(report, args.plot)
+        _save_plot(args, lambda path: plot_losses(report, path))
     if args.json:
         _print_json(report.as_dict())
         return 0 if report.passed else 1
@@ -366,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "its own float64 run) and the float64 gap; exit 1 if a layer diverges.")
     _add_pair_options(p)
     p.add_argument("--plot", metavar="FILE.png", help="draw error against depth")
+    p.add_argument("--force", action="store_true", help="replace an existing --plot file")
     p.set_defaults(run=cmd_diff)
 
     p = sub.add_parser("doctor", help="name the fault that makes two models disagree",
@@ -388,18 +421,92 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", metavar="FILE.png", help="draw both loss curves")
+    p.add_argument("--force", action="store_true", help="replace an existing --plot file")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(run=cmd_train_parity)
     return parser
 
 
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP, raised where the program is so that cleanup (`finally`) runs."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signum)
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+class _QuietPipe:
+    """stdout that survives a reader who went away (`vit-parity ... | head`): once the pipe
+    breaks, the rest is discarded and the command's own exit code stands."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._discard()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._discard()
+
+    def _discard(self) -> None:
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.stream.fileno())  # so the interpreter's final flush is quiet too
+        os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 success, 1 a parity failure, 2 bad input (`VitParityError` or `OSError`:
+    one line on stderr), 130 / 143 / 129 interrupted by SIGINT / SIGTERM / SIGHUP (temporary
+    outputs removed). Anything else is a bug: its traceback is printed and the code is 3."""
+    import signal
+    import traceback
+
     args = build_parser().parse_args(argv)
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGHUP)}
+    stdout, sys.stdout = sys.stdout, _QuietPipe(sys.stdout)
     try:
         return args.run(args)
-    except (ValueError, OSError) as e:  # typed user-facing errors; anything else is a bug
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+    except (VitParityError, OSError) as e:  # bad input, named; anything else is a bug
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Interrupted as e:
+        print(f"{PROG}: stopped by {signal.Signals(e.signum).name}", file=sys.stderr)
+        return 128 + e.signum
+    except Exception:
+        traceback.print_exc()
+        print(f"{PROG}: internal error (a bug, not bad input): please report it with the "
+              f"traceback above", file=sys.stderr)
+        return 3
+    finally:
+        sys.stdout = stdout
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _one_line(e: BaseException) -> str:
+    """An error's message; an OSError without a path still names what failed."""
+    if isinstance(e, OSError) and e.filename is None and e.strerror:
+        return f"{e.strerror} ({type(e).__name__})"
+    return str(e)
 
 
 if __name__ == "__main__":

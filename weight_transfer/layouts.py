@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vit_config import ViTConfig
+from vit_config import ViTConfig, VitParityError
 from weight_transfer.table import NNX_TORCH, Rule, rule
 from weight_transfer.transforms import (
     BATCH_AXIS,
@@ -183,7 +183,7 @@ LAYOUTS: dict[str, Layout] = {l.name: l for l in (
 )}
 
 
-class LayoutError(ValueError):
+class LayoutError(VitParityError):
     """The keys match no known layout, or a layout was asked for by an unknown name."""
 
 

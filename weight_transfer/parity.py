@@ -18,7 +18,7 @@ from flax import nnx
 
 import jax_impl
 import torch_impl
-from vit_config import ViTConfig
+from vit_config import ArgumentError, ViTConfig
 from weight_transfer.bridge import (
     nchw_to_nhwc,
     nhwc_to_nchw,
@@ -145,7 +145,7 @@ def check_direction(config: ViTConfig, direction: str, dtype: str = "float32", *
             source = random_torch(config, seed, dtype)
             ref, out = run_torch(source, images), run_nnx(to_nnx(source), images)
         else:
-            raise ValueError(f"direction {direction!r}: expected 'nnx->torch' or 'torch->nnx'")
+            raise ArgumentError(f"direction {direction!r}: expected 'nnx->torch' or 'torch->nnx'")
         err, scale = max_error(ref, out)
     return DirectionResult(direction, dtype, err, scale, TOLERANCE[dtype])
 

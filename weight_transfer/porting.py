@@ -11,7 +11,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from vit_config import ViTConfig
+from vit_config import ArgumentError, ViTConfig, VitParityError
 from weight_transfer.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
@@ -19,6 +19,7 @@ from weight_transfer.checkpoint import (
     Plan,
     Source,
     atomic_output,
+    file_ids,
     infer_config,
     parse_size,
     plan_conversion,
@@ -33,7 +34,7 @@ SAVE_LAYOUTS = ("nnx", "torch", "timm", "hf", "big_vision")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(VitParityError):
     """A weight holds NaN or Inf (refused unless allowed)."""
 
 
@@ -58,16 +59,26 @@ def _hook(config: ViTConfig, out: ViTConfig, dtype, allow_nonfinite: bool, inter
     """What happens to each tensor in our base layout: NaN/Inf check, resampling, dtype."""
 
     def hook(key: str, a: np.ndarray, dry: bool) -> np.ndarray:
-        if not dry and not allow_nonfinite and (bad := count_nonfinite(a)):
+        screen = not dry and not allow_nonfinite
+        if screen and (bad := count_nonfinite(a)):
             raise NonFiniteError(f"weight {key!r} holds {bad} NaN/Inf value(s); refused "
                                  f"(allow_nonfinite=True, --allow-nonfinite to load)")
+        b = a
         if key == "pos_embed" and out.grid != config.grid:
-            a = resample_pos_embed(np.asarray(a), config.grid, out.grid,
+            b = resample_pos_embed(np.asarray(b), config.grid, out.grid,
                                    num_prefix_tokens=int(config.pool == "cls"),
                                    interpolation=interpolation, antialias=antialias)
-        return a.astype(dtype, copy=False) if dtype is not None else a
+        b = b.astype(dtype, copy=False) if dtype is not None else b
+        # Finite in, not finite out: the cast (or resampling in half precision) overflowed.
+        if screen and b is not a and (bad := count_nonfinite(b)):
+            raise NonFiniteError(f"weight {key!r}: {bad} value(s) overflow {b.dtype} (largest "
+                                 f"|value| {float(np.max(np.abs(a.astype(np.float64)))):.6g}, "
+                                 f"{b.dtype} holds up to {float(ml_dtypes.finfo(b.dtype).max):.6g}); "
+                                 f"refused (allow_nonfinite=True, --allow-nonfinite to write it)")
+        return b
 
     return hook
+
 
 
 def count_nonfinite(a: np.ndarray) -> int:
@@ -112,9 +123,9 @@ def load_checkpoint(path: str | os.PathLike, framework: str = "jax", *, layout: 
     `sharding="replicated"` or `"fsdp"` (see `weight_transfer.sharding`).
     """
     if framework not in ("jax", "torch"):
-        raise ValueError(f"framework {framework!r}: expected 'jax' or 'torch'")
+        raise ArgumentError(f"framework {framework!r}: expected 'jax' or 'torch'")
     if mesh is not None and framework != "jax":
-        raise ValueError("mesh= places a JAX model's parameters; framework must be 'jax'")
+        raise ArgumentError("mesh= places a JAX model's parameters; framework must be 'jax'")
     to = LAYOUTS["nnx" if framework == "jax" else "torch"]
     p = prepare(path, to, layout=layout, image_size=image_size, dtype=dtype, config=config,
                 allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
@@ -182,15 +193,15 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
                 allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
                 interpolation=interpolation, antialias=antialias)
     out = _target_path(Path(dst), dst_layout)
-    if out.resolve() in {f.resolve() for f in p.source.files} | {p.source.path.resolve()}:
-        raise CheckpointError(f"{out}: the output would overwrite the input")
+    inputs = [p.source.path, *p.source.files, *([p.source.folder] if p.source.folder else [])]
+    protected = set().union(*(file_ids(f) for f in inputs))  # every input file, under any name
     manifest = {"format_version": FORMAT_VERSION, "layout": dst_layout.name,
                 "source_layout": p.inferred.layout.name}
     tensors = p.plan.run(p.source.items(p.plan.inputs, digest=True), materialize=False)
     if progress is not None:
         tensors = _counted(tensors, len(p.plan.order), progress)
     try:
-        with atomic_output(out, force=force) as tmp:
+        with atomic_output(out, force=force, protected=protected) as tmp:
             name = write_layout(tmp / out.name, dst_layout, p.plan, tensors, p.config, manifest,
                                 parse_size(max_shard_size), source_digest=p.source.digest)
     finally:
@@ -215,6 +226,9 @@ def inspect_checkpoint(path: str | os.PathLike, *, layout: str | None = None,
     """Layout, inferred config, parameter count, dtypes, sizes and NaN/Inf counts of a file."""
     source = read_checkpoint(path, allow_pickle=allow_pickle)
     inferred = infer_config(source, get_layout(layout) if layout else None)
+    # Every key and shape checked against the config before any tensor is read.
+    plan_conversion(source.meta, inferred.layout, LAYOUTS[inferred.layout.base], inferred.config,
+                    what=f"{inferred.layout.name} ({source.path.name})")
     tensors, dtypes, nonfinite = 0, {}, {}
     size = 0
     for key, a in source.items():

@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from vit_config import ArgumentError
+
 INTERPOLATIONS = ("bilinear", "bicubic")
 
 
@@ -53,7 +55,7 @@ def _cubic_taps32(t: np.float32, a: np.float32 = f32(-0.75)) -> list[np.float32]
 def weights_1d(n_in: int, n_out: int, interpolation: str, antialias: bool) -> np.ndarray:
     """(n_out, n_in) float64 matrix M with out = M @ in along one axis."""
     if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation {interpolation!r}: expected one of {INTERPOLATIONS}")
+        raise ArgumentError(f"interpolation {interpolation!r}: expected one of {INTERPOLATIONS}")
     scale = f32(n_in) / f32(n_out)  # torch computes scales and source coordinates in float32
     m = np.zeros((n_out, n_in))
     if antialias:  # torch's separable AA kernels (PIL's), widened when downsampling, normalised

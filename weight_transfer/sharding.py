@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from vit_config import ArgumentError
+
 SHARDINGS = ("replicated", "fsdp")
 
 
@@ -51,7 +53,7 @@ def load_sharded(prepared, mesh, sharding: str):
     from weight_transfer.bridge import _nnx_model_from_flat
 
     if sharding not in SHARDINGS:
-        raise ValueError(f"sharding {sharding!r}: expected one of {SHARDINGS}")
+        raise ArgumentError(f"sharding {sharding!r}: expected one of {SHARDINGS}")
     p = prepared
     direct = (p.inferred.layout.name == "nnx" and p.source.reader is not None
               and p.config == p.inferred.config)

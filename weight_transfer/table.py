@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vit_config import VitParityError
 from weight_transfer.transforms import CONV, IDENTITY, LINEAR, Transform
 
 FLOAT_KINDS = ("float16", "bfloat16", "float32", "float64")
@@ -73,7 +74,7 @@ NNX_TORCH: tuple[Rule, ...] = (
 )
 
 
-class TransferError(ValueError):
+class TransferError(VitParityError):
     """A state that does not fit the target: every missing, unexpected and mis-shaped key at once."""
 
     SHOWN = 40  # the message lists this many; `.problems` holds them all

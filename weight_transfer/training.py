@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from vit_config import ViTConfig
+from vit_config import ArgumentError, ViTConfig
 from weight_transfer.bridge import nnx_params
 
 # A small ViT for 8x8 digits: 2x2 patches -> 16 tokens + CLS.
@@ -187,7 +187,7 @@ def train_parity(h: Hyper = Hyper(), config: ViTConfig = DIGITS_CONFIG) -> Train
     from weight_transfer.parity import exact_matmuls, run_nnx, run_torch
 
     if h.optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer {h.optimizer!r}: expected one of {OPTIMIZERS}")
+        raise ArgumentError(f"optimizer {h.optimizer!r}: expected one of {OPTIMIZERS}")
     x, y, xt, yt = load_digits_split(h.seed)
     plan = batches(len(y), h.batch, h.steps, h.seed)
     start = training_init(config, h.seed)
