@@ -113,7 +113,8 @@ def throughput(preset: str, batch: int, repeat: int) -> dict:
 
     import jax_impl
     import weight_transfer as wt
-    from weight_transfer.parity import random_images, random_nnx
+    from weight_transfer.runners import random_images
+    from weight_transfer.weights import random_nnx
 
     config = ViTConfig.preset(preset)
     images = random_images(config, batch)

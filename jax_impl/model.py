@@ -108,9 +108,9 @@ class ViT(nnx.Module):
         p = c.patch_size
         self.patch_embed = nnx.Conv(c.in_channels, c.d_model, kernel_size=(p, p), strides=p,
                                     padding="VALID", **dense)
-        if c.pool == "cls":
+        if c.class_token:
             self.cls_token = nnx.Param(jnp.zeros((1, c.d_model), dtype))
-        self.pos_embed = nnx.Param(jnp.zeros((c.num_tokens, c.d_model), dtype))
+        self.pos_embed = nnx.Param(jnp.zeros((c.num_positions, c.d_model), dtype))
         block = dict(dtype=dtype, fused_attention=fused_attention)
         if self.scan_layers:
             self.blocks = _stacked_blocks(c, block, rngs)  # every parameter (L, ...)
@@ -122,6 +122,12 @@ class ViT(nnx.Module):
     @property
     def dtype(self) -> jnp.dtype:
         return self.pos_embed[...].dtype
+
+    def pool(self, x: jax.Array) -> jax.Array:
+        """(B, T, D) -> (B, D): the class token's row, or the mean of the patch tokens."""
+        if self.config.pool == "cls":
+            return x[:, 0]
+        return x[:, self.config.num_prefix_tokens:].mean(axis=1)
 
     def __call__(self, images: jax.Array, *, return_intermediates: bool = False):
         """Logits for NHWC images; with `return_intermediates`, also a dict of named activations."""
@@ -138,7 +144,7 @@ class ViT(nnx.Module):
         x = self.patch_embed(x)  # (B, Hp, Wp, D)
         b, hp, wp, d = x.shape
         x = tap("patch_embed", x.reshape(b, hp * wp, d))  # (B, N, D), row-major over the grid
-        if self.config.pool == "cls":
+        if self.config.class_token:
             cls = jnp.broadcast_to(self.cls_token[...], (b, 1, d))
             x = jnp.concatenate([cls, x], axis=1)  # (B, 1 + N, D)
         x = tap("tokens", x + self.pos_embed[...])
@@ -150,7 +156,7 @@ class ViT(nnx.Module):
         for i, block in enumerate(() if self.scan_layers else self.blocks):
             x = tap(f"blocks.{i}", block(x, lambda n, v, i=i: tap(f"blocks.{i}.{n}", v)))
         x = tap("ln_f", self.ln_f(x))
-        pooled = tap("pooled", x[:, 0] if self.config.pool == "cls" else x.mean(axis=1))  # (B, D)
+        pooled = tap("pooled", self.pool(x))  # (B, D)
         logits = tap("logits", self.head(pooled))  # (B, K)
         logits = logits if batched else logits[0]
         return (logits, seen) if return_intermediates else logits

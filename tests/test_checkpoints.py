@@ -13,7 +13,7 @@ import weight_transfer as wt
 from tests.conftest import tiny
 from tests.test_roundtrip import assert_bit_exact
 from weight_transfer.checkpoint import CheckpointError, read_checkpoint
-from weight_transfer.parity import random_nnx, random_torch
+from weight_transfer.weights import random_nnx, random_torch
 
 LAYOUTS = ["nnx", "torch", "timm", "hf", "big_vision"]
 
@@ -227,15 +227,6 @@ def test_unknown_file_kinds(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="a folder without model.safetensors"):
         wt.load_checkpoint(tmp_path / "empty")
-
-
-@pytest.mark.parametrize("config", [tiny(), tiny(pool="mean", qkv_bias=False, num_layers=0)])
-def test_table_derived_nnx_shapes(config):
-    """File conversion derives NNX shapes through the table; they equal the model's own."""
-    from weight_transfer.bridge import nnx_shapes
-    from weight_transfer.checkpoint import _base_shapes
-
-    assert _base_shapes("nnx", config) == nnx_shapes(config)
 
 
 def test_unknown_dtype_is_refused(tmp_path, saved):

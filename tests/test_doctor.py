@@ -8,9 +8,12 @@ import weight_transfer as wt
 from tests.conftest import tiny
 from vit_config import ViTConfig
 from weight_transfer import numpy_ref
-from weight_transfer.adapters import Side, layer_order, side
+from vit_config.arch import intermediates
+from weight_transfer.adapters import Side, side
 from weight_transfer.doctor import diagnose
-from weight_transfer.parity import compare, random_images, random_nnx
+from weight_transfer.parity import compare
+from weight_transfer.runners import random_images
+from weight_transfer.weights import random_nnx
 
 CONFIG = tiny()  # (8, 12) images, P=4: a 2 x 3 grid; D=24, 3 heads, d_ff 40, 2 blocks
 
@@ -43,7 +46,7 @@ def test_numpy_replay_matches_every_intermediate(ref, images):
     """The doctor's NumPy replay computes what our models compute, layer by layer."""
     replay = numpy_ref.forward(wt.nnx_flat(ref), images, CONFIG)
     ours = side(ref).run(images, True)
-    assert sorted(replay) == sorted(ours) == sorted(layer_order(CONFIG.num_layers))
+    assert sorted(replay) == sorted(ours) == sorted(intermediates(CONFIG))
     for name in ours:
         np.testing.assert_allclose(replay[name], ours[name], rtol=0, atol=1e-12, err_msg=name)
 
@@ -51,7 +54,7 @@ def test_numpy_replay_matches_every_intermediate(ref, images):
 def test_compare_correct_pair_passes_with_floor(ref, images):
     report = compare(ref, wt.to_torch(ref), images)
     assert report.passed and report.first_divergence is None
-    assert [layer.name for layer in report.layers] == layer_order(CONFIG.num_layers)
+    assert [layer.name for layer in report.layers] == intermediates(CONFIG)
     for layer in report.layers:
         assert layer.noise_floor > 0 and layer.gap64 < 1e-12, layer
     assert report.settings["jax_default_matmul_precision"] == "highest"
@@ -137,7 +140,7 @@ def make_fault(name, ref):
         return ref, planted(ref, **every_block("kernel", lambda k: k.T))
     if name == "input_layout":
         clean = side(ref)
-        misfed = Side("misfed", CONFIG.num_layers, lambda im, f64: clean.run(
+        misfed = Side("misfed", intermediates(CONFIG), lambda im, f64: clean.run(
             numpy_ref.read_images(im, "nchw_as_nhwc"), f64))
         return misfed, ref
     if name == "ln_eps":

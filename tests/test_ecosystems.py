@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 import weight_transfer as wt
 from tests.conftest import assert_close
 from vit_config import ViTConfig
-from weight_transfer.parity import random_images, random_nnx, run_nnx, run_torch
+from weight_transfer.runners import random_images, run_nnx, run_torch
+from weight_transfer.weights import random_nnx
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")

@@ -12,7 +12,7 @@ import weight_transfer as wt
 import weight_transfer.fileio as fileio
 from tests.conftest import tiny
 from weight_transfer.checkpoint import read_checkpoint
-from weight_transfer.parity import random_nnx, random_torch
+from weight_transfer.weights import random_nnx, random_torch
 
 
 def pieces():

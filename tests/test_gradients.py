@@ -8,15 +8,10 @@ import pytest
 from tests.conftest import tiny
 from vit_config import ViTConfig
 from weight_transfer import to_nnx, to_torch, torch_to_nnx_flat
-from weight_transfer.parity import (
-    nnx_grads,
-    random_images,
-    random_nnx,
-    random_torch,
-    relative_error,
-    torch_grads,
-    x64_for,
-)
+from weight_transfer.metrics import relative_error
+from weight_transfer.parity import nnx_grads, torch_grads
+from weight_transfer.runners import random_images, x64_for
+from weight_transfer.weights import random_nnx, random_torch
 
 # Relative to each gradient tensor's max |value|: float64 leaves ~1e-14 of rounding after a
 # handful of layers; float32's 2**-23 grows to ~1e-6..1e-5 through softmax and LayerNorm.

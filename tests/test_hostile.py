@@ -22,7 +22,7 @@ import pytest
 
 import weight_transfer as wt
 from tests.conftest import tiny
-from weight_transfer.parity import random_nnx
+from weight_transfer.weights import random_nnx
 
 MEMORY_BOUND = 1 << 30  # bytes of peak RSS: "bounded", not a speed target
 

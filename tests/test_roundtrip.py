@@ -6,7 +6,8 @@ import pytest
 
 from tests.conftest import tiny
 from weight_transfer import nnx_flat, to_nnx, to_torch, torch_flat
-from weight_transfer.parity import random_nnx, random_torch, x64_for
+from weight_transfer.runners import x64_for
+from weight_transfer.weights import random_nnx, random_torch
 
 CONFIGS = [tiny(), tiny(pool="mean", qkv_bias=False, num_layers=0)]
 

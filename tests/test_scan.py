@@ -9,7 +9,8 @@ import jax_impl
 import weight_transfer as wt
 from tests.conftest import assert_close, tiny
 from tests.test_roundtrip import assert_bit_exact
-from weight_transfer.parity import random_images, random_nnx, random_torch, run_nnx, run_torch
+from weight_transfer.runners import random_images, run_nnx, run_torch
+from weight_transfer.weights import random_nnx, random_torch
 
 
 @pytest.mark.parametrize("config", [tiny(), tiny(pool="mean", qkv_bias=False, num_layers=3)])

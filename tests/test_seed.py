@@ -10,7 +10,7 @@ import jax_impl
 from tests.conftest import assert_close, tiny
 from vit_config import ViTConfig
 from weight_transfer import nhwc_to_nchw, nnx_flat, numpy_ref, to_torch
-from weight_transfer.parity import random_nnx
+from weight_transfer.weights import random_nnx
 
 ARGS = (2.0, 8.0, 2.0, 16.0, 2.0, 5.0)  # patch, d_model, heads, d_ff, layers, classes as floats
 

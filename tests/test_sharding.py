@@ -11,7 +11,7 @@ import pytest
 
 import weight_transfer as wt
 from tests.conftest import tiny
-from weight_transfer.parity import random_torch
+from weight_transfer.weights import random_torch
 from weight_transfer.sharding import partition_spec
 
 HELPER = Path(__file__).parent / "helpers" / "sharded_check.py"

@@ -4,11 +4,17 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+import torch
 from flax import nnx
 
 import jax_impl
 import torch_impl
 from tests.conftest import tiny
+from vit_config import arch
+from weight_transfer.bridge import nnx_shapes, torch_shapes
+from weight_transfer.runners import random_images, run_torch
+from weight_transfer.weights import random_nnx, random_params, random_torch
 
 
 def imported_after(module: str) -> set[str]:
@@ -41,21 +47,41 @@ def test_same_tree_same_names():
     assert isinstance(jm.blocks, nnx.List) and len(jm.blocks) == 2
 
 
-def test_nnx_jit_traces_once_per_shape():
-    traces = []
+CONFIGS = [tiny(), tiny(pool="mean", qkv_bias=False, num_layers=0),
+           tiny(pool="mean", class_token=True), tiny(num_layers=1, image_size=(4, 16))]
 
-    @nnx.jit
-    def forward(model, x):
-        traces.append(x.shape)
-        return model(x)
 
-    model = jax_impl.ViT(tiny(), rngs=nnx.Rngs(0))
-    x = np.random.default_rng(0).standard_normal((2, 8, 12, 3)).astype(np.float32)
-    eager = model(x)
-    for _ in range(3):
-        out = forward(model, x + 1.0)
-    np.testing.assert_allclose(forward(model, x), eager, rtol=1e-6, atol=1e-6)
-    assert traces == [(2, 8, 12, 3)]
-    forward(model, x[0])
-    assert traces == [(2, 8, 12, 3), (8, 12, 3)]
-    assert out.shape == (2, 7)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_both_models_build_exactly_the_declared_parameters(config):
+    """`vit_config.arch` is the one description: both models, in the loop and scanned layouts,
+    hold exactly its parameters with its shapes (the file layer converts from it alone)."""
+    declared = {k: p.shape for k, p in arch.parameters(config).items()}
+    for scan in (False, True):
+        model = nnx.eval_shape(lambda: jax_impl.ViT(config, rngs=nnx.Rngs(0), scan_layers=scan))
+        built = {".".join(map(str, path)): tuple(v.get_value().shape)
+                 for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+        assert built == (nnx_shapes(config, True) if scan and config.num_layers else declared)
+    with torch.device("meta"):
+        tm = torch_impl.ViT(config)
+    assert {k: tuple(v.shape) for k, v in tm.state_dict().items()} == torch_shapes(config)
+    assert sum(p.size for p in arch.parameters(config).values()) == config.num_params() \
+        == sum(v.numel() for v in tm.parameters())
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_both_models_emit_exactly_the_declared_intermediates(config):
+    images = random_images(config, 2)
+    _, jax_seen = random_nnx(config)(images, return_intermediates=True)
+    _, torch_seen = run_torch(random_torch(config), images, return_intermediates=True)
+    assert list(jax_seen) == list(torch_seen) == arch.intermediates(config)
+
+
+def test_parameter_kinds_decide_the_random_draw():
+    params = random_params(tiny(), seed=0)
+    declared = arch.parameters(tiny())
+    assert list(params) == sorted(declared)
+    for key, value in params.items():
+        assert value.shape == declared[key].shape
+        assert np.all(value != 0) and np.all(value != 1), key  # no default-looking values
+    kernel = params["blocks.0.ff1.kernel"]
+    assert abs(kernel.std() * np.sqrt(declared["blocks.0.ff1.kernel"].fan_in) - 1) < 0.1

@@ -76,9 +76,9 @@ class ViT(nn.Module):
         c = self.config = config
         p = c.patch_size
         self.patch_embed = nn.Conv2d(c.in_channels, c.d_model, kernel_size=p, stride=p)
-        if c.pool == "cls":
+        if c.class_token:
             self.cls_token = nn.Parameter(torch.zeros(1, c.d_model))
-        self.pos_embed = nn.Parameter(torch.zeros(c.num_tokens, c.d_model))
+        self.pos_embed = nn.Parameter(torch.zeros(c.num_positions, c.d_model))
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_layers))
         self.ln_f = nn.LayerNorm(c.d_model, eps=c.ln_eps)
         self.head = nn.Linear(c.d_model, c.num_classes)
@@ -86,6 +86,12 @@ class ViT(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.pos_embed.dtype
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, D): the class token's row, or the mean of the patch tokens."""
+        if self.config.pool == "cls":
+            return x[:, 0]
+        return x[:, self.config.num_prefix_tokens:].mean(dim=1)
 
     def forward(self, images: torch.Tensor, *, return_intermediates: bool = False):
         """Logits for NCHW images; with `return_intermediates`, also a dict of named activations."""
@@ -101,13 +107,13 @@ class ViT(nn.Module):
 
         x = self.patch_embed(x)  # (B, D, Hp, Wp)
         x = tap("patch_embed", x.flatten(2).transpose(1, 2))  # (B, N, D), row-major over the grid
-        if self.config.pool == "cls":
+        if self.config.class_token:
             x = torch.cat([self.cls_token.expand(x.shape[0], 1, -1), x], dim=1)  # (B, 1 + N, D)
         x = tap("tokens", x + self.pos_embed)
         for i, block in enumerate(self.blocks):
             x = tap(f"blocks.{i}", block(x, lambda n, v, i=i: tap(f"blocks.{i}.{n}", v)))
         x = tap("ln_f", self.ln_f(x))
-        pooled = tap("pooled", x[:, 0] if self.config.pool == "cls" else x.mean(dim=1))  # (B, D)
+        pooled = tap("pooled", self.pool(x))  # (B, D)
         logits = tap("logits", self.head(pooled))  # (B, K)
         logits = logits if batched else logits[0]
         return (logits, seen) if return_intermediates else logits

@@ -55,7 +55,8 @@ class ViTConfig:
     num_layers: int = 12
     # Classifier outputs.
     num_classes: int = 1000
-    # "cls": read a learned [CLS] row (ViT paper, timm, HF); "mean": average the tokens (the seed).
+    # "cls": read the class token's row (ViT paper, timm, HF); "mean": average the patch tokens
+    # (the seed; timm global_pool="avg", which leaves the class token out of the mean).
     pool: str = "cls"
     # MLP activation: "gelu" exact (timm, HF, torch default), "gelu_tanh" (flax nn.gelu default,
     # big_vision), "relu" (the seed).
@@ -64,10 +65,15 @@ class ViTConfig:
     ln_eps: float = 1e-6
     # Bias on the query, key and value projections (timm qkv_bias); the output projection always has one.
     qkv_bias: bool = True
+    # A learned class token before the patch tokens (ViT paper, timm class_token). Independent
+    # of pooling; None means "as the pooling implies": present for pool="cls", absent otherwise.
+    class_token: bool | None = None
 
     def __post_init__(self):
         if isinstance(self.image_size, (list, tuple)):
             object.__setattr__(self, "image_size", tuple(self.image_size))
+        if self.class_token is None:
+            object.__setattr__(self, "class_token", self.pool == "cls")
         self._validate()
 
     def _validate(self) -> None:
@@ -95,8 +101,11 @@ class ViTConfig:
         if isinstance(self.ln_eps, bool) or not isinstance(self.ln_eps, (int, float)) \
                 or not (0 < self.ln_eps < 1) or not math.isfinite(self.ln_eps):
             raise ConfigError("ln_eps", self.ln_eps, "expected a float in (0, 1)")
-        if not isinstance(self.qkv_bias, bool):
-            raise ConfigError("qkv_bias", self.qkv_bias, "expected a bool")
+        for name in ("qkv_bias", "class_token"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, getattr(self, name), "expected a bool")
+        if self.pool == "cls" and not self.class_token:
+            raise ConfigError("pool", self.pool, "pooling the class token needs class_token=True")
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -116,21 +125,29 @@ class ViTConfig:
         return hp * wp
 
     @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens (the class token, when there is one)."""
+        return int(self.class_token)
+
+    @property
     def num_tokens(self) -> int:
-        """Rows of the position embedding: patches, plus one for [CLS]."""
-        return self.num_patches + (self.pool == "cls")
+        """Tokens through the blocks: prefix tokens, then patches."""
+        return self.num_prefix_tokens + self.num_patches
+
+    @property
+    def num_positions(self) -> int:
+        """Rows of the position embedding: one per token."""
+        return self.num_tokens
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
 
     def num_params(self) -> int:
-        """Parameter count, computed from the sizes alone (both implementations must match it)."""
-        d, p, c = self.d_model, self.patch_size, self.in_channels
-        qkv = 3 * (d * d + (d if self.qkv_bias else 0))
-        block = 2 * 2 * d + qkv + (d * d + d) + (d * self.d_ff + self.d_ff) + (self.d_ff * d + d)
-        embed = d * c * p * p + d + self.num_tokens * d + (d if self.pool == "cls" else 0)
-        return embed + self.num_layers * block + 2 * d + d * self.num_classes + self.num_classes
+        """Parameter count, from the declared architecture (both implementations match it)."""
+        from vit_config.arch import parameters
+
+        return sum(p.size for p in parameters(self).values())
 
     # ---- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -155,6 +172,10 @@ class ViTConfig:
         return cls.from_dict(json.loads(text))
 
     def replace(self, **changes: Any) -> "ViTConfig":
+        """A copy with `changes`; a new `pool` without `class_token` re-derives the token from
+        the pooling, as construction does."""
+        if "pool" in changes:
+            changes.setdefault("class_token", None)
         return dataclasses.replace(self, **changes)
 
     @classmethod

@@ -11,7 +11,7 @@ _EXPORTS = {
         "nnx_to_torch_flat", "state_dict_to_nnx_state", "to_nnx", "to_torch", "torch_flat",
         "torch_from_state_dict", "torch_to_nnx_flat", "stack_layers", "unstack_layers",
         "nnx_loop_flat"],
-    "weight_transfer.table": ["NNX_TORCH", "Rule", "TransferError"],
+    "weight_transfer.table": ["Rule", "TransferError", "nnx_torch"],
     "weight_transfer.transforms": ["Transform"],
     "weight_transfer.checkpoint": ["CheckpointError"],
     "weight_transfer.layouts": ["LAYOUTS", "LayoutError"],

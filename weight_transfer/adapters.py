@@ -1,9 +1,9 @@
 """One interface over every model we compare: ours (NNX or torch) and third-party torch models.
 
 `side(model).run(images_nhwc, float64)` returns the named intermediates as float64 NumPy
-arrays: `patch_embed`, `tokens`, `blocks.{i}.attn`, `blocks.{i}.mlp`, `blocks.{i}`, `ln_f`,
-`pooled`, `logits`. Ours produce them natively (`return_intermediates=True`); timm and
-Hugging Face models are captured with forward hooks under the same names.
+arrays, under the names `vit_config.arch.intermediates` declares (`patch_embed`, `tokens`,
+`blocks.{i}.attn`, ..., `logits`). Ours produce them natively (`return_intermediates=True`);
+timm and Hugging Face models are captured with forward hooks under the same names.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vit_config.arch import intermediates
+from weight_transfer.metrics import as_float64
+
 Intermediates = dict[str, np.ndarray]
 
 
-def layer_order(num_layers: int) -> list[str]:
-    names = ["patch_embed", "tokens"]
-    for i in range(num_layers):
-        names += [f"blocks.{i}.attn", f"blocks.{i}.mlp", f"blocks.{i}"]
-    return names + ["ln_f", "pooled", "logits"]
+
 
 
 @dataclass
@@ -29,45 +28,37 @@ class Side:
     """A model to compare, as a function of (NHWC float images, float64?) -> intermediates."""
 
     name: str
-    num_layers: int
+    names: list[str]  # the intermediates it returns, in forward order
     run: Callable[[np.ndarray, bool], Intermediates]
-
-
-def _np(x) -> np.ndarray:
-    import torch
-
-    if isinstance(x, torch.Tensor):
-        return x.detach().to(torch.float64).cpu().numpy()
-    return np.asarray(x, np.float64)
 
 
 def _nnx_side(model) -> Side:
     from weight_transfer.bridge import nnx_astype
-    from weight_transfer.parity import run_nnx, x64_for
+    from weight_transfer.runners import run_nnx, x64_for
 
     def run(images, float64):
         with x64_for("float64" if float64 else "float32"):
             m = nnx_astype(model, np.float64) if float64 else model
             _, seen = run_nnx(m, images.astype(np.float64 if float64 else np.float32),
                               return_intermediates=True)
-            return {k: _np(v) for k, v in seen.items()}
+            return {k: as_float64(v) for k, v in seen.items()}
 
-    return Side("jax_impl.ViT", model.config.num_layers, run)
+    return Side("jax_impl.ViT", intermediates(model.config), run)
 
 
 def _torch_side(model) -> Side:
-    from weight_transfer.parity import run_torch
+    from weight_transfer.runners import run_torch
 
     def run(images, float64):
         m = copy.deepcopy(model).double() if float64 else model
         _, seen = run_torch(m, images.astype(np.float64 if float64 else np.float32),
                             return_intermediates=True)
-        return {k: _np(v) for k, v in seen.items()}
+        return {k: as_float64(v) for k, v in seen.items()}
 
-    return Side("torch_impl.ViT", model.config.num_layers, run)
+    return Side("torch_impl.ViT", intermediates(model.config), run)
 
 
-def _hooked_side(name: str, model, blocks, points: Callable) -> Side:
+def _hooked_side(name: str, model, points: Callable) -> Side:
     """A third-party torch model whose intermediates are captured by forward hooks.
 
     `points(model)` lists (module, our name, how): how is "out" (the module's output, first
@@ -85,7 +76,7 @@ def _hooked_side(name: str, model, blocks, points: Callable) -> Side:
         for module, key, how in points(m):
             def hook(mod, args, out, key=key, how=how):
                 value = args[0] if how == "in" else (out[0] if isinstance(out, tuple) else out)
-                seen[key] = _np(value)
+                seen[key] = as_float64(value)
             handles.append(module.register_forward_hook(hook))
         try:
             with torch.no_grad():
@@ -94,10 +85,10 @@ def _hooked_side(name: str, model, blocks, points: Callable) -> Side:
         finally:
             for h in handles:
                 h.remove()
-        seen["logits"] = _np(getattr(out, "logits", out))
+        seen["logits"] = as_float64(getattr(out, "logits", out))
         return seen
 
-    return Side(name, len(blocks), run)
+    return Side(name, [key for _, key, _ in points(model)] + ["logits"], run)
 
 
 def _timm_points(m):
@@ -117,9 +108,10 @@ def _hf_points(m):
               (vit.embeddings, "tokens", "out")]
     for i, layer in enumerate(layers):
         mlp = getattr(layer, "mlp", None)
-        points += [(layer.attention, f"blocks.{i}.attn", "out"), (layer, f"blocks.{i}", "out")]
+        points.append((layer.attention, f"blocks.{i}.attn", "out"))
         if mlp is not None:  # transformers 5; in v4 the MLP's residual is inside ViTOutput
             points.append((mlp, f"blocks.{i}.mlp", "out"))
+        points.append((layer, f"blocks.{i}", "out"))
     return points + [(vit.layernorm, "ln_f", "out"), (m.classifier, "pooled", "in")]
 
 
@@ -133,13 +125,9 @@ def side(model) -> Side:
     if kind == "torch_impl":
         return _torch_side(model)
     if kind == "timm":
-        return _hooked_side(f"timm {type(model).__name__}", model.eval(), model.blocks,
-                            _timm_points)
+        return _hooked_side(f"timm {type(model).__name__}", model.eval(), _timm_points)
     if kind == "transformers" and hasattr(model, "vit"):
-        vit = model.vit
-        layers = getattr(vit, "layers", None) or vit.encoder.layer
-        return _hooked_side(f"transformers {type(model).__name__}", model.eval(), layers,
-                            _hf_points)
+        return _hooked_side(f"transformers {type(model).__name__}", model.eval(), _hf_points)
     raise TypeError(f"cannot compare a {type(model).__module__}.{type(model).__name__}: expected "
                     f"jax_impl.ViT, torch_impl.ViT, a timm VisionTransformer or an HF "
                     f"ViTForImageClassification")

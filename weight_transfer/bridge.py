@@ -21,12 +21,13 @@ from flax import nnx
 import jax_impl
 import torch_impl
 from vit_config import ArgumentError, ViTConfig
+from vit_config import arch
 from weight_transfer.table import (
-    NNX_TORCH,
     Rule,
     apply_table,
+    base_shapes,
     empty_aligned,
-    oriented,
+    nnx_torch,
     rule,
     to_contiguous,
 )
@@ -93,21 +94,23 @@ def _abstract_nnx(config: ViTConfig, dtype, scan_layers: bool = False
 
 @functools.lru_cache(maxsize=64)
 def nnx_shapes(config: ViTConfig, scan_layers: bool = False) -> dict[str, tuple[int, ...]]:
-    _, state = _abstract_nnx(config, jnp.dtype(jnp.float32), scan_layers)
-    return {_dotted(p): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(state)}
+    """jax_impl.ViT's parameter shapes, from the declared architecture (`vit_config.arch`);
+    with `scan_layers`, the blocks' parameters stacked as `blocks.X` with a leading (L,) axis."""
+    if not scan_layers:
+        return base_shapes("nnx", config)
+    stacked = {f"blocks.{k}": (config.num_layers, *p.shape)
+               for k, p in arch.block_template(config).items()}
+    return {k: s for k, s in base_shapes("nnx", config).items()
+            if not k.startswith("blocks.")} | stacked
 
 
 def scan_rules(config: ViTConfig) -> list[Rule]:
     """Loop layout (`blocks.{i}.X`, an nnx.List) <-> scanned layout (`blocks.X`, stacked on a
-    leading (num_layers,) axis), derived from the NNX column of `NNX_TORCH`."""
-    rules = []
-    for key in (k for r in NNX_TORCH for k in r.left):
-        if key.startswith("blocks.{}."):
-            leaf = key.removeprefix("blocks.{}.")
-            per_layer = tuple(f"blocks.{i}.{leaf}" for i in range(config.num_layers))
-            rules.append(Rule(per_layer, (f"blocks.{leaf}",), STACK))
-        else:
-            rules.append(rule(key, key))
+    leading (num_layers,) axis), derived from the declared architecture."""
+    rules = [rule(k, k) for k in base_shapes("nnx", config) if not k.startswith("blocks.")]
+    for leaf in arch.block_template(config):
+        per_layer = tuple(f"blocks.{i}.{leaf}" for i in range(config.num_layers))
+        rules.append(Rule(per_layer, (f"blocks.{leaf}",), STACK))
     return rules
 
 
@@ -138,11 +141,9 @@ def nnx_params(model: jax_impl.ViT | torch_impl.ViT) -> Flat:
                     f"(port third-party models with load_checkpoint first)")
 
 
-@functools.lru_cache(maxsize=64)
 def torch_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        model = torch_impl.ViT(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    """torch_impl.ViT's state-dict shapes, from the declared architecture through the table."""
+    return base_shapes("torch", config)
 
 
 # ---- the lower-level state functions ----------------------------------------------------------
@@ -150,14 +151,13 @@ def torch_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
 
 def nnx_to_torch_flat(flat: Mapping[str, np.ndarray], config: ViTConfig) -> Flat:
     """`{nnx path: array}` -> `{torch key: array}` through the table, checked against `config`."""
-    return apply_table(flat, oriented(NNX_TORCH, config.num_layers), torch_shapes(config),
-                       what="NNX")
+    return apply_table(flat, nnx_torch(config), torch_shapes(config), what="NNX")
 
 
 def torch_to_nnx_flat(flat: Mapping[str, np.ndarray], config: ViTConfig) -> Flat:
     """`{torch key: array}` -> `{nnx path: array}`, the same table read right to left."""
-    return apply_table(flat, oriented(NNX_TORCH, config.num_layers, reverse=True),
-                       nnx_shapes(config), what="torch")
+    return apply_table(flat, [r.reversed() for r in nnx_torch(config)], nnx_shapes(config),
+                       what="torch")
 
 
 def nnx_state_to_state_dict(state: nnx.State | Mapping[str, np.ndarray], config: ViTConfig

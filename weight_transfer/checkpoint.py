@@ -31,13 +31,14 @@ from vit_config import ConfigError, ViTConfig, VitParityError
 from weight_transfer.fileio import Background, SequentialWriter
 from weight_transfer.layouts import LAYOUTS, Layout, LayoutError, detect_layout
 from weight_transfer.table import (
-    NNX_TORCH,
     Meta,
     Rule,
-    _dummy,
+    base_shapes,
     check_table,
     forward_targets,
+    nnx_torch,
     oriented,
+    stand_in,
     stream_table,
     to_contiguous,
 )
@@ -565,18 +566,6 @@ def infer_config(source: Source, layout: Layout | None = None,
 # ---- conversion streams -------------------------------------------------------------------------
 
 
-def _base_shapes(base: str, config: ViTConfig) -> dict[str, tuple[int, ...]]:
-    """Our layouts' shapes: torch's from a meta-device model; NNX's through the table from
-    those (no JAX tracing; `test_table_derived_nnx_shapes` checks them against eval_shape)."""
-    from weight_transfer.bridge import torch_shapes
-
-    shapes = torch_shapes(config)
-    if base == "torch":
-        return shapes
-    meta = {k: (s, np.dtype(np.float32)) for k, s in shapes.items()}
-    return forward_targets(oriented(NNX_TORCH, config.num_layers, reverse=True), meta)
-
-
 Hook = Callable[[str, np.ndarray, bool], np.ndarray]  # (key, array, dry run) -> array
 
 
@@ -612,18 +601,19 @@ def plan_conversion(meta: Mapping[str, Meta], src: Layout, dst: Layout, config: 
     """
     out = out_config or config
     steps = [check_table(meta, oriented(src.table(config), config.num_layers, reverse=True),
-                         _base_shapes(src.base, config), what=what or src.name)]
+                         base_shapes(src.base, config), what=what or src.name)]
     base = src.base
     if base != dst.base:
-        steps.append(oriented(NNX_TORCH, out.num_layers, reverse=base == "torch"))
+        rules = nnx_torch(out)
+        steps.append([r.reversed() for r in rules] if base == "torch" else rules)
         base = dst.base
-    base_meta = {k: (s, np.dtype("float32")) for k, s in _base_shapes(base, out).items()}
+    base_meta = {k: (s, np.dtype("float32")) for k, s in base_shapes(base, out).items()}
     forward = oriented(dst.table(out), out.num_layers)
     steps.append(check_table(base_meta, forward, forward_targets(forward, base_meta),
                              what=dst.base))
     used = {k for r in steps[0] for k in r.left}
     inputs = [k for k in meta if k in used]
-    dummies = ((k, _dummy(*meta[k])) for k in inputs)
+    dummies = ((k, stand_in(*meta[k])) for k in inputs)
     order = [(k, (a.shape, a.dtype)) for k, a in Plan(steps, [], inputs, hook).run(dummies, dry=True)]
     return Plan(steps, order, inputs, hook)
 
@@ -810,8 +800,8 @@ def write_layout(out: Path, layout: Layout, plan: Plan, tensors: Iterator[tuple[
 
 def hf_config_json(config: ViTConfig) -> dict[str, Any]:
     if config.pool != "cls":
-        raise LayoutError("the HF ViT reads its classifier from the CLS row: a mean-pool "
-                          "model has no HF equivalent")
+        raise LayoutError("the HF ViT reads its classifier from the class token's row: a "
+                          "mean-pool model has no HF ViT equivalent")
     h, w = config.image_hw
     act = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}[config.activation]
     return {"architectures": ["ViTForImageClassification"], "model_type": "vit",

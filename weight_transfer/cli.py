@@ -103,13 +103,15 @@ def _check_grads(args: argparse.Namespace, config: ViTConfig, loaded=None):
 
     from weight_transfer import parity
     from weight_transfer.bridge import to_torch
+    from weight_transfer.runners import random_images
+    from weight_transfer.weights import random_nnx
 
     if loaded is not None:
         jm, tm = loaded
     else:
-        jm = parity.random_nnx(config, args.seed)
+        jm = random_nnx(config, args.seed)
         tm = to_torch(jm)
-    images = parity.random_images(config, args.batch, args.seed)
+    images = random_images(config, args.batch, args.seed)
     labels = np.arange(args.batch) % config.num_classes
     return parity.compare_grads(jm, tm, images, labels)
 
@@ -173,7 +175,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _load_pair(args: argparse.Namespace):
     """REF and CAND checkpoints, each into the framework asked for, and the images to use."""
-    from weight_transfer.parity import random_images
+    from weight_transfer.runners import random_images
     from weight_transfer.porting import load_checkpoint
 
     kw = dict(layout=args.layout, allow_pickle=args.allow_pickle)

@@ -280,13 +280,13 @@ def diagnose(reference, candidate, images: np.ndarray, *, max_faults: int = 3,
              candidate_knobs: Knobs = Knobs()) -> Diagnosis:
     """Name what makes `candidate` (one of ours) compute differently from `reference` (any
     model `compare` accepts) on NHWC `images`; see the module docstring."""
-    from weight_transfer.adapters import layer_order, side
-    from weight_transfer.parity import exact_matmuls
+    from weight_transfer.adapters import side
+    from weight_transfer.runners import exact_matmuls
 
     images = np.asarray(images, np.float64)
     cand = dataclasses.replace(candidate_of(candidate), knobs=candidate_knobs)
     ref_side, cand_side = side(reference), side(candidate)
-    order = layer_order(max(ref_side.num_layers, cand.config.num_layers))
+    order = ref_side.names + [n for n in cand_side.names if n not in ref_side.names]
     with exact_matmuls():
         ref = ref_side.run(images, True)
         if candidate_knobs == Knobs():  # the replay must be the candidate, or nothing holds

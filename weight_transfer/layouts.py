@@ -10,7 +10,8 @@
 | `big_vision` | nnx   | google-research/vision_transformer npz (`/`-joined, read by timm)     |
 | `big_vision_bv` | nnx | big_vision npz: `pos_embedding` added before the CLS token          |
 
-`base` says which of our flat layouts the table's left column uses; `NNX_TORCH` links the two.
+`base` says which of our flat layouts the table's left column uses; `table.nnx_torch` links
+the two.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vit_config import ViTConfig, VitParityError
-from weight_transfer.table import NNX_TORCH, Rule, rule
+from weight_transfer.table import Rule, base_shapes, rule
 from weight_transfer.transforms import (
     BATCH_AXIS,
     FUSE_QKV,
@@ -122,7 +123,7 @@ def big_vision_table(config: ViTConfig, variant: str = "vit") -> tuple[Rule, ...
     if variant == "vit":
         embeddings = (rule("cls_token", "cls", BATCH_AXIS),
                       rule("pos_embed", "Transformer/posembed_input/pos_embedding", BATCH_AXIS))
-    elif config.pool == "cls":
+    elif config.class_token:
         embeddings = (rule(("cls_token", "pos_embed"), ("cls", "pos_embedding"), CLS_POSITION_FOLD),)
     else:
         embeddings = (rule("pos_embed", "pos_embedding", BATCH_AXIS),)
@@ -145,11 +146,11 @@ def flax_renamed(ours: str, theirs: str, leaves: Iterable[str]) -> tuple[Rule, .
     return tuple(rule(f"{ours}.{leaf}", f"{theirs}/{leaf}") for leaf in leaves)
 
 
-def ours(column: str) -> Callable[[ViTConfig], tuple[Rule, ...]]:
-    """Our own layout as a table of identities: the "left" (NNX) or "right" (torch) keys."""
+def ours(base: str) -> Callable[[ViTConfig], tuple[Rule, ...]]:
+    """One of our own layouts as a table of identities over its own keys."""
 
     def table(config: ViTConfig) -> tuple[Rule, ...]:
-        return tuple(rule(k, k, IDENTITY) for r in NNX_TORCH for k in getattr(r, column))
+        return tuple(rule(k, k, IDENTITY) for k in base_shapes(base, config))
 
     return table
 
@@ -164,9 +165,9 @@ class Layout:
 
 
 LAYOUTS: dict[str, Layout] = {l.name: l for l in (
-    Layout("nnx", "nnx", ours("left"), r"^blocks\.\d+\.attn\.q\.kernel$|^ln_f\.scale$",
+    Layout("nnx", "nnx", ours("nnx"), r"^blocks\.\d+\.attn\.q\.kernel$|^ln_f\.scale$",
            "jax_impl.ViT flat NNX state"),
-    Layout("torch", "torch", ours("right"), r"^blocks\.\d+\.attn\.q\.weight$|^ln_f\.weight$",
+    Layout("torch", "torch", ours("torch"), r"^blocks\.\d+\.attn\.q\.weight$|^ln_f\.weight$",
            "torch_impl.ViT state dict"),
     Layout("timm", "torch", timm_table,
            r"^blocks\.\d+\.attn\.qkv\.weight$|^patch_embed\.proj\.weight$",

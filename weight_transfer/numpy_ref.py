@@ -89,7 +89,7 @@ def forward(p: dict, images: np.ndarray, config, knobs: Knobs = Knobs()) -> dict
         m = seen[b + "mlp"] = act(h @ p[b + "ff1.kernel"] + p[b + "ff1.bias"]) @ p[b + "ff2.kernel"] + p[b + "ff2.bias"]
         x = seen[b.rstrip(".")] = x + m
     norm = lambda t: layernorm(t, p["ln_f.scale"], p["ln_f.bias"], config.ln_eps)  # noqa: E731
-    pool = knobs.pool or config.pool
+    pool = knobs.pool or {"cls": "cls", "mean": "mean_patches"}[config.pool]
     take = {"cls": lambda t: t[:, 0], "mean": lambda t: t.mean(axis=1),
             "mean_patches": lambda t: t[:, int(has_cls):].mean(axis=1)}[pool]
     if knobs.final_norm == "before":

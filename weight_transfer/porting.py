@@ -66,7 +66,7 @@ def _hook(config: ViTConfig, out: ViTConfig, dtype, allow_nonfinite: bool, inter
         b = a
         if key == "pos_embed" and out.grid != config.grid:
             b = resample_pos_embed(np.asarray(b), config.grid, out.grid,
-                                   num_prefix_tokens=int(config.pool == "cls"),
+                                   num_prefix_tokens=config.num_prefix_tokens,
                                    interpolation=interpolation, antialias=antialias)
         b = b.astype(dtype, copy=False) if dtype is not None else b
         # Finite in, not finite out: the cast (or resampling in half precision) overflowed.

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vit_config import VitParityError
+from vit_config import ViTConfig, VitParityError, arch
 from weight_transfer.transforms import CONV, IDENTITY, LINEAR, Transform
 
 FLOAT_KINDS = ("float16", "bfloat16", "float32", "float64")
@@ -42,36 +42,34 @@ def rule(left: str | tuple[str, ...], right: str | tuple[str, ...],
     return Rule(as_tuple(left), as_tuple(right), transform)
 
 
-def linear(path: str, other: str | None = None) -> tuple[Rule, ...]:
-    """flax Linear `kernel (in, out)`, `bias` <-> torch Linear `weight (out, in)`, `bias`."""
-    other = other or path
-    return (rule(f"{path}.kernel", f"{other}.weight", LINEAR), rule(f"{path}.bias", f"{other}.bias"))
+# jax_impl (flat NNX paths) <-> torch_impl (state-dict keys). The trees are equal, so only leaf
+# names and layouts change, and they change by the type of layer alone.
+LEAVES: dict[str, tuple[tuple[str, str, Transform], ...]] = {
+    "conv": (("kernel", "weight", CONV), ("bias", "bias", IDENTITY)),  # (P, P, C, D) <-> (D, C, P, P)
+    "linear": (("kernel", "weight", LINEAR), ("bias", "bias", IDENTITY)),  # (in, out) <-> (out, in)
+    "norm": (("scale", "weight", IDENTITY), ("bias", "bias", IDENTITY)),
+    "param": (("", "", IDENTITY),),  # a bare array: the same name and layout on both sides
+}
 
 
-def layernorm(path: str, other: str | None = None) -> tuple[Rule, ...]:
-    """flax LayerNorm `scale`, `bias` <-> torch LayerNorm `weight`, `bias` (a rename)."""
-    other = other or path
-    return (rule(f"{path}.scale", f"{other}.weight"), rule(f"{path}.bias", f"{other}.bias"))
+def nnx_torch(config: ViTConfig) -> list[Rule]:
+    """The NNX <-> torch table for `config`, one rule per parameter of `vit_config.arch`."""
+    rules = []
+    for layer in arch.layers(config):
+        for nnx_leaf, torch_leaf, transform in LEAVES[layer.type]:
+            if nnx_leaf in layer.params:
+                key = lambda leaf: f"{layer.path}.{leaf}" if leaf else layer.path  # noqa: E731
+                rules.append(Rule((key(nnx_leaf),), (key(torch_leaf),), transform))
+    return rules
 
 
-# jax_impl (flat NNX paths)  <->  torch_impl (state-dict keys). The trees are equal, so only
-# leaf names and layouts change.
-NNX_TORCH: tuple[Rule, ...] = (
-    rule("patch_embed.kernel", "patch_embed.weight", CONV),  # (P, P, C, D) <-> (D, C, P, P)
-    rule("patch_embed.bias", "patch_embed.bias"),
-    rule("cls_token", "cls_token"),  # (1, D)
-    rule("pos_embed", "pos_embed"),  # (N [+ 1], D)
-    *layernorm("blocks.{}.ln1"),
-    *linear("blocks.{}.attn.q"),
-    *linear("blocks.{}.attn.k"),
-    *linear("blocks.{}.attn.v"),
-    *linear("blocks.{}.attn.o"),
-    *layernorm("blocks.{}.ln2"),
-    *linear("blocks.{}.ff1"),
-    *linear("blocks.{}.ff2"),
-    *layernorm("ln_f"),
-    *linear("head"),
-)
+def base_shapes(base: str, config: ViTConfig) -> dict[str, tuple[int, ...]]:
+    """Our two layouts' shapes from the declared architecture alone (no framework):
+    `base="nnx"` (jax_impl's flat state) or `"torch"` (torch_impl's state dict)."""
+    nnx = {k: p.shape for k, p in arch.parameters(config).items()}
+    if base == "nnx":
+        return nnx
+    return forward_targets(nnx_torch(config), {k: (s, np.dtype(np.int8)) for k, s in nnx.items()})
 
 
 class TransferError(VitParityError):
@@ -91,7 +89,7 @@ class TransferError(VitParityError):
 Meta = tuple[tuple[int, ...], np.dtype]  # (shape, dtype) of a tensor not yet loaded
 
 
-def _dummy(shape: tuple[int, ...], dtype=np.int8) -> np.ndarray:
+def stand_in(shape: tuple[int, ...], dtype=np.int8) -> np.ndarray:
     """A zero-strided stand-in with `shape`, to run a transform on shapes alone."""
     return np.broadcast_to(np.zeros((), dtype), shape)
 
@@ -104,7 +102,7 @@ def output_meta(rules: list[Rule], source: Mapping[str, Meta]) -> dict[str, Meta
     """Shapes and dtypes the (already checked) `rules` produce from `source`, without data."""
     out = {}
     for r in rules:
-        outs = r.transform.forward(*(_dummy(*source[k]) for k in r.left))
+        outs = r.transform.forward(*(stand_in(*source[k]) for k in r.left))
         out.update({k: (a.shape, a.dtype) for k, a in zip(r.right, outs, strict=True)})
     return out
 
@@ -135,7 +133,7 @@ def check_table(source: Mapping[str, Meta], rules: list[Rule],
         problems.append(f"no rule fills target key {key!r}")
     expected: dict[str, tuple[tuple[int, ...], Rule]] = {}
     for r in active:
-        shapes = r.transform.inverse(*(_dummy(target_shapes[k]) for k in r.right))
+        shapes = r.transform.inverse(*(stand_in(target_shapes[k]) for k in r.right))
         for key, arr in zip(r.left, shapes, strict=True):
             expected[key] = (arr.shape, r)
     for key, (shape, r) in expected.items():

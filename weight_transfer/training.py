@@ -184,7 +184,7 @@ def train_parity(h: Hyper = Hyper(), config: ViTConfig = DIGITS_CONFIG) -> Train
     import jax
 
     from weight_transfer.bridge import nnx_astype, to_torch
-    from weight_transfer.parity import exact_matmuls, run_nnx, run_torch
+    from weight_transfer.runners import exact_matmuls, run_nnx, run_torch
 
     if h.optimizer not in OPTIMIZERS:
         raise ArgumentError(f"optimizer {h.optimizer!r}: expected one of {OPTIMIZERS}")

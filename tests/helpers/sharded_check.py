@@ -10,7 +10,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 import weight_transfer as wt
-from weight_transfer.parity import random_images, run_nnx, run_torch
+from weight_transfer.runners import random_images, run_nnx, run_torch
 
 
 def main(path: str, sharding: str) -> None:
