@@ -66,7 +66,8 @@ LOAD_TORCH = CHILD.replace("porting.convert(sys.argv[1], sys.argv[2], to=sys.arg
 def write_random_timm(config: ViTConfig, path: Path, seed: int = 0) -> int:
     """A timm-layout safetensors file of random float32 weights, written one tensor at a time."""
     from weight_transfer.bridge import torch_shapes
-    from weight_transfer.checkpoint import plan_conversion, write_safetensors
+    from weight_transfer.conversion import plan_conversion
+    from weight_transfer.safetensors_io import write_safetensors
     from weight_transfer.layouts import LAYOUTS
 
     meta = {k: (s, np.dtype(np.float32)) for k, s in torch_shapes(config).items()}

@@ -15,7 +15,7 @@ from tests.test_roundtrip import assert_bit_exact
 from weight_transfer.checkpoint import CheckpointError, read_checkpoint
 from weight_transfer.weights import random_nnx, random_torch
 
-LAYOUTS = ["nnx", "torch", "timm", "hf", "big_vision"]
+LAYOUTS = ["nnx", "torch", "timm", "hf", "google_vit"]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_file_describes_itself(tmp_path, model):
 
 def test_convert_chain_through_every_layout_is_bit_exact(tmp_path, model):
     path = wt.save_checkpoint(model, tmp_path / "start.safetensors", layout="nnx")
-    for i, layout in enumerate(["timm", "big_vision", "hf", "torch", "nnx"]):
+    for i, layout in enumerate(["timm", "google_vit", "hf", "torch", "nnx"]):
         path = wt.convert(path, tmp_path / f"step{i}", to=layout)["output"]
     assert_bit_exact(wt.nnx_flat(model), wt.nnx_flat(wt.load_checkpoint(path, "jax")))
 

@@ -85,7 +85,7 @@ def port_of_timm(model, **config_changes):
     sd = {k.replace("fc_norm.", "norm."): v for k, v in model.state_dict().items()}
     config = CONFIG.replace(**config_changes)
     flat = {k: v.numpy() for k, v in sd.items()}
-    from weight_transfer.checkpoint import plan_conversion
+    from weight_transfer.conversion import plan_conversion
     from weight_transfer.layouts import LAYOUTS
     from weight_transfer.table import meta_of
 

@@ -41,15 +41,19 @@ def timm_vit(**kw):
     return randomize(VisionTransformer(**{**base, **kw}))
 
 
-def ours_for_timm(pool: str, qkv_bias: bool = True) -> ViTConfig:
+def ours_for_timm(tokens: dict, qkv_bias: bool = True) -> ViTConfig:
     return ViTConfig(image_size=(32, 48), patch_size=8, d_model=48, num_heads=3, d_ff=96,
-                     num_layers=2, num_classes=5, pool=pool, qkv_bias=qkv_bias)
+                     num_layers=2, num_classes=5, qkv_bias=qkv_bias, **tokens)
 
 
 TIMM_CASES = {
-    "token": (dict(global_pool="token"), "cls", True),
-    "avg-no-cls": (dict(global_pool="avg", class_token=False, fc_norm=False), "mean", True),
-    "token-no-qkv-bias": (dict(global_pool="token", qkv_bias=False), "cls", False),
+    "token": (dict(global_pool="token"), dict(pool="cls"), True),
+    "avg-no-cls": (dict(global_pool="avg", class_token=False, fc_norm=False), dict(pool="mean"),
+                   True),
+    # a class token that is not pooled: timm averages the patch tokens only
+    "avg-with-cls": (dict(global_pool="avg", class_token=True, fc_norm=False),
+                     dict(pool="mean", class_token=True), True),
+    "token-no-qkv-bias": (dict(global_pool="token", qkv_bias=False), dict(pool="cls"), False),
 }
 
 
@@ -98,6 +102,25 @@ def test_timm_vit_tiny_patch16_224_detected_and_inferred(tmp_path):
     with torch.no_grad():
         expected = model(nchw(images))
     assert_close(expected, run_nnx(ours, images), "float32", "vit_tiny_patch16_224 -> nnx")
+
+
+def test_a_bare_state_dict_says_what_it_assumed_and_takes_the_users_word(tmp_path):
+    """head_dim 32: the usual head_dim-64 guess is wrong. It is announced, never silent, and
+    --set num_heads (overrides=) gives timm's exact function."""
+    model = timm_vit(img_size=32, embed_dim=128, num_heads=4, global_pool="token")
+    path = tmp_path / "hd32.safetensors"
+    save_file(model.state_dict(), path)
+    with pytest.warns(wt.errors.AssumedConfigWarning, match=r"num_heads = 2 \(head_dim 64"):
+        guessed = wt.load_checkpoint(path, "torch")
+    with pytest.warns(wt.errors.AssumedConfigWarning) as record:
+        ours = wt.load_checkpoint(path, "torch", overrides={"num_heads": 4})
+    assert "num_heads" not in str(record[0].message) and ours.config.num_heads == 4
+    images = random_images(ours.config, 2)
+    with torch.no_grad():
+        expected = model(nchw(images))
+    assert_close(expected, run_torch(ours, images), "float32", "timm head_dim 32 -> torch")
+    gap = float(np.max(np.abs(expected.numpy() - run_torch(guessed, images).numpy())))
+    assert gap > 1e-3  # the guess is a different function: why it must be announced
 
 
 def test_timm_fc_norm_is_refused_not_silently_ported(tmp_path):
@@ -170,12 +193,12 @@ def test_hf_vit_model_without_classifier(tmp_path, pooler):
     assert_close(expected, run_nnx(ours, images), "float32", "ViTModel CLS features")
 
 
-def test_big_vision_npz_loads_in_timms_own_loader(tmp_path):
+def test_google_vit_npz_loads_in_timms_own_loader(tmp_path):
     from timm.models.vision_transformer import _load_weights
 
-    config = ours_for_timm("cls")
+    config = ours_for_timm(dict(pool="cls"))
     ours = random_nnx(config, seed=8)
-    path = wt.save_checkpoint(ours, tmp_path / "vit", layout="big_vision")
+    path = wt.save_checkpoint(ours, tmp_path / "vit", layout="google_vit")
     model = timm_vit(global_pool="token")
     _load_weights(model, str(path))
     images = random_images(config, 2)
@@ -187,7 +210,7 @@ def test_big_vision_npz_loads_in_timms_own_loader(tmp_path):
 def test_big_vision_bv_variant_folds_cls_position(tmp_path):
     """big_vision adds pos_embedding before the CLS joins: the CLS position folds into the
     token, so the function is the same (not bit-exact: one float add)."""
-    ours = random_nnx(ours_for_timm("cls"), seed=9)
+    ours = random_nnx(ours_for_timm(dict(pool="cls")), seed=9)
     path = wt.save_checkpoint(ours, tmp_path / "bv", layout="big_vision_bv")
     with np.load(path) as npz:
         assert npz["pos_embedding"].shape == (1, 24, 48) and npz["cls"].shape == (1, 1, 48)

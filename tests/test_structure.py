@@ -85,3 +85,70 @@ def test_parameter_kinds_decide_the_random_draw():
         assert np.all(value != 0) and np.all(value != 1), key  # no default-looking values
     kernel = params["blocks.0.ff1.kernel"]
     assert abs(kernel.std() * np.sqrt(declared["blocks.0.ff1.kernel"].fan_in) - 1) < 0.1
+
+
+def test_converting_and_inspecting_import_no_framework(tmp_path):
+    """`vit-parity convert` and `inspect` need neither JAX nor PyTorch; loading into torch
+    needs no JAX."""
+    import weight_transfer as wt
+
+    path = wt.save_checkpoint(random_nnx(tiny(image_size=8), seed=1), tmp_path / "m.safetensors",
+                              layout="timm")
+    code = f"""
+import sys
+from weight_transfer.cli import main
+assert main(["convert", {str(path)!r}, {str(tmp_path / "o.npz")!r}, "--to", "google_vit"]) == 0
+assert main(["inspect", {str(tmp_path / "o.npz")!r}]) == 0
+print(" ".join(sorted(sys.modules)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert not {m.split(".")[0] for m in out.stdout.split()[-1:] + out.stdout.split()} & \
+        {"jax", "flax", "jaxlib", "torch"}
+    code = f"""
+import sys, weight_transfer as wt
+model = wt.load_checkpoint({str(path)!r}, "torch")
+print(type(model).__name__, " ".join(sorted(sys.modules)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    mods = {m.split(".")[0] for m in out.stdout.split()}
+    assert out.stdout.startswith("ViT") and "torch" in mods and not mods & {"jax", "flax"}
+
+
+def test_every_layout_is_detected_from_its_own_keys():
+    from weight_transfer.layouts import LAYOUTS, detect_layout
+    from weight_transfer.table import oriented
+
+    for config in (tiny(), tiny(pool="mean")):
+        for layout in LAYOUTS.values():
+            keys = {k for r in oriented(layout.table(config), config.num_layers) for k in r.right}
+            assert detect_layout(keys) is layout, layout.name
+
+
+def test_submodules_are_attributes_of_the_package():
+    code = ("import weight_transfer as wt; print(wt.doctor.diagnose.__name__, "
+            "wt.parity.compare.__name__, wt.training.train_parity.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["diagnose", "compare", "train_parity"]
+
+
+def test_every_typed_error_is_a_vit_parity_error():
+    import weight_transfer as wt
+    from vit_config import ArgumentError, ConfigError, ImageShapeError, VitParityError
+    from weight_transfer.cli import UsageError
+
+    for error in (ArgumentError, ConfigError, ImageShapeError, UsageError, wt.CheckpointError,
+                  wt.LayoutError, wt.NonFiniteError, wt.TransferError):
+        assert issubclass(error, VitParityError) and issubclass(error, ValueError), error
+
+
+def test_a_bug_is_not_bad_input(monkeypatch, capsys):
+    """Only typed errors (and OSError) are exit 2; anything else shows its traceback, exit 3."""
+    from weight_transfer import cli, porting
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(porting, "inspect_checkpoint", broken)
+    assert cli.main(["inspect", "whatever.safetensors"]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "KeyError: 'a bug'" in err and "a bug, not bad input" in err

@@ -13,7 +13,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import torch
 from flax import nnx
@@ -22,37 +21,18 @@ import jax_impl
 import torch_impl
 from vit_config import ArgumentError, ViTConfig
 from vit_config import arch
-from weight_transfer.table import (
-    Rule,
-    apply_table,
-    base_shapes,
-    empty_aligned,
-    nnx_torch,
-    rule,
-    to_contiguous,
+from weight_transfer.table import Rule, apply_table, base_shapes, nnx_torch, rule
+from weight_transfer.torch_bridge import (  # noqa: F401  (re-exported: weight_transfer.X)
+    numpy_to_torch,
+    torch_flat,
+    torch_from_state_dict,
+    torch_to_numpy,
 )
 from weight_transfer.transforms import STACK
 
 Flat = dict[str, np.ndarray]
 
 # ---- framework arrays <-> numpy (bit-exact, bfloat16 through its 16-bit pattern) ----------
-
-
-def torch_to_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
-def numpy_to_torch(a: np.ndarray, *, share: bool = False) -> torch.Tensor:
-    """A tensor holding a copy of `a` (64-byte aligned, as torch allocates); with `share`, `a`'s
-    own buffer when it is writable and contiguous (for fresh arrays nobody else holds)."""
-    if not (share and a.flags.writeable and a.flags.c_contiguous):
-        a = to_contiguous(a, out=empty_aligned(a.shape, a.dtype))
-    if a.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)
 
 
 def numpy_to_jax(a: np.ndarray) -> jax.Array:
@@ -75,13 +55,6 @@ def nnx_flat(state_or_model: Any) -> Flat:
     if isinstance(state_or_model, nnx.Module):
         state = nnx.state(state_or_model, nnx.Param)
     return {_dotted(path): np.asarray(var.get_value()) for path, var in nnx.to_flat_state(state)}
-
-
-def torch_flat(state_dict_or_model: Mapping[str, torch.Tensor] | torch.nn.Module) -> Flat:
-    sd = state_dict_or_model
-    if isinstance(sd, torch.nn.Module):
-        sd = sd.state_dict()
-    return {k: torch_to_numpy(v) for k, v in sd.items()}
 
 
 @functools.lru_cache(maxsize=64)
@@ -206,15 +179,6 @@ def nnx_astype(model: jax_impl.ViT, dtype) -> jax_impl.ViT:
     """A copy of `model` with every parameter cast to `dtype` (float64 needs JAX x64 on)."""
     flat = {k: v.astype(dtype) for k, v in nnx_flat(model).items()}
     return nnx_from_flat(flat, model.config, scan_layers=model.scan_layers)
-
-
-def torch_from_state_dict(state_dict: Mapping[str, torch.Tensor], config: ViTConfig
-                          ) -> torch_impl.ViT:
-    """Build a `torch_impl.ViT` holding exactly these tensors (no init, no second copy)."""
-    with torch.device("meta"):
-        model = torch_impl.ViT(config)
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    return model
 
 
 # ---- the model-level API ------------------------------------------------------------------------

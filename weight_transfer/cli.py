@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from dataclasses import asdict
 
 from vit_config import PRESETS, ArgumentError, ViTConfig, VitParityError
@@ -49,6 +50,24 @@ def _image_size(text: str | None):
     return sizes[0] if len(sizes) == 1 else tuple(sizes)
 
 
+def _overrides(assignments: list[str] | None) -> dict:
+    """`--set FIELD=VALUE` (repeatable) -> {field: value}: VALUE is JSON (12, 1e-5, true,
+    "gelu") or a bare word ("gelu"); `image_size` also takes N or HxW."""
+    out = {}
+    for text in assignments or []:
+        field, sep, value = text.partition("=")
+        if not sep or not field:
+            raise UsageError(f"--set {text!r}: expected FIELD=VALUE, e.g. num_heads=16")
+        if field == "image_size":
+            out[field] = _image_size(value)
+            continue
+        try:
+            out[field] = json.loads(value)
+        except json.JSONDecodeError:
+            out[field] = value  # a bare word: a string
+    return out
+
+
 def _print_json(data) -> None:
     print(json.dumps(data, indent=2, default=str))
 
@@ -56,20 +75,33 @@ def _print_json(data) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     from weight_transfer import parity
 
+    _check_batch(args.batch)
     loaded = None  # the checkpoint in both frameworks, reused by --grads
     if args.checkpoint:
-        from weight_transfer.porting import load_checkpoint
+        from weight_transfer.porting import checkpoint_dtypes, load_checkpoint
+        from weight_transfer.runners import x64_for
 
-        kw = dict(layout=args.layout, allow_pickle=args.allow_pickle)
-        loaded = (load_checkpoint(args.checkpoint, "jax", **kw),
-                  load_checkpoint(args.checkpoint, "torch", **kw))
+        kw = dict(layout=args.layout, allow_pickle=args.allow_pickle,
+                  overrides=_overrides(args.set))
+        stored = checkpoint_dtypes(args.checkpoint, allow_pickle=args.allow_pickle)
+        # float64 weights are checked in float64 (x64 on, for this command only); anything
+        # else (float16, bfloat16, mixed) in float32, which holds them exactly.
+        dtype = "float64" if stored == {"float64"} else "float32"
+        if stored - {dtype}:
+            print(f"{PROG}: note: weights stored as {', '.join(sorted(stored))} are checked in "
+                  f"{dtype}", file=sys.stderr)
+        with x64_for(dtype):
+            loaded = (load_checkpoint(args.checkpoint, "jax", dtype=dtype, **kw),
+                      load_checkpoint(args.checkpoint, "torch", dtype=dtype, **kw))
+            _check_batch(args.batch, loaded[0].config)
+            results = [parity.check_models(*loaded, seed=args.seed, batch=args.batch)]
         config = loaded[0].config
-        results = [parity.check_models(*loaded, seed=args.seed, batch=args.batch)]
         what = f"checkpoint {args.checkpoint}"
     else:
         config = ViTConfig.preset(args.preset)
         if args.layers is not None:
             config = config.replace(num_layers=args.layers)
+        _check_batch(args.batch, config)
         results = parity.check(config, args.dtype, seed=args.seed, batch=args.batch)
         what = f"preset {args.preset}, random weights"
     rows = [r.as_dict() for r in results]
@@ -97,6 +129,20 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+MAX_IMAGE_BYTES = 1 << 31  # one batch of random float64 images
+
+
+def _check_batch(batch: int, config: ViTConfig | None = None) -> None:
+    """A batch size that is positive and whose images fit in memory, refused from arithmetic."""
+    if batch < 1:
+        raise UsageError(f"--batch {batch}: expected a positive number")
+    if config is not None and batch * config.image_hw[0] * config.image_hw[1] * \
+            config.in_channels * 8 > MAX_IMAGE_BYTES:
+        raise UsageError(f"--batch {batch}: {batch} images of {config.image_hw} x "
+                         f"{config.in_channels} would not fit in memory (limit "
+                         f"{MAX_IMAGE_BYTES:,} bytes)")
+
+
 def _check_grads(args: argparse.Namespace, config: ViTConfig, loaded=None):
     """Gradient parity on the same weights: the loaded checkpoint's, or the preset's random ones."""
     import numpy as np
@@ -120,6 +166,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from weight_transfer.porting import convert
 
     report = convert(args.src, args.dst, to=args.to, from_=args.layout,
+                     overrides=_overrides(args.set),
                      image_size=_image_size(args.image_size), dtype=args.dtype,
                      max_shard_size=args.max_shard_size, force=args.force,
                      allow_pickle=args.allow_pickle, allow_nonfinite=args.allow_nonfinite,
@@ -130,7 +177,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     else:
         print(f"converted {report['source']} ({report['layout']}) -> {report['output']} "
               f"({args.to}), {report['tensors']} tensors")
-        _print_provenance(report)
+        _print_provenance(report, assumed=False)  # assumptions were announced on stderr
     return 0
 
 
@@ -149,17 +196,20 @@ def progress_bar(label: str, stream=None):
     return draw
 
 
-def _print_provenance(report: dict) -> None:
-    for field, why in report["assumed"].items():
+def _print_provenance(report: dict, *, assumed: bool = True) -> None:
+    for field, why in report["assumed"].items() if assumed else ():
         print(f"  assumed {field} = {why}")
     for what in report["dropped"]:
         print(f"  dropped {what}")
+    for note in report["notes"]:
+        print(f"  note: {note}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from weight_transfer.porting import inspect_checkpoint
 
-    info = inspect_checkpoint(args.checkpoint, layout=args.layout, allow_pickle=args.allow_pickle)
+    info = inspect_checkpoint(args.checkpoint, layout=args.layout, allow_pickle=args.allow_pickle,
+                              overrides=_overrides(args.set))
     if args.json:
         _print_json(info)
         return 0
@@ -178,9 +228,11 @@ def _load_pair(args: argparse.Namespace):
     from weight_transfer.runners import random_images
     from weight_transfer.porting import load_checkpoint
 
-    kw = dict(layout=args.layout, allow_pickle=args.allow_pickle)
+    kw = dict(layout=args.layout, allow_pickle=args.allow_pickle, overrides=_overrides(args.set))
+    _check_batch(args.batch)
     ref = load_checkpoint(args.reference, args.ref_framework, **kw)
     cand = load_checkpoint(args.candidate, args.cand_framework, **kw)
+    _check_batch(args.batch, ref.config)
     if ref.config.image_hw != cand.config.image_hw or \
             ref.config.in_channels != cand.config.in_channels:
         raise UsageError(f"the two models take different images: {ref.config.image_hw} x "
@@ -331,12 +383,15 @@ def _add_pair_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_source_options(p: argparse.ArgumentParser) -> None:
-    from weight_transfer.layouts import LAYOUTS
+    from weight_transfer.layouts import ALIASES, LAYOUTS
 
-    p.add_argument("--from", dest="layout", choices=list(LAYOUTS), default=None,
+    p.add_argument("--from", dest="layout", choices=[*LAYOUTS, *ALIASES], default=None,
                    help="layout of the input (detected from the key names by default)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read .bin/.pth files (torch.load with weights_only=True)")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="state a config field the file cannot say, e.g. --set num_heads=16 "
+                   "--set ln_eps=1e-5 --set image_size=384x256 (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -365,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=cmd_check)
 
+    from weight_transfer.layouts import ALIASES
     from weight_transfer.porting import DTYPES, SAVE_LAYOUTS
 
     p = sub.add_parser("convert", help="convert a checkpoint to another layout",
@@ -373,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "time; the output appears only when complete.")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--to", required=True, choices=SAVE_LAYOUTS, help="layout to write")
+    p.add_argument("--to", required=True, choices=[*SAVE_LAYOUTS, *ALIASES],
+                   help="layout to write")
     _add_source_options(p)
     p.add_argument("--image-size", default=None, help="resample position embeddings to N or HxW")
     p.add_argument("--interpolation", default="bicubic", choices=["bilinear", "bicubic"])
@@ -483,7 +540,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGHUP)}
     stdout, sys.stdout = sys.stdout, _QuietPipe(sys.stdout)
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.run(args)
     except (VitParityError, OSError) as e:  # bad input, named; anything else is a bug
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
@@ -502,6 +561,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = stdout
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning for the user (an assumption, a dropped tensor) as one line on stderr."""
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
 def _one_line(e: BaseException) -> str:

@@ -7,8 +7,9 @@
 | `timm`       | torch | timm `VisionTransformer`: fused `qkv`, `(1, N+1, D)` pos_embed        |
 | `hf`         | torch | HF transformers ViT, the names on published checkpoints (v4)          |
 | `hf5`        | torch | HF transformers 5 in-memory names (`vit.layers.{i}.attention.q_proj`) |
-| `big_vision` | nnx   | google-research/vision_transformer npz (`/`-joined, read by timm)     |
-| `big_vision_bv` | nnx | big_vision npz: `pos_embedding` added before the CLS token          |
+| `google_vit` | nnx   | google-research/vision_transformer npz (`/`-joined, read by timm)     |
+| `big_vision` | nnx   | big_vision npz: `pos_embedding` added before the class token joins    |
+|              |       | (`big_vision_bv`, its earlier name, is an alias)                    |
 
 `base` says which of our flat layouts the table's left column uses; `table.nnx_torch` links
 the two.
@@ -17,12 +18,17 @@ the two.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from vit_config import ViTConfig, VitParityError
+from vit_config import ViTConfig
+from weight_transfer.checkpoint import Source
+from weight_transfer.errors import LayoutError
+from weight_transfer.hf_config import hf_config_fields, hf_config_json, normalise_hf
 from weight_transfer.table import Rule, base_shapes, rule
 from weight_transfer.transforms import (
     BATCH_AXIS,
@@ -109,7 +115,7 @@ CLS_POSITION_FOLD = Transform("fold_cls_position", fold_cls_position, unfold_cls
                               arity=(2, 2))
 
 
-def big_vision_table(config: ViTConfig, variant: str = "vit") -> tuple[Rule, ...]:
+def npz_table(config: ViTConfig, variant: str) -> tuple[Rule, ...]:
     """google-research ViT (`variant="vit"`) or big_vision (`"bv"`) npz, over the NNX layout."""
     h = config.num_heads
     mha, ln2, mlp = ("MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3") \
@@ -142,6 +148,14 @@ def big_vision_table(config: ViTConfig, variant: str = "vit") -> tuple[Rule, ...
     )
 
 
+def google_vit_table(config: ViTConfig) -> tuple[Rule, ...]:
+    return npz_table(config, "vit")
+
+
+def big_vision_table(config: ViTConfig) -> tuple[Rule, ...]:
+    return npz_table(config, "bv")
+
+
 def flax_renamed(ours: str, theirs: str, leaves: Iterable[str]) -> tuple[Rule, ...]:
     return tuple(rule(f"{ours}.{leaf}", f"{theirs}/{leaf}") for leaf in leaves)
 
@@ -157,50 +171,80 @@ def ours(base: str) -> Callable[[ViTConfig], tuple[Rule, ...]]:
 
 @dataclass(frozen=True)
 class Layout:
+    """One published layout: its table over one of our base layouts, and everything else the
+    tool needs to know about it, declared here rather than tested for by name elsewhere."""
+
     name: str
     base: str  # "nnx" or "torch": the layout of the table's left column
     table: Callable[[ViTConfig], tuple[Rule, ...]]
-    marker: str  # a key pattern only this layout has
+    marker: str  # a key pattern that identifies the layout
     description: str
+    container: str = "safetensors"  # what `--to` writes: "safetensors", "folder" (HF), "npz"
+    writable: bool = True
+    priority: int = 0  # detection tries higher first (where another layout's marker also matches)
+    aliases: tuple[str, ...] = ()
+    # What the file cannot say and this layout's own code assumes: field -> (value, why).
+    assumes: Mapping[str, tuple[Any, str]] = field(default_factory=dict)
+    heads_in_kernel: bool = False  # q kernels stored (D, heads, head_dim): heads are found
+    prefix_positions: bool = True  # the position table has rows for the prefix tokens too
+    pool: str | None = None  # the pooling the layout's architecture always uses, if it does
+    # A config.json beside the weights: its fields (`hf_config_fields`) and the one we write.
+    read_config_json: Callable[[Mapping[str, Any], Path], dict[str, Any]] | None = None
+    write_config_json: Callable[[ViTConfig], dict[str, Any]] | None = None
+    # Key names brought to the table's (ViTModel -> ViTForImageClassification): the new
+    # source and what was dropped.
+    normalise: Callable[[Source], tuple[Source, list[str]]] | None = None
 
+
+_GELU = ("gelu", "exact GELU (timm, torch)")
+_TANH = ("gelu_tanh", "tanh GELU (flax nn.gelu's default, big_vision)")
+_EPS6 = (1e-6, "1e-6 (timm, flax)")
+_HF = dict(container="folder", pool="cls", read_config_json=hf_config_fields,
+           write_config_json=hf_config_json, normalise=normalise_hf)
 
 LAYOUTS: dict[str, Layout] = {l.name: l for l in (
     Layout("nnx", "nnx", ours("nnx"), r"^blocks\.\d+\.attn\.q\.kernel$|^ln_f\.scale$",
-           "jax_impl.ViT flat NNX state"),
+           "jax_impl.ViT flat NNX state", assumes=dict(activation=_GELU, ln_eps=_EPS6)),
     Layout("torch", "torch", ours("torch"), r"^blocks\.\d+\.attn\.q\.weight$|^ln_f\.weight$",
-           "torch_impl.ViT state dict"),
+           "torch_impl.ViT state dict", assumes=dict(activation=_GELU, ln_eps=_EPS6)),
     Layout("timm", "torch", timm_table,
            r"^blocks\.\d+\.attn\.qkv\.weight$|^patch_embed\.proj\.weight$",
-           "timm VisionTransformer state dict"),
+           "timm VisionTransformer state dict",
+           assumes=dict(activation=_GELU, ln_eps=_EPS6, pool=(
+               "cls", "cls (timm global_pool='token'; a state dict cannot say 'avg')"))),
     Layout("hf", "torch", hf_table,
            r"^(vit\.)?encoder\.layer\.\d+\.|^(vit\.)?embeddings\.patch_embeddings",
-           "Hugging Face transformers ViT (checkpoint names)"),
+           "Hugging Face transformers ViT (checkpoint names)", **_HF),
     Layout("hf5", "torch", hf5_table, r"^(vit\.)?layers\.\d+\.attention\.q_proj",
-           "Hugging Face transformers 5 ViT (in-memory names)"),
-    Layout("big_vision", "nnx", big_vision_table, r"^Transformer/posembed_input/pos_embedding$",
-           "google-research/vision_transformer npz"),
-    Layout("big_vision_bv", "nnx", lambda c: big_vision_table(c, "bv"), r"^pos_embedding$",
-           "big_vision npz (position embedding added before the CLS token)"),
+           "Hugging Face transformers 5 ViT (in-memory names)", writable=False, priority=1,
+           **_HF),
+    Layout("google_vit", "nnx", google_vit_table, r"^Transformer/posembed_input/pos_embedding$",
+           "google-research/vision_transformer npz (read by timm's _load_weights)",
+           container="npz", heads_in_kernel=True, assumes=dict(activation=_TANH, ln_eps=_EPS6)),
+    Layout("big_vision", "nnx", big_vision_table, r"^pos_embedding$",
+           "big_vision npz (position embedding added before the class token joins)",
+           container="npz", heads_in_kernel=True, prefix_positions=False,
+           aliases=("big_vision_bv",), assumes=dict(activation=_TANH, ln_eps=_EPS6)),
 )}
-
-
-class LayoutError(VitParityError):
-    """The keys match no known layout, or a layout was asked for by an unknown name."""
+ALIASES = {alias: l.name for l in LAYOUTS.values() for alias in l.aliases}
+WRITABLE = tuple(name for name, l in LAYOUTS.items() if l.writable)
 
 
 def get_layout(name: str) -> Layout:
+    if name in ALIASES:
+        return LAYOUTS[ALIASES[name]]
     if name not in LAYOUTS:
         raise LayoutError(f"unknown layout {name!r}; known: {', '.join(LAYOUTS)}")
     return LAYOUTS[name]
 
 
 def detect_layout(keys: Iterable[str]) -> Layout:
-    """The layout whose marker keys appear; hf5 is tested before hf (both have `embeddings`)."""
+    """The layout whose marker the keys carry, higher `priority` first (hf5 shares a marker
+    with hf); every layout in `LAYOUTS` is tried."""
     keys = list(keys)
-    order = ("hf5", "hf", "timm", "torch", "nnx", "big_vision", "big_vision_bv")
-    for name in order:
-        if any(re.search(LAYOUTS[name].marker, k) for k in keys):
-            return LAYOUTS[name]
+    for layout in sorted(LAYOUTS.values(), key=lambda l: -l.priority):
+        if any(re.search(layout.marker, k) for k in keys):
+            return layout
     sample = ", ".join(sorted(keys)[:5]) or "(no tensors)"
     raise LayoutError(f"cannot tell the layout from the keys (first: {sample}); known layouts: "
                       f"{', '.join(LAYOUTS)}; pass layout=... (--from) to say which")

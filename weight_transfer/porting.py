@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,31 +12,29 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from vit_config import ArgumentError, ViTConfig, VitParityError
-from weight_transfer.checkpoint import (
-    FORMAT_VERSION,
+from vit_config import ArgumentError, ViTConfig
+from weight_transfer.checkpoint import Source, read_checkpoint
+from weight_transfer.conversion import Plan, plan_conversion
+from weight_transfer.errors import (
+    AssumedConfigWarning,
     CheckpointError,
-    Inferred,
-    Plan,
-    Source,
+    LayoutError,
+    NonFiniteError,
+)
+from weight_transfer.inference import Inferred, infer_config
+from weight_transfer.layouts import LAYOUTS, WRITABLE, Layout, get_layout
+from weight_transfer.writers import (
+    FORMAT_VERSION,
     atomic_output,
     file_ids,
-    infer_config,
     parse_size,
-    plan_conversion,
-    read_checkpoint,
     write_layout,
 )
-from weight_transfer.layouts import LAYOUTS, Layout, LayoutError, get_layout
 from weight_transfer.resample import INTERPOLATIONS, resample_pos_embed
 from weight_transfer.table import meta_of
 
-SAVE_LAYOUTS = ("nnx", "torch", "timm", "hf", "big_vision")
+SAVE_LAYOUTS = WRITABLE  # the layouts `save_checkpoint` and `convert --to` write
 DTYPES = ("float32", "float64", "bfloat16", "float16")
-
-
-class NonFiniteError(VitParityError):
-    """A weight holds NaN or Inf (refused unless allowed)."""
 
 
 @dataclass
@@ -68,7 +67,8 @@ def _hook(config: ViTConfig, out: ViTConfig, dtype, allow_nonfinite: bool, inter
             b = resample_pos_embed(np.asarray(b), config.grid, out.grid,
                                    num_prefix_tokens=config.num_prefix_tokens,
                                    interpolation=interpolation, antialias=antialias)
-        b = b.astype(dtype, copy=False) if dtype is not None else b
+        with np.errstate(over="ignore"):  # an overflow is reported just below, by name
+            b = b.astype(dtype, copy=False) if dtype is not None else b
         # Finite in, not finite out: the cast (or resampling in half precision) overflowed.
         if screen and b is not a and (bad := count_nonfinite(b)):
             raise NonFiniteError(f"weight {key!r}: {bad} value(s) overflow {b.dtype} (largest "
@@ -93,31 +93,52 @@ def count_nonfinite(a: np.ndarray) -> int:
 
 def prepare(src: str | os.PathLike, to: Layout, *, layout: str | None = None,
             image_size=None, dtype: str | None = None, config: ViTConfig | None = None,
-            allow_pickle: bool = False, allow_nonfinite: bool = False,
-            interpolation: str = "bicubic", antialias: bool = False) -> Prepared:
+            overrides: dict[str, Any] | None = None, allow_pickle: bool = False,
+            allow_nonfinite: bool = False, interpolation: str = "bicubic",
+            antialias: bool = False) -> Prepared:
     """Read `src`, infer its layout and config, and check the whole conversion to `to`."""
     if interpolation not in INTERPOLATIONS:
         raise CheckpointError(f"interpolation {interpolation!r}: expected one of {INTERPOLATIONS}")
-    source = read_checkpoint(src, allow_pickle=allow_pickle)
-    inferred = infer_config(source, get_layout(layout) if layout else None, config)
-    config = inferred.config
+    inferred = infer_config(read_checkpoint(src, allow_pickle=allow_pickle),
+                            get_layout(layout) if layout else None, config, overrides)
+    source, config = inferred.source, inferred.config
+    warn_assumptions(inferred)
     out = config.replace(image_size=image_size) if image_size is not None else config
+    if out.grid != config.grid and out.num_positions * out.d_model * 8 > MAX_RESAMPLE_BYTES:
+        raise ArgumentError(f"image size {out.image_size}: {out.num_positions} positions x "
+                            f"{out.d_model} would need {out.num_positions * out.d_model * 8:,} "
+                            f"bytes to resample (limit {MAX_RESAMPLE_BYTES:,})")
     hook = _hook(config, out, _numpy_dtype(dtype), allow_nonfinite, interpolation, antialias)
     plan = plan_conversion(source.meta, inferred.layout, to, config, out_config=out, hook=hook,
                            what=f"{inferred.layout.name} ({source.path.name})")
     return Prepared(source, inferred, out, plan)
 
 
+MAX_RESAMPLE_BYTES = 1 << 32  # float64 working copy of a resampled position table
+
+
+def warn_assumptions(inferred: Inferred) -> None:
+    """Say, loudly, what the file could not say and was assumed (`AssumedConfigWarning`)."""
+    if inferred.assumed:
+        listing = "; ".join(f"{k} = {why}" for k, why in inferred.assumed.items())
+        warnings.warn(AssumedConfigWarning(
+            f"{inferred.source.path}: assumed {listing}; if any is wrong, state it with "
+            f"--set FIELD=VALUE (overrides={{field: value}})"), stacklevel=3)
+
+
 def load_checkpoint(path: str | os.PathLike, framework: str = "jax", *, layout: str | None = None,
                     image_size=None, dtype: str | None = None, config: ViTConfig | None = None,
-                    allow_pickle: bool = False, allow_nonfinite: bool = False,
-                    interpolation: str = "bicubic", antialias: bool = False, mesh=None,
-                    sharding: str = "replicated"):
+                    overrides: dict[str, Any] | None = None, allow_pickle: bool = False,
+                    allow_nonfinite: bool = False, interpolation: str = "bicubic",
+                    antialias: bool = False, mesh=None, sharding: str = "replicated"):
     """A ready `jax_impl.ViT` (framework="jax") or `torch_impl.ViT` (framework="torch").
 
     `path`: a safetensors file, a sharded `*.safetensors.index.json`, a Hugging Face folder
     (config.json + weights), an `.npz`, or with `allow_pickle` a torch `.bin`/`.pth`.
-    `layout` is detected from the key names unless given; `config` overrides the inferred one;
+    `layout` is detected from the key names unless given; `config` replaces the inferred config,
+    `overrides` ({field: value}) corrects fields of it (what a bare state dict cannot say:
+    heads, epsilon, activation, a non-square image size); what had to be assumed is announced
+    with an `AssumedConfigWarning`;
     `image_size` resamples the position embeddings (timm's `resample_abs_pos_embed` rules).
     With `mesh` (a `jax.sharding.Mesh`), the JAX model's parameters are placed on it,
     `sharding="replicated"` or `"fsdp"` (see `weight_transfer.sharding`).
@@ -128,17 +149,19 @@ def load_checkpoint(path: str | os.PathLike, framework: str = "jax", *, layout: 
         raise ArgumentError("mesh= places a JAX model's parameters; framework must be 'jax'")
     to = LAYOUTS["nnx" if framework == "jax" else "torch"]
     p = prepare(path, to, layout=layout, image_size=image_size, dtype=dtype, config=config,
-                allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+                overrides=overrides, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
                 interpolation=interpolation, antialias=antialias)
     if mesh is not None:
         from weight_transfer.sharding import load_sharded
 
         return load_sharded(p, mesh, sharding)
-    from weight_transfer.bridge import nnx_from_flat, numpy_to_torch, torch_from_state_dict
-
     tensors = p.plan.run(p.source.items(p.plan.inputs))
     if framework == "jax":
+        from weight_transfer.bridge import nnx_from_flat
+
         return nnx_from_flat(dict(tensors), p.config)
+    from weight_transfer.torch_bridge import numpy_to_torch, torch_from_state_dict
+
     # Each tensor becomes a torch tensor as it arrives, sharing its buffer (a fresh array, or
     # the reader's copy-on-write map of the file), and the model is built on the meta device
     # and assigned them: one copy of the weights in memory, none at all for untransposed ones.
@@ -147,29 +170,40 @@ def load_checkpoint(path: str | os.PathLike, framework: str = "jax", *, layout: 
 
 
 def _model_flat(model) -> tuple[Layout, dict[str, np.ndarray]]:
-    from weight_transfer.bridge import nnx_flat, torch_flat
-
     if type(model).__module__.startswith("jax_impl"):
+        from weight_transfer.bridge import nnx_flat
+
         return LAYOUTS["nnx"], nnx_flat(model)
     if type(model).__module__.startswith("torch_impl"):
+        from weight_transfer.torch_bridge import torch_flat
+
         return LAYOUTS["torch"], torch_flat(model)
     raise TypeError(f"expected a jax_impl.ViT or torch_impl.ViT, got {type(model).__name__}")
 
 
-def _target_path(path: Path, layout: Layout) -> Path:
-    if layout.name in ("hf", "hf5") or path.suffix:
+def _target(path: str | os.PathLike, layout: Layout, max_shard_size) -> Path:
+    """Where `layout` is written: a folder as given, a file with its container's suffix."""
+    if not layout.writable:
+        raise LayoutError(f"layout {layout.name!r} is read, not written; write one of "
+                          f"{', '.join(WRITABLE)}")
+    if max_shard_size is not None and layout.container == "npz":
+        raise ArgumentError(f"max shard size: the {layout.name} layout is one .npz file, which "
+                            f"cannot be sharded")
+    path = Path(path)
+    if layout.container == "folder" or path.suffix:
         return path
-    return path.with_suffix(".npz" if layout.name.startswith("big_vision") else ".safetensors")
+    return path.with_suffix("." + layout.container)
 
 
 def save_checkpoint(model, path: str | os.PathLike, *, layout: str = "nnx",
                     max_shard_size: int | str | None = None, force: bool = False) -> Path:
-    """Write one of our models in any layout: safetensors for nnx/torch/timm (sharded with an
-    index when `max_shard_size` is given), a folder for hf, an .npz for big_vision. Atomic."""
+    """Write one of our models in any writable layout, in that layout's container: a
+    safetensors file (sharded with an index when `max_shard_size` is given), a folder (hf), an
+    .npz (google_vit, big_vision). Atomic."""
     dst_layout = get_layout(layout)
     src_layout, flat = _model_flat(model)
     plan = plan_conversion(meta_of(flat), src_layout, dst_layout, model.config)
-    out = _target_path(Path(path), dst_layout)
+    out = _target(path, dst_layout, max_shard_size)
     manifest = {"format_version": FORMAT_VERSION, "layout": dst_layout.name,
                 "source": f"{type(model).__module__.split('.')[0]}.ViT in memory"}
     with atomic_output(out, force=force) as tmp:
@@ -183,16 +217,16 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
             from_: str | None = None, image_size=None, dtype: str | None = None,
             max_shard_size: int | str | None = None, force: bool = False,
             allow_pickle: bool = False, allow_nonfinite: bool = False,
-            config: ViTConfig | None = None, interpolation: str = "bicubic",
-            antialias: bool = False, progress: Callable[[int, int], None] | None = None
-            ) -> dict[str, Any]:
+            config: ViTConfig | None = None, overrides: dict[str, Any] | None = None,
+            interpolation: str = "bicubic", antialias: bool = False,
+            progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Convert a checkpoint file to another layout, one tensor at a time; returns a report.
     `progress(done, total)` is called after each tensor (the CLI draws a bar with it)."""
     dst_layout = get_layout(to)
+    out = _target(dst, dst_layout, max_shard_size)
     p = prepare(src, dst_layout, layout=from_, image_size=image_size, dtype=dtype, config=config,
-                allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+                overrides=overrides, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
                 interpolation=interpolation, antialias=antialias)
-    out = _target_path(Path(dst), dst_layout)
     inputs = [p.source.path, *p.source.files, *([p.source.folder] if p.source.folder else [])]
     protected = set().union(*(file_ids(f) for f in inputs))  # every input file, under any name
     manifest = {"format_version": FORMAT_VERSION, "layout": dst_layout.name,
@@ -218,14 +252,26 @@ def _counted(items, total: int, progress: Callable[[int, int], None]):
 def report(p: Prepared) -> dict[str, Any]:
     return {"layout": p.inferred.layout.name, "config": p.config.to_dict(),
             "found": p.inferred.found, "assumed": p.inferred.assumed,
-            "dropped": p.inferred.dropped, "tensors": len(p.plan.order)}
+            "dropped": p.inferred.dropped, "notes": p.source.notes,
+            "tensors": len(p.plan.order)}
+
+
+def checkpoint_dtypes(path: str | os.PathLike, *, allow_pickle: bool = False) -> set[str]:
+    """The dtypes a checkpoint stores, read from its header or directory (no tensor is read)."""
+    source = read_checkpoint(path, allow_pickle=allow_pickle)
+    try:
+        return {str(dtype) for _, dtype in source.meta.values()}
+    finally:
+        source.close()
 
 
 def inspect_checkpoint(path: str | os.PathLike, *, layout: str | None = None,
+                       overrides: dict[str, Any] | None = None,
                        allow_pickle: bool = False) -> dict[str, Any]:
     """Layout, inferred config, parameter count, dtypes, sizes and NaN/Inf counts of a file."""
-    source = read_checkpoint(path, allow_pickle=allow_pickle)
-    inferred = infer_config(source, get_layout(layout) if layout else None)
+    inferred = infer_config(read_checkpoint(path, allow_pickle=allow_pickle),
+                            get_layout(layout) if layout else None, overrides=overrides)
+    source = inferred.source
     # Every key and shape checked against the config before any tensor is read.
     plan_conversion(source.meta, inferred.layout, LAYOUTS[inferred.layout.base], inferred.config,
                     what=f"{inferred.layout.name} ({source.path.name})")
@@ -240,7 +286,7 @@ def inspect_checkpoint(path: str | os.PathLike, *, layout: str | None = None,
     return {"path": str(source.path), "layout": inferred.layout.name,
             "layout_description": inferred.layout.description,
             "config": inferred.config.to_dict(), "found": inferred.found,
-            "assumed": inferred.assumed, "dropped": inferred.dropped,
+            "assumed": inferred.assumed, "dropped": inferred.dropped, "notes": source.notes,
             "parameters": tensors, "expected_parameters": inferred.config.num_params(),
             "tensors": len(source.meta), "dtypes": dtypes, "bytes": size,
             "nonfinite": nonfinite, "metadata": source.metadata}

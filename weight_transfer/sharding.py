@@ -55,8 +55,7 @@ def load_sharded(prepared, mesh, sharding: str):
     if sharding not in SHARDINGS:
         raise ArgumentError(f"sharding {sharding!r}: expected one of {SHARDINGS}")
     p = prepared
-    direct = (p.inferred.layout.name == "nnx" and p.source.reader is not None
-              and p.config == p.inferred.config)
+    direct = p.plan.renames_only and p.source.reader is not None and p.config == p.inferred.config
     hook = p.plan.hook or (lambda key, a, dry: a)
     arrays: dict[str, jax.Array] = {}
 

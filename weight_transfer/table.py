@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vit_config import ViTConfig, VitParityError, arch
+from vit_config import ViTConfig, arch
+from weight_transfer.errors import TransferError
 from weight_transfer.transforms import CONV, IDENTITY, LINEAR, Transform
 
 FLOAT_KINDS = ("float16", "bfloat16", "float32", "float64")
@@ -70,20 +71,6 @@ def base_shapes(base: str, config: ViTConfig) -> dict[str, tuple[int, ...]]:
     if base == "nnx":
         return nnx
     return forward_targets(nnx_torch(config), {k: (s, np.dtype(np.int8)) for k, s in nnx.items()})
-
-
-class TransferError(VitParityError):
-    """A state that does not fit the target: every missing, unexpected and mis-shaped key at once."""
-
-    SHOWN = 40  # the message lists this many; `.problems` holds them all
-
-    def __init__(self, problems: list[str], *, missing=(), unexpected=(), mismatched=()):
-        self.problems = list(problems)
-        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
-        shown = self.problems[:self.SHOWN]
-        more = len(self.problems) - len(shown)
-        listing = "\n".join(f"  - {p}" for p in shown) + (f"\n  ... and {more} more" if more else "")
-        super().__init__(f"{len(self.problems)} problem(s) mapping the weights:\n{listing}")
 
 
 Meta = tuple[tuple[int, ...], np.dtype]  # (shape, dtype) of a tensor not yet loaded

@@ -1,0 +1,97 @@
+"""Hugging Face's `config.json` for ViT, both ways: the fields it states (checked, never
+replaced by a default when present but unknown), the config.json we write, and how a
+checkpoint's HF key names are normalised (ViTModel -> ViTForImageClassification)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vit_config import ViTConfig
+from weight_transfer.checkpoint import Source
+from weight_transfer.errors import CheckpointError, LayoutError
+
+# transformers' ACT2FN names -> ours; the first name of each of ours is what we write.
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+                  "gelu_fast": "gelu_tanh", "relu": "relu"}
+HF_ACTIVATION_NAMES = {ours: theirs for theirs, ours in reversed(HF_ACTIVATIONS.items())}
+
+
+_MISSING = object()
+
+
+def json_field(cfg: Mapping[str, Any], key: str, kinds: type | tuple[type, ...], where: Path,
+               default: Any = _MISSING) -> Any:
+    """`cfg[key]`, checked to be one of `kinds` (a bool is never taken for a number); absent,
+    `default` (null is a value, and refused like any other of the wrong type)."""
+    if key not in cfg:
+        if default is _MISSING:
+            raise CheckpointError(f"{where}: config.json has no {key!r}")
+        return default
+    value = cfg[key]
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise CheckpointError(f"{where}: config.json {key!r} is {value!r}; expected {names}")
+    return value
+
+
+def hf_config_fields(hf: Mapping[str, Any], where: Path) -> dict[str, Any]:
+    """The fields a Hugging Face ViT `config.json` states, checked: an activation or size this
+    ViT cannot run is refused by name, never replaced by a default."""
+    act = json_field(hf, "hidden_act", str, where, "gelu")
+    if act not in HF_ACTIVATIONS:
+        raise CheckpointError(f"{where}: config.json hidden_act {act!r} is not supported (known: "
+                              f"{', '.join(sorted(HF_ACTIVATIONS))}); refusing rather than "
+                              f"running a different activation")
+    size = json_field(hf, "image_size", (int, list), where, 224)
+    return dict(num_heads=json_field(hf, "num_attention_heads", int, where),
+                ln_eps=json_field(hf, "layer_norm_eps", (float, int), where, 1e-12),
+                activation=HF_ACTIVATIONS[act], image_size=size)
+
+
+def normalise_hf(source: Source) -> tuple[Source, list[str]]:
+    """ViTModel -> the ViTForImageClassification names: add `vit.`; its tanh pooler is dropped;
+    with no classifier, the head is set to the identity so logits are the CLS features.
+    Returns a new `Source` (the one given is left as it is) and what was dropped."""
+    keys = list(source.meta)
+    if any(k.startswith("vit.") for k in keys) or not any(k.startswith("embeddings.") for k in keys):
+        return source, []  # ViTForImageClassification names, or not HF (the table will say)
+    renamed = {("vit." + k if not k.startswith(("pooler.", "classifier.")) else k): k for k in keys}
+    dropped = [new for new in renamed if new.startswith("pooler.")]
+    for new in dropped:
+        del renamed[new]
+    meta = {new: source.meta[old] for new, old in renamed.items()}
+    extra: dict[str, np.ndarray] = {}
+    if "classifier.weight" not in meta:
+        d = next(m[0][-1] for k, m in meta.items() if k.endswith("layernorm.weight"))
+        dtype = next(iter(meta.values()))[1]
+        extra = {"classifier.weight": np.eye(d, dtype=dtype), "classifier.bias": np.zeros(d, dtype)}
+        meta.update({k: (a.shape, a.dtype) for k, a in extra.items()})
+        dropped.append("(no classifier: head set to the identity; logits = final-norm CLS features)")
+    load = source.load
+    # keys renamed: no in-order reader (read in header order, digest the files afterwards)
+    return dataclasses.replace(source, meta=meta, reader=None, load=lambda k: extra[k] if k in extra
+                               else load(renamed[k])), dropped
+
+
+def hf_config_json(config: ViTConfig) -> dict[str, Any]:
+    if config.pool != "cls":
+        raise LayoutError("the HF ViT reads its classifier from the class token's row: a "
+                          "mean-pool model has no HF ViT equivalent")
+    h, w = config.image_hw
+    act = HF_ACTIVATION_NAMES[config.activation]
+    return {"architectures": ["ViTForImageClassification"], "model_type": "vit",
+            "hidden_size": config.d_model, "num_hidden_layers": config.num_layers,
+            "num_attention_heads": config.num_heads, "intermediate_size": config.d_ff,
+            "hidden_act": act, "layer_norm_eps": config.ln_eps,
+            "image_size": h if h == w else [h, w],  # HF's ViTEmbeddings takes either
+            "patch_size": config.patch_size, "num_channels": config.in_channels,
+            "qkv_bias": config.qkv_bias, "num_labels": config.num_classes,
+            "id2label": {str(i): f"LABEL_{i}" for i in range(config.num_classes)},
+            "label2id": {f"LABEL_{i}": i for i in range(config.num_classes)},
+            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}

@@ -1,0 +1,178 @@
+"""Writing converted tensors: atomically (a temporary folder, then rename), never over an input,
+in each layout's container (a safetensors file or shards with an index, an HF folder, an npz),
+with the manifest that makes our files describe themselves."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import stat
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from vit_config import ViTConfig
+from weight_transfer.conversion import Plan
+from weight_transfer.errors import CheckpointError
+from weight_transfer.layouts import Layout
+from weight_transfer.npz_io import NPZ_MANIFEST
+from weight_transfer.safetensors_io import write_safetensors
+from weight_transfer.table import Meta, to_contiguous
+
+FORMAT_VERSION = "1"
+
+
+FileId = tuple[int, int]  # (st_dev, st_ino): one file, under whatever name or mount
+
+
+def file_ids(path: Path, *, limit: int = 100_000) -> set[FileId]:
+    """The identity of `path` (followed through links) and, for a folder, of everything in it."""
+    ids: set[FileId] = set()
+    with contextlib.suppress(OSError):
+        st = path.stat()
+        ids.add((st.st_dev, st.st_ino))
+        if stat.S_ISDIR(st.st_mode):
+            for root, dirs, names in os.walk(path):
+                for n in dirs + names:
+                    with contextlib.suppress(OSError):
+                        st = (Path(root) / n).stat()
+                        ids.add((st.st_dev, st.st_ino))
+                if len(ids) > limit:
+                    break
+    return ids
+
+
+def _refuse_clobbering(final: Path, protected: set[FileId]) -> None:
+    if protected and file_ids(final) & protected:
+        raise CheckpointError(f"{final}: the output would overwrite the input (or delete it: "
+                              f"the same file, or a folder holding it, under another name or "
+                              f"mount); refused even with --force: choose another output")
+
+
+@contextlib.contextmanager
+def atomic_output(dst: Path, *, force: bool = False, protected: set[FileId] = frozenset()
+                  ) -> Iterator[Path]:
+    """A temporary folder next to `dst`: write the outputs there under their final names; they
+    are moved into place only if the block succeeds, so a failure leaves nothing behind.
+    Nothing that exists (a dangling link included) is replaced without `force`, and nothing in
+    `protected` (the inputs' file identities) is replaced or deleted at all."""
+    _refuse_clobbering(dst, protected)
+    if os.path.lexists(dst) and not force:
+        raise CheckpointError(f"{dst}: already exists (use --force / force=True to replace it)")
+    if not dst.parent.is_dir():
+        raise CheckpointError(f"{dst}: the directory {dst.parent} does not exist")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        yield tmp
+        finals = [dst.parent / p.name for p in sorted(tmp.iterdir())]
+        clashes = [f for f in finals if os.path.lexists(f)]
+        if clashes and not force:
+            raise CheckpointError(f"{clashes[0]}: already exists (use --force / force=True)")
+        for final in clashes:
+            _refuse_clobbering(final, protected)
+        for final in finals:
+            if final.is_dir() and not final.is_symlink():
+                shutil.rmtree(final)
+            os.replace(tmp / final.name, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def shard(order: list[tuple[str, Meta]], max_bytes: int | None) -> list[list[tuple[str, Meta]]]:
+    """Split the key order into consecutive shards of at most `max_bytes` (HF's convention)."""
+    shards: list[list[tuple[str, Meta]]] = [[]]
+    size = 0
+    for key, (shape, dtype) in order:
+        n = math.prod(shape) * np.dtype(dtype).itemsize
+        if max_bytes and shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, (shape, dtype)))
+        size += n
+    return shards
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """`"500MB"`, `"2GB"`, `"1GiB"` or an int of bytes."""
+    if text is None or isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise CheckpointError(f"max shard size {text!r}: expected e.g. 500MB, 2GB or 1GiB")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
+             "GIB": 2**30}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+DIGEST_PLACEHOLDER = "0" * 64  # the source's sha256, patched in once the stream has been read
+
+
+def _patch_digest(files: list[Path], digest: str) -> None:
+    """Replace the placeholder in each written header (same length: offsets stay valid)."""
+    old, new = DIGEST_PLACEHOLDER.encode(), digest.encode()
+    for path in files:
+        with open(path, "r+b") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if path.suffix == ".safetensors" else path.stat().st_size
+            start = 8 if path.suffix == ".safetensors" else 0
+            f.seek(start)
+            text = f.read(n)
+            f.seek(start)
+            f.write(text.replace(old, new, 1))
+
+
+def write_layout(out: Path, layout: Layout, plan: Plan, tensors: Iterator[tuple[str, np.ndarray]],
+                 config: ViTConfig, manifest: dict[str, str], max_shard_size: int | None,
+                 source_digest: Callable[[], str] | None = None) -> str:
+    """Write the stream in `layout.container`: an .npz, a folder (config.json + safetensors),
+    or safetensors (sharded with an index when `max_shard_size` splits it). `source_digest` is
+    called after the stream is consumed and lands in the manifest as `source_sha256`."""
+    if source_digest is not None:
+        manifest = {**manifest, "source_sha256": DIGEST_PLACEHOLDER}
+    metadata = {"format": "flax" if layout.base == "nnx" else "pt",
+                "vit_parity": json.dumps({**manifest, "config": config.to_dict()}, sort_keys=True)}
+    if layout.container == "npz":
+        arrays = {k: to_contiguous(a) for k, a in tensors}
+        if source_digest is not None:
+            metadata["vit_parity"] = metadata["vit_parity"].replace(DIGEST_PLACEHOLDER,
+                                                                    source_digest())
+        # npz has no metadata: the manifest travels as one uint8 array of JSON bytes.
+        arrays[NPZ_MANIFEST] = np.frombuffer(metadata["vit_parity"].encode(), np.uint8)
+        with open(out, "wb") as f:
+            np.savez(f, **arrays)
+        return out.name
+    if layout.container == "folder":
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(layout.write_config_json(config), indent=2))
+        metadata = {"format": "pt"}  # config.json is the folder's description, as HF reads it
+        base = out / "model.safetensors"
+    else:
+        base = out
+    shards = shard(plan.order, max_shard_size)
+    if len(shards) == 1:
+        write_safetensors(base, plan.order, tensors, metadata)
+        if source_digest is not None and "vit_parity" in metadata:
+            _patch_digest([base], source_digest())
+        return out.name
+    stem = base.name.removesuffix(".safetensors")
+    names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, part in zip(names, shards, strict=True):
+        take = (next(tensors) for _ in range(len(part)))
+        write_safetensors(base.parent / name, part, take, metadata)
+        weight_map.update({k: name for k, _ in part})
+    total = sum(math.prod(s) * np.dtype(d).itemsize for _, (s, d) in plan.order)
+    index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
+    index_path = base.parent / f"{base.name}.index.json"
+    index_path.write_text(json.dumps(index, indent=2))
+    if source_digest is not None and "vit_parity" in metadata:
+        _patch_digest([base.parent / n for n in names] + [index_path], source_digest())
+    return out.name if out != base else index_path.name
