@@ -255,3 +255,234 @@ def _npy_header(header: dict) -> bytes:
     text = repr(header).encode()
     text += b" " * (-(10 + len(text) + 1) % 64) + b"\n"
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text
+
+
+# ---- unbounded resources from a small file --------------------------------------------------
+
+
+def _safetensors(path: Path, header: dict, data: bytes = b"") -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+def _manifested(model, work: Path, **config_changes) -> Path:
+    """Our own file, with its manifest's config edited."""
+    path = wt.save_checkpoint(model, work / "m.safetensors", layout="nnx")
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    manifest = json.loads(header["__metadata__"]["vit_parity"])
+    manifest["config"].update(config_changes)
+    header["__metadata__"]["vit_parity"] = json.dumps(manifest)
+    return _safetensors(work / "forged.safetensors", header, raw[8 + n:])
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    (dict(num_layers=1_000_000), "num_layers=1000000"),
+    (dict(d_model=10**9, num_heads=1, d_ff=10**9), "expected shape"),
+])
+def test_a_forged_config_costs_nothing(work, model, changes, fragment):
+    path = _manifested(model, work, **changes)
+    run = cli("convert", path, work / "out.safetensors", "--to", "torch", cwd=work)
+    assert_refused(run, fragment)
+    assert run.peak_rss < 400 << 20
+
+
+def test_a_million_empty_tensors_are_refused(work):
+    header = {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+              for i in range(150_000)}
+    assert_refused(cli("inspect", _safetensors(work / "many.safetensors", header), cwd=work),
+                   "150000 tensors")
+
+
+def test_overlapping_offsets_are_refused(work, model):
+    path = wt.save_checkpoint(model, work / "m.safetensors", layout="torch")
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    first = next(k for k in header if k != "__metadata__")
+    for key, info in header.items():  # every same-shaped tensor points at the first one's bytes
+        if key != "__metadata__" and info["shape"] == header[first]["shape"]:
+            info["data_offsets"] = header[first]["data_offsets"]
+    path = _safetensors(work / "overlap.safetensors", header, raw[8 + n:])
+    assert_refused(cli("convert", path, work / "o.safetensors", "--to", "nnx", cwd=work),
+                   "offsets must tile")
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "fifo"])
+def test_config_and_index_must_be_regular_files(work, model, target):
+    folder = wt.save_checkpoint(model, work / "hf", layout="hf")
+    (folder / "config.json").unlink()
+    if target == "fifo":
+        os.mkfifo(work / "fifo")
+        target = work / "fifo"
+    (folder / "config.json").symlink_to(target)
+    assert_refused(cli("inspect", folder, cwd=work), "not a regular file")
+    (work / "model.safetensors.index.json").symlink_to(target)
+    assert_refused(cli("inspect", work / "model.safetensors.index.json", cwd=work),
+                   "not a regular file")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--image-size", "100000"], "would need"),
+])
+def test_sizes_too_large_are_refused_before_allocating(work, model, args, fragment):
+    path = wt.save_checkpoint(model, work / "m.safetensors", layout="torch")
+    run = cli("convert", path, work / "o.safetensors", "--to", "nnx", *args, cwd=work)
+    assert_refused(run, fragment)
+
+
+def test_a_huge_batch_is_refused_before_allocating(work):
+    assert_refused(cli("check", "--preset", "seed", "--batch", "1000000000", cwd=work),
+                   "would not fit in memory")
+
+
+# ---- spec-valid files -----------------------------------------------------------------------
+
+
+def test_a_header_in_another_order_than_the_data_converts(work, model):
+    path = wt.save_checkpoint(model, work / "m.safetensors", layout="torch")
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    shuffled = dict(reversed(list(header.items())))
+    path = _safetensors(work / "shuffled.safetensors", shuffled, raw[8 + n:])
+    out = wt.convert(path, work / "o.safetensors", to="timm")["output"]
+    back = wt.load_checkpoint(out, "jax")
+    for key, value in wt.nnx_flat(model).items():
+        np.testing.assert_array_equal(wt.nnx_flat(back)[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "mixed", "float16"])
+def test_check_runs_any_stored_dtype(work, dtype):
+    from safetensors.numpy import save_file
+
+    config = tiny(image_size=8)
+    flat = wt.nnx_to_torch_flat(wt.nnx_flat(random_nnx(config, seed=2)), config)
+    cast = {"float64": lambda k: np.float64, "float16": lambda k: np.float16,
+            "mixed": lambda k: np.float16 if k.endswith("bias") else np.float32}[dtype]
+    path = work / "m.safetensors"
+    save_file({k: v.astype(cast(k)) for k, v in flat.items()}, str(path))
+    run = cli("check", path, "--set", "num_heads=3", "--json", cwd=work)
+    assert run.code == 0, run.err
+    result = json.loads(run.out)["results"][0]
+    assert result["passed"] and result["dtype"] == ("float64" if dtype == "float64" else "float32")
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_torch_pickles_legacy_and_wrapped(work, model, legacy):
+    import torch
+
+    sd = wt.nnx_state_to_state_dict(wt.nnx_flat(model), model.config)
+    path = work / "m.pth"
+    torch.save({"model": sd, "epoch": 3}, path, _use_new_zipfile_serialization=not legacy)
+    run = cli("convert", path, work / "o.safetensors", "--to", "nnx", "--allow-pickle",
+              "--set", "image_size=8x12", "--set", "num_heads=3", cwd=work)
+    assert run.code == 0, run.err
+    assert "read from the checkpoint's 'model' entry" in run.out
+    back = wt.load_checkpoint(work / "o.safetensors", "jax")
+    for key, value in wt.nnx_flat(model).items():
+        np.testing.assert_array_equal(wt.nnx_flat(back)[key], value, err_msg=key)
+
+
+# ---- failures that are not clean ------------------------------------------------------------
+
+
+def _edit_header(path: Path, edit) -> Path:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    return _safetensors(path.with_name("edited.safetensors"), header, raw[8 + n:])
+
+
+def _first(header: dict) -> dict:
+    return next(v for k, v in header.items() if k != "__metadata__")
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda h: _first(h).update(data_offsets=["0", "4"]), "malformed entry"),
+    (lambda h: _first(h).update(data_offsets=[0.0, 4.0]), "malformed entry"),
+    (lambda h: _first(h).update(shape=[True, 3]), "malformed entry"),
+    (lambda h: h.update(__metadata__={"a": 1}), "__metadata__"),
+    (lambda h: h.update(__metadata__=["a"]), "__metadata__"),
+    (lambda h: h["__metadata__"].update(vit_parity="{}"), "no config object"),
+    (lambda h: h["__metadata__"].update(vit_parity="[]"), "no config object"),
+    (lambda h: h["__metadata__"].update(vit_parity='{"config": 3}'), "no config object"),
+    (lambda h: h["__metadata__"].update(vit_parity='{"config": {"d_model": "x"}}'),
+     "config is invalid"),
+    (lambda h: h["__metadata__"].update(vit_parity="not json"), "not JSON"),
+])
+def test_malformed_headers_and_manifests(work, model, edit, fragment):
+    path = _edit_header(wt.save_checkpoint(model, work / "m.safetensors", layout="nnx"), edit)
+    assert_refused(cli("convert", path, work / "o.safetensors", "--to", "torch", cwd=work),
+                   fragment)
+
+
+def test_npz_that_is_not_npz(work, model):
+    import zipfile
+
+    with zipfile.ZipFile(work / "text.npz", "w") as z:
+        z.writestr("embedding/kernel.txt", "hello")
+    assert_refused(cli("inspect", work / "text.npz", cwd=work), "not an .npy array")
+    np.save(work / "array.npy", np.zeros(3))
+    os.rename(work / "array.npy", work / "array.npz")
+    assert_refused(cli("inspect", work / "array.npz", cwd=work), "not a readable .npz")
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"num_attention_heads": "three"}', "expected int"),
+    ('{"hidden_act": "gelu"}', "no 'num_attention_heads'"),
+])
+def test_bad_config_json(work, model, text, fragment):
+    folder = wt.save_checkpoint(model, work / "hf", layout="hf")
+    (folder / "config.json").write_text(text)
+    assert_refused(cli("convert", folder, work / "o.safetensors", "--to", "nnx", cwd=work),
+                   fragment)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/x.safetensors"])
+def test_an_index_cannot_point_outside_its_folder(work, shard):
+    index = work / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"head.bias": shard}}))
+    assert_refused(cli("inspect", index, cwd=work), "leaves the index's folder")
+
+
+def test_a_signal_mid_conversion_cleans_up(work, model, monkeypatch, capsys):
+    """SIGTERM, SIGHUP and SIGINT while writing: no partial or temporary file is left, one
+    line on stderr, exit 128 + the signal."""
+    import signal
+
+    from weight_transfer import cli as cli_module, writers
+
+    src = wt.save_checkpoint(model, work / "m.safetensors", layout="torch")
+    real = writers.write_safetensors
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        def interrupted(path, *args, sig=sig, **kwargs):
+            path.write_bytes(b"partial")
+            os.kill(os.getpid(), sig)
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(writers, "write_safetensors", interrupted)
+        before = sorted(os.listdir(work))
+        code = cli_module.main(["convert", str(src), str(work / "o.safetensors"), "--to", "nnx"])
+        err = capsys.readouterr().err
+        assert code == 128 + sig, (sig, code, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert sorted(os.listdir(work)) == before  # no output, no hidden temporary folder
+
+
+def test_a_closed_stdout_after_the_output_is_written_is_not_an_error(work, model):
+    src = wt.save_checkpoint(model, work / "m.safetensors", layout="torch")
+    p = subprocess.Popen([sys.executable, "-m", "weight_transfer", "convert", str(src),
+                          str(work / "o.safetensors"), "--to", "nnx"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader went away (`| head -0`)
+    err = p.stderr.read().decode()
+    assert p.wait() == 0, err
+    assert "Traceback" not in err
+    assert wt.load_checkpoint(work / "o.safetensors", "jax").config == model.config

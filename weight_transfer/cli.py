@@ -569,10 +569,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _one_line(e: BaseException) -> str:
-    """An error's message; an OSError without a path still names what failed."""
+    """An error's message on one line (a listing of problems joined with '; '); an OSError
+    without a path still names what failed."""
     if isinstance(e, OSError) and e.filename is None and e.strerror:
         return f"{e.strerror} ({type(e).__name__})"
-    return str(e)
+    head, *items = str(e).splitlines()
+    return head + " " + "; ".join(item.strip().removeprefix("- ") for item in items) \
+        if items else head
 
 
 if __name__ == "__main__":

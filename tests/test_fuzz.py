@@ -1,0 +1,158 @@
+"""Fuzzing the file readers with hypothesis: random mutations of a valid safetensors header and
+of an HF config.json. Every outcome is exit 0 with correct output, or exit 2 with one line.
+
+The oracle for "correct" is the safetensors library itself: whatever we accept, it must accept
+too, and every tensor we write must equal the one it reads from the input under the same key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.numpy import load_file
+
+import weight_transfer as wt
+from tests.conftest import tiny
+from weight_transfer.cli import main
+from weight_transfer.weights import random_nnx
+
+SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64) | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                max_size=3),
+    max_leaves=6)
+
+
+@pytest.fixture(scope="module")
+def valid(tmp_path_factory):
+    """A torch-layout safetensors file with our manifest, and an HF folder."""
+    d = tmp_path_factory.mktemp("fuzz")
+    model = random_nnx(tiny(image_size=8), seed=3)
+    file = wt.save_checkpoint(model, d / "m.safetensors", layout="torch")
+    folder = wt.save_checkpoint(model, d / "hf", layout="hf")
+    return file.read_bytes(), folder
+
+
+def run_cli(*args) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main([str(a) for a in args])
+    return code, err.getvalue()
+
+
+def assert_clean_refusal(code: int, err: str) -> None:
+    assert code == 2, (code, err)
+    lines = [l for l in err.strip().splitlines() if not l.startswith("vit-parity: warning:")]
+    assert len(lines) == 1 and lines[0].startswith("vit-parity: error:"), err
+
+
+def split(raw: bytes) -> tuple[dict, bytes]:
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def join(header: dict, data: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+@st.composite
+def header_mutation(draw):
+    kind = draw(st.sampled_from(["field", "drop_field", "new_entry", "drop_entry", "metadata",
+                                 "byte", "reorder", "extra_metadata"]))
+    return kind, draw(st.integers(0, 10_000)), draw(JSON_VALUES), draw(st.integers(0, 255))
+
+
+def mutate(raw: bytes, mutation) -> bytes:
+    kind, pick, value, byte = mutation
+    header, data = split(raw)
+    keys = [k for k in header if k != "__metadata__"]
+    key = keys[pick % len(keys)]
+    field = ["dtype", "shape", "data_offsets"][pick % 3]
+    if kind == "field":
+        header[key][field] = value
+    elif kind == "drop_field":
+        del header[key][field]
+    elif kind == "new_entry":
+        header[f"extra{pick}"] = value
+    elif kind == "drop_entry":
+        del header[key]
+    elif kind == "reorder":  # valid: a header may list tensors in any order
+        keys = keys[pick % len(keys):] + keys[:pick % len(keys)]
+        header = {"__metadata__": header["__metadata__"], **{k: header[k] for k in keys}}
+    elif kind == "extra_metadata":  # valid: more string metadata
+        header["__metadata__"][f"note{pick}"] = json.dumps(value)
+    elif kind == "metadata":
+        header["__metadata__"] = value if pick % 2 else {"vit_parity": json.dumps(value)}
+    else:  # one byte of the encoded header replaced
+        out = bytearray(join(header, data))
+        out[8 + pick % (len(out) - 8 - len(data))] = byte
+        return bytes(out)
+    return join(header, data)
+
+
+@SETTINGS
+@given(mutation=header_mutation())
+def test_mutated_safetensors_headers(valid, mutation):
+    raw, _ = valid
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "in.safetensors"
+        src.write_bytes(mutate(raw, mutation))
+        out = Path(d) / "out.safetensors"
+        code, err = run_cli("convert", src, out, "--to", "torch")
+        if code == 0:
+            theirs, ours = load_file(str(src)), load_file(str(out))  # the library as oracle
+            assert set(ours) <= set(theirs)
+            for k in ours:
+                np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+        else:
+            assert_clean_refusal(code, err)
+            assert not out.exists() and sorted(p.name for p in Path(d).iterdir()) == ["in.safetensors"]
+        assert src.read_bytes() == mutate(raw, mutation)
+
+
+CONFIG_FIELDS = ["hidden_act", "num_attention_heads", "layer_norm_eps", "image_size",
+                 "hidden_size", "patch_size", "num_channels", "model_type", "qkv_bias"]
+
+
+@SETTINGS
+@given(field=st.sampled_from(CONFIG_FIELDS + ["*whole*", "*drop*"]), value=JSON_VALUES)
+def test_mutated_config_json(valid, field, value):
+    _, folder = valid
+    with tempfile.TemporaryDirectory() as d:
+        hf = Path(d) / "hf"
+        hf.mkdir()
+        (hf / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+        config = json.loads((folder / "config.json").read_text())
+        if field == "*whole*":
+            config = value
+        elif field == "*drop*":
+            config.pop(CONFIG_FIELDS[len(json.dumps(value)) % len(CONFIG_FIELDS)], None)
+        else:
+            config[field] = value
+        (hf / "config.json").write_text(json.dumps(config))
+        out = Path(d) / "out.safetensors"
+        code, err = run_cli("convert", hf, out, "--to", "torch")
+        if code == 0:
+            theirs = load_file(str(hf / "model.safetensors"))
+            ours = wt.load_checkpoint(out, "torch")
+            back = wt.save_checkpoint(ours, Path(d) / "back", layout="hf")
+            for k, v in load_file(str(back / "model.safetensors")).items():
+                np.testing.assert_array_equal(v, theirs[k], err_msg=k)
+        else:
+            assert_clean_refusal(code, err)
+            assert not out.exists()
