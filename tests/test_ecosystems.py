@@ -217,3 +217,18 @@ def test_big_vision_bv_variant_folds_cls_position(tmp_path):
     back = wt.load_checkpoint(path, "jax")
     images = random_images(ours.config, 2)
     assert_close(run_nnx(ours, images), run_nnx(back, images), "float32", "bv fold round trip")
+
+
+def test_a_timm_avg_pool_state_dict_with_set_pool_mean(tmp_path):
+    """global_pool='avg' with a class token: the state dict cannot say it; --set pool=mean
+    keeps the class token and matches timm."""
+    model = timm_vit(img_size=32, global_pool="avg", class_token=True, fc_norm=False)
+    path = tmp_path / "avg.safetensors"
+    save_file(model.state_dict(), path)
+    with pytest.warns(wt.errors.AssumedConfigWarning, match="image_size"):
+        ours = wt.load_checkpoint(path, "jax", overrides={"pool": "mean", "num_heads": 3})
+    assert ours.config.class_token and ours.config.pool == "mean"
+    images = random_images(ours.config, 2)
+    with torch.no_grad():
+        expected = model(nchw(images))
+    assert_close(expected, run_nnx(ours, images), "float32", "timm avg with cls -> nnx")

@@ -3,6 +3,7 @@ manifest, a config.json, or tensor shapes), with which fields were found and whi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -61,17 +62,17 @@ def infer_config(source: Source, layout: Layout | None = None,
         raise LayoutError(f"{source.path}: a timm model with fc_norm (global_pool='avg'): its "
                           f"LayerNorm runs after pooling, a different function from this ViT's "
                           f"norm before pooling; rebuild the timm model with fc_norm=False")
-    if given is not None:
-        config, found, assumed = given, {f: "given" for f in given.to_dict()}, {}
-    elif "vit_parity" in source.metadata:
-        config = manifest_config(source)
-        found, assumed = {f: "vit-parity metadata" for f in config.to_dict()}, {}
+    if given is not None or "vit_parity" in source.metadata:
+        config = given if given is not None else manifest_config(source)
+        # the tokens stay what the file holds, whatever pooling is stated
+        config = dataclasses.replace(config, **overrides)
+        found = {f: "given" if given is not None else "vit-parity metadata"
+                 for f in config.to_dict()}
+        assumed = {}
     else:
         config, found, assumed = _from_shapes(source, layout, overrides)
-    if overrides:
-        config = config.replace(**overrides)
-        found.update({f: "given" for f in overrides})
-        assumed = {f: why for f, why in assumed.items() if f not in overrides}
+    found.update({f: "given" for f in overrides})
+    assumed = {f: why for f, why in assumed.items() if f not in overrides}
     check_claims(config, source, layout)
     return Inferred(config, layout, found, assumed, dropped, source)
 
@@ -133,9 +134,9 @@ def _from_shapes(source: Source, layout: Layout, stated: Mapping[str, Any]
         sizes["pool"] = "cls"
         assumed["pool"] = "cls (a class token is present; the weights cannot say it is pooled)"
     if layout.read_config_json is not None and source.hf_config is not None:
-        stated = layout.read_config_json(source.hf_config, source.path)
-        sizes.update(stated)
-        found.update({f: "config.json" for f in stated})
+        from_json = layout.read_config_json(source.hf_config, source.path)
+        sizes.update(from_json)
+        found.update({f: "config.json" for f in from_json})
     sizes.update(stated)  # the user's word beats anything inferred below
     if "image_size" not in sizes:
         side = math.isqrt(n)
