@@ -1,7 +1,8 @@
-"""Vision Transformer in Flax NNX, with the seed's module tree.
+"""Vision Transformer in Flax NNX, with the seed's module tree, for the whole ViT family.
 
-Order: PatchEmbed (an nnx.Conv), Attention, Block (pre-LN, MLP as ff1/ff2), ViT.
+Order: Attention, Block (pre-norm, MLP as ff1/ff2 or gated ff1_g/ff1_x), MAPHead, ViT.
 Images are NHWC: unbatched (H, W, C) -> (K,) or batched (B, H, W, C) -> (B, K).
+The parameters each config builds are declared in `vit_config.arch` (tested to match).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # jax's default is the tanh form
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
+    "silu": jax.nn.silu,
 }
 
 
@@ -38,63 +41,118 @@ def resolve_dtype(dtype) -> jnp.dtype:
     return dtype
 
 
+def make_norm(c: ViTConfig, d: int, dense: dict) -> nnx.Module:
+    if c.norm == "rmsnorm":
+        return nnx.RMSNorm(d, epsilon=c.ln_eps, **dense)
+    return nnx.LayerNorm(d, epsilon=c.ln_eps, **dense)
+
+
 class Attention(nnx.Module):
-    """Unmasked multi-head self-attention from four Linear projections (the seed's MHA).
+    """Multi-head attention from four Linear projections (the seed's MHA): self-attention, or
+    cross-attention from `x` to `context` (the MAP head's probe). Optional q/k norms over
+    head_dim. The core is written by hand as the seed specifies; `fused=True` hands it to
+    `jax.nn.dot_product_attention` instead (same maths, XLA's fused kernel)."""
 
-    The core is written by hand as the seed specifies; `fused=True` hands it to
-    `jax.nn.dot_product_attention` instead (same maths, XLA's fused kernel, faster on CPU).
-    """
-
-    def __init__(self, d_model: int, num_heads: int, *, qkv_bias: bool = True,
-                 dtype=jnp.float32, fused: bool = False, rngs: nnx.Rngs):
-        self.num_heads = num_heads
+    def __init__(self, c: ViTConfig, *, bias: bool = True, proj_bias: bool = True,
+                 qk_norm: bool = False, dtype=jnp.float32, fused: bool = False, rngs: nnx.Rngs):
+        self.num_heads = c.num_heads
         self.fused = fused
+        d = c.d_model
         dense = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
-        self.q = nnx.Linear(d_model, d_model, use_bias=qkv_bias, **dense)
-        self.k = nnx.Linear(d_model, d_model, use_bias=qkv_bias, **dense)
-        self.v = nnx.Linear(d_model, d_model, use_bias=qkv_bias, **dense)
-        self.o = nnx.Linear(d_model, d_model, **dense)
+        self.q = nnx.Linear(d, d, use_bias=bias, **dense)
+        self.k = nnx.Linear(d, d, use_bias=bias, **dense)
+        self.v = nnx.Linear(d, d, use_bias=bias, **dense)
+        if qk_norm:
+            self.q_norm = make_norm(c, c.head_dim, dense)
+            self.k_norm = make_norm(c, c.head_dim, dense)
+        self.qk_norm = qk_norm
+        self.o = nnx.Linear(d, d, use_bias=proj_bias, **dense)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        context = x if context is None else context
         b, t, d = x.shape
-        split = (b, t, self.num_heads, d // self.num_heads)
-        q, k, v = (proj(x).reshape(split) for proj in (self.q, self.k, self.v))  # (B, T, H, hd)
+        hd = d // self.num_heads
+        q = self.q(x).reshape(b, t, self.num_heads, hd)  # (B, T, H, hd)
+        k, v = (proj(context).reshape(b, -1, self.num_heads, hd) for proj in (self.k, self.v))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.fused:
             return self.o(jax.nn.dot_product_attention(q, k, v).reshape(b, t, d))
         # Heads first, so both products are plain batched matmuls (XLA:CPU runs them ~20% faster
         # than the equivalent einsums on ViT-B/16, benchmarks/forward.py).
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # (B, H, T, hd)
-        scores = (q @ k.swapaxes(-1, -2)) / jnp.sqrt(split[-1]).astype(x.dtype)  # (B, H, T, T)
+        scores = (q @ k.swapaxes(-1, -2)) / jnp.sqrt(hd).astype(x.dtype)  # (B, H, T, S)
         weights = jax.nn.softmax(scores, axis=-1)  # over keys
         out = (weights @ v).transpose(0, 2, 1, 3)  # (B, T, H, hd)
         return self.o(out.reshape(b, t, d))
 
 
-class Block(nnx.Module):
-    """Pre-LN encoder block: x + attn(ln1(x)), then x + ff2(act(ff1(ln2(x))))."""
+class FeedForward(nnx.Module):
+    """The MLP parameters' owner's forward: ff2(act(ff1 x)), or ff2(act(ff1_g x) * ff1_x x)."""
+
+    def _init_mlp(self, c: ViTConfig, bias: bool, gated: bool, dense: dict) -> None:
+        self.activation = c.activation
+        self.gated = gated
+        d, f = c.d_model, c.d_ff
+        if self.gated:
+            self.ff1_g = nnx.Linear(d, f, use_bias=bias, **dense)
+            self.ff1_x = nnx.Linear(d, f, use_bias=bias, **dense)
+        else:
+            self.ff1 = nnx.Linear(d, f, use_bias=bias, **dense)
+        self.ff2 = nnx.Linear(f, d, use_bias=bias, **dense)
+
+    def mlp(self, x: jax.Array) -> jax.Array:
+        act = ACTIVATIONS[self.activation]
+        hidden = act(self.ff1_g(x)) * self.ff1_x(x) if self.gated else act(self.ff1(x))
+        return self.ff2(hidden)
+
+
+class Block(FeedForward):
+    """Pre-norm encoder block: x + ls1 * attn(ln1(x)), then x + ls2 * mlp(ln2(x))."""
 
     def __init__(self, config: ViTConfig, *, dtype=jnp.float32, fused_attention: bool = False,
                  rngs: nnx.Rngs):
         c = config
         dense = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
-        self.ln1 = nnx.LayerNorm(c.d_model, epsilon=c.ln_eps, **dense)
-        self.attn = Attention(c.d_model, c.num_heads, qkv_bias=c.qkv_bias, dtype=dtype,
-                              fused=fused_attention, rngs=rngs)
-        self.ln2 = nnx.LayerNorm(c.d_model, epsilon=c.ln_eps, **dense)
-        self.ff1 = nnx.Linear(c.d_model, c.d_ff, **dense)
-        self.ff2 = nnx.Linear(c.d_ff, c.d_model, **dense)
-        self.activation = c.activation
+        self.ln1 = make_norm(c, c.d_model, dense)
+        self.attn = Attention(c, bias=c.qkv_bias, proj_bias=c.proj_bias, qk_norm=c.qk_norm,
+                              dtype=dtype, fused=fused_attention, rngs=rngs)
+        self.ln2 = make_norm(c, c.d_model, dense)
+        self._init_mlp(c, c.mlp_bias, c.mlp != "mlp", dense)
+        if c.layer_scale:
+            self.ls1 = nnx.Param(jnp.ones((c.d_model,), dtype))
+            self.ls2 = nnx.Param(jnp.ones((c.d_model,), dtype))
+        self.layer_scale = c.layer_scale
 
-    def mlp(self, x: jax.Array) -> jax.Array:
-        return self.ff2(ACTIVATIONS[self.activation](self.ff1(x)))
+    def scaled(self, name: str, x: jax.Array) -> jax.Array:
+        return x * getattr(self, name)[...] if self.layer_scale else x
 
     def __call__(self, x: jax.Array, tap: Tap = _no_tap) -> jax.Array:
-        x = x + tap("attn", self.attn(self.ln1(x)))
-        return x + tap("mlp", self.mlp(self.ln2(x)))
+        x = x + tap("attn", self.scaled("ls1", self.attn(self.ln1(x))))
+        return x + tap("mlp", self.scaled("ls2", self.mlp(self.ln2(x))))
+
+
+class MAPHead(FeedForward):
+    """Multihead attention pooling (SigLIP): a learned probe attends to the tokens, then
+    y + mlp(norm(y)); (B, N, D) -> (B, D)."""
+
+    def __init__(self, config: ViTConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        c = config
+        dense = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.probe = nnx.Param(jnp.zeros((1, c.d_model), dtype))
+        self.attn = Attention(c, dtype=dtype, rngs=rngs)
+        self.norm = make_norm(c, c.d_model, dense)
+        self._init_mlp(c, True, False, dense)  # a plain MLP, as timm and big_vision
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        probe = jnp.broadcast_to(self.probe[...], (x.shape[0], *self.probe.shape))  # (B, 1, D)
+        y = self.attn(probe, context=x)
+        return (y + self.mlp(self.norm(y)))[:, 0]
 
 
 class ViT(nnx.Module):
-    """patch_embed -> flatten -> [CLS] -> + pos_embed -> blocks -> ln_f -> pool -> head."""
+    """patch_embed -> tokens (+ prefix tokens, + positions) -> norm_pre -> blocks -> ln_f ->
+    pool (-> fc_norm) -> head."""
 
     def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs, dtype=None,
                  scan_layers: bool = False, fused_attention: bool = False):
@@ -105,33 +163,71 @@ class ViT(nnx.Module):
         self.scan_layers = scan_layers and c.num_layers > 0
         dtype = resolve_dtype(dtype)
         dense = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
-        p = c.patch_size
-        self.patch_embed = nnx.Conv(c.in_channels, c.d_model, kernel_size=(p, p), strides=p,
-                                    padding="VALID", **dense)
+        p, d = c.patch_size, c.d_model
+        self.patch_embed = nnx.Conv(c.in_channels, d, kernel_size=(p, p), strides=p,
+                                    padding="VALID", use_bias=c.patch_bias, **dense)
+        if c.patch_norm:
+            self.patch_norm = make_norm(c, d, dense)
         if c.class_token:
-            self.cls_token = nnx.Param(jnp.zeros((1, c.d_model), dtype))
-        self.pos_embed = nnx.Param(jnp.zeros((c.num_positions, c.d_model), dtype))
+            self.cls_token = nnx.Param(jnp.zeros((1, d), dtype))
+        if c.dist_token:
+            self.dist_token = nnx.Param(jnp.zeros((1, d), dtype))
+        if c.reg_tokens:
+            self.reg_tokens = nnx.Param(jnp.zeros((c.reg_tokens, d), dtype))
+        self.pos_embed = nnx.Param(jnp.zeros((c.num_positions, d), dtype))
+        if c.norm_pre:
+            self.norm_pre = make_norm(c, d, dense)
         block = dict(dtype=dtype, fused_attention=fused_attention)
         if self.scan_layers:
             self.blocks = _stacked_blocks(c, block, rngs)  # every parameter (L, ...)
         else:
             self.blocks = nnx.List([Block(c, **block, rngs=rngs) for _ in range(c.num_layers)])
-        self.ln_f = nnx.LayerNorm(c.d_model, epsilon=c.ln_eps, **dense)
-        self.head = nnx.Linear(c.d_model, c.num_classes, **dense)
+        if c.final_norm == "pre_pool":
+            self.ln_f = make_norm(c, d, dense)
+        if c.pool == "map":
+            self.map = MAPHead(c, dtype=dtype, rngs=rngs)
+        if c.final_norm == "post_pool":
+            self.fc_norm = make_norm(c, c.pooled_dim, dense)
+        if c.num_classes:
+            self.head = nnx.Linear(c.pooled_dim, c.num_classes, use_bias=c.head_bias, **dense)
+        if c.dist_token:
+            self.head_dist = nnx.Linear(d, c.num_classes, use_bias=c.head_bias, **dense)
 
     @property
     def dtype(self) -> jnp.dtype:
         return self.pos_embed[...].dtype
 
+    def embed(self, x: jax.Array) -> jax.Array:
+        """(B, N, D) patch tokens -> (B, T, D): prefix tokens [cls, dist, registers] joined and
+        positions added to the tokens `pos_embed_tokens` says."""
+        c, b = self.config, x.shape[0]
+        prefix = [jnp.broadcast_to(getattr(self, name)[...], (b, *getattr(self, name).shape))
+                  for name, on in (("cls_token", c.class_token), ("dist_token", c.dist_token),
+                                   ("reg_tokens", c.reg_tokens)) if on]  # (B, n, D) each
+        pos = self.pos_embed[...]
+        if c.pos_embed_tokens == "all":
+            return jnp.concatenate([*prefix, x], axis=1) + pos
+        if c.pos_embed_tokens == "none":
+            return jnp.concatenate([*prefix, x + pos], axis=1)
+        cls_and_patches = jnp.concatenate([prefix[0], x], axis=1) + pos  # "cls": others join after
+        return jnp.concatenate([cls_and_patches[:, :1], *prefix[1:], cls_and_patches[:, 1:]], axis=1)
+
     def pool(self, x: jax.Array) -> jax.Array:
-        """(B, T, D) -> (B, D): the class token's row, or the mean of the patch tokens."""
-        if self.config.pool == "cls":
+        """(B, T, D) -> (B, D) (or (B, 2D) for "cls_mean"); prefix tokens other than the class
+        token are never pooled."""
+        pool, patches = self.config.pool, x[:, self.config.num_prefix_tokens:]
+        if pool == "cls":
             return x[:, 0]
-        return x[:, self.config.num_prefix_tokens:].mean(axis=1)
+        if pool == "mean":
+            return patches.mean(axis=1)
+        if pool == "cls_mean":
+            return jnp.concatenate([x[:, 0], patches.mean(axis=1)], axis=-1)
+        return self.map(patches)
 
     def __call__(self, images: jax.Array, *, return_intermediates: bool = False):
         """Logits for NHWC images; with `return_intermediates`, also a dict of named activations."""
-        batched = check_image_shape(images.shape, self.config, "NHWC")
+        c = self.config
+        batched = check_image_shape(images.shape, c, "NHWC")
         x = jnp.asarray(images, self.dtype)
         x = x if batched else x[None]
         seen: dict[str, jax.Array] = {}
@@ -143,21 +239,26 @@ class ViT(nnx.Module):
 
         x = self.patch_embed(x)  # (B, Hp, Wp, D)
         b, hp, wp, d = x.shape
-        x = tap("patch_embed", x.reshape(b, hp * wp, d))  # (B, N, D), row-major over the grid
-        if self.config.class_token:
-            cls = jnp.broadcast_to(self.cls_token[...], (b, 1, d))
-            x = jnp.concatenate([cls, x], axis=1)  # (B, 1 + N, D)
-        x = tap("tokens", x + self.pos_embed[...])
+        x = x.reshape(b, hp * wp, d)  # (B, N, D), row-major over the grid
+        x = tap("patch_embed", self.patch_norm(x) if c.patch_norm else x)
+        x = tap("tokens", self.embed(x))  # (B, T, D)
+        if c.norm_pre:
+            x = tap("norm_pre", self.norm_pre(x))
         if self.scan_layers:
             x, per_layer = _scan_blocks(self.blocks, x, return_intermediates)
             for name, stacked in per_layer.items():  # (L, B, T, D) each
-                for i in range(self.config.num_layers):
+                for i in range(c.num_layers):
                     tap(f"blocks.{i}{name}", stacked[i])
         for i, block in enumerate(() if self.scan_layers else self.blocks):
             x = tap(f"blocks.{i}", block(x, lambda n, v, i=i: tap(f"blocks.{i}.{n}", v)))
-        x = tap("ln_f", self.ln_f(x))
-        pooled = tap("pooled", self.pool(x))  # (B, D)
-        logits = tap("logits", self.head(pooled))  # (B, K)
+        if c.final_norm == "pre_pool":
+            x = tap("ln_f", self.ln_f(x))
+        pooled = self.pool(x)
+        pooled = tap("pooled", self.fc_norm(pooled) if c.final_norm == "post_pool" else pooled)
+        logits = self.head(pooled) if c.num_classes else pooled  # (B, K)
+        if c.dist_token:  # the distilled model's output: the mean of both heads
+            logits = (logits + self.head_dist(x[:, 1])) / 2
+        logits = tap("logits", logits)
         logits = logits if batched else logits[0]
         return (logits, seen) if return_intermediates else logits
 

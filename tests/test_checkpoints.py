@@ -11,7 +11,7 @@ import torch
 
 import weight_transfer as wt
 from tests.conftest import tiny
-from tests.test_roundtrip import assert_bit_exact
+from tests.helpers.models import assert_bit_exact
 from weight_transfer.checkpoint import CheckpointError, read_checkpoint
 from weight_transfer.weights import random_nnx, random_torch
 

@@ -75,7 +75,7 @@ timm = pytest.importorskip("timm")
 def timm_model(**kw):
     from timm.models.vision_transformer import VisionTransformer
 
-    from tests.test_ecosystems import randomize
+    from tests.helpers.models import randomize
 
     return randomize(VisionTransformer(img_size=(8, 12), patch_size=4, embed_dim=24, depth=2,
                                        num_heads=3, mlp_ratio=40 / 24, num_classes=7, **kw), 23)

@@ -13,24 +13,13 @@ from safetensors.torch import load_file, save_file
 
 import weight_transfer as wt
 from tests.conftest import assert_close
+from tests.helpers.models import nchw, randomize
 from vit_config import ViTConfig
 from weight_transfer.runners import random_images, run_nnx, run_torch
 from weight_transfer.weights import random_nnx
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
-
-
-def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (p.shape[-1] ** -0.5 if p.ndim > 1 else 0.5))
-    return module.eval()
-
-
-def nchw(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(wt.nhwc_to_nchw(images).copy())
 
 
 def timm_vit(**kw):
@@ -123,12 +112,19 @@ def test_a_bare_state_dict_says_what_it_assumed_and_takes_the_users_word(tmp_pat
     assert gap > 1e-3  # the guess is a different function: why it must be announced
 
 
-def test_timm_fc_norm_is_refused_not_silently_ported(tmp_path):
-    model = timm_vit(global_pool="avg", class_token=False)  # fc_norm defaults on with avg
+def test_timm_fc_norm_is_read_as_a_norm_after_pooling(tmp_path):
+    """global_pool='avg' with fc_norm: the LayerNorm runs after pooling (a different function
+    from a norm before it), found from the fc_norm tensors, and the port matches timm."""
+    model = timm_vit(img_size=32, global_pool="avg", class_token=False)  # fc_norm on with avg
     path = tmp_path / "fc_norm.safetensors"
     save_file(model.state_dict(), path)
-    with pytest.raises(wt.LayoutError, match="fc_norm.*after pooling"):
-        wt.load_checkpoint(path, "jax")
+    with pytest.warns(wt.errors.AssumedConfigWarning):
+        ours = wt.load_checkpoint(path, "jax", overrides={"num_heads": 3})
+    assert ours.config.final_norm == "post_pool" and ours.config.pool == "mean"
+    images = random_images(ours.config, 2)
+    with torch.no_grad():
+        expected = model(nchw(images))
+    assert_close(expected, run_nnx(ours, images), "float32", "timm fc_norm -> nnx")
 
 
 def hf_config(**kw):

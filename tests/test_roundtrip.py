@@ -5,23 +5,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny
+from tests.helpers.models import assert_bit_exact
 from weight_transfer import nnx_flat, to_nnx, to_torch, torch_flat
 from weight_transfer.runners import x64_for
 from weight_transfer.weights import random_nnx, random_torch
 
 CONFIGS = [tiny(), tiny(pool="mean", qkv_bias=False, num_layers=0)]
-
-
-def bits(a: np.ndarray) -> np.ndarray:
-    return a.view(f"u{a.dtype.itemsize}")
-
-
-def assert_bit_exact(before: dict, after: dict):
-    assert sorted(before) == sorted(after)
-    for key in before:
-        assert before[key].dtype == after[key].dtype, key
-        assert before[key].shape == after[key].shape, key
-        np.testing.assert_array_equal(bits(before[key]), bits(after[key]), err_msg=key)
 
 
 # (make a random source, flatten it, carry it there and back)

@@ -8,7 +8,7 @@ from flax import nnx
 import jax_impl
 import weight_transfer as wt
 from tests.conftest import assert_close, tiny
-from tests.test_roundtrip import assert_bit_exact
+from tests.helpers.models import assert_bit_exact
 from weight_transfer.runners import random_images, run_nnx, run_torch
 from weight_transfer.weights import random_nnx, random_torch
 

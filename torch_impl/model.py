@@ -1,7 +1,8 @@
 """Vision Transformer in PyTorch, with the same module tree and names as `jax_impl`.
 
-Order: Attention, Block (pre-LN, MLP as ff1/ff2), ViT. Images are NCHW:
-unbatched (C, H, W) -> (K,) or batched (B, C, H, W) -> (B, K).
+Order: Attention, Block (pre-norm, MLP as ff1/ff2 or gated ff1_g/ff1_x), MAPHead, ViT.
+Images are NCHW: unbatched (C, H, W) -> (K,) or batched (B, C, H, W) -> (B, K).
+The parameters each config builds are declared in `vit_config.arch` (tested to match).
 """
 
 from __future__ import annotations
@@ -25,77 +26,174 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "gelu": F.gelu,  # exact (erf), torch's default
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP
+    "silu": F.silu,
 }
 
 
+def make_norm(c: ViTConfig, d: int) -> nn.Module:
+    if c.norm == "rmsnorm":
+        return nn.RMSNorm(d, eps=c.ln_eps)
+    return nn.LayerNorm(d, eps=c.ln_eps)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention from four Linear projections, through F.scaled_dot_product_attention."""
+    """Multi-head attention from four Linear projections, through F.scaled_dot_product_attention:
+    self-attention, or cross-attention from `x` to `context` (the MAP head's probe)."""
 
-    def __init__(self, d_model: int, num_heads: int, *, qkv_bias: bool = True):
+    def __init__(self, c: ViTConfig, *, bias: bool = True, proj_bias: bool = True,
+                 qk_norm: bool = False):
         super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(d_model, d_model, bias=qkv_bias)
-        self.k = nn.Linear(d_model, d_model, bias=qkv_bias)
-        self.v = nn.Linear(d_model, d_model, bias=qkv_bias)
-        self.o = nn.Linear(d_model, d_model)
+        self.num_heads = c.num_heads
+        d = c.d_model
+        self.q = nn.Linear(d, d, bias=bias)
+        self.k = nn.Linear(d, d, bias=bias)
+        self.v = nn.Linear(d, d, bias=bias)
+        if qk_norm:
+            self.q_norm = make_norm(c, c.head_dim)
+            self.k_norm = make_norm(c, c.head_dim)
+        self.qk_norm = qk_norm
+        self.o = nn.Linear(d, d, bias=proj_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
         b, t, d = x.shape
-        split = (b, t, self.num_heads, d // self.num_heads)
-        q, k, v = (proj(x).view(split).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        hd = d // self.num_heads
+        q = self.q(x).view(b, t, self.num_heads, hd)  # (B, T, H, hd)
+        k, v = (proj(context).view(b, -1, self.num_heads, hd) for proj in (self.k, self.v))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (a.transpose(1, 2) for a in (q, k, v))  # (B, H, T, hd)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, hd), scale 1/sqrt(hd)
         return self.o(out.transpose(1, 2).reshape(b, t, d))
 
 
-class Block(nn.Module):
-    """Pre-LN encoder block: x + attn(ln1(x)), then x + ff2(act(ff1(ln2(x))))."""
+class FeedForward(nn.Module):
+    """The MLP parameters' owner's forward: ff2(act(ff1 x)), or ff2(act(ff1_g x) * ff1_x x)."""
+
+    def _init_mlp(self, c: ViTConfig, bias: bool, gated: bool) -> None:
+        self.activation = c.activation
+        self.gated = gated
+        d, f = c.d_model, c.d_ff
+        if self.gated:
+            self.ff1_g = nn.Linear(d, f, bias=bias)
+            self.ff1_x = nn.Linear(d, f, bias=bias)
+        else:
+            self.ff1 = nn.Linear(d, f, bias=bias)
+        self.ff2 = nn.Linear(f, d, bias=bias)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        act = ACTIVATIONS[self.activation]
+        hidden = act(self.ff1_g(x)) * self.ff1_x(x) if self.gated else act(self.ff1(x))
+        return self.ff2(hidden)
+
+
+class Block(FeedForward):
+    """Pre-norm encoder block: x + ls1 * attn(ln1(x)), then x + ls2 * mlp(ln2(x))."""
 
     def __init__(self, config: ViTConfig):
         super().__init__()
         c = config
-        self.ln1 = nn.LayerNorm(c.d_model, eps=c.ln_eps)
-        self.attn = Attention(c.d_model, c.num_heads, qkv_bias=c.qkv_bias)
-        self.ln2 = nn.LayerNorm(c.d_model, eps=c.ln_eps)
-        self.ff1 = nn.Linear(c.d_model, c.d_ff)
-        self.ff2 = nn.Linear(c.d_ff, c.d_model)
-        self.activation = c.activation
+        self.ln1 = make_norm(c, c.d_model)
+        self.attn = Attention(c, bias=c.qkv_bias, proj_bias=c.proj_bias, qk_norm=c.qk_norm)
+        self.ln2 = make_norm(c, c.d_model)
+        self._init_mlp(c, c.mlp_bias, c.mlp != "mlp")
+        if c.layer_scale:
+            self.ls1 = nn.Parameter(torch.ones(c.d_model))
+            self.ls2 = nn.Parameter(torch.ones(c.d_model))
+        self.layer_scale = c.layer_scale
 
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ff2(ACTIVATIONS[self.activation](self.ff1(x)))
+    def scaled(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return x * getattr(self, name) if self.layer_scale else x
 
     def forward(self, x: torch.Tensor, tap: Tap = _no_tap) -> torch.Tensor:
-        x = x + tap("attn", self.attn(self.ln1(x)))
-        return x + tap("mlp", self.mlp(self.ln2(x)))
+        x = x + tap("attn", self.scaled("ls1", self.attn(self.ln1(x))))
+        return x + tap("mlp", self.scaled("ls2", self.mlp(self.ln2(x))))
+
+
+class MAPHead(FeedForward):
+    """Multihead attention pooling (SigLIP): a learned probe attends to the tokens, then
+    y + mlp(norm(y)); (B, N, D) -> (B, D)."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        c = config
+        self.probe = nn.Parameter(torch.zeros(1, c.d_model))
+        self.attn = Attention(c)
+        self.norm = make_norm(c, c.d_model)
+        self._init_mlp(c, True, False)  # a plain MLP, as timm and big_vision
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.attn(self.probe.expand(x.shape[0], -1, -1), context=x)  # (B, 1, D)
+        return (y + self.mlp(self.norm(y)))[:, 0]
 
 
 class ViT(nn.Module):
-    """patch_embed -> flatten -> [CLS] -> + pos_embed -> blocks -> ln_f -> pool -> head."""
+    """patch_embed -> tokens (+ prefix tokens, + positions) -> norm_pre -> blocks -> ln_f ->
+    pool (-> fc_norm) -> head."""
 
     def __init__(self, config: ViTConfig):
         super().__init__()
         c = self.config = config
-        p = c.patch_size
-        self.patch_embed = nn.Conv2d(c.in_channels, c.d_model, kernel_size=p, stride=p)
+        p, d = c.patch_size, c.d_model
+        self.patch_embed = nn.Conv2d(c.in_channels, d, kernel_size=p, stride=p, bias=c.patch_bias)
+        if c.patch_norm:
+            self.patch_norm = make_norm(c, d)
         if c.class_token:
-            self.cls_token = nn.Parameter(torch.zeros(1, c.d_model))
-        self.pos_embed = nn.Parameter(torch.zeros(c.num_positions, c.d_model))
+            self.cls_token = nn.Parameter(torch.zeros(1, d))
+        if c.dist_token:
+            self.dist_token = nn.Parameter(torch.zeros(1, d))
+        if c.reg_tokens:
+            self.reg_tokens = nn.Parameter(torch.zeros(c.reg_tokens, d))
+        self.pos_embed = nn.Parameter(torch.zeros(c.num_positions, d))
+        if c.norm_pre:
+            self.norm_pre = make_norm(c, d)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_layers))
-        self.ln_f = nn.LayerNorm(c.d_model, eps=c.ln_eps)
-        self.head = nn.Linear(c.d_model, c.num_classes)
+        if c.final_norm == "pre_pool":
+            self.ln_f = make_norm(c, d)
+        if c.pool == "map":
+            self.map = MAPHead(c)
+        if c.final_norm == "post_pool":
+            self.fc_norm = make_norm(c, c.pooled_dim)
+        if c.num_classes:
+            self.head = nn.Linear(c.pooled_dim, c.num_classes, bias=c.head_bias)
+        if c.dist_token:
+            self.head_dist = nn.Linear(d, c.num_classes, bias=c.head_bias)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.pos_embed.dtype
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) patch tokens -> (B, T, D): prefix tokens [cls, dist, registers] joined and
+        positions added to the tokens `pos_embed_tokens` says."""
+        c, b = self.config, x.shape[0]
+        prefix = [getattr(self, name).expand(b, -1, -1)
+                  for name, on in (("cls_token", c.class_token), ("dist_token", c.dist_token),
+                                   ("reg_tokens", c.reg_tokens)) if on]  # (B, n, D) each
+        if c.pos_embed_tokens == "all":
+            return torch.cat([*prefix, x], dim=1) + self.pos_embed
+        if c.pos_embed_tokens == "none":
+            return torch.cat([*prefix, x + self.pos_embed], dim=1)
+        cls_and_patches = torch.cat([prefix[0], x], dim=1) + self.pos_embed  # "cls": others join after
+        return torch.cat([cls_and_patches[:, :1], *prefix[1:], cls_and_patches[:, 1:]], dim=1)
+
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) -> (B, D): the class token's row, or the mean of the patch tokens."""
-        if self.config.pool == "cls":
+        """(B, T, D) -> (B, D) (or (B, 2D) for "cls_mean"); prefix tokens other than the class
+        token are never pooled."""
+        pool, patches = self.config.pool, x[:, self.config.num_prefix_tokens:]
+        if pool == "cls":
             return x[:, 0]
-        return x[:, self.config.num_prefix_tokens:].mean(dim=1)
+        if pool == "mean":
+            return patches.mean(dim=1)
+        if pool == "cls_mean":
+            return torch.cat([x[:, 0], patches.mean(dim=1)], dim=-1)
+        return self.map(patches)
 
     def forward(self, images: torch.Tensor, *, return_intermediates: bool = False):
         """Logits for NCHW images; with `return_intermediates`, also a dict of named activations."""
-        batched = check_image_shape(tuple(images.shape), self.config, "NCHW")
+        c = self.config
+        batched = check_image_shape(tuple(images.shape), c, "NCHW")
         x = images.to(self.dtype)
         x = x if batched else x[None]
         seen: dict[str, torch.Tensor] = {}
@@ -105,15 +203,20 @@ class ViT(nn.Module):
                 seen[name] = value if batched else value[0]
             return value
 
-        x = self.patch_embed(x)  # (B, D, Hp, Wp)
-        x = tap("patch_embed", x.flatten(2).transpose(1, 2))  # (B, N, D), row-major over the grid
-        if self.config.class_token:
-            x = torch.cat([self.cls_token.expand(x.shape[0], 1, -1), x], dim=1)  # (B, 1 + N, D)
-        x = tap("tokens", x + self.pos_embed)
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, D, Hp, Wp) -> (B, N, D)
+        x = tap("patch_embed", self.patch_norm(x) if c.patch_norm else x)
+        x = tap("tokens", self.embed(x))  # (B, T, D)
+        if c.norm_pre:
+            x = tap("norm_pre", self.norm_pre(x))
         for i, block in enumerate(self.blocks):
             x = tap(f"blocks.{i}", block(x, lambda n, v, i=i: tap(f"blocks.{i}.{n}", v)))
-        x = tap("ln_f", self.ln_f(x))
-        pooled = tap("pooled", self.pool(x))  # (B, D)
-        logits = tap("logits", self.head(pooled))  # (B, K)
+        if c.final_norm == "pre_pool":
+            x = tap("ln_f", self.ln_f(x))
+        pooled = self.pool(x)
+        pooled = tap("pooled", self.fc_norm(pooled) if c.final_norm == "post_pool" else pooled)
+        logits = self.head(pooled) if c.num_classes else pooled  # (B, K)
+        if c.dist_token:  # the distilled model's output: the mean of both heads
+            logits = (logits + self.head_dist(x[:, 1])) / 2
+        logits = tap("logits", logits)
         logits = logits if batched else logits[0]
         return (logits, seen) if return_intermediates else logits

@@ -11,11 +11,21 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ACTIVATIONS", "POOLS", "PRESETS", "ArgumentError", "ConfigError", "ImageShapeError", "ViTConfig",
+__all__ = ["ACTIVATIONS", "POOLS", "PRESETS", "TIMM_ARCHS", "ArgumentError", "ConfigError", "ImageShapeError", "ViTConfig",
            "VitParityError", "check_image_shape"]
 
-POOLS = ("mean", "cls")
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
+POOLS = ("cls", "mean", "map", "cls_mean")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "quick_gelu", "silu")
+CHOICES = {  # every field with a fixed set of values
+    "pool": POOLS,
+    "activation": ACTIVATIONS,
+    "pos_embed_tokens": ("all", "none", "cls"),
+    "final_norm": ("pre_pool", "post_pool", "none"),
+    "norm": ("layernorm", "rmsnorm"),
+    "mlp": ("mlp", "swiglu", "swiglu_packed"),
+}
+BOOLS = ("qkv_bias", "class_token", "dist_token", "norm_pre", "patch_norm", "layer_scale",
+         "qk_norm", "proj_bias", "mlp_bias", "patch_bias", "head_bias")
 
 
 class VitParityError(ValueError):
@@ -53,27 +63,62 @@ class ViTConfig:
     d_ff: int = 3072
     # Encoder blocks (0 is allowed: patch embedding, final norm and head only).
     num_layers: int = 12
-    # Classifier outputs.
+    # Classifier outputs; 0: no head, the model returns its pooled features (timm
+    # num_classes=0, HF pooler_output).
     num_classes: int = 1000
-    # "cls": read the class token's row (ViT paper, timm, HF); "mean": average the patch tokens
-    # (the seed; timm global_pool="avg", which leaves the class token out of the mean).
+    # "cls": the class token's row (ViT paper, timm, HF); "mean": the mean of the patch tokens
+    # (the seed; timm global_pool="avg", prefix tokens left out); "map": attention pooling by a
+    # learned probe (SigLIP, timm "map"); "cls_mean": the class token's row concatenated with
+    # the patch mean (HF Dinov2ForImageClassification).
     pool: str = "cls"
     # MLP activation: "gelu" exact (timm, HF, torch default), "gelu_tanh" (flax nn.gelu default,
     # big_vision), "relu" (the seed).
     activation: str = "gelu"
-    # LayerNorm epsilon: flax and timm 1e-6, torch nn.LayerNorm default 1e-5, HF ViT 1e-12.
+    # Norm epsilon: flax and timm 1e-6, torch nn.LayerNorm default 1e-5 (CLIP), HF ViT 1e-12.
     ln_eps: float = 1e-6
     # Bias on the query, key and value projections (timm qkv_bias); the output projection always has one.
     qkv_bias: bool = True
     # A learned class token before the patch tokens (ViT paper, timm class_token). Independent
-    # of pooling; None means "as the pooling implies": present for pool="cls", absent otherwise.
+    # of pooling; None means "as the pooling implies": present for the pools that read it
+    # ("cls", "cls_mean"), absent otherwise.
     class_token: bool | None = None
+    # Learned register tokens after the class token, dropped at pooling (DINOv2-reg, timm reg).
+    reg_tokens: int = 0
+    # A distillation token after the class token, read by a second head; the output is the
+    # mean of the two heads (DeiT distilled, at inference).
+    dist_token: bool = False
+    # Which prefix tokens carry a position: "all" (ViT, timm), "none" (positions for patches
+    # only: timm no_embed_class, DeiT-3, big_vision), "cls" (the class token and the patches;
+    # registers join after: original DINOv2 with registers and HF).
+    pos_embed_tokens: str = "all"
+    # The final norm: "pre_pool" on every token (ViT), "post_pool" on the pooled features
+    # (timm fc_norm), or "none".
+    final_norm: str = "pre_pool"
+    # A norm on the tokens before the first block (CLIP's ln_pre, timm norm_pre).
+    norm_pre: bool = False
+    # A norm on the patch embeddings before positions are added (AIMv2).
+    patch_norm: bool = False
+    # "layernorm" or "rmsnorm" (AIMv2), for every norm of the model.
+    norm: str = "layernorm"
+    # Learned per-channel gains on both residual branches (CaiT/DINOv2/DeiT-3 LayerScale).
+    layer_scale: bool = False
+    # "mlp": fc2(act(fc1 x)); "swiglu": fc2(act(fc1_g x) * fc1_x x) (AIMv2, DINOv2-g), with
+    # `activation` as the gate's; "swiglu_packed": the same function and parameters, which timm
+    # stores as one packed fc1, gate first (DINOv2-g).
+    mlp: str = "mlp"
+    # A norm over head_dim on queries and keys.
+    qk_norm: bool = False
+    # Biases: attention output, MLP, patch embedding (CLIP has none), classifier head.
+    proj_bias: bool = True
+    mlp_bias: bool = True
+    patch_bias: bool = True
+    head_bias: bool = True
 
     def __post_init__(self):
         if isinstance(self.image_size, (list, tuple)):
             object.__setattr__(self, "image_size", tuple(self.image_size))
         if self.class_token is None:
-            object.__setattr__(self, "class_token", self.pool == "cls")
+            object.__setattr__(self, "class_token", self.pool in ("cls", "cls_mean"))
         self._validate()
 
     def _validate(self) -> None:
@@ -81,12 +126,13 @@ class ViTConfig:
         sides = size if isinstance(size, tuple) else (size,)
         if len(sides) not in (1, 2) or not all(_is_positive_int(s) for s in sides):
             raise ConfigError("image_size", size, "expected a positive int or a (H, W) pair of them")
-        for name in ("patch_size", "in_channels", "d_model", "num_heads", "d_ff", "num_classes"):
+        for name in ("patch_size", "in_channels", "d_model", "num_heads", "d_ff"):
             if not _is_positive_int(getattr(self, name)):
                 raise ConfigError(name, getattr(self, name), "expected a positive int")
-        if not (isinstance(self.num_layers, int) and not isinstance(self.num_layers, bool)
-                and self.num_layers >= 0):
-            raise ConfigError("num_layers", self.num_layers, "expected an int >= 0")
+        for name in ("num_layers", "num_classes", "reg_tokens"):
+            if not (isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool)
+                    and getattr(self, name) >= 0):
+                raise ConfigError(name, getattr(self, name), "expected an int >= 0")
         if self.d_model % self.num_heads:
             raise ConfigError("d_model", self.d_model,
                               f"not divisible by num_heads={self.num_heads}")
@@ -94,18 +140,25 @@ class ViTConfig:
             if side % self.patch_size:
                 raise ConfigError("image_size", size,
                                   f"side {side} is not divisible by patch_size={self.patch_size}")
-        if self.pool not in POOLS:
-            raise ConfigError("pool", self.pool, f"expected one of {POOLS}")
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError("activation", self.activation, f"expected one of {ACTIVATIONS}")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(name, getattr(self, name), f"expected one of {choices}")
         if isinstance(self.ln_eps, bool) or not isinstance(self.ln_eps, (int, float)) \
                 or not (0 < self.ln_eps < 1) or not math.isfinite(self.ln_eps):
             raise ConfigError("ln_eps", self.ln_eps, "expected a float in (0, 1)")
-        for name in ("qkv_bias", "class_token"):
+        for name in BOOLS:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, getattr(self, name), "expected a bool")
-        if self.pool == "cls" and not self.class_token:
-            raise ConfigError("pool", self.pool, "pooling the class token needs class_token=True")
+        needs_class_token = {"pool": self.pool in ("cls", "cls_mean"), "dist_token": self.dist_token,
+                             "pos_embed_tokens": self.pos_embed_tokens == "cls"}
+        for name, needs in needs_class_token.items():
+            if needs and not self.class_token:
+                raise ConfigError(name, getattr(self, name), "needs class_token=True")
+        if self.dist_token and (self.pool != "cls" or self.num_classes == 0):
+            raise ConfigError("dist_token", True, "the distillation head averages with the class "
+                              "token's head: needs pool='cls' and num_classes > 0")
+        if self.final_norm == "post_pool" and self.pool == "map":
+            raise ConfigError("final_norm", self.final_norm, "MAP pooling has its own norm")
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -126,8 +179,8 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        """Tokens before the patch tokens (the class token, when there is one)."""
-        return int(self.class_token)
+        """Tokens before the patch tokens: class, distillation, registers (in that order)."""
+        return int(self.class_token) + int(self.dist_token) + self.reg_tokens
 
     @property
     def num_tokens(self) -> int:
@@ -135,9 +188,19 @@ class ViTConfig:
         return self.num_prefix_tokens + self.num_patches
 
     @property
+    def num_positioned_prefix(self) -> int:
+        """Prefix tokens that carry a position (`pos_embed_tokens`)."""
+        return {"all": self.num_prefix_tokens, "none": 0, "cls": 1}[self.pos_embed_tokens]
+
+    @property
     def num_positions(self) -> int:
-        """Rows of the position embedding: one per token."""
-        return self.num_tokens
+        """Rows of the position embedding: the positioned prefix tokens, then the patches."""
+        return self.num_positioned_prefix + self.num_patches
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled features (the head's input)."""
+        return 2 * self.d_model if self.pool == "cls_mean" else self.d_model
 
     @property
     def head_dim(self) -> int:
@@ -192,15 +255,61 @@ def _is_positive_int(v: Any) -> bool:
 # The ViT paper's sizes (Dosovitskiy et al. 2020, Table 1; Ti and S from Touvron et al. 2021,
 # DeiT Table 1) with timm's conventions: 224 px, CLS pool, exact GELU, eps 1e-6, 1000 classes.
 _PAPER = dict(image_size=224, num_classes=1000, pool="cls", activation="gelu", ln_eps=1e-6)
+_B = dict(d_model=768, num_heads=12, d_ff=3072, num_layers=12)  # ViT-B
+_CLIP = dict(_B, image_size=224, patch_size=16, norm_pre=True, patch_bias=False, ln_eps=1e-5)
+_SIGLIP = dict(image_size=224, num_classes=0, pool="map", activation="gelu")  # timm: exact GELU
+_DINOV2 = dict(image_size=518, patch_size=14, num_classes=0, layer_scale=True)
 PRESETS: dict[str, dict[str, Any]] = {
     # The seed's toy: 4x4x3 images, P=2 (4 patches), mean pool, ReLU, flax LayerNorm eps.
     "seed": dict(image_size=4, patch_size=2, d_model=8, num_heads=2, d_ff=16, num_layers=2,
                  num_classes=5, pool="mean", activation="relu", ln_eps=1e-6),
     "vit_ti16": dict(_PAPER, patch_size=16, d_model=192, num_heads=3, d_ff=768, num_layers=12),
     "vit_s16": dict(_PAPER, patch_size=16, d_model=384, num_heads=6, d_ff=1536, num_layers=12),
-    "vit_b16": dict(_PAPER, patch_size=16, d_model=768, num_heads=12, d_ff=3072, num_layers=12),
+    "vit_b16": dict(_PAPER, patch_size=16, **_B),
     "vit_l16": dict(_PAPER, patch_size=16, d_model=1024, num_heads=16, d_ff=4096, num_layers=24),
     "vit_h14": dict(_PAPER, patch_size=14, d_model=1280, num_heads=16, d_ff=5120, num_layers=32),
+    # The family, each equal in function and parameter count to the timm architecture in
+    # TIMM_ARCHS (its default head: timm gives CLIP-B/16 1000 classes, the QuickGELU one 512).
+    "clip_b16": dict(_CLIP, num_classes=1000),
+    "clip_b16_quickgelu": dict(_CLIP, num_classes=512, activation="quick_gelu"),
+    "siglip_b16": dict(_SIGLIP, patch_size=16, **_B),
+    "siglip_b16_gap": dict(_SIGLIP, patch_size=16, **_B, pool="mean"),
+    "siglip_so400m14": dict(_SIGLIP, patch_size=14, d_model=1152, num_heads=16, d_ff=4304,
+                            num_layers=27),
+    "dinov2_s14": dict(_DINOV2, d_model=384, num_heads=6, d_ff=1536, num_layers=12),
+    "dinov2_b14": dict(_DINOV2, **_B),
+    "dinov2_l14": dict(_DINOV2, d_model=1024, num_heads=16, d_ff=4096, num_layers=24),
+    "dinov2_g14": dict(_DINOV2, d_model=1536, num_heads=24, d_ff=4096, num_layers=40,
+                       mlp="swiglu_packed", activation="silu"),
+    # timm folds the class token's position into the token (pos_embed covers patches only)
+    "dinov2_b14_reg4": dict(_DINOV2, **_B, reg_tokens=4, pos_embed_tokens="none"),
+    "deit_b16_distilled": dict(_PAPER, patch_size=16, **_B, dist_token=True),
+    "deit3_b16": dict(_PAPER, patch_size=16, **_B, layer_scale=True, pos_embed_tokens="none"),
+    "vit_medium_reg4_gap": dict(_PAPER, image_size=256, patch_size=16, d_model=512, num_heads=8,
+                                d_ff=2048, num_layers=12, pool="mean", class_token=False,
+                                reg_tokens=4, pos_embed_tokens="none", layer_scale=True,
+                                final_norm="post_pool"),
+    "aimv2_l14": dict(image_size=224, patch_size=14, d_model=1024, num_heads=8, d_ff=2816,
+                      num_layers=24, num_classes=0, pool="mean", norm="rmsnorm", ln_eps=1e-5,
+                      mlp="swiglu", activation="silu", patch_norm=True, qkv_bias=False,
+                      proj_bias=False, mlp_bias=False),
+}
+TIMM_ARCHS = {
+    "vit_ti16": "vit_tiny_patch16_224", "vit_s16": "vit_small_patch16_224",
+    "vit_b16": "vit_base_patch16_224", "vit_l16": "vit_large_patch16_224",
+    "vit_h14": "vit_huge_patch14_224",
+    "clip_b16": "vit_base_patch16_clip_224",
+    "clip_b16_quickgelu": "vit_base_patch16_clip_quickgelu_224",
+    "siglip_b16": "vit_base_patch16_siglip_224",
+    "siglip_b16_gap": "vit_base_patch16_siglip_gap_224",
+    "siglip_so400m14": "vit_so400m_patch14_siglip_224",
+    "dinov2_s14": "vit_small_patch14_dinov2", "dinov2_b14": "vit_base_patch14_dinov2",
+    "dinov2_l14": "vit_large_patch14_dinov2", "dinov2_g14": "vit_giant_patch14_dinov2",
+    "dinov2_b14_reg4": "vit_base_patch14_reg4_dinov2",
+    "deit_b16_distilled": "deit_base_distilled_patch16_224",
+    "deit3_b16": "deit3_base_patch16_224",
+    "vit_medium_reg4_gap": "vit_medium_patch16_reg4_gap_256",
+    "aimv2_l14": "aimv2_large_patch14_224",
 }
 
 

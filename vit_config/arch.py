@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 # What a parameter is, which decides how it is drawn at random and which doctor hypotheses
 # touch it: "conv" (a patch kernel, HWIO), "kernel" (a linear kernel, (in, out)), "bias",
 # "scale" (a norm's gain), "embedding" (learned tokens and positions).
-KINDS = ("conv", "kernel", "bias", "scale", "embedding")
+KINDS = ("conv", "kernel", "bias", "scale", "embedding")  # scale: norm gains and LayerScale
 
 
 @dataclass(frozen=True)
@@ -61,38 +61,82 @@ def linear(path: str, d_in: int, d_out: int, bias: bool = True) -> Layer:
     return Layer(path, "linear", params)
 
 
-def norm(path: str, d: int) -> Layer:
-    return Layer(path, "norm", {"scale": Param((d,), "scale"), "bias": Param((d,), "bias")})
+def norm(path: str, d: int, kind: str = "layernorm") -> Layer:
+    """LayerNorm (scale and bias) or RMSNorm (scale only)."""
+    params = {"scale": Param((d,), "scale")}
+    if kind == "layernorm":
+        params["bias"] = Param((d,), "bias")
+    return Layer(path, "norm", params)
 
 
-def param(path: str, *shape: int) -> Layer:
-    return Layer(path, "param", {"": Param(tuple(shape), "embedding")})
+def param(path: str, *shape: int, kind: str = "embedding") -> Layer:
+    return Layer(path, "param", {"": Param(tuple(shape), kind)})
+
+
+def mlp_layers(c: ViTConfig, prefix: str, bias: bool, gated: bool) -> list[Layer]:
+    """ff1 -> activation -> ff2, or the gated form: ff2(act(ff1_g x) * ff1_x x)."""
+    d, f = c.d_model, c.d_ff
+    if not gated:
+        first = [linear(f"{prefix}.ff1", d, f, bias)]
+    else:
+        first = [linear(f"{prefix}.ff1_g", d, f, bias), linear(f"{prefix}.ff1_x", d, f, bias)]
+    return [*first, linear(f"{prefix}.ff2", f, d, bias)]
 
 
 def block_layers(c: ViTConfig, prefix: str) -> list[Layer]:
-    """One encoder block: pre-norm attention (four projections) and pre-norm MLP."""
+    """One encoder block: pre-norm attention (four projections, optional q/k norms over
+    head_dim) and pre-norm MLP, each branch optionally scaled per channel (LayerScale)."""
     d = c.d_model
     return [
-        norm(f"{prefix}.ln1", d),
+        norm(f"{prefix}.ln1", d, c.norm),
         *(linear(f"{prefix}.attn.{n}", d, d, bias=c.qkv_bias) for n in "qkv"),
-        linear(f"{prefix}.attn.o", d, d),
-        norm(f"{prefix}.ln2", d),
-        linear(f"{prefix}.ff1", d, c.d_ff),
-        linear(f"{prefix}.ff2", c.d_ff, d),
+        *(norm(f"{prefix}.attn.{n}_norm", c.head_dim, c.norm) for n in "qk" if c.qk_norm),
+        linear(f"{prefix}.attn.o", d, d, bias=c.proj_bias),
+        *([param(f"{prefix}.ls1", d, kind="scale")] if c.layer_scale else []),
+        norm(f"{prefix}.ln2", d, c.norm),
+        *mlp_layers(c, prefix, c.mlp_bias, c.mlp != "mlp"),
+        *([param(f"{prefix}.ls2", d, kind="scale")] if c.layer_scale else []),
     ]
+
+
+def map_layers(c: ViTConfig, prefix: str = "map") -> list[Layer]:
+    """Multihead attention pooling (SigLIP's MAP head, timm AttentionPoolLatent): a learned
+    probe attends to the patch tokens, then y + mlp(norm(y)). Biases always on; the MLP is a
+    plain one as wide as the encoder's, whatever the blocks use."""
+    d = c.d_model
+    return [param(f"{prefix}.probe", 1, d),
+            *(linear(f"{prefix}.attn.{n}", d, d) for n in "qkvo"),
+            norm(f"{prefix}.norm", d, c.norm),
+            *mlp_layers(c, prefix, True, gated=False)]
 
 
 def layers(c: ViTConfig) -> list[Layer]:
     """The module tree in forward order (the models' attribute names)."""
     d = c.d_model
-    tree = [conv("patch_embed", c.in_channels, d, c.patch_size)]
+    tree = [conv("patch_embed", c.in_channels, d, c.patch_size, bias=c.patch_bias)]
+    if c.patch_norm:
+        tree.append(norm("patch_norm", d, c.norm))
     if c.class_token:
         tree.append(param("cls_token", 1, d))
+    if c.dist_token:
+        tree.append(param("dist_token", 1, d))
+    if c.reg_tokens:
+        tree.append(param("reg_tokens", c.reg_tokens, d))
     tree.append(param("pos_embed", c.num_positions, d))
+    if c.norm_pre:
+        tree.append(norm("norm_pre", d, c.norm))
     for i in range(c.num_layers):
         tree += block_layers(c, f"blocks.{i}")
-    tree.append(norm("ln_f", d))
-    tree.append(linear("head", d, c.num_classes))
+    if c.final_norm == "pre_pool":
+        tree.append(norm("ln_f", d, c.norm))
+    if c.pool == "map":
+        tree += map_layers(c)
+    if c.final_norm == "post_pool":
+        tree.append(norm("fc_norm", c.pooled_dim, c.norm))
+    if c.num_classes:
+        tree.append(linear("head", c.pooled_dim, c.num_classes, bias=c.head_bias))
+    if c.dist_token:
+        tree.append(linear("head_dist", d, c.num_classes, bias=c.head_bias))
     return tree
 
 
@@ -108,9 +152,13 @@ def block_template(c: ViTConfig) -> dict[str, Param]:
 
 def intermediates(c: ViTConfig) -> list[str]:
     """The named activations both models return with `return_intermediates=True`, in order:
-    patch tokens, tokens entering the blocks, each block's attention and MLP branch outputs
-    and its output, the final norm, the pooled features, the logits."""
-    names = ["patch_embed", "tokens"]
+    patch tokens (after `patch_norm`), tokens with positions, `norm_pre` (if any), each
+    block's attention and MLP branch outputs (after LayerScale) and its output, the final norm
+    on every token (if any), the pooled features (the head's input: after MAP or `fc_norm`),
+    the logits (the pooled features again when there is no head)."""
+    names = ["patch_embed", "tokens"] + (["norm_pre"] if c.norm_pre else [])
     for i in range(c.num_layers):
         names += [f"blocks.{i}.attn", f"blocks.{i}.mlp", f"blocks.{i}"]
-    return names + ["ln_f", "pooled", "logits"]
+    if c.final_norm == "pre_pool":
+        names.append("ln_f")
+    return names + ["pooled", "logits"]

@@ -11,6 +11,7 @@ import numpy as np
 
 from vit_config import ViTConfig
 from weight_transfer.layouts import Layout
+from weight_transfer.transforms import identity
 from weight_transfer.table import (
     Meta,
     Rule,
@@ -39,7 +40,7 @@ class Plan:
     def renames_only(self) -> bool:
         """Every output tensor is a source tensor as stored, under the same key: the file is
         already in the target layout (sharded loading then reads blocks straight from it)."""
-        return all(r.transform.name == "identity" and r.left == r.right
+        return all(r.transform.forward is identity and r.left == r.right
                    for rules in self.steps for r in rules)
 
     def run(self, items: Iterable[tuple[str, np.ndarray]], *, dry: bool = False,

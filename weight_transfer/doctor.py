@@ -207,9 +207,13 @@ def pooling(c: Candidate) -> Iterator[Variant]:
 
 
 def final_norm_position(c: Candidate) -> Iterator[Variant]:
-    other = "after" if c.knobs.final_norm == "before" else "before"
-    yield (f"the final LayerNorm runs {other} pooling on the reference side (timm fc_norm), "
-           f"{c.knobs.final_norm} it on the candidate",
+    current = c.knobs.final_norm or {"pre_pool": "before", "post_pool": "after"}.get(
+        c.config.final_norm)
+    if current is None:
+        return  # no final norm to move
+    other = "after" if current == "before" else "before"
+    yield (f"the final norm runs {other} pooling on the reference side (timm fc_norm: after), "
+           f"{current} it on the candidate",
            dataclasses.replace(c, knobs=dataclasses.replace(c.knobs, final_norm=other)))
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from vit_config import ConfigError, ViTConfig
 from weight_transfer.checkpoint import Source
-from weight_transfer.errors import CheckpointError, LayoutError
+from weight_transfer.errors import CheckpointError
 from weight_transfer.layouts import Layout, detect_layout
 from weight_transfer.table import oriented
 
@@ -28,17 +28,35 @@ class Inferred:
     source: Source  # what to read: the source given, with its keys normalised by the layout
 
 
-def probe_keys(layout: Layout) -> dict[str, str]:
-    """Where `layout` keeps the tensors whose shapes give the sizes, read off its own table
-    (our key on the left, theirs on the right; a fused right side serves all its inputs)."""
-    kernel = "kernel" if layout.base == "nnx" else "weight"
-    ours = dict(patch=f"patch_embed.{kernel}", pos="pos_embed", cls="cls_token",
-                ff1="blocks.0.ff1.bias", head="head.bias", qbias="blocks.0.attn.q.bias",
-                qkernel=f"blocks.0.attn.q.{kernel}")
-    rules = oriented(layout.table(ViTConfig()), 1)  # key names do not depend on the sizes
-    theirs = {k: r.right[r.left.index(k) if len(r.right) == len(r.left) else 0]
-              for r in rules for k in r.left}
-    return {role: theirs[key] for role, key in ours.items()}
+class Probe:
+    """Where `layout` keeps each of our parameters, read off its own table (a fused tensor
+    serves all its inputs): `has("blocks.0.ls1")`, `shape("pos_embed")`. Keys are written in
+    NNX leaf names (`kernel`, `scale`) and mapped to torch's (`weight`) for torch-based
+    layouts."""
+
+    def __init__(self, source: Source, layout: Layout):
+        self.source, self.layout = source, layout
+        self.theirs: dict[str, str] = {}
+        for config in (ViTConfig(), ViTConfig(mlp="swiglu")):  # key names do not depend on sizes
+            for r in oriented(layout.table(config), 1):
+                for k in r.left:
+                    self.theirs.setdefault(k, r.right[r.left.index(k) if len(r.right) ==
+                                                      len(r.left) else 0])
+
+    def key(self, ours: str) -> str | None:
+        if self.layout.base == "torch":
+            ours = re.sub(r"\.(kernel|scale)$", ".weight", ours)
+        return self.theirs.get(ours)
+
+    def has(self, ours: str) -> bool:
+        return self.key(ours) in self.source.meta
+
+    def shape(self, ours: str) -> tuple[int, ...]:
+        if not self.has(ours):
+            raise CheckpointError(f"{self.source.path}: cannot infer the config, "
+                                  f"{self.key(ours) or ours!r} is missing ({self.layout.name} "
+                                  f"layout)")
+        return tuple(self.source.meta[self.key(ours)][0])
 
 
 BLOCK_INDEX = re.compile(r"(?:^|[./])(?:blocks\.|layer\.|layers\.|encoderblock_)(\d+)[./]")
@@ -58,10 +76,6 @@ def infer_config(source: Source, layout: Layout | None = None,
     dropped: list[str] = []
     if layout.normalise is not None:
         source, dropped = layout.normalise(source)
-    if any(k.startswith("fc_norm.") for k in source.meta):
-        raise LayoutError(f"{source.path}: a timm model with fc_norm (global_pool='avg'): its "
-                          f"LayerNorm runs after pooling, a different function from this ViT's "
-                          f"norm before pooling; rebuild the timm model with fc_norm=False")
     if given is not None or "vit_parity" in source.metadata:
         config = given if given is not None else manifest_config(source)
         # the tokens stay what the file holds, whatever pooling is stated
@@ -106,58 +120,126 @@ def check_claims(config: ViTConfig, source: Source, layout: Layout) -> None:
 
 def _from_shapes(source: Source, layout: Layout, stated: Mapping[str, Any]
                  ) -> tuple[ViTConfig, dict, dict]:
-    """The config read off tensor shapes, a config.json the layout reads, and what the layout
-    assumes for the rest (`Layout.assumes`), each field labelled with where it came from."""
-    probe = probe_keys(layout)
-    try:
-        shape = lambda role: source.meta[probe[role]][0]  # noqa: E731
-        patch, pos = shape("patch"), shape("pos")
-    except KeyError as e:
-        raise CheckpointError(f"{source.path}: cannot infer the config, {e} is missing "
-                              f"({layout.name} layout)") from None
-    spatial_first = layout.base == "nnx"  # HWIO kernels
-    p, c = (patch[0], patch[2]) if spatial_first else (patch[-1], patch[1])
+    """The config read off which tensors exist and their shapes, a config.json the layout
+    reads, the user's `stated` fields, and what the layout assumes for the rest
+    (`Layout.assumes`), each field labelled with where it came from."""
+    probe = Probe(source, layout)
+    has, shape = probe.has, probe.shape
+    patch, pos = shape("patch_embed.kernel"), shape("pos_embed")
+    p, c = (patch[0], patch[2]) if layout.base == "nnx" else (patch[-1], patch[1])  # HWIO / OIHW
     d = pos[-1]
-    has_cls = probe["cls"] in source.meta
-    n = pos[-2] - (has_cls and layout.prefix_positions)  # patch positions
-    sizes = dict(patch_size=p, in_channels=c, d_model=d, num_layers=len(block_indices(source.meta)),
-                 class_token=has_cls, qkv_bias=probe["qbias"] in source.meta,
-                 d_ff=shape("ff1")[0] if probe["ff1"] in source.meta else 4 * d,
-                 num_classes=shape("head")[0] if probe["head"] in source.meta else 1000)
-    found = {f: "tensor shapes" for f in sizes}
-    assumed = {}
-    if not has_cls:
+    sizes: dict[str, Any] = dict(
+        patch_size=p, in_channels=c, d_model=d, num_layers=len(block_indices(source.meta)),
+        class_token=has("cls_token"), dist_token=has("dist_token"),
+        reg_tokens=shape("reg_tokens")[-2] if has("reg_tokens") else 0,
+        patch_bias=has("patch_embed.bias"), patch_norm=has("patch_norm.scale"),
+        norm_pre=has("norm_pre.scale"), layer_scale=has("blocks.0.ls1"),
+        qk_norm=has("blocks.0.attn.q_norm.scale"), qkv_bias=has("blocks.0.attn.q.bias"),
+        proj_bias=has("blocks.0.attn.o.bias"), head_bias=has("head.bias"),
+        final_norm="pre_pool" if has("ln_f.scale") else
+        "post_pool" if has("fc_norm.scale") else "none")
+    found = {f: "which tensors exist, and their shapes" for f in sizes}
+    assumed: dict[str, str] = {}
+    sizes.update(_mlp_fields(probe, d, sizes["num_layers"]))
+    found.update({f: "MLP tensor shapes" for f in ("mlp", "d_ff", "mlp_bias")})
+    head = shape("head.kernel") if has("head.kernel") else None
+    sizes["num_classes"] = 0 if head is None else head[0 if layout.base == "torch" else 1]
+    head_in = None if head is None else head[1 if layout.base == "torch" else 0]
+    if has("map.probe"):
+        sizes["pool"], found["pool"] = "map", "a MAP head"
+    elif head_in == 2 * d:
+        sizes["pool"], found["pool"] = "cls_mean", "the head reads 2 x d_model features"
+    elif not sizes["class_token"]:
         sizes["pool"], found["pool"] = "mean", "no class token"
+    elif sizes["final_norm"] == "post_pool":
+        sizes["pool"], found["pool"] = "mean", "fc_norm (timm's global_pool='avg')"
     elif layout.pool is not None:
         sizes["pool"], found["pool"] = layout.pool, f"the {layout.name} layout"
     else:
         sizes["pool"] = "cls"
-        assumed["pool"] = "cls (a class token is present; the weights cannot say it is pooled)"
+        assumed["pool"] = ("cls (a class token is present; the weights cannot say it is pooled: "
+                           "timm global_pool='token')")
+    norm_key = next((k for k in ("blocks.0.ln1", "ln_f", "fc_norm", "norm_pre", "patch_norm")
+                     if has(f"{k}.scale")), None)
+    if norm_key is not None and not has(f"{norm_key}.bias"):
+        sizes["norm"] = "rmsnorm"
+        assumed["norm"] = "rmsnorm (the norms have no bias; a bias-free LayerNorm would differ)"
     if layout.read_config_json is not None and source.hf_config is not None:
         from_json = layout.read_config_json(source.hf_config, source.path)
         sizes.update(from_json)
         found.update({f: "config.json" for f in from_json})
     sizes.update(stated)  # the user's word beats anything inferred below
-    if "image_size" not in sizes:
-        side = math.isqrt(n)
-        if side * side != n:
-            raise CheckpointError(f"{source.path}: {n} position rows are not a square grid, so "
-                                  f"the image size is ambiguous; say it with --set "
-                                  f"image_size=HxW (overrides={{'image_size': (h, w)}})")
-        sizes["image_size"] = side * p
-        assumed["image_size"] = f"{side * p} (square, from {n} patches)"
+    prefix = int(sizes["class_token"]) + int(sizes["dist_token"]) + sizes["reg_tokens"]
+    _positions(source, layout, sizes, pos[-2], prefix, found, assumed)
     if "num_heads" not in sizes:
-        q = source.meta.get(probe["qkernel"])
+        q = source.meta.get(probe.key("blocks.0.attn.q.kernel"))
         if layout.heads_in_kernel and q is not None and len(q[0]) == 3:
             sizes["num_heads"] = q[0][1]
             found["num_heads"] = "attention kernel shape (D, heads, head_dim)"
+        elif sizes["qk_norm"]:
+            sizes["num_heads"] = d // shape("blocks.0.attn.q_norm.scale")[0]
+            found["num_heads"] = "q_norm's width (head_dim)"
         else:
             sizes["num_heads"] = d // 64 if d % 64 == 0 else 1
             assumed["num_heads"] = f"{sizes['num_heads']} (head_dim 64, the ViT paper's)"
+    if sizes["mlp"] != "mlp" and "activation" not in sizes:
+        sizes["activation"] = "silu"
+        assumed["activation"] = "silu (the gated MLP is SwiGLU, as in AIMv2 and DINOv2-g)"
     for name, (value, why) in layout.assumes.items():
-        if name not in found and name not in stated:
+        if name not in sizes:
             sizes[name], assumed[name] = value, why
     try:
         return ViTConfig(**sizes), found, assumed
     except ConfigError as e:
         raise CheckpointError(f"{source.path}: the inferred config is invalid: {e}") from None
+
+
+def _mlp_fields(probe: Probe, d: int, layers: int) -> dict[str, Any]:
+    """Plain MLP, split SwiGLU (ff1_g/ff1_x), or packed SwiGLU (one fc1 with twice the rows
+    fc2 reads: a plain MLP's fc1 has exactly as many), its width and whether it has biases."""
+    if not layers:
+        return {}
+    kernel_axis = 0 if probe.layout.base == "torch" else 1  # output features of ff1
+    if probe.has("blocks.0.ff1_g.kernel"):
+        f = probe.shape("blocks.0.ff1_g.kernel")[kernel_axis]
+        return dict(mlp="swiglu", d_ff=f, mlp_bias=probe.has("blocks.0.ff2.bias"))
+    fc1 = probe.shape("blocks.0.ff1.kernel")[kernel_axis]
+    fc2_in = probe.shape("blocks.0.ff2.kernel")[1 - kernel_axis]
+    mlp = "swiglu_packed" if fc1 == 2 * fc2_in else "mlp"
+    return dict(mlp=mlp, d_ff=fc2_in, mlp_bias=probe.has("blocks.0.ff2.bias"))
+
+
+def _positions(source: Source, layout: Layout, sizes: dict, rows: int, prefix: int,
+               found: dict, assumed: dict) -> None:
+    """Which prefix tokens carry a position, and the image size, from the position rows: the
+    patch grid must be stated (`image_size`) or a square, and the remaining rows must be all,
+    none or only the class token of the prefix tokens."""
+    p = sizes["patch_size"]
+    modes = {"all": prefix, "none": 0, "cls": 1} if layout.prefix_positions else {"all": 0}
+    if not sizes.get("class_token"):
+        modes.pop("cls", None)
+    if "image_size" in sizes:
+        cfg_hw = sizes["image_size"]
+        hw = [cfg_hw, cfg_hw] if isinstance(cfg_hw, int) else cfg_hw
+        if not (isinstance(hw, (list, tuple)) and len(hw) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in hw)):
+            raise ConfigError("image_size", cfg_hw, "expected a positive int or a (H, W) pair")
+        patches = (hw[0] // p) * (hw[1] // p)
+        fits = [m for m, n in modes.items() if rows - patches == n]
+        if not fits:
+            raise CheckpointError(f"{source.path}: {rows} position rows fit neither the "
+                                  f"{patches} patches of image_size {cfg_hw} nor those plus the "
+                                  f"{prefix} prefix token(s)")
+    else:
+        fits = [m for m, n in modes.items() if rows > n and math.isqrt(rows - n) ** 2 == rows - n]
+        if not fits:
+            raise CheckpointError(f"{source.path}: {rows} position rows are not a square grid "
+                                  f"(with or without the prefix tokens), so the image size is "
+                                  f"ambiguous; say it with --set image_size=HxW "
+                                  f"(overrides={{'image_size': (h, w)}})")
+        side = math.isqrt(rows - modes[fits[0]])
+        sizes["image_size"] = side * p
+        assumed["image_size"] = f"{side * p} (square, from {side * side} patches)"
+    if "pos_embed_tokens" not in sizes:
+        sizes["pos_embed_tokens"] = fits[0]  # "all" first: when prefix == 0 every mode fits
+        found["pos_embed_tokens"] = f"{rows} position rows"

@@ -32,6 +32,7 @@ from weight_transfer.hf_config import hf_config_fields, hf_config_json, normalis
 from weight_transfer.table import Rule, base_shapes, rule
 from weight_transfer.transforms import (
     BATCH_AXIS,
+    FUSE_2,
     FUSE_QKV,
     IDENTITY,
     Transform,
@@ -45,21 +46,54 @@ def renamed(ours: str, theirs: str, leaves: Iterable[str] = ("weight", "bias")) 
     return tuple(rule(f"{ours}.{leaf}", f"{theirs}.{leaf}") for leaf in leaves)
 
 
+def fused(ours: Iterable[str], theirs: str, transform: Transform) -> tuple[Rule, ...]:
+    """Linears stacked by rows into one (timm's qkv, kv, packed SwiGLU fc1), weight and bias."""
+    return tuple(rule(tuple(f"{o}.{leaf}" for o in ours), f"{theirs}.{leaf}", transform)
+                 for leaf in ("weight", "bias"))
+
+
+def timm_mlp(ours: str, theirs: str, mlp: str) -> tuple[Rule, ...]:
+    """Plain fc1/fc2; SwiGLU split as fc1_g/fc1_x (AIMv2) or packed in fc1, gate rows first
+    (GluMlp, DINOv2-g)."""
+    if mlp == "swiglu_packed":
+        first = fused((f"{ours}.ff1_g", f"{ours}.ff1_x"), f"{theirs}.fc1", FUSE_2)
+    else:
+        first = (*renamed(f"{ours}.ff1", f"{theirs}.fc1"), *renamed(f"{ours}.ff1_g", f"{theirs}.fc1_g"),
+                 *renamed(f"{ours}.ff1_x", f"{theirs}.fc1_x"))
+    return (*first, *renamed(f"{ours}.ff2", f"{theirs}.fc2"))
+
+
 def timm_table(config: ViTConfig) -> tuple[Rule, ...]:
-    qkv = tuple(f"blocks.{{}}.attn.{p}" for p in "qkv")
+    """timm `VisionTransformer` (and `VisionTransformerDistilled`). Rules whose parameters a
+    config does not have are inactive, so one table serves the whole family."""
+    b = "blocks.{}"
     return (
         *renamed("patch_embed", "patch_embed.proj"),
+        *renamed("patch_norm", "patch_embed.norm"),
         rule("cls_token", "cls_token", BATCH_AXIS),  # (1, D) <-> (1, 1, D)
-        rule("pos_embed", "pos_embed", BATCH_AXIS),  # (N + 1, D) <-> (1, N + 1, D)
-        *renamed("blocks.{}.ln1", "blocks.{}.norm1"),
-        rule(tuple(f"{p}.weight" for p in qkv), "blocks.{}.attn.qkv.weight", FUSE_QKV),  # 3x (D, D) <-> (3D, D)
-        rule(tuple(f"{p}.bias" for p in qkv), "blocks.{}.attn.qkv.bias", FUSE_QKV),
-        *renamed("blocks.{}.attn.o", "blocks.{}.attn.proj"),
-        *renamed("blocks.{}.ln2", "blocks.{}.norm2"),
-        *renamed("blocks.{}.ff1", "blocks.{}.mlp.fc1"),
-        *renamed("blocks.{}.ff2", "blocks.{}.mlp.fc2"),
+        rule("dist_token", "dist_token", BATCH_AXIS),
+        rule("reg_tokens", "reg_token", BATCH_AXIS),  # (R, D) <-> (1, R, D)
+        rule("pos_embed", "pos_embed", BATCH_AXIS),  # (P, D) <-> (1, P, D)
+        *renamed("norm_pre", "norm_pre"),
+        *renamed(f"{b}.ln1", f"{b}.norm1"),
+        *fused([f"{b}.attn.{p}" for p in "qkv"], f"{b}.attn.qkv", FUSE_QKV),  # 3x (D, D) <-> (3D, D)
+        *renamed(f"{b}.attn.q_norm", f"{b}.attn.q_norm"),
+        *renamed(f"{b}.attn.k_norm", f"{b}.attn.k_norm"),
+        *renamed(f"{b}.attn.o", f"{b}.attn.proj"),
+        rule(f"{b}.ls1", f"{b}.ls1.gamma"),
+        *renamed(f"{b}.ln2", f"{b}.norm2"),
+        *timm_mlp(b, f"{b}.mlp", config.mlp),
+        rule(f"{b}.ls2", f"{b}.ls2.gamma"),
         *renamed("ln_f", "norm"),
+        rule("map.probe", "attn_pool.latent", BATCH_AXIS),  # (1, D) <-> (1, 1, D)
+        *renamed("map.attn.q", "attn_pool.q"),
+        *fused(["map.attn.k", "map.attn.v"], "attn_pool.kv", FUSE_2),  # 2x (D, D) <-> (2D, D)
+        *renamed("map.attn.o", "attn_pool.proj"),
+        *renamed("map.norm", "attn_pool.norm"),
+        *timm_mlp("map", "attn_pool.mlp", "mlp"),
+        *renamed("fc_norm", "fc_norm"),
         *renamed("head", "head"),
+        *renamed("head_dist", "head_dist"),
     )
 
 
@@ -210,8 +244,7 @@ LAYOUTS: dict[str, Layout] = {l.name: l for l in (
     Layout("timm", "torch", timm_table,
            r"^blocks\.\d+\.attn\.qkv\.weight$|^patch_embed\.proj\.weight$",
            "timm VisionTransformer state dict",
-           assumes=dict(activation=_GELU, ln_eps=_EPS6, pool=(
-               "cls", "cls (timm global_pool='token'; a state dict cannot say 'avg')"))),
+           assumes=dict(activation=_GELU, ln_eps=_EPS6)),
     Layout("hf", "torch", hf_table,
            r"^(vit\.)?encoder\.layer\.\d+\.|^(vit\.)?embeddings\.patch_embeddings",
            "Hugging Face transformers ViT (checkpoint names)", **_HF),

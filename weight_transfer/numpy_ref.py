@@ -1,9 +1,12 @@
-"""A NumPy ViT forward written from the seed's spec, independent of flax and torch.
+"""A NumPy ViT forward written from the maths, independent of flax and torch, for every feature
+of the family (prefix tokens and their positions, LayerScale, gated MLPs, RMSNorm, q/k norms,
+MAP pooling, fc_norm, the distilled head).
 
 Parameters come as the flat NNX dict (`blocks.0.attn.q.kernel` ...); patches are cut with
 reshapes, not a convolution, so a wrong conv layout in either implementation shows up here.
 `Knobs` switch on the variants other codebases use (pooling, norm position, attention scale,
-CLS position...): the defaults are our ViT; the mismatch doctor turns them to test hypotheses.
+class-token position...): the defaults are the config's own; the mismatch doctor turns them to
+test hypotheses.
 """
 
 from __future__ import annotations
@@ -12,25 +15,27 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-
-_erf = np.vectorize(math.erf)
+from scipy.special import erf  # Cephes' erf, vectorised: no Python call per element
 
 ACTIVATIONS = {
     "relu": lambda x: np.maximum(x, 0),
-    "gelu": lambda x: 0.5 * x * (1 + _erf(x / math.sqrt(2))),
+    "gelu": lambda x: 0.5 * x * (1 + erf(x / math.sqrt(2))),
     "gelu_tanh": lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
+    "quick_gelu": lambda x: x / (1 + np.exp(-1.702 * x)),
+    "silu": lambda x: x / (1 + np.exp(-x)),
 }
 
 
 @dataclass(frozen=True)
 class Knobs:
-    # "cls": row 0; "mean": all tokens; "mean_patches": patch tokens only (timm 'avg' with a CLS)
+    # "cls": row 0; "mean": all tokens; "mean_patches": patch tokens only (timm 'avg')
     pool: str | None = None  # None: the config's
-    # "before": LayerNorm, then pool (ours, timm norm); "after": pool, then LayerNorm (timm fc_norm)
-    final_norm: str = "before"
+    # "before": the final norm, then pool (ViT, timm norm); "after": pool, then the same norm
+    # (timm fc_norm); None: where the config puts it
+    final_norm: str | None = None
     # multiplies the 1/sqrt(head_dim) score scale (sqrt(hd / D) gives 1/sqrt(d_model))
     score_factor: float = 1.0
-    # "row0": the CLS token gets pos_embed row 0 (ours); "none": it gets no position
+    # "row0": the class token gets pos_embed row 0 (ours); "none": it gets no position
     cls_position: str = "row0"
     # "nhwc": images as given; "nchw_as_nhwc": NCHW bytes read as NHWC
     images: str = "nhwc"
@@ -40,6 +45,10 @@ def layernorm(x, scale, bias, eps):
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
     return (x - mu) / np.sqrt(var + eps) * scale + bias
+
+
+def rmsnorm(x, scale, eps):
+    return x / np.sqrt((x**2).mean(-1, keepdims=True) + eps) * scale
 
 
 def softmax(x):
@@ -55,47 +64,104 @@ def read_images(images: np.ndarray, how: str) -> np.ndarray:
     return images
 
 
+class Reference:
+    """One config's parameters and the functions of the forward, each from its formula."""
+
+    def __init__(self, p: dict, config, knobs: Knobs):
+        self.p, self.c, self.knobs = p, config, knobs
+
+    def norm(self, name: str, x):
+        if self.c.norm == "rmsnorm":
+            return rmsnorm(x, self.p[f"{name}.scale"], self.c.ln_eps)
+        return layernorm(x, self.p[f"{name}.scale"], self.p[f"{name}.bias"], self.c.ln_eps)
+
+    def linear(self, name: str, x):
+        return x @ self.p[f"{name}.kernel"] + self.p.get(f"{name}.bias", 0.0)
+
+    def attention(self, name: str, x, context):
+        """softmax(q k^T / sqrt(hd)) v per head, then the output projection."""
+        b, t, d = x.shape
+        heads = self.c.num_heads
+        hd = d // heads
+        q = self.linear(f"{name}.q", x).reshape(b, t, heads, hd)
+        k, v = (self.linear(f"{name}.{n}", context).reshape(b, -1, heads, hd) for n in "kv")
+        if f"{name}.q_norm.scale" in self.p:
+            q, k = self.norm(f"{name}.q_norm", q), self.norm(f"{name}.k_norm", k)
+        scores = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd) * self.knobs.score_factor
+        out = np.einsum("bhqk,bkhd->bqhd", softmax(scores), v).reshape(b, t, d)
+        return self.linear(f"{name}.o", out)
+
+    def mlp(self, name: str, x):
+        act = ACTIVATIONS[self.c.activation]
+        if f"{name}.ff1.kernel" in self.p:
+            hidden = act(self.linear(f"{name}.ff1", x))
+        else:
+            hidden = act(self.linear(f"{name}.ff1_g", x)) * self.linear(f"{name}.ff1_x", x)
+        return self.linear(f"{name}.ff2", hidden)
+
+    def embed(self, x):
+        """Patch tokens -> [cls, dist, registers, patches] with positions where configured."""
+        c, p = self.c, self.p
+        b, _, d = x.shape
+        prefix = [np.broadcast_to(p[k], (b, *p[k].shape)) for k in ("cls_token", "dist_token",
+                                                                      "reg_tokens") if k in p]
+        pos = p["pos_embed"]
+        if c.class_token and self.knobs.cls_position == "none" and c.pos_embed_tokens != "none":
+            pos = np.concatenate([np.zeros_like(pos[:1]), pos[1:]], axis=0)
+        if c.pos_embed_tokens == "all":
+            return np.concatenate([*prefix, x], axis=1) + pos
+        if c.pos_embed_tokens == "none":
+            return np.concatenate([*prefix, x + pos], axis=1)
+        y = np.concatenate([prefix[0], x], axis=1) + pos
+        return np.concatenate([y[:, :1], *prefix[1:], y[:, 1:]], axis=1)
+
+    def pool(self, x, how: str):
+        patches = x[:, self.c.num_prefix_tokens:]
+        if how == "cls":
+            return x[:, 0]
+        if how == "mean":
+            return x.mean(axis=1)
+        if how == "mean_patches":
+            return patches.mean(axis=1)
+        if how == "cls_mean":
+            return np.concatenate([x[:, 0], patches.mean(axis=1)], axis=-1)
+        probe = np.broadcast_to(self.p["map.probe"], (x.shape[0], 1, x.shape[-1]))  # "map"
+        y = self.attention("map.attn", probe, patches)
+        return (y + self.mlp("map", self.norm("map.norm", y)))[:, 0]
+
+
 def forward(p: dict, images: np.ndarray, config, knobs: Knobs = Knobs()) -> dict[str, np.ndarray]:
     """Named intermediates (float64) of a batch of `(B, H, W, C)` images."""
-    p = {k: np.asarray(v, np.float64) for k, v in p.items()}
+    c = config
+    ref = Reference({k: np.asarray(v, np.float64) for k, v in p.items()}, c, knobs)
     x = read_images(np.asarray(images, np.float64), knobs.images)
-    P, D, heads = config.patch_size, config.d_model, config.num_heads
+    P, D = c.patch_size, c.d_model
     B, H, W, C = x.shape
     seen = {}
     grid = x.reshape(B, H // P, P, W // P, P, C).transpose(0, 1, 3, 2, 4, 5)  # (B, Hp, Wp, P, P, C)
     patches = grid.reshape(B, -1, P * P * C)  # rows in (kh, kw, c) order, grid row-major
-    x = seen["patch_embed"] = patches @ p["patch_embed.kernel"].reshape(P * P * C, D) + p["patch_embed.bias"]
-    pos = p["pos_embed"]
-    has_cls = "cls_token" in p
-    if has_cls:
-        cls = np.broadcast_to(p["cls_token"], (B, 1, D))
-        if knobs.cls_position == "none":
-            pos = np.concatenate([np.zeros_like(pos[:1]), pos[1:]], axis=0)
-        x = np.concatenate([cls, x], axis=1)
-    x = seen["tokens"] = x + pos
-    act = ACTIVATIONS[config.activation]
-    bias = lambda name: p.get(name, 0.0)  # noqa: E731  (qkv_bias=False has none)
-    T, hd = x.shape[1], D // heads
-    for i in range(config.num_layers):
-        b = f"blocks.{i}."
-        h = layernorm(x, p[b + "ln1.scale"], p[b + "ln1.bias"], config.ln_eps)
-        q, k, v = (h @ p[f"{b}attn.{n}.kernel"] + bias(f"{b}attn.{n}.bias") for n in "qkv")
-        q, k, v = (t.reshape(B, T, heads, hd) for t in (q, k, v))
-        scores = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd) * knobs.score_factor
-        attn = np.einsum("bhqk,bkhd->bqhd", softmax(scores), v).reshape(B, T, D)
-        a = seen[b + "attn"] = attn @ p[b + "attn.o.kernel"] + p[b + "attn.o.bias"]
+    x = patches @ ref.p["patch_embed.kernel"].reshape(P * P * C, D) + ref.p.get("patch_embed.bias", 0.0)
+    x = seen["patch_embed"] = ref.norm("patch_norm", x) if c.patch_norm else x
+    x = seen["tokens"] = ref.embed(x)
+    if c.norm_pre:
+        x = seen["norm_pre"] = ref.norm("norm_pre", x)
+    for i in range(c.num_layers):
+        b = f"blocks.{i}"
+        gain = (lambda n: ref.p[f"{b}.{n}"]) if c.layer_scale else (lambda n: 1.0)  # noqa: E731
+        h = ref.norm(f"{b}.ln1", x)
+        a = seen[f"{b}.attn"] = gain("ls1") * ref.attention(f"{b}.attn", h, h)
         x = x + a
-        h = layernorm(x, p[b + "ln2.scale"], p[b + "ln2.bias"], config.ln_eps)
-        m = seen[b + "mlp"] = act(h @ p[b + "ff1.kernel"] + p[b + "ff1.bias"]) @ p[b + "ff2.kernel"] + p[b + "ff2.bias"]
-        x = seen[b.rstrip(".")] = x + m
-    norm = lambda t: layernorm(t, p["ln_f.scale"], p["ln_f.bias"], config.ln_eps)  # noqa: E731
-    pool = knobs.pool or {"cls": "cls", "mean": "mean_patches"}[config.pool]
-    take = {"cls": lambda t: t[:, 0], "mean": lambda t: t.mean(axis=1),
-            "mean_patches": lambda t: t[:, int(has_cls):].mean(axis=1)}[pool]
-    if knobs.final_norm == "before":
-        pooled = take(seen.setdefault("ln_f", norm(x)))
-    else:
-        pooled = norm(take(x))
-    seen["pooled"] = pooled
-    seen["logits"] = pooled @ p["head.kernel"] + p["head.bias"]
+        m = seen[f"{b}.mlp"] = gain("ls2") * ref.mlp(b, ref.norm(f"{b}.ln2", x))
+        x = seen[b] = x + m
+    pool = knobs.pool or {"cls": "cls", "mean": "mean_patches"}.get(c.pool, c.pool)
+    norm_name = "ln_f" if c.final_norm == "pre_pool" else "fc_norm"
+    where = knobs.final_norm or {"pre_pool": "before", "post_pool": "after"}.get(c.final_norm)
+    if where == "before":
+        x = seen["ln_f"] = ref.norm(norm_name, x)
+    pooled = ref.pool(x, pool)
+    seen["pooled"] = pooled = ref.norm(norm_name, pooled) if where == "after" else pooled
+    logits = ref.linear("head", pooled) if c.num_classes else pooled
+    if c.dist_token:
+        logits = (logits + ref.linear("head_dist", x[:, 1])) / 2
+    seen["logits"] = logits
     return seen

@@ -65,6 +65,10 @@ def split_rows_in_3(fused):
     return tuple(np.split(fused, 3, axis=0))
 
 
+def split_rows_in_2(fused):
+    return tuple(np.split(fused, 2, axis=0))  # (2D, ...) -> 2x (D, ...): kv, or gate|x
+
+
 def split_heads_in(k, num_heads: int):
     return (k.reshape(k.shape[0], num_heads, -1),)  # (D, D) -> (D, heads, hd)
 
@@ -103,6 +107,7 @@ CONV = Transform("conv_hwio_to_oihw", conv_hwio_to_oihw, conv_oihw_to_hwio)
 LINEAR = Transform("linear_in_out_to_out_in", linear_in_out_to_out_in, linear_out_in_to_in_out)
 BATCH_AXIS = Transform("add_batch_axis", add_batch_axis, drop_batch_axis)
 FUSE_QKV = Transform("fuse_qkv_rows", fuse_rows, split_rows_in_3, arity=(3, 1))
+FUSE_2 = Transform("fuse_rows_in_2", fuse_rows, split_rows_in_2, arity=(2, 1))
 
 
 def heads_in(num_heads: int) -> Transform:

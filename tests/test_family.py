@@ -1,0 +1,227 @@
+"""The ViT family in both models: every feature (prefix tokens and their positions, pooling,
+norms, LayerScale, gated MLPs, activations, q/k norms, biases, no head) with the same
+guarantees as the plain ViT: logits both directions (float32 1e-5, float64 1e-12), the NumPy
+reference from the maths in float64, gradients of every parameter, bit-exact round trips; and
+each family preset against timm's own architecture. Every parameter is random first."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import weight_transfer as wt
+from tests.conftest import TOL, assert_close
+from tests.helpers.models import assert_bit_exact, nchw
+from vit_config import PRESETS, TIMM_ARCHS, ViTConfig, arch
+from weight_transfer import numpy_ref
+from weight_transfer.metrics import relative_error
+from weight_transfer.parity import nnx_grads, torch_grads
+from weight_transfer.runners import random_images, run_nnx, run_torch, x64_for
+from weight_transfer.weights import random_nnx, random_torch
+
+BASE = dict(image_size=(8, 12), patch_size=4, in_channels=3, d_model=24, num_heads=3, d_ff=40,
+            num_layers=2, num_classes=7)
+# One small config per feature (and the combinations the published models use).
+FAMILY = {
+    "cls-with-mean-pool": dict(class_token=True, pool="mean"),
+    "registers": dict(reg_tokens=2),
+    "registers-no-cls": dict(class_token=False, pool="mean", reg_tokens=3),
+    "positions-none": dict(pos_embed_tokens="none", reg_tokens=2),
+    "positions-cls-only": dict(pos_embed_tokens="cls", reg_tokens=2),
+    "distilled": dict(dist_token=True),
+    "map": dict(class_token=False, pool="map", num_classes=0),
+    "map-with-cls": dict(pool="map", class_token=True),
+    "cls-mean": dict(pool="cls_mean"),
+    "fc-norm": dict(class_token=False, pool="mean", final_norm="post_pool"),
+    "no-final-norm": dict(final_norm="none"),
+    "norm-pre-clip": dict(norm_pre=True, patch_bias=False, ln_eps=1e-5, activation="quick_gelu"),
+    "layer-scale": dict(layer_scale=True),
+    "swiglu-rmsnorm-aimv2": dict(class_token=False, pool="mean", mlp="swiglu", activation="silu",
+                                 norm="rmsnorm", patch_norm=True, qkv_bias=False, proj_bias=False,
+                                 mlp_bias=False),
+    "swiglu-packed": dict(mlp="swiglu_packed", activation="silu", layer_scale=True),
+    "qk-norm": dict(qk_norm=True),
+    "no-head": dict(num_classes=0),
+    "no-head-bias": dict(head_bias=False),
+}
+
+
+def family(name: str, **changes) -> ViTConfig:
+    return ViTConfig(**{**BASE, **FAMILY[name], **changes})
+
+
+def both_ways(config: ViTConfig, dtype: str, seed: int = 0):
+    """(direction, reference logits, ported logits) for nnx->torch and torch->nnx."""
+    images = random_images(config, 3, seed, dtype)
+    source = random_nnx(config, seed, dtype)
+    yield "nnx->torch", run_nnx(source, images), run_torch(wt.to_torch(source), images)
+    source = random_torch(config, seed + 1, dtype)
+    yield "torch->nnx", run_torch(source, images), run_nnx(wt.to_nnx(source), images)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", sorted(FAMILY))
+def test_family_logit_parity(name, dtype):
+    config = family(name)
+    with x64_for(dtype), jax.default_matmul_precision("highest"):
+        for direction, ref, out in both_ways(config, dtype):
+            width = config.num_classes or config.pooled_dim
+            assert tuple(out.shape) == (3, width), direction
+            assert_close(ref, out, dtype, f"{name} {direction} {dtype}")
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY))
+def test_family_numpy_reference_agrees_with_both_in_float64(name):
+    """The NumPy forward, written from the maths, against every intermediate of both models."""
+    config = family(name)
+    with jax.enable_x64(True), jax.default_matmul_precision("highest"):
+        model = random_nnx(config, seed=4, dtype="float64")
+        images = random_images(config, 2, seed=5, dtype="float64")
+        _, ours = run_nnx(model, images, return_intermediates=True)
+        _, theirs = run_torch(wt.to_torch(model), images, return_intermediates=True)
+    replay = numpy_ref.forward(wt.nnx_flat(model), images, config)
+    assert list(replay) == arch.intermediates(config)
+    for key in replay:
+        scale = max(1.0, float(np.abs(replay[key]).max()))
+        for side, got in (("jax", ours[key]), ("torch", theirs[key])):
+            err = float(np.abs(np.asarray(got, np.float64) - replay[key]).max())
+            assert err <= 1e-12 * scale, f"{name} {side} {key}: {err:.3e}"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("name", sorted(FAMILY))
+def test_family_round_trip_is_bit_exact(name, dtype):
+    config = family(name)
+    with x64_for(dtype):
+        source = random_torch(config, seed=7, dtype=dtype)
+        assert_bit_exact(wt.torch_flat(source), wt.torch_flat(wt.to_torch(wt.to_nnx(source))))
+        scanned = wt.to_nnx(source, scan_layers=True)
+        assert_bit_exact(wt.torch_flat(source), wt.torch_flat(wt.to_torch(scanned)))
+
+
+GRAD_TOL = {"float32": 1e-4, "float64": 1e-10}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", ["distilled", "map", "swiglu-rmsnorm-aimv2", "positions-cls-only",
+                                  "fc-norm", "norm-pre-clip", "qk-norm", "layer-scale"])
+def test_family_gradient_parity(name, dtype):
+    """d(cross-entropy) w.r.t. every parameter and the images, both frameworks."""
+    config = family(name, num_classes=7) if FAMILY[name].get("num_classes") == 0 else family(name)
+    with x64_for(dtype), jax.default_matmul_precision("highest"):
+        images = random_images(config, 4, seed=2, dtype=dtype)
+        labels = np.arange(4) % config.num_classes
+        jm = random_nnx(config, seed=3, dtype=dtype)
+        g_jax, gx_jax = nnx_grads(jm, images, labels)
+        g_torch, gx_torch = torch_grads(wt.to_torch(jm), images, labels)
+    g_torch = wt.torch_to_nnx_flat(g_torch, config)
+    assert set(g_torch) == set(g_jax) == set(arch.parameters(config))
+    scale = max(np.abs(g).max() for g in g_jax.values())
+    for key in sorted(g_jax):
+        if np.abs(g_jax[key]).max() <= GRAD_TOL[dtype] * scale:  # zero in exact arithmetic
+            assert np.abs(g_torch[key]).max() <= GRAD_TOL[dtype] * scale, key  # (a key bias)
+            continue
+        err = relative_error(g_jax[key], g_torch[key])
+        assert err <= GRAD_TOL[dtype], f"{name} d loss / d {key}: relative error {err:.3e}"
+    assert relative_error(gx_jax, gx_torch) <= GRAD_TOL[dtype]
+
+
+@st.composite
+def family_configs(draw):
+    heads = draw(st.integers(1, 3))
+    patch = draw(st.integers(1, 3))
+    class_token = draw(st.booleans())
+    pools = ["mean", "map"] + (["cls", "cls_mean"] if class_token else [])
+    pool = draw(st.sampled_from(pools))
+    dist = class_token and pool == "cls" and draw(st.booleans())
+    final = draw(st.sampled_from(["pre_pool", "none"] + ([] if pool == "map" else ["post_pool"])))
+    return ViTConfig(
+        image_size=(patch * draw(st.integers(1, 3)), patch * draw(st.integers(1, 3))),
+        patch_size=patch, in_channels=draw(st.integers(1, 3)),
+        d_model=heads * draw(st.integers(2, 5)), num_heads=heads, d_ff=draw(st.integers(1, 16)),
+        num_layers=draw(st.integers(0, 2)),
+        num_classes=draw(st.integers(1, 5)) if dist else draw(st.integers(0, 5)),
+        pool=pool, class_token=class_token, dist_token=dist, reg_tokens=draw(st.integers(0, 2)),
+        pos_embed_tokens=draw(st.sampled_from(["all", "none"] + (["cls"] if class_token else []))),
+        final_norm=final, norm_pre=draw(st.booleans()), patch_norm=draw(st.booleans()),
+        norm=draw(st.sampled_from(["layernorm", "rmsnorm"])),
+        layer_scale=draw(st.booleans()),
+        mlp=draw(st.sampled_from(["mlp", "swiglu", "swiglu_packed"])),
+        activation=draw(st.sampled_from(["relu", "gelu", "gelu_tanh", "quick_gelu", "silu"])),
+        ln_eps=draw(st.sampled_from([1e-6, 1e-5])), qk_norm=draw(st.booleans()),
+        **{b: draw(st.booleans()) for b in ("qkv_bias", "proj_bias", "mlp_bias", "patch_bias",
+                                            "head_bias")})
+
+
+@pytest.mark.slow
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(config=family_configs())
+def test_family_hypothesis_configs(config):
+    """float64 parity at 1e-12 both ways and against the NumPy reference; float32 at 1e-5, or
+    (ill-conditioned tiny widths) within each side's own float32-vs-float64 error."""
+    with jax.default_matmul_precision("highest"):
+        with jax.enable_x64(True):
+            torch64 = random_torch(config, 0, "float64")
+            images = random_images(config, 2, dtype="float64")
+            ref64, nnx64 = run_torch(torch64, images), wt.to_nnx(torch64)
+            out64 = run_nnx(nnx64, images)
+            replay = numpy_ref.forward(wt.nnx_flat(nnx64), images, config)["logits"]
+        ref64, out64 = (np.asarray(a, np.float64) for a in (ref64, out64))
+        scale = max(1.0, float(np.abs(ref64).max()))
+        assert np.abs(ref64 - out64).max() <= TOL["float64"] * scale
+        assert np.abs(ref64 - replay).max() <= TOL["float64"] * scale
+        torch32 = torch64.float()
+        ref32 = np.asarray(run_torch(torch32, images.astype(np.float32)), np.float64)
+        out32 = np.asarray(run_nnx(wt.to_nnx(torch32), images.astype(np.float32)), np.float64)
+    floor = max(np.abs(ref32 - ref64).max(), np.abs(out32 - out64).max())
+    assert np.abs(ref32 - out32).max() <= max(TOL["float32"] * scale, 4 * floor)
+
+
+# ---- each family preset against timm's own architecture ------------------------------------
+
+timm = pytest.importorskip("timm")
+FAMILY_PRESETS = sorted(p for p in TIMM_ARCHS if p not in ("vit_ti16", "vit_s16", "vit_b16",
+                                                         "vit_l16", "vit_h14"))
+
+
+@pytest.mark.parametrize("preset", FAMILY_PRESETS)
+def test_preset_has_timms_parameter_count(preset):
+    with torch.device("meta"):
+        model = timm.create_model(TIMM_ARCHS[preset], pretrained=False)
+    assert ViTConfig.preset(preset).num_params() == sum(p.numel() for p in model.parameters())
+
+
+def small(preset: str) -> ViTConfig:
+    """The preset with 2 blocks and a 4 x 4 patch grid, for speed; everything else as is."""
+    c = ViTConfig.preset(preset)
+    return dataclasses.replace(c, num_layers=2, image_size=4 * c.patch_size)
+
+
+@pytest.mark.parametrize("preset", FAMILY_PRESETS)
+def test_preset_exports_to_timm_strict_and_matches(tmp_path, preset):
+    config = small(preset)
+    ours = random_nnx(config, seed=11)
+    path = wt.save_checkpoint(ours, tmp_path / "timm.safetensors", layout="timm")
+    model = timm.create_model(TIMM_ARCHS[preset], pretrained=False, depth=2,
+                              img_size=config.image_size, num_classes=config.num_classes).eval()
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(path), strict=True)
+    images = random_images(config, 2, seed=12)
+    with torch.no_grad():
+        expected = model(nchw(images))
+    assert_close(expected, run_nnx(ours, images), "float32", f"{preset} in timm vs nnx")
+    back = wt.load_checkpoint(path, "torch")  # the manifest says the config
+    assert_close(expected, run_torch(back, images), "float32", f"{preset} in timm vs torch")
+
+
+def test_every_family_preset_is_covered():
+    assert set(FAMILY_PRESETS) == set(PRESETS) - {"seed", "vit_ti16", "vit_s16", "vit_b16",
+                                                  "vit_l16", "vit_h14"}
