@@ -23,6 +23,13 @@ def test_one_class_shared_by_both_implementations():
     ("activation", "swish"),
     ("ln_eps", 0.0),
     ("qkv_bias", "yes"),
+    ("reg_tokens", -1),
+    ("pos_embed_tokens", "some"),
+    ("final_norm", "after"),
+    ("norm", "batchnorm"),
+    ("mlp", "geglu"),
+    ("layer_scale", 1),
+    ("num_classes", -1),
 ])
 def test_invalid_config_names_field_and_value(field, value):
     base = dict(image_size=(8, 12), patch_size=4, d_model=24, num_heads=3)
@@ -31,6 +38,28 @@ def test_invalid_config_names_field_and_value(field, value):
     assert isinstance(e.value, ValueError)
     assert e.value.field == field
     assert repr(value) in str(e.value) or field == "d_model"
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(pool="cls", class_token=False), "pool"),
+    (dict(pool="cls_mean", class_token=False), "pool"),
+    (dict(pool="mean", dist_token=True), "dist_token"),
+    (dict(pool="mean", class_token=False, pos_embed_tokens="cls"), "pos_embed_tokens"),
+    (dict(pool="map", final_norm="post_pool"), "final_norm"),
+])
+def test_combinations_no_model_has_are_refused_by_name(changes, field):
+    with pytest.raises(ConfigError) as e:
+        ViTConfig(image_size=(8, 12), patch_size=4, d_model=24, num_heads=3, **changes)
+    assert e.value.field == field
+
+
+def test_class_token_follows_pooling_unless_stated():
+    assert ViTConfig(pool="mean").class_token is False
+    assert ViTConfig(pool="cls").class_token is True
+    assert ViTConfig(pool="mean", class_token=True).class_token is True
+    assert ViTConfig(pool="mean").replace(pool="cls").class_token is True
+    old = {k: v for k, v in ViTConfig(pool="mean").to_dict().items() if k != "class_token"}
+    assert ViTConfig.from_dict(old).class_token is False  # files written before the field
 
 
 def test_unknown_preset_lists_known():

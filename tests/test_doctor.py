@@ -145,8 +145,27 @@ def make_fault(name, ref):
         return misfed, ref
     if name == "ln_eps":
         return ref, planted(ref, CONFIG.replace(ln_eps=1e-5))
-    if name == "gelu_variant":
-        return ref, planted(ref, CONFIG.replace(activation="gelu_tanh"))
+    if name == "activation_variant":
+        return ref, planted(ref, CONFIG.replace(activation="quick_gelu"))
+    if name == "norm_pre_presence":  # the candidate has a pre-norm the reference does not
+        flat = wt.nnx_flat(ref) | {"norm_pre.scale": np.full(CONFIG.d_model, 1.5, np.float32),
+                                   "norm_pre.bias": np.full(CONFIG.d_model, 0.1, np.float32)}
+        return ref, wt.nnx_from_flat(flat, CONFIG.replace(norm_pre=True))
+    if name == "registers":  # the candidate has registers the reference does not
+        config = CONFIG.replace(pos_embed_tokens="none", pool="mean", class_token=True)
+        base = random_nnx(config, seed=7)
+        flat = wt.nnx_flat(base) | {"reg_tokens": np.ones((2, CONFIG.d_model), np.float32)}
+        return base, wt.nnx_from_flat(flat, config.replace(reg_tokens=2, class_token=True))
+    if name == "layer_scale_count":  # the reference applies LayerScale twice
+        model = random_nnx(CONFIG.replace(layer_scale=True), seed=8)
+        return numpy_side(model, numpy_ref.Knobs(layer_scale_power=2)), model
+    if name == "map_qkv_order":
+        config = CONFIG.replace(pool="map", class_token=False)
+        model = random_nnx(config, seed=9)
+        swap = {"map.attn.k.kernel": "map.attn.v.kernel", "map.attn.v.kernel": "map.attn.k.kernel",
+                "map.attn.k.bias": "map.attn.v.bias", "map.attn.v.bias": "map.attn.k.bias"}
+        flat = wt.nnx_flat(model)
+        return model, wt.nnx_from_flat(flat | {k: flat[v] for k, v in swap.items()}, config)
     if name == "qkv_order":
         flat = wt.nnx_flat(ref)
         for i in range(CONFIG.num_layers):
@@ -181,9 +200,17 @@ def make_fault(name, ref):
 
 
 FAULTS = ["conv_kernel_spatial_swap", "conv_kernel_in_out_swap", "linear_not_transposed",
-          "input_layout", "ln_eps", "gelu_variant", "qkv_order", "qkv_interleaved",
+          "input_layout", "ln_eps", "activation_variant", "qkv_order", "qkv_interleaved",
           "head_split_order", "attention_scale", "pooling", "final_norm_position",
-          "posembed_cls_slot", "posembed_grid_order"]
+          "posembed_cls_slot", "posembed_grid_order", "norm_pre_presence", "registers",
+          "layer_scale_count", "map_qkv_order"]
+
+
+def numpy_side(model, knobs) -> Side:
+    """A reference computed by the NumPy forward with a variant switched on."""
+    params = {k: v.astype(np.float64) for k, v in wt.nnx_flat(model).items()}
+    return Side("numpy", intermediates(model.config),
+                lambda images, f64: numpy_ref.forward(params, images, model.config, knobs))
 
 
 def test_every_hypothesis_has_a_planted_fault():
@@ -205,18 +232,47 @@ def test_doctor_names_exactly_the_planted_fault(ref, fault):
 @pytest.mark.slow
 @pytest.mark.parametrize("first, second", [
     ("conv_kernel_spatial_swap", "ln_eps"),
-    ("qkv_order", "gelu_variant"),
+    ("qkv_order", "activation_variant"),
     ("posembed_grid_order", "head_split_order"),
 ])
 def test_doctor_finds_two_faults_at_once(ref, images, first, second):
     _, one = make_fault(first, ref)
     flat = wt.nnx_flat(one)
     _, two = make_fault(second, wt.nnx_from_flat(flat, ref.config))
-    if second in ("ln_eps", "gelu_variant"):  # config faults: carry the first's weights
+    if second in ("ln_eps", "activation_variant"):  # config faults: carry the first's weights
         two = wt.nnx_from_flat(flat, two.config)
     d = diagnose(ref, two, images)
     assert sorted(f.id for f in d.findings) == sorted([first, second]), d.as_dict()
     assert d.fixed
+
+
+def test_a_fault_in_one_layer_is_found_and_confined(ref, images):
+    """One block's output projection copied without its transpose, the other blocks right."""
+    candidate = planted(ref, **{"blocks.1.attn.o.kernel": lambda k: k.T})
+    d = diagnose(ref, candidate, images)
+    assert d.first_divergence == "blocks.1.attn" and d.fixed, d.as_dict()
+    assert [f.id for f in d.findings] == ["linear_not_transposed"]
+    assert "block 1 only" in d.findings[0].detail and "attn.o" in d.findings[0].detail
+
+
+def test_a_constant_ratio_is_named(ref, images):
+    """A head scaled by a constant (a missing or extra normalisation): no correction closes
+    it, and the doctor says what the two outputs share."""
+    candidate = planted(ref, **{"head.kernel": lambda k: k * 2, "head.bias": lambda b: b * 2})
+    d = diagnose(ref, candidate, images)
+    assert not d.fixed and d.first_divergence == "logits"
+    assert [f.id for f in d.findings] == ["constant_ratio"], d.as_dict()
+    assert "0.5" in d.findings[0].detail
+
+
+def test_a_float32_island_in_the_reference_is_named(ref, images):
+    """A reference that computes in float32 even when asked for float64 (HF's eager softmax,
+    float32 resampling): agreement stalls near 1e-7, which the doctor recognises."""
+    clean = side(wt.to_torch(ref))
+    island = Side("float32 island", intermediates(CONFIG),
+                  lambda im, f64: clean.run(im.astype(np.float32), False))
+    d = diagnose(island, ref, images)
+    assert [f.id for f in d.findings] == ["float32_island"], d.as_dict()
 
 
 def test_correct_pairs_get_no_findings(ref, images):

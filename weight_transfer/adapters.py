@@ -47,10 +47,13 @@ def _nnx_side(model) -> Side:
 
 
 def _torch_side(model) -> Side:
+    import torch
+
     from weight_transfer.runners import run_torch
+    from weight_transfer.torch_bridge import torch_astype
 
     def run(images, float64):
-        m = copy.deepcopy(model).double() if float64 else model
+        m = torch_astype(model, torch.float64) if float64 else model
         _, seen = run_torch(m, images.astype(np.float64 if float64 else np.float32),
                             return_intermediates=True)
         return {k: as_float64(v) for k, v in seen.items()}

@@ -176,9 +176,11 @@ def nnx_from_flat(flat: Mapping[str, np.ndarray], config: ViTConfig, *,
 
 
 def nnx_astype(model: jax_impl.ViT, dtype) -> jax_impl.ViT:
-    """A copy of `model` with every parameter cast to `dtype` (float64 needs JAX x64 on)."""
-    flat = {k: v.astype(dtype) for k, v in nnx_flat(model).items()}
-    return nnx_from_flat(flat, model.config, scan_layers=model.scan_layers)
+    """A copy of `model` computing in `dtype`, every parameter cast on the device (no host
+    copies; float64 needs JAX x64 on)."""
+    graphdef, _ = _abstract_nnx(model.config, jnp.dtype(dtype), model.scan_layers)
+    state = nnx.state(model, nnx.Param)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: jnp.asarray(a, dtype), state))
 
 
 # ---- the model-level API ------------------------------------------------------------------------

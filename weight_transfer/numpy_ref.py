@@ -12,6 +12,7 @@ test hypotheses.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,10 @@ class Knobs:
     cls_position: str = "row0"
     # "nhwc": images as given; "nchw_as_nhwc": NCHW bytes read as NHWC
     images: str = "nhwc"
+    # LayerScale gains applied this many times (0: missing, 2: applied twice)
+    layer_scale_power: int = 1
+    # the register tokens are left out of the sequence
+    drop_registers: bool = False
 
 
 def layernorm(x, scale, bias, eps):
@@ -69,6 +74,10 @@ class Reference:
 
     def __init__(self, p: dict, config, knobs: Knobs):
         self.p, self.c, self.knobs = p, config, knobs
+
+    def gain(self, name: str):
+        """A LayerScale gain (1 without LayerScale), to the power `knobs.layer_scale_power`."""
+        return self.p[name] ** self.knobs.layer_scale_power if self.c.layer_scale else 1.0
 
     def norm(self, name: str, x):
         if self.c.norm == "rmsnorm":
@@ -102,13 +111,16 @@ class Reference:
     def embed(self, x):
         """Patch tokens -> [cls, dist, registers, patches] with positions where configured."""
         c, p = self.c, self.p
-        b, _, d = x.shape
-        prefix = [np.broadcast_to(p[k], (b, *p[k].shape)) for k in ("cls_token", "dist_token",
-                                                                      "reg_tokens") if k in p]
+        b = x.shape[0]
+        names = ["cls_token", "dist_token"] + ([] if self.knobs.drop_registers else ["reg_tokens"])
+        prefix = [np.broadcast_to(p[k], (b, *p[k].shape)) for k in names if k in p]
         pos = p["pos_embed"]
         if c.class_token and self.knobs.cls_position == "none" and c.pos_embed_tokens != "none":
             pos = np.concatenate([np.zeros_like(pos[:1]), pos[1:]], axis=0)
         if c.pos_embed_tokens == "all":
+            if self.knobs.drop_registers and c.reg_tokens:  # their position rows go with them
+                first = int(c.class_token) + int(c.dist_token)
+                pos = np.concatenate([pos[:first], pos[first + c.reg_tokens:]], axis=0)
             return np.concatenate([*prefix, x], axis=1) + pos
         if c.pos_embed_tokens == "none":
             return np.concatenate([*prefix, x + pos], axis=1)
@@ -116,7 +128,7 @@ class Reference:
         return np.concatenate([y[:, :1], *prefix[1:], y[:, 1:]], axis=1)
 
     def pool(self, x, how: str):
-        patches = x[:, self.c.num_prefix_tokens:]
+        patches = x[:, self.c.num_prefix_tokens - self.knobs.drop_registers * self.c.reg_tokens:]
         if how == "cls":
             return x[:, 0]
         if how == "mean":
@@ -132,36 +144,48 @@ class Reference:
 
 def forward(p: dict, images: np.ndarray, config, knobs: Knobs = Knobs()) -> dict[str, np.ndarray]:
     """Named intermediates (float64) of a batch of `(B, H, W, C)` images."""
+    return dict(trace(p, images, config, knobs))
+
+
+def trace(p: dict, images: np.ndarray, config, knobs: Knobs = Knobs()
+          ) -> Iterator[tuple[str, np.ndarray]]:
+    """The same intermediates, one at a time in forward order: a caller that has seen enough
+    (the doctor, at the first divergence) stops the forward there."""
     c = config
     ref = Reference({k: np.asarray(v, np.float64) for k, v in p.items()}, c, knobs)
     x = read_images(np.asarray(images, np.float64), knobs.images)
     P, D = c.patch_size, c.d_model
     B, H, W, C = x.shape
-    seen = {}
     grid = x.reshape(B, H // P, P, W // P, P, C).transpose(0, 1, 3, 2, 4, 5)  # (B, Hp, Wp, P, P, C)
     patches = grid.reshape(B, -1, P * P * C)  # rows in (kh, kw, c) order, grid row-major
     x = patches @ ref.p["patch_embed.kernel"].reshape(P * P * C, D) + ref.p.get("patch_embed.bias", 0.0)
-    x = seen["patch_embed"] = ref.norm("patch_norm", x) if c.patch_norm else x
-    x = seen["tokens"] = ref.embed(x)
+    x = ref.norm("patch_norm", x) if c.patch_norm else x
+    yield "patch_embed", x
+    x = ref.embed(x)
+    yield "tokens", x
     if c.norm_pre:
-        x = seen["norm_pre"] = ref.norm("norm_pre", x)
+        x = ref.norm("norm_pre", x)
+        yield "norm_pre", x
     for i in range(c.num_layers):
         b = f"blocks.{i}"
-        gain = (lambda n: ref.p[f"{b}.{n}"]) if c.layer_scale else (lambda n: 1.0)  # noqa: E731
         h = ref.norm(f"{b}.ln1", x)
-        a = seen[f"{b}.attn"] = gain("ls1") * ref.attention(f"{b}.attn", h, h)
+        a = ref.gain(f"{b}.ls1") * ref.attention(f"{b}.attn", h, h)
+        yield f"{b}.attn", a
         x = x + a
-        m = seen[f"{b}.mlp"] = gain("ls2") * ref.mlp(b, ref.norm(f"{b}.ln2", x))
-        x = seen[b] = x + m
+        m = ref.gain(f"{b}.ls2") * ref.mlp(b, ref.norm(f"{b}.ln2", x))
+        yield f"{b}.mlp", m
+        x = x + m
+        yield b, x
     pool = knobs.pool or {"cls": "cls", "mean": "mean_patches"}.get(c.pool, c.pool)
     norm_name = "ln_f" if c.final_norm == "pre_pool" else "fc_norm"
     where = knobs.final_norm or {"pre_pool": "before", "post_pool": "after"}.get(c.final_norm)
     if where == "before":
-        x = seen["ln_f"] = ref.norm(norm_name, x)
+        x = ref.norm(norm_name, x)
+        yield "ln_f", x
     pooled = ref.pool(x, pool)
-    seen["pooled"] = pooled = ref.norm(norm_name, pooled) if where == "after" else pooled
+    pooled = ref.norm(norm_name, pooled) if where == "after" else pooled
+    yield "pooled", pooled
     logits = ref.linear("head", pooled) if c.num_classes else pooled
     if c.dist_token:
         logits = (logits + ref.linear("head_dist", x[:, 1])) / 2
-    seen["logits"] = logits
-    return seen
+    yield "logits", logits

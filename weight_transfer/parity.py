@@ -7,7 +7,6 @@ gradients of every parameter (`compare_grads`). Tolerances and error measures li
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass
 
 import jax
@@ -38,8 +37,16 @@ from weight_transfer.metrics import (
     magnitude,
     max_error,
 )
-from weight_transfer.runners import exact_matmuls, random_images, run_nnx, run_torch, x64_for
+from weight_transfer.runners import (
+    exact_matmuls,
+    random_images,
+    run_nnx,
+    run_torch,
+    x64_for,
+)
+from weight_transfer.torch_bridge import torch_astype
 from weight_transfer.weights import random_nnx, random_torch
+
 
 @dataclass
 class DirectionResult:
@@ -182,7 +189,8 @@ def compare_grads(nnx_model: jax_impl.ViT, torch_model: torch_impl.ViT, images: 
         with jax.enable_x64(True):
             j64, jx64 = nnx_grads(nnx_astype(nnx_model, np.float64), images.astype(np.float64),
                                   labels)
-        t64, tx64 = torch_grads(copy.deepcopy(torch_model).double(), images.astype(np.float64), labels)
+        t64, tx64 = torch_grads(torch_astype(torch_model, torch.float64),
+                                images.astype(np.float64), labels)
     t32, t64 = torch_to_nnx_flat(t32, config), torch_to_nnx_flat(t64, config)
     j32, j64, t32, t64 = ({**g, "images": x} for g, x in
                           ((j32, jx32), (j64, jx64), (t32, tx32), (t64, tx64)))

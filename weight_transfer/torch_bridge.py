@@ -47,3 +47,10 @@ def torch_from_state_dict(state_dict: Mapping[str, torch.Tensor], config: ViTCon
         model = torch_impl.ViT(config)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model
+
+
+def torch_astype(model: torch_impl.ViT, dtype: torch.dtype) -> torch_impl.ViT:
+    """A copy of `model` in `dtype`, built on the meta device and filled one cast tensor at a
+    time (no float32 copy of the whole model on the way, as `deepcopy(model).double()` makes)."""
+    return torch_from_state_dict({k: v.detach().to(dtype) for k, v in model.state_dict().items()},
+                                 model.config)

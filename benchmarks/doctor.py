@@ -1,0 +1,111 @@
+"""The doctor on a real-size model: time and peak memory of `vit-parity doctor` on ViT-B/16
+(random weights, one planted fault), against `vit-parity diff` on the same pair in the same
+run (the diff is the least any diagnosis must do: both models, float32 and float64).
+
+    python benchmarks/doctor.py                    # ViT-B/16, fault: LayerNorm eps 1e-5 vs 1e-6
+    python benchmarks/doctor.py --fault transposed --preset dinov2_b14 --json
+
+Each command runs as a user runs it (a new process), `--rounds` times, interleaved; medians.
+Targets (family issue): doctor at most 20 s and 2 GB on this 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from vit_config import PRESETS, ViTConfig
+
+CHILD = r"""
+import atexit, sys
+def report():
+    with open("/proc/self/status") as f:
+        hwm = next(line.split()[1] for line in f if line.startswith("VmHWM"))
+    print("PEAK_KIB", hwm, file=sys.stderr)
+atexit.register(report)
+from weight_transfer.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+FAULTS = {
+    "eps": "LayerNorm epsilon 1e-5 on the candidate, 1e-6 on the reference",
+    "transposed": "block 5's attention output kernel copied without its transpose",
+}
+
+
+def write_pair(preset: str, fault: str, folder: Path) -> tuple[Path, Path]:
+    import weight_transfer as wt
+    from weight_transfer.weights import random_nnx
+
+    config = ViTConfig.preset(preset)
+    model = random_nnx(config, seed=1)
+    ref = wt.save_checkpoint(model, folder / "ref.safetensors", layout="torch")
+    flat = wt.nnx_flat(model)
+    if fault == "eps":
+        candidate = wt.nnx_from_flat(flat, config.replace(ln_eps=1e-5))
+    else:
+        key = f"blocks.{min(5, config.num_layers - 1)}.attn.o.kernel"
+        candidate = wt.nnx_from_flat({**flat, key: flat[key].T.copy()}, config)
+    cand = wt.save_checkpoint(candidate, folder / "cand.safetensors", layout="nnx")
+    return ref, cand
+
+
+def run(command: str, ref: Path, cand: Path) -> tuple[float, int, dict]:
+    start = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", CHILD, command, str(ref), str(cand), "--json"],
+                       capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    peak = next(int(line.split()[1]) for line in p.stderr.splitlines()
+                if line.startswith("PEAK_KIB")) * 1024
+    if p.returncode not in (0, 1):
+        raise SystemExit(f"{command} failed ({p.returncode}):\n{p.stderr}")
+    return seconds, peak, json.loads(p.stdout)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="vit_b16", choices=sorted(PRESETS))
+    parser.add_argument("--fault", default="eps", choices=sorted(FAULTS))
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    runs: dict[str, list[tuple[float, int]]] = {"diff": [], "doctor": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        ref, cand = write_pair(args.preset, args.fault, Path(tmp))
+        for _ in range(args.rounds):
+            for command in ("diff", "doctor"):
+                seconds, peak, out = run(command, ref, cand)
+                runs[command].append((seconds, peak))
+                if command == "doctor":
+                    findings = out["findings"]
+    med = {k: (statistics.median(s for s, _ in v), max(p for _, p in v)) for k, v in runs.items()}
+    result = {"preset": args.preset, "fault": FAULTS[args.fault], "rounds": args.rounds,
+              "seconds": {k: [s for s, _ in v] for k, v in runs.items()},
+              "median_seconds": {k: m[0] for k, m in med.items()},
+              "peak_bytes": {k: m[1] for k, m in med.items()},
+              "doctor_over_diff": med["doctor"][0] / med["diff"][0],
+              "targets": {"doctor_seconds": 20, "doctor_bytes": 2e9}, "findings": findings}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"doctor benchmark: {args.preset} ({ViTConfig.preset(args.preset).num_params():,} "
+          f"parameters), fault: {FAULTS[args.fault]}, median of {args.rounds} interleaved rounds")
+    for k in ("diff", "doctor"):
+        each = " ".join(f"{s:.1f}" for s in result["seconds"][k])
+        print(f"  vit-parity {k:6s} {med[k][0]:6.1f} s (runs: {each})   peak RSS "
+              f"{med[k][1] / 1e9:.2f} GB")
+    print(f"  doctor / diff: {result['doctor_over_diff']:.2f}; targets: doctor <= 20 s and "
+          f"<= 2 GB")
+    for f in findings:
+        print(f"  found [{f['id']}] {f['detail']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
