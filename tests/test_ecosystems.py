@@ -146,6 +146,19 @@ def test_hf_folder_to_ours_matches_hf_forward(tmp_path, framework):
     assert_close(expected, got, "float32", f"HF folder -> {framework}")
 
 
+@pytest.mark.parametrize("act, ours", [("quick_gelu", "quick_gelu"), ("silu", "silu"),
+                                       ("gelu_pytorch_tanh", "gelu_tanh")])
+def test_hf_activations_are_read_not_replaced(tmp_path, act, ours):
+    hf = randomize(transformers.ViTForImageClassification(hf_config(hidden_act=act)), seed=4)
+    hf.save_pretrained(tmp_path / "hf")
+    model = wt.load_checkpoint(tmp_path / "hf", "torch")
+    assert model.config.activation == ours
+    images = random_images(model.config, 2)
+    with torch.no_grad():
+        expected = hf(pixel_values=nchw(images)).logits
+    assert_close(expected, run_torch(model, images), "float32", f"HF hidden_act={act}")
+
+
 def test_hf5_in_memory_names_are_read(tmp_path):
     hf = randomize(transformers.ViTForImageClassification(hf_config(layer_norm_eps=1e-6)), seed=3)
     path = tmp_path / "hf5.safetensors"

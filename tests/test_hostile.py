@@ -92,7 +92,7 @@ def work(tmp_path):
 # ---- silently wrong output ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("act", ["silu", "quick_gelu", None, 3, "gelu_10"])
+@pytest.mark.parametrize("act", ["gelu_10", None, 3, "swiglu"])
 def test_unknown_hf_activation_is_refused_not_read_as_gelu(work, model, act):
     folder = wt.save_checkpoint(model, work / "hf", layout="hf")
     cfg = json.loads((folder / "config.json").read_text())
@@ -226,6 +226,19 @@ def test_an_existing_plot_is_not_replaced_without_force(work, model):
 ])
 def test_train_parity_refuses_bad_sizes(work, args, fragment):
     assert_refused(cli(*args, cwd=work), fragment)
+
+
+@pytest.mark.parametrize("key, feature", [
+    ("blocks.0.attn.relative_position_bias_table", "relative position bias"),
+    ("blocks.0.attn.rope.freqs", "rotary position embeddings"),
+])
+def test_features_outside_this_vit_are_refused_by_name(work, model, key, feature):
+    from safetensors.numpy import load_file, save_file
+
+    path = wt.save_checkpoint(model, work / "m.safetensors", layout="timm")
+    tensors = load_file(str(path)) | {key: np.ones((3, 3), np.float32)}
+    save_file(tensors, str(work / "extra.safetensors"))
+    assert_refused(cli("inspect", work / "extra.safetensors", cwd=work), feature)
 
 
 def test_a_fifo_input_is_refused_without_blocking(work):

@@ -37,6 +37,22 @@ def files(tmp_path_factory):
             "timm": wt.save_checkpoint(model, d / "timm.safetensors", layout="timm")}
 
 
+# The family on the mesh: MAP, registers, LayerScale, SwiGLU, RMSNorm, q/k norms, no head.
+FAMILY = tiny(d_model=32, num_heads=4, d_ff=64, pool="map", class_token=False, reg_tokens=2,
+              layer_scale=True, mlp="swiglu", activation="silu", norm="rmsnorm", qk_norm=True,
+              num_classes=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["replicated", "fsdp"])
+def test_a_family_model_loads_onto_the_mesh(tmp_path, sharding):
+    path = wt.save_checkpoint(random_torch(FAMILY, seed=10), tmp_path / "f", layout="timm")
+    r = run_sharded(path, sharding)
+    assert r["max_abs"] <= 1e-5 * r["scale"] and r["devices"] == [8]
+    if sharding == "fsdp":
+        assert r["specs"]["blocks.0.ff1_g.kernel"] == ["None", "fsdp"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["nnx", "timm"])
 @pytest.mark.parametrize("sharding", ["replicated", "fsdp"])

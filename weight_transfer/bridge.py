@@ -156,8 +156,8 @@ def _nnx_state_from_flat(flat: Mapping[str, Any], config: ViTConfig, scan_layers
                                 for path, var in nnx.to_flat_state(abstract)])
 
 
-def _nnx_model_from_flat(flat: Mapping[str, Any], config: ViTConfig, scan_layers: bool = False,
-                         place=numpy_to_jax) -> jax_impl.ViT:
+def nnx_model_from_flat(flat: Mapping[str, Any], config: ViTConfig,
+                        scan_layers: bool = False, place=numpy_to_jax) -> jax_impl.ViT:
     """Merge already checked values into a model whose dtype is theirs (float32 if mixed)."""
     dtypes = {np.dtype(a.dtype) for a in flat.values()}
     dtype = jnp.dtype(dtypes.pop() if len(dtypes) == 1 else jnp.float32)
@@ -172,7 +172,7 @@ def nnx_from_flat(flat: Mapping[str, np.ndarray], config: ViTConfig, *,
     scan_layers = scan_layers and config.num_layers > 0
     shapes = nnx_shapes(config, scan_layers)
     checked = apply_table(flat, [rule(k, k) for k in shapes], shapes, what="NNX")
-    return _nnx_model_from_flat(checked, config, scan_layers)
+    return nnx_model_from_flat(checked, config, scan_layers)
 
 
 def nnx_astype(model: jax_impl.ViT, dtype) -> jax_impl.ViT:

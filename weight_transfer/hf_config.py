@@ -17,7 +17,8 @@ from weight_transfer.errors import CheckpointError, LayoutError
 
 # transformers' ACT2FN names -> ours; the first name of each of ours is what we write.
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-                  "gelu_fast": "gelu_tanh", "relu": "relu"}
+                  "gelu_fast": "gelu_tanh", "relu": "relu", "quick_gelu": "quick_gelu",
+                  "silu": "silu", "swish": "silu"}
 HF_ACTIVATION_NAMES = {ours: theirs for theirs, ours in reversed(HF_ACTIVATIONS.items())}
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from vit_config import ConfigError, ViTConfig
 from weight_transfer.checkpoint import Source
-from weight_transfer.errors import CheckpointError
+from weight_transfer.errors import CheckpointError, LayoutError
 from weight_transfer.layouts import Layout, detect_layout
 from weight_transfer.table import oriented
 
@@ -72,6 +72,7 @@ def infer_config(source: Source, layout: Layout | None = None,
     if unknown:
         raise ConfigError(unknown[0], overrides[unknown[0]],
                           f"unknown field; known: {sorted(ViTConfig.__dataclass_fields__)}")
+    refuse_unsupported(source)
     layout = layout or detect_layout(source.meta)
     dropped: list[str] = []
     if layout.normalise is not None:
@@ -89,6 +90,26 @@ def infer_config(source: Source, layout: Layout | None = None,
     assumed = {f: why for f, why in assumed.items() if f not in overrides}
     check_claims(config, source, layout)
     return Inferred(config, layout, found, assumed, dropped, source)
+
+
+# Architectures outside this ViT, recognised by their parameters and refused by name.
+UNSUPPORTED = {
+    r"relative_position_bias_table|rel_pos_|relative_position_index": "relative position bias "
+    "(BEiT)",
+    r"rope|freqs_cis|rotary": "rotary position embeddings (RoPE: EVA-02, DINOv3)",
+    r"lambda_init|lambda_q|\.diff_": "differential attention",
+    r"\.attn_out_proj\.|\.in_proj\.|\.mlp_out_proj\.": "parallel blocks (ViT-22B style)",
+    r"\.norm1_post\.|\.post_norm\.|\.post_attention_layernorm\.": "residual post-norm "
+    "(SwinV2 style)",
+}
+
+
+def refuse_unsupported(source: Source) -> None:
+    for pattern, feature in UNSUPPORTED.items():
+        key = next((k for k in source.meta if re.search(pattern, k)), None)
+        if key is not None:
+            raise LayoutError(f"{source.path}: {key!r} belongs to {feature}, which this ViT does "
+                              f"not implement; refusing rather than dropping it")
 
 
 def manifest_config(source: Source) -> ViTConfig:

@@ -50,7 +50,7 @@ def load_sharded(prepared, mesh, sharding: str):
     import jax
     from jax.sharding import NamedSharding
 
-    from weight_transfer.bridge import _nnx_model_from_flat
+    from weight_transfer.bridge import nnx_model_from_flat
 
     if sharding not in SHARDINGS:
         raise ArgumentError(f"sharding {sharding!r}: expected one of {SHARDINGS}")
@@ -70,4 +70,4 @@ def load_sharded(prepared, mesh, sharding: str):
     else:  # convert tensor by tensor; each tensor is on the host once, not once per device
         for key, array in p.plan.run(p.source.items(p.plan.inputs)):
             place(key, array.shape, lambda index, array=array: array[index])
-    return _nnx_model_from_flat(arrays, p.config, place=lambda array: array)  # already placed
+    return nnx_model_from_flat(arrays, p.config, place=lambda array: array)  # already placed
