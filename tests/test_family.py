@@ -204,7 +204,11 @@ def small(preset: str) -> ViTConfig:
     return dataclasses.replace(c, num_layers=2, image_size=4 * c.patch_size)
 
 
-@pytest.mark.parametrize("preset", FAMILY_PRESETS)
+HEAVY = ("dinov2_g14", "siglip_so400m14", "aimv2_l14", "dinov2_l14")  # 2-4 s each (--durations)
+
+
+@pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.slow) if p in HEAVY else p
+                                    for p in FAMILY_PRESETS])
 def test_preset_exports_to_timm_strict_and_matches(tmp_path, preset):
     config = small(preset)
     ours = random_nnx(config, seed=11)

@@ -55,6 +55,7 @@ def test_gradient_parity(config, direction, dtype):
     assert err <= GRAD_TOL[dtype], f"d loss / d images: relative error {err:.3e}"
 
 
+@pytest.mark.slow  # measured 4-9 s (pytest --durations)
 def test_compare_grads_floor_rule_passes_a_port_and_catches_a_fault():
     from weight_transfer import nnx_flat, nnx_from_flat
     from weight_transfer.parity import compare_grads

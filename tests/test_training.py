@@ -21,6 +21,7 @@ def test_training_stays_together(optimizer, lr):
         assert report.accuracy["jax"] > 0.6
 
 
+@pytest.mark.slow  # measured 4-9 s (pytest --durations)
 def test_a_different_optimizer_on_one_side_is_caught(monkeypatch):
     """The bounds are not vacuous: torch with twice the learning rate fails them."""
     import weight_transfer.training as training

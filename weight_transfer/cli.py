@@ -73,16 +73,21 @@ def _print_json(data) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    _check_batch(args.batch)  # before the frameworks are imported
+    if args.checkpoint is None:
+        config = ViTConfig.preset(args.preset)
+        if args.layers is not None:
+            config = config.replace(num_layers=args.layers)
+        _check_batch(args.batch, config)
     from weight_transfer import parity
 
-    _check_batch(args.batch)
     loaded = None  # the checkpoint in both frameworks, reused by --grads
     if args.checkpoint:
         from weight_transfer.porting import checkpoint_dtypes, load_checkpoint
         from weight_transfer.runners import x64_for
 
         kw = dict(layout=args.layout, allow_pickle=args.allow_pickle,
-                  overrides=_overrides(args.set))
+                  overrides=_overrides(args.set), arch=args.arch)
         stored = checkpoint_dtypes(args.checkpoint, allow_pickle=args.allow_pickle)
         # float64 weights are checked in float64 (x64 on, for this command only); anything
         # else (float16, bfloat16, mixed) in float32, which holds them exactly.
@@ -98,10 +103,6 @@ def cmd_check(args: argparse.Namespace) -> int:
         config = loaded[0].config
         what = f"checkpoint {args.checkpoint}"
     else:
-        config = ViTConfig.preset(args.preset)
-        if args.layers is not None:
-            config = config.replace(num_layers=args.layers)
-        _check_batch(args.batch, config)
         results = parity.check(config, args.dtype, seed=args.seed, batch=args.batch)
         what = f"preset {args.preset}, random weights"
     rows = [r.as_dict() for r in results]
@@ -166,7 +167,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from weight_transfer.porting import convert
 
     report = convert(args.src, args.dst, to=args.to, from_=args.layout,
-                     overrides=_overrides(args.set),
+                     overrides=_overrides(args.set), arch=args.arch,
                      image_size=_image_size(args.image_size), dtype=args.dtype,
                      max_shard_size=args.max_shard_size, force=args.force,
                      allow_pickle=args.allow_pickle, allow_nonfinite=args.allow_nonfinite,
@@ -209,7 +210,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from weight_transfer.porting import inspect_checkpoint
 
     info = inspect_checkpoint(args.checkpoint, layout=args.layout, allow_pickle=args.allow_pickle,
-                              overrides=_overrides(args.set))
+                              overrides=_overrides(args.set), arch=args.arch)
     if args.json:
         _print_json(info)
         return 0
@@ -228,7 +229,8 @@ def _load_pair(args: argparse.Namespace):
     from weight_transfer.runners import random_images
     from weight_transfer.porting import load_checkpoint
 
-    kw = dict(layout=args.layout, allow_pickle=args.allow_pickle, overrides=_overrides(args.set))
+    kw = dict(layout=args.layout, allow_pickle=args.allow_pickle,
+              overrides=_overrides(args.set), arch=args.arch)
     _check_batch(args.batch)
     ref = load_checkpoint(args.reference, args.ref_framework, **kw)
     cand = load_checkpoint(args.candidate, args.cand_framework, **kw)
@@ -242,9 +244,9 @@ def _load_pair(args: argparse.Namespace):
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
+    _check_plot_target(args)  # before the frameworks are imported
     from weight_transfer.parity import compare
 
-    _check_plot_target(args)
     ref, cand, images = _load_pair(args)
     report = compare(ref, cand, images)
     if args.plot:
@@ -336,14 +338,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_train_parity(args: argparse.Namespace) -> int:
+    _check_plot_target(args)
+    for name in ("steps", "batch"):  # refused before importing the frameworks
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} {getattr(args, name)}: expected a positive number")
     try:
         from weight_transfer.training import Hyper, plot_losses, train_parity
     except ImportError as e:
         raise UsageError(str(e)) from None
-    _check_plot_target(args)
-    for name in ("steps", "batch"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} {getattr(args, name)}: expected a positive number")
     lr = args.lr if args.lr is not None else (3e-3 if args.optimizer == "adamw" else 0.1)
     try:
         report = train_parity(Hyper(optimizer=args.optimizer, lr=lr, steps=args.steps,
@@ -389,6 +391,10 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
                    help="layout of the input (detected from the key names by default)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read .bin/.pth files (torch.load with weights_only=True)")
+    p.add_argument("--arch", metavar="NAME", default=None,
+                   help="the timm architecture the weights belong to (e.g. "
+                   "vit_base_patch16_siglip_224): heads, epsilon, activation, tokens, pooling "
+                   "and norms from timm's registry (needs timm)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="state a config field the file cannot say, e.g. --set num_heads=16 "
                    "--set ln_eps=1e-5 --set image_size=384x256 (repeatable)")

@@ -41,9 +41,10 @@ def json_field(cfg: Mapping[str, Any], key: str, kinds: type | tuple[type, ...],
     return value
 
 
-def hf_config_fields(hf: Mapping[str, Any], where: Path) -> dict[str, Any]:
+def hf_config_fields(hf: Mapping[str, Any], where: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """The fields a Hugging Face ViT `config.json` states, checked: an activation or size this
-    ViT cannot run is refused by name, never replaced by a default."""
+    ViT cannot run is refused by name, never replaced by a default. Returns (fields, what was
+    assumed): HF states everything this reads, so nothing is assumed."""
     act = json_field(hf, "hidden_act", str, where, "gelu")
     if act not in HF_ACTIVATIONS:
         raise CheckpointError(f"{where}: config.json hidden_act {act!r} is not supported (known: "
@@ -52,7 +53,7 @@ def hf_config_fields(hf: Mapping[str, Any], where: Path) -> dict[str, Any]:
     size = json_field(hf, "image_size", (int, list), where, 224)
     return dict(num_heads=json_field(hf, "num_attention_heads", int, where),
                 ln_eps=json_field(hf, "layer_norm_eps", (float, int), where, 1e-12),
-                activation=HF_ACTIVATIONS[act], image_size=size)
+                activation=HF_ACTIVATIONS[act], image_size=size), {}
 
 
 def normalise_hf(source: Source) -> tuple[Source, list[str]]:

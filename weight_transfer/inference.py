@@ -61,12 +61,13 @@ class Probe:
 
 BLOCK_INDEX = re.compile(r"(?:^|[./])(?:blocks\.|layer\.|layers\.|encoderblock_)(\d+)[./]")
 def infer_config(source: Source, layout: Layout | None = None,
-                 given: ViTConfig | None = None, overrides: Mapping[str, Any] | None = None
-                 ) -> Inferred:
+                 given: ViTConfig | None = None, overrides: Mapping[str, Any] | None = None,
+                 arch: str | None = None) -> Inferred:
     """The layout (detected unless given) and the `ViTConfig` (`given`, or from our manifest,
     a config.json the layout reads, and tensor shapes, with `overrides` stated by the user on
-    top); says which fields were found and which were assumed. `source` is left as it is:
-    `Inferred.source` is what to read from."""
+    top); `arch` names a timm architecture whose registry entry gives the config (resolved by
+    `timm_arch`). Says which fields were found and which were assumed. `source` is left as it
+    is: `Inferred.source` is what to read from."""
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(ViTConfig.__dataclass_fields__))
     if unknown:
@@ -77,11 +78,17 @@ def infer_config(source: Source, layout: Layout | None = None,
     dropped: list[str] = []
     if layout.normalise is not None:
         source, dropped = layout.normalise(source)
+    if given is None and arch is not None:
+        from weight_transfer.timm_arch import config_from_timm
+
+        given, origin = config_from_timm(arch), f"timm architecture {arch}"
+    else:
+        origin = "given"
     if given is not None or "vit_parity" in source.metadata:
         config = given if given is not None else manifest_config(source)
         # the tokens stay what the file holds, whatever pooling is stated
         config = dataclasses.replace(config, **overrides)
-        found = {f: "given" if given is not None else "vit-parity metadata"
+        found = {f: origin if given is not None else "vit-parity metadata"
                  for f in config.to_dict()}
         assumed = {}
     else:
@@ -186,9 +193,10 @@ def _from_shapes(source: Source, layout: Layout, stated: Mapping[str, Any]
         sizes["norm"] = "rmsnorm"
         assumed["norm"] = "rmsnorm (the norms have no bias; a bias-free LayerNorm would differ)"
     if layout.read_config_json is not None and source.hf_config is not None:
-        from_json = layout.read_config_json(source.hf_config, source.path)
+        from_json, json_assumed = layout.read_config_json(source.hf_config, source.path)
         sizes.update(from_json)
         found.update({f: "config.json" for f in from_json})
+        assumed.update(json_assumed)
     sizes.update(stated)  # the user's word beats anything inferred below
     prefix = int(sizes["class_token"]) + int(sizes["dist_token"]) + sizes["reg_tokens"]
     _positions(source, layout, sizes, pos[-2], prefix, found, assumed)

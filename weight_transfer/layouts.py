@@ -29,6 +29,7 @@ from vit_config import ViTConfig
 from weight_transfer.checkpoint import Source
 from weight_transfer.errors import LayoutError
 from weight_transfer.hf_config import hf_config_fields, hf_config_json, normalise_hf
+from weight_transfer.timm_arch import timm_config_json
 from weight_transfer.table import Rule, base_shapes, rule
 from weight_transfer.transforms import (
     BATCH_AXIS,
@@ -223,7 +224,8 @@ class Layout:
     prefix_positions: bool = True  # the position table has rows for the prefix tokens too
     pool: str | None = None  # the pooling the layout's architecture always uses, if it does
     # A config.json beside the weights: its fields (`hf_config_fields`) and the one we write.
-    read_config_json: Callable[[Mapping[str, Any], Path], dict[str, Any]] | None = None
+    read_config_json: Callable[[Mapping[str, Any], Path],
+                               tuple[dict[str, Any], dict[str, str]]] | None = None
     write_config_json: Callable[[ViTConfig], dict[str, Any]] | None = None
     # Key names brought to the table's (ViTModel -> ViTForImageClassification): the new
     # source and what was dropped.
@@ -243,7 +245,7 @@ LAYOUTS: dict[str, Layout] = {l.name: l for l in (
            "torch_impl.ViT state dict", assumes=dict(activation=_GELU, ln_eps=_EPS6)),
     Layout("timm", "torch", timm_table,
            r"^blocks\.\d+\.attn\.qkv\.weight$|^patch_embed\.proj\.weight$",
-           "timm VisionTransformer state dict",
+           "timm VisionTransformer state dict (or Hub folder)", read_config_json=timm_config_json,
            assumes=dict(activation=_GELU, ln_eps=_EPS6)),
     Layout("hf", "torch", hf_table,
            r"^(vit\.)?encoder\.layer\.\d+\.|^(vit\.)?embeddings\.patch_embeddings",

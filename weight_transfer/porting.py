@@ -93,14 +93,14 @@ def count_nonfinite(a: np.ndarray) -> int:
 
 def prepare(src: str | os.PathLike, to: Layout, *, layout: str | None = None,
             image_size=None, dtype: str | None = None, config: ViTConfig | None = None,
-            overrides: dict[str, Any] | None = None, allow_pickle: bool = False,
-            allow_nonfinite: bool = False, interpolation: str = "bicubic",
-            antialias: bool = False) -> Prepared:
+            overrides: dict[str, Any] | None = None, arch: str | None = None,
+            allow_pickle: bool = False, allow_nonfinite: bool = False,
+            interpolation: str = "bicubic", antialias: bool = False) -> Prepared:
     """Read `src`, infer its layout and config, and check the whole conversion to `to`."""
     if interpolation not in INTERPOLATIONS:
         raise CheckpointError(f"interpolation {interpolation!r}: expected one of {INTERPOLATIONS}")
     inferred = infer_config(read_checkpoint(src, allow_pickle=allow_pickle),
-                            get_layout(layout) if layout else None, config, overrides)
+                            get_layout(layout) if layout else None, config, overrides, arch)
     source, config = inferred.source, inferred.config
     warn_assumptions(inferred)
     out = config.replace(image_size=image_size) if image_size is not None else config
@@ -128,9 +128,10 @@ def warn_assumptions(inferred: Inferred) -> None:
 
 def load_checkpoint(path: str | os.PathLike, framework: str = "jax", *, layout: str | None = None,
                     image_size=None, dtype: str | None = None, config: ViTConfig | None = None,
-                    overrides: dict[str, Any] | None = None, allow_pickle: bool = False,
-                    allow_nonfinite: bool = False, interpolation: str = "bicubic",
-                    antialias: bool = False, mesh=None, sharding: str = "replicated"):
+                    overrides: dict[str, Any] | None = None, arch: str | None = None,
+                    allow_pickle: bool = False, allow_nonfinite: bool = False,
+                    interpolation: str = "bicubic", antialias: bool = False, mesh=None,
+                    sharding: str = "replicated"):
     """A ready `jax_impl.ViT` (framework="jax") or `torch_impl.ViT` (framework="torch").
 
     `path`: a safetensors file, a sharded `*.safetensors.index.json`, a Hugging Face folder
@@ -138,7 +139,8 @@ def load_checkpoint(path: str | os.PathLike, framework: str = "jax", *, layout: 
     `layout` is detected from the key names unless given; `config` replaces the inferred config,
     `overrides` ({field: value}) corrects fields of it (what a bare state dict cannot say:
     heads, epsilon, activation, a non-square image size); what had to be assumed is announced
-    with an `AssumedConfigWarning`;
+    with an `AssumedConfigWarning`; `arch` names a timm architecture (resolved through timm's
+    registry: heads, epsilon, activation, tokens, pooling, norms) for a bare state dict;
     `image_size` resamples the position embeddings (timm's `resample_abs_pos_embed` rules).
     With `mesh` (a `jax.sharding.Mesh`), the JAX model's parameters are placed on it,
     `sharding="replicated"` or `"fsdp"` (see `weight_transfer.sharding`).
@@ -149,7 +151,8 @@ def load_checkpoint(path: str | os.PathLike, framework: str = "jax", *, layout: 
         raise ArgumentError("mesh= places a JAX model's parameters; framework must be 'jax'")
     to = LAYOUTS["nnx" if framework == "jax" else "torch"]
     p = prepare(path, to, layout=layout, image_size=image_size, dtype=dtype, config=config,
-                overrides=overrides, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+                overrides=overrides, arch=arch, allow_pickle=allow_pickle,
+                allow_nonfinite=allow_nonfinite,
                 interpolation=interpolation, antialias=antialias)
     if mesh is not None:
         from weight_transfer.sharding import load_sharded
@@ -218,14 +221,15 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
             max_shard_size: int | str | None = None, force: bool = False,
             allow_pickle: bool = False, allow_nonfinite: bool = False,
             config: ViTConfig | None = None, overrides: dict[str, Any] | None = None,
-            interpolation: str = "bicubic", antialias: bool = False,
+            arch: str | None = None, interpolation: str = "bicubic", antialias: bool = False,
             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Convert a checkpoint file to another layout, one tensor at a time; returns a report.
     `progress(done, total)` is called after each tensor (the CLI draws a bar with it)."""
     dst_layout = get_layout(to)
     out = _target(dst, dst_layout, max_shard_size)
     p = prepare(src, dst_layout, layout=from_, image_size=image_size, dtype=dtype, config=config,
-                overrides=overrides, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+                overrides=overrides, arch=arch, allow_pickle=allow_pickle,
+                allow_nonfinite=allow_nonfinite,
                 interpolation=interpolation, antialias=antialias)
     inputs = [p.source.path, *p.source.files, *([p.source.folder] if p.source.folder else [])]
     protected = set().union(*(file_ids(f) for f in inputs))  # every input file, under any name
@@ -266,11 +270,12 @@ def checkpoint_dtypes(path: str | os.PathLike, *, allow_pickle: bool = False) ->
 
 
 def inspect_checkpoint(path: str | os.PathLike, *, layout: str | None = None,
-                       overrides: dict[str, Any] | None = None,
+                       overrides: dict[str, Any] | None = None, arch: str | None = None,
                        allow_pickle: bool = False) -> dict[str, Any]:
     """Layout, inferred config, parameter count, dtypes, sizes and NaN/Inf counts of a file."""
     inferred = infer_config(read_checkpoint(path, allow_pickle=allow_pickle),
-                            get_layout(layout) if layout else None, overrides=overrides)
+                            get_layout(layout) if layout else None, overrides=overrides,
+                            arch=arch)
     source = inferred.source
     # Every key and shape checked against the config before any tensor is read.
     plan_conversion(source.meta, inferred.layout, LAYOUTS[inferred.layout.base], inferred.config,
