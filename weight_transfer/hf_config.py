@@ -97,3 +97,84 @@ def hf_config_json(config: ViTConfig) -> dict[str, Any]:
             "id2label": {str(i): f"LABEL_{i}" for i in range(config.num_classes)},
             "label2id": {f"LABEL_{i}": i for i in range(config.num_classes)},
             "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+# ---- the family's Hugging Face model types ---------------------------------------------------
+
+
+def vision_config(hf: Mapping[str, Any], where: Path) -> Mapping[str, Any]:
+    """The vision tower's config: nested in whole CLIP/SigLIP repos, the config itself
+    otherwise."""
+    nested = hf.get("vision_config")
+    if nested is None:
+        return hf
+    if not isinstance(nested, dict):
+        raise CheckpointError(f"{where}: config.json vision_config is {nested!r}; expected an "
+                              f"object")
+    return nested
+
+
+def _act(cfg: Mapping[str, Any], where: Path, default: str) -> str:
+    act = json_field(cfg, "hidden_act", str, where, default)
+    if act not in HF_ACTIVATIONS:
+        raise CheckpointError(f"{where}: config.json hidden_act {act!r} is not supported (known: "
+                              f"{', '.join(sorted(HF_ACTIVATIONS))}); refusing rather than "
+                              f"running a different activation")
+    return HF_ACTIVATIONS[act]
+
+
+def _common(cfg: Mapping[str, Any], where: Path, act: str, eps: float,
+            size: int) -> dict[str, Any]:
+    return dict(num_heads=json_field(cfg, "num_attention_heads", int, where),
+                ln_eps=json_field(cfg, "layer_norm_eps", (float, int), where, eps),
+                activation=_act(cfg, where, act),
+                image_size=json_field(cfg, "image_size", (int, list), where, size))
+
+
+def dinov2_config_fields(hf: Mapping[str, Any], where: Path):
+    """HF `dinov2` / `dinov2_with_registers`: eps 1e-6, exact GELU (SiLU gates a SwiGLU)."""
+    fields = _common(hf, where, "gelu", 1e-6, 518)
+    if json_field(hf, "use_swiglu_ffn", bool, where, False):
+        fields["activation"] = "silu"
+    return fields, {}
+
+
+def siglip_config_fields(hf: Mapping[str, Any], where: Path):
+    """HF `siglip` / `siglip_vision_model`: tanh GELU, eps 1e-6, the MAP head's output."""
+    cfg = vision_config(hf, where)
+    return _common(cfg, where, "gelu_pytorch_tanh", 1e-6, 224), {}
+
+
+def clip_config_fields(hf: Mapping[str, Any], where: Path):
+    """HF `clip` / `clip_vision_model`: QuickGELU and eps 1e-5 by default."""
+    cfg = vision_config(hf, where)
+    return _common(cfg, where, "quick_gelu", 1e-5, 224), {}
+
+
+def deit_config_fields(hf: Mapping[str, Any], where: Path):
+    """HF `deit` (with teacher): as ViT, eps 1e-12."""
+    return _common(hf, where, "gelu", 1e-12, 224), {}
+
+
+def renaming(strip: tuple[str, ...] = (), drop: tuple[tuple[str, str], ...] = ()):
+    """A normaliser: key prefixes stripped, and keys dropped with the reason reported (a text
+    tower, an unused mask token), so one table reads every published variant."""
+
+    def normalise(source: Source) -> tuple[Source, list[str]]:
+        renamed, dropped, reasons = {}, [], {}
+        for key in source.meta:
+            reason = next((why for prefix, why in drop if key.startswith(prefix)), None)
+            if reason is not None:
+                reasons.setdefault(reason, 0)
+                reasons[reason] += 1
+                continue
+            new = next((key[len(p):] for p in strip if key.startswith(p)), key)
+            renamed[new] = key
+        if renamed == {k: k for k in source.meta}:
+            return source, []
+        dropped = [f"{n} tensor(s): {why}" for why, n in reasons.items()]
+        load = source.load
+        return dataclasses.replace(source, meta={n: source.meta[o] for n, o in renamed.items()},
+                                   reader=None, load=lambda k: load(renamed[k])), dropped
+
+    return normalise

@@ -179,10 +179,10 @@ def _from_shapes(source: Source, layout: Layout, stated: Mapping[str, Any]
         sizes["pool"], found["pool"] = "cls_mean", "the head reads 2 x d_model features"
     elif not sizes["class_token"]:
         sizes["pool"], found["pool"] = "mean", "no class token"
-    elif sizes["final_norm"] == "post_pool":
-        sizes["pool"], found["pool"] = "mean", "fc_norm (timm's global_pool='avg')"
     elif layout.pool is not None:
         sizes["pool"], found["pool"] = layout.pool, f"the {layout.name} layout"
+    elif sizes["final_norm"] == "post_pool":
+        sizes["pool"], found["pool"] = "mean", "fc_norm (timm's global_pool='avg')"
     else:
         sizes["pool"] = "cls"
         assumed["pool"] = ("cls (a class token is present; the weights cannot say it is pooled: "
@@ -231,11 +231,13 @@ def _mlp_fields(probe: Probe, d: int, layers: int) -> dict[str, Any]:
     kernel_axis = 0 if probe.layout.base == "torch" else 1  # output features of ff1
     if probe.has("blocks.0.ff1_g.kernel"):
         f = probe.shape("blocks.0.ff1_g.kernel")[kernel_axis]
-        return dict(mlp="swiglu", d_ff=f, mlp_bias=probe.has("blocks.0.ff2.bias"))
+        packed = probe.key("blocks.0.ff1_g.kernel") == probe.key("blocks.0.ff1_x.kernel")
+        return dict(mlp="swiglu_packed" if packed else "swiglu", d_ff=f // 2 if packed else f,
+                    mlp_bias=probe.has("blocks.0.ff1_g.bias"))
     fc1 = probe.shape("blocks.0.ff1.kernel")[kernel_axis]
     fc2_in = probe.shape("blocks.0.ff2.kernel")[1 - kernel_axis]
     mlp = "swiglu_packed" if fc1 == 2 * fc2_in else "mlp"
-    return dict(mlp=mlp, d_ff=fc2_in, mlp_bias=probe.has("blocks.0.ff2.bias"))
+    return dict(mlp=mlp, d_ff=fc2_in, mlp_bias=probe.has("blocks.0.ff1.bias"))
 
 
 def _positions(source: Source, layout: Layout, sizes: dict, rows: int, prefix: int,

@@ -28,7 +28,16 @@ import numpy as np
 from vit_config import ViTConfig
 from weight_transfer.checkpoint import Source
 from weight_transfer.errors import LayoutError
-from weight_transfer.hf_config import hf_config_fields, hf_config_json, normalise_hf
+from weight_transfer.hf_config import (
+    clip_config_fields,
+    deit_config_fields,
+    dinov2_config_fields,
+    hf_config_fields,
+    hf_config_json,
+    normalise_hf,
+    renaming,
+    siglip_config_fields,
+)
 from weight_transfer.timm_arch import timm_config_json
 from weight_transfer.table import Rule, base_shapes, rule
 from weight_transfer.transforms import (
@@ -47,10 +56,14 @@ def renamed(ours: str, theirs: str, leaves: Iterable[str] = ("weight", "bias")) 
     return tuple(rule(f"{ours}.{leaf}", f"{theirs}.{leaf}") for leaf in leaves)
 
 
-def fused(ours: Iterable[str], theirs: str, transform: Transform) -> tuple[Rule, ...]:
-    """Linears stacked by rows into one (timm's qkv, kv, packed SwiGLU fc1), weight and bias."""
-    return tuple(rule(tuple(f"{o}.{leaf}" for o in ours), f"{theirs}.{leaf}", transform)
-                 for leaf in ("weight", "bias"))
+def fused(ours: Iterable[str], theirs: str, transform: Transform,
+          leaves: tuple[str, ...] = ("weight", "bias"),
+          suffix: tuple[str, ...] = (".weight", ".bias")) -> tuple[Rule, ...]:
+    """Linears stacked by rows into one (timm's qkv, kv, packed SwiGLU fc1; torch
+    MultiheadAttention's `in_proj_weight`), weight and bias."""
+    ours = tuple(ours)
+    return tuple(rule(tuple(f"{o}.{leaf}" for o in ours), f"{theirs}{end}", transform)
+                 for leaf, end in zip(leaves, suffix, strict=True))
 
 
 def timm_mlp(ours: str, theirs: str, mlp: str) -> tuple[Rule, ...]:
@@ -114,6 +127,84 @@ def hf_table(config: ViTConfig, prefix: str = "vit.") -> tuple[Rule, ...]:
         *renamed("blocks.{}.ff2", f"{block}.output.dense"),
         *renamed("ln_f", f"{prefix}layernorm"),
         *renamed("head", "classifier"),
+    )
+
+
+def deit_table(config: ViTConfig) -> tuple[Rule, ...]:
+    """HF DeiTForImageClassificationWithTeacher: ViT's names under `deit.`, two classifiers."""
+    vit = tuple(r for r in hf_table(config, "deit.") if not r.right[0].startswith("classifier"))
+    return (*vit, rule("dist_token", "deit.embeddings.distillation_token", BATCH_AXIS),
+            *renamed("head", "cls_classifier"), *renamed("head_dist", "distillation_classifier"))
+
+
+def dinov2_table(config: ViTConfig) -> tuple[Rule, ...]:
+    """HF Dinov2 / Dinov2WithRegisters (names as published; `dinov2.` stripped by the
+    normaliser): LayerScale `lambda1`, packed SwiGLU `weights_in`, registers joining after the
+    class token's position is added."""
+    b = "encoder.layer.{}"
+    return (
+        *renamed("patch_embed", "embeddings.patch_embeddings.projection"),
+        rule("cls_token", "embeddings.cls_token", BATCH_AXIS),
+        rule("reg_tokens", "embeddings.register_tokens", BATCH_AXIS),
+        rule("pos_embed", "embeddings.position_embeddings", BATCH_AXIS),
+        *renamed("blocks.{}.ln1", f"{b}.norm1"),
+        *renamed("blocks.{}.attn.q", f"{b}.attention.attention.query"),
+        *renamed("blocks.{}.attn.k", f"{b}.attention.attention.key"),
+        *renamed("blocks.{}.attn.v", f"{b}.attention.attention.value"),
+        *renamed("blocks.{}.attn.o", f"{b}.attention.output.dense"),
+        rule("blocks.{}.ls1", f"{b}.layer_scale1.lambda1"),
+        *renamed("blocks.{}.ln2", f"{b}.norm2"),
+        *((*renamed("blocks.{}.ff1", f"{b}.mlp.fc1"), *renamed("blocks.{}.ff2", f"{b}.mlp.fc2"))
+          if config.mlp == "mlp" else  # SwiGLU, packed gate first
+          (*fused(("blocks.{}.ff1_g", "blocks.{}.ff1_x"), f"{b}.mlp.weights_in", FUSE_2),
+           *renamed("blocks.{}.ff2", f"{b}.mlp.weights_out"))),
+        rule("blocks.{}.ls2", f"{b}.layer_scale2.lambda1"),
+        *renamed("ln_f", "layernorm"),
+        *renamed("head", "classifier"),
+    )
+
+
+def clip_table(config: ViTConfig) -> tuple[Rule, ...]:
+    """HF CLIP vision tower (`vision_model.` stripped by the normaliser): `class_embedding`
+    (D,), `pre_layrnorm` (sic), `post_layernorm` on the pooled token only (our fc_norm), a
+    bias-free `visual_projection`."""
+    return (
+        rule("cls_token", "embeddings.class_embedding", BATCH_AXIS.reversed()),  # (1, D) <-> (D,)
+        *renamed("norm_pre", "pre_layrnorm"),
+        *hf_encoder_table(),
+        *renamed("fc_norm", "post_layernorm"),
+        *renamed("head", "visual_projection"),
+    )
+
+
+def siglip_table(config: ViTConfig) -> tuple[Rule, ...]:
+    """HF SigLIP vision tower (`vision_model.` stripped): `post_layernorm` on every token, then
+    the MAP `head` with a fused [q; k; v] `in_proj` as torch's MultiheadAttention stores it."""
+    return (
+        *hf_encoder_table(),
+        *renamed("ln_f", "post_layernorm"),
+        rule("map.probe", "head.probe", BATCH_AXIS),
+        *fused(("map.attn.q", "map.attn.k", "map.attn.v"), "head.attention.in_proj", FUSE_QKV,
+               leaves=("weight", "bias"), suffix=("_weight", "_bias")),
+        *renamed("map.attn.o", "head.attention.out_proj"),
+        *renamed("map.norm", "head.layernorm"),
+        *renamed("map.ff1", "head.mlp.fc1"),
+        *renamed("map.ff2", "head.mlp.fc2"),
+    )
+
+
+def hf_encoder_table() -> tuple[Rule, ...]:
+    """The embeddings and blocks CLIP and SigLIP share in transformers."""
+    b = "encoder.layers.{}"
+    return (
+        *renamed("patch_embed", "embeddings.patch_embedding"),
+        rule("pos_embed", "embeddings.position_embedding.weight"),
+        *renamed("blocks.{}.ln1", f"{b}.layer_norm1"),
+        *(r for n, theirs in zip("qkvo", ("q_proj", "k_proj", "v_proj", "out_proj"), strict=True)
+          for r in renamed(f"blocks.{{}}.attn.{n}", f"{b}.self_attn.{theirs}")),
+        *renamed("blocks.{}.ln2", f"{b}.layer_norm2"),
+        *renamed("blocks.{}.ff1", f"{b}.mlp.fc1"),
+        *renamed("blocks.{}.ff2", f"{b}.mlp.fc2"),
     )
 
 
@@ -253,6 +344,33 @@ LAYOUTS: dict[str, Layout] = {l.name: l for l in (
     Layout("hf5", "torch", hf5_table, r"^(vit\.)?layers\.\d+\.attention\.q_proj",
            "Hugging Face transformers 5 ViT (in-memory names)", writable=False, priority=1,
            **_HF),
+    Layout("hf_deit", "torch", deit_table, r"^deit\.embeddings\.distillation_token$",
+           "Hugging Face DeiTForImageClassificationWithTeacher", container="folder",
+           writable=False, priority=2, read_config_json=deit_config_fields, pool="cls"),
+    Layout("hf_dinov2", "torch", dinov2_table,
+           r"(^|\.)embeddings\.mask_token$|(^|\.)layer_scale1\.lambda1$",
+           "Hugging Face Dinov2 / Dinov2WithRegisters (model, or image classification)",
+           container="folder", writable=False, priority=2, pool="cls",
+           read_config_json=dinov2_config_fields,
+           normalise=renaming(strip=("dinov2.", "dinov2_with_registers."),
+                              drop=(("embeddings.mask_token", "the mask token (unused at "
+                                     "inference)"), ("dinov2.embeddings.mask_token",
+                                                     "the mask token (unused at inference)")))),
+    Layout("hf_clip", "torch", clip_table, r"(^|\.)embeddings\.class_embedding$",
+           "Hugging Face CLIP vision tower (CLIPVisionModel[WithProjection], or a whole CLIP "
+           "repo: the text tower is left out)", container="folder", writable=False, priority=2,
+           pool="cls", read_config_json=clip_config_fields,
+           normalise=renaming(strip=("vision_model.",), drop=(
+               ("text_model.", "the text tower"), ("text_projection", "the text tower"),
+               ("logit_scale", "the text tower")))),
+    Layout("hf_siglip", "torch", siglip_table,
+           r"(^|\.)embeddings\.patch_embedding\.weight$",
+           "Hugging Face SigLIP vision tower (SiglipVisionModel, or a whole SigLIP repo: the "
+           "text tower is left out)", container="folder", writable=False, priority=1,
+           read_config_json=siglip_config_fields,
+           normalise=renaming(strip=("vision_model.",), drop=(
+               ("text_model.", "the text tower"), ("logit_scale", "the text tower"),
+               ("logit_bias", "the text tower")))),
     Layout("google_vit", "nnx", google_vit_table, r"^Transformer/posembed_input/pos_embedding$",
            "google-research/vision_transformer npz (read by timm's _load_weights)",
            container="npz", heads_in_kernel=True, assumes=dict(activation=_TANH, ln_eps=_EPS6)),
