@@ -246,7 +246,7 @@ def _positions(source: Source, layout: Layout, sizes: dict, rows: int, prefix: i
     patch grid must be stated (`image_size`) or a square, and the remaining rows must be all,
     none or only the class token of the prefix tokens."""
     p = sizes["patch_size"]
-    modes = {"all": prefix, "none": 0, "cls": 1} if layout.prefix_positions else {"all": 0}
+    modes = {"all": prefix, "none": 0, "cls": 1} if layout.prefix_positions else {"none": 0}
     if not sizes.get("class_token"):
         modes.pop("cls", None)
     if "image_size" in sizes:

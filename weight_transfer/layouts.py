@@ -28,6 +28,7 @@ import numpy as np
 from vit_config import ViTConfig
 from weight_transfer.checkpoint import Source
 from weight_transfer.errors import LayoutError
+from weight_transfer.npz_io import normalise_npz
 from weight_transfer.hf_config import (
     clip_config_fields,
     deit_config_fields,
@@ -241,35 +242,48 @@ CLS_POSITION_FOLD = Transform("fold_cls_position", fold_cls_position, unfold_cls
                               arity=(2, 2))
 
 
+def flax_mha(ours: str, theirs: str, heads: int) -> tuple[Rule, ...]:
+    """flax MultiHeadDotProductAttention: q/k/v kernels (D, heads, hd), biases (heads, hd),
+    the output kernel (heads, hd, D)."""
+    rules = []
+    for o, t in (("q", "query"), ("k", "key"), ("v", "value")):
+        rules += [rule(f"{ours}.{o}.kernel", f"{theirs}/{t}/kernel", heads_in(heads)),  # (D, D) <-> (D, H, hd)
+                  rule(f"{ours}.{o}.bias", f"{theirs}/{t}/bias", bias_heads(heads))]  # (D,) <-> (H, hd)
+    return (*rules, rule(f"{ours}.o.kernel", f"{theirs}/out/kernel", heads_out(heads)),  # (D, D) <-> (H, hd, D)
+            rule(f"{ours}.o.bias", f"{theirs}/out/bias"))
+
+
 def npz_table(config: ViTConfig, variant: str) -> tuple[Rule, ...]:
-    """google-research ViT (`variant="vit"`) or big_vision (`"bv"`) npz, over the NNX layout."""
+    """google-research ViT (`variant="vit"`) or big_vision (`"bv"`) npz, over the NNX layout.
+    big_vision adds `pos_embedding` to the patches before the class token joins: our
+    `pos_embed_tokens="none"`, mapped as is; a config whose class token has a position is
+    written with that position folded into the token (the same function, not the same bytes)."""
     h = config.num_heads
     mha, ln2, mlp = ("MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3") \
         if variant == "vit" else ("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0")
     block = "Transformer/encoderblock_{}"
-    attn = f"{block}/{mha}"
-    qkv_rules = []
-    for ours, theirs in (("q", "query"), ("k", "key"), ("v", "value")):
-        qkv_rules += [rule(f"blocks.{{}}.attn.{ours}.kernel", f"{attn}/{theirs}/kernel", heads_in(h)),  # (D, D) <-> (D, H, hd)
-                      rule(f"blocks.{{}}.attn.{ours}.bias", f"{attn}/{theirs}/bias", bias_heads(h))]  # (D,) <-> (H, hd)
     if variant == "vit":
         embeddings = (rule("cls_token", "cls", BATCH_AXIS),
                       rule("pos_embed", "Transformer/posembed_input/pos_embedding", BATCH_AXIS))
-    elif config.class_token:
+    elif config.class_token and config.pos_embed_tokens != "none":
         embeddings = (rule(("cls_token", "pos_embed"), ("cls", "pos_embedding"), CLS_POSITION_FOLD),)
     else:
-        embeddings = (rule("pos_embed", "pos_embedding", BATCH_AXIS),)
+        embeddings = (rule("cls_token", "cls", BATCH_AXIS),
+                      rule("pos_embed", "pos_embedding", BATCH_AXIS))
     return (
         *flax_renamed("patch_embed", "embedding", ("kernel", "bias")),  # HWIO on both sides
         *embeddings,
         *flax_renamed("blocks.{}.ln1", f"{block}/LayerNorm_0", ("scale", "bias")),
-        *qkv_rules,
-        rule("blocks.{}.attn.o.kernel", f"{attn}/out/kernel", heads_out(h)),  # (D, D) <-> (H, hd, D)
-        rule("blocks.{}.attn.o.bias", f"{attn}/out/bias"),
+        *flax_mha("blocks.{}.attn", f"{block}/{mha}", h),
         *flax_renamed("blocks.{}.ln2", f"{block}/{ln2}", ("scale", "bias")),
         *flax_renamed("blocks.{}.ff1", f"{block}/{mlp}/Dense_0", ("kernel", "bias")),
         *flax_renamed("blocks.{}.ff2", f"{block}/{mlp}/Dense_1", ("kernel", "bias")),
         *flax_renamed("ln_f", "Transformer/encoder_norm", ("scale", "bias")),
+        rule("map.probe", "MAPHead_0/probe", BATCH_AXIS),  # (1, D) <-> (1, 1, D)
+        *flax_mha("map.attn", "MAPHead_0/MultiHeadDotProductAttention_0", h),
+        *flax_renamed("map.norm", "MAPHead_0/LayerNorm_0", ("scale", "bias")),
+        *flax_renamed("map.ff1", "MAPHead_0/MlpBlock_0/Dense_0", ("kernel", "bias")),
+        *flax_renamed("map.ff2", "MAPHead_0/MlpBlock_0/Dense_1", ("kernel", "bias")),
         *flax_renamed("head", "head", ("kernel", "bias")),
     )
 
@@ -371,13 +385,15 @@ LAYOUTS: dict[str, Layout] = {l.name: l for l in (
            normalise=renaming(strip=("vision_model.",), drop=(
                ("text_model.", "the text tower"), ("logit_scale", "the text tower"),
                ("logit_bias", "the text tower")))),
-    Layout("google_vit", "nnx", google_vit_table, r"^Transformer/posembed_input/pos_embedding$",
+    Layout("google_vit", "nnx", google_vit_table, r"(^|/)Transformer/posembed_input/pos_embedding$",
            "google-research/vision_transformer npz (read by timm's _load_weights)",
-           container="npz", heads_in_kernel=True, assumes=dict(activation=_TANH, ln_eps=_EPS6)),
-    Layout("big_vision", "nnx", big_vision_table, r"^pos_embedding$",
+           container="npz", heads_in_kernel=True, normalise=normalise_npz,
+           assumes=dict(activation=_TANH, ln_eps=_EPS6)),
+    Layout("big_vision", "nnx", big_vision_table, r"(^|/)pos_embedding$",
            "big_vision npz (position embedding added before the class token joins)",
            container="npz", heads_in_kernel=True, prefix_positions=False,
-           aliases=("big_vision_bv",), assumes=dict(activation=_TANH, ln_eps=_EPS6)),
+           normalise=normalise_npz, aliases=("big_vision_bv",),
+           assumes=dict(activation=_TANH, ln_eps=_EPS6)),
 )}
 ALIASES = {alias: l.name for l in LAYOUTS.values() for alias in l.aliases}
 WRITABLE = tuple(name for name, l in LAYOUTS.items() if l.writable)
