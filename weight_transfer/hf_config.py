@@ -156,14 +156,21 @@ def deit_config_fields(hf: Mapping[str, Any], where: Path):
     return _common(hf, where, "gelu", 1e-12, 224), {}
 
 
-def renaming(strip: tuple[str, ...] = (), drop: tuple[tuple[str, str], ...] = ()):
+def renaming(strip: tuple[str, ...] = (), drop: tuple[tuple[str, str], ...] = (),
+             keep_only_stripped: str | None = None):
     """A normaliser: key prefixes stripped, and keys dropped with the reason reported (a text
-    tower, an unused mask token), so one table reads every published variant."""
+    tower, an unused mask token), so one table reads every published variant. With
+    `keep_only_stripped`, every key outside the `strip` prefixes is dropped for that reason."""
+    if keep_only_stripped is not None:
+        drop = (*drop, ("", keep_only_stripped))
 
     def normalise(source: Source) -> tuple[Source, list[str]]:
         renamed, dropped, reasons = {}, [], {}
         for key in source.meta:
-            reason = next((why for prefix, why in drop if key.startswith(prefix)), None)
+            if keep_only_stripped is not None and key.startswith(strip):
+                reason = None
+            else:
+                reason = next((why for prefix, why in drop if key.startswith(prefix)), None)
             if reason is not None:
                 reasons.setdefault(reason, 0)
                 reasons[reason] += 1

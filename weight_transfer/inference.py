@@ -16,7 +16,7 @@ from vit_config import ConfigError, ViTConfig
 from weight_transfer.checkpoint import Source
 from weight_transfer.errors import CheckpointError, LayoutError
 from weight_transfer.layouts import Layout, detect_layout
-from weight_transfer.table import oriented
+from weight_transfer.table import Rule, oriented, stand_in
 
 @dataclass
 class Inferred:
@@ -30,36 +30,45 @@ class Inferred:
 
 class Probe:
     """Where `layout` keeps each of our parameters, read off its own table (a fused tensor
-    serves all its inputs): `has("blocks.0.ls1")`, `shape("pos_embed")`. Keys are written in
-    NNX leaf names (`kernel`, `scale`) and mapped to torch's (`weight`) for torch-based
-    layouts."""
+    serves all its inputs): `has("blocks.0.ls1")`, and `shape("head.kernel")` in our base
+    layout's terms (the rule's inverse applied to the stored shape: a projection stored
+    (in, out) still reports (out, in) for a torch-based layout). Keys are written in NNX leaf
+    names (`kernel`, `scale`) and mapped to torch's (`weight`) for torch-based layouts."""
 
     def __init__(self, source: Source, layout: Layout):
         self.source, self.layout = source, layout
-        self.theirs: dict[str, str] = {}
-        for config in (ViTConfig(), ViTConfig(mlp="swiglu")):  # key names do not depend on sizes
+        self.rules: dict[str, Rule] = {}
+        # key names do not depend on sizes; positions as stored (big_vision: no class row)
+        for config in (ViTConfig(pos_embed_tokens="none"),
+                       ViTConfig(mlp="swiglu", pos_embed_tokens="none")):
             for r in oriented(layout.table(config), 1):
                 for k in r.left:
-                    self.theirs.setdefault(k, r.right[r.left.index(k) if len(r.right) ==
-                                                      len(r.left) else 0])
+                    self.rules.setdefault(k, r)
+
+    def ours(self, key: str) -> str:
+        return re.sub(r"\.(kernel|scale)$", ".weight", key) if self.layout.base == "torch" else key
 
     def key(self, ours: str) -> str | None:
-        if self.layout.base == "torch":
-            ours = re.sub(r"\.(kernel|scale)$", ".weight", ours)
-        return self.theirs.get(ours)
+        r = self.rules.get(self.ours(ours))
+        if r is None:
+            return None
+        return r.right[r.left.index(self.ours(ours)) if len(r.right) == len(r.left) else 0]
 
     def has(self, ours: str) -> bool:
         return self.key(ours) in self.source.meta
 
     def shape(self, ours: str) -> tuple[int, ...]:
-        if not self.has(ours):
+        r = self.rules.get(self.ours(ours))
+        if r is None or not all(k in self.source.meta for k in r.right):
             raise CheckpointError(f"{self.source.path}: cannot infer the config, "
                                   f"{self.key(ours) or ours!r} is missing ({self.layout.name} "
                                   f"layout)")
-        return tuple(self.source.meta[self.key(ours)][0])
+        outs = r.transform.inverse(*(stand_in(self.source.meta[k][0]) for k in r.right))
+        return tuple(outs[r.left.index(self.ours(ours))].shape)
 
 
-BLOCK_INDEX = re.compile(r"(?:^|[./])(?:blocks\.|layer\.|layers\.|encoderblock_)(\d+)[./]")
+BLOCK_INDEX = re.compile(r"(?:^|[./])(?:blocks\.|resblocks\.|layer\.|layers\.|encoderblock_)"
+                         r"(\d+)[./]")
 def infer_config(source: Source, layout: Layout | None = None,
                  given: ViTConfig | None = None, overrides: Mapping[str, Any] | None = None,
                  arch: str | None = None) -> Inferred:
@@ -79,9 +88,13 @@ def infer_config(source: Source, layout: Layout | None = None,
     if layout.normalise is not None:
         source, dropped = layout.normalise(source)
     if given is None and arch is not None:
+        from weight_transfer.openclip_arch import config_from_open_clip, is_open_clip_model
         from weight_transfer.timm_arch import config_from_timm
 
-        given, origin = config_from_timm(arch), f"timm architecture {arch}"
+        if is_open_clip_model(arch):
+            given, origin = config_from_open_clip(arch), f"open_clip model {arch}"
+        else:
+            given, origin = config_from_timm(arch), f"timm architecture {arch}"
     else:
         origin = "given"
     if given is not None or "vit_parity" in source.metadata:
@@ -211,7 +224,7 @@ def _from_shapes(source: Source, layout: Layout, stated: Mapping[str, Any]
         else:
             sizes["num_heads"] = d // 64 if d % 64 == 0 else 1
             assumed["num_heads"] = f"{sizes['num_heads']} (head_dim 64, the ViT paper's)"
-    if sizes["mlp"] != "mlp" and "activation" not in sizes:
+    if sizes.get("mlp", "mlp") != "mlp" and "activation" not in sizes:
         sizes["activation"] = "silu"
         assumed["activation"] = "silu (the gated MLP is SwiGLU, as in AIMv2 and DINOv2-g)"
     for name, (value, why) in layout.assumes.items():
@@ -232,7 +245,7 @@ def _mlp_fields(probe: Probe, d: int, layers: int) -> dict[str, Any]:
     if probe.has("blocks.0.ff1_g.kernel"):
         f = probe.shape("blocks.0.ff1_g.kernel")[kernel_axis]
         packed = probe.key("blocks.0.ff1_g.kernel") == probe.key("blocks.0.ff1_x.kernel")
-        return dict(mlp="swiglu_packed" if packed else "swiglu", d_ff=f // 2 if packed else f,
+        return dict(mlp="swiglu_packed" if packed else "swiglu", d_ff=f,
                     mlp_bias=probe.has("blocks.0.ff1_g.bias"))
     fc1 = probe.shape("blocks.0.ff1.kernel")[kernel_axis]
     fc2_in = probe.shape("blocks.0.ff2.kernel")[1 - kernel_axis]

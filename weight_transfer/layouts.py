@@ -44,6 +44,7 @@ from weight_transfer.table import Rule, base_shapes, rule
 from weight_transfer.transforms import (
     BATCH_AXIS,
     FUSE_2,
+    LINEAR,
     FUSE_QKV,
     IDENTITY,
     Transform,
@@ -206,6 +207,29 @@ def hf_encoder_table() -> tuple[Rule, ...]:
         *renamed("blocks.{}.ln2", f"{b}.layer_norm2"),
         *renamed("blocks.{}.ff1", f"{b}.mlp.fc1"),
         *renamed("blocks.{}.ff2", f"{b}.mlp.fc2"),
+    )
+
+
+def open_clip_table(config: ViTConfig) -> tuple[Rule, ...]:
+    """open_clip / OpenAI CLIP `visual.*` (kept by the normaliser; the text tower left out):
+    `class_embedding` (D,), `positional_embedding` (N + 1, D), torch MultiheadAttention's fused
+    `in_proj`, `ln_post` on the tokens before the class token is taken, and `proj` (D, E), the
+    bias-free projection encode_image ends with, stored (in, out)."""
+    b = "transformer.resblocks.{}"
+    return (
+        rule("patch_embed.weight", "conv1.weight"),
+        rule("cls_token", "class_embedding", BATCH_AXIS.reversed()),  # (1, D) <-> (D,)
+        rule("pos_embed", "positional_embedding"),
+        *renamed("norm_pre", "ln_pre"),
+        *renamed("blocks.{}.ln1", f"{b}.ln_1"),
+        *fused([f"blocks.{{}}.attn.{p}" for p in "qkv"], f"{b}.attn.in_proj", FUSE_QKV,
+               suffix=("_weight", "_bias")),
+        *renamed("blocks.{}.attn.o", f"{b}.attn.out_proj"),
+        *renamed("blocks.{}.ln2", f"{b}.ln_2"),
+        *renamed("blocks.{}.ff1", f"{b}.mlp.c_fc"),
+        *renamed("blocks.{}.ff2", f"{b}.mlp.c_proj"),
+        *renamed("ln_f", "ln_post"),
+        rule("head.weight", "proj", LINEAR),  # (E, D) <-> (D, E)
     )
 
 
@@ -385,6 +409,15 @@ LAYOUTS: dict[str, Layout] = {l.name: l for l in (
            normalise=renaming(strip=("vision_model.",), drop=(
                ("text_model.", "the text tower"), ("logit_scale", "the text tower"),
                ("logit_bias", "the text tower")))),
+    Layout("open_clip", "torch", open_clip_table,
+           r"^(visual\.)?transformer\.resblocks\.\d+\.|^(visual\.)?class_embedding$",
+           "open_clip / OpenAI CLIP image tower (visual.*; the text tower is left out)",
+           writable=False, priority=2, pool="cls",
+           normalise=renaming(strip=("visual.",), keep_only_stripped="the text tower"),
+           assumes=dict(activation=("gelu", "exact GELU (open_clip's default; OpenAI CLIP "
+                                    "weights run QuickGELU: --arch NAME-quickgelu or --set "
+                                    "activation=quick_gelu)"),
+                        ln_eps=(1e-5, "1e-5 (open_clip, torch LayerNorm)"))),
     Layout("google_vit", "nnx", google_vit_table, r"(^|/)Transformer/posembed_input/pos_embedding$",
            "google-research/vision_transformer npz (read by timm's _load_weights)",
            container="npz", heads_in_kernel=True, normalise=normalise_npz,

@@ -1,0 +1,82 @@
+"""open_clip and OpenAI CLIP checkpoints: `visual.*` state dicts (the text tower left out and
+reported), exact GELU and QuickGELU, against open_clip's own `encode_image`; the QuickGELU
+flag, which no file holds, from the model name (`--arch ViT-B-32-quickgelu`)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import weight_transfer as wt
+from tests.conftest import assert_close
+from tests.helpers.models import nchw, randomize
+from vit_config import ViTConfig
+from weight_transfer.runners import random_images, run_nnx, run_torch
+
+open_clip = pytest.importorskip("open_clip")
+
+
+def small_clip(quick_gelu: bool):
+    from open_clip.model import CLIP
+
+    return randomize(CLIP(embed_dim=16, quick_gelu=quick_gelu,
+                          vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8,
+                                          head_width=32),
+                          text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2,
+                                        layers=1)), seed=5).eval()
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+@pytest.mark.parametrize("quick_gelu", [False, True], ids=["gelu", "quickgelu"])
+def test_open_clip_state_dict_matches_encode_image(tmp_path, quick_gelu, framework):
+    from safetensors.torch import save_file
+
+    model = small_clip(quick_gelu)
+    path = tmp_path / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    act = "quick_gelu" if quick_gelu else "gelu"
+    with pytest.warns(wt.errors.AssumedConfigWarning, match="image_size"):
+        info = wt.inspect_checkpoint(path, overrides={"num_heads": 2, "activation": act})
+        ours = wt.load_checkpoint(path, framework, overrides={"num_heads": 2, "activation": act})
+    assert info["layout"] == "open_clip" and any("text tower" in d for d in info["dropped"])
+    assert (ours.config.num_classes, ours.config.head_bias, ours.config.norm_pre) == (16, False,
+                                                                                      True)
+    images = random_images(ours.config, 2, seed=6)
+    with torch.no_grad():
+        expected = model.encode_image(nchw(images))
+    got = run_nnx(ours, images) if framework == "jax" else run_torch(ours, images)
+    assert_close(expected, np.asarray(got), "float32", f"open_clip {act} -> {framework}")
+
+
+def test_the_activation_is_assumed_loudly_and_a_wrong_guess_differs(tmp_path):
+    """The file cannot say QuickGELU: the default guess is announced, and it is measurably a
+    different function from the QuickGELU model."""
+    from safetensors.torch import save_file
+
+    model = small_clip(quick_gelu=True)
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    with pytest.warns(wt.errors.AssumedConfigWarning, match="QuickGELU"):
+        guessed = wt.load_checkpoint(path, "torch", overrides={"num_heads": 2})
+    images = random_images(guessed.config, 2, seed=6)
+    with torch.no_grad():
+        expected = model.encode_image(nchw(images)).numpy()
+    assert np.abs(run_torch(guessed, images).numpy() - expected).max() > 1e-4
+
+
+def test_open_clip_names_resolve_through_its_registry():
+    from weight_transfer.openclip_arch import config_from_open_clip
+
+    config = config_from_open_clip("ViT-B-32-quickgelu")
+    assert (config.activation, config.patch_size, config.num_classes, config.ln_eps) == \
+        ("quick_gelu", 32, 512, 1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device("meta"):
+            model = open_clip.model.CLIP(**open_clip.get_model_config("ViT-B-32-quickgelu"))
+    assert config.num_params() == sum(p.numel() for p in model.visual.parameters())
+    assert config_from_open_clip("ViT-B-32").activation == "gelu"
+    assert isinstance(config, ViTConfig)
