@@ -241,6 +241,13 @@ def test_features_outside_this_vit_are_refused_by_name(work, model, key, feature
     assert_refused(cli("inspect", work / "extra.safetensors", cwd=work), feature)
 
 
+def test_a_folder_with_several_weight_files_is_refused(work, model):
+    folder = wt.save_checkpoint(model, work / "hf", layout="hf")
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "open_clip_model.safetensors").write_bytes(weights)
+    assert_refused(cli("inspect", folder, cwd=work), "several weight files")
+
+
 def test_a_fifo_input_is_refused_without_blocking(work):
     fifo = work / "model.safetensors"
     os.mkfifo(fifo)

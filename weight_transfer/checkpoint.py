@@ -73,11 +73,7 @@ def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> S
         hf_config = _read_json(cfg) if cfg.exists() else None
         if hf_config is not None and not isinstance(hf_config, dict):
             raise CheckpointError(f"{cfg}: expected a JSON object, got {type(hf_config).__name__}")
-        names = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin")
-        path_in = next((path / n for n in names if (path / n).exists()), None)
-        if path_in is None:
-            raise CheckpointError(f"{path}: a folder without model.safetensors, "
-                                  f"model.safetensors.index.json or pytorch_model.bin")
+        path_in = _weights_in_folder(path)
         source = read_checkpoint(path_in, allow_pickle=allow_pickle)
         source.hf_config, source.folder = hf_config, path
         return source
@@ -152,6 +148,28 @@ def _read_torch_pickle(path: Path) -> Source:
                               f"{', '.join(map(str, list(sd)[:8]))})")
     return Source(path, {k: (a.shape, a.dtype) for k, a in arrays.items()}, arrays.__getitem__,
                   files=[path], notes=notes)
+
+
+SAFE_NAMES = ("model.safetensors.index.json", "model.safetensors", "open_clip_model.safetensors")
+PICKLE_NAMES = ("pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
+def _weights_in_folder(folder: Path) -> Path:
+    """The one weights file of a Hub folder (HF, timm, open_clip): safetensors over pickles
+    (the Hub's convention: the same weights); two safetensors candidates are ambiguous."""
+    safe = [folder / n for n in SAFE_NAMES if (folder / n).exists()]
+    if len(safe) > 1:
+        names = ", ".join(p.name for p in safe)
+        raise CheckpointError(f"{folder}: several weight files ({names}); pass the one to "
+                              f"read instead of the folder")
+    pickles = [folder / n for n in PICKLE_NAMES if (folder / n).exists()]
+    if safe or len(pickles) == 1:
+        return (safe or pickles)[0]
+    if pickles:
+        names = ", ".join(p.name for p in pickles)
+        raise CheckpointError(f"{folder}: several weight files ({names}); pass the one to "
+                              f"read instead of the folder")
+    raise CheckpointError(f"{folder}: a folder without {', '.join(SAFE_NAMES + PICKLE_NAMES)}")
 
 
 def _read_index(path: Path) -> dict[str, str]:
