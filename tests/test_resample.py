@@ -58,3 +58,29 @@ def test_weights_are_torchs_own(n_in, n_out):
                                                  align_corners=False)[:, 0, 0, :].T.double()
         np.testing.assert_allclose(weights_1d(n_in, n_out, mode, False), probed.numpy(),
                                    rtol=0, atol=atol, err_msg=mode)
+
+
+@pytest.mark.parametrize("old, new", [((37, 37), (16, 16)), ((16, 16), (37, 37)),
+                                      ((14, 14), (10, 12))])
+@pytest.mark.parametrize("variant", ["hf", "dinov2"])
+def test_matches_hf_and_original_dinov2(old, new, variant):
+    """HF's interpolate_pos_encoding (bicubic to `size=`, no antialias) and original DINOv2's
+    (bicubic by `scale_factor=(n + 0.1) / M`), against torch running each library's call."""
+    import torch.nn.functional as F
+
+    pos = np.random.default_rng(sum(old + new)).standard_normal((1 + old[0] * old[1], 8))
+    pos = pos.astype(np.float32)
+    grid = torch.from_numpy(pos[1:]).reshape(1, *old, 8).permute(0, 3, 1, 2)
+    if variant == "hf":
+        out = F.interpolate(grid, size=new, mode="bicubic", align_corners=False)
+    else:
+        factor = (float(new[0] + 0.1) / old[0], float(new[1] + 0.1) / old[1])
+        out = F.interpolate(grid, scale_factor=factor, mode="bicubic", antialias=False)
+    expected = out.permute(0, 2, 3, 1).reshape(-1, 8).numpy()
+    got = resample_pos_embed(pos, old, new, num_prefix_tokens=1,
+                             interpolation="bicubic" if variant == "hf" else "dinov2")[1:]
+    err = np.abs(got - expected).max() / np.abs(expected).max()
+    assert err <= RESAMPLE_TOL, f"relative error {err:.2e}"
+    if variant == "dinov2":  # a different function from HF's: why the variant is selectable
+        hf = resample_pos_embed(pos, old, new, num_prefix_tokens=1, interpolation="bicubic")[1:]
+        assert np.abs(hf - got).max() > 1e-3

@@ -439,7 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layout to write")
     _add_source_options(p)
     p.add_argument("--image-size", default=None, help="resample position embeddings to N or HxW")
-    p.add_argument("--interpolation", default="bicubic", choices=["bilinear", "bicubic"])
+    p.add_argument("--interpolation", default="bicubic",
+                   choices=["bilinear", "bicubic", "dinov2"],
+                   help="position resampling: bicubic (HF interpolate_pos_encoding; with "
+                   "--antialias, timm's resample_abs_pos_embed), dinov2 (original DINOv2: "
+                   "scale_factor with +0.1), bilinear (timm's and big_vision's npz loaders)")
     p.add_argument("--antialias", action="store_true", help="antialias when resampling")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="cast every weight")
     p.add_argument("--max-shard-size", default=None,

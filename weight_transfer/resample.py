@@ -16,7 +16,9 @@ import numpy as np
 
 from vit_config import ArgumentError
 
-INTERPOLATIONS = ("bilinear", "bicubic")
+# "dinov2": bicubic with original DINOv2's `scale_factor=(n_out + 0.1) / n_in`
+# (interpolate_offset 0.1), which moves every sample a little from `size=`'s grid.
+INTERPOLATIONS = ("bilinear", "bicubic", "dinov2")
 
 
 def _cubic(x: np.ndarray, a: float) -> np.ndarray:
@@ -57,6 +59,8 @@ def weights_1d(n_in: int, n_out: int, interpolation: str, antialias: bool) -> np
     if interpolation not in INTERPOLATIONS:
         raise ArgumentError(f"interpolation {interpolation!r}: expected one of {INTERPOLATIONS}")
     scale = f32(n_in) / f32(n_out)  # torch computes scales and source coordinates in float32
+    if interpolation == "dinov2":  # a scale_factor given: torch maps with float32(1 / factor)
+        scale, interpolation = f32(1.0 / ((n_out + 0.1) / n_in)), "bicubic"
     m = np.zeros((n_out, n_in))
     if antialias:  # torch's separable AA kernels (PIL's), widened when downsampling, normalised
         stretch = max(scale, 1.0)
