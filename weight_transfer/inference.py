@@ -89,9 +89,9 @@ def infer_config(source: Source, layout: Layout | None = None,
         source, dropped = layout.normalise(source)
     if given is None and arch is not None:
         from weight_transfer.openclip_arch import config_from_open_clip, is_open_clip_model
-        from weight_transfer.timm_arch import config_from_timm
+        from weight_transfer.timm_arch import config_from_timm, is_timm_model
 
-        if is_open_clip_model(arch):
+        if is_open_clip_model(arch) and not is_timm_model(arch):  # a name both know: timm's
             given, origin = config_from_open_clip(arch), f"open_clip model {arch}"
         else:
             given, origin = config_from_timm(arch), f"timm architecture {arch}"

@@ -17,6 +17,14 @@ from weight_transfer.errors import LayoutError
 POOLS = {"token": "cls", "avg": "mean", "map": "map"}
 
 
+def is_timm_model(name: str) -> bool:
+    try:
+        import timm
+    except ImportError:
+        return False
+    return timm.is_model(name)
+
+
 def build_timm(architecture: str, model_args: Mapping[str, Any] | None = None):
     """timm's model of `architecture` on the meta device (pretrained=False: nothing fetched)."""
     try:
