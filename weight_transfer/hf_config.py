@@ -42,18 +42,10 @@ def json_field(cfg: Mapping[str, Any], key: str, kinds: type | tuple[type, ...],
 
 
 def hf_config_fields(hf: Mapping[str, Any], where: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """The fields a Hugging Face ViT `config.json` states, checked: an activation or size this
-    ViT cannot run is refused by name, never replaced by a default. Returns (fields, what was
-    assumed): HF states everything this reads, so nothing is assumed."""
-    act = json_field(hf, "hidden_act", str, where, "gelu")
-    if act not in HF_ACTIVATIONS:
-        raise CheckpointError(f"{where}: config.json hidden_act {act!r} is not supported (known: "
-                              f"{', '.join(sorted(HF_ACTIVATIONS))}); refusing rather than "
-                              f"running a different activation")
-    size = json_field(hf, "image_size", (int, list), where, 224)
-    return dict(num_heads=json_field(hf, "num_attention_heads", int, where),
-                ln_eps=json_field(hf, "layer_norm_eps", (float, int), where, 1e-12),
-                activation=HF_ACTIVATIONS[act], image_size=size), {}
+    """The fields a Hugging Face ViT (or DeiT) `config.json` states, checked: an activation or
+    size this ViT cannot run is refused by name, never replaced by a default. Returns (fields,
+    what was assumed): HF states everything this reads, so nothing is assumed."""
+    return _common(hf, where, "gelu", 1e-12, 224), {}
 
 
 def normalise_hf(source: Source) -> tuple[Source, list[str]]:
@@ -151,11 +143,6 @@ def clip_config_fields(hf: Mapping[str, Any], where: Path):
     return _common(cfg, where, "quick_gelu", 1e-5, 224), {}
 
 
-def deit_config_fields(hf: Mapping[str, Any], where: Path):
-    """HF `deit` (with teacher): as ViT, eps 1e-12."""
-    return _common(hf, where, "gelu", 1e-12, 224), {}
-
-
 def renaming(strip: tuple[str, ...] = (), drop: tuple[tuple[str, str], ...] = (),
              keep_only_stripped: str | None = None):
     """A normaliser: key prefixes stripped, and keys dropped with the reason reported (a text
@@ -165,7 +152,7 @@ def renaming(strip: tuple[str, ...] = (), drop: tuple[tuple[str, str], ...] = ()
         drop = (*drop, ("", keep_only_stripped))
 
     def normalise(source: Source) -> tuple[Source, list[str]]:
-        renamed, dropped, reasons = {}, [], {}
+        renamed, reasons = {}, {}
         for key in source.meta:
             if keep_only_stripped is not None and key.startswith(strip):
                 reason = None

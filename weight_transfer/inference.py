@@ -181,7 +181,7 @@ def _from_shapes(source: Source, layout: Layout, stated: Mapping[str, Any]
         "post_pool" if has("fc_norm.scale") else "none")
     found = {f: "which tensors exist, and their shapes" for f in sizes}
     assumed: dict[str, str] = {}
-    sizes.update(_mlp_fields(probe, d, sizes["num_layers"]))
+    sizes.update(_mlp_fields(probe, sizes["num_layers"]))
     found.update({f: "MLP tensor shapes" for f in ("mlp", "d_ff", "mlp_bias")})
     head = shape("head.kernel") if has("head.kernel") else None
     sizes["num_classes"] = 0 if head is None else head[0 if layout.base == "torch" else 1]
@@ -236,7 +236,7 @@ def _from_shapes(source: Source, layout: Layout, stated: Mapping[str, Any]
         raise CheckpointError(f"{source.path}: the inferred config is invalid: {e}") from None
 
 
-def _mlp_fields(probe: Probe, d: int, layers: int) -> dict[str, Any]:
+def _mlp_fields(probe: Probe, layers: int) -> dict[str, Any]:
     """Plain MLP, split SwiGLU (ff1_g/ff1_x), or packed SwiGLU (one fc1 with twice the rows
     fc2 reads: a plain MLP's fc1 has exactly as many), its width and whether it has biases."""
     if not layers:

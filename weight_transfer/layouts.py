@@ -31,7 +31,6 @@ from weight_transfer.errors import LayoutError
 from weight_transfer.npz_io import normalise_npz
 from weight_transfer.hf_config import (
     clip_config_fields,
-    deit_config_fields,
     dinov2_config_fields,
     hf_config_fields,
     hf_config_json,
@@ -384,7 +383,7 @@ LAYOUTS: dict[str, Layout] = {l.name: l for l in (
            **_HF),
     Layout("hf_deit", "torch", deit_table, r"^deit\.embeddings\.distillation_token$",
            "Hugging Face DeiTForImageClassificationWithTeacher", container="folder",
-           writable=False, priority=2, read_config_json=deit_config_fields, pool="cls"),
+           writable=False, priority=2, read_config_json=hf_config_fields, pool="cls"),
     Layout("hf_dinov2", "torch", dinov2_table,
            r"(^|\.)embeddings\.mask_token$|(^|\.)layer_scale1\.lambda1$",
            "Hugging Face Dinov2 / Dinov2WithRegisters (model, or image classification)",

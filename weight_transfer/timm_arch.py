@@ -102,8 +102,6 @@ def config_of_timm_model(m, architecture: str = "") -> ViTConfig:
         _refuse(architecture, f"{type(block).__name__} blocks (parallel or post-norm residuals)")
     if m.pos_embed is None:
         _refuse(architecture, "no absolute position embedding")
-    if getattr(m, "dynamic_img_size", False):
-        pass  # the stored grid is still the one its weights hold
     patch = tuple(m.patch_embed.patch_size)
     if patch[0] != patch[1]:
         _refuse(architecture, f"non-square patches {patch}")
