@@ -12,8 +12,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from vit_config import ArgumentError, ViTConfig, check_image_shape
+from vit_config import ArgumentError, ViTConfig, arch, check_image_shape
 
 Tap = Callable[[str, jax.Array], jax.Array]
 
@@ -192,6 +193,7 @@ class ViT(nnx.Module):
             self.head = nnx.Linear(c.pooled_dim, c.num_classes, use_bias=c.head_bias, **dense)
         if c.dist_token:
             self.head_dist = nnx.Linear(d, c.num_classes, use_bias=c.head_bias, **dense)
+        _annotate(self)
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -225,7 +227,26 @@ class ViT(nnx.Module):
         return self.map(patches)
 
     def __call__(self, images: jax.Array, *, return_intermediates: bool = False):
-        """Logits for NHWC images; with `return_intermediates`, also a dict of named activations."""
+        """Logits for NHWC images; with `return_intermediates`, also a dict of named activations.
+
+        On a mesh with `Explicit` axes (`jax.make_mesh`'s default), the forward runs with the
+        axes made `Auto` inside (`jax.sharding.auto_axes`), the compiler choosing the
+        activations' shardings as on an `Auto` mesh; the outputs come back split over the
+        batch the way the images are (replicated for host images)."""
+        mesh = _explicit_mesh(self.pos_embed[...])
+        if mesh is None:
+            return self.forward(images, return_intermediates)
+        batch_axis = _explicit_spec(images)[:1] if jnp.ndim(images) == 4 else ()
+        graphdef, state = nnx.split(self)
+
+        def forward(state, images):
+            return nnx.merge(graphdef, state).forward(images, return_intermediates)
+
+        with jax.sharding.use_abstract_mesh(mesh):
+            return jax.sharding.auto_axes(forward, out_sharding=P(*batch_axis))(state, images)
+
+    def forward(self, images: jax.Array, return_intermediates: bool = False):
+        """The forward itself, whatever the mesh (`__call__`'s body)."""
         c = self.config
         batched = check_image_shape(images.shape, c, "NHWC")
         x = jnp.asarray(images, self.dtype)
@@ -261,6 +282,28 @@ class ViT(nnx.Module):
         logits = tap("logits", logits)
         logits = logits if batched else logits[0]
         return (logits, seen) if return_intermediates else logits
+
+
+def _explicit_mesh(array: jax.Array):
+    """The abstract mesh `array` is typed on, if any of its axes is `Explicit`; else None."""
+    mesh = getattr(jax.typeof(array).sharding, "mesh", None)
+    return mesh if mesh is not None and not mesh.empty and mesh.explicit_axes else None
+
+
+def _explicit_spec(array) -> tuple:
+    """A JAX array's explicit PartitionSpec (empty for host arrays)."""
+    sharding = getattr(jax.typeof(array), "sharding", None) if isinstance(array, jax.Array) else None
+    return tuple(sharding.spec) if sharding is not None else ()
+
+
+def _annotate(model: ViT) -> None:
+    """Give every parameter its logical axes (`vit_config.arch`) as Flax sharding metadata, so
+    `nnx.get_partition_spec` under `nnx.logical_axis_rules` places it. Set after building, not
+    at creation: annotated creation shards eagerly and needs a mesh."""
+    axes = arch.logical_axes(model.config, model.scan_layers)
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param):
+            var.set_metadata(out_sharding=axes[".".join(map(str, path))])
 
 
 def _stacked_blocks(config: ViTConfig, options: dict, rngs: nnx.Rngs) -> Block:

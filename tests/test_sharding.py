@@ -1,5 +1,8 @@
-"""Loading straight onto a JAX mesh of 8 simulated CPU devices (in a subprocess)."""
+"""Loading straight onto a JAX mesh of 8 simulated CPU devices (in a subprocess): both mesh axis
+types, every sharding rule set, the plain ViT and every family preset; the rules as Flax's own
+`nnx.logical_axis_rules`; bad meshes and shardings refused before anything is read."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -8,25 +11,44 @@ import sys
 from pathlib import Path
 
 import pytest
+from flax import nnx
+from jax.sharding import AbstractMesh, PartitionSpec
 
+import jax_impl
 import weight_transfer as wt
 from tests.conftest import tiny
+from vit_config import TIMM_ARCHS, ViTConfig, arch
+from weight_transfer.sharding import RULE_SETS, ShardingError, logical_rules, partition_specs
 from weight_transfer.weights import random_torch
-from weight_transfer.sharding import partition_spec
 
 HELPER = Path(__file__).parent / "helpers" / "sharded_check.py"
 MULTIHOST = HELPER.parent / "multihost_check.py"
-# d_model 32 and d_ff 64 divide by 8 devices; 7 classes and 3-pixel patches do not.
+# d_model 32, 4 heads and d_ff 64 divide by 8 devices; 7 classes and 3-pixel patches do not.
 CONFIG = tiny(d_model=32, num_heads=4, d_ff=64)
 
 
-def run_sharded(path, sharding):
+def run_cases(tmp_path, cases: list[dict]) -> list[dict]:
+    """Run `cases` in one child with 8 simulated devices (see helpers/sharded_check.py)."""
+    spec = tmp_path / "cases.json"
+    spec.write_text(json.dumps(cases))
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
            "PYTHONPATH": str(HELPER.parents[2])}
-    out = subprocess.run([sys.executable, str(HELPER), str(path), sharding], env=env,
+    out = subprocess.run([sys.executable, str(HELPER), str(spec)], env=env,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# Each sharding on the mesh it is meant for: 1-D meshes named as users name them, 2-D data x model.
+MESHES = {"replicated": ([8], ["data"]), "fsdp": ([8], ["fsdp"]),
+          "tensor_parallel": ([2, 4], ["data", "model"]), "fsdp_tp": ([2, 4], ["data", "model"])}
+AXIS_TYPES = ("explicit", "auto")  # jax.make_mesh's default, and the older Mesh(...) kind
+
+
+def case(path, sharding, axis_type, **more) -> dict:
+    shape, names = MESHES[sharding]
+    return dict(path=str(path), sharding=sharding, mesh=shape, names=names,
+                axis_type=axis_type, **more)
 
 
 @pytest.fixture(scope="module")
@@ -34,44 +56,96 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("mesh")
     model = random_torch(CONFIG, seed=9)
     return {"nnx": wt.save_checkpoint(model, d / "nnx", layout="nnx", max_shard_size="20KB"),
-            "timm": wt.save_checkpoint(model, d / "timm.safetensors", layout="timm")}
+            "timm": wt.save_checkpoint(model, d / "timm.safetensors", layout="timm"),
+            "orbax": wt.save_checkpoint(model, d / "orbax", layout="orbax")}
 
 
-# The family on the mesh: MAP, registers, LayerScale, SwiGLU, RMSNorm, q/k norms, no head.
-FAMILY = tiny(d_model=32, num_heads=4, d_ff=64, pool="map", class_token=False, reg_tokens=2,
-              layer_scale=True, mlp="swiglu", activation="silu", norm="rmsnorm", qk_norm=True,
-              num_classes=0)
+# What each sharding does to the plain ViT (d_model 32, 4 heads of 8, d_ff 64, 7 classes), by
+# hand: {parameter: (spec, one device's block)}.
+EXPECTED = {
+    "replicated": {"blocks.0.ff1.kernel": ([], [32, 64]), "pos_embed": ([], [7, 32])},
+    "fsdp": {"blocks.0.ff1.kernel": (["fsdp", "None"], [4, 64]),  # embed split, 4 rows each
+             "blocks.0.ff2.kernel": (["None", "fsdp"], [64, 4]),
+             "blocks.0.attn.q.kernel": (["fsdp", "None"], [4, 32]),
+             "blocks.0.ln1.scale": (["fsdp"], [4]),
+             "patch_embed.kernel": (["None", "None", "None", "fsdp"], [4, 4, 3, 4]),
+             "pos_embed": (["None", "fsdp"], [7, 4]),
+             "head.kernel": (["fsdp", "None"], [4, 7]),
+             "head.bias": (["None"], [7])},  # classes are not split
+    "tensor_parallel": {"blocks.0.attn.q.kernel": (["None", "model"], [32, 8]),  # a head each
+                        "blocks.0.attn.q.bias": (["model"], [8]),
+                        "blocks.0.attn.o.kernel": (["model", "None"], [8, 32]),  # row-parallel
+                        "blocks.0.attn.o.bias": (["None"], [32]),
+                        "blocks.0.ff1.kernel": (["None", "model"], [32, 16]),
+                        "blocks.0.ff2.kernel": (["model", "None"], [16, 32]),
+                        "blocks.0.ln1.scale": (["None"], [32]),
+                        "pos_embed": (["None", "None"], [7, 32])},
+    "fsdp_tp": {"blocks.0.ff1.kernel": (["data", "model"], [16, 16]),
+                "blocks.0.attn.o.kernel": (["model", "data"], [8, 16]),
+                "pos_embed": (["None", "data"], [7, 16])},
+}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sharding", ["replicated", "fsdp"])
-def test_a_family_model_loads_onto_the_mesh(tmp_path, sharding):
-    path = wt.save_checkpoint(random_torch(FAMILY, seed=10), tmp_path / "f", layout="timm")
-    r = run_sharded(path, sharding)
-    assert r["max_abs"] <= 1e-5 * r["scale"] and r["devices"] == [8]
-    if sharding == "fsdp":
-        assert r["specs"]["blocks.0.ff1_g.kernel"] == ["None", "fsdp"]
+def test_every_sharding_on_both_axis_types_matches_unsharded_torch(tmp_path, files):
+    """Loaded onto `jax.make_mesh`'s Explicit axes and onto Auto axes, each sharding runs
+    eagerly and under nnx.jit and gives the unsharded torch model's logits; each parameter
+    is split as asked. From the NNX file (blocks read straight from its bytes), from timm's
+    layout (converted tensor by tensor) and from an Orbax checkpoint (Orbax reads the blocks)."""
+    cases = [case(files[layout], sharding, axis_type, train=layout == "nnx")
+             for layout in ("nnx", "timm", "orbax") for sharding in MESHES for axis_type in AXIS_TYPES]
+    for c, r in zip(cases, run_cases(tmp_path, cases), strict=True):
+        what = (c["sharding"], c["axis_type"], Path(c["path"]).name)
+        assert r["axis_types"] == [c["axis_type"].capitalize()] * len(c["mesh"]), what
+        for mode, gap in r["max_abs"].items():
+            assert gap <= 1e-5 * r["scale"], (what, mode, gap)
+        assert r["devices"] == [8], what  # every parameter lives on all 8 devices
+        assert r["out_spec"][:1] == [c["names"][0]], what  # logits split like the images
+        for key, (spec, block) in EXPECTED[c["sharding"]].items():
+            assert strip(r["specs"][key]) == strip(spec), (what, key, r["specs"][key])
+            assert r["block_shapes"][key] == block, (what, key)
+        if c["train"]:  # a sharded training step: the loss falls, moments sit with their params
+            assert r["losses"][2] < r["losses"][0] and r["moments_placed_as_params"], (what, r)
+
+
+def test_a_mesh_built_by_hand_still_works(tmp_path, files):
+    """`Mesh(devices, names)` (Auto axes), as before `jax.make_mesh`."""
+    [r] = run_cases(tmp_path, [case(files["nnx"], "fsdp", "mesh", eager=False)])
+    assert r["max_abs"]["jit"] <= 1e-5 * r["scale"] and r["axis_types"] == ["Auto"]
+
+
+def shrunk(preset: str) -> ViTConfig:
+    """A family preset with every feature kept, at sizes 8 devices divide."""
+    c = ViTConfig.preset(preset)
+    return dataclasses.replace(c, d_model=32, num_heads=4, d_ff=64, num_layers=2,
+                               image_size=2 * c.patch_size, num_classes=min(c.num_classes, 10))
+
+
+FAMILY_PRESETS = sorted(p for p in TIMM_ARCHS if p not in ("vit_ti16", "vit_s16", "vit_b16",
+                                                         "vit_l16", "vit_h14"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["nnx", "timm"])
-@pytest.mark.parametrize("sharding", ["replicated", "fsdp"])
-def test_sharded_load_matches_unsharded_torch(files, layout, sharding):
-    r = run_sharded(files[layout], sharding)
-    assert r["max_abs"] <= 1e-5 * r["scale"]
-    assert r["devices"] == [8]  # every parameter lives on all 8 devices (whole or in blocks)
-    for key, spec in r["specs"].items():
-        shape = r["shapes"][key]
-        if sharding == "replicated":
-            assert all(a == "None" for a in spec), (key, spec)
-            assert r["block_shapes"][key][0] == shape
-        else:
-            want = [str(a) for a in partition_spec(tuple(shape), _Mesh8(), "fsdp")]
-            assert strip(spec) == strip(want), (key, spec, want)
-    if sharding == "fsdp":
-        assert r["specs"]["blocks.0.ff1.kernel"] == ["None", "fsdp"]  # (32, 64): the 64 axis
-        assert r["block_shapes"]["blocks.0.ff1.kernel"][0] == [32, 8]
-        assert r["specs"]["head.bias"] == []  # 7 classes: replicated
+def test_every_family_preset_on_both_axis_types(tmp_path):
+    """Every family preset (MAP, registers, LayerScale, SwiGLU, RMSNorm, q/k norms, no head,
+    distillation...) on both axis types, fsdp and tensor-parallel, under nnx.jit."""
+    cases = []
+    for i, preset in enumerate(FAMILY_PRESETS):
+        path = wt.save_checkpoint(random_torch(shrunk(preset), seed=i), tmp_path / preset,
+                                  layout="timm")
+        cases += [case(path, sharding, axis_type, eager=False, preset=preset)
+                  for sharding in ("fsdp", "tensor_parallel") for axis_type in AXIS_TYPES]
+    for c, r in zip(cases, run_cases(tmp_path, cases), strict=True):
+        what = (c["preset"], c["sharding"], c["axis_type"])
+        assert r["max_abs"]["jit"] <= 1e-5 * r["scale"], (what, r["max_abs"])
+        assert r["devices"] == [8], what
+        split = [k for k, spec in r["specs"].items() if any(a != "None" for a in spec)]
+        assert split, what  # something is split
+        asked = RULE_SETS[c["sharding"]]
+        for key in split:  # and only along the logical axes the rule set splits
+            axes = arch.parameters(shrunk(c["preset"]))[key].axes
+            assert all(a == "None" or axes[i] in asked for i, a in enumerate(r["specs"][key])), \
+                (what, key)
 
 
 @pytest.mark.slow
@@ -103,6 +177,7 @@ def test_two_processes_read_only_their_own_blocks(files, sharding):
             assert r["local_bytes"] == r["global_bytes"]
 
 
+
 def strip(spec: list[str]) -> list[str]:
     """PartitionSpec drops trailing Nones: compare without them."""
     while spec and spec[-1] == "None":
@@ -110,15 +185,59 @@ def strip(spec: list[str]) -> list[str]:
     return spec
 
 
-class _Mesh8:
-    axis_names = ("fsdp",)
-    shape = {"fsdp": 8}
+# ---- the rules, in process (AbstractMesh: a mesh's axes and sizes, no devices needed) ------------
+
+MESH_2D = AbstractMesh((2, 4), ("data", "model"))
 
 
-def test_partition_spec_rules():
-    assert tuple(partition_spec((32, 64), _Mesh8(), "fsdp")) == (None, "fsdp")
-    assert tuple(partition_spec((7,), _Mesh8(), "fsdp")) == ()
-    assert tuple(partition_spec((32, 64), _Mesh8(), "replicated")) == ()
+def test_flax_derives_the_same_specs_from_the_annotations():
+    """A model built by hand carries its logical axes; under `nnx.logical_axis_rules` with a
+    rule set, `nnx.get_partition_spec` gives the specs the loader uses."""
+    model = jax_impl.ViT(CONFIG, rngs=nnx.Rngs(0))
+    assert model.blocks[0].attn.o.kernel.get_metadata()["out_sharding"] == ("heads", "embed")
+    for sharding in RULE_SETS:
+        with nnx.logical_axis_rules(logical_rules(MESH_2D, sharding)):
+            specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
+        flax_specs = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(specs)}
+        assert flax_specs == partition_specs(CONFIG, MESH_2D, sharding), sharding
+    assert partition_specs(CONFIG, MESH_2D, "fsdp_tp")["blocks.1.ff1.kernel"] == \
+        PartitionSpec("data", "model")
+
+
+def test_scanned_blocks_carry_a_layers_axis():
+    model = jax_impl.ViT(CONFIG, rngs=nnx.Rngs(0), scan_layers=True)
+    assert model.blocks.ff1.kernel.get_metadata()["out_sharding"] == ("layers", "embed", "mlp")
+
+
+def test_heads_are_never_cut():
+    """3 heads of 8 on a model axis of 4: 24 columns divide by 4, but a head would be cut, so
+    the attention stays whole; the MLP (d_ff 64) is still split."""
+    config = tiny(d_model=24, num_heads=3, d_ff=64)
+    specs = partition_specs(config, MESH_2D, "tensor_parallel")
+    assert specs["blocks.0.attn.q.kernel"] == PartitionSpec(None, None)
+    assert specs["blocks.0.ff1.kernel"] == PartitionSpec(None, "model")
+
+
+def test_own_rules():
+    specs = partition_specs(CONFIG, MESH_2D, {"mlp": "model", "classes": None})
+    assert specs["blocks.0.ff2.kernel"] == PartitionSpec("model", None)
+    assert specs["blocks.0.attn.q.kernel"] == PartitionSpec(None, None)
+
+
+@pytest.mark.parametrize("mesh, sharding, message", [
+    (AbstractMesh((7,), ("data",)), "fsdp", r"mesh axis 'data' \(size 7\) divides no parameter "
+                                            r"dimension .*embed = 32"),
+    (AbstractMesh((3,), ("model",)), "tensor_parallel", r"size 3\) divides no .*heads = 4, mlp = 64"),
+    (AbstractMesh((8,), ("data",)), "zero3", r"sharding 'zero3': expected one of"),
+    (AbstractMesh((8,), ("data",)), "fsdp_tp", r"needs a 2-D data x model mesh"),
+    (AbstractMesh((2, 4), ("a", "b")), "tensor_parallel", r"none is the model axis"),
+    (MESH_2D, {"embedding": "data"}, r"unknown logical axes \['embedding'\]"),
+    (MESH_2D, {"embed": "fsdp"}, r"mesh axes \['fsdp'\] the mesh does not have"),
+])
+def test_bad_sharding_is_refused_before_reading(tmp_path, mesh, sharding, message):
+    path = wt.save_checkpoint(random_torch(CONFIG, seed=1), tmp_path / "m.safetensors")
+    with pytest.raises(ShardingError, match=message):
+        wt.load_checkpoint(path, "jax", mesh=mesh, sharding=sharding)
 
 
 def test_mesh_needs_jax():

@@ -121,7 +121,7 @@ def test_every_layout_is_detected_from_its_own_keys():
     for config in (tiny(), tiny(pool="mean")):
         for layout in LAYOUTS.values():
             keys = {k for r in oriented(layout.table(config), config.num_layers) for k in r.right}
-            assert detect_layout(keys) is layout, layout.name
+            assert detect_layout(keys, layout.container) is layout, layout.name
 
 
 def test_submodules_are_attributes_of_the_package():

@@ -21,11 +21,18 @@ if TYPE_CHECKING:
 # "scale" (a norm's gain), "embedding" (learned tokens and positions).
 KINDS = ("conv", "kernel", "bias", "scale", "embedding")  # scale: norm gains and LayerScale
 
+# The logical axis of each parameter dimension, the names sharding rules map to mesh axes (the
+# Flax way: `nnx.logical_axis_rules` + `nnx.get_partition_spec`). "heads" is a flattened
+# (num_heads * head_dim) axis, head-major; "layers" leads the scanned blocks' stacked parameters.
+AXES = ("layers", "patch_height", "patch_width", "channels", "tokens", "embed", "heads",
+        "head_dim", "mlp", "classes")
+
 
 @dataclass(frozen=True)
 class Param:
     shape: tuple[int, ...]
     kind: str
+    axes: tuple[str, ...]  # the logical axis of each dimension, from AXES
     fan_in: int = 1  # inputs per output (kernels): the scale of a random draw
 
     @property
@@ -48,39 +55,55 @@ class Layer:
 
 
 def conv(path: str, c_in: int, c_out: int, patch: int, bias: bool = True) -> Layer:
-    params = {"kernel": Param((patch, patch, c_in, c_out), "conv", patch * patch * c_in)}
+    """A patch embedding: kernel HWIO, (p, p, C, D)."""
+    params = {"kernel": Param((patch, patch, c_in, c_out), "conv",
+                              ("patch_height", "patch_width", "channels", "embed"),
+                              patch * patch * c_in)}
     if bias:
-        params["bias"] = Param((c_out,), "bias")
+        params["bias"] = Param((c_out,), "bias", ("embed",))
     return Layer(path, "conv", params)
 
 
-def linear(path: str, d_in: int, d_out: int, bias: bool = True) -> Layer:
-    params = {"kernel": Param((d_in, d_out), "kernel", d_in)}
+def linear(path: str, d_in: int, d_out: int, bias: bool = True,
+           axes: tuple[str, str] = ("embed", "embed")) -> Layer:
+    """A dense layer: kernel (in, out), its logical axes `axes`."""
+    params = {"kernel": Param((d_in, d_out), "kernel", axes, d_in)}
     if bias:
-        params["bias"] = Param((d_out,), "bias")
+        params["bias"] = Param((d_out,), "bias", axes[1:])
     return Layer(path, "linear", params)
 
 
-def norm(path: str, d: int, kind: str = "layernorm") -> Layer:
+def norm(path: str, d: int, kind: str = "layernorm", axis: str = "embed") -> Layer:
     """LayerNorm (scale and bias) or RMSNorm (scale only)."""
-    params = {"scale": Param((d,), "scale")}
+    params = {"scale": Param((d,), "scale", (axis,))}
     if kind == "layernorm":
-        params["bias"] = Param((d,), "bias")
+        params["bias"] = Param((d,), "bias", (axis,))
     return Layer(path, "norm", params)
 
 
-def param(path: str, *shape: int, kind: str = "embedding") -> Layer:
-    return Layer(path, "param", {"": Param(tuple(shape), kind)})
+def param(path: str, *shape: int, kind: str = "embedding",
+          axes: tuple[str, ...] = ("tokens", "embed")) -> Layer:
+    return Layer(path, "param", {"": Param(tuple(shape), kind, axes[-len(shape):])})
 
 
 def mlp_layers(c: ViTConfig, prefix: str, bias: bool, gated: bool) -> list[Layer]:
     """ff1 -> activation -> ff2, or the gated form: ff2(act(ff1_g x) * ff1_x x)."""
     d, f = c.d_model, c.d_ff
-    if not gated:
-        first = [linear(f"{prefix}.ff1", d, f, bias)]
-    else:
-        first = [linear(f"{prefix}.ff1_g", d, f, bias), linear(f"{prefix}.ff1_x", d, f, bias)]
-    return [*first, linear(f"{prefix}.ff2", f, d, bias)]
+    up, down = ("embed", "mlp"), ("mlp", "embed")
+    names = ("ff1",) if not gated else ("ff1_g", "ff1_x")
+    return [*(linear(f"{prefix}.{n}", d, f, bias, up) for n in names),
+            linear(f"{prefix}.ff2", f, d, bias, down)]
+
+
+def attention_layers(c: ViTConfig, prefix: str, bias: bool = True, proj_bias: bool = True,
+                     qk_norm: bool = False) -> list[Layer]:
+    """Four projections (q, k, v column-parallel over heads, o row-parallel), optional q/k
+    norms over head_dim between them."""
+    d, heads = c.d_model, ("embed", "heads")
+    return [*(linear(f"{prefix}.{n}", d, d, bias, heads) for n in "qkv"),
+            *(norm(f"{prefix}.{n}_norm", c.head_dim, c.norm, "head_dim")
+              for n in "qk" if qk_norm),
+            linear(f"{prefix}.o", d, d, proj_bias, heads[::-1])]
 
 
 def block_layers(c: ViTConfig, prefix: str) -> list[Layer]:
@@ -89,9 +112,7 @@ def block_layers(c: ViTConfig, prefix: str) -> list[Layer]:
     d = c.d_model
     return [
         norm(f"{prefix}.ln1", d, c.norm),
-        *(linear(f"{prefix}.attn.{n}", d, d, bias=c.qkv_bias) for n in "qkv"),
-        *(norm(f"{prefix}.attn.{n}_norm", c.head_dim, c.norm) for n in "qk" if c.qk_norm),
-        linear(f"{prefix}.attn.o", d, d, bias=c.proj_bias),
+        *attention_layers(c, f"{prefix}.attn", c.qkv_bias, c.proj_bias, c.qk_norm),
         *([param(f"{prefix}.ls1", d, kind="scale")] if c.layer_scale else []),
         norm(f"{prefix}.ln2", d, c.norm),
         *mlp_layers(c, prefix, c.mlp_bias, c.mlp != "mlp"),
@@ -105,7 +126,7 @@ def map_layers(c: ViTConfig, prefix: str = "map") -> list[Layer]:
     plain one as wide as the encoder's, whatever the blocks use."""
     d = c.d_model
     return [param(f"{prefix}.probe", 1, d),
-            *(linear(f"{prefix}.attn.{n}", d, d) for n in "qkvo"),
+            *attention_layers(c, f"{prefix}.attn"),
             norm(f"{prefix}.norm", d, c.norm),
             *mlp_layers(c, prefix, True, gated=False)]
 
@@ -134,10 +155,20 @@ def layers(c: ViTConfig) -> list[Layer]:
     if c.final_norm == "post_pool":
         tree.append(norm("fc_norm", c.pooled_dim, c.norm))
     if c.num_classes:
-        tree.append(linear("head", c.pooled_dim, c.num_classes, bias=c.head_bias))
+        tree.append(linear("head", c.pooled_dim, c.num_classes, c.head_bias, ("embed", "classes")))
     if c.dist_token:
-        tree.append(linear("head_dist", d, c.num_classes, bias=c.head_bias))
+        tree.append(linear("head_dist", d, c.num_classes, c.head_bias, ("embed", "classes")))
     return tree
+
+
+def logical_axes(c: ViTConfig, scan_layers: bool = False) -> dict[str, tuple[str, ...]]:
+    """`{NNX path: logical axes}`; with `scan_layers`, the blocks' stacked as `blocks.X` with
+    a leading "layers" axis."""
+    axes = {k: p.axes for k, p in parameters(c).items()}
+    if not scan_layers:
+        return axes
+    stacked = {f"blocks.{k}": ("layers", *p.axes) for k, p in block_template(c).items()}
+    return {k: a for k, a in axes.items() if not k.startswith("blocks.")} | stacked
 
 
 def parameters(c: ViTConfig) -> dict[str, Param]:

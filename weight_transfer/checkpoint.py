@@ -18,6 +18,7 @@ import numpy as np
 
 from weight_transfer.errors import CheckpointError
 from weight_transfer.npz_io import NpzReader
+from weight_transfer.orbax_io import OrbaxReader, checkpoint_dir
 from weight_transfer.safetensors_io import SafetensorsReader
 from weight_transfer.table import Meta
 
@@ -34,6 +35,9 @@ class Source:
     reader: SafetensorsReader | None = None  # reads in file order and hashes as it goes
     closer: Callable[[], None] | None = None  # releases what the source holds open
     folder: Path | None = None  # the folder given, when the weights were found in one
+    # {key: sharding} -> {key: jax.Array}, when the format places arrays itself (Orbax)
+    restore_onto: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    container: str | None = None  # "orbax" for an Orbax folder: its keys are that layout's
     notes: list[str] = field(default_factory=list)  # how the tensors were found, for reports
 
     def items(self, keys: Iterable[str] | None = None, *, digest: bool = False
@@ -62,12 +66,17 @@ class Source:
 
 
 def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> Source:
-    """Open a safetensors file, a sharded index, a Hugging Face folder, an .npz, or (only with
-    `allow_pickle`) a torch .bin/.pth/.pt file."""
+    """Open a safetensors file, a sharded index, a Hugging Face folder, an .npz, an Orbax
+    checkpoint folder, or (only with `allow_pickle`) a torch .bin/.pth/.pt file."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     hf_config = None
+    if path.is_dir() and checkpoint_dir(path) is not None:
+        reader = OrbaxReader(path)
+        return Source(path, reader.meta, reader.load, reader.metadata, files=reader.files,
+                      folder=path, restore_onto=reader.restore_onto, container="orbax",
+                      notes=[f"an Orbax checkpoint ({reader.path})"])
     if path.is_dir():
         cfg = path / "config.json"
         hf_config = _read_json(cfg) if cfg.exists() else None

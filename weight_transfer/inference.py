@@ -83,7 +83,7 @@ def infer_config(source: Source, layout: Layout | None = None,
         raise ConfigError(unknown[0], overrides[unknown[0]],
                           f"unknown field; known: {sorted(ViTConfig.__dataclass_fields__)}")
     refuse_unsupported(source)
-    layout = layout or detect_layout(source.meta)
+    layout = layout or detect_layout(source.meta, source.container)
     dropped: list[str] = []
     if layout.normalise is not None:
         source, dropped = layout.normalise(source)

@@ -342,7 +342,8 @@ class Layout:
     table: Callable[[ViTConfig], tuple[Rule, ...]]
     marker: str  # a key pattern that identifies the layout
     description: str
-    container: str = "safetensors"  # what `--to` writes: "safetensors", "folder" (HF), "npz"
+    container: str = "safetensors"  # what `--to` writes: "safetensors", "folder" (HF), "npz",
+    # "orbax" (a folder)
     writable: bool = True
     priority: int = 0  # detection tries higher first (where another layout's marker also matches)
     aliases: tuple[str, ...] = ()
@@ -369,6 +370,9 @@ _HF = dict(container="folder", pool="cls", read_config_json=hf_config_fields,
 LAYOUTS: dict[str, Layout] = {l.name: l for l in (
     Layout("nnx", "nnx", ours("nnx"), r"^blocks\.\d+\.attn\.q\.kernel$|^ln_f\.scale$",
            "jax_impl.ViT flat NNX state", assumes=dict(activation=_GELU, ln_eps=_EPS6)),
+    Layout("orbax", "nnx", ours("nnx"), r"^blocks\.\d+\.attn\.q\.kernel$|^ln_f\.scale$",
+           "jax_impl.ViT NNX state as an Orbax checkpoint (a folder: state/ + vit_parity.json)",
+           container="orbax", assumes=dict(activation=_GELU, ln_eps=_EPS6)),
     Layout("torch", "torch", ours("torch"), r"^blocks\.\d+\.attn\.q\.weight$|^ln_f\.weight$",
            "torch_impl.ViT state dict", assumes=dict(activation=_GELU, ln_eps=_EPS6)),
     Layout("timm", "torch", timm_table,
@@ -439,11 +443,14 @@ def get_layout(name: str) -> Layout:
     return LAYOUTS[name]
 
 
-def detect_layout(keys: Iterable[str]) -> Layout:
+def detect_layout(keys: Iterable[str], container: str | None = None) -> Layout:
     """The layout whose marker the keys carry, higher `priority` first (hf5 shares a marker
-    with hf); every layout in `LAYOUTS` is tried."""
+    with hf); every layout in `LAYOUTS` is tried. Keys in an Orbax folder (`container`
+    "orbax") are read as the Orbax layout, which only such a folder can hold."""
     keys = list(keys)
     for layout in sorted(LAYOUTS.values(), key=lambda l: -l.priority):
+        if (layout.container == "orbax") != (container == "orbax"):
+            continue
         if any(re.search(layout.marker, k) for k in keys):
             return layout
     sample = ", ".join(sorted(keys)[:5]) or "(no tensors)"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,19 +131,22 @@ def load_checkpoint(path: str | os.PathLike, framework: str = "jax", *, layout: 
                     overrides: dict[str, Any] | None = None, arch: str | None = None,
                     allow_pickle: bool = False, allow_nonfinite: bool = False,
                     interpolation: str = "bicubic", antialias: bool = False, mesh=None,
-                    sharding: str = "replicated"):
+                    sharding: str | Mapping[str, str | None] = "replicated"):
     """A ready `jax_impl.ViT` (framework="jax") or `torch_impl.ViT` (framework="torch").
 
     `path`: a safetensors file, a sharded `*.safetensors.index.json`, a Hugging Face folder
-    (config.json + weights), an `.npz`, or with `allow_pickle` a torch `.bin`/`.pth`.
+    (config.json + weights), an `.npz`, an Orbax checkpoint folder, or with `allow_pickle` a
+    torch `.bin`/`.pth`.
     `layout` is detected from the key names unless given; `config` replaces the inferred config,
     `overrides` ({field: value}) corrects fields of it (what a bare state dict cannot say:
     heads, epsilon, activation, a non-square image size); what had to be assumed is announced
     with an `AssumedConfigWarning`; `arch` names a timm architecture (resolved through timm's
     registry: heads, epsilon, activation, tokens, pooling, norms) for a bare state dict;
     `image_size` resamples the position embeddings (timm's `resample_abs_pos_embed` rules).
-    With `mesh` (a `jax.sharding.Mesh`), the JAX model's parameters are placed on it,
-    `sharding="replicated"` or `"fsdp"` (see `weight_transfer.sharding`).
+    With `mesh` (a `jax.sharding.Mesh`, `Explicit` or `Auto` axes), the JAX model's parameters
+    are placed on it by `sharding`: "replicated", "fsdp", "tensor_parallel", "fsdp_tp", or
+    rules `{logical axis: mesh axis}` (see `weight_transfer.sharding`); each device's block is
+    read from the file alone.
     """
     if framework not in ("jax", "torch"):
         raise ArgumentError(f"framework {framework!r}: expected 'jax' or 'torch'")
@@ -189,11 +192,11 @@ def _target(path: str | os.PathLike, layout: Layout, max_shard_size) -> Path:
     if not layout.writable:
         raise LayoutError(f"layout {layout.name!r} is read, not written; write one of "
                           f"{', '.join(WRITABLE)}")
-    if max_shard_size is not None and layout.container == "npz":
-        raise ArgumentError(f"max shard size: the {layout.name} layout is one .npz file, which "
-                            f"cannot be sharded")
+    if max_shard_size is not None and layout.container in ("npz", "orbax"):
+        raise ArgumentError(f"max shard size: the {layout.name} layout is written as one "
+                            f"{layout.container} checkpoint, which is not split by size")
     path = Path(path)
-    if layout.container == "folder" or path.suffix:
+    if layout.container in ("folder", "orbax") or path.suffix:
         return path
     return path.with_suffix("." + layout.container)
 
@@ -202,7 +205,7 @@ def save_checkpoint(model, path: str | os.PathLike, *, layout: str = "nnx",
                     max_shard_size: int | str | None = None, force: bool = False) -> Path:
     """Write one of our models in any writable layout, in that layout's container: a
     safetensors file (sharded with an index when `max_shard_size` is given), a folder (hf), an
-    .npz (google_vit, big_vision). Atomic."""
+    .npz (google_vit, big_vision), an Orbax checkpoint folder (orbax). Atomic."""
     dst_layout = get_layout(layout)
     src_layout, flat = _model_flat(model)
     plan = plan_conversion(meta_of(flat), src_layout, dst_layout, model.config)

@@ -133,12 +133,21 @@ def write_layout(out: Path, layout: Layout, plan: Plan, tensors: Iterator[tuple[
                  config: ViTConfig, manifest: dict[str, str], max_shard_size: int | None,
                  source_digest: Callable[[], str] | None = None) -> str:
     """Write the stream in `layout.container`: an .npz, a folder (config.json + safetensors),
-    or safetensors (sharded with an index when `max_shard_size` splits it). `source_digest` is
+    an Orbax checkpoint folder, or safetensors (sharded with an index when `max_shard_size` splits it). `source_digest` is
     called after the stream is consumed and lands in the manifest as `source_sha256`."""
     if source_digest is not None:
         manifest = {**manifest, "source_sha256": DIGEST_PLACEHOLDER}
     metadata = {"format": "flax" if layout.base == "nnx" else "pt",
                 "vit_parity": json.dumps({**manifest, "config": config.to_dict()}, sort_keys=True)}
+    if layout.container == "orbax":
+        from weight_transfer.orbax_io import write_orbax
+
+        def manifest() -> str:  # once the stream is read, when the source's digest is known
+            text = metadata["vit_parity"]
+            return text.replace(DIGEST_PLACEHOLDER, source_digest()) if source_digest else text
+
+        write_orbax(out, tensors, manifest)
+        return out.name
     if layout.container == "npz":
         arrays = {k: to_contiguous(a) for k, a in tensors}
         if source_digest is not None:
