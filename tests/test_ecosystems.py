@@ -66,7 +66,7 @@ def test_timm_to_ours_matches_timm_forward(tmp_path, case, framework):
 def test_ours_to_timm_loads_strict_and_matches(tmp_path, case):
     kw, pool, qkv_bias = TIMM_CASES[case]
     ours = random_nnx(ours_for_timm(pool, qkv_bias), seed=4)
-    path = wt.save_checkpoint(ours, tmp_path / "ours", layout="timm")
+    path = wt.save_checkpoint(ours, tmp_path / "ours.safetensors", layout="timm")
     model = timm_vit(**kw)
     model.load_state_dict(load_file(path), strict=True)
     images = random_images(ours.config, 2)

@@ -7,6 +7,7 @@ each family preset against timm's own architecture. Every parameter is random fi
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import numpy as np
@@ -20,6 +21,8 @@ from tests.conftest import TOL, assert_close
 from tests.helpers.models import assert_bit_exact, nchw
 from vit_config import PRESETS, TIMM_ARCHS, ViTConfig, arch
 from weight_transfer import numpy_ref
+from weight_transfer.bridge import nnx_params
+from weight_transfer.errors import LayoutError
 from weight_transfer.metrics import relative_error
 from weight_transfer.parity import nnx_grads, torch_grads
 from weight_transfer.runners import random_images, run_nnx, run_torch, x64_for
@@ -229,3 +232,39 @@ def test_preset_exports_to_timm_strict_and_matches(tmp_path, preset):
 def test_every_family_preset_is_covered():
     assert set(FAMILY_PRESETS) == set(PRESETS) - {"seed", "vit_ti16", "vit_s16", "vit_b16",
                                                   "vit_l16", "vit_h14"}
+
+
+QUICK_HUB = ("vit_b16", "siglip_b16", "dinov2_b14_reg4", "deit_b16_distilled")  # 1-4 s each
+
+
+@pytest.mark.parametrize("preset", [p if p in QUICK_HUB else pytest.param(p, marks=pytest.mark.slow)
+                                    for p in ["vit_b16", *FAMILY_PRESETS]])
+def test_preset_exports_as_a_timm_hub_folder_timm_loads(tmp_path, preset):
+    """`--to timm` into a folder: config.json (architecture, model_args) + model.safetensors,
+    which timm's own `create_model("local-dir:...", pretrained=True)` builds and loads; it
+    computes our model's function, and reads back into ours with no hints, bit-exact."""
+    config = small(preset)
+    ours = random_nnx(config, seed=13)
+    folder = wt.save_checkpoint(ours, tmp_path / "hub", layout="timm")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    images = random_images(config, 2, seed=14)
+    with torch.no_grad():
+        expected = model(nchw(images))
+    assert_close(expected, run_nnx(ours, images), "float32", f"{preset}: timm's load vs ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the folder says everything: nothing assumed
+        back = wt.load_checkpoint(folder, "jax")
+    assert back.config.replace(image_size=back.config.image_hw) == \
+        config.replace(image_size=config.image_hw)
+    assert_bit_exact(nnx_params(ours), nnx_params(back))
+
+
+def test_a_config_no_timm_architecture_builds_is_refused_as_a_folder(tmp_path):
+    config = dataclasses.replace(small("vit_b16"), activation="relu")  # no timm ViT uses ReLU
+    with pytest.raises(LayoutError, match=r"no timm architecture .*a destination ending in "
+                                          r"\.safetensors"):
+        wt.save_checkpoint(random_nnx(config, seed=1), tmp_path / "hub", layout="timm")
+    assert not (tmp_path / "hub").exists()
+    assert wt.save_checkpoint(random_nnx(config, seed=1), tmp_path / "m.safetensors",
+                              layout="timm").is_file()

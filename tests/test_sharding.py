@@ -131,8 +131,8 @@ def test_every_family_preset_on_both_axis_types(tmp_path):
     distillation...) on both axis types, fsdp and tensor-parallel, under nnx.jit."""
     cases = []
     for i, preset in enumerate(FAMILY_PRESETS):
-        path = wt.save_checkpoint(random_torch(shrunk(preset), seed=i), tmp_path / preset,
-                                  layout="timm")
+        path = wt.save_checkpoint(random_torch(shrunk(preset), seed=i),
+                                  tmp_path / f"{preset}.safetensors", layout="timm")
         cases += [case(path, sharding, axis_type, eager=False, preset=preset)
                   for sharding in ("fsdp", "tensor_parallel") for axis_type in AXIS_TYPES]
     for c, r in zip(cases, run_cases(tmp_path, cases), strict=True):

@@ -430,9 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
     from weight_transfer.porting import DTYPES, SAVE_LAYOUTS
 
     p = sub.add_parser("convert", help="convert a checkpoint to another layout",
-                       description="Convert SRC (safetensors, sharded index, HF folder, .npz, or "
-                       ".bin/.pth with --allow-pickle) to DST in another layout, one tensor at a "
-                       "time; the output appears only when complete.")
+                       description="Convert SRC (safetensors, sharded index, HF or timm Hub "
+                       "folder, .npz, Orbax folder, or .bin/.pth with --allow-pickle) to DST in "
+                       "another layout, one tensor at a time; the output appears only when "
+                       "complete. --to timm writes a Hub folder (config.json + "
+                       "model.safetensors, as timm's create_model('local-dir:DST') loads) unless "
+                       "DST ends in .safetensors (a bare state dict); --to orbax writes an Orbax "
+                       "checkpoint folder.")
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--to", required=True, choices=[*SAVE_LAYOUTS, *ALIASES],

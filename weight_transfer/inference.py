@@ -209,7 +209,7 @@ def _from_shapes(source: Source, layout: Layout, stated: Mapping[str, Any]
         from_json, json_assumed = layout.read_config_json(source.hf_config, source.path)
         sizes.update(from_json)
         found.update({f: "config.json" for f in from_json})
-        assumed.update(json_assumed)
+        assumed = {f: why for f, why in assumed.items() if f not in from_json} | json_assumed
     sizes.update(stated)  # the user's word beats anything inferred below
     prefix = int(sizes["class_token"]) + int(sizes["dist_token"]) + sizes["reg_tokens"]
     _positions(source, layout, sizes, pos[-2], prefix, found, assumed)

@@ -38,7 +38,7 @@ from weight_transfer.hf_config import (
     renaming,
     siglip_config_fields,
 )
-from weight_transfer.timm_arch import timm_config_json
+from weight_transfer.timm_arch import timm_config_json, timm_hub_config
 from weight_transfer.table import Rule, base_shapes, rule
 from weight_transfer.transforms import (
     BATCH_AXIS,
@@ -378,6 +378,7 @@ LAYOUTS: dict[str, Layout] = {l.name: l for l in (
     Layout("timm", "torch", timm_table,
            r"^blocks\.\d+\.attn\.qkv\.weight$|^patch_embed\.proj\.weight$",
            "timm VisionTransformer state dict (or Hub folder)", read_config_json=timm_config_json,
+           write_config_json=timm_hub_config,
            assumes=dict(activation=_GELU, ln_eps=_EPS6)),
     Layout("hf", "torch", hf_table,
            r"^(vit\.)?encoder\.layer\.\d+\.|^(vit\.)?embeddings\.patch_embeddings",

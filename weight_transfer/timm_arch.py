@@ -194,3 +194,38 @@ def timm_config_json(cfg: Mapping[str, Any], where) -> tuple[dict[str, Any], dic
         return stated, {"architecture": f"{architecture} not resolved: timm is not installed; "
                         f"the rest comes from the tensors and assumptions"}
     return config.to_dict(), {}
+
+
+def timm_hub_config(config: ViTConfig) -> dict[str, Any]:
+    """The `config.json` of a timm Hub folder holding `config`'s weights: the first of our
+    presets' timm architectures that, given the sizes as `model_args`, builds exactly
+    `config` (checked by building it on the meta device and reading it back, as a reader
+    would). No such architecture: refused, naming the way out (a bare state dict)."""
+    from vit_config import PRESETS, TIMM_ARCHS
+
+    h, w = config.image_hw
+    args = dict(img_size=h if h == w else [h, w], patch_size=config.patch_size,
+                in_chans=config.in_channels, embed_dim=config.d_model, depth=config.num_layers,
+                num_heads=config.num_heads, num_classes=config.num_classes)
+    # timm takes int(embed_dim * mlp_ratio) as the hidden width (twice d_ff for a packed
+    # SwiGLU): a half above lands on it exactly
+    ratios = [(n * config.d_ff + 0.5) / config.d_model for n in (1, 2)]
+    tried = []
+    for preset in PRESETS:
+        architecture = TIMM_ARCHS.get(preset)
+        if architecture is None or architecture in tried:
+            continue
+        tried.append(architecture)
+        for ratio in ratios:
+            try:
+                built = config_from_timm(architecture, {**args, "mlp_ratio": ratio})
+            except LayoutError:
+                continue
+            if built.replace(image_size=built.image_hw) == config.replace(image_size=(h, w)):
+                return {"architecture": architecture, "num_classes": config.num_classes,
+                        "model_args": {**args, "mlp_ratio": ratio},
+                        "pretrained_cfg": {"input_size": [config.in_channels, h, w],
+                                           "num_classes": config.num_classes}}
+    raise LayoutError(f"no timm architecture of {', '.join(tried)} builds this config (with "
+                      f"its sizes as model_args); write a bare timm state dict instead (a "
+                      f"destination ending in .safetensors)")

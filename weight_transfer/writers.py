@@ -158,7 +158,7 @@ def write_layout(out: Path, layout: Layout, plan: Plan, tensors: Iterator[tuple[
         with open(out, "wb") as f:
             np.savez(f, **arrays)
         return out.name
-    if layout.container == "folder":
+    if layout.container == "folder" or (layout.write_config_json and not out.suffix):
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(layout.write_config_json(config), indent=2))
         metadata = {"format": "pt"}  # config.json is the folder's description, as HF reads it
