@@ -86,7 +86,8 @@ def test_timm_vit_tiny_patch16_224_detected_and_inferred(tmp_path):
     assert ViTConfig.from_dict(info["config"]) == ViTConfig.preset("vit_ti16")
     assert info["parameters"] == sum(p.numel() for p in model.parameters()) == 5_717_416
     assert "num_heads" in info["assumed"] and "pool" in info["assumed"]
-    ours = wt.load_checkpoint(path, "jax")
+    with pytest.warns(wt.errors.AssumedConfigWarning, match="num_heads = 3 .head_dim 64"):
+        ours = wt.load_checkpoint(path, "jax")  # the guesses happen to be right, and are said
     images = random_images(ours.config, 2)
     with torch.no_grad():
         expected = model(nchw(images))
