@@ -72,3 +72,65 @@ def test_hf_family_folder_matches_transformers(tmp_path, case, framework):
     expected = output(model, nchw(images))
     got = run_nnx(ours, images) if framework == "jax" else run_torch(ours, images)
     assert_close(expected, np.asarray(got), "float32", f"{case} -> {framework}")
+
+
+WRITTEN_AS = {  # the class our folder is written for, when the published one is a whole repo
+    "siglip-whole": T.SiglipVisionModel, "clip-whole": T.CLIPVisionModelWithProjection}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_written_hf_family_folder_loads_in_transformers(tmp_path, case):
+    """Back the other way: ours written as that HF type's folder, loaded by transformers' own
+    `from_pretrained` of the matching class (no missing or unexpected keys), computes what the
+    original model computes, every weight bit-exact."""
+    model = randomize(CASES[case](), seed=len(case)).eval()
+    model.save_pretrained(tmp_path / "published")
+    ours = wt.load_checkpoint(tmp_path / "published", "torch")
+    layout = LAYOUT[case.split("-")[0]]
+    folder = wt.save_checkpoint(ours, tmp_path / "ours", layout=layout)
+    cls = WRITTEN_AS.get(case, type(model))
+    back, info = cls.from_pretrained(folder, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    back.eval()
+    images = random_images(ours.config, 2, seed=5)
+    assert_close(output(model, nchw(images)), output(back, nchw(images)), "float32",
+                 f"{case}: transformers on our folder vs the original")
+    theirs = model.state_dict()
+    for key, value in back.state_dict().items():
+        if key.endswith("mask_token"):  # unused at inference: read as dropped, written as zeros
+            assert not value.any(), key
+            continue
+        published = key if key in theirs else f"vision_model.{key}"  # whole repo: the tower
+        assert torch.equal(value, theirs[published]), key
+
+
+def test_a_model_the_hf_type_cannot_hold_is_refused(tmp_path):
+    """A mean-pooled DINOv2 with a head: HF's Dinov2ForImageClassification pools [class,
+    patch mean]; the folder would read back as another model, so nothing is written."""
+    from tests.conftest import tiny
+    from weight_transfer.weights import random_torch
+
+    config = tiny(pool="mean", class_token=True, layer_scale=True, image_size=16, d_ff=48)
+    with pytest.raises(wt.errors.LayoutError, match=r"cannot hold this model: pool='mean' "
+                                                    r"\(it needs 'cls_mean'\)"):
+        wt.save_checkpoint(random_torch(config, seed=1), tmp_path / "d", layout="hf_dinov2")
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_folder_that_would_read_back_differently_is_not_written(tmp_path, monkeypatch):
+    """The last line of defence: every folder written is read back, in its temporary place,
+    before it appears. A config.json writer that forgot a field (here the epsilon: HF ViT's
+    default is 1e-12, the model's 1e-6) leaves nothing behind and names the field."""
+    import dataclasses
+
+    from tests.conftest import tiny
+    from weight_transfer import layouts
+    from weight_transfer.weights import random_torch
+
+    hf = layouts.LAYOUTS["hf"]
+    forgetful = lambda c: {k: v for k, v in hf.write_config_json(c).items()  # noqa: E731
+                           if k != "layer_norm_eps"}
+    monkeypatch.setitem(layouts.LAYOUTS, "hf", dataclasses.replace(hf, write_config_json=forgetful))
+    with pytest.raises(wt.errors.LayoutError, match=r"ln_eps 1e-06 would read back as 1e-12"):
+        wt.save_checkpoint(random_torch(tiny(), seed=2), tmp_path / "vit", layout="hf")
+    assert list(tmp_path.iterdir()) == []

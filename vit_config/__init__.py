@@ -241,6 +241,10 @@ class ViTConfig:
             changes.setdefault("class_token", None)
         return dataclasses.replace(self, **changes)
 
+    def same_model(self, other: "ViTConfig") -> bool:
+        """The same function: equal, a square image size written as N or (N, N) alike."""
+        return self.replace(image_size=self.image_hw) == other.replace(image_size=other.image_hw)
+
     @classmethod
     def preset(cls, name: str) -> "ViTConfig":
         if name not in PRESETS:

@@ -73,22 +73,93 @@ def normalise_hf(source: Source) -> tuple[Source, list[str]]:
                                else load(renamed[k])), dropped
 
 
+def _hf_json(config: ViTConfig, architecture: str, model_type: str, **fields) -> dict[str, Any]:
+    """What every HF vision config.json we write says: sizes, activation, epsilon, labels."""
+    h, w = config.image_hw
+    labels = {"num_labels": config.num_classes,
+              "id2label": {str(i): f"LABEL_{i}" for i in range(config.num_classes)},
+              "label2id": {f"LABEL_{i}": i for i in range(config.num_classes)}}
+    return {"architectures": [architecture], "model_type": model_type,
+            "hidden_size": config.d_model, "num_hidden_layers": config.num_layers,
+            "num_attention_heads": config.num_heads, "intermediate_size": config.d_ff,
+            "hidden_act": HF_ACTIVATION_NAMES[config.activation], "layer_norm_eps": config.ln_eps,
+            "image_size": h if h == w else [h, w], "patch_size": config.patch_size,
+            "num_channels": config.in_channels, "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0, **(labels if config.num_classes else {}),
+            **fields}
+
+
+def _require(config: ViTConfig, what: str, **fields: Any) -> None:
+    """Refuse a model the HF class cannot compute, naming each field it fixes."""
+    wrong = [f"{k}={getattr(config, k)!r} (it needs {v!r})" for k, v in fields.items()
+             if getattr(config, k) != v]
+    if wrong:
+        raise LayoutError(f"{what} cannot hold this model: {', '.join(wrong)}")
+
+
+PLAIN = dict(norm="layernorm", norm_pre=False, patch_norm=False, qk_norm=False,
+             layer_scale=False, reg_tokens=0, dist_token=False, mlp="mlp", proj_bias=True,
+             mlp_bias=True, patch_bias=True)  # what HF's ViT-like classes have no switch for
+
+
 def hf_config_json(config: ViTConfig) -> dict[str, Any]:
     if config.pool != "cls":
         raise LayoutError("the HF ViT reads its classifier from the class token's row: a "
                           "mean-pool model has no HF ViT equivalent")
-    h, w = config.image_hw
-    act = HF_ACTIVATION_NAMES[config.activation]
-    return {"architectures": ["ViTForImageClassification"], "model_type": "vit",
-            "hidden_size": config.d_model, "num_hidden_layers": config.num_layers,
-            "num_attention_heads": config.num_heads, "intermediate_size": config.d_ff,
-            "hidden_act": act, "layer_norm_eps": config.ln_eps,
-            "image_size": h if h == w else [h, w],  # HF's ViTEmbeddings takes either
-            "patch_size": config.patch_size, "num_channels": config.in_channels,
-            "qkv_bias": config.qkv_bias, "num_labels": config.num_classes,
-            "id2label": {str(i): f"LABEL_{i}" for i in range(config.num_classes)},
-            "label2id": {f"LABEL_{i}": i for i in range(config.num_classes)},
-            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    _require(config, "HF ViTForImageClassification", **PLAIN, class_token=True,
+             final_norm="pre_pool", pos_embed_tokens="all", head_bias=True)
+    return _hf_json(config, "ViTForImageClassification", "vit", qkv_bias=config.qkv_bias)
+
+
+def deit_config_json(config: ViTConfig) -> dict[str, Any]:
+    _require(config, "HF DeiTForImageClassificationWithTeacher",
+             **{**PLAIN, "dist_token": True}, class_token=True, pool="cls",
+             final_norm="pre_pool", pos_embed_tokens="all", head_bias=True)
+    return _hf_json(config, "DeiTForImageClassificationWithTeacher", "deit",
+                    qkv_bias=config.qkv_bias)
+
+
+def dinov2_config_json(config: ViTConfig) -> dict[str, Any]:
+    """Dinov2 / Dinov2WithRegisters, the model (pooled: the normed class token) or the
+    classifier (on [class token, patch mean]). HF derives the MLP width from `mlp_ratio`; the
+    ratio (an integer in transformers 5) must give exactly d_ff, for SwiGLU through its
+    2/3-and-round-to-8."""
+    gated = config.mlp != "mlp"
+    _require(config, "HF Dinov2", **{**PLAIN, "layer_scale": True, "reg_tokens": config.reg_tokens,
+                                     "mlp": config.mlp}, class_token=True,
+             pool="cls_mean" if config.num_classes else "cls", final_norm="pre_pool",
+             pos_embed_tokens="cls" if config.reg_tokens else "all",
+             **({"activation": "silu"} if gated else {}))
+    width = (lambda hidden: (int(hidden * 2 / 3) + 7) // 8 * 8) if gated else (lambda h: h)
+    ratio = next((r for r in range(1, 17) if width(config.d_model * r) == config.d_ff), None)
+    if ratio is None:
+        raise LayoutError(f"d_ff {config.d_ff}: HF Dinov2 derives the MLP width from an integer "
+                          f"mlp_ratio times hidden_size {config.d_model}, and none gives it")
+    registers = config.reg_tokens > 0
+    model_type = "dinov2_with_registers" if registers else "dinov2"
+    name = "Dinov2WithRegisters" if registers else "Dinov2"
+    head = "ForImageClassification" if config.num_classes else "Model"
+    return _hf_json(config, f"{name}{head}", model_type, qkv_bias=config.qkv_bias,
+                    mlp_ratio=ratio, use_swiglu_ffn=gated,
+                    layerscale_value=1.0, drop_path_rate=0.0,
+                    **({"num_register_tokens": config.reg_tokens} if registers else {}))
+
+
+def siglip_config_json(config: ViTConfig) -> dict[str, Any]:
+    _require(config, "HF SiglipVisionModel", **PLAIN, class_token=False, pool="map",
+             final_norm="pre_pool", pos_embed_tokens="all", num_classes=0)
+    return _hf_json(config, "SiglipVisionModel", "siglip_vision_model")
+
+
+def clip_config_json(config: ViTConfig) -> dict[str, Any]:
+    """CLIPVisionModel, or CLIPVisionModelWithProjection when there is a (projection) head."""
+    _require(config, "HF CLIPVisionModel", **{**PLAIN, "norm_pre": True, "patch_bias": False},
+             class_token=True, pool="cls", final_norm="post_pool", pos_embed_tokens="all",
+             head_bias=False)
+    if config.num_classes:
+        return {**_hf_json(config.replace(num_classes=0), "CLIPVisionModelWithProjection",
+                           "clip_vision_model"), "projection_dim": config.num_classes}
+    return _hf_json(config, "CLIPVisionModel", "clip_vision_model")
 
 
 # ---- the family's Hugging Face model types ---------------------------------------------------

@@ -31,12 +31,16 @@ from weight_transfer.errors import LayoutError
 from weight_transfer.npz_io import normalise_npz
 from weight_transfer.hf_config import (
     clip_config_fields,
+    clip_config_json,
+    deit_config_json,
     dinov2_config_fields,
+    dinov2_config_json,
     hf_config_fields,
     hf_config_json,
     normalise_hf,
     renaming,
     siglip_config_fields,
+    siglip_config_json,
 )
 from weight_transfer.timm_arch import timm_config_json, timm_hub_config
 from weight_transfer.table import Rule, base_shapes, rule
@@ -359,6 +363,12 @@ class Layout:
     # Key names brought to the table's (ViTModel -> ViTForImageClassification): the new
     # source and what was dropped.
     normalise: Callable[[Source], tuple[Source, list[str]]] | None = None
+    # The published name of a table key when we write (the inverse of what `normalise`
+    # strips: `vision_model.`, `dinov2.` before a classifier...).
+    published: Callable[[str, ViTConfig], str] | None = None
+    # Tensors the publisher's class has and we do not compute with (DINOv2's mask token),
+    # written as that class initialises them: {table key: shape} -> zeros.
+    unused: Callable[[ViTConfig], dict[str, tuple[int, ...]]] | None = None
 
 
 _GELU = ("gelu", "exact GELU (timm, torch)")
@@ -366,6 +376,13 @@ _TANH = ("gelu_tanh", "tanh GELU (flax nn.gelu's default, big_vision)")
 _EPS6 = (1e-6, "1e-6 (timm, flax)")
 _HF = dict(container="folder", pool="cls", read_config_json=hf_config_fields,
            write_config_json=hf_config_json, normalise=normalise_hf)
+
+def _dinov2_name(key: str, config: ViTConfig) -> str:
+    """Dinov2Model's names are bare; a classifier's backbone sits under its model type."""
+    if not config.num_classes or key.startswith("classifier."):
+        return key
+    return ("dinov2_with_registers." if config.reg_tokens else "dinov2.") + key
+
 
 LAYOUTS: dict[str, Layout] = {l.name: l for l in (
     Layout("nnx", "nnx", ours("nnx"), r"^blocks\.\d+\.attn\.q\.kernel$|^ln_f\.scale$",
@@ -388,28 +405,33 @@ LAYOUTS: dict[str, Layout] = {l.name: l for l in (
            **_HF),
     Layout("hf_deit", "torch", deit_table, r"^deit\.embeddings\.distillation_token$",
            "Hugging Face DeiTForImageClassificationWithTeacher", container="folder",
-           writable=False, priority=2, read_config_json=hf_config_fields, pool="cls"),
+           priority=2, read_config_json=hf_config_fields, write_config_json=deit_config_json,
+           pool="cls"),
     Layout("hf_dinov2", "torch", dinov2_table,
            r"(^|\.)embeddings\.mask_token$|(^|\.)layer_scale1\.lambda1$",
            "Hugging Face Dinov2 / Dinov2WithRegisters (model, or image classification)",
-           container="folder", writable=False, priority=2, pool="cls",
-           read_config_json=dinov2_config_fields,
+           container="folder", priority=2, pool="cls", read_config_json=dinov2_config_fields,
+           write_config_json=dinov2_config_json, published=_dinov2_name,
+           unused=lambda c: {"embeddings.mask_token": (1, c.d_model)},
            normalise=renaming(strip=("dinov2.", "dinov2_with_registers."),
                               drop=(("embeddings.mask_token", "the mask token (unused at "
                                      "inference)"), ("dinov2.embeddings.mask_token",
                                                      "the mask token (unused at inference)")))),
     Layout("hf_clip", "torch", clip_table, r"(^|\.)embeddings\.class_embedding$",
            "Hugging Face CLIP vision tower (CLIPVisionModel[WithProjection], or a whole CLIP "
-           "repo: the text tower is left out)", container="folder", writable=False, priority=2,
-           pool="cls", read_config_json=clip_config_fields,
+           "repo: the text tower is left out)", container="folder", priority=2,
+           pool="cls", read_config_json=clip_config_fields, write_config_json=clip_config_json,
+           published=lambda key, c: key if key.startswith("visual_projection.")
+           else f"vision_model.{key}",
            normalise=renaming(strip=("vision_model.",), drop=(
                ("text_model.", "the text tower"), ("text_projection", "the text tower"),
                ("logit_scale", "the text tower")))),
     Layout("hf_siglip", "torch", siglip_table,
            r"(^|\.)embeddings\.patch_embedding\.weight$",
            "Hugging Face SigLIP vision tower (SiglipVisionModel, or a whole SigLIP repo: the "
-           "text tower is left out)", container="folder", writable=False, priority=1,
-           read_config_json=siglip_config_fields,
+           "text tower is left out)", container="folder", priority=1,
+           read_config_json=siglip_config_fields, write_config_json=siglip_config_json,
+           published=lambda key, c: f"vision_model.{key}",
            normalise=renaming(strip=("vision_model.",), drop=(
                ("text_model.", "the text tower"), ("logit_scale", "the text tower"),
                ("logit_bias", "the text tower")))),

@@ -221,7 +221,7 @@ def timm_hub_config(config: ViTConfig) -> dict[str, Any]:
                 built = config_from_timm(architecture, {**args, "mlp_ratio": ratio})
             except LayoutError:
                 continue
-            if built.replace(image_size=built.image_hw) == config.replace(image_size=(h, w)):
+            if built.same_model(config):
                 return {"architecture": architecture, "num_classes": config.num_classes,
                         "model_args": {**args, "mlp_ratio": ratio},
                         "pretrained_cfg": {"input_size": [config.in_channels, h, w],

@@ -5,6 +5,8 @@ with the manifest that makes our files describe themselves."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import json
 import math
 import os
@@ -20,7 +22,7 @@ import numpy as np
 
 from vit_config import ViTConfig
 from weight_transfer.conversion import Plan
-from weight_transfer.errors import CheckpointError
+from weight_transfer.errors import CheckpointError, LayoutError
 from weight_transfer.layouts import Layout
 from weight_transfer.npz_io import NPZ_MANIFEST
 from weight_transfer.safetensors_io import write_safetensors
@@ -135,6 +137,18 @@ def write_layout(out: Path, layout: Layout, plan: Plan, tensors: Iterator[tuple[
     """Write the stream in `layout.container`: an .npz, a folder (config.json + safetensors),
     an Orbax checkpoint folder, or safetensors (sharded with an index when `max_shard_size` splits it). `source_digest` is
     called after the stream is consumed and lands in the manifest as `source_sha256`."""
+    if layout.unused is not None:  # zeros, as the publisher's class initialises them
+        dtype = plan.order[0][1][1]
+        zeros = {k: np.zeros(shape, dtype) for k, shape in layout.unused(config).items()}
+        plan = dataclasses.replace(plan, order=[*plan.order, *((k, (a.shape, a.dtype))
+                                                               for k, a in zeros.items())])
+        tensors = itertools.chain(tensors, zeros.items())
+    if layout.published is not None:  # the names the publisher's own loader expects
+        def name(key: str) -> str:
+            return layout.published(key, config)
+
+        plan = dataclasses.replace(plan, order=[(name(k), meta) for k, meta in plan.order])
+        tensors = ((name(k), a) for k, a in tensors)
     if source_digest is not None:
         manifest = {**manifest, "source_sha256": DIGEST_PLACEHOLDER}
     metadata = {"format": "flax" if layout.base == "nnx" else "pt",
@@ -165,12 +179,41 @@ def write_layout(out: Path, layout: Layout, plan: Plan, tensors: Iterator[tuple[
         base = out / "model.safetensors"
     else:
         base = out
+    name = _write_safetensors(base, plan, tensors, metadata, max_shard_size, source_digest)
+    if base != out:  # a folder described by its config.json alone: it must say exactly `config`
+        _check_reads_back(out, layout, config)
+        return out.name
+    return name
+
+
+def _check_reads_back(folder: Path, layout: Layout, config: ViTConfig) -> None:
+    """Read the written folder as a user would (still in its temporary place) and refuse it
+    unless it reads back as `config`: a config.json that cannot say something (a pooling, a
+    width the library derives from a ratio...) must not become a silently different model."""
+    from weight_transfer.checkpoint import read_checkpoint
+    from weight_transfer.inference import infer_config
+
+    source = read_checkpoint(folder)
+    try:
+        got = infer_config(source).config
+    finally:
+        source.close()
+    if not got.same_model(config):
+        a, b = config.to_dict(), got.to_dict()
+        diff = ", ".join(f"{k} {a[k]!r} would read back as {b[k]!r}" for k in a if a[k] != b[k])
+        raise LayoutError(f"the {layout.name} layout cannot hold this model ({diff or 'image size'})"
+                          f"; write another layout (nnx, torch, timm .safetensors)")
+
+
+def _write_safetensors(base: Path, plan: Plan, tensors, metadata: dict[str, str],
+                       max_shard_size: int | None, source_digest) -> str:
+    """One safetensors file, or shards and an index; returns the name to report."""
     shards = shard(plan.order, max_shard_size)
     if len(shards) == 1:
         write_safetensors(base, plan.order, tensors, metadata)
         if source_digest is not None and "vit_parity" in metadata:
             _patch_digest([base], source_digest())
-        return out.name
+        return base.name
     stem = base.name.removesuffix(".safetensors")
     names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
@@ -184,4 +227,4 @@ def write_layout(out: Path, layout: Layout, plan: Plan, tensors: Iterator[tuple[
     index_path.write_text(json.dumps(index, indent=2))
     if source_digest is not None and "vit_parity" in metadata:
         _patch_digest([base.parent / n for n in names] + [index_path], source_digest())
-    return out.name if out != base else index_path.name
+    return index_path.name
