@@ -80,3 +80,43 @@ def test_open_clip_names_resolve_through_its_registry():
     assert config.num_params() == sum(p.numel() for p in model.visual.parameters())
     assert config_from_open_clip("ViT-B-32").activation == "gelu"
     assert isinstance(config, ViTConfig)
+
+
+@pytest.mark.parametrize("quick_gelu", [False, True], ids=["gelu", "quickgelu"])
+def test_written_open_clip_state_dict_loads_into_open_clip_strict(tmp_path, quick_gelu):
+    """Back the other way: ours written as `visual.*` loads into open_clip's own image tower
+    with strict=True, every weight bit-exact, and encode_image is unchanged; read back by us
+    with nothing assumed (our manifest says what the file cannot)."""
+    from safetensors.torch import load_file, save_file
+
+    model = small_clip(quick_gelu)
+    path = tmp_path / "published.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    act = "quick_gelu" if quick_gelu else "gelu"
+    with pytest.warns(wt.errors.AssumedConfigWarning):
+        ours = wt.load_checkpoint(path, "torch", overrides={"num_heads": 2, "activation": act})
+    out = wt.save_checkpoint(ours, tmp_path / "visual.safetensors", layout="open_clip")
+    written = load_file(out)
+    assert all(k.startswith("visual.") for k in written)
+    fresh = small_clip(quick_gelu)  # other random weights, same architecture
+    fresh.visual.load_state_dict({k.removeprefix("visual."): v for k, v in written.items()},
+                                 strict=True)
+    for key, value in model.visual.state_dict().items():
+        assert torch.equal(value, fresh.visual.state_dict()[key]), key
+    images = random_images(ours.config, 2, seed=7)
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(nchw(images)), fresh.encode_image(nchw(images)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert wt.load_checkpoint(out, "torch").config == ours.config
+
+
+def test_a_model_open_clip_cannot_compute_is_refused(tmp_path):
+    from tests.conftest import tiny
+    from weight_transfer.weights import random_torch
+
+    with pytest.raises(wt.errors.LayoutError, match=r"open_clip's VisionTransformer cannot "
+                                                    r"hold this model: norm_pre=False"):
+        wt.save_checkpoint(random_torch(tiny(), seed=1), tmp_path / "v.safetensors",
+                           layout="open_clip")
+    assert list(tmp_path.iterdir()) == []

@@ -63,7 +63,8 @@ def test_weights_are_torchs_own(n_in, n_out):
 @pytest.mark.parametrize("old, new", [((37, 37), (16, 16)), ((16, 16), (37, 37)),
                                       ((14, 14), (10, 12))])
 @pytest.mark.parametrize("variant", ["hf", "dinov2"])
-def test_matches_hf_and_original_dinov2(old, new, variant):
+@pytest.mark.parametrize("backend", ["numpy", "jax", "torch"])
+def test_matches_hf_and_original_dinov2(backend, old, new, variant):
     """HF's interpolate_pos_encoding (bicubic to `size=`, no antialias) and original DINOv2's
     (bicubic by `scale_factor=(n + 0.1) / M`), against torch running each library's call."""
     import torch.nn.functional as F
@@ -77,8 +78,9 @@ def test_matches_hf_and_original_dinov2(old, new, variant):
         factor = (float(new[0] + 0.1) / old[0], float(new[1] + 0.1) / old[1])
         out = F.interpolate(grid, scale_factor=factor, mode="bicubic", antialias=False)
     expected = out.permute(0, 2, 3, 1).reshape(-1, 8).numpy()
-    got = resample_pos_embed(pos, old, new, num_prefix_tokens=1,
-                             interpolation="bicubic" if variant == "hf" else "dinov2")[1:]
+    wrap = {"numpy": np.asarray, "jax": jnp.asarray, "torch": torch.from_numpy}[backend]
+    got = np.asarray(resample_pos_embed(wrap(pos), old, new, num_prefix_tokens=1,
+                                        interpolation="bicubic" if variant == "hf" else "dinov2"))[1:]
     err = np.abs(got - expected).max() / np.abs(expected).max()
     assert err <= RESAMPLE_TOL, f"relative error {err:.2e}"
     if variant == "dinov2":  # a different function from HF's: why the variant is selectable

@@ -59,12 +59,15 @@ class Plan:
 def plan_conversion(meta: Mapping[str, Meta], src: Layout, dst: Layout, config: ViTConfig,
                     *, out_config: ViTConfig | None = None, hook: Hook | None = None,
                     what: str | None = None) -> Plan:
-    """Check every step on shapes alone (raising one `TransferError` listing all problems).
+    """Check every step on shapes alone (raising one `TransferError` listing all problems),
+    after the target layout's own check that its library can compute the model.
 
     `hook` may change tensors (resampling, dtype casts) between the source's table and the
     rest, which are then checked against `out_config` (default `config`).
     """
     out = out_config or config
+    if dst.check_writable is not None:  # a model the target library cannot compute: say why
+        dst.check_writable(out)
     steps = [check_table(meta, oriented(src.table(config), config.num_layers, reverse=True),
                          base_shapes(src.base, config), what=what or src.name)]
     base = src.base

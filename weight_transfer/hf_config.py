@@ -89,8 +89,8 @@ def _hf_json(config: ViTConfig, architecture: str, model_type: str, **fields) ->
             **fields}
 
 
-def _require(config: ViTConfig, what: str, **fields: Any) -> None:
-    """Refuse a model the HF class cannot compute, naming each field it fixes."""
+def require(config: ViTConfig, what: str, **fields: Any) -> None:
+    """Refuse a model `what` cannot compute, naming each field it fixes."""
     wrong = [f"{k}={getattr(config, k)!r} (it needs {v!r})" for k, v in fields.items()
              if getattr(config, k) != v]
     if wrong:
@@ -99,20 +99,20 @@ def _require(config: ViTConfig, what: str, **fields: Any) -> None:
 
 PLAIN = dict(norm="layernorm", norm_pre=False, patch_norm=False, qk_norm=False,
              layer_scale=False, reg_tokens=0, dist_token=False, mlp="mlp", proj_bias=True,
-             mlp_bias=True, patch_bias=True)  # what HF's ViT-like classes have no switch for
+             mlp_bias=True, patch_bias=True)  # what ViT-like classes have no switch for
 
 
 def hf_config_json(config: ViTConfig) -> dict[str, Any]:
     if config.pool != "cls":
         raise LayoutError("the HF ViT reads its classifier from the class token's row: a "
                           "mean-pool model has no HF ViT equivalent")
-    _require(config, "HF ViTForImageClassification", **PLAIN, class_token=True,
+    require(config, "HF ViTForImageClassification", **PLAIN, class_token=True,
              final_norm="pre_pool", pos_embed_tokens="all", head_bias=True)
     return _hf_json(config, "ViTForImageClassification", "vit", qkv_bias=config.qkv_bias)
 
 
 def deit_config_json(config: ViTConfig) -> dict[str, Any]:
-    _require(config, "HF DeiTForImageClassificationWithTeacher",
+    require(config, "HF DeiTForImageClassificationWithTeacher",
              **{**PLAIN, "dist_token": True}, class_token=True, pool="cls",
              final_norm="pre_pool", pos_embed_tokens="all", head_bias=True)
     return _hf_json(config, "DeiTForImageClassificationWithTeacher", "deit",
@@ -125,7 +125,7 @@ def dinov2_config_json(config: ViTConfig) -> dict[str, Any]:
     ratio (an integer in transformers 5) must give exactly d_ff, for SwiGLU through its
     2/3-and-round-to-8."""
     gated = config.mlp != "mlp"
-    _require(config, "HF Dinov2", **{**PLAIN, "layer_scale": True, "reg_tokens": config.reg_tokens,
+    require(config, "HF Dinov2", **{**PLAIN, "layer_scale": True, "reg_tokens": config.reg_tokens,
                                      "mlp": config.mlp}, class_token=True,
              pool="cls_mean" if config.num_classes else "cls", final_norm="pre_pool",
              pos_embed_tokens="cls" if config.reg_tokens else "all",
@@ -146,14 +146,14 @@ def dinov2_config_json(config: ViTConfig) -> dict[str, Any]:
 
 
 def siglip_config_json(config: ViTConfig) -> dict[str, Any]:
-    _require(config, "HF SiglipVisionModel", **PLAIN, class_token=False, pool="map",
+    require(config, "HF SiglipVisionModel", **PLAIN, class_token=False, pool="map",
              final_norm="pre_pool", pos_embed_tokens="all", num_classes=0)
     return _hf_json(config, "SiglipVisionModel", "siglip_vision_model")
 
 
 def clip_config_json(config: ViTConfig) -> dict[str, Any]:
     """CLIPVisionModel, or CLIPVisionModelWithProjection when there is a (projection) head."""
-    _require(config, "HF CLIPVisionModel", **{**PLAIN, "norm_pre": True, "patch_bias": False},
+    require(config, "HF CLIPVisionModel", **{**PLAIN, "norm_pre": True, "patch_bias": False},
              class_token=True, pool="cls", final_norm="post_pool", pos_embed_tokens="all",
              head_bias=False)
     if config.num_classes:

@@ -37,8 +37,10 @@ from weight_transfer.hf_config import (
     dinov2_config_json,
     hf_config_fields,
     hf_config_json,
+    PLAIN,
     normalise_hf,
     renaming,
+    require,
     siglip_config_fields,
     siglip_config_json,
 )
@@ -369,13 +371,15 @@ class Layout:
     # Tensors the publisher's class has and we do not compute with (DINOv2's mask token),
     # written as that class initialises them: {table key: shape} -> zeros.
     unused: Callable[[ViTConfig], dict[str, tuple[int, ...]]] | None = None
+    # Raises for a model the layout's library cannot compute, before anything is planned.
+    check_writable: Callable[[ViTConfig], Any] | None = None
 
 
 _GELU = ("gelu", "exact GELU (timm, torch)")
 _TANH = ("gelu_tanh", "tanh GELU (flax nn.gelu's default, big_vision)")
 _EPS6 = (1e-6, "1e-6 (timm, flax)")
 _HF = dict(container="folder", pool="cls", read_config_json=hf_config_fields,
-           write_config_json=hf_config_json, normalise=normalise_hf)
+           write_config_json=hf_config_json, check_writable=hf_config_json, normalise=normalise_hf)
 
 def _dinov2_name(key: str, config: ViTConfig) -> str:
     """Dinov2Model's names are bare; a classifier's backbone sits under its model type."""
@@ -406,12 +410,14 @@ LAYOUTS: dict[str, Layout] = {l.name: l for l in (
     Layout("hf_deit", "torch", deit_table, r"^deit\.embeddings\.distillation_token$",
            "Hugging Face DeiTForImageClassificationWithTeacher", container="folder",
            priority=2, read_config_json=hf_config_fields, write_config_json=deit_config_json,
+           check_writable=deit_config_json,
            pool="cls"),
     Layout("hf_dinov2", "torch", dinov2_table,
            r"(^|\.)embeddings\.mask_token$|(^|\.)layer_scale1\.lambda1$",
            "Hugging Face Dinov2 / Dinov2WithRegisters (model, or image classification)",
            container="folder", priority=2, pool="cls", read_config_json=dinov2_config_fields,
-           write_config_json=dinov2_config_json, published=_dinov2_name,
+           write_config_json=dinov2_config_json, check_writable=dinov2_config_json,
+           published=_dinov2_name,
            unused=lambda c: {"embeddings.mask_token": (1, c.d_model)},
            normalise=renaming(strip=("dinov2.", "dinov2_with_registers."),
                               drop=(("embeddings.mask_token", "the mask token (unused at "
@@ -421,6 +427,7 @@ LAYOUTS: dict[str, Layout] = {l.name: l for l in (
            "Hugging Face CLIP vision tower (CLIPVisionModel[WithProjection], or a whole CLIP "
            "repo: the text tower is left out)", container="folder", priority=2,
            pool="cls", read_config_json=clip_config_fields, write_config_json=clip_config_json,
+           check_writable=clip_config_json,
            published=lambda key, c: key if key.startswith("visual_projection.")
            else f"vision_model.{key}",
            normalise=renaming(strip=("vision_model.",), drop=(
@@ -431,6 +438,7 @@ LAYOUTS: dict[str, Layout] = {l.name: l for l in (
            "Hugging Face SigLIP vision tower (SiglipVisionModel, or a whole SigLIP repo: the "
            "text tower is left out)", container="folder", priority=1,
            read_config_json=siglip_config_fields, write_config_json=siglip_config_json,
+           check_writable=siglip_config_json,
            published=lambda key, c: f"vision_model.{key}",
            normalise=renaming(strip=("vision_model.",), drop=(
                ("text_model.", "the text tower"), ("logit_scale", "the text tower"),
@@ -438,7 +446,12 @@ LAYOUTS: dict[str, Layout] = {l.name: l for l in (
     Layout("open_clip", "torch", open_clip_table,
            r"^(visual\.)?transformer\.resblocks\.\d+\.|^(visual\.)?class_embedding$",
            "open_clip / OpenAI CLIP image tower (visual.*; the text tower is left out)",
-           writable=False, priority=2, pool="cls",
+           priority=2, pool="cls", published=lambda key, c: f"visual.{key}",
+           check_writable=lambda c: require(
+               c, "open_clip's VisionTransformer", **{**PLAIN, "norm_pre": True,
+                                                      "patch_bias": False},
+               class_token=True, pool="cls", final_norm="pre_pool", pos_embed_tokens="all",
+               head_bias=False),
            normalise=renaming(strip=("visual.",), keep_only_stripped="the text tower"),
            assumes=dict(activation=("gelu", "exact GELU (open_clip's default; OpenAI CLIP "
                                     "weights run QuickGELU: --arch NAME-quickgelu or --set "
