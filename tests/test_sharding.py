@@ -108,6 +108,7 @@ def test_every_sharding_on_both_axis_types_matches_unsharded_torch(tmp_path, fil
             assert r["losses"][2] < r["losses"][0] and r["moments_placed_as_params"], (what, r)
 
 
+@pytest.mark.slow  # a child process with 8 devices: 4 s
 def test_a_mesh_built_by_hand_still_works(tmp_path, files):
     """`Mesh(devices, names)` (Auto axes), as before `jax.make_mesh`."""
     [r] = run_cases(tmp_path, [case(files["nnx"], "fsdp", "mesh", eager=False)])
