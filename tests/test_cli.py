@@ -163,6 +163,7 @@ def test_doctor_cli_names_both_faults(call, pair):
     assert r.returncode == 0 and "agree" in r.stdout
 
 
+@pytest.mark.slow  # 4.4 s (--durations); gradient parity itself is in the quick subset
 def test_check_grads_json(call):
     r = call("check", "--preset", "seed", "--dtype", "float32", "--grads", "--json")
     assert r.returncode == 0, r.stderr

@@ -291,3 +291,21 @@ def test_doctor_refuses_a_third_party_candidate(ref, images):
 def test_vit_config_sizes_for_doctor_are_distinct():
     assert len({CONFIG.d_model, CONFIG.d_ff, CONFIG.head_dim, CONFIG.num_heads}) == 4
     assert ViTConfig.preset("seed") != CONFIG
+
+
+@pytest.mark.parametrize("framework", ["torch", pytest.param("jax", marks=pytest.mark.slow)])
+def test_a_recorded_reference_diagnoses_alike_and_holds_no_model(ref, images, framework):
+    """What the CLI does to keep one model in memory: the reference's float64 run recorded
+    (the model cast in place, then dropped) gives the same diagnosis as the live reference."""
+    from weight_transfer.adapters import recorded
+
+    reference, candidate = make_fault("ln_eps", ref)
+    live = diagnose(reference, candidate, images)
+    spent = wt.to_torch(reference) if framework == "torch" else \
+        wt.nnx_from_flat(wt.nnx_flat(reference), reference.config)
+    side = recorded(spent, images)
+    first = next(spent.parameters()) if framework == "torch" else spent.pos_embed[...]
+    assert first.dtype in (torch.float64, np.float64)  # cast in place: spent
+    assert diagnose(side, candidate, images).as_dict() == live.as_dict()
+    with pytest.raises(ValueError, match="only its own float64 run"):
+        side.run(images + 1, True)

@@ -1,7 +1,8 @@
 """One interface over every model we compare: ours (NNX or torch) and third-party torch models.
 
 `side(model).run(images_nhwc, float64)` returns the named intermediates as float64 NumPy
-arrays, under the names `vit_config.arch.intermediates` declares (`patch_embed`, `tokens`,
+arrays (with `in_place=True`, a float64 run casts the model itself instead of a copy: for a
+caller that gives the model up, such as the CLI's doctor), under the names `vit_config.arch.intermediates` declares (`patch_embed`, `tokens`,
 `blocks.{i}.attn`, ..., `logits`). Ours produce them natively (`return_intermediates=True`);
 timm and Hugging Face models are captured with forward hooks under the same names.
 """
@@ -20,30 +21,41 @@ from weight_transfer.metrics import as_float64
 Intermediates = dict[str, np.ndarray]
 
 
-
-
-
 @dataclass
 class Side:
     """A model to compare, as a function of (NHWC float images, float64?) -> intermediates."""
 
     name: str
     names: list[str]  # the intermediates it returns, in forward order
-    run: Callable[[np.ndarray, bool], Intermediates]
+    run: Callable[..., Intermediates]  # (images, float64, in_place=False)
 
 
 def _nnx_side(model) -> Side:
     from weight_transfer.bridge import nnx_astype
     from weight_transfer.runners import run_nnx, x64_for
 
-    def run(images, float64):
+    def run(images, float64, in_place=False):
         with x64_for("float64" if float64 else "float32"):
-            m = nnx_astype(model, np.float64) if float64 else model
+            m = (_nnx_cast_in_place if in_place else nnx_astype)(model, np.float64) \
+                if float64 else model
             _, seen = run_nnx(m, images.astype(np.float64 if float64 else np.float32),
                               return_intermediates=True)
             return {k: as_float64(v) for k, v in seen.items()}
 
     return Side("jax_impl.ViT", intermediates(model.config), run)
+
+
+def _nnx_cast_in_place(model, dtype):
+    """`model`'s parameters cast one at a time (each float32 array freed as its cast lands),
+    merged into a graph computing in `dtype`; `model` itself is spent."""
+    from flax import nnx
+
+    from weight_transfer.bridge import _abstract_nnx
+
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        var.set_value(var.get_value().astype(dtype))
+    graphdef, _ = _abstract_nnx(model.config, np.dtype(dtype), model.scan_layers)
+    return nnx.merge(graphdef, nnx.state(model, nnx.Param))
 
 
 def _torch_side(model) -> Side:
@@ -52,8 +64,9 @@ def _torch_side(model) -> Side:
     from weight_transfer.runners import run_torch
     from weight_transfer.torch_bridge import torch_astype
 
-    def run(images, float64):
-        m = torch_astype(model, torch.float64) if float64 else model
+    def run(images, float64, in_place=False):
+        cast = (lambda m, dtype: m.to(dtype)) if in_place else torch_astype
+        m = cast(model, torch.float64) if float64 else model
         _, seen = run_torch(m, images.astype(np.float64 if float64 else np.float32),
                             return_intermediates=True)
         return {k: as_float64(v) for k, v in seen.items()}
@@ -71,8 +84,8 @@ def _hooked_side(name: str, model, points: Callable) -> Side:
 
     from weight_transfer.bridge import nhwc_to_nchw
 
-    def run(images, float64):
-        m = copy.deepcopy(model).double() if float64 else model
+    def run(images, float64, in_place=False):
+        m = (model if in_place else copy.deepcopy(model)).double() if float64 else model
         dtype = torch.float64 if float64 else torch.float32
         seen: Intermediates = {}
         handles = []
@@ -134,3 +147,22 @@ def side(model) -> Side:
     raise TypeError(f"cannot compare a {type(model).__module__}.{type(model).__name__}: expected "
                     f"jax_impl.ViT, torch_impl.ViT, a timm VisionTransformer or an HF "
                     f"ViTForImageClassification")
+
+
+def recorded(model, images: np.ndarray) -> Side:
+    """`model`'s float64 run on `images`, recorded, as a `Side` that holds no model: the
+    model is cast to float64 in place for it (spent), so a caller that drops it keeps only the
+    intermediates (the CLI's doctor: one model in memory at a time)."""
+    from weight_transfer.runners import exact_matmuls
+
+    images = np.asarray(images, np.float64)
+    live = side(model)
+    with exact_matmuls():
+        seen = live.run(images, True, in_place=True)
+
+    def run(again, float64):
+        if not float64 or not np.array_equal(np.asarray(again, np.float64), images):
+            raise ValueError("a recorded side replays only its own float64 run")
+        return seen
+
+    return Side(live.name, live.names, run)

@@ -104,14 +104,18 @@ def nnx_loop_flat(model: jax_impl.ViT) -> Flat:
     return unstack_layers(flat, model.config) if model.scan_layers else flat
 
 
+def require_ours(model) -> None:
+    if not isinstance(model, (jax_impl.ViT, torch_impl.ViT)):
+        raise TypeError(f"expected a jax_impl.ViT or torch_impl.ViT, got {type(model).__name__} "
+                        f"(port third-party models with load_checkpoint first)")
+
+
 def nnx_params(model: jax_impl.ViT | torch_impl.ViT) -> Flat:
     """Either of our models' parameters as `{nnx path: array}` in the loop layout."""
+    require_ours(model)
     if isinstance(model, jax_impl.ViT):
         return nnx_loop_flat(model)
-    if isinstance(model, torch_impl.ViT):
-        return torch_to_nnx_flat(torch_flat(model), model.config)
-    raise TypeError(f"expected a jax_impl.ViT or torch_impl.ViT, got {type(model).__name__} "
-                    f"(port third-party models with load_checkpoint first)")
+    return torch_to_nnx_flat(torch_flat(model), model.config)
 
 
 def torch_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:

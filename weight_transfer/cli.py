@@ -224,23 +224,39 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_pair(args: argparse.Namespace):
-    """REF and CAND checkpoints, each into the framework asked for, and the images to use."""
-    from weight_transfer.runners import random_images
+def _load_pair(args: argparse.Namespace, reference=None):
+    """REF and CAND checkpoints, each into the framework asked for, and the images to use.
+    With `reference`, REF is replaced by `reference(REF, images)` before CAND is loaded (the
+    doctor records REF's float64 run and lets it go: one model in memory at a time). CAND's
+    config is read first (headers only), so a CAND that cannot pair is refused before any
+    tensor is read."""
+    from weight_transfer.checkpoint import read_checkpoint
+    from weight_transfer.inference import infer_config
+    from weight_transfer.layouts import get_layout
     from weight_transfer.porting import load_checkpoint
+    from weight_transfer.runners import random_images
 
     kw = dict(layout=args.layout, allow_pickle=args.allow_pickle,
               overrides=_overrides(args.set), arch=args.arch)
     _check_batch(args.batch)
+    source = read_checkpoint(args.candidate, allow_pickle=args.allow_pickle)
+    try:
+        cand_config = infer_config(source, get_layout(args.layout) if args.layout else None,
+                                   overrides=kw["overrides"], arch=args.arch).config
+    finally:
+        source.close()
     ref = load_checkpoint(args.reference, args.ref_framework, **kw)
-    cand = load_checkpoint(args.candidate, args.cand_framework, **kw)
     _check_batch(args.batch, ref.config)
-    if ref.config.image_hw != cand.config.image_hw or \
-            ref.config.in_channels != cand.config.in_channels:
+    if ref.config.image_hw != cand_config.image_hw or \
+            ref.config.in_channels != cand_config.in_channels:
         raise UsageError(f"the two models take different images: {ref.config.image_hw} x "
-                         f"{ref.config.in_channels} vs {cand.config.image_hw} x "
-                         f"{cand.config.in_channels}")
-    return ref, cand, random_images(ref.config, args.batch, args.seed)
+                         f"{ref.config.in_channels} vs {cand_config.image_hw} x "
+                         f"{cand_config.in_channels}")
+    images = random_images(ref.config, args.batch, args.seed)
+    if reference is not None:
+        ref = reference(ref, images)
+    cand = load_checkpoint(args.candidate, args.cand_framework, **kw)
+    return ref, cand, images
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
@@ -320,9 +336,10 @@ def plot_report(report, path: str) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from weight_transfer.adapters import recorded
     from weight_transfer.doctor import diagnose
 
-    ref, cand, images = _load_pair(args)
+    ref, cand, images = _load_pair(args, reference=recorded)  # REF gone before CAND loads
     d = diagnose(ref, cand, images)
     if args.json:
         _print_json(d.as_dict())

@@ -340,11 +340,19 @@ HYPOTHESES: dict[str, Callable[[Candidate], Iterator[Variant]]] = {
 
 
 def candidate_of(model) -> Candidate:
-    """One of our models as the doctor's candidate (flat NNX params in float64)."""
+    """One of our models as the doctor's candidate: flat NNX params for the float64 replay.
+
+    Float32 kernels stay float32, as the model holds them (no copy: 99% of the weights):
+    they only ever meet float64 activations in a matmul, which casts them exactly, so the
+    replay is the same float64 computation. Everything else (norms, biases, tokens,
+    positions, the MAP probe, which start float64 paths of their own) is cast to float64."""
     from weight_transfer.bridge import nnx_params
 
     flat = nnx_params(model)  # TypeError for anything but ours
-    return Candidate(model.config, {k: v.astype(np.float64) for k, v in flat.items()})
+    kinds = {k: p.kind for k, p in arch.parameters(model.config).items()}
+    return Candidate(model.config, {
+        k: v if kinds[k] in ("kernel", "conv") and v.dtype == np.float32 else
+        v.astype(np.float64) for k, v in flat.items()})
 
 
 def _score(ref: dict, cand: Candidate, images: np.ndarray, order: list[str]) -> tuple[int, float]:
@@ -374,23 +382,27 @@ def _focus(name: str) -> int | None:
 def diagnose(reference, candidate, images: np.ndarray, *, max_faults: int = 3,
              candidate_knobs: Knobs = Knobs()) -> Diagnosis:
     """Name what makes `candidate` (one of ours) compute differently from `reference` (any
-    model `compare` accepts) on NHWC `images`; see the module docstring."""
+    model `compare` accepts, or a `Side`, such as `adapters.recorded`'s) on NHWC `images`; see
+    the module docstring."""
     from weight_transfer.adapters import side
-    from weight_transfer.runners import exact_matmuls
+    from weight_transfer.bridge import require_ours
+    from weight_transfer.runners import exact_matmuls, logits_of
 
+    require_ours(candidate)  # before any work: only ours can be replayed
     images = np.asarray(images, np.float64)
-    cand = dataclasses.replace(candidate_of(candidate), knobs=candidate_knobs)
     ref_side, cand_side = side(reference), side(candidate)
     order = ref_side.names + [n for n in cand_side.names if n not in ref_side.names]
+    check = candidate_knobs == Knobs()  # the replay must be the candidate, or nothing holds
     with exact_matmuls():
         ref = ref_side.run(images, True)
-        if candidate_knobs == Knobs():  # the replay must be the candidate, or nothing holds
-            # checked in float32 (no float64 copy of the candidate: memory on large models);
-            # any structural difference is orders of magnitude above float32's rounding
-            own = cand_side.run(images, False)["logits"]
-            replay = forward(cand.params, images, cand.config)["logits"]
-            if np.max(np.abs(own - replay)) > REPLAY_CHECK * max(1.0, np.max(np.abs(own))):
-                raise RuntimeError("the NumPy replay of the candidate disagrees with the candidate")
+        # the candidate's own logits, in its own dtype (no float64 copy of it: memory on large
+        # models); any structural difference is orders of magnitude above float32's rounding
+        own = logits_of(candidate, images) if check else None
+    cand = dataclasses.replace(candidate_of(candidate), knobs=candidate_knobs)
+    if check:
+        replay = forward(cand.params, images, cand.config)["logits"]
+        if np.max(np.abs(own - replay)) > REPLAY_CHECK * max(1.0, np.max(np.abs(own))):
+            raise RuntimeError("the NumPy replay of the candidate disagrees with the candidate")
     score = _score(ref, cand, images, order)
     first = order[score[0]] if score[0] < len(order) else None
     diagnosis = Diagnosis(first)

@@ -46,6 +46,12 @@ class Knobs:
     drop_registers: bool = False
 
 
+def as64(kernel: np.ndarray) -> np.ndarray:
+    """A kernel in float64 for one matmul (exact from float32; the doctor keeps float32
+    kernels uncopied, and numpy's mixed-dtype matmul would leave BLAS)."""
+    return kernel.astype(np.float64, copy=False)
+
+
 def layernorm(x, scale, bias, eps):
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
@@ -85,7 +91,7 @@ class Reference:
         return layernorm(x, self.p[f"{name}.scale"], self.p[f"{name}.bias"], self.c.ln_eps)
 
     def linear(self, name: str, x):
-        return x @ self.p[f"{name}.kernel"] + self.p.get(f"{name}.bias", 0.0)
+        return x @ as64(self.p[f"{name}.kernel"]) + self.p.get(f"{name}.bias", 0.0)
 
     def attention(self, name: str, x, context):
         """softmax(q k^T / sqrt(hd)) v per head, then the output projection."""
@@ -152,13 +158,16 @@ def trace(p: dict, images: np.ndarray, config, knobs: Knobs = Knobs()
     """The same intermediates, one at a time in forward order: a caller that has seen enough
     (the doctor, at the first divergence) stops the forward there."""
     c = config
-    ref = Reference({k: np.asarray(v, np.float64) for k, v in p.items()}, c, knobs)
+    # kernels are cast at each matmul (as64): a float32 model is not copied whole per call
+    ref = Reference({k: v if k.endswith(".kernel") else np.asarray(v, np.float64)
+                     for k, v in p.items()}, c, knobs)
     x = read_images(np.asarray(images, np.float64), knobs.images)
     P, D = c.patch_size, c.d_model
     B, H, W, C = x.shape
     grid = x.reshape(B, H // P, P, W // P, P, C).transpose(0, 1, 3, 2, 4, 5)  # (B, Hp, Wp, P, P, C)
     patches = grid.reshape(B, -1, P * P * C)  # rows in (kh, kw, c) order, grid row-major
-    x = patches @ ref.p["patch_embed.kernel"].reshape(P * P * C, D) + ref.p.get("patch_embed.bias", 0.0)
+    x = patches @ as64(ref.p["patch_embed.kernel"]).reshape(P * P * C, D) + \
+        ref.p.get("patch_embed.bias", 0.0)
     x = ref.norm("patch_norm", x) if c.patch_norm else x
     yield "patch_embed", x
     x = ref.embed(x)

@@ -16,7 +16,7 @@ from flax import nnx
 import jax_impl
 import torch_impl
 from vit_config import ViTConfig
-from weight_transfer.bridge import nhwc_to_nchw, numpy_to_torch
+from weight_transfer.bridge import nhwc_to_nchw, numpy_to_torch, torch_to_numpy
 
 NUMPY_DTYPES = {"float32": np.float32, "float64": np.float64, "bfloat16": ml_dtypes.bfloat16}
 
@@ -55,3 +55,11 @@ def run_nnx(model: jax_impl.ViT, images_nhwc, return_intermediates: bool = False
 def run_torch(model: torch_impl.ViT, images_nhwc: np.ndarray, **kw):
     with torch.no_grad():
         return model(numpy_to_torch(nhwc_to_nchw(images_nhwc)), **kw)
+
+
+def logits_of(model, images_nhwc: np.ndarray) -> np.ndarray:
+    """Either of our models' logits in its own dtype, as float64 NumPy (no intermediates)."""
+    if isinstance(model, jax_impl.ViT):
+        return np.asarray(run_nnx(model, images_nhwc.astype(model.dtype)), np.float64)
+    out = run_torch(model, images_nhwc.astype(torch_to_numpy(next(model.parameters())).dtype))
+    return torch_to_numpy(out).astype(np.float64)
