@@ -309,3 +309,19 @@ def test_a_recorded_reference_diagnoses_alike_and_holds_no_model(ref, images, fr
     assert diagnose(side, candidate, images).as_dict() == live.as_dict()
     with pytest.raises(ValueError, match="only its own float64 run"):
         side.run(images + 1, True)
+
+
+def test_a_replay_resumed_at_a_block_is_the_full_replay(ref, images):
+    """The doctor replays corrections confined to block i and later from the base's input to
+    block i: that must be exactly the full replay from there on."""
+    from weight_transfer.doctor import candidate_of
+    from weight_transfer.numpy_ref import trace
+
+    cand = candidate_of(ref)
+    images = np.asarray(images, np.float64)
+    full = dict(trace(cand.params, images, cand.config))
+    resumed = dict(trace(cand.params, images, cand.config, resume=(1, full["blocks.0"])))
+    assert next(iter(resumed)) == "blocks.1.attn"
+    assert resumed.keys() <= full.keys() and "logits" in resumed
+    for name, value in resumed.items():
+        assert np.array_equal(value, full[name]), name

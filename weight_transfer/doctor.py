@@ -355,12 +355,19 @@ def candidate_of(model) -> Candidate:
         v.astype(np.float64) for k, v in flat.items()})
 
 
-def _score(ref: dict, cand: Candidate, images: np.ndarray, order: list[str]) -> tuple[int, float]:
+def _score(ref: dict, cand: Candidate, images: np.ndarray, order: list[str],
+           base: Base | None = None) -> tuple[int, float]:
     """(index of the first divergent layer, len(order) if none; that layer's relative gap).
-    The replay stops at the first divergence: no hypothesis pays for the layers after it."""
+    The replay stops at the first divergence: no hypothesis pays for the layers after it. A
+    correction of weights in block i and later only (against `base`) starts from the base's
+    input to block i: the layers before it are the base's, already scored."""
     position = {name: i for i, name in enumerate(order)}
+    start = base.resume_point(cand) if base is not None else None
+    if start is not None and position.get(f"blocks.{start}.attn", 0) > base.score[0]:
+        return base.score  # the base already diverges before anything this changes
+    resume = (start, base.inputs[start]) if start is not None else None
     try:
-        for name, b in trace(cand.params, images, cand.config, cand.knobs):
+        for name, b in trace(cand.params, images, cand.config, cand.knobs, resume):
             if name not in ref or name not in position:
                 continue
             a = ref[name]
@@ -372,6 +379,47 @@ def _score(ref: dict, cand: Candidate, images: np.ndarray, order: list[str]) -> 
     except (ValueError, KeyError, IndexError):  # a correction that does not fit this model
         return -1, math.inf
     return len(order), 0.0
+
+
+@dataclass
+class Base:
+    """The candidate the search stands on: its score and each block's input in its replay."""
+
+    cand: Candidate
+    score: tuple[int, float]
+    inputs: dict[int, np.ndarray]
+
+    @classmethod
+    def of(cls, cand: Candidate, score: tuple[int, float], images: np.ndarray,
+           order: list[str]) -> Base:
+        """Replays `cand` up to its first divergence (no further: a correction to a later
+        block cannot move it) keeping each block's input."""
+        inputs, last = {}, None
+        stop = order[score[0]] if 0 <= score[0] < len(order) else None
+        try:
+            for name, x in trace(cand.params, images, cand.config, cand.knobs):
+                if name.endswith(".attn") and BLOCK.match(name):
+                    inputs[int(BLOCK.match(name)[1])] = last
+                if not name.endswith((".attn", ".mlp")):
+                    last = x  # the residual stream: tokens, norm_pre, each block's output
+                if name == stop:
+                    break
+        except (ValueError, KeyError, IndexError):
+            inputs = {}
+        return cls(cand, score, inputs)
+
+    def resume_point(self, variant: Candidate) -> int | None:
+        """The first block whose weights `variant` changes, if it changes nothing else."""
+        c = self.cand
+        if variant.config != c.config or variant.knobs != c.knobs or \
+                variant.params.keys() != c.params.keys():
+            return None
+        changed = [k for k, v in variant.params.items() if v is not c.params[k]]
+        blocks = [BLOCK.match(k) for k in changed]
+        if not changed or not all(blocks):
+            return None
+        first = min(int(m[1]) for m in blocks)
+        return first if first in self.inputs else None
 
 
 def _focus(name: str) -> int | None:
@@ -410,11 +458,12 @@ def diagnose(reference, candidate, images: np.ndarray, *, max_faults: int = 3,
         if score[0] == len(order):
             break
         cand = dataclasses.replace(cand, focus=_focus(order[score[0]]))
+        base = Base.of(cand, score, images, order)
         rank = lambda s: (s[0], -s[1])  # noqa: E731  (later divergence, then smaller gap)
         best = None
         for hid, hypothesis in HYPOTHESES.items():
             for detail, variant in hypothesis(cand):
-                s = _score(ref, variant, images, order)
+                s = _score(ref, variant, images, order, base)
                 if rank(s) > rank(score) and (best is None or rank(s) > rank(best[0])):
                     best = (s, hid, detail, variant)
         if best is None or (best[0][0] == score[0] and best[0][1] > 0.5 * score[1]):

@@ -153,29 +153,21 @@ def forward(p: dict, images: np.ndarray, config, knobs: Knobs = Knobs()) -> dict
     return dict(trace(p, images, config, knobs))
 
 
-def trace(p: dict, images: np.ndarray, config, knobs: Knobs = Knobs()
-          ) -> Iterator[tuple[str, np.ndarray]]:
+def trace(p: dict, images: np.ndarray, config, knobs: Knobs = Knobs(),
+          resume: tuple[int, np.ndarray] | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """The same intermediates, one at a time in forward order: a caller that has seen enough
-    (the doctor, at the first divergence) stops the forward there."""
+    (the doctor, at the first divergence) stops the forward there. `resume=(i, x)` starts at
+    block i from its input x (for corrections confined to block i and later)."""
     c = config
     # kernels are cast at each matmul (as64): a float32 model is not copied whole per call
     ref = Reference({k: v if k.endswith(".kernel") else np.asarray(v, np.float64)
                      for k, v in p.items()}, c, knobs)
-    x = read_images(np.asarray(images, np.float64), knobs.images)
-    P, D = c.patch_size, c.d_model
-    B, H, W, C = x.shape
-    grid = x.reshape(B, H // P, P, W // P, P, C).transpose(0, 1, 3, 2, 4, 5)  # (B, Hp, Wp, P, P, C)
-    patches = grid.reshape(B, -1, P * P * C)  # rows in (kh, kw, c) order, grid row-major
-    x = patches @ as64(ref.p["patch_embed.kernel"]).reshape(P * P * C, D) + \
-        ref.p.get("patch_embed.bias", 0.0)
-    x = ref.norm("patch_norm", x) if c.patch_norm else x
-    yield "patch_embed", x
-    x = ref.embed(x)
-    yield "tokens", x
-    if c.norm_pre:
-        x = ref.norm("norm_pre", x)
-        yield "norm_pre", x
-    for i in range(c.num_layers):
+    if resume is None:
+        x = yield from _embed(ref, images, c, knobs)
+        first = 0
+    else:
+        first, x = resume
+    for i in range(first, c.num_layers):
         b = f"blocks.{i}"
         h = ref.norm(f"{b}.ln1", x)
         a = ref.gain(f"{b}.ls1") * ref.attention(f"{b}.attn", h, h)
@@ -198,3 +190,22 @@ def trace(p: dict, images: np.ndarray, config, knobs: Knobs = Knobs()
     if c.dist_token:
         logits = (logits + ref.linear("head_dist", x[:, 1])) / 2
     yield "logits", logits
+
+
+def _embed(ref: Reference, images: np.ndarray, c, knobs: Knobs):
+    """Patch embedding, tokens with positions and norm_pre, yielded; returns the blocks' input."""
+    x = read_images(np.asarray(images, np.float64), knobs.images)
+    P, D = c.patch_size, c.d_model
+    B, H, W, C = x.shape
+    grid = x.reshape(B, H // P, P, W // P, P, C).transpose(0, 1, 3, 2, 4, 5)  # (B, Hp, Wp, P, P, C)
+    patches = grid.reshape(B, -1, P * P * C)  # rows in (kh, kw, c) order, grid row-major
+    x = patches @ as64(ref.p["patch_embed.kernel"]).reshape(P * P * C, D) + \
+        ref.p.get("patch_embed.bias", 0.0)
+    x = ref.norm("patch_norm", x) if c.patch_norm else x
+    yield "patch_embed", x
+    x = ref.embed(x)
+    yield "tokens", x
+    if c.norm_pre:
+        x = ref.norm("norm_pre", x)
+        yield "norm_pre", x
+    return x
