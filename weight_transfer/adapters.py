@@ -1,10 +1,11 @@
 """One interface over every model we compare: ours (NNX or torch) and third-party torch models.
 
 `side(model).run(images_nhwc, float64)` returns the named intermediates as float64 NumPy
-arrays (with `in_place=True`, a float64 run casts the model itself instead of a copy: for a
-caller that gives the model up, such as the CLI's doctor), under the names `vit_config.arch.intermediates` declares (`patch_embed`, `tokens`,
-`blocks.{i}.attn`, ..., `logits`). Ours produce them natively (`return_intermediates=True`);
-timm and Hugging Face models are captured with forward hooks under the same names.
+arrays, under the names `vit_config.arch.intermediates` declares (`patch_embed`, `tokens`,
+`blocks.{i}.attn`, ..., `logits`); with `in_place=True` a float64 run casts the model itself
+instead of a copy (for a caller that gives the model up, such as the CLI's doctor). Ours
+produce them natively (`return_intermediates=True`); timm and Hugging Face models are
+captured with forward hooks under the same names.
 """
 
 from __future__ import annotations
@@ -36,26 +37,12 @@ def _nnx_side(model) -> Side:
 
     def run(images, float64, in_place=False):
         with x64_for("float64" if float64 else "float32"):
-            m = (_nnx_cast_in_place if in_place else nnx_astype)(model, np.float64) \
-                if float64 else model
+            m = nnx_astype(model, np.float64, in_place=in_place) if float64 else model
             _, seen = run_nnx(m, images.astype(np.float64 if float64 else np.float32),
                               return_intermediates=True)
             return {k: as_float64(v) for k, v in seen.items()}
 
     return Side("jax_impl.ViT", intermediates(model.config), run)
-
-
-def _nnx_cast_in_place(model, dtype):
-    """`model`'s parameters cast one at a time (each float32 array freed as its cast lands),
-    merged into a graph computing in `dtype`; `model` itself is spent."""
-    from flax import nnx
-
-    from weight_transfer.bridge import _abstract_nnx
-
-    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        var.set_value(var.get_value().astype(dtype))
-    graphdef, _ = _abstract_nnx(model.config, np.dtype(dtype), model.scan_layers)
-    return nnx.merge(graphdef, nnx.state(model, nnx.Param))
 
 
 def _torch_side(model) -> Side:

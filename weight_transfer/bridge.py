@@ -179,12 +179,18 @@ def nnx_from_flat(flat: Mapping[str, np.ndarray], config: ViTConfig, *,
     return nnx_model_from_flat(checked, config, scan_layers)
 
 
-def nnx_astype(model: jax_impl.ViT, dtype) -> jax_impl.ViT:
+def nnx_astype(model: jax_impl.ViT, dtype, *, in_place: bool = False) -> jax_impl.ViT:
     """A copy of `model` computing in `dtype`, every parameter cast on the device (no host
-    copies; float64 needs JAX x64 on)."""
+    copies; float64 needs JAX x64 on). `in_place=True` casts `model`'s own parameters one at
+    a time, each old array freed as its cast lands (never two copies of the model; `model`
+    is spent)."""
     graphdef, _ = _abstract_nnx(model.config, jnp.dtype(dtype), model.scan_layers)
     state = nnx.state(model, nnx.Param)
-    return nnx.merge(graphdef, jax.tree.map(lambda a: jnp.asarray(a, dtype), state))
+    if not in_place:
+        return nnx.merge(graphdef, jax.tree.map(lambda a: jnp.asarray(a, dtype), state))
+    for _, var in nnx.to_flat_state(state):
+        var.set_value(jnp.asarray(var.get_value(), dtype))
+    return nnx.merge(graphdef, state)
 
 
 # ---- the model-level API ------------------------------------------------------------------------

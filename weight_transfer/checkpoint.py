@@ -72,8 +72,8 @@ def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> S
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     hf_config = None
-    if path.is_dir() and checkpoint_dir(path) is not None:
-        reader = OrbaxReader(path)
+    if path.is_dir() and (orbax := checkpoint_dir(path)) is not None:
+        reader = OrbaxReader(path, orbax)
         return Source(path, reader.meta, reader.load, reader.metadata, files=reader.files,
                       folder=path, restore_onto=reader.restore_onto, container="orbax",
                       notes=[f"an Orbax checkpoint ({reader.path})"])

@@ -66,8 +66,7 @@ def plan_conversion(meta: Mapping[str, Meta], src: Layout, dst: Layout, config: 
     rest, which are then checked against `out_config` (default `config`).
     """
     out = out_config or config
-    if dst.check_writable is not None:  # a model the target library cannot compute: say why
-        dst.check_writable(out)
+    dst.check_model(out)  # a model the target library cannot compute: say why, first
     steps = [check_table(meta, oriented(src.table(config), config.num_layers, reverse=True),
                          base_shapes(src.base, config), what=what or src.name)]
     base = src.base

@@ -398,8 +398,8 @@ class Base:
         stop = order[score[0]] if 0 <= score[0] < len(order) else None
         try:
             for name, x in trace(cand.params, images, cand.config, cand.knobs):
-                if name.endswith(".attn") and BLOCK.match(name):
-                    inputs[int(BLOCK.match(name)[1])] = last
+                if name.endswith(".attn") and (block := BLOCK.match(name)):
+                    inputs[int(block[1])] = last
                 if not name.endswith((".attn", ".mlp")):
                     last = x  # the residual stream: tokens, norm_pre, each block's output
                 if name == stop:

@@ -371,15 +371,30 @@ class Layout:
     # Tensors the publisher's class has and we do not compute with (DINOv2's mask token),
     # written as that class initialises them: {table key: shape} -> zeros.
     unused: Callable[[ViTConfig], dict[str, tuple[int, ...]]] | None = None
-    # Raises for a model the layout's library cannot compute, before anything is planned.
+    # Raises for a model the layout's library cannot compute (a folder layout's
+    # write_config_json does it too: see `check_model`).
     check_writable: Callable[[ViTConfig], Any] | None = None
+
+    def writes_folder(self, path: Path) -> bool:
+        """Whether writing to `path` makes a folder: HF types and Orbax always, timm (a Hub
+        folder) unless the name ends in .safetensors."""
+        return self.container in ("folder", "orbax") or (
+            self.write_config_json is not None and not path.suffix)
+
+    def check_model(self, config: ViTConfig) -> None:
+        """Raise, naming the field, for a model this layout's library cannot compute: before
+        anything is planned or read."""
+        if self.check_writable is not None:
+            self.check_writable(config)
+        elif self.container == "folder" and self.write_config_json is not None:
+            self.write_config_json(config)  # the config.json writers refuse what they cannot say
 
 
 _GELU = ("gelu", "exact GELU (timm, torch)")
 _TANH = ("gelu_tanh", "tanh GELU (flax nn.gelu's default, big_vision)")
 _EPS6 = (1e-6, "1e-6 (timm, flax)")
 _HF = dict(container="folder", pool="cls", read_config_json=hf_config_fields,
-           write_config_json=hf_config_json, check_writable=hf_config_json, normalise=normalise_hf)
+           write_config_json=hf_config_json, normalise=normalise_hf)
 
 def _dinov2_name(key: str, config: ViTConfig) -> str:
     """Dinov2Model's names are bare; a classifier's backbone sits under its model type."""
@@ -410,14 +425,12 @@ LAYOUTS: dict[str, Layout] = {l.name: l for l in (
     Layout("hf_deit", "torch", deit_table, r"^deit\.embeddings\.distillation_token$",
            "Hugging Face DeiTForImageClassificationWithTeacher", container="folder",
            priority=2, read_config_json=hf_config_fields, write_config_json=deit_config_json,
-           check_writable=deit_config_json,
            pool="cls"),
     Layout("hf_dinov2", "torch", dinov2_table,
            r"(^|\.)embeddings\.mask_token$|(^|\.)layer_scale1\.lambda1$",
            "Hugging Face Dinov2 / Dinov2WithRegisters (model, or image classification)",
            container="folder", priority=2, pool="cls", read_config_json=dinov2_config_fields,
-           write_config_json=dinov2_config_json, check_writable=dinov2_config_json,
-           published=_dinov2_name,
+           write_config_json=dinov2_config_json, published=_dinov2_name,
            unused=lambda c: {"embeddings.mask_token": (1, c.d_model)},
            normalise=renaming(strip=("dinov2.", "dinov2_with_registers."),
                               drop=(("embeddings.mask_token", "the mask token (unused at "
@@ -427,7 +440,6 @@ LAYOUTS: dict[str, Layout] = {l.name: l for l in (
            "Hugging Face CLIP vision tower (CLIPVisionModel[WithProjection], or a whole CLIP "
            "repo: the text tower is left out)", container="folder", priority=2,
            pool="cls", read_config_json=clip_config_fields, write_config_json=clip_config_json,
-           check_writable=clip_config_json,
            published=lambda key, c: key if key.startswith("visual_projection.")
            else f"vision_model.{key}",
            normalise=renaming(strip=("vision_model.",), drop=(
@@ -438,7 +450,6 @@ LAYOUTS: dict[str, Layout] = {l.name: l for l in (
            "Hugging Face SigLIP vision tower (SiglipVisionModel, or a whole SigLIP repo: the "
            "text tower is left out)", container="folder", priority=1,
            read_config_json=siglip_config_fields, write_config_json=siglip_config_json,
-           check_writable=siglip_config_json,
            published=lambda key, c: f"vision_model.{key}",
            normalise=renaming(strip=("vision_model.",), drop=(
                ("text_model.", "the text tower"), ("logit_scale", "the text tower"),

@@ -66,9 +66,10 @@ def _key(path: tuple) -> str:
 class OrbaxReader:
     """An Orbax checkpoint's parameters: shapes from its metadata now, values on demand."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, path: Path):
+        """`folder` as given; `path` the checkpoint in it (`checkpoint_dir(folder)`)."""
         self.folder = folder
-        self.path = checkpoint_dir(folder)
+        self.path = path
         ocp = _ocp()
         absent = [m for m in MARKERS if not (self.path / m).is_file()]
         if absent or TEMPORARY in self.path.name or not ocp.utils.is_checkpoint_finalized(

@@ -196,8 +196,8 @@ def _target(path: str | os.PathLike, layout: Layout, max_shard_size) -> Path:
         raise ArgumentError(f"max shard size: the {layout.name} layout is written as one "
                             f"{layout.container} checkpoint, which is not split by size")
     path = Path(path)
-    if layout.container in ("folder", "orbax") or path.suffix or layout.write_config_json:
-        return path  # timm: a Hub folder unless the name ends in .safetensors
+    if layout.writes_folder(path) or path.suffix:
+        return path
     return path.with_suffix("." + layout.container)
 
 

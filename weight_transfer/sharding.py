@@ -141,18 +141,11 @@ def _block_reader(source, key: str):
     return lambda index: np.array(load(key)[index])
 
 
-def place_flat(flat_items, config: ViTConfig, mesh, sharding: Sharding):
-    """A `jax_impl.ViT` from `(key, shape, read)` triples, `read(index)` giving the block of
-    that index: each parameter built on `mesh` block by block."""
-    import jax
-    from jax.sharding import NamedSharding
-
+def _placed_model(arrays: dict, config: ViTConfig, specs: dict):
+    """A `jax_impl.ViT` holding `arrays` (already on the mesh, laid out by `specs`), each
+    parameter given the rules that reproduce its spec."""
     from weight_transfer.bridge import nnx_model_from_flat
 
-    specs = partition_specs(config, mesh, sharding)
-    arrays = {key: jax.make_array_from_callback(tuple(shape), NamedSharding(mesh, specs[key]),
-                                                read)
-              for key, shape, read in flat_items}
     model = nnx_model_from_flat(arrays, config, place=lambda array: array)  # already placed
     _pin_rules(model, specs)
     return model
@@ -163,17 +156,18 @@ def _pin_rules(model, specs: dict) -> None:
     derives from it (an `nnx.Optimizer`'s moments under `jax.set_mesh`) is placed the same."""
     from flax import nnx
 
+    from weight_transfer.bridge import _dotted
+
     for path, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param):
             axes = var.get_metadata()["out_sharding"]
-            var.set_metadata(sharding_rules=tuple(zip(axes, specs[".".join(map(str, path))])))
+            var.set_metadata(sharding_rules=tuple(zip(axes, specs[_dotted(path)])))
 
 
 def load_sharded(prepared, mesh, sharding: Sharding):
     """A `jax_impl.ViT` whose parameters are `jax.Array`s laid out over `mesh`."""
+    import jax
     from jax.sharding import NamedSharding
-
-    from weight_transfer.bridge import nnx_model_from_flat
 
     p = prepared
     specs = partition_specs(p.config, mesh, sharding)  # refuse before reading anything
@@ -185,11 +179,8 @@ def load_sharded(prepared, mesh, sharding: Sharding):
         for key, array in arrays.items():  # the NaN/Inf screen, block by block
             for block in array.addressable_shards:
                 hook(key, np.asarray(block.data), False)
-        model = nnx_model_from_flat(arrays, p.config, place=lambda array: array)
-        _pin_rules(model, specs)
-        return model
-    direct = same and p.source.reader is not None
-    if direct:  # the file is in NNX layout: every block straight from its bytes
+        return _placed_model(arrays, p.config, specs)
+    if same and p.source.reader is not None:  # NNX layout: every block straight from its bytes
         def items():
             for key, (shape, _) in p.plan.order:
                 raw = _block_reader(p.source, key)
@@ -198,4 +189,7 @@ def load_sharded(prepared, mesh, sharding: Sharding):
         def items():
             for key, array in p.plan.run(p.source.items(p.plan.inputs)):
                 yield key, array.shape, lambda index, array=array: array[index]
-    return place_flat(items(), p.config, mesh, sharding)
+    arrays = {key: jax.make_array_from_callback(tuple(shape), NamedSharding(mesh, specs[key]),
+                                                read)
+              for key, shape, read in items()}
+    return _placed_model(arrays, p.config, specs)

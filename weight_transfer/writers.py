@@ -135,8 +135,9 @@ def write_layout(out: Path, layout: Layout, plan: Plan, tensors: Iterator[tuple[
                  config: ViTConfig, manifest: dict[str, str], max_shard_size: int | None,
                  source_digest: Callable[[], str] | None = None) -> str:
     """Write the stream in `layout.container`: an .npz, a folder (config.json + safetensors),
-    an Orbax checkpoint folder, or safetensors (sharded with an index when `max_shard_size` splits it). `source_digest` is
-    called after the stream is consumed and lands in the manifest as `source_sha256`."""
+    an Orbax checkpoint folder, or safetensors (sharded with an index when `max_shard_size`
+    splits it). `source_digest` is called after the stream is consumed and lands in the
+    manifest as `source_sha256`."""
     if layout.unused is not None:  # zeros, as the publisher's class initialises them
         dtype = plan.order[0][1][1]
         zeros = {k: np.zeros(shape, dtype) for k, shape in layout.unused(config).items()}
@@ -172,7 +173,7 @@ def write_layout(out: Path, layout: Layout, plan: Plan, tensors: Iterator[tuple[
         with open(out, "wb") as f:
             np.savez(f, **arrays)
         return out.name
-    if layout.container == "folder" or (layout.write_config_json and not out.suffix):
+    if layout.writes_folder(out):  # config.json + model.safetensors (Orbax is handled above)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(layout.write_config_json(config), indent=2))
         metadata = {"format": "pt"}  # config.json is the folder's description, as HF reads it
@@ -201,8 +202,9 @@ def _check_reads_back(folder: Path, layout: Layout, config: ViTConfig) -> None:
     if not got.same_model(config):
         a, b = config.to_dict(), got.to_dict()
         diff = ", ".join(f"{k} {a[k]!r} would read back as {b[k]!r}" for k in a if a[k] != b[k])
-        raise LayoutError(f"the {layout.name} layout cannot hold this model ({diff or 'image size'})"
-                          f"; write another layout (nnx, torch, timm .safetensors)")
+        raise LayoutError(f"the {layout.name} layout cannot hold this model "
+                          f"({diff or 'image size'}); write another layout (nnx, torch, timm "
+                          f".safetensors)")
 
 
 def _write_safetensors(base: Path, plan: Plan, tensors, metadata: dict[str, str],
