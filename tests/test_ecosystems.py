@@ -242,3 +242,21 @@ def test_a_timm_avg_pool_state_dict_with_set_pool_mean(tmp_path):
     with torch.no_grad():
         expected = model(nchw(images))
     assert_close(expected, run_nnx(ours, images), "float32", "timm avg with cls -> nnx")
+
+
+def test_a_bare_state_dict_says_its_positions_were_assumed(tmp_path):
+    """Perception Encoder's bare timm state dict has a plain ViT's keys and also rotates q and
+    k: the file cannot tell, so the position scheme is announced by name with --arch as the
+    way out, and the architecture named is refused, never loaded as a plain ViT."""
+    from safetensors.torch import save_file
+
+    arch = "vit_pe_core_base_patch16_224"
+    pe = timm.create_model(arch, pretrained=False, depth=2, img_size=64, num_classes=0)
+    path = tmp_path / "pe.safetensors"
+    save_file({k: v.contiguous() for k, v in pe.state_dict().items()}, str(path))
+    with pytest.warns(wt.errors.AssumedConfigWarning, match=r"positions = a learned table only "
+                      r".*Perception Encoder.*--arch"):
+        wt.load_checkpoint(path, "torch")
+    assert "Perception Encoder" in wt.inspect_checkpoint(path)["assumed"]["positions"]
+    with pytest.raises(wt.errors.LayoutError, match=arch):
+        wt.load_checkpoint(path, "torch", arch=arch, overrides={"num_layers": 2})

@@ -178,6 +178,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     else:
         print(f"converted {report['source']} ({report['layout']}) -> {report['output']} "
               f"({args.to}), {report['tensors']} tensors")
+        if "resampled" in report:
+            r = report["resampled"]
+            print(f"  resampled positions {'x'.join(map(str, r['from_grid']))} -> "
+                  f"{'x'.join(map(str, r['to_grid']))} patches, {r['method']}")
         _print_provenance(report, assumed=False)  # assumptions were announced on stderr
     return 0
 
@@ -445,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from weight_transfer.layouts import ALIASES
     from weight_transfer.porting import DTYPES, SAVE_LAYOUTS
+    from weight_transfer.resample import INTERPOLATIONS
 
     p = sub.add_parser("convert", help="convert a checkpoint to another layout",
                        description="Convert SRC (safetensors, sharded index, HF or timm Hub "
@@ -460,12 +465,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layout to write")
     _add_source_options(p)
     p.add_argument("--image-size", default=None, help="resample position embeddings to N or HxW")
-    p.add_argument("--interpolation", default="bicubic",
-                   choices=["bilinear", "bicubic", "dinov2"],
-                   help="position resampling: bicubic (HF interpolate_pos_encoding; with "
-                   "--antialias, timm's resample_abs_pos_embed), dinov2 (original DINOv2: "
-                   "scale_factor with +0.1), bilinear (timm's and big_vision's npz loaders)")
-    p.add_argument("--antialias", action="store_true", help="antialias when resampling")
+    p.add_argument("--interpolation", default=None, choices=INTERPOLATIONS,
+                   help="position resampling (default: the source library's own, printed; "
+                   "timm and open_clip: bicubic antialiased; Hugging Face: bicubic; big_vision "
+                   "and google-research npz: big_vision, scipy's zoom order 1); dinov2 is "
+                   "original DINOv2's scale_factor with +0.1")
+    p.add_argument("--antialias", action=argparse.BooleanOptionalAction, default=None,
+                   help="antialias when resampling (default: as the source library does)")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="cast every weight")
     p.add_argument("--max-shard-size", default=None,
                    help="split the output into shards of at most this size (e.g. 2GB)")

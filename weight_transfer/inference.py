@@ -104,6 +104,8 @@ def infer_config(source: Source, layout: Layout | None = None,
         found = {f: origin if given is not None else "vit-parity metadata"
                  for f in config.to_dict()}
         assumed = {}
+        if arch is not None and given is not None and "image_size" not in overrides:
+            config = _grid_of_file(source, layout, config, found)
     else:
         config, found, assumed = _from_shapes(source, layout, overrides)
     found.update({f: "given" for f in overrides})
@@ -124,6 +126,28 @@ UNSUPPORTED = {
 }
 
 
+def _grid_of_file(source: Source, layout: Layout, config: ViTConfig,
+                  found: dict[str, str]) -> ViTConfig:
+    """An architecture's config at the grid its checkpoint holds: the file's position rows
+    win over the architecture's default image size (a square grid; else say it with
+    --set image_size)."""
+    rows = Probe(source, layout).shape("pos_embed")[-2]
+    stored = config.num_positions if layout.prefix_positions else config.num_patches
+    if rows == stored:
+        return config
+    patches = rows - (stored - config.num_patches)
+    side = math.isqrt(max(patches, 0))
+    if patches <= 0 or side * side != patches:
+        raise CheckpointError(f"{source.path}: {rows} position rows are not a square grid after "
+                              f"the architecture's {stored - config.num_patches} positioned "
+                              f"prefix token(s); say the size with --set image_size=HxW "
+                              f"(overrides={{'image_size': (h, w)}})")
+    size = side * config.patch_size
+    found["image_size"] = (f"{size} from the file's {rows} position rows (the architecture's "
+                           f"default is {config.image_size})")
+    return config.replace(image_size=size)
+
+
 def refuse_unsupported(source: Source) -> None:
     for pattern, feature in UNSUPPORTED.items():
         key = next((k for k in source.meta if re.search(pattern, k)), None)
@@ -132,13 +156,24 @@ def refuse_unsupported(source: Source) -> None:
                               f"not implement; refusing rather than dropping it")
 
 
-def manifest_config(source: Source) -> ViTConfig:
-    """The config our own files carry in their metadata, checked for shape before use."""
+def read_manifest(source: Source) -> dict[str, Any] | None:
+    """The manifest our own files carry in their metadata (None for other files)."""
+    if "vit_parity" not in source.metadata:
+        return None
     try:
         manifest = json.loads(source.metadata["vit_parity"])
     except (json.JSONDecodeError, TypeError, RecursionError) as e:
         raise CheckpointError(f"{source.path}: the vit_parity manifest is not JSON ({e})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{source.path}: the vit_parity manifest has no config object "
+                              f"(it is not a JSON object)")
+    return manifest
+
+
+def manifest_config(source: Source) -> ViTConfig:
+    """The config our own files carry in their metadata, checked for shape before use."""
+    manifest = read_manifest(source)
+    if manifest is None or not isinstance(manifest.get("config"), dict):
         raise CheckpointError(f"{source.path}: the vit_parity manifest has no config object")
     try:
         return ViTConfig.from_dict(manifest["config"])
@@ -230,6 +265,10 @@ def _from_shapes(source: Source, layout: Layout, stated: Mapping[str, Any]
     for name, (value, why) in layout.assumes.items():
         if name not in sizes:
             sizes[name], assumed[name] = value, why
+    if layout.lookalikes and source.hf_config is None:
+        assumed["positions"] = (f"a learned table only (the weights cannot say whether q and k "
+                                f"are also rotated: {layout.lookalikes}); if the file is such a "
+                                f"model, name its architecture with --arch (arch=)")
     try:
         return ViTConfig(**sizes), found, assumed
     except ConfigError as e:

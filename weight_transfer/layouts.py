@@ -44,6 +44,15 @@ from weight_transfer.hf_config import (
     siglip_config_fields,
     siglip_config_json,
 )
+from weight_transfer.resample import (
+    BIG_VISION,
+    HF,
+    HF_DINOV2_REGISTERS,
+    OPEN_CLIP,
+    OURS,
+    TIMM,
+    Resampling,
+)
 from weight_transfer.timm_arch import timm_config_json, timm_hub_config
 from weight_transfer.table import Rule, base_shapes, rule
 from weight_transfer.transforms import (
@@ -374,6 +383,12 @@ class Layout:
     # Raises for a model the layout's library cannot compute (a folder layout's
     # write_config_json does it too: see `check_model`).
     check_writable: Callable[[ViTConfig], Any] | None = None
+    # How the layout's own library resamples the position table to another grid (its loader,
+    # or its forward with interpolate_pos_encoding): the default for `image_size=`.
+    resampling: Callable[[ViTConfig], Resampling] = lambda config: OURS
+    # Published models whose bare weights carry exactly this layout's keys and shapes but
+    # compute another function (positions also rotary): what a file alone cannot rule out.
+    lookalikes: str = ""
 
     def writes_folder(self, path: Path) -> bool:
         """Whether writing to `path` makes a folder: HF types and Orbax always, timm (a Hub
@@ -394,7 +409,7 @@ _GELU = ("gelu", "exact GELU (timm, torch)")
 _TANH = ("gelu_tanh", "tanh GELU (flax nn.gelu's default, big_vision)")
 _EPS6 = (1e-6, "1e-6 (timm, flax)")
 _HF = dict(container="folder", pool="cls", read_config_json=hf_config_fields,
-           write_config_json=hf_config_json, normalise=normalise_hf)
+           write_config_json=hf_config_json, normalise=normalise_hf, resampling=lambda c: HF)
 
 def _dinov2_name(key: str, config: ViTConfig) -> str:
     """Dinov2Model's names are bare; a classifier's backbone sits under its model type."""
@@ -414,7 +429,9 @@ LAYOUTS: dict[str, Layout] = {l.name: l for l in (
     Layout("timm", "torch", timm_table,
            r"^blocks\.\d+\.attn\.qkv\.weight$|^patch_embed\.proj\.weight$",
            "timm VisionTransformer state dict (or Hub folder)", read_config_json=timm_config_json,
-           write_config_json=timm_hub_config,
+           write_config_json=timm_hub_config, resampling=lambda c: TIMM,
+           lookalikes="Perception Encoder (timm vit_pe_core_*, vit_pe_spatial_*) has these "
+           "keys and also rotates q and k (RoPE), which this ViT does not compute",
            assumes=dict(activation=_GELU, ln_eps=_EPS6)),
     Layout("hf", "torch", hf_table,
            r"^(vit\.)?encoder\.layer\.\d+\.|^(vit\.)?embeddings\.patch_embeddings",
@@ -425,12 +442,13 @@ LAYOUTS: dict[str, Layout] = {l.name: l for l in (
     Layout("hf_deit", "torch", deit_table, r"^deit\.embeddings\.distillation_token$",
            "Hugging Face DeiTForImageClassificationWithTeacher", container="folder",
            priority=2, read_config_json=hf_config_fields, write_config_json=deit_config_json,
-           pool="cls"),
+           pool="cls", resampling=lambda c: HF),
     Layout("hf_dinov2", "torch", dinov2_table,
            r"(^|\.)embeddings\.mask_token$|(^|\.)layer_scale1\.lambda1$",
            "Hugging Face Dinov2 / Dinov2WithRegisters (model, or image classification)",
            container="folder", priority=2, pool="cls", read_config_json=dinov2_config_fields,
            write_config_json=dinov2_config_json, published=_dinov2_name,
+           resampling=lambda c: HF_DINOV2_REGISTERS if c.reg_tokens else HF,
            unused=lambda c: {"embeddings.mask_token": (1, c.d_model)},
            normalise=renaming(strip=("dinov2.", "dinov2_with_registers."),
                               drop=(("embeddings.mask_token", "the mask token (unused at "
@@ -440,6 +458,7 @@ LAYOUTS: dict[str, Layout] = {l.name: l for l in (
            "Hugging Face CLIP vision tower (CLIPVisionModel[WithProjection], or a whole CLIP "
            "repo: the text tower is left out)", container="folder", priority=2,
            pool="cls", read_config_json=clip_config_fields, write_config_json=clip_config_json,
+           resampling=lambda c: HF,
            published=lambda key, c: key if key.startswith("visual_projection.")
            else f"vision_model.{key}",
            normalise=renaming(strip=("vision_model.",), drop=(
@@ -450,6 +469,7 @@ LAYOUTS: dict[str, Layout] = {l.name: l for l in (
            "Hugging Face SigLIP vision tower (SiglipVisionModel, or a whole SigLIP repo: the "
            "text tower is left out)", container="folder", priority=1,
            read_config_json=siglip_config_fields, write_config_json=siglip_config_json,
+           resampling=lambda c: HF,
            published=lambda key, c: f"vision_model.{key}",
            normalise=renaming(strip=("vision_model.",), drop=(
                ("text_model.", "the text tower"), ("logit_scale", "the text tower"),
@@ -458,6 +478,7 @@ LAYOUTS: dict[str, Layout] = {l.name: l for l in (
            r"^(visual\.)?transformer\.resblocks\.\d+\.|^(visual\.)?class_embedding$",
            "open_clip / OpenAI CLIP image tower (visual.*; the text tower is left out)",
            priority=2, pool="cls", published=lambda key, c: f"visual.{key}",
+           resampling=lambda c: OPEN_CLIP,
            check_writable=lambda c: require(
                c, "open_clip's VisionTransformer", **{**PLAIN, "norm_pre": True,
                                                       "patch_bias": False},
@@ -471,11 +492,12 @@ LAYOUTS: dict[str, Layout] = {l.name: l for l in (
     Layout("google_vit", "nnx", google_vit_table, r"(^|/)Transformer/posembed_input/pos_embedding$",
            "google-research/vision_transformer npz (read by timm's _load_weights)",
            container="npz", heads_in_kernel=True, normalise=normalise_npz,
-           assumes=dict(activation=_TANH, ln_eps=_EPS6)),
+           resampling=lambda c: BIG_VISION, assumes=dict(activation=_TANH, ln_eps=_EPS6)),
     Layout("big_vision", "nnx", big_vision_table, r"(^|/)pos_embedding$",
            "big_vision npz (position embedding added before the class token joins)",
            container="npz", heads_in_kernel=True, prefix_positions=False,
            normalise=normalise_npz, aliases=("big_vision_bv",),
+           resampling=lambda c: BIG_VISION,
            assumes=dict(activation=_TANH, ln_eps=_EPS6)),
 )}
 ALIASES = {alias: l.name for l in LAYOUTS.values() for alias in l.aliases}

@@ -21,7 +21,7 @@ from weight_transfer.errors import (
     LayoutError,
     NonFiniteError,
 )
-from weight_transfer.inference import Inferred, infer_config
+from weight_transfer.inference import Inferred, infer_config, read_manifest
 from weight_transfer.layouts import LAYOUTS, WRITABLE, Layout, get_layout
 from weight_transfer.writers import (
     FORMAT_VERSION,
@@ -30,7 +30,7 @@ from weight_transfer.writers import (
     parse_size,
     write_layout,
 )
-from weight_transfer.resample import INTERPOLATIONS, resample_pos_embed
+from weight_transfer.resample import Resampling, resample_pos_embed
 from weight_transfer.table import meta_of
 
 SAVE_LAYOUTS = WRITABLE  # the layouts `save_checkpoint` and `convert --to` write
@@ -43,6 +43,8 @@ class Prepared:
     inferred: Inferred
     config: ViTConfig  # after resampling
     plan: Plan
+    resampling: Resampling  # how the position table is (or would be) resampled
+    resampled: bool  # whether it is
 
 
 def _numpy_dtype(dtype: str | None):
@@ -53,8 +55,8 @@ def _numpy_dtype(dtype: str | None):
     return np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
 
 
-def _hook(config: ViTConfig, out: ViTConfig, dtype, allow_nonfinite: bool, interpolation: str,
-          antialias: bool):
+def _hook(config: ViTConfig, out: ViTConfig, dtype, allow_nonfinite: bool,
+          resampling: Resampling):
     """What happens to each tensor in our base layout: NaN/Inf check, resampling, dtype."""
 
     def hook(key: str, a: np.ndarray, dry: bool) -> np.ndarray:
@@ -65,8 +67,9 @@ def _hook(config: ViTConfig, out: ViTConfig, dtype, allow_nonfinite: bool, inter
         b = a
         if key == "pos_embed" and out.grid != config.grid:
             b = resample_pos_embed(np.asarray(b), config.grid, out.grid,
-                                   num_prefix_tokens=config.num_prefix_tokens,
-                                   interpolation=interpolation, antialias=antialias)
+                                   num_prefix_tokens=config.num_positioned_prefix,
+                                   interpolation=resampling.interpolation,
+                                   antialias=resampling.antialias)
         with np.errstate(over="ignore"):  # an overflow is reported just below, by name
             b = b.astype(dtype, copy=False) if dtype is not None else b
         # Finite in, not finite out: the cast (or resampling in half precision) overflowed.
@@ -95,23 +98,44 @@ def prepare(src: str | os.PathLike, to: Layout, *, layout: str | None = None,
             image_size=None, dtype: str | None = None, config: ViTConfig | None = None,
             overrides: dict[str, Any] | None = None, arch: str | None = None,
             allow_pickle: bool = False, allow_nonfinite: bool = False,
-            interpolation: str = "bicubic", antialias: bool = False) -> Prepared:
+            interpolation: str | None = None, antialias: bool | None = None) -> Prepared:
     """Read `src`, infer its layout and config, and check the whole conversion to `to`."""
-    if interpolation not in INTERPOLATIONS:
-        raise CheckpointError(f"interpolation {interpolation!r}: expected one of {INTERPOLATIONS}")
+    stated = Resampling().stated(interpolation, antialias)  # checks the values before reading
     inferred = infer_config(read_checkpoint(src, allow_pickle=allow_pickle),
                             get_layout(layout) if layout else None, config, overrides, arch)
     source, config = inferred.source, inferred.config
-    warn_assumptions(inferred)
     out = config.replace(image_size=image_size) if image_size is not None else config
-    if out.grid != config.grid and out.num_positions * out.d_model * 8 > MAX_RESAMPLE_BYTES:
-        raise ArgumentError(f"image size {out.image_size}: {out.num_positions} positions x "
-                            f"{out.d_model} would need {out.num_positions * out.d_model * 8:,} "
-                            f"bytes to resample (limit {MAX_RESAMPLE_BYTES:,})")
-    hook = _hook(config, out, _numpy_dtype(dtype), allow_nonfinite, interpolation, antialias)
+    resampling = native_resampling(inferred).stated(interpolation, antialias)
+    resampled = out.grid != config.grid
+    if resampled:
+        if out.num_positions * out.d_model * 8 > MAX_RESAMPLE_BYTES:
+            raise ArgumentError(f"image size {out.image_size}: {out.num_positions} positions x "
+                                f"{out.d_model} would need {out.num_positions * out.d_model * 8:,}"
+                                f" bytes to resample (limit {MAX_RESAMPLE_BYTES:,})")
+        if interpolation is None or antialias is None:
+            inferred.assumed["resampling"] = (
+                f"{resampling.describe()}, {config.grid} -> {out.grid} patches (another: "
+                f"--interpolation, --antialias/--no-antialias; interpolation=, antialias=)")
+        else:
+            inferred.found["resampling"] = f"given: {stated.describe()}"
+    warn_assumptions(inferred)
+    hook = _hook(config, out, _numpy_dtype(dtype), allow_nonfinite, resampling)
     plan = plan_conversion(source.meta, inferred.layout, to, config, out_config=out, hook=hook,
                            what=f"{inferred.layout.name} ({source.path.name})")
-    return Prepared(source, inferred, out, plan)
+    return Prepared(source, inferred, out, plan, resampling, resampled)
+
+
+def native_resampling(inferred: Inferred) -> Resampling:
+    """How the file's own library resamples its positions: the one our manifest recorded
+    when we wrote it from a published layout, else its layout's (`Layout.resampling`)."""
+    manifest = read_manifest(inferred.source) or {}
+    if "resampling" in manifest:
+        try:
+            return Resampling.from_dict(manifest["resampling"])
+        except (ArgumentError, TypeError) as e:
+            raise CheckpointError(f"{inferred.source.path}: the manifest's resampling is "
+                                  f"invalid: {e}") from None
+    return inferred.layout.resampling(inferred.config)
 
 
 MAX_RESAMPLE_BYTES = 1 << 32  # float64 working copy of a resampled position table
@@ -123,14 +147,15 @@ def warn_assumptions(inferred: Inferred) -> None:
         listing = "; ".join(f"{k} = {why}" for k, why in inferred.assumed.items())
         warnings.warn(AssumedConfigWarning(
             f"{inferred.source.path}: assumed {listing}; if any is wrong, state it with "
-            f"--set FIELD=VALUE (overrides={{field: value}})"), stacklevel=3)
+            f"--set FIELD=VALUE (overrides={{field: value}}) or name the architecture with "
+            f"--arch (arch=)"), stacklevel=3)
 
 
 def load_checkpoint(path: str | os.PathLike, framework: str = "jax", *, layout: str | None = None,
                     image_size=None, dtype: str | None = None, config: ViTConfig | None = None,
                     overrides: dict[str, Any] | None = None, arch: str | None = None,
                     allow_pickle: bool = False, allow_nonfinite: bool = False,
-                    interpolation: str = "bicubic", antialias: bool = False, mesh=None,
+                    interpolation: str | None = None, antialias: bool | None = None, mesh=None,
                     sharding: str | Mapping[str, str | None] = "replicated"):
     """A ready `jax_impl.ViT` (framework="jax") or `torch_impl.ViT` (framework="torch").
 
@@ -142,7 +167,11 @@ def load_checkpoint(path: str | os.PathLike, framework: str = "jax", *, layout: 
     heads, epsilon, activation, a non-square image size); what had to be assumed is announced
     with an `AssumedConfigWarning`; `arch` names a timm architecture (resolved through timm's
     registry: heads, epsilon, activation, tokens, pooling, norms) for a bare state dict;
-    `image_size` resamples the position embeddings (timm's `resample_abs_pos_embed` rules).
+    `image_size` resamples the position embeddings as the file's own library does
+    (`Layout.resampling`: timm's `resample_abs_pos_embed`, transformers' forward-time
+    `interpolate_pos_encoding`, open_clip's `resize_pos_embed`, big_vision's `resample_posemb`;
+    our files: the one their manifest recorded); `interpolation` ("bicubic", "bilinear",
+    "dinov2", "big_vision") and `antialias` override it.
     With `mesh` (a `jax.sharding.Mesh`, `Explicit` or `Auto` axes), the JAX model's parameters
     are placed on it by `sharding`: "replicated", "fsdp", "tensor_parallel", "fsdp_tp", or
     rules `{logical axis: mesh axis}` (see `weight_transfer.sharding`); each device's block is
@@ -224,7 +253,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
             max_shard_size: int | str | None = None, force: bool = False,
             allow_pickle: bool = False, allow_nonfinite: bool = False,
             config: ViTConfig | None = None, overrides: dict[str, Any] | None = None,
-            arch: str | None = None, interpolation: str = "bicubic", antialias: bool = False,
+            arch: str | None = None, interpolation: str | None = None, antialias: bool | None = None,
             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Convert a checkpoint file to another layout, one tensor at a time; returns a report.
     `progress(done, total)` is called after each tensor (the CLI draws a bar with it)."""
@@ -237,7 +266,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
     inputs = [p.source.path, *p.source.files, *([p.source.folder] if p.source.folder else [])]
     protected = set().union(*(file_ids(f) for f in inputs))  # every input file, under any name
     manifest = {"format_version": FORMAT_VERSION, "layout": dst_layout.name,
-                "source_layout": p.inferred.layout.name}
+                "source_layout": p.inferred.layout.name,
+                # the source library's own way, kept for the next resampling of these weights
+                "resampling": p.resampling.to_dict(), **resampled(p)}
     tensors = p.plan.run(p.source.items(p.plan.inputs, digest=True), materialize=False)
     if progress is not None:
         tensors = _counted(tensors, len(p.plan.order), progress)
@@ -256,8 +287,17 @@ def _counted(items, total: int, progress: Callable[[int, int], None]):
         progress(done, total)
 
 
+def resampled(p: Prepared) -> dict[str, Any]:
+    """What was resampled and how: {"resampled": {...}}, or {} at the file's own grid."""
+    if not p.resampled:
+        return {}
+    return {"resampled": {"from_grid": list(p.inferred.config.grid),
+                          "to_grid": list(p.config.grid), "method": p.resampling.describe(),
+                          **p.resampling.to_dict()}}
+
+
 def report(p: Prepared) -> dict[str, Any]:
-    return {"layout": p.inferred.layout.name, "config": p.config.to_dict(),
+    return {"layout": p.inferred.layout.name, "config": p.config.to_dict(), **resampled(p),
             "found": p.inferred.found, "assumed": p.inferred.assumed,
             "dropped": p.inferred.dropped, "notes": p.source.notes,
             "tensors": len(p.plan.order)}

@@ -1,16 +1,22 @@
-"""Resample position embeddings to a new patch grid, as timm's `resample_abs_pos_embed` does.
+"""Resample position embeddings to a new patch grid, as each library does it.
 
 Interpolation is written as two 1-D weight matrices (rows: output positions, columns: input
 positions) computed in NumPy with PyTorch's `F.interpolate(align_corners=False)` rules:
 bilinear; bicubic with a=-0.75; and with `antialias=True` the widened, normalised kernels
-(bicubic a=-0.5) that torch uses when downsampling. The matrices are applied with NumPy, JAX or
-torch alike, so both frameworks resample identically (`resample_grid`), and the tests compare
-against timm and torch themselves.
+(bicubic a=-0.5, even when upsampling) that torch uses; or with `scipy.ndimage.zoom(order=1)`'s
+(linear, corner samples aligned: big_vision). The matrices are applied with NumPy, JAX or torch
+alike, so both frameworks resample identically (`resample_grid`), and the tests compare against
+timm, transformers, open_clip, torch and scipy themselves.
+
+Each published layout resamples the way its own library's loader or forward does
+(`Resampling`, declared per layout in `layouts.py`): that is the default, so a checkpoint run
+at a new size computes what its own library computes there.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -18,7 +24,58 @@ from vit_config import ArgumentError
 
 # "dinov2": bicubic with original DINOv2's `scale_factor=(n_out + 0.1) / n_in`
 # (interpolate_offset 0.1), which moves every sample a little from `size=`'s grid.
-INTERPOLATIONS = ("bilinear", "bicubic", "dinov2")
+# "big_vision": `scipy.ndimage.zoom(grid, zoom, order=1)`, big_vision's and google-research
+# vision_transformer's `resample_posemb`: linear, the first and last samples on the corners.
+INTERPOLATIONS = ("bilinear", "bicubic", "dinov2", "big_vision")
+
+
+@dataclass(frozen=True)
+class Resampling:
+    """How a position table is resampled to a new grid, and whose code does it that way."""
+
+    interpolation: str = "bicubic"
+    antialias: bool = False
+    origin: str = ""  # the loader or forward that resamples this way
+
+    def __post_init__(self):
+        if self.interpolation not in INTERPOLATIONS:
+            raise ArgumentError(f"interpolation {self.interpolation!r}: expected one of "
+                                f"{INTERPOLATIONS}")
+        if not isinstance(self.antialias, bool):
+            raise ArgumentError(f"antialias {self.antialias!r}: expected a bool")
+
+    def describe(self) -> str:
+        how = f"{self.interpolation}{', antialiased' if self.antialias else ''}"
+        return f"{how} ({self.origin})" if self.origin else how
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d) -> "Resampling":
+        if not isinstance(d, dict) or set(d) - {"interpolation", "antialias", "origin"}:
+            raise ArgumentError(f"resampling {d!r}: expected interpolation, antialias, origin")
+        return cls(**d)
+
+    def stated(self, interpolation: str | None, antialias: bool | None) -> "Resampling":
+        """This method with what the user stated on top (None: keep this one's)."""
+        if interpolation is None and antialias is None:
+            return self
+        return Resampling(self.interpolation if interpolation is None else interpolation,
+                          self.antialias if antialias is None else antialias, "stated")
+
+
+# Each library's own, as its loader or forward calls it (read from the installed sources).
+TIMM = Resampling("bicubic", True, "timm's resample_abs_pos_embed, as checkpoint_filter_fn "
+                  "and dynamic_img_size call it")
+HF = Resampling("bicubic", False, "transformers' interpolate_pos_encoding (ViT, DeiT, CLIP, "
+                "SigLIP, DINOv2)")
+HF_DINOV2_REGISTERS = Resampling("bicubic", True, "transformers' Dinov2WithRegisters "
+                                 "interpolate_pos_encoding")
+OPEN_CLIP = Resampling("bicubic", True, "open_clip's resize_pos_embed")
+BIG_VISION = Resampling("big_vision", False, "big_vision's and vision_transformer's "
+                        "resample_posemb: scipy.ndimage.zoom(order=1)")
+OURS = Resampling("bicubic", False, "vit-parity's default, for a file that names no origin")
 
 
 def _cubic(x: np.ndarray, a: float) -> np.ndarray:
@@ -58,6 +115,8 @@ def weights_1d(n_in: int, n_out: int, interpolation: str, antialias: bool) -> np
     """(n_out, n_in) float64 matrix M with out = M @ in along one axis."""
     if interpolation not in INTERPOLATIONS:
         raise ArgumentError(f"interpolation {interpolation!r}: expected one of {INTERPOLATIONS}")
+    if interpolation == "big_vision":
+        return _zoom_linear(n_in, n_out)
     scale = f32(n_in) / f32(n_out)  # torch computes scales and source coordinates in float32
     if interpolation == "dinov2":  # a scale_factor given: torch maps with float32(1 / factor)
         scale, interpolation = f32(1.0 / ((n_out + 0.1) / n_in)), "bicubic"
@@ -87,6 +146,21 @@ def weights_1d(n_in: int, n_out: int, interpolation: str, antialias: bool) -> np
             taps = _cubic_taps32(src - f32(i0))
             for j, w in zip(range(i0 - 1, i0 + 3), taps, strict=True):
                 m[i, min(max(j, 0), n_in - 1)] += w  # border replicate
+    return m
+
+
+def _zoom_linear(n_in: int, n_out: int) -> np.ndarray:
+    """scipy.ndimage.zoom(order=1) along one axis: output i samples input i * (n_in - 1) /
+    (n_out - 1), in float64 (a single output samples the first input)."""
+    m = np.zeros((n_out, n_in))
+    zoom = (n_in - 1) / (n_out - 1) if n_out > 1 else 1.0
+    for i in range(n_out):
+        x = i * zoom
+        i0 = min(math.floor(x), n_in - 1)
+        t = x - i0
+        m[i, i0] += 1.0 - t
+        if t:
+            m[i, i0 + 1] += t
     return m
 
 
