@@ -204,3 +204,26 @@ def test_convert_reports_progress(tmp_path, timm_file):
     wt.convert(timm_file, tmp_path / "o.safetensors", to="nnx",
                progress=lambda done, total: seen.append((done, total)))
     assert seen[-1][0] == seen[-1][1] == len(seen) > 10
+
+
+def test_torchs_new_precision_api_is_respected_and_recorded(call):
+    """A caller that set torch >= 2.9's `fp32_precision` (which makes reading a legacy TF32
+    flag raise) can still run a check; the check runs with TF32 off, records the context it
+    ran in, and leaves the caller's setting as it found it."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9 has no fp32_precision")
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        r = call("check", "--preset", "seed", "--dtype", "float32", "--json")
+        assert r.returncode == 0, r.stderr
+        precision = json.loads(r.stdout)["precision"]
+        assert precision["torch_tf32"]["cuda.matmul.fp32_precision"] == "ieee"
+        assert precision["jax_default_matmul_precision"] == "highest"
+        assert {"jax", "flax", "torch", "numpy"} <= set(precision["versions"])
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = before

@@ -505,3 +505,20 @@ def test_a_closed_stdout_after_the_output_is_written_is_not_an_error(work, model
     assert p.wait() == 0, err
     assert "Traceback" not in err
     assert wt.load_checkpoint(work / "o.safetensors", "jax").config == model.config
+
+
+def test_a_flax_format_hf_safetensors_is_refused_not_a_crash(work):
+    """An HF Flax-format `model.safetensors` (metadata format: flax, Flax leaf names) was a
+    StopIteration (exit 3); it is refused by name until the Flax layout reads it."""
+    from safetensors.numpy import save_file
+
+    folder = work / "flax_vit"
+    folder.mkdir()
+    d = 8
+    tensors = {"embeddings.cls_token": np.zeros((1, 1, d), np.float32),
+               "embeddings.patch_embeddings.projection.kernel": np.zeros((4, 4, 3, d), np.float32),
+               "encoder.layer.0.attention.attention.query.kernel": np.zeros((d, d), np.float32),
+               "layernorm.scale": np.zeros(d, np.float32)}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "flax"})
+    (folder / "config.json").write_text('{"model_type": "vit", "hidden_size": 8}')
+    assert_refused(cli("inspect", folder, cwd=work), "Flax names")

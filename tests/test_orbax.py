@@ -101,3 +101,15 @@ def test_cli_round_trip_and_refusal(tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].endswith("nothing was read")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_relative_paths_work_both_ways(tmp_path, monkeypatch):
+    """Orbax gives no item metadata for a relative path: ours are made absolute, so a relative
+    path reads and writes like an absolute one."""
+    monkeypatch.chdir(tmp_path)
+    model = random_nnx(tiny(), seed=5)
+    out = wt.save_checkpoint(model, "ckpt", layout="orbax")
+    assert not out.is_absolute() and (tmp_path / "ckpt/state/_CHECKPOINT_METADATA").is_file()
+    assert_bit_exact(nnx_params(model), nnx_params(wt.load_checkpoint("ckpt", "jax")))
+    report = wt.convert("ckpt", "back.safetensors", to="timm")
+    assert_bit_exact(nnx_params(model), nnx_params(wt.load_checkpoint(report["output"], "jax")))

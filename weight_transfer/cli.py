@@ -68,7 +68,12 @@ def _overrides(assignments: list[str] | None) -> dict:
     return out
 
 
-def _print_json(data) -> None:
+def _print_json(data, *, precision: bool = False) -> None:
+    """`data` as JSON; with `precision`, the precision context the comparison ran in too."""
+    if precision:
+        from weight_transfer.runners import comparison_context
+
+        data = {**data, "precision": comparison_context()}
     print(json.dumps(data, indent=2, default=str))
 
 
@@ -110,7 +115,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     ok = all(r.passed for r in results) and (grads is None or not any(g.divergent for g in grads))
     if args.json:
         extra = {"gradients": [asdict(g) for g in grads]} if grads is not None else {}
-        _print_json({"what": what, "config": config.to_dict(), "results": rows, **extra})
+        _print_json({"what": what, "config": config.to_dict(), "results": rows, **extra},
+                    precision=True)
     else:
         print(f"parity check: {what} ({config.num_params():,} parameters, "
               f"{config.num_layers} layers), batch {args.batch}, seed {args.seed}")
@@ -272,7 +278,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if args.plot:
         _save_plot(args, lambda path: plot_report(report, path))
     if args.json:
-        _print_json(report.as_dict())
+        _print_json(report.as_dict(), precision=True)
     else:
         rows = [dict(layer=l.name, max_abs=l.max_abs, max_rel=l.max_rel, floor=l.noise_floor,
                      gap64=l.gap64, ok=not l.divergent) for l in report.layers]
@@ -346,7 +352,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     ref, cand, images = _load_pair(args, reference=recorded)  # REF gone before CAND loads
     d = diagnose(ref, cand, images)
     if args.json:
-        _print_json(d.as_dict())
+        _print_json(d.as_dict(), precision=True)
     else:
         print(f"first divergence: {d.first_divergence or 'none: the two models agree'}")
         for f in d.findings:
@@ -364,25 +370,25 @@ def cmd_train_parity(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} {getattr(args, name)}: expected a positive number")
     try:
-        from weight_transfer.training import Hyper, plot_losses, train_parity
+        from weight_transfer.training import DRIFT_FACTOR, Hyper, plot_losses, train_parity
     except ImportError as e:
         raise UsageError(str(e)) from None
-    lr = args.lr if args.lr is not None else (3e-3 if args.optimizer == "adamw" else 0.1)
+    hyper = Hyper(optimizer=args.optimizer, lr=args.lr, steps=args.steps, batch=args.batch,
+                  seed=args.seed, weight_decay=args.weight_decay)
+    lr = hyper.lr
     try:
-        report = train_parity(Hyper(optimizer=args.optimizer, lr=lr, steps=args.steps,
-                                    batch=args.batch, seed=args.seed,
-                                    weight_decay=args.weight_decay))
+        report = train_parity(hyper)
     except ImportError as e:
         raise UsageError(str(e)) from None
     if args.plot:
         _save_plot(args, lambda path: plot_losses(report, path))
     if args.json:
-        _print_json(report.as_dict())
+        _print_json(report.as_dict(), precision=True)
         return 0 if report.passed else 1
     print(f"training parity: {args.optimizer} (lr {lr:g}), {args.steps} steps of {args.batch} "
           f"sklearn digits, optax vs torch.optim, same start and batches")
     print(f"  loss    max gap {report.loss_gap:.3e}  bound {report.loss_bound:.3e} "
-          f"(4 x each side's float32-vs-float64 drift)")
+          f"({DRIFT_FACTOR:g} x each side's float32-vs-float64 drift)")
     print(f"  weights max gap {report.weight_gap:.3e}  bound {report.weight_bound:.3e}")
     print(f"  held-out accuracy jax {report.accuracy['jax']:.4f}  torch "
           f"{report.accuracy['torch']:.4f}; logits differ by at most {report.logit_gap:.3e}")
@@ -425,11 +431,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="ViT parity between Flax NNX and PyTorch: check, port, debug.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from weight_transfer.metrics import TOLERANCE
 
     p = sub.add_parser("check", help="run the same images through both implementations",
                        description="Fill a preset with random weights on one side, port it to "
                        "the other, and compare logits in both directions. Exit 1 beyond "
-                       "tolerance (float32 1e-5, float64 1e-12, relative to max(1, |logits|)).")
+                       "tolerance (" + ", ".join(f"{k} {v:g}" for k, v in TOLERANCE.items()) +
+                       ", relative to max(1, |logits|)).")
     p.add_argument("checkpoint", nargs="?", default=None,
                    help="a checkpoint to load into both implementations (default: a preset "
                    "with random weights)")
@@ -439,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None,
                    help="override the preset's number of blocks (faster checks)")
     p.add_argument("--dtype", nargs="+", default=["float32", "float64"],
-                   choices=["float32", "float64", "bfloat16"], help="dtypes to compare")
+                   choices=list(TOLERANCE), help="dtypes to compare")
     p.add_argument("--batch", type=int, default=2, help="images per batch (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and images")
     p.add_argument("--grads", action="store_true",
@@ -505,17 +513,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pair_options(p)
     p.set_defaults(run=cmd_doctor)
 
+    from weight_transfer.training import LEARNING_RATES, OPTIMIZERS, Hyper
+
     p = sub.add_parser("train-parity", help="train in optax and torch.optim side by side",
                        description="Train the same small ViT on scikit-learn's digits with the "
                        "same optimiser, start and batches in JAX (optax) and torch; compare "
                        "losses, weights and held-out predictions against bounds derived from "
                        "each framework's own float32-vs-float64 drift.")
-    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    p.add_argument("--lr", type=float, default=None, help="default 3e-3 (adamw), 0.1 (sgd)")
-    p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW's (decoupled)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=Hyper.optimizer,
+                   help="(default %(default)s)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="default " + ", ".join(f"{v:g} ({k})" for k, v in LEARNING_RATES.items()))
+    p.add_argument("--weight-decay", type=float, default=Hyper.weight_decay,
+                   help="AdamW's (decoupled)")
+    p.add_argument("--steps", type=int, default=Hyper.steps, help="(default %(default)s)")
+    p.add_argument("--batch", type=int, default=Hyper.batch, help="(default %(default)s)")
+    p.add_argument("--seed", type=int, default=Hyper.seed, help="(default %(default)s)")
     p.add_argument("--plot", metavar="FILE.png", help="draw both loss curves")
     p.add_argument("--force", action="store_true", help="replace an existing --plot file")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -62,7 +62,13 @@ def normalise_hf(source: Source) -> tuple[Source, list[str]]:
     meta = {new: source.meta[old] for new, old in renamed.items()}
     extra: dict[str, np.ndarray] = {}
     if "classifier.weight" not in meta:
-        d = next(m[0][-1] for k, m in meta.items() if k.endswith("layernorm.weight"))
+        d = next((m[0][-1] for k, m in meta.items() if k.endswith("layernorm.weight")), None)
+        if d is None:
+            flax = source.metadata.get("format") == "flax" or any(
+                k.endswith((".kernel", ".scale")) for k in keys)
+            raise CheckpointError(f"{source.path}: no final layernorm.weight, so not a Hugging Face "
+                                  f"ViT in PyTorch names" + (" (these are Flax names: Hugging "
+                                  f"Face Flax checkpoints are not read yet)" if flax else ""))
         dtype = next(iter(meta.values()))[1]
         extra = {"classifier.weight": np.eye(d, dtype=dtype), "classifier.bias": np.zeros(d, dtype)}
         meta.update({k: (a.shape, a.dtype) for k, a in extra.items()})

@@ -69,7 +69,7 @@ class OrbaxReader:
     def __init__(self, folder: Path, path: Path):
         """`folder` as given; `path` the checkpoint in it (`checkpoint_dir(folder)`)."""
         self.folder = folder
-        self.path = path
+        self.path = path.absolute()  # Orbax gives no item metadata for a relative path
         ocp = _ocp()
         absent = [m for m in MARKERS if not (self.path / m).is_file()]
         if absent or TEMPORARY in self.path.name or not ocp.utils.is_checkpoint_finalized(
@@ -141,6 +141,6 @@ def write_orbax(out: Path, tensors: Iterable[tuple[str, np.ndarray]],
     ocp = _ocp()
     out.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(out / STATE, nested((k, np.ascontiguousarray(a)) for k, a in tensors))
+    checkpointer.save(out.absolute() / STATE, nested((k, np.ascontiguousarray(a)) for k, a in tensors))
     checkpointer.wait_until_finished()
     (out / MANIFEST).write_text(manifest())

@@ -29,16 +29,54 @@ def random_images(config: ViTConfig, batch: int, seed: int = 0, dtype: str = "fl
     return rng.standard_normal((batch, h, w, config.in_channels)).astype(NUMPY_DTYPES[dtype])
 
 
+def _tf32_switches() -> dict[str, tuple[object, str, object]]:
+    """{torch.backends path: (object, attribute, value meaning full float32)} for each TF32
+    switch: torch
+    >= 2.9's `fp32_precision` ("ieee") where it exists, else the legacy `allow_tf32` flags. A
+    legacy flag is never read where the new API exists: torch raises once a caller has set
+    the new one (as training scripts and newer transformers do)."""
+    b = torch.backends
+    if hasattr(b.cuda.matmul, "fp32_precision"):
+        return {"cuda.matmul.fp32_precision": (b.cuda.matmul, "fp32_precision", "ieee"),
+                "cudnn.conv.fp32_precision": (b.cudnn.conv, "fp32_precision", "ieee")}
+    return {"cuda.matmul.allow_tf32": (b.cuda.matmul, "allow_tf32", False),
+            "cudnn.allow_tf32": (b.cudnn, "allow_tf32", False)}
+
+
 @contextlib.contextmanager
 def exact_matmuls() -> Iterator[None]:
     """JAX matmuls at full precision and torch TF32 off, for the duration of a comparison."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    switches = _tf32_switches().values()
+    old = [getattr(obj, name) for obj, name, _ in switches]
+    for obj, name, exact in switches:
+        setattr(obj, name, exact)
     try:
         with jax.default_matmul_precision("highest"):
             yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        for (obj, name, _), value in zip(switches, old, strict=True):
+            setattr(obj, name, value)
+
+
+def precision_context() -> dict:
+    """The settings that decide what a comparison computes, as it runs now: JAX's matmul
+    precision, x64 and backend, torch's TF32 switches, and the library versions. Recorded in
+    every --json report, so a real difference can be told from a setting."""
+    import flax
+
+    return {"jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision),
+            "jax_enable_x64": bool(jax.config.jax_enable_x64),
+            "jax_backend": jax.default_backend(),
+            "torch_tf32": {path: getattr(obj, name)
+                           for path, (obj, name, _) in _tf32_switches().items()},
+            "versions": {"jax": jax.__version__, "flax": flax.__version__,
+                         "torch": torch.__version__, "numpy": np.__version__}}
+
+
+def comparison_context() -> dict:
+    """`precision_context()` as every comparison here runs: inside `exact_matmuls()`."""
+    with exact_matmuls():
+        return precision_context()
 
 
 def x64_for(dtype: str):

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from vit_config import ArgumentError, ViTConfig
-from weight_transfer.bridge import nnx_params
 
 # A small ViT for 8x8 digits: 2x2 patches -> 16 tokens + CLS.
 DIGITS_CONFIG = ViTConfig(image_size=8, patch_size=2, in_channels=1, d_model=32, num_heads=4,
@@ -25,10 +24,14 @@ OPTIMIZERS = ("sgd", "adamw")
 DRIFT_FACTOR = 4.0
 
 
+# Each optimiser's default learning rate (the CLI's defaults too).
+LEARNING_RATES = {"adamw": 3e-3, "sgd": 0.1}
+
+
 @dataclass(frozen=True)
 class Hyper:
     optimizer: str = "adamw"
-    lr: float = 3e-3
+    lr: float | None = None  # None: the optimiser's default, LEARNING_RATES
     momentum: float = 0.9  # SGD (torch semantics: buf = m * buf + g; optax trace is the same)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -36,6 +39,12 @@ class Hyper:
     steps: int = 200
     batch: int = 64
     seed: int = 0
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ArgumentError(f"optimizer {self.optimizer!r}: expected one of {OPTIMIZERS}")
+        if self.lr is None:
+            object.__setattr__(self, "lr", LEARNING_RATES[self.optimizer])
 
 
 def load_digits_split(seed: int = 0, held_out: int = 297):
@@ -157,6 +166,8 @@ def _max_gap(a, b) -> float:
 
 
 def _weight_gap(a, b) -> float:
+    from weight_transfer.bridge import nnx_params
+
     wa, wb = nnx_params(a), nnx_params(b)
     return max(_max_gap(wa[k], wb[k]) for k in wa)
 
@@ -183,7 +194,7 @@ def train_parity(h: Hyper = Hyper(), config: ViTConfig = DIGITS_CONFIG) -> Train
     """Train both frameworks (float32, and float64 for the noise bound) and compare."""
     import jax
 
-    from weight_transfer.bridge import nnx_astype, to_torch
+    from weight_transfer.bridge import nnx_astype, nnx_params, to_torch
     from weight_transfer.runners import exact_matmuls, run_nnx, run_torch
 
     if h.optimizer not in OPTIMIZERS:
