@@ -41,7 +41,7 @@ FAULTS = {
 
 def write_pair(preset: str, fault: str, folder: Path) -> tuple[Path, Path]:
     import weight_transfer as wt
-    from weight_transfer.weights import random_nnx
+    from weight_transfer.frameworks.weights import random_nnx
 
     config = ViTConfig.preset(preset)
     model = random_nnx(config, seed=1)

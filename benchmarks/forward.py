@@ -14,7 +14,7 @@ rounds of the ratio within each round: two models timed seconds apart see the sa
 Compile time of `jax_impl` (lower + compile, best of 3) for the Python loop and the `nnx.scan`
 stack.
 Porting time and memory (`benchmarks/porting.py`) on `--porting-preset`, in the same table.
-`--preset` takes any preset with a timm architecture (`vit_config.TIMM_ARCHS`): timm's own model
+`--preset` takes any preset with a timm architecture (`layouts.timm.TIMM_ARCHS`): timm's own model
 of that architecture is the baseline; `--image-size 224` for DINOv2's presets (518 px).
 Targets (performance issue): torch_impl >= timm; jax_impl >= 80% of the ceiling and >= the
 Flax reference; ViT-L/16 scanned compile <= 1/3 of the loop's. Family issue: on siglip_b16
@@ -31,7 +31,8 @@ import time
 
 import numpy as np
 
-from vit_config import TIMM_ARCHS, ViTConfig
+from vit_config import ViTConfig
+from weight_transfer.layouts.timm import TIMM_ARCHS
 
 
 def interleaved(fns: dict, repeat: int) -> dict[str, list[float]]:
@@ -117,8 +118,8 @@ def throughput(preset: str, batch: int, repeat: int, image_size: int | None = No
 
     import jax_impl
     import weight_transfer as wt
-    from weight_transfer.runners import random_images
-    from weight_transfer.weights import random_nnx
+    from weight_transfer.frameworks.runners import random_images
+    from weight_transfer.frameworks.weights import random_nnx
 
     config = ViTConfig.preset(preset)
     if image_size is not None:

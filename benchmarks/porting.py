@@ -64,14 +64,14 @@ print(json.dumps({"seconds": seconds, "baseline_kib": baseline, "peak_kib": stat
 LOAD_TORCH = CHILD.replace("porting.convert(sys.argv[1], sys.argv[2], to=sys.argv[3])",
                            "model = porting.load_checkpoint(sys.argv[1], 'torch')").replace(
     "import weight_transfer.porting as porting",
-    "import weight_transfer.porting as porting, weight_transfer.torch_bridge  # torch too")
+    "import weight_transfer.porting as porting, weight_transfer.frameworks.torch_bridge  # torch too")
 
 
 def write_random_timm(config: ViTConfig, path: Path, seed: int = 0) -> int:
     """A timm-layout safetensors file of random float32 weights, written one tensor at a time."""
-    from weight_transfer.bridge import torch_shapes
-    from weight_transfer.conversion import plan_conversion
-    from weight_transfer.safetensors_io import write_safetensors
+    from weight_transfer.frameworks.bridge import torch_shapes
+    from weight_transfer.porting.conversion import plan_conversion
+    from weight_transfer.formats.safetensors_io import write_safetensors
     from weight_transfer.layouts import LAYOUTS
 
     meta = {k: (s, np.dtype(np.float32)) for k, s in torch_shapes(config).items()}
@@ -89,7 +89,7 @@ def streamed_copy(src: Path, dst: Path, chunk: int = 16 << 20) -> None:
 
 
 def direct_copy(src: Path, dst: Path) -> None:
-    from weight_transfer.fileio import SequentialWriter
+    from weight_transfer.formats.fileio import SequentialWriter
 
     with open(src, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m, \
             SequentialWriter(dst) as out:

@@ -12,8 +12,8 @@ import torch
 import weight_transfer as wt
 from tests.conftest import tiny
 from tests.helpers.models import assert_bit_exact
-from weight_transfer.checkpoint import CheckpointError, read_checkpoint
-from weight_transfer.weights import random_nnx, random_torch
+from weight_transfer.formats.checkpoint import CheckpointError, read_checkpoint
+from weight_transfer.frameworks.weights import random_nnx, random_torch
 
 LAYOUTS = ["nnx", "torch", "timm", "hf", "google_vit"]
 

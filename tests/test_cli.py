@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from weight_transfer import cli, parity
+from weight_transfer import cli
+from weight_transfer.diagnostics import parity
 
 
 def run(*args):
@@ -78,7 +79,7 @@ def test_parity_failure_exits_1(monkeypatch, capsys):
 def timm_file(tmp_path_factory):
     import weight_transfer as wt
     from tests.conftest import tiny
-    from weight_transfer.weights import random_torch
+    from weight_transfer.frameworks.weights import random_torch
 
     path = tmp_path_factory.mktemp("cli") / "model.safetensors"
     return wt.save_checkpoint(random_torch(tiny(), seed=3), path, layout="timm")
@@ -130,7 +131,7 @@ def pair(tmp_path_factory):
     """A reference checkpoint and a candidate with its patch kernel moved with .T and eps 1e-5."""
     import weight_transfer as wt
     from tests.conftest import tiny
-    from weight_transfer.weights import random_nnx
+    from weight_transfer.frameworks.weights import random_nnx
 
     d = tmp_path_factory.mktemp("pair")
     model = random_nnx(tiny(), seed=1)

@@ -7,13 +7,13 @@ import torch
 import weight_transfer as wt
 from tests.conftest import tiny
 from vit_config import ViTConfig
-from weight_transfer import numpy_ref
+from weight_transfer.diagnostics import numpy_ref
 from vit_config.arch import intermediates
-from weight_transfer.adapters import Side, side
-from weight_transfer.doctor import diagnose
-from weight_transfer.parity import compare
-from weight_transfer.runners import random_images
-from weight_transfer.weights import random_nnx
+from weight_transfer.diagnostics.adapters import Side, side
+from weight_transfer.diagnostics.doctor import diagnose
+from weight_transfer.diagnostics.parity import compare
+from weight_transfer.frameworks.runners import random_images
+from weight_transfer.frameworks.weights import random_nnx
 
 CONFIG = tiny()  # (8, 12) images, P=4: a 2 x 3 grid; D=24, 3 heads, d_ff 40, 2 blocks
 
@@ -85,9 +85,9 @@ def port_of_timm(model, **config_changes):
     sd = {k.replace("fc_norm.", "norm."): v for k, v in model.state_dict().items()}
     config = CONFIG.replace(**config_changes)
     flat = {k: v.numpy() for k, v in sd.items()}
-    from weight_transfer.conversion import plan_conversion
+    from weight_transfer.porting.conversion import plan_conversion
     from weight_transfer.layouts import LAYOUTS
-    from weight_transfer.table import meta_of
+    from weight_transfer.core.table import meta_of
 
     plan = plan_conversion(meta_of(flat), LAYOUTS["timm"], LAYOUTS["nnx"], config)
     return wt.nnx_from_flat(dict(plan.run(flat.items())), config)
@@ -214,7 +214,7 @@ def numpy_side(model, knobs) -> Side:
 
 
 def test_every_hypothesis_has_a_planted_fault():
-    from weight_transfer.doctor import HYPOTHESES
+    from weight_transfer.diagnostics.doctor import HYPOTHESES
 
     assert sorted(HYPOTHESES) == sorted(FAULTS)
 
@@ -297,7 +297,7 @@ def test_vit_config_sizes_for_doctor_are_distinct():
 def test_a_recorded_reference_diagnoses_alike_and_holds_no_model(ref, images, framework):
     """What the CLI does to keep one model in memory: the reference's float64 run recorded
     (the model cast in place, then dropped) gives the same diagnosis as the live reference."""
-    from weight_transfer.adapters import recorded
+    from weight_transfer.diagnostics.adapters import recorded
 
     reference, candidate = make_fault("ln_eps", ref)
     live = diagnose(reference, candidate, images)
@@ -314,8 +314,8 @@ def test_a_recorded_reference_diagnoses_alike_and_holds_no_model(ref, images, fr
 def test_a_replay_resumed_at_a_block_is_the_full_replay(ref, images):
     """The doctor replays corrections confined to block i and later from the base's input to
     block i: that must be exactly the full replay from there on."""
-    from weight_transfer.doctor import candidate_of
-    from weight_transfer.numpy_ref import trace
+    from weight_transfer.diagnostics.doctor import candidate_of
+    from weight_transfer.diagnostics.numpy_ref import trace
 
     cand = candidate_of(ref)
     images = np.asarray(images, np.float64)

@@ -15,8 +15,8 @@ import weight_transfer as wt
 from tests.conftest import assert_close
 from tests.helpers.models import nchw, randomize
 from vit_config import ViTConfig
-from weight_transfer.runners import random_images, run_nnx, run_torch
-from weight_transfer.weights import random_nnx
+from weight_transfer.frameworks.runners import random_images, run_nnx, run_torch
+from weight_transfer.frameworks.weights import random_nnx
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")

@@ -18,7 +18,7 @@ from weight_transfer import (
     torch_flat,
     torch_to_nnx_flat,
 )
-from weight_transfer.weights import random_nnx, random_torch
+from weight_transfer.frameworks.weights import random_nnx, random_torch
 
 
 @pytest.fixture(scope="module")

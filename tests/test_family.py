@@ -19,14 +19,15 @@ from hypothesis import strategies as st
 import weight_transfer as wt
 from tests.conftest import TOL, assert_close
 from tests.helpers.models import assert_bit_exact, nchw
-from vit_config import PRESETS, TIMM_ARCHS, ViTConfig, arch
-from weight_transfer import numpy_ref
-from weight_transfer.bridge import nnx_params
-from weight_transfer.errors import LayoutError
-from weight_transfer.metrics import relative_error
-from weight_transfer.parity import nnx_grads, torch_grads
-from weight_transfer.runners import random_images, run_nnx, run_torch, x64_for
-from weight_transfer.weights import random_nnx, random_torch
+from vit_config import PRESETS, ViTConfig, arch
+from weight_transfer.layouts.timm import TIMM_ARCHS
+from weight_transfer.diagnostics import numpy_ref
+from weight_transfer.frameworks.bridge import nnx_params
+from weight_transfer.core.errors import LayoutError
+from weight_transfer.diagnostics.metrics import relative_error
+from weight_transfer.diagnostics.parity import nnx_grads, torch_grads
+from weight_transfer.frameworks.runners import random_images, run_nnx, run_torch, x64_for
+from weight_transfer.frameworks.weights import random_nnx, random_torch
 
 BASE = dict(image_size=(8, 12), patch_size=4, in_channels=3, d_model=24, num_heads=3, d_ff=40,
             num_layers=2, num_classes=7)

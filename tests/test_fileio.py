@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import weight_transfer as wt
-import weight_transfer.fileio as fileio
+import weight_transfer.formats.fileio as fileio
 from tests.conftest import tiny
-from weight_transfer.checkpoint import read_checkpoint
-from weight_transfer.weights import random_nnx, random_torch
+from weight_transfer.formats.checkpoint import read_checkpoint
+from weight_transfer.frameworks.weights import random_nnx, random_torch
 
 
 def pieces():
@@ -111,7 +111,7 @@ def test_torch_model_shares_the_file_pages_copy_on_write(tmp_path):
 def test_data_starts_on_a_cache_line_and_copies_are_aligned(tmp_path):
     import struct
 
-    from weight_transfer.bridge import numpy_to_torch
+    from weight_transfer.frameworks.bridge import numpy_to_torch
 
     path = wt.save_checkpoint(random_nnx(tiny(), seed=2), tmp_path / "m.safetensors")
     (n,) = struct.unpack("<Q", path.read_bytes()[:8])

@@ -23,7 +23,7 @@ from safetensors.numpy import load_file
 import weight_transfer as wt
 from tests.conftest import tiny
 from weight_transfer.cli import main
-from weight_transfer.weights import random_nnx
+from weight_transfer.frameworks.weights import random_nnx
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,

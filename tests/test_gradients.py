@@ -8,10 +8,10 @@ import pytest
 from tests.conftest import tiny
 from vit_config import ViTConfig
 from weight_transfer import to_nnx, to_torch, torch_to_nnx_flat
-from weight_transfer.metrics import relative_error
-from weight_transfer.parity import nnx_grads, torch_grads
-from weight_transfer.runners import random_images, x64_for
-from weight_transfer.weights import random_nnx, random_torch
+from weight_transfer.diagnostics.metrics import relative_error
+from weight_transfer.diagnostics.parity import nnx_grads, torch_grads
+from weight_transfer.frameworks.runners import random_images, x64_for
+from weight_transfer.frameworks.weights import random_nnx, random_torch
 
 # Relative to each gradient tensor's max |value|: float64 leaves ~1e-14 of rounding after a
 # handful of layers; float32's 2**-23 grows to ~1e-6..1e-5 through softmax and LayerNorm.
@@ -58,7 +58,7 @@ def test_gradient_parity(config, direction, dtype):
 @pytest.mark.slow  # measured 4-9 s (pytest --durations)
 def test_compare_grads_floor_rule_passes_a_port_and_catches_a_fault():
     from weight_transfer import nnx_flat, nnx_from_flat
-    from weight_transfer.parity import compare_grads
+    from weight_transfer.diagnostics.parity import compare_grads
 
     config = tiny()
     jm = random_nnx(config, seed=4)

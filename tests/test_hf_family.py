@@ -13,7 +13,7 @@ import torch
 import weight_transfer as wt
 from tests.conftest import assert_close
 from tests.helpers.models import nchw, randomize
-from weight_transfer.runners import random_images, run_nnx, run_torch
+from weight_transfer.frameworks.runners import random_images, run_nnx, run_torch
 
 T = pytest.importorskip("transformers")
 
@@ -108,7 +108,7 @@ def test_a_model_the_hf_type_cannot_hold_is_refused(tmp_path):
     """A mean-pooled DINOv2 with a head: HF's Dinov2ForImageClassification pools [class,
     patch mean]; the folder would read back as another model, so nothing is written."""
     from tests.conftest import tiny
-    from weight_transfer.weights import random_torch
+    from weight_transfer.frameworks.weights import random_torch
 
     config = tiny(pool="mean", class_token=True, layer_scale=True, image_size=16, d_ff=48)
     with pytest.raises(wt.errors.LayoutError, match=r"cannot hold this model: pool='mean' "
@@ -125,7 +125,7 @@ def test_a_folder_that_would_read_back_differently_is_not_written(tmp_path, monk
 
     from tests.conftest import tiny
     from weight_transfer import layouts
-    from weight_transfer.weights import random_torch
+    from weight_transfer.frameworks.weights import random_torch
 
     hf = layouts.LAYOUTS["hf"]
     forgetful = lambda c: {k: v for k, v in hf.write_config_json(c).items()  # noqa: E731

@@ -22,7 +22,7 @@ import pytest
 
 import weight_transfer as wt
 from tests.conftest import tiny
-from weight_transfer.weights import random_nnx
+from weight_transfer.frameworks.weights import random_nnx
 
 MEMORY_BOUND = 1 << 30  # bytes of peak RSS: "bounded", not a speed target
 
@@ -475,7 +475,8 @@ def test_a_signal_mid_conversion_cleans_up(work, model, monkeypatch, capsys):
     line on stderr, exit 128 + the signal."""
     import signal
 
-    from weight_transfer import cli as cli_module, writers
+    from weight_transfer import cli as cli_module
+    from weight_transfer.porting import writers
 
     src = wt.save_checkpoint(model, work / "m.safetensors", layout="torch")
     real = writers.write_safetensors

@@ -14,9 +14,9 @@ import torch
 import weight_transfer as wt
 from tests.conftest import assert_close, tiny
 from tests.helpers.models import nchw
-from weight_transfer.npz_io import NpzReader
-from weight_transfer.runners import random_images, run_nnx
-from weight_transfer.weights import random_nnx
+from weight_transfer.formats.npz_io import NpzReader
+from weight_transfer.frameworks.runners import random_images, run_nnx
+from weight_transfer.frameworks.weights import random_nnx
 
 timm = pytest.importorskip("timm")
 pytest.importorskip("jax")  # timm's loader imports jax.numpy for bfloat16 only

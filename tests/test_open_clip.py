@@ -14,7 +14,7 @@ import weight_transfer as wt
 from tests.conftest import assert_close
 from tests.helpers.models import nchw, randomize
 from vit_config import ViTConfig
-from weight_transfer.runners import random_images, run_nnx, run_torch
+from weight_transfer.frameworks.runners import random_images, run_nnx, run_torch
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -68,7 +68,7 @@ def test_the_activation_is_assumed_loudly_and_a_wrong_guess_differs(tmp_path):
 
 
 def test_open_clip_names_resolve_through_its_registry():
-    from weight_transfer.openclip_arch import config_from_open_clip
+    from weight_transfer.layouts.open_clip import config_from_open_clip
 
     config = config_from_open_clip("ViT-B-32-quickgelu")
     assert (config.activation, config.patch_size, config.num_classes, config.ln_eps) == \
@@ -113,7 +113,7 @@ def test_written_open_clip_state_dict_loads_into_open_clip_strict(tmp_path, quic
 
 def test_a_model_open_clip_cannot_compute_is_refused(tmp_path):
     from tests.conftest import tiny
-    from weight_transfer.weights import random_torch
+    from weight_transfer.frameworks.weights import random_torch
 
     with pytest.raises(wt.errors.LayoutError, match=r"open_clip's VisionTransformer cannot "
                                                     r"hold this model: norm_pre=False"):

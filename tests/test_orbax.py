@@ -16,9 +16,9 @@ from safetensors.numpy import load_file
 import weight_transfer as wt
 from tests.conftest import tiny
 from tests.helpers.models import assert_bit_exact
-from weight_transfer.bridge import nnx_params
-from weight_transfer.errors import AssumedConfigWarning, CheckpointError, LayoutError, TransferError
-from weight_transfer.weights import random_nnx, random_torch
+from weight_transfer.frameworks.bridge import nnx_params
+from weight_transfer.core.errors import AssumedConfigWarning, CheckpointError, LayoutError, TransferError
+from weight_transfer.frameworks.weights import random_nnx, random_torch
 
 ocp = pytest.importorskip("orbax.checkpoint")
 FAMILY = tiny(pool="map", class_token=False, reg_tokens=2, layer_scale=True, mlp="swiglu",

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from tests.conftest import assert_close, tiny
 from vit_config import ViTConfig
 from weight_transfer import to_nnx, to_torch
-from weight_transfer.runners import random_images, run_nnx, run_torch, x64_for
-from weight_transfer.weights import random_nnx, random_torch
+from weight_transfer.frameworks.runners import random_images, run_nnx, run_torch, x64_for
+from weight_transfer.frameworks.weights import random_nnx, random_torch
 
 GRID = [dict(pool=p, activation=a, qkv_bias=b)
         for p in ("mean", "cls") for a in ("relu", "gelu", "gelu_tanh") for b in (True, False)]

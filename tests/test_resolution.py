@@ -17,9 +17,10 @@ import torch
 import weight_transfer as wt
 from tests.conftest import assert_close
 from tests.helpers.models import nchw, randomize
-from vit_config import PRESETS, TIMM_ARCHS, ViTConfig, VitParityError
-from weight_transfer.errors import AssumedConfigWarning
-from weight_transfer.runners import random_images, run_torch
+from vit_config import PRESETS, ViTConfig, VitParityError
+from weight_transfer.layouts.timm import TIMM_ARCHS
+from weight_transfer.core.errors import AssumedConfigWarning
+from weight_transfer.frameworks.runners import random_images, run_torch
 
 timm = pytest.importorskip("timm")
 
@@ -198,7 +199,7 @@ def test_stated_method_overrides_and_is_recorded(tmp_path):
     source library's own way in the manifest, and loading the output again uses that way."""
     import json
 
-    from weight_transfer.checkpoint import read_checkpoint
+    from weight_transfer.formats.checkpoint import read_checkpoint
 
     config = ViTConfig(image_size=20, patch_size=4, d_model=24, num_heads=3, d_ff=40,
                        num_layers=1, num_classes=7)

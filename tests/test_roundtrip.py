@@ -7,8 +7,8 @@ import pytest
 from tests.conftest import tiny
 from tests.helpers.models import assert_bit_exact
 from weight_transfer import nnx_flat, to_nnx, to_torch, torch_flat
-from weight_transfer.runners import x64_for
-from weight_transfer.weights import random_nnx, random_torch
+from weight_transfer.frameworks.runners import x64_for
+from weight_transfer.frameworks.weights import random_nnx, random_torch
 
 CONFIGS = [tiny(), tiny(pool="mean", qkv_bias=False, num_layers=0)]
 

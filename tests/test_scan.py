@@ -9,8 +9,8 @@ import jax_impl
 import weight_transfer as wt
 from tests.conftest import assert_close, tiny
 from tests.helpers.models import assert_bit_exact
-from weight_transfer.runners import random_images, run_nnx, run_torch
-from weight_transfer.weights import random_nnx, random_torch
+from weight_transfer.frameworks.runners import random_images, run_nnx, run_torch
+from weight_transfer.frameworks.weights import random_nnx, random_torch
 
 
 @pytest.mark.parametrize("config", [tiny(), tiny(pool="mean", qkv_bias=False, num_layers=3)])

@@ -1,4 +1,4 @@
-"""The seed's entry points, and the NumPy reference forward (`weight_transfer.numpy_ref`)."""
+"""The seed's entry points, and the NumPy reference forward (`weight_transfer.diagnostics.numpy_ref`)."""
 
 import jax
 import numpy as np
@@ -9,8 +9,9 @@ from flax import nnx
 import jax_impl
 from tests.conftest import assert_close, tiny
 from vit_config import ViTConfig
-from weight_transfer import nhwc_to_nchw, nnx_flat, numpy_ref, to_torch
-from weight_transfer.weights import random_nnx
+from weight_transfer import nhwc_to_nchw, nnx_flat, to_torch
+from weight_transfer.diagnostics import numpy_ref
+from weight_transfer.frameworks.weights import random_nnx
 
 ARGS = (2.0, 8.0, 2.0, 16.0, 2.0, 5.0)  # patch, d_model, heads, d_ff, layers, classes as floats
 

@@ -17,9 +17,10 @@ from jax.sharding import AbstractMesh, PartitionSpec
 import jax_impl
 import weight_transfer as wt
 from tests.conftest import tiny
-from vit_config import TIMM_ARCHS, ViTConfig, arch
-from weight_transfer.sharding import RULE_SETS, ShardingError, logical_rules, partition_specs
-from weight_transfer.weights import random_torch
+from vit_config import ViTConfig, arch
+from weight_transfer.layouts.timm import TIMM_ARCHS
+from weight_transfer.frameworks.sharding import RULE_SETS, ShardingError, logical_rules, partition_specs
+from weight_transfer.frameworks.weights import random_torch
 
 HELPER = Path(__file__).parent / "helpers" / "sharded_check.py"
 MULTIHOST = HELPER.parent / "multihost_check.py"

@@ -12,9 +12,9 @@ import jax_impl
 import torch_impl
 from tests.conftest import tiny
 from vit_config import arch
-from weight_transfer.bridge import nnx_shapes, torch_shapes
-from weight_transfer.runners import random_images, run_torch
-from weight_transfer.weights import random_nnx, random_params, random_torch
+from weight_transfer.frameworks.bridge import nnx_shapes, torch_shapes
+from weight_transfer.frameworks.runners import random_images, run_torch
+from weight_transfer.frameworks.weights import random_nnx, random_params, random_torch
 
 
 def imported_after(module: str) -> set[str]:
@@ -116,7 +116,7 @@ print(type(model).__name__, " ".join(sorted(sys.modules)))
 
 def test_every_layout_is_detected_from_its_own_keys():
     from weight_transfer.layouts import LAYOUTS, detect_layout
-    from weight_transfer.table import oriented
+    from weight_transfer.core.table import oriented
 
     for config in (tiny(), tiny(pool="mean")):
         for layout in LAYOUTS.values():

@@ -18,7 +18,7 @@ import weight_transfer as wt
 from tests.conftest import TOL
 from tests.helpers.models import nchw, randomize
 from vit_config import VitParityError
-from weight_transfer.runners import run_nnx, run_torch
+from weight_transfer.frameworks.runners import run_nnx, run_torch
 
 timm = pytest.importorskip("timm")
 pytest.importorskip("huggingface_hub")  # save_for_hf writes through it (no network)

@@ -5,7 +5,7 @@ import pytest
 pytest.importorskip("optax")
 pytest.importorskip("sklearn")
 
-from weight_transfer.training import Hyper, train_parity  # noqa: E402
+from weight_transfer.diagnostics.training import Hyper, train_parity  # noqa: E402
 
 
 @pytest.mark.slow
@@ -24,7 +24,7 @@ def test_training_stays_together(optimizer, lr):
 @pytest.mark.slow  # measured 4-9 s (pytest --durations)
 def test_a_different_optimizer_on_one_side_is_caught(monkeypatch):
     """The bounds are not vacuous: torch with twice the learning rate fails them."""
-    import weight_transfer.training as training
+    import weight_transfer.diagnostics.training as training
 
     real = training._torch_opt
     monkeypatch.setattr(training, "_torch_opt",

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weight_transfer import transforms as T
-from weight_transfer.table import nnx_torch
+from weight_transfer.core import transforms as T
+from weight_transfer.core.table import nnx_torch
 from tests.conftest import tiny
 
 
@@ -79,7 +79,7 @@ def test_fused_pairs_keep_row_order():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, ml_dtypes.bfloat16])
 @pytest.mark.parametrize("shape", [(700, 300), (3, 5), (256, 1030)])
 def test_strip_contiguous_copy_is_exact(shape, dtype):
-    from weight_transfer.table import to_contiguous
+    from weight_transfer.core.table import to_contiguous
 
     a = np.random.default_rng(0).standard_normal(shape).astype(dtype)
     out = to_contiguous(a.T)
@@ -100,7 +100,7 @@ def test_stack_layers_round_trips():
 
 def test_cls_position_fold_keeps_the_function():
     """Not bit-exact (the CLS position is added into the token), but the same sums."""
-    from weight_transfer.layouts import CLS_POSITION_FOLD
+    from weight_transfer.layouts.npz import CLS_POSITION_FOLD
 
     rng = np.random.default_rng(0)
     cls, pos = rng.standard_normal((1, 8)), rng.standard_normal((5, 8))

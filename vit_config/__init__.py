@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ACTIVATIONS", "POOLS", "PRESETS", "TIMM_ARCHS", "ArgumentError", "ConfigError", "ImageShapeError", "ViTConfig",
+__all__ = ["ACTIVATIONS", "POOLS", "PRESETS", "ArgumentError", "ConfigError", "ImageShapeError", "ViTConfig",
            "VitParityError", "check_image_shape"]
 
 POOLS = ("cls", "mean", "map", "cls_mean")
@@ -272,8 +272,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "vit_b16": dict(_PAPER, patch_size=16, **_B),
     "vit_l16": dict(_PAPER, patch_size=16, d_model=1024, num_heads=16, d_ff=4096, num_layers=24),
     "vit_h14": dict(_PAPER, patch_size=14, d_model=1280, num_heads=16, d_ff=5120, num_layers=32),
-    # The family, each equal in function and parameter count to the timm architecture in
-    # TIMM_ARCHS (its default head: timm gives CLIP-B/16 1000 classes, the QuickGELU one 512).
+    # The family, each equal in function and parameter count to its timm architecture
+    # (weight_transfer.layouts.timm.TIMM_ARCHS).
     "clip_b16": dict(_CLIP, num_classes=1000),
     "clip_b16_quickgelu": dict(_CLIP, num_classes=512, activation="quick_gelu"),
     "siglip_b16": dict(_SIGLIP, patch_size=16, **_B),
@@ -297,23 +297,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                       num_layers=24, num_classes=0, pool="mean", norm="rmsnorm", ln_eps=1e-5,
                       mlp="swiglu", activation="silu", patch_norm=True, qkv_bias=False,
                       proj_bias=False, mlp_bias=False),
-}
-TIMM_ARCHS = {
-    "vit_ti16": "vit_tiny_patch16_224", "vit_s16": "vit_small_patch16_224",
-    "vit_b16": "vit_base_patch16_224", "vit_l16": "vit_large_patch16_224",
-    "vit_h14": "vit_huge_patch14_224",
-    "clip_b16": "vit_base_patch16_clip_224",
-    "clip_b16_quickgelu": "vit_base_patch16_clip_quickgelu_224",
-    "siglip_b16": "vit_base_patch16_siglip_224",
-    "siglip_b16_gap": "vit_base_patch16_siglip_gap_224",
-    "siglip_so400m14": "vit_so400m_patch14_siglip_224",
-    "dinov2_s14": "vit_small_patch14_dinov2", "dinov2_b14": "vit_base_patch14_dinov2",
-    "dinov2_l14": "vit_large_patch14_dinov2", "dinov2_g14": "vit_giant_patch14_dinov2",
-    "dinov2_b14_reg4": "vit_base_patch14_reg4_dinov2",
-    "deit_b16_distilled": "deit_base_distilled_patch16_224",
-    "deit3_b16": "deit3_base_patch16_224",
-    "vit_medium_reg4_gap": "vit_medium_patch16_reg4_gap_256",
-    "aimv2_l14": "aimv2_large_patch14_224",
 }
 
 

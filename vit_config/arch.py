@@ -2,7 +2,7 @@
 intermediates, derived from a `ViTConfig` alone. Imports no framework.
 
 Both models build exactly these parameters and emit exactly these intermediates (tested), so
-everything else derives from here: the NNX <-> torch table (`weight_transfer.table`), shapes
+everything else derives from here: the NNX <-> torch table (`weight_transfer.core.table`), shapes
 for converting files without building a model, random initialisation, the doctor's parameter
 groups, parameter counts.
 """

@@ -71,7 +71,7 @@ def _overrides(assignments: list[str] | None) -> dict:
 def _print_json(data, *, precision: bool = False) -> None:
     """`data` as JSON; with `precision`, the precision context the comparison ran in too."""
     if precision:
-        from weight_transfer.runners import comparison_context
+        from weight_transfer.frameworks.runners import comparison_context
 
         data = {**data, "precision": comparison_context()}
     print(json.dumps(data, indent=2, default=str))
@@ -84,12 +84,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         if args.layers is not None:
             config = config.replace(num_layers=args.layers)
         _check_batch(args.batch, config)
-    from weight_transfer import parity
+    from weight_transfer.diagnostics import parity
 
     loaded = None  # the checkpoint in both frameworks, reused by --grads
     if args.checkpoint:
         from weight_transfer.porting import checkpoint_dtypes, load_checkpoint
-        from weight_transfer.runners import x64_for
+        from weight_transfer.frameworks.runners import x64_for
 
         kw = dict(layout=args.layout, allow_pickle=args.allow_pickle,
                   overrides=_overrides(args.set), arch=args.arch)
@@ -154,10 +154,10 @@ def _check_grads(args: argparse.Namespace, config: ViTConfig, loaded=None):
     """Gradient parity on the same weights: the loaded checkpoint's, or the preset's random ones."""
     import numpy as np
 
-    from weight_transfer import parity
-    from weight_transfer.bridge import to_torch
-    from weight_transfer.runners import random_images
-    from weight_transfer.weights import random_nnx
+    from weight_transfer.diagnostics import parity
+    from weight_transfer.frameworks.bridge import to_torch
+    from weight_transfer.frameworks.runners import random_images
+    from weight_transfer.frameworks.weights import random_nnx
 
     if loaded is not None:
         jm, tm = loaded
@@ -240,11 +240,11 @@ def _load_pair(args: argparse.Namespace, reference=None):
     doctor records REF's float64 run and lets it go: one model in memory at a time). CAND's
     config is read first (headers only), so a CAND that cannot pair is refused before any
     tensor is read."""
-    from weight_transfer.checkpoint import read_checkpoint
-    from weight_transfer.inference import infer_config
+    from weight_transfer.formats.checkpoint import read_checkpoint
+    from weight_transfer.porting.inference import infer_config
     from weight_transfer.layouts import get_layout
     from weight_transfer.porting import load_checkpoint
-    from weight_transfer.runners import random_images
+    from weight_transfer.frameworks.runners import random_images
 
     kw = dict(layout=args.layout, allow_pickle=args.allow_pickle,
               overrides=_overrides(args.set), arch=args.arch)
@@ -271,7 +271,7 @@ def _load_pair(args: argparse.Namespace, reference=None):
 
 def cmd_diff(args: argparse.Namespace) -> int:
     _check_plot_target(args)  # before the frameworks are imported
-    from weight_transfer.parity import compare
+    from weight_transfer.diagnostics.parity import compare
 
     ref, cand, images = _load_pair(args)
     report = compare(ref, cand, images)
@@ -346,8 +346,8 @@ def plot_report(report, path: str) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from weight_transfer.adapters import recorded
-    from weight_transfer.doctor import diagnose
+    from weight_transfer.diagnostics.adapters import recorded
+    from weight_transfer.diagnostics.doctor import diagnose
 
     ref, cand, images = _load_pair(args, reference=recorded)  # REF gone before CAND loads
     d = diagnose(ref, cand, images)
@@ -370,7 +370,7 @@ def cmd_train_parity(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} {getattr(args, name)}: expected a positive number")
     try:
-        from weight_transfer.training import DRIFT_FACTOR, Hyper, plot_losses, train_parity
+        from weight_transfer.diagnostics.training import DRIFT_FACTOR, Hyper, plot_losses, train_parity
     except ImportError as e:
         raise UsageError(str(e)) from None
     hyper = Hyper(optimizer=args.optimizer, lr=args.lr, steps=args.steps, batch=args.batch,
@@ -431,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="ViT parity between Flax NNX and PyTorch: check, port, debug.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from weight_transfer.metrics import TOLERANCE
+    from weight_transfer.diagnostics.metrics import TOLERANCE
 
     p = sub.add_parser("check", help="run the same images through both implementations",
                        description="Fill a preset with random weights on one side, port it to "
@@ -457,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from weight_transfer.layouts import ALIASES
     from weight_transfer.porting import DTYPES, SAVE_LAYOUTS
-    from weight_transfer.resample import INTERPOLATIONS
+    from weight_transfer.core.resample import INTERPOLATIONS
 
     p = sub.add_parser("convert", help="convert a checkpoint to another layout",
                        description="Convert SRC (safetensors, sharded index, HF or timm Hub "
@@ -513,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pair_options(p)
     p.set_defaults(run=cmd_doctor)
 
-    from weight_transfer.training import LEARNING_RATES, OPTIMIZERS, Hyper
+    from weight_transfer.diagnostics.training import LEARNING_RATES, OPTIMIZERS, Hyper
 
     p = sub.add_parser("train-parity", help="train in optax and torch.optim side by side",
                        description="Train the same small ViT on scikit-learn's digits with the "

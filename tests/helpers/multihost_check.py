@@ -16,8 +16,8 @@ from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 import weight_transfer as wt  # noqa: E402
-import weight_transfer.sharding as sharding_module  # noqa: E402
-from weight_transfer.runners import random_images, run_torch  # noqa: E402
+import weight_transfer.frameworks.sharding as sharding_module  # noqa: E402
+from weight_transfer.frameworks.runners import random_images, run_torch  # noqa: E402
 
 
 def main(path: str, sharding: str, process_id: int, port: int) -> None:

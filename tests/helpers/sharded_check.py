@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 import weight_transfer as wt
-from weight_transfer.runners import random_images, run_torch
+from weight_transfer.frameworks.runners import random_images, run_torch
 
 
 def make_mesh(shape, names, axis_type: str):

@@ -9,7 +9,7 @@ alike, so both frameworks resample identically (`resample_grid`), and the tests 
 timm, transformers, open_clip, torch and scipy themselves.
 
 Each published layout resamples the way its own library's loader or forward does
-(`Resampling`, declared per layout in `layouts.py`): that is the default, so a checkpoint run
+(`Resampling`, declared per layout in `layouts/`): that is the default, so a checkpoint run
 at a new size computes what its own library computes there.
 """
 

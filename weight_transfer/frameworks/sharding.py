@@ -144,7 +144,7 @@ def _block_reader(source, key: str):
 def _placed_model(arrays: dict, config: ViTConfig, specs: dict):
     """A `jax_impl.ViT` holding `arrays` (already on the mesh, laid out by `specs`), each
     parameter given the rules that reproduce its spec."""
-    from weight_transfer.bridge import nnx_model_from_flat
+    from weight_transfer.frameworks.bridge import nnx_model_from_flat
 
     model = nnx_model_from_flat(arrays, config, place=lambda array: array)  # already placed
     _pin_rules(model, specs)
@@ -156,7 +156,7 @@ def _pin_rules(model, specs: dict) -> None:
     derives from it (an `nnx.Optimizer`'s moments under `jax.set_mesh`) is placed the same."""
     from flax import nnx
 
-    from weight_transfer.bridge import _dotted
+    from weight_transfer.frameworks.bridge import _dotted
 
     for path, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param):

@@ -16,7 +16,7 @@ from flax import nnx
 import jax_impl
 import torch_impl
 from vit_config import ViTConfig
-from weight_transfer.bridge import nhwc_to_nchw, numpy_to_torch, torch_to_numpy
+from weight_transfer.frameworks.bridge import nhwc_to_nchw, numpy_to_torch, torch_to_numpy
 
 NUMPY_DTYPES = {"float32": np.float32, "float64": np.float64, "bfloat16": ml_dtypes.bfloat16}
 

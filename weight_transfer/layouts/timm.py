@@ -1,6 +1,9 @@
-"""timm architectures as `ViTConfig`s: a model built from timm's own registry on the meta device
-(no weights, no download), then read attribute by attribute. What this ViT cannot compute is
-refused by name. Imports timm and torch only when called.
+"""timm: the `VisionTransformer` table (one table for the whole family: rules whose parameters a
+config lacks are inactive), architectures read through timm's own registry (a model built on
+the meta device: no weights, no download, then read attribute by attribute; what this ViT
+cannot compute refused by name), the Hub folder's config.json both ways, our presets' timm
+architectures, and the layer diff's hook points on a timm model. Imports timm and torch only
+when called.
 
 A state dict cannot say its heads, epsilon, activation or pooling; a timm architecture name
 can: `config_from_timm("vit_base_patch16_siglip_224", {"depth": 2})`.
@@ -12,9 +15,77 @@ from collections.abc import Mapping
 from typing import Any
 
 from vit_config import ConfigError, ViTConfig
-from weight_transfer.errors import LayoutError
+from weight_transfer.core.errors import CheckpointError, LayoutError
+from weight_transfer.core.resample import TIMM
+from weight_transfer.core.table import Rule, rule
+from weight_transfer.core.transforms import BATCH_AXIS, FUSE_2, FUSE_QKV
+from weight_transfer.layouts.base import ASSUME_EPS6, ASSUME_GELU, Layout, fused, json_field, renamed
 
 POOLS = {"token": "cls", "avg": "mean", "map": "map"}
+
+# Each preset's timm architecture: equal in function and parameter count (its default head:
+# timm gives CLIP-B/16 1000 classes, the QuickGELU one 512).
+TIMM_ARCHS = {
+    "vit_ti16": "vit_tiny_patch16_224", "vit_s16": "vit_small_patch16_224",
+    "vit_b16": "vit_base_patch16_224", "vit_l16": "vit_large_patch16_224",
+    "vit_h14": "vit_huge_patch14_224",
+    "clip_b16": "vit_base_patch16_clip_224",
+    "clip_b16_quickgelu": "vit_base_patch16_clip_quickgelu_224",
+    "siglip_b16": "vit_base_patch16_siglip_224",
+    "siglip_b16_gap": "vit_base_patch16_siglip_gap_224",
+    "siglip_so400m14": "vit_so400m_patch14_siglip_224",
+    "dinov2_s14": "vit_small_patch14_dinov2", "dinov2_b14": "vit_base_patch14_dinov2",
+    "dinov2_l14": "vit_large_patch14_dinov2", "dinov2_g14": "vit_giant_patch14_dinov2",
+    "dinov2_b14_reg4": "vit_base_patch14_reg4_dinov2",
+    "deit_b16_distilled": "deit_base_distilled_patch16_224",
+    "deit3_b16": "deit3_base_patch16_224",
+    "vit_medium_reg4_gap": "vit_medium_patch16_reg4_gap_256",
+    "aimv2_l14": "aimv2_large_patch14_224",
+}
+
+
+def timm_mlp(ours: str, theirs: str, mlp: str) -> tuple[Rule, ...]:
+    """Plain fc1/fc2; SwiGLU split as fc1_g/fc1_x (AIMv2) or packed in fc1, gate rows first
+    (GluMlp, DINOv2-g)."""
+    if mlp == "swiglu_packed":
+        first = fused((f"{ours}.ff1_g", f"{ours}.ff1_x"), f"{theirs}.fc1", FUSE_2)
+    else:
+        first = (*renamed(f"{ours}.ff1", f"{theirs}.fc1"), *renamed(f"{ours}.ff1_g", f"{theirs}.fc1_g"),
+                 *renamed(f"{ours}.ff1_x", f"{theirs}.fc1_x"))
+    return (*first, *renamed(f"{ours}.ff2", f"{theirs}.fc2"))
+
+def timm_table(config: ViTConfig) -> tuple[Rule, ...]:
+    """timm `VisionTransformer` (and `VisionTransformerDistilled`). Rules whose parameters a
+    config does not have are inactive, so one table serves the whole family."""
+    b = "blocks.{}"
+    return (
+        *renamed("patch_embed", "patch_embed.proj"),
+        *renamed("patch_norm", "patch_embed.norm"),
+        rule("cls_token", "cls_token", BATCH_AXIS),  # (1, D) <-> (1, 1, D)
+        rule("dist_token", "dist_token", BATCH_AXIS),
+        rule("reg_tokens", "reg_token", BATCH_AXIS),  # (R, D) <-> (1, R, D)
+        rule("pos_embed", "pos_embed", BATCH_AXIS),  # (P, D) <-> (1, P, D)
+        *renamed("norm_pre", "norm_pre"),
+        *renamed(f"{b}.ln1", f"{b}.norm1"),
+        *fused([f"{b}.attn.{p}" for p in "qkv"], f"{b}.attn.qkv", FUSE_QKV),  # 3x (D, D) <-> (3D, D)
+        *renamed(f"{b}.attn.q_norm", f"{b}.attn.q_norm"),
+        *renamed(f"{b}.attn.k_norm", f"{b}.attn.k_norm"),
+        *renamed(f"{b}.attn.o", f"{b}.attn.proj"),
+        rule(f"{b}.ls1", f"{b}.ls1.gamma"),
+        *renamed(f"{b}.ln2", f"{b}.norm2"),
+        *timm_mlp(b, f"{b}.mlp", config.mlp),
+        rule(f"{b}.ls2", f"{b}.ls2.gamma"),
+        *renamed("ln_f", "norm"),
+        rule("map.probe", "attn_pool.latent", BATCH_AXIS),  # (1, D) <-> (1, 1, D)
+        *renamed("map.attn.q", "attn_pool.q"),
+        *fused(["map.attn.k", "map.attn.v"], "attn_pool.kv", FUSE_2),  # 2x (D, D) <-> (2D, D)
+        *renamed("map.attn.o", "attn_pool.proj"),
+        *renamed("map.norm", "attn_pool.norm"),
+        *timm_mlp("map", "attn_pool.mlp", "mlp"),
+        *renamed("fc_norm", "fc_norm"),
+        *renamed("head", "head"),
+        *renamed("head_dist", "head_dist"),
+    )
 
 
 def is_timm_model(name: str) -> bool:
@@ -23,7 +94,6 @@ def is_timm_model(name: str) -> bool:
     except ImportError:
         return False
     return timm.is_model(name)
-
 
 def build_timm(architecture: str, model_args: Mapping[str, Any] | None = None):
     """timm's model of `architecture` on the meta device (pretrained=False: nothing fetched)."""
@@ -43,16 +113,13 @@ def build_timm(architecture: str, model_args: Mapping[str, Any] | None = None):
         raise LayoutError(f"timm cannot build {architecture!r} with {dict(model_args or {})}: "
                           f"{e}") from None
 
-
 def config_from_timm(architecture: str, model_args: Mapping[str, Any] | None = None
                      ) -> ViTConfig:
     """The `ViTConfig` computing what timm's `architecture` (with `model_args`) computes."""
     return config_of_timm_model(build_timm(architecture, model_args), architecture)
 
-
 def _refuse(architecture: str, what: str) -> None:
     raise LayoutError(f"timm {architecture!r}: {what}, which this ViT does not implement")
-
 
 def _norm(module, architecture: str) -> tuple[str, float] | None:
     """("layernorm" | "rmsnorm", eps), or None for an Identity."""
@@ -65,7 +132,6 @@ def _norm(module, architecture: str) -> tuple[str, float] | None:
         return "rmsnorm", float(module.eps)
     _refuse(architecture, f"a {name} norm")
 
-
 def _activation(module, architecture: str) -> str:
     name = type(module).__name__
     if name == "GELU":
@@ -76,7 +142,6 @@ def _activation(module, architecture: str) -> str:
     if found is None:
         _refuse(architecture, f"the activation {name}")
     return found
-
 
 def _mlp(mlp, architecture: str) -> dict[str, Any]:
     name = type(mlp).__name__
@@ -90,7 +155,6 @@ def _mlp(mlp, architecture: str) -> dict[str, Any]:
         return dict(mlp="swiglu_packed", d_ff=mlp.fc2.in_features,
                     mlp_bias=mlp.fc2.bias is not None)
     _refuse(architecture, f"the MLP {name} (with its options)")
-
 
 def config_of_timm_model(m, architecture: str = "") -> ViTConfig:
     """Read a timm `VisionTransformer` (or `VisionTransformerDistilled`) into a `ViTConfig`."""
@@ -155,15 +219,11 @@ def config_of_timm_model(m, architecture: str = "") -> ViTConfig:
     except ConfigError as e:
         raise LayoutError(f"timm {architecture!r} maps to no valid config: {e}") from None
 
-
 def timm_config_json(cfg: Mapping[str, Any], where) -> tuple[dict[str, Any], dict[str, str]]:
     """A timm Hub folder's `config.json` (`architecture`, `model_args`, `num_classes`,
     `global_pool`, `pretrained_cfg.input_size`): every field through timm's registry when
     timm is installed; otherwise the few it states, and the rest is left to be assumed.
     Returns (fields, what was assumed)."""
-    from weight_transfer.errors import CheckpointError
-    from weight_transfer.hf_config import json_field
-
     architecture = json_field(cfg, "architecture", str, where)
     model_args = dict(json_field(cfg, "model_args", dict, where, {}))
     num_classes = json_field(cfg, "num_classes", int, where, None)
@@ -195,13 +255,12 @@ def timm_config_json(cfg: Mapping[str, Any], where) -> tuple[dict[str, Any], dic
                         f"the rest comes from the tensors and assumptions"}
     return config.to_dict(), {}
 
-
 def timm_hub_config(config: ViTConfig) -> dict[str, Any]:
     """The `config.json` of a timm Hub folder holding `config`'s weights: the first of our
     presets' timm architectures that, given the sizes as `model_args`, builds exactly
     `config` (checked by building it on the meta device and reading it back, as a reader
     would). No such architecture: refused, naming the way out (a bare state dict)."""
-    from vit_config import PRESETS, TIMM_ARCHS
+    from vit_config import PRESETS
 
     h, w = config.image_hw
     args = dict(img_size=h if h == w else [h, w], patch_size=config.patch_size,
@@ -229,3 +288,33 @@ def timm_hub_config(config: ViTConfig) -> dict[str, Any]:
     raise LayoutError(f"no timm architecture of {', '.join(tried)} builds this config (with "
                       f"its sizes as model_args); write a bare timm state dict instead (a "
                       f"destination ending in .safetensors)")
+
+
+def hook_points(m) -> list[tuple[Any, str, str]]:
+    """Where the layer diff reads a timm `VisionTransformer`: (module, our intermediate's name,
+    "out" for its output or "in" for its first input)."""
+    points = [(m.patch_embed, "patch_embed", "out"), (m.pos_drop, "tokens", "out")]
+    for i, b in enumerate(m.blocks):
+        points += [(b.ls1, f"blocks.{i}.attn", "out"), (b.ls2, f"blocks.{i}.mlp", "out"),
+                   (b, f"blocks.{i}", "out")]
+    if hasattr(m.norm, "weight"):  # with fc_norm, timm's norm is an Identity: no ln_f point
+        points.append((m.norm, "ln_f", "out"))
+    return points + [(m.head, "pooled", "in")]
+
+
+def diff_points(model):
+    """("timm CLASS", `hook_points`) for a timm model; None for anyone else's."""
+    if type(model).__module__.split(".")[0] != "timm":
+        return None
+    return f"timm {type(model).__name__}", hook_points
+
+
+LAYOUTS = (
+    Layout("timm", "torch", timm_table,
+           r"^blocks\.\d+\.attn\.qkv\.weight$|^patch_embed\.proj\.weight$",
+           "timm VisionTransformer state dict (or Hub folder)", read_config_json=timm_config_json,
+           write_config_json=timm_hub_config, resampling=lambda c: TIMM,
+           lookalikes="Perception Encoder (timm vit_pe_core_*, vit_pe_spatial_*) has these "
+           "keys and also rotates q and k (RoPE), which this ViT does not compute",
+           assumes=dict(activation=ASSUME_GELU, ln_eps=ASSUME_EPS6)),
+)

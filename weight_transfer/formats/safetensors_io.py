@@ -20,9 +20,9 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from weight_transfer.errors import CheckpointError
-from weight_transfer.fileio import Background, SequentialWriter
-from weight_transfer.table import Meta
+from weight_transfer.core.errors import CheckpointError
+from weight_transfer.formats.fileio import Background, SequentialWriter
+from weight_transfer.core.table import Meta
 
 SAFETENSORS_DTYPES = {"F16": np.float16, "BF16": ml_dtypes.bfloat16, "F32": np.float32,
                       "F64": np.float64, "I8": np.int8, "U8": np.uint8, "I16": np.int16,

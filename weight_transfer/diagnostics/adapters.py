@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vit_config.arch import intermediates
-from weight_transfer.metrics import as_float64
+from weight_transfer.diagnostics.metrics import as_float64
 
 Intermediates = dict[str, np.ndarray]
 
@@ -32,8 +32,8 @@ class Side:
 
 
 def _nnx_side(model) -> Side:
-    from weight_transfer.bridge import nnx_astype
-    from weight_transfer.runners import run_nnx, x64_for
+    from weight_transfer.frameworks.bridge import nnx_astype
+    from weight_transfer.frameworks.runners import run_nnx, x64_for
 
     def run(images, float64, in_place=False):
         with x64_for("float64" if float64 else "float32"):
@@ -48,8 +48,8 @@ def _nnx_side(model) -> Side:
 def _torch_side(model) -> Side:
     import torch
 
-    from weight_transfer.runners import run_torch
-    from weight_transfer.torch_bridge import torch_astype
+    from weight_transfer.frameworks.runners import run_torch
+    from weight_transfer.frameworks.torch_bridge import torch_astype
 
     def run(images, float64, in_place=False):
         cast = (lambda m, dtype: m.to(dtype)) if in_place else torch_astype
@@ -69,7 +69,7 @@ def _hooked_side(name: str, model, points: Callable) -> Side:
     """
     import torch
 
-    from weight_transfer.bridge import nhwc_to_nchw
+    from weight_transfer.frameworks.bridge import nhwc_to_nchw
 
     def run(images, float64, in_place=False):
         m = (model if in_place else copy.deepcopy(model)).double() if float64 else model
@@ -94,30 +94,6 @@ def _hooked_side(name: str, model, points: Callable) -> Side:
     return Side(name, [key for _, key, _ in points(model)] + ["logits"], run)
 
 
-def _timm_points(m):
-    points = [(m.patch_embed, "patch_embed", "out"), (m.pos_drop, "tokens", "out")]
-    for i, b in enumerate(m.blocks):
-        points += [(b.ls1, f"blocks.{i}.attn", "out"), (b.ls2, f"blocks.{i}.mlp", "out"),
-                   (b, f"blocks.{i}", "out")]
-    if hasattr(m.norm, "weight"):  # with fc_norm, timm's norm is an Identity: no ln_f point
-        points.append((m.norm, "ln_f", "out"))
-    return points + [(m.head, "pooled", "in")]
-
-
-def _hf_points(m):
-    vit = m.vit
-    layers = getattr(vit, "layers", None) or vit.encoder.layer
-    points = [(vit.embeddings.patch_embeddings, "patch_embed", "out"),
-              (vit.embeddings, "tokens", "out")]
-    for i, layer in enumerate(layers):
-        mlp = getattr(layer, "mlp", None)
-        points.append((layer.attention, f"blocks.{i}.attn", "out"))
-        if mlp is not None:  # transformers 5; in v4 the MLP's residual is inside ViTOutput
-            points.append((mlp, f"blocks.{i}.mlp", "out"))
-        points.append((layer, f"blocks.{i}", "out"))
-    return points + [(vit.layernorm, "ln_f", "out"), (m.classifier, "pooled", "in")]
-
-
 def side(model) -> Side:
     """The `Side` for one of ours, a timm `VisionTransformer` or an HF `ViTForImageClassification`."""
     if isinstance(model, Side):
@@ -127,10 +103,12 @@ def side(model) -> Side:
         return _nnx_side(model)
     if kind == "torch_impl":
         return _torch_side(model)
-    if kind == "timm":
-        return _hooked_side(f"timm {type(model).__name__}", model.eval(), _timm_points)
-    if kind == "transformers" and hasattr(model, "vit"):
-        return _hooked_side(f"transformers {type(model).__name__}", model.eval(), _hf_points)
+    from weight_transfer.layouts import diff_points
+
+    found = diff_points(model)
+    if found is not None:  # a publisher's model: hook points declared in its layouts module
+        name, points = found
+        return _hooked_side(name, model.eval(), points)
     raise TypeError(f"cannot compare a {type(model).__module__}.{type(model).__name__}: expected "
                     f"jax_impl.ViT, torch_impl.ViT, a timm VisionTransformer or an HF "
                     f"ViTForImageClassification")
@@ -140,7 +118,7 @@ def recorded(model, images: np.ndarray) -> Side:
     """`model`'s float64 run on `images`, recorded, as a `Side` that holds no model: the
     model is cast to float64 in place for it (spent), so a caller that drops it keeps only the
     intermediates (the CLI's doctor: one model in memory at a time)."""
-    from weight_transfer.runners import exact_matmuls
+    from weight_transfer.frameworks.runners import exact_matmuls
 
     images = np.asarray(images, np.float64)
     live = side(model)

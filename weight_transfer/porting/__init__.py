@@ -13,25 +13,25 @@ import ml_dtypes
 import numpy as np
 
 from vit_config import ArgumentError, ViTConfig
-from weight_transfer.checkpoint import Source, read_checkpoint
-from weight_transfer.conversion import Plan, plan_conversion
-from weight_transfer.errors import (
+from weight_transfer.formats.checkpoint import Source, read_checkpoint
+from weight_transfer.porting.conversion import Plan, plan_conversion
+from weight_transfer.core.errors import (
     AssumedConfigWarning,
     CheckpointError,
     LayoutError,
     NonFiniteError,
 )
-from weight_transfer.inference import Inferred, infer_config, read_manifest
+from weight_transfer.porting.inference import Inferred, infer_config, read_manifest
 from weight_transfer.layouts import LAYOUTS, WRITABLE, Layout, get_layout
-from weight_transfer.writers import (
+from weight_transfer.porting.writers import (
     FORMAT_VERSION,
     atomic_output,
     file_ids,
     parse_size,
     write_layout,
 )
-from weight_transfer.resample import Resampling, resample_pos_embed
-from weight_transfer.table import meta_of
+from weight_transfer.core.resample import Resampling, resample_pos_embed
+from weight_transfer.core.table import meta_of
 
 SAVE_LAYOUTS = WRITABLE  # the layouts `save_checkpoint` and `convert --to` write
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -174,7 +174,7 @@ def load_checkpoint(path: str | os.PathLike, framework: str = "jax", *, layout: 
     "dinov2", "big_vision") and `antialias` override it.
     With `mesh` (a `jax.sharding.Mesh`, `Explicit` or `Auto` axes), the JAX model's parameters
     are placed on it by `sharding`: "replicated", "fsdp", "tensor_parallel", "fsdp_tp", or
-    rules `{logical axis: mesh axis}` (see `weight_transfer.sharding`); each device's block is
+    rules `{logical axis: mesh axis}` (see `weight_transfer.frameworks.sharding`); each device's block is
     read from the file alone.
     """
     if framework not in ("jax", "torch"):
@@ -187,15 +187,15 @@ def load_checkpoint(path: str | os.PathLike, framework: str = "jax", *, layout: 
                 allow_nonfinite=allow_nonfinite,
                 interpolation=interpolation, antialias=antialias)
     if mesh is not None:
-        from weight_transfer.sharding import load_sharded
+        from weight_transfer.frameworks.sharding import load_sharded
 
         return load_sharded(p, mesh, sharding)
     tensors = p.plan.run(p.source.items(p.plan.inputs))
     if framework == "jax":
-        from weight_transfer.bridge import nnx_from_flat
+        from weight_transfer.frameworks.bridge import nnx_from_flat
 
         return nnx_from_flat(dict(tensors), p.config)
-    from weight_transfer.torch_bridge import numpy_to_torch, torch_from_state_dict
+    from weight_transfer.frameworks.torch_bridge import numpy_to_torch, torch_from_state_dict
 
     # Each tensor becomes a torch tensor as it arrives, sharing its buffer (a fresh array, or
     # the reader's copy-on-write map of the file), and the model is built on the meta device
@@ -206,11 +206,11 @@ def load_checkpoint(path: str | os.PathLike, framework: str = "jax", *, layout: 
 
 def _model_flat(model) -> tuple[Layout, dict[str, np.ndarray]]:
     if type(model).__module__.startswith("jax_impl"):
-        from weight_transfer.bridge import nnx_flat
+        from weight_transfer.frameworks.bridge import nnx_flat
 
         return LAYOUTS["nnx"], nnx_flat(model)
     if type(model).__module__.startswith("torch_impl"):
-        from weight_transfer.torch_bridge import torch_flat
+        from weight_transfer.frameworks.torch_bridge import torch_flat
 
         return LAYOUTS["torch"], torch_flat(model)
     raise TypeError(f"expected a jax_impl.ViT or torch_impl.ViT, got {type(model).__name__}")

@@ -11,8 +11,8 @@ import numpy as np
 
 from vit_config import ViTConfig
 from weight_transfer.layouts import Layout
-from weight_transfer.transforms import identity
-from weight_transfer.table import (
+from weight_transfer.core.transforms import identity
+from weight_transfer.core.table import (
     Meta,
     Rule,
     base_shapes,

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from weight_transfer.errors import CheckpointError
-from weight_transfer.table import Meta
+from weight_transfer.core.errors import CheckpointError
+from weight_transfer.core.table import Meta
 
 STATE = "state"
 MANIFEST = "vit_parity.json"

@@ -13,10 +13,10 @@ from typing import Any
 
 
 from vit_config import ConfigError, ViTConfig
-from weight_transfer.checkpoint import Source
-from weight_transfer.errors import CheckpointError, LayoutError
+from weight_transfer.formats.checkpoint import Source
+from weight_transfer.core.errors import CheckpointError, LayoutError
 from weight_transfer.layouts import Layout, detect_layout
-from weight_transfer.table import Rule, oriented, stand_in
+from weight_transfer.core.table import Rule, oriented, stand_in
 
 @dataclass
 class Inferred:
@@ -88,8 +88,8 @@ def infer_config(source: Source, layout: Layout | None = None,
     if layout.normalise is not None:
         source, dropped = layout.normalise(source)
     if given is None and arch is not None:
-        from weight_transfer.openclip_arch import config_from_open_clip, is_open_clip_model
-        from weight_transfer.timm_arch import config_from_timm, is_timm_model
+        from weight_transfer.layouts.open_clip import config_from_open_clip, is_open_clip_model
+        from weight_transfer.layouts.timm import config_from_timm, is_timm_model
 
         if is_open_clip_model(arch) and not is_timm_model(arch):  # a name both know: timm's
             given, origin = config_from_open_clip(arch), f"open_clip model {arch}"

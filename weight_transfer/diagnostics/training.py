@@ -121,7 +121,7 @@ def train_torch(model, h: Hyper, x, y, plan) -> tuple[list[float], object]:
     import torch
     import torch.nn.functional as F
 
-    from weight_transfer.bridge import nhwc_to_nchw
+    from weight_transfer.frameworks.bridge import nhwc_to_nchw
 
     model = copy.deepcopy(model)
     opt = _torch_opt(h, model.parameters())
@@ -166,7 +166,7 @@ def _max_gap(a, b) -> float:
 
 
 def _weight_gap(a, b) -> float:
-    from weight_transfer.bridge import nnx_params
+    from weight_transfer.frameworks.bridge import nnx_params
 
     wa, wb = nnx_params(a), nnx_params(b)
     return max(_max_gap(wa[k], wb[k]) for k in wa)
@@ -179,7 +179,7 @@ def training_init(config: ViTConfig, seed: int):
     from flax import nnx
 
     import jax_impl
-    from weight_transfer.bridge import nnx_flat, nnx_from_flat
+    from weight_transfer.frameworks.bridge import nnx_flat, nnx_from_flat
 
     flat = nnx_flat(jax_impl.ViT(config, rngs=nnx.Rngs(seed)))
     rng = np.random.default_rng(seed)
@@ -194,8 +194,8 @@ def train_parity(h: Hyper = Hyper(), config: ViTConfig = DIGITS_CONFIG) -> Train
     """Train both frameworks (float32, and float64 for the noise bound) and compare."""
     import jax
 
-    from weight_transfer.bridge import nnx_astype, nnx_params, to_torch
-    from weight_transfer.runners import exact_matmuls, run_nnx, run_torch
+    from weight_transfer.frameworks.bridge import nnx_astype, nnx_params, to_torch
+    from weight_transfer.frameworks.runners import exact_matmuls, run_nnx, run_torch
 
     if h.optimizer not in OPTIMIZERS:
         raise ArgumentError(f"optimizer {h.optimizer!r}: expected one of {OPTIMIZERS}")

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from vit_config import ViTConfig, arch
-from weight_transfer.errors import TransferError
-from weight_transfer.transforms import CONV, IDENTITY, LINEAR, Transform
+from weight_transfer.core.errors import TransferError
+from weight_transfer.core.transforms import CONV, IDENTITY, LINEAR, Transform
 
 FLOAT_KINDS = ("float16", "bfloat16", "float32", "float64")
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from weight_transfer.errors import CheckpointError
-from weight_transfer.npz_io import NpzReader
-from weight_transfer.orbax_io import OrbaxReader, checkpoint_dir
-from weight_transfer.safetensors_io import SafetensorsReader
-from weight_transfer.table import Meta
+from weight_transfer.core.errors import CheckpointError
+from weight_transfer.formats.npz_io import NpzReader
+from weight_transfer.formats.orbax_io import OrbaxReader, checkpoint_dir
+from weight_transfer.formats.safetensors_io import SafetensorsReader
+from weight_transfer.core.table import Meta
 
 @dataclass
 class Source:
@@ -132,7 +132,7 @@ def _read_torch_pickle(path: Path) -> Source:
     unwrapped, and which key was used is reported in `Source.notes`."""
     import torch
 
-    from weight_transfer.torch_bridge import torch_to_numpy
+    from weight_transfer.frameworks.torch_bridge import torch_to_numpy
 
     try:
         try:

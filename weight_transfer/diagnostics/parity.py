@@ -1,7 +1,7 @@
 """Parity between the two implementations: logits in both directions (random weights, the
 same images), every named intermediate against a measured noise floor (`compare`), and the
 gradients of every parameter (`compare_grads`). Tolerances and error measures live in
-`weight_transfer.metrics`; logits are judged relative to their scale:
+`weight_transfer.diagnostics.metrics`; logits are judged relative to their scale:
 `|a - b|max <= tol * max(1, |a|max)`.
 """
 
@@ -17,8 +17,8 @@ from flax import nnx
 import jax_impl
 import torch_impl
 from vit_config import ArgumentError, ViTConfig
-from weight_transfer.adapters import side
-from weight_transfer.bridge import (
+from weight_transfer.diagnostics.adapters import side
+from weight_transfer.frameworks.bridge import (
     nchw_to_nhwc,
     nhwc_to_nchw,
     nnx_astype,
@@ -29,7 +29,7 @@ from weight_transfer.bridge import (
     torch_to_nnx_flat,
     torch_to_numpy,
 )
-from weight_transfer.metrics import (
+from weight_transfer.diagnostics.metrics import (
     FLOOR_FACTOR,
     TOLERANCE,
     LayerGap,
@@ -37,15 +37,15 @@ from weight_transfer.metrics import (
     magnitude,
     max_error,
 )
-from weight_transfer.runners import (
+from weight_transfer.frameworks.runners import (
     exact_matmuls,
     random_images,
     run_nnx,
     run_torch,
     x64_for,
 )
-from weight_transfer.torch_bridge import torch_astype
-from weight_transfer.weights import random_nnx, random_torch
+from weight_transfer.frameworks.torch_bridge import torch_astype
+from weight_transfer.frameworks.weights import random_nnx, random_torch
 
 
 @dataclass

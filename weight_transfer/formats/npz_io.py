@@ -10,8 +10,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from weight_transfer.errors import CheckpointError
-from weight_transfer.table import Meta
+from weight_transfer.core.errors import CheckpointError
+from weight_transfer.core.table import Meta
 
 NPZ_MANIFEST = "__vit_parity__"  # npz has no metadata: the manifest is a uint8 array of JSON
 MANIFEST_MAX_BYTES = 1 << 20
@@ -90,57 +90,3 @@ class NpzReader:
 
     def close(self) -> None:
         self.zip.close()
-
-
-# Where published npz files keep the image model: google-research checkpoints saved with their
-# optimiser state, big_vision, and the image tower of a SigLIP/LiT image-text model.
-NPZ_PREFIXES = ("opt/target/", "params/img/", "params/")
-SCANNED = "Transformer/encoderblock/"
-
-
-def normalise_npz(source):
-    """Published npz forms brought to one set of names: the prefix of the image model stripped
-    (anything else under it reported as left out: a text tower, optimiser state), and a scanned
-    encoder (`Transformer/encoderblock/...` with a leading layer axis) read as
-    `Transformer/encoderblock_{i}/...`, each layer a slice taken when asked for. A
-    `pre_logits` layer (the in21k representation layer) feeds the head: refused if there is a
-    head, reported as dropped if not."""
-    import dataclasses
-
-    keys = list(source.meta)
-    prefix = next((p for p in NPZ_PREFIXES if f"{p}embedding/kernel" in source.meta), "")
-    renamed = {k[len(prefix):]: (k, None) for k in keys if k.startswith(prefix)}
-    dropped = [f"{len(keys) - len(renamed)} tensor(s) outside {prefix!r} (a text tower, "
-               f"optimiser state)"] if len(renamed) < len(keys) else []
-    scanned = [k for k in renamed if k.startswith(SCANNED)]
-    for key in scanned:
-        original, _ = renamed.pop(key)
-        shape, _ = source.meta[original]
-        for i in range(shape[0]):
-            renamed[f"Transformer/encoderblock_{i}/{key[len(SCANNED):]}"] = (original, i)
-    if any(k.startswith("pre_logits/") for k in renamed):
-        if "head/kernel" in renamed:
-            raise CheckpointError(f"{source.path}: a pre_logits layer (tanh(W x + b)) feeds the "
-                                  f"head; this ViT has none, and dropping it changes the logits")
-        for k in [k for k in renamed if k.startswith("pre_logits/")]:
-            del renamed[k]
-        dropped.append("pre_logits (the in21k representation layer; no head reads it)")
-    if not prefix and not scanned and not dropped:
-        return source, []
-    meta = {}
-    for new, (original, index) in renamed.items():
-        shape, dtype = source.meta[original]
-        meta[new] = (shape[1:], dtype) if index is not None else (shape, dtype)
-    load = source.load
-    last: dict[str, np.ndarray] = {}  # the stacked member last read: layer i+1 reuses it
-
-    def read(key):
-        original, index = renamed[key]
-        if index is None:
-            return load(original)
-        if original not in last:
-            last.clear()
-            last[original] = load(original)
-        return last[original][index]
-
-    return dataclasses.replace(source, meta=meta, reader=None, load=read), dropped

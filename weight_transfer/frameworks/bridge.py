@@ -2,7 +2,7 @@
 
 Everything crosses as flat `dict[str, np.ndarray]` keyed by dotted paths
 (`blocks.0.attn.q.kernel` on the NNX side, `blocks.0.attn.q.weight` on the torch side), mapped
-by the one table in `weight_transfer.table`. Dtypes are kept, bfloat16 included.
+by the one table in `weight_transfer.core.table`. Dtypes are kept, bfloat16 included.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ import jax_impl
 import torch_impl
 from vit_config import ArgumentError, ViTConfig
 from vit_config import arch
-from weight_transfer.table import Rule, apply_table, base_shapes, nnx_torch, rule
-from weight_transfer.torch_bridge import (  # noqa: F401  (re-exported: weight_transfer.X)
+from weight_transfer.core.table import Rule, apply_table, base_shapes, nnx_torch, rule
+from weight_transfer.frameworks.torch_bridge import (  # noqa: F401  (re-exported: weight_transfer.X)
     numpy_to_torch,
     torch_flat,
     torch_from_state_dict,
     torch_to_numpy,
 )
-from weight_transfer.transforms import STACK
+from weight_transfer.core.transforms import STACK
 
 Flat = dict[str, np.ndarray]
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vit_config import ViTConfig, arch
-from weight_transfer.numpy_ref import Knobs, forward, trace
+from weight_transfer.diagnostics.numpy_ref import Knobs, forward, trace
 
 # float64 on both sides: the same function agrees to ~1e-14 relative; a fault shows as far more.
 DIVERGENCE = 1e-9
@@ -346,7 +346,7 @@ def candidate_of(model) -> Candidate:
     they only ever meet float64 activations in a matmul, which casts them exactly, so the
     replay is the same float64 computation. Everything else (norms, biases, tokens,
     positions, the MAP probe, which start float64 paths of their own) is cast to float64."""
-    from weight_transfer.bridge import nnx_params
+    from weight_transfer.frameworks.bridge import nnx_params
 
     flat = nnx_params(model)  # TypeError for anything but ours
     kinds = {k: p.kind for k, p in arch.parameters(model.config).items()}
@@ -432,9 +432,9 @@ def diagnose(reference, candidate, images: np.ndarray, *, max_faults: int = 3,
     """Name what makes `candidate` (one of ours) compute differently from `reference` (any
     model `compare` accepts, or a `Side`, such as `adapters.recorded`'s) on NHWC `images`; see
     the module docstring."""
-    from weight_transfer.adapters import side
-    from weight_transfer.bridge import require_ours
-    from weight_transfer.runners import exact_matmuls, logits_of
+    from weight_transfer.diagnostics.adapters import side
+    from weight_transfer.frameworks.bridge import require_ours
+    from weight_transfer.frameworks.runners import exact_matmuls, logits_of
 
     require_ours(candidate)  # before any work: only ours can be replayed
     images = np.asarray(images, np.float64)

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from vit_config import ViTConfig
-from weight_transfer.conversion import Plan
-from weight_transfer.errors import CheckpointError, LayoutError
+from weight_transfer.porting.conversion import Plan
+from weight_transfer.core.errors import CheckpointError, LayoutError
 from weight_transfer.layouts import Layout
-from weight_transfer.npz_io import NPZ_MANIFEST
-from weight_transfer.safetensors_io import write_safetensors
-from weight_transfer.table import Meta, to_contiguous
+from weight_transfer.formats.npz_io import NPZ_MANIFEST
+from weight_transfer.formats.safetensors_io import write_safetensors
+from weight_transfer.core.table import Meta, to_contiguous
 
 FORMAT_VERSION = "1"
 
@@ -155,7 +155,7 @@ def write_layout(out: Path, layout: Layout, plan: Plan, tensors: Iterator[tuple[
     metadata = {"format": "flax" if layout.base == "nnx" else "pt",
                 "vit_parity": json.dumps({**manifest, "config": config.to_dict()}, sort_keys=True)}
     if layout.container == "orbax":
-        from weight_transfer.orbax_io import write_orbax
+        from weight_transfer.formats.orbax_io import write_orbax
 
         def manifest() -> str:  # once the stream is read, when the source's digest is known
             text = metadata["vit_parity"]
@@ -191,8 +191,8 @@ def _check_reads_back(folder: Path, layout: Layout, config: ViTConfig) -> None:
     """Read the written folder as a user would (still in its temporary place) and refuse it
     unless it reads back as `config`: a config.json that cannot say something (a pooling, a
     width the library derives from a ratio...) must not become a silently different model."""
-    from weight_transfer.checkpoint import read_checkpoint
-    from weight_transfer.inference import infer_config
+    from weight_transfer.formats.checkpoint import read_checkpoint
+    from weight_transfer.porting.inference import infer_config
 
     source = read_checkpoint(folder)
     try:

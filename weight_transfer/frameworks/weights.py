@@ -7,13 +7,13 @@ import numpy as np
 import jax_impl
 import torch_impl
 from vit_config import ViTConfig, arch
-from weight_transfer.bridge import (
+from weight_transfer.frameworks.bridge import (
     nnx_from_flat,
     nnx_to_torch_flat,
     numpy_to_torch,
     torch_from_state_dict,
 )
-from weight_transfer.runners import NUMPY_DTYPES
+from weight_transfer.frameworks.runners import NUMPY_DTYPES
 
 
 def random_params(config: ViTConfig, seed: int = 0, dtype: str = "float32"

@@ -1,0 +1,72 @@
+"""The layouts the ecosystem publishes, one module per publisher, and the registry over them.
+
+| module        | layouts                                                              |
+|---------------|----------------------------------------------------------------------|
+| `ours`        | `nnx` (`jax_impl.ViT` flat state), `torch` (`torch_impl.ViT` state dict) |
+| `orbax`       | `orbax`: our NNX state as an Orbax checkpoint                        |
+| `timm`        | `timm`: `VisionTransformer` state dicts and Hub folders               |
+| `huggingface` | `hf`, `hf5`, `hf_deit`, `hf_dinov2`, `hf_clip`, `hf_siglip`            |
+| `open_clip`   | `open_clip`: `visual.*` image towers                                  |
+| `npz`         | `google_vit`, `big_vision` (`big_vision_bv`, its earlier name, an alias) |
+
+Each publisher's module holds everything the tool knows of it: its tables (over one of our
+two base layouts; `core.table.nnx_torch` links those), its `Layout` entries, its config.json
+reader and writer, its architecture reader, its normaliser and the layer diff's hook points
+on its models. A new publisher is one module here and one name in `PUBLISHERS`; detection,
+`--from`/`--to` choices, the writable list and the tests iterate the registry.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Iterable
+
+from weight_transfer.core.errors import LayoutError
+from weight_transfer.layouts.base import Layout
+
+# The publishers, in the order their layouts are listed (detection goes by `Layout.priority`).
+PUBLISHERS = ("ours", "orbax", "timm", "huggingface", "open_clip", "npz")
+MODULES = tuple(importlib.import_module(f"{__name__}.{name}") for name in PUBLISHERS)
+
+LAYOUTS: dict[str, Layout] = {layout.name: layout for module in MODULES
+                              for layout in module.LAYOUTS}
+ALIASES = {alias: l.name for l in LAYOUTS.values() for alias in l.aliases}
+
+WRITABLE = tuple(name for name, l in LAYOUTS.items() if l.writable)
+
+def get_layout(name: str) -> Layout:
+    if name in ALIASES:
+        return LAYOUTS[ALIASES[name]]
+    if name not in LAYOUTS:
+        raise LayoutError(f"unknown layout {name!r}; known: {', '.join(LAYOUTS)}")
+    return LAYOUTS[name]
+
+def detect_layout(keys: Iterable[str], container: str | None = None) -> Layout:
+    """The layout whose marker the keys carry, higher `priority` first (hf5 shares a marker
+    with hf); every layout in `LAYOUTS` is tried. Keys in an Orbax folder (`container`
+    "orbax") are read as the Orbax layout, which only such a folder can hold."""
+    keys = list(keys)
+    for layout in sorted(LAYOUTS.values(), key=lambda l: -l.priority):
+        if (layout.container == "orbax") != (container == "orbax"):
+            continue
+        if any(re.search(layout.marker, k) for k in keys):
+            return layout
+    sample = ", ".join(sorted(keys)[:5]) or "(no tensors)"
+    raise LayoutError(f"cannot tell the layout from the keys (first: {sample}); known layouts: "
+                      f"{', '.join(LAYOUTS)}; pass layout=... (--from) to say which")
+
+
+def diff_points(model):
+    """(a description, `hook_points(model)`: the layer diff's hook points) for a model of a
+    publisher that declares them (`diff_points` in its module); None for anyone else's."""
+    for module in MODULES:
+        points = getattr(module, "diff_points", None)
+        found = points(model) if points is not None else None
+        if found is not None:
+            return found
+    return None
+
+
+__all__ = ["ALIASES", "LAYOUTS", "Layout", "MODULES", "PUBLISHERS", "WRITABLE", "detect_layout",
+           "diff_points", "get_layout"]

@@ -1,0 +1,366 @@
+"""Hugging Face transformers: the tables of ViT (published v4 names and v5 in-memory names),
+DeiT with its teacher, DINOv2 (with registers), CLIP and SigLIP vision towers; `config.json`
+both ways (the fields it states, checked, never replaced by a default when present but
+unknown; the config.json we write); how published key variants are normalised (ViTModel ->
+ViTForImageClassification, towers of whole image-text repos); and the layouts."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vit_config import ViTConfig
+from weight_transfer.core.errors import CheckpointError, LayoutError
+from weight_transfer.core.resample import HF, HF_DINOV2_REGISTERS
+from weight_transfer.core.table import Rule, rule
+from weight_transfer.core.transforms import BATCH_AXIS, FUSE_2, FUSE_QKV
+from weight_transfer.formats.checkpoint import Source
+from weight_transfer.layouts.base import PLAIN, Layout, fused, json_field, renamed, renaming, require
+
+# transformers' ACT2FN names -> ours; the first name of each of ours is what we write.
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+                  "gelu_fast": "gelu_tanh", "relu": "relu", "quick_gelu": "quick_gelu",
+                  "silu": "silu", "swish": "silu"}
+
+HF_ACTIVATION_NAMES = {ours: theirs for theirs, ours in reversed(HF_ACTIVATIONS.items())}
+
+
+def hf_table(config: ViTConfig, prefix: str = "vit.") -> tuple[Rule, ...]:
+    block = f"{prefix}encoder.layer.{{}}"
+    return (
+        *renamed("patch_embed", f"{prefix}embeddings.patch_embeddings.projection"),
+        rule("cls_token", f"{prefix}embeddings.cls_token", BATCH_AXIS),
+        rule("pos_embed", f"{prefix}embeddings.position_embeddings", BATCH_AXIS),
+        *renamed("blocks.{}.ln1", f"{block}.layernorm_before"),
+        *renamed("blocks.{}.attn.q", f"{block}.attention.attention.query"),
+        *renamed("blocks.{}.attn.k", f"{block}.attention.attention.key"),
+        *renamed("blocks.{}.attn.v", f"{block}.attention.attention.value"),
+        *renamed("blocks.{}.attn.o", f"{block}.attention.output.dense"),
+        *renamed("blocks.{}.ln2", f"{block}.layernorm_after"),
+        *renamed("blocks.{}.ff1", f"{block}.intermediate.dense"),
+        *renamed("blocks.{}.ff2", f"{block}.output.dense"),
+        *renamed("ln_f", f"{prefix}layernorm"),
+        *renamed("head", "classifier"),
+    )
+
+def deit_table(config: ViTConfig) -> tuple[Rule, ...]:
+    """HF DeiTForImageClassificationWithTeacher: ViT's names under `deit.`, two classifiers."""
+    vit = tuple(r for r in hf_table(config, "deit.") if not r.right[0].startswith("classifier"))
+    return (*vit, rule("dist_token", "deit.embeddings.distillation_token", BATCH_AXIS),
+            *renamed("head", "cls_classifier"), *renamed("head_dist", "distillation_classifier"))
+
+def dinov2_table(config: ViTConfig) -> tuple[Rule, ...]:
+    """HF Dinov2 / Dinov2WithRegisters (names as published; `dinov2.` stripped by the
+    normaliser): LayerScale `lambda1`, packed SwiGLU `weights_in`, registers joining after the
+    class token's position is added."""
+    b = "encoder.layer.{}"
+    return (
+        *renamed("patch_embed", "embeddings.patch_embeddings.projection"),
+        rule("cls_token", "embeddings.cls_token", BATCH_AXIS),
+        rule("reg_tokens", "embeddings.register_tokens", BATCH_AXIS),
+        rule("pos_embed", "embeddings.position_embeddings", BATCH_AXIS),
+        *renamed("blocks.{}.ln1", f"{b}.norm1"),
+        *renamed("blocks.{}.attn.q", f"{b}.attention.attention.query"),
+        *renamed("blocks.{}.attn.k", f"{b}.attention.attention.key"),
+        *renamed("blocks.{}.attn.v", f"{b}.attention.attention.value"),
+        *renamed("blocks.{}.attn.o", f"{b}.attention.output.dense"),
+        rule("blocks.{}.ls1", f"{b}.layer_scale1.lambda1"),
+        *renamed("blocks.{}.ln2", f"{b}.norm2"),
+        *((*renamed("blocks.{}.ff1", f"{b}.mlp.fc1"), *renamed("blocks.{}.ff2", f"{b}.mlp.fc2"))
+          if config.mlp == "mlp" else  # SwiGLU, packed gate first
+          (*fused(("blocks.{}.ff1_g", "blocks.{}.ff1_x"), f"{b}.mlp.weights_in", FUSE_2),
+           *renamed("blocks.{}.ff2", f"{b}.mlp.weights_out"))),
+        rule("blocks.{}.ls2", f"{b}.layer_scale2.lambda1"),
+        *renamed("ln_f", "layernorm"),
+        *renamed("head", "classifier"),
+    )
+
+def clip_table(config: ViTConfig) -> tuple[Rule, ...]:
+    """HF CLIP vision tower (`vision_model.` stripped by the normaliser): `class_embedding`
+    (D,), `pre_layrnorm` (sic), `post_layernorm` on the pooled token only (our fc_norm), a
+    bias-free `visual_projection`."""
+    return (
+        rule("cls_token", "embeddings.class_embedding", BATCH_AXIS.reversed()),  # (1, D) <-> (D,)
+        *renamed("norm_pre", "pre_layrnorm"),
+        *hf_encoder_table(),
+        *renamed("fc_norm", "post_layernorm"),
+        *renamed("head", "visual_projection"),
+    )
+
+def siglip_table(config: ViTConfig) -> tuple[Rule, ...]:
+    """HF SigLIP vision tower (`vision_model.` stripped): `post_layernorm` on every token, then
+    the MAP `head` with a fused [q; k; v] `in_proj` as torch's MultiheadAttention stores it."""
+    return (
+        *hf_encoder_table(),
+        *renamed("ln_f", "post_layernorm"),
+        rule("map.probe", "head.probe", BATCH_AXIS),
+        *fused(("map.attn.q", "map.attn.k", "map.attn.v"), "head.attention.in_proj", FUSE_QKV,
+               leaves=("weight", "bias"), suffix=("_weight", "_bias")),
+        *renamed("map.attn.o", "head.attention.out_proj"),
+        *renamed("map.norm", "head.layernorm"),
+        *renamed("map.ff1", "head.mlp.fc1"),
+        *renamed("map.ff2", "head.mlp.fc2"),
+    )
+
+def hf_encoder_table() -> tuple[Rule, ...]:
+    """The embeddings and blocks CLIP and SigLIP share in transformers."""
+    b = "encoder.layers.{}"
+    return (
+        *renamed("patch_embed", "embeddings.patch_embedding"),
+        rule("pos_embed", "embeddings.position_embedding.weight"),
+        *renamed("blocks.{}.ln1", f"{b}.layer_norm1"),
+        *(r for n, theirs in zip("qkvo", ("q_proj", "k_proj", "v_proj", "out_proj"), strict=True)
+          for r in renamed(f"blocks.{{}}.attn.{n}", f"{b}.self_attn.{theirs}")),
+        *renamed("blocks.{}.ln2", f"{b}.layer_norm2"),
+        *renamed("blocks.{}.ff1", f"{b}.mlp.fc1"),
+        *renamed("blocks.{}.ff2", f"{b}.mlp.fc2"),
+    )
+
+def hf5_table(config: ViTConfig, prefix: str = "vit.") -> tuple[Rule, ...]:
+    block = f"{prefix}layers.{{}}"
+    return (
+        *renamed("patch_embed", f"{prefix}embeddings.patch_embeddings.projection"),
+        rule("cls_token", f"{prefix}embeddings.cls_token", BATCH_AXIS),
+        rule("pos_embed", f"{prefix}embeddings.position_embeddings", BATCH_AXIS),
+        *renamed("blocks.{}.ln1", f"{block}.layernorm_before"),
+        *renamed("blocks.{}.attn.q", f"{block}.attention.q_proj"),
+        *renamed("blocks.{}.attn.k", f"{block}.attention.k_proj"),
+        *renamed("blocks.{}.attn.v", f"{block}.attention.v_proj"),
+        *renamed("blocks.{}.attn.o", f"{block}.attention.o_proj"),
+        *renamed("blocks.{}.ln2", f"{block}.layernorm_after"),
+        *renamed("blocks.{}.ff1", f"{block}.mlp.fc1"),
+        *renamed("blocks.{}.ff2", f"{block}.mlp.fc2"),
+        *renamed("ln_f", f"{prefix}layernorm"),
+        *renamed("head", "classifier"),
+    )
+
+
+def hf_config_fields(hf: Mapping[str, Any], where: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The fields a Hugging Face ViT (or DeiT) `config.json` states, checked: an activation or
+    size this ViT cannot run is refused by name, never replaced by a default. Returns (fields,
+    what was assumed): HF states everything this reads, so nothing is assumed."""
+    return _common(hf, where, "gelu", 1e-12, 224), {}
+
+def normalise_hf(source: Source) -> tuple[Source, list[str]]:
+    """ViTModel -> the ViTForImageClassification names: add `vit.`; its tanh pooler is dropped;
+    with no classifier, the head is set to the identity so logits are the CLS features.
+    Returns a new `Source` (the one given is left as it is) and what was dropped."""
+    keys = list(source.meta)
+    if any(k.startswith("vit.") for k in keys) or not any(k.startswith("embeddings.") for k in keys):
+        return source, []  # ViTForImageClassification names, or not HF (the table will say)
+    renamed = {("vit." + k if not k.startswith(("pooler.", "classifier.")) else k): k for k in keys}
+    dropped = [new for new in renamed if new.startswith("pooler.")]
+    for new in dropped:
+        del renamed[new]
+    meta = {new: source.meta[old] for new, old in renamed.items()}
+    extra: dict[str, np.ndarray] = {}
+    if "classifier.weight" not in meta:
+        d = next((m[0][-1] for k, m in meta.items() if k.endswith("layernorm.weight")), None)
+        if d is None:
+            flax = source.metadata.get("format") == "flax" or any(
+                k.endswith((".kernel", ".scale")) for k in keys)
+            raise CheckpointError(f"{source.path}: no final layernorm.weight, so not a Hugging Face "
+                                  f"ViT in PyTorch names" + (" (these are Flax names: Hugging "
+                                  "Face Flax checkpoints are not read yet)" if flax else ""))
+        dtype = next(iter(meta.values()))[1]
+        extra = {"classifier.weight": np.eye(d, dtype=dtype), "classifier.bias": np.zeros(d, dtype)}
+        meta.update({k: (a.shape, a.dtype) for k, a in extra.items()})
+        dropped.append("(no classifier: head set to the identity; logits = final-norm CLS features)")
+    load = source.load
+    # keys renamed: no in-order reader (read in header order, digest the files afterwards)
+    return dataclasses.replace(source, meta=meta, reader=None, load=lambda k: extra[k] if k in extra
+                               else load(renamed[k])), dropped
+
+def _hf_json(config: ViTConfig, architecture: str, model_type: str, **fields) -> dict[str, Any]:
+    """What every HF vision config.json we write says: sizes, activation, epsilon, labels."""
+    h, w = config.image_hw
+    labels = {"num_labels": config.num_classes,
+              "id2label": {str(i): f"LABEL_{i}" for i in range(config.num_classes)},
+              "label2id": {f"LABEL_{i}": i for i in range(config.num_classes)}}
+    return {"architectures": [architecture], "model_type": model_type,
+            "hidden_size": config.d_model, "num_hidden_layers": config.num_layers,
+            "num_attention_heads": config.num_heads, "intermediate_size": config.d_ff,
+            "hidden_act": HF_ACTIVATION_NAMES[config.activation], "layer_norm_eps": config.ln_eps,
+            "image_size": h if h == w else [h, w], "patch_size": config.patch_size,
+            "num_channels": config.in_channels, "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0, **(labels if config.num_classes else {}),
+            **fields}
+
+def hf_config_json(config: ViTConfig) -> dict[str, Any]:
+    if config.pool != "cls":
+        raise LayoutError("the HF ViT reads its classifier from the class token's row: a "
+                          "mean-pool model has no HF ViT equivalent")
+    require(config, "HF ViTForImageClassification", **PLAIN, class_token=True,
+             final_norm="pre_pool", pos_embed_tokens="all", head_bias=True)
+    return _hf_json(config, "ViTForImageClassification", "vit", qkv_bias=config.qkv_bias)
+
+def deit_config_json(config: ViTConfig) -> dict[str, Any]:
+    require(config, "HF DeiTForImageClassificationWithTeacher",
+             **{**PLAIN, "dist_token": True}, class_token=True, pool="cls",
+             final_norm="pre_pool", pos_embed_tokens="all", head_bias=True)
+    return _hf_json(config, "DeiTForImageClassificationWithTeacher", "deit",
+                    qkv_bias=config.qkv_bias)
+
+def dinov2_config_json(config: ViTConfig) -> dict[str, Any]:
+    """Dinov2 / Dinov2WithRegisters, the model (pooled: the normed class token) or the
+    classifier (on [class token, patch mean]). HF derives the MLP width from `mlp_ratio`; the
+    ratio (an integer in transformers 5) must give exactly d_ff, for SwiGLU through its
+    2/3-and-round-to-8."""
+    gated = config.mlp != "mlp"
+    require(config, "HF Dinov2", **{**PLAIN, "layer_scale": True, "reg_tokens": config.reg_tokens,
+                                     "mlp": config.mlp}, class_token=True,
+             pool="cls_mean" if config.num_classes else "cls", final_norm="pre_pool",
+             pos_embed_tokens="cls" if config.reg_tokens else "all",
+             **({"activation": "silu"} if gated else {}))
+    width = (lambda hidden: (int(hidden * 2 / 3) + 7) // 8 * 8) if gated else (lambda h: h)
+    ratio = next((r for r in range(1, 17) if width(config.d_model * r) == config.d_ff), None)
+    if ratio is None:
+        raise LayoutError(f"d_ff {config.d_ff}: HF Dinov2 derives the MLP width from an integer "
+                          f"mlp_ratio times hidden_size {config.d_model}, and none gives it")
+    registers = config.reg_tokens > 0
+    model_type = "dinov2_with_registers" if registers else "dinov2"
+    name = "Dinov2WithRegisters" if registers else "Dinov2"
+    head = "ForImageClassification" if config.num_classes else "Model"
+    return _hf_json(config, f"{name}{head}", model_type, qkv_bias=config.qkv_bias,
+                    mlp_ratio=ratio, use_swiglu_ffn=gated,
+                    layerscale_value=1.0, drop_path_rate=0.0,
+                    **({"num_register_tokens": config.reg_tokens} if registers else {}))
+
+def siglip_config_json(config: ViTConfig) -> dict[str, Any]:
+    require(config, "HF SiglipVisionModel", **PLAIN, class_token=False, pool="map",
+             final_norm="pre_pool", pos_embed_tokens="all", num_classes=0)
+    return _hf_json(config, "SiglipVisionModel", "siglip_vision_model")
+
+def clip_config_json(config: ViTConfig) -> dict[str, Any]:
+    """CLIPVisionModel, or CLIPVisionModelWithProjection when there is a (projection) head."""
+    require(config, "HF CLIPVisionModel", **{**PLAIN, "norm_pre": True, "patch_bias": False},
+             class_token=True, pool="cls", final_norm="post_pool", pos_embed_tokens="all",
+             head_bias=False)
+    if config.num_classes:
+        return {**_hf_json(config.replace(num_classes=0), "CLIPVisionModelWithProjection",
+                           "clip_vision_model"), "projection_dim": config.num_classes}
+    return _hf_json(config, "CLIPVisionModel", "clip_vision_model")
+
+def vision_config(hf: Mapping[str, Any], where: Path) -> Mapping[str, Any]:
+    """The vision tower's config: nested in whole CLIP/SigLIP repos, the config itself
+    otherwise."""
+    nested = hf.get("vision_config")
+    if nested is None:
+        return hf
+    if not isinstance(nested, dict):
+        raise CheckpointError(f"{where}: config.json vision_config is {nested!r}; expected an "
+                              f"object")
+    return nested
+
+def _act(cfg: Mapping[str, Any], where: Path, default: str) -> str:
+    act = json_field(cfg, "hidden_act", str, where, default)
+    if act not in HF_ACTIVATIONS:
+        raise CheckpointError(f"{where}: config.json hidden_act {act!r} is not supported (known: "
+                              f"{', '.join(sorted(HF_ACTIVATIONS))}); refusing rather than "
+                              f"running a different activation")
+    return HF_ACTIVATIONS[act]
+
+def _common(cfg: Mapping[str, Any], where: Path, act: str, eps: float,
+            size: int) -> dict[str, Any]:
+    return dict(num_heads=json_field(cfg, "num_attention_heads", int, where),
+                ln_eps=json_field(cfg, "layer_norm_eps", (float, int), where, eps),
+                activation=_act(cfg, where, act),
+                image_size=json_field(cfg, "image_size", (int, list), where, size))
+
+def dinov2_config_fields(hf: Mapping[str, Any], where: Path):
+    """HF `dinov2` / `dinov2_with_registers`: eps 1e-6, exact GELU (SiLU gates a SwiGLU)."""
+    fields = _common(hf, where, "gelu", 1e-6, 518)
+    if json_field(hf, "use_swiglu_ffn", bool, where, False):
+        fields["activation"] = "silu"
+    return fields, {}
+
+def siglip_config_fields(hf: Mapping[str, Any], where: Path):
+    """HF `siglip` / `siglip_vision_model`: tanh GELU, eps 1e-6, the MAP head's output."""
+    cfg = vision_config(hf, where)
+    return _common(cfg, where, "gelu_pytorch_tanh", 1e-6, 224), {}
+
+def clip_config_fields(hf: Mapping[str, Any], where: Path):
+    """HF `clip` / `clip_vision_model`: QuickGELU and eps 1e-5 by default."""
+    cfg = vision_config(hf, where)
+    return _common(cfg, where, "quick_gelu", 1e-5, 224), {}
+
+
+_HF = dict(container="folder", pool="cls", read_config_json=hf_config_fields,
+           write_config_json=hf_config_json, normalise=normalise_hf, resampling=lambda c: HF)
+
+def _dinov2_name(key: str, config: ViTConfig) -> str:
+    """Dinov2Model's names are bare; a classifier's backbone sits under its model type."""
+    if not config.num_classes or key.startswith("classifier."):
+        return key
+    return ("dinov2_with_registers." if config.reg_tokens else "dinov2.") + key
+
+
+def hook_points(m) -> list[tuple[Any, str, str]]:
+    """Where the layer diff reads an HF `ViTForImageClassification` (v4 or v5 names)."""
+    vit = m.vit
+    layers = getattr(vit, "layers", None) or vit.encoder.layer
+    points = [(vit.embeddings.patch_embeddings, "patch_embed", "out"),
+              (vit.embeddings, "tokens", "out")]
+    for i, layer in enumerate(layers):
+        mlp = getattr(layer, "mlp", None)
+        points.append((layer.attention, f"blocks.{i}.attn", "out"))
+        if mlp is not None:  # transformers 5; in v4 the MLP's residual is inside ViTOutput
+            points.append((mlp, f"blocks.{i}.mlp", "out"))
+        points.append((layer, f"blocks.{i}", "out"))
+    return points + [(vit.layernorm, "ln_f", "out"), (m.classifier, "pooled", "in")]
+
+
+def diff_points(model):
+    """("transformers CLASS", `hook_points`) for an HF ViT; None for anyone else's."""
+    if type(model).__module__.split(".")[0] != "transformers" or not hasattr(model, "vit"):
+        return None
+    return f"transformers {type(model).__name__}", hook_points
+
+
+LAYOUTS = (
+    Layout("hf", "torch", hf_table,
+           r"^(vit\.)?encoder\.layer\.\d+\.|^(vit\.)?embeddings\.patch_embeddings",
+           "Hugging Face transformers ViT (checkpoint names)", **_HF),
+    Layout("hf5", "torch", hf5_table, r"^(vit\.)?layers\.\d+\.attention\.q_proj",
+           "Hugging Face transformers 5 ViT (in-memory names)", writable=False, priority=1,
+           **_HF),
+    Layout("hf_deit", "torch", deit_table, r"^deit\.embeddings\.distillation_token$",
+           "Hugging Face DeiTForImageClassificationWithTeacher", container="folder",
+           priority=2, read_config_json=hf_config_fields, write_config_json=deit_config_json,
+           pool="cls", resampling=lambda c: HF),
+    Layout("hf_dinov2", "torch", dinov2_table,
+           r"(^|\.)embeddings\.mask_token$|(^|\.)layer_scale1\.lambda1$",
+           "Hugging Face Dinov2 / Dinov2WithRegisters (model, or image classification)",
+           container="folder", priority=2, pool="cls", read_config_json=dinov2_config_fields,
+           write_config_json=dinov2_config_json, published=_dinov2_name,
+           resampling=lambda c: HF_DINOV2_REGISTERS if c.reg_tokens else HF,
+           unused=lambda c: {"embeddings.mask_token": (1, c.d_model)},
+           normalise=renaming(strip=("dinov2.", "dinov2_with_registers."),
+                              drop=(("embeddings.mask_token", "the mask token (unused at "
+                                     "inference)"), ("dinov2.embeddings.mask_token",
+                                                     "the mask token (unused at inference)")))),
+    Layout("hf_clip", "torch", clip_table, r"(^|\.)embeddings\.class_embedding$",
+           "Hugging Face CLIP vision tower (CLIPVisionModel[WithProjection], or a whole CLIP "
+           "repo: the text tower is left out)", container="folder", priority=2,
+           pool="cls", read_config_json=clip_config_fields, write_config_json=clip_config_json,
+           resampling=lambda c: HF,
+           published=lambda key, c: key if key.startswith("visual_projection.")
+           else f"vision_model.{key}",
+           normalise=renaming(strip=("vision_model.",), drop=(
+               ("text_model.", "the text tower"), ("text_projection", "the text tower"),
+               ("logit_scale", "the text tower")))),
+    Layout("hf_siglip", "torch", siglip_table,
+           r"(^|\.)embeddings\.patch_embedding\.weight$",
+           "Hugging Face SigLIP vision tower (SiglipVisionModel, or a whole SigLIP repo: the "
+           "text tower is left out)", container="folder", priority=1,
+           read_config_json=siglip_config_fields, write_config_json=siglip_config_json,
+           resampling=lambda c: HF,
+           published=lambda key, c: f"vision_model.{key}",
+           normalise=renaming(strip=("vision_model.",), drop=(
+               ("text_model.", "the text tower"), ("logit_scale", "the text tower"),
+               ("logit_bias", "the text tower")))),
+)
