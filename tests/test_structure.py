@@ -152,3 +152,109 @@ def test_a_bug_is_not_bad_input(monkeypatch, capsys):
     assert cli.main(["inspect", "whatever.safetensors"]) == 3
     err = capsys.readouterr().err
     assert "Traceback" in err and "KeyError: 'a bug'" in err and "a bug, not bad input" in err
+
+
+FRAMEWORK_FREE = ("core", "formats", "layouts", "porting")  # and the CLI, until it loads a model
+LAYERS = ("core", "formats", "layouts", "porting", "frameworks", "diagnostics", "cli")
+
+
+def package_modules(package: str) -> list[str]:
+    import pkgutil
+    from pathlib import Path
+
+    import weight_transfer
+
+    root = Path(weight_transfer.__file__).parent
+    if (root / f"{package}.py").is_file():
+        return [f"weight_transfer.{package}"]
+    return [f"weight_transfer.{package}"] + [
+        f"weight_transfer.{package}.{m.name}" for m in pkgutil.iter_modules([str(root / package)])]
+
+
+def test_the_framework_free_packages_import_no_framework():
+    """Every module of core, formats, layouts and porting, and the CLI, imported together in a
+    fresh process: neither JAX, Flax nor PyTorch (nor our models) is loaded."""
+    modules = [m for p in (*FRAMEWORK_FREE, "cli") for m in package_modules(p)]
+    loaded = imported_after(", ".join(modules))
+    assert not loaded & {"jax", "flax", "jaxlib", "torch", "jax_impl", "torch_impl"}, loaded
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    """At module level, a package imports only from packages before it in LAYERS (imports
+    inside a function, made when called, may reach further: loading into a framework)."""
+    import ast
+    import importlib.util
+
+    for rank, package in enumerate(LAYERS):
+        for module in package_modules(package):
+            tree = ast.parse(open(importlib.util.find_spec(module).origin).read())
+            for node in tree.body:
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                    [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                for name in names:
+                    parts = name.split(".")
+                    if parts[0] == "weight_transfer" and len(parts) > 1:
+                        assert parts[1] in LAYERS[:rank + 1], f"{module} imports {name}"
+
+
+def test_every_module_keeps_its_short_name():
+    """The modules of the flat era are still `weight_transfer.NAME` (attribute and import), the
+    same objects as in their packages; short names are unique."""
+    import importlib
+
+    import weight_transfer as wt
+
+    flat = [m for p in ("core", "formats", "porting", "frameworks", "diagnostics")
+            for m in package_modules(p)[1:]]
+    leaves = [m.rsplit(".", 1)[1] for m in flat]
+    assert len(set(leaves)) == len(leaves)
+    for module, leaf in zip(flat, leaves, strict=True):
+        real = importlib.import_module(module)
+        assert getattr(wt, leaf) is real and importlib.import_module(f"weight_transfer.{leaf}") is real
+    for old in ("bridge", "checkpoint", "conversion", "doctor", "errors", "fileio", "inference",
+                "metrics", "npz_io", "numpy_ref", "orbax_io", "parity", "resample", "runners",
+                "safetensors_io", "sharding", "table", "torch_bridge", "training", "transforms",
+                "weights", "writers", "adapters", "layouts", "porting", "cli"):
+        assert hasattr(wt, old), old
+
+
+ROUND_TRIP_CONFIGS = [  # the first each writable layout's library can compute is used
+    dict(), dict(pool="map", class_token=False, num_classes=0),
+    dict(norm_pre=True, patch_bias=False, ln_eps=1e-5, head_bias=False),
+    dict(norm_pre=True, patch_bias=False, final_norm="post_pool", head_bias=False),
+    dict(dist_token=True), dict(layer_scale=True, num_classes=0, d_ff=48),
+]
+
+
+def test_every_registered_layout_detects_itself_and_round_trips(tmp_path):
+    """Each layout the registry holds, written (if writable) from a model its library can
+    compute, is detected from the file alone and reads back bit-exact."""
+    import weight_transfer as wt
+    from tests.helpers.models import assert_bit_exact
+    from weight_transfer.frameworks.bridge import nnx_params
+    from weight_transfer.layouts import LAYOUTS, MODULES
+
+    assert {l.name for m in MODULES for l in m.LAYOUTS} == set(LAYOUTS)
+    for layout in LAYOUTS.values():
+        if not layout.writable:
+            continue
+        for changes in ROUND_TRIP_CONFIGS:
+            # a layout whose table has no prefix rows holds the class position folded into
+            # the token (the same function, not the same bytes): give it none
+            config = tiny(**changes, **({} if layout.prefix_positions else
+                                        {"pos_embed_tokens": "none"}))
+            try:
+                layout.check_model(config)
+                break
+            except wt.LayoutError:
+                continue
+        else:
+            raise AssertionError(f"no test config fits {layout.name}")
+        model = random_nnx(config, seed=3)
+        path = wt.save_checkpoint(model, tmp_path / layout.name, layout=layout.name)
+        info = wt.inspect_checkpoint(path)
+        assert info["layout"] == layout.name, (layout.name, info["layout"])
+        back = wt.load_checkpoint(path, "jax", overrides={"num_heads": config.num_heads})
+        assert back.config.same_model(config.replace(
+            **{k: getattr(back.config, k) for k in ("activation", "ln_eps")})), layout.name
+        assert_bit_exact(nnx_params(model), nnx_params(back))

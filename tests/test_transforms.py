@@ -79,7 +79,7 @@ def test_fused_pairs_keep_row_order():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, ml_dtypes.bfloat16])
 @pytest.mark.parametrize("shape", [(700, 300), (3, 5), (256, 1030)])
 def test_strip_contiguous_copy_is_exact(shape, dtype):
-    from weight_transfer.core.table import to_contiguous
+    from weight_transfer.formats.memory import to_contiguous
 
     a = np.random.default_rng(0).standard_normal(shape).astype(dtype)
     out = to_contiguous(a.T)

@@ -119,6 +119,8 @@ class ViTConfig:
             object.__setattr__(self, "image_size", tuple(self.image_size))
         if self.class_token is None:
             object.__setattr__(self, "class_token", self.pool in ("cls", "cls_mean"))
+        if self.num_classes == 0:  # no head: whether it has a bias is moot, so it is the default
+            object.__setattr__(self, "head_bias", True)
         self._validate()
 
     def _validate(self) -> None:

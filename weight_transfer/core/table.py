@@ -7,8 +7,7 @@ from the right (`Transform.reversed`); there is never a second table.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,43 +150,12 @@ def check_table(source: Mapping[str, Meta], rules: list[Rule],
     return active
 
 
-def empty_aligned(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray:
-    """`np.empty`, starting on a 64-byte boundary as torch's and XLA's allocators do (numpy's
-    large arrays start 16 bytes past a page): torch models that share these buffers run their
-    GEMMs on aligned weights, like models built by torch itself."""
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = np.empty(nbytes + align, np.uint8)
-    start = -raw.ctypes.data % align
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
-
-
-def to_contiguous(a: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
-    """`np.ascontiguousarray`, but a large transposed matrix is copied in strips one cache line
-    wide: each pass fills 64 bytes of every output row while reading a few source rows as
-    sequential streams. On ViT-H's (1280, 5120) and (5120, 1280) float32 matrices that is 2-3x
-    numpy's own strided copy and up to 3x square 256 x 256 tiles (which read 256 rows 20 KB
-    apart at once). With `out` (C-contiguous, `a`'s shape and dtype) the copy lands there, even
-    if `a` is already contiguous."""
-    strips = a.ndim == 2 and a.flags.f_contiguous and not a.flags.c_contiguous and a.size >= 1 << 16
-    if out is None:
-        if a.flags.c_contiguous:
-            return a
-        out = empty_aligned(a.shape, a.dtype)
-    if not strips:
-        np.copyto(out, a)
-        return out
-    width = max(1, 64 // a.itemsize)
-    for j in range(0, a.shape[1], width):
-        out[:, j:j + width] = a[:, j:j + width]
-    return out
-
-
 def stream_table(items: Iterable[tuple[str, np.ndarray]], rules: list[Rule], *,
-                 contiguous: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+                 finish: Callable[[np.ndarray], np.ndarray] | None = None
+                 ) -> Iterator[tuple[str, np.ndarray]]:
     """Apply checked rules to `(key, array)` pairs as they come, holding only a rule's inputs
-    (q, k and v of one block for a fused qkv) until it can fire. `contiguous=False` leaves
-    views as they are (for dry runs on shapes)."""
+    (q, k and v of one block for a fused qkv) until it can fire. Outputs may be views (a
+    transpose of the input); `finish` (a copy into fresh memory, say) is applied to each."""
     by_key = {k: r for r in rules for k in r.left}
     waiting: dict[Rule, dict[str, np.ndarray]] = {}
     for key, array in items:
@@ -198,16 +166,19 @@ def stream_table(items: Iterable[tuple[str, np.ndarray]], rules: list[Rule], *,
             del waiting[r]
             outs = r.transform.forward(*(got[k] for k in r.left))
             for k, a in zip(r.right, outs, strict=True):
-                yield k, to_contiguous(a) if contiguous else a
+                yield k, finish(a) if finish is not None else a
 
 
 def apply_table(source: Mapping[str, np.ndarray], rules: list[Rule],
-                target_shapes: Mapping[str, tuple[int, ...]], *, what: str = "source"
+                target_shapes: Mapping[str, tuple[int, ...]], *, what: str = "source",
+                finish: Callable[[np.ndarray], np.ndarray] | None = None
                 ) -> dict[str, np.ndarray]:
-    """Map in-memory `source` through oriented, expanded `rules`; see `check_table`."""
+    """Map in-memory `source` through oriented, expanded `rules`; see `check_table` and
+    `stream_table`."""
     active = check_table(meta_of(source), rules, target_shapes, what=what)
     used = {k for r in active for k in r.left}
-    return dict(stream_table(((k, v) for k, v in source.items() if k in used), active))
+    return dict(stream_table(((k, v) for k, v in source.items() if k in used), active,
+                             finish=finish))
 
 
 def forward_targets(rules: list[Rule], source: Mapping[str, Meta]) -> dict[str, tuple[int, ...]]:

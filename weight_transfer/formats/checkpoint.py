@@ -5,7 +5,7 @@ now, each tensor on demand). Formats live in `safetensors_io` and `npz_io`, conf
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import os
 import stat
@@ -19,50 +19,55 @@ import numpy as np
 from weight_transfer.core.errors import CheckpointError
 from weight_transfer.formats.npz_io import NpzReader
 from weight_transfer.formats.orbax_io import OrbaxReader, checkpoint_dir
+from weight_transfer.formats.reader import InMemory, Reader, Renamed
 from weight_transfer.formats.safetensors_io import SafetensorsReader
 from weight_transfer.core.table import Meta
 
 @dataclass
 class Source:
-    """Tensors of one checkpoint, read lazily: `meta` now, `load(key)` on demand."""
+    """One checkpoint as found: where it is, its format's `Reader`, and what lies beside it."""
 
     path: Path
-    meta: dict[str, Meta]
-    load: Callable[[str], np.ndarray]
-    metadata: dict[str, str] = field(default_factory=dict)  # safetensors __metadata__
+    reader: Reader
     hf_config: dict[str, Any] | None = None  # config.json next to the weights
-    files: list[Path] = field(default_factory=list)
-    reader: SafetensorsReader | None = None  # reads in file order and hashes as it goes
-    closer: Callable[[], None] | None = None  # releases what the source holds open
     folder: Path | None = None  # the folder given, when the weights were found in one
-    # {key: sharding} -> {key: jax.Array}, when the format places arrays itself (Orbax)
-    restore_onto: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
-    container: str | None = None  # "orbax" for an Orbax folder: its keys are that layout's
     notes: list[str] = field(default_factory=list)  # how the tensors were found, for reports
+
+    @property
+    def meta(self) -> dict[str, Meta]:
+        return self.reader.meta
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.reader.metadata
+
+    @property
+    def files(self) -> list[Path]:
+        return self.reader.files
+
+    @property
+    def container(self) -> str:
+        return self.reader.container
+
+    def load(self, key: str) -> np.ndarray:
+        return self.reader.load(key)
 
     def items(self, keys: Iterable[str] | None = None, *, digest: bool = False
               ) -> Iterator[tuple[str, np.ndarray]]:
         """The tensors in file order; with `digest`, the bytes also feed `digest()` as read."""
-        keys = list(self.meta if keys is None else keys)
-        if self.reader is not None:
-            keys.sort(key=self.reader.position)
-            self.reader.track = digest
-        for key in keys:
-            yield key, self.load(key)
+        for key in self.reader.ordered(self.meta if keys is None else keys, digest=digest):
+            yield key, self.reader.load(key)
+
+    def renamed(self, meta: dict[str, Meta], read: Callable[[str], np.ndarray]) -> Source:
+        """The same checkpoint under other names (a layout's normaliser)."""
+        return dataclasses.replace(self, reader=Renamed(self.reader, meta, read))
 
     def close(self) -> None:
-        """Stop background hashing (a conversion that failed midway leaves no thread)."""
-        if self.reader is not None:
-            self.reader.close()
-        if self.closer is not None:
-            self.closer()
+        """Release the reader (a conversion that failed midway leaves no thread)."""
+        self.reader.close()
 
     def digest(self) -> str:
-        """The file's sha256 (what `sha256sum` prints and the Hugging Face Hub lists as the
-        file's SHA256); for several files, the sha256 of their sha256s concatenated in order.
-        Free when every byte was read in order (the reader hashed them on the way)."""
-        done = self.reader.digests() if self.reader is not None else None
-        return _chain(done) if done else file_digest(self.files)
+        return self.reader.digest()
 
 
 def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> Source:
@@ -74,45 +79,23 @@ def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> S
     hf_config = None
     if path.is_dir() and (orbax := checkpoint_dir(path)) is not None:
         reader = OrbaxReader(path, orbax)
-        return Source(path, reader.meta, reader.load, reader.metadata, files=reader.files,
-                      folder=path, restore_onto=reader.restore_onto, container="orbax",
-                      notes=[f"an Orbax checkpoint ({reader.path})"])
+        return Source(path, reader, folder=path, notes=[f"an Orbax checkpoint ({reader.path})"])
     if path.is_dir():
         cfg = path / "config.json"
         hf_config = _read_json(cfg) if cfg.exists() else None
         if hf_config is not None and not isinstance(hf_config, dict):
             raise CheckpointError(f"{cfg}: expected a JSON object, got {type(hf_config).__name__}")
-        path_in = _weights_in_folder(path)
-        source = read_checkpoint(path_in, allow_pickle=allow_pickle)
+        source = read_checkpoint(_weights_in_folder(path), allow_pickle=allow_pickle)
         source.hf_config, source.folder = hf_config, path
         return source
     regular_file(path)
     name = path.name
     if name.endswith(".safetensors.index.json"):
-        weight_map = _read_index(path)
-        shards = sorted(set(weight_map.values()))
-        files = [path.parent / s for s in shards]
-        for f in files:
-            if not f.is_file():
-                raise CheckpointError(f"{path}: shard {f.name} is missing")
-        reader = SafetensorsReader(files)
-        stored = {k: files[reader.where[k][0]].name for k in reader.meta}
-        wrong = sorted(k for k in set(weight_map) | set(stored)
-                       if weight_map.get(k) != stored.get(k))
-        if wrong:
-            k = wrong[0]
-            raise CheckpointError(f"{path}: the index and the shards disagree on {len(wrong)} "
-                                  f"tensor(s), e.g. {k!r}: the index says "
-                                  f"{weight_map.get(k, 'nothing')}, the shards hold it in "
-                                  f"{stored.get(k, 'none')}")
-        return Source(path, reader.meta, reader.load, reader.metadata, files=files, reader=reader)
+        return Source(path, _sharded_safetensors(path))
     if name.endswith(".safetensors"):
-        reader = SafetensorsReader([path])
-        return Source(path, reader.meta, reader.load, reader.metadata, files=[path], reader=reader)
+        return Source(path, SafetensorsReader([path]))
     if name.endswith(".npz"):
-        reader = NpzReader(path)
-        return Source(path, reader.meta, reader.load, reader.metadata, files=[path],
-                      closer=reader.close)
+        return Source(path, NpzReader(path))
     if name.endswith((".bin", ".pth", ".pt")):
         if not allow_pickle:
             raise CheckpointError(f"{path}: a pickle-based torch file; it is only read when asked "
@@ -121,6 +104,25 @@ def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> S
         return _read_torch_pickle(path)
     raise CheckpointError(f"{path}: unknown checkpoint type (expected .safetensors, "
                           f".safetensors.index.json, a folder, .npz, or .bin/.pth with pickle)")
+
+
+def _sharded_safetensors(path: Path) -> SafetensorsReader:
+    """The shards an index names, checked against what the shards hold."""
+    weight_map = _read_index(path)
+    files = [path.parent / s for s in sorted(set(weight_map.values()))]
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{path}: shard {f.name} is missing")
+    reader = SafetensorsReader(files)
+    stored = {k: files[reader.where[k][0]].name for k in reader.meta}
+    wrong = sorted(k for k in set(weight_map) | set(stored) if weight_map.get(k) != stored.get(k))
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(f"{path}: the index and the shards disagree on {len(wrong)} "
+                              f"tensor(s), e.g. {k!r}: the index says "
+                              f"{weight_map.get(k, 'nothing')}, the shards hold it in "
+                              f"{stored.get(k, 'none')}")
+    return reader
 
 
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module", "ema")  # common wrappers
@@ -155,8 +157,7 @@ def _read_torch_pickle(path: Path) -> Source:
     if not arrays:
         raise CheckpointError(f"{path}: no tensors found (top-level keys: "
                               f"{', '.join(map(str, list(sd)[:8]))})")
-    return Source(path, {k: (a.shape, a.dtype) for k, a in arrays.items()}, arrays.__getitem__,
-                  files=[path], notes=notes)
+    return Source(path, InMemory(arrays, [path]), notes=notes)
 
 
 SAFE_NAMES = ("model.safetensors.index.json", "model.safetensors", "open_clip_model.safetensors")
@@ -221,20 +222,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(raw.decode())
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-
-
-def file_digest(files: list[Path]) -> str:
-    digests = []
-    for f in files:
-        with open(f, "rb") as fh:
-            digests.append(hashlib.file_digest(fh, "sha256").digest())
-    return _chain(digests)
-
-
-def _chain(digests: list[bytes]) -> str:
-    if len(digests) == 1:
-        return digests[0].hex()
-    return hashlib.sha256(b"".join(digests)).hexdigest()
 
 
 __all__ = ["CheckpointError", "Source", "read_checkpoint"]

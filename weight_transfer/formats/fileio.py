@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from weight_transfer.core.table import to_contiguous
+from weight_transfer.formats.memory import to_contiguous
 
 ALIGN = 4096  # O_DIRECT wants buffer, offset and length aligned to the device's logical block
 

@@ -12,12 +12,13 @@ import numpy as np
 
 from weight_transfer.core.errors import CheckpointError
 from weight_transfer.core.table import Meta
+from weight_transfer.formats.reader import Reader
 
 NPZ_MANIFEST = "__vit_parity__"  # npz has no metadata: the manifest is a uint8 array of JSON
 MANIFEST_MAX_BYTES = 1 << 20
 
 
-class NpzReader:
+class NpzReader(Reader):
     """The arrays of an `.npz`, read one at a time: the zip directory and each member's `.npy`
     header are read first (names, dtypes, shapes), each member's declared size is checked
     against its header, and nothing is inflated before a key is asked for. A 2-byte void
@@ -26,6 +27,7 @@ class NpzReader:
 
     def __init__(self, path: Path):
         self.path = path
+        self.files = [path]
         try:
             self.zip = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:

@@ -28,6 +28,7 @@ import numpy as np
 
 from weight_transfer.core.errors import CheckpointError
 from weight_transfer.core.table import Meta
+from weight_transfer.formats.reader import Reader
 
 STATE = "state"
 MANIFEST = "vit_parity.json"
@@ -63,8 +64,10 @@ def _key(path: tuple) -> str:
     return ".".join(parts[:-1] if parts and parts[-1] == "value" else parts)
 
 
-class OrbaxReader:
+class OrbaxReader(Reader):
     """An Orbax checkpoint's parameters: shapes from its metadata now, values on demand."""
+
+    container = "orbax"
 
     def __init__(self, folder: Path, path: Path):
         """`folder` as given; `path` the checkpoint in it (`checkpoint_dir(folder)`)."""
@@ -99,7 +102,7 @@ class OrbaxReader:
             self._values = self._restore(None)
         return self._values[key]
 
-    def restore_onto(self, shardings: Mapping[str, Any]) -> dict[str, Any]:
+    def restore_onto(self, shardings: Mapping[str, Any]) -> dict[str, Any] | None:
         """`{key: jax.Array}` placed with `shardings[key]`, Orbax reading each device's block."""
         return self._restore(shardings)
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from weight_transfer.core.errors import CheckpointError
 from weight_transfer.formats.fileio import Background, SequentialWriter
+from weight_transfer.formats.reader import Reader, chain_digests, file_sha256
 from weight_transfer.core.table import Meta
 
 SAFETENSORS_DTYPES = {"F16": np.float16, "BF16": ml_dtypes.bfloat16, "F32": np.float32,
@@ -103,7 +104,7 @@ def _entry(path: Path, key: str, info: Any) -> tuple[tuple[int, ...], int, int, 
     return tuple(shape), offsets[0], offsets[1], dtype
 
 
-class SafetensorsReader:
+class SafetensorsReader(Reader):
     """Tensors of one or more safetensors files, each a view of its own private (copy-on-write)
     memory map, as `safetensors.torch.load_file` and `torch.load(mmap=True)` give: no copy
     through a read buffer, writes change this process's pages and never the file, and a
@@ -113,12 +114,16 @@ class SafetensorsReader:
     on a background thread, so the source digest costs no second pass. (As with any memory
     map, a file truncated by another process while mapped ends the process with SIGBUS.)"""
 
+    maps_blocks = True
+
     def __init__(self, paths: list[Path]):
         self.meta: dict[str, Meta] = {}
         self.where: dict[str, tuple[int, int, int]] = {}  # key -> (file, begin, end), absolute
         self.metadata: dict[str, str] = {}
-        self.paths = paths
-        self.hashers, self.hashed, self.sizes = [], [], []
+        self.files = self.paths = paths
+        self.hashers: list = []
+        self.hashed: list[int] = []
+        self.sizes: list[int] = []
         self.hashing: Background | None = None  # sha256 updates off the converting thread
         self.track = False  # hash while reading (only a conversion needs the digest)
         for i, path in enumerate(paths):
@@ -139,8 +144,9 @@ class SafetensorsReader:
         # downstream reads them in this order, front to back.
         self.meta = {k: self.meta[k] for k in sorted(self.meta, key=self.where.__getitem__)}
 
-    def position(self, key: str) -> tuple[int, int]:
-        return self.where[key][:2]
+    def ordered(self, keys: Iterable[str], *, digest: bool = False) -> list[str]:
+        self.track = digest
+        return sorted(keys, key=lambda key: self.where[key][:2])
 
     def load(self, key: str) -> np.ndarray:
         i, begin, end = self.where[key]
@@ -159,13 +165,14 @@ class SafetensorsReader:
         # A writer that packs mixed dtypes may leave a tensor off its alignment: copy that one.
         return array if begin % dtype.itemsize == 0 else array.copy()
 
-    def digests(self) -> list[bytes] | None:
-        """Each file's sha256 if every byte was hashed, else None."""
+    def digest(self) -> str:
+        """Free when every byte was read in order (hashed on the way); else a second pass."""
         complete = self.hashed == self.sizes
         if complete and self.hashing is not None:
             self.hashing.drain()
         self.close()
-        return [h.digest() for h in self.hashers] if complete else None
+        return chain_digests([h.digest() for h in self.hashers] if complete else
+                             [file_sha256(f) for f in self.files])
 
     def close(self) -> None:
         """Stop the hashing thread; updates still queued are dropped."""

@@ -22,6 +22,7 @@ import torch_impl
 from vit_config import ArgumentError, ViTConfig
 from vit_config import arch
 from weight_transfer.core.table import Rule, apply_table, base_shapes, nnx_torch, rule
+from weight_transfer.formats.memory import to_contiguous
 from weight_transfer.frameworks.torch_bridge import (  # noqa: F401  (re-exported: weight_transfer.X)
     numpy_to_torch,
     torch_flat,
@@ -89,13 +90,14 @@ def scan_rules(config: ViTConfig) -> list[Rule]:
 
 def stack_layers(flat: Mapping[str, np.ndarray], config: ViTConfig) -> Flat:
     """Loop-layout NNX params -> scanned layout (bit-exact)."""
-    return apply_table(flat, scan_rules(config), nnx_shapes(config, True), what="NNX")
+    return apply_table(flat, scan_rules(config), nnx_shapes(config, True), what="NNX",
+                       finish=to_contiguous)
 
 
 def unstack_layers(flat: Mapping[str, np.ndarray], config: ViTConfig) -> Flat:
     """Scanned-layout NNX params -> loop layout (bit-exact)."""
     return apply_table(flat, [r.reversed() for r in scan_rules(config)], nnx_shapes(config),
-                       what="NNX (scanned)")
+                       what="NNX (scanned)", finish=to_contiguous)
 
 
 def nnx_loop_flat(model: jax_impl.ViT) -> Flat:
@@ -128,13 +130,14 @@ def torch_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
 
 def nnx_to_torch_flat(flat: Mapping[str, np.ndarray], config: ViTConfig) -> Flat:
     """`{nnx path: array}` -> `{torch key: array}` through the table, checked against `config`."""
-    return apply_table(flat, nnx_torch(config), torch_shapes(config), what="NNX")
+    return apply_table(flat, nnx_torch(config), torch_shapes(config), what="NNX",
+                       finish=to_contiguous)
 
 
 def torch_to_nnx_flat(flat: Mapping[str, np.ndarray], config: ViTConfig) -> Flat:
     """`{torch key: array}` -> `{nnx path: array}`, the same table read right to left."""
     return apply_table(flat, [r.reversed() for r in nnx_torch(config)], nnx_shapes(config),
-                       what="torch")
+                       what="torch", finish=to_contiguous)
 
 
 def nnx_state_to_state_dict(state: nnx.State | Mapping[str, np.ndarray], config: ViTConfig
@@ -175,7 +178,8 @@ def nnx_from_flat(flat: Mapping[str, np.ndarray], config: ViTConfig, *,
     loop layout, or the scanned one with `scan_layers=True`)."""
     scan_layers = scan_layers and config.num_layers > 0
     shapes = nnx_shapes(config, scan_layers)
-    checked = apply_table(flat, [rule(k, k) for k in shapes], shapes, what="NNX")
+    checked = apply_table(flat, [rule(k, k) for k in shapes], shapes, what="NNX",
+                          finish=to_contiguous)
     return nnx_model_from_flat(checked, config, scan_layers)
 
 

@@ -137,8 +137,7 @@ def partition_specs(config: ViTConfig, mesh, sharding: Sharding) -> dict:
 def _block_reader(source, key: str):
     """A function index -> that block of the stored tensor, copied out of the reader's
     memory map of it: only the block's bytes are copied, whichever axis is split."""
-    load = source.reader.load
-    return lambda index: np.array(load(key)[index])
+    return lambda index: np.array(source.load(key)[index])
 
 
 def _placed_model(arrays: dict, config: ViTConfig, specs: dict):
@@ -174,13 +173,14 @@ def load_sharded(prepared, mesh, sharding: Sharding):
     same = p.plan.renames_only and p.config == p.inferred.config
     hook = p.plan.hook or (lambda key, a, dry: a)
     as_stored = same and all(p.source.meta[k] == meta for k, meta in p.plan.order)
-    if as_stored and p.source.restore_onto is not None:  # Orbax reads each device's block
-        arrays = p.source.restore_onto({k: NamedSharding(mesh, s) for k, s in specs.items()})
+    arrays = p.source.reader.restore_onto({k: NamedSharding(mesh, s) for k, s in specs.items()}
+                                          ) if as_stored else None
+    if arrays is not None:  # the format placed them itself (Orbax reads each device's block)
         for key, array in arrays.items():  # the NaN/Inf screen, block by block
             for block in array.addressable_shards:
                 hook(key, np.asarray(block.data), False)
         return _placed_model(arrays, p.config, specs)
-    if same and p.source.reader is not None:  # NNX layout: every block straight from its bytes
+    if same and p.source.reader.maps_blocks:  # NNX layout: every block straight from its bytes
         def items():
             for key, (shape, _) in p.plan.order:
                 raw = _block_reader(p.source, key)

@@ -11,7 +11,7 @@ import torch
 
 import torch_impl
 from vit_config import ViTConfig
-from weight_transfer.core.table import empty_aligned, to_contiguous
+from weight_transfer.formats.memory import empty_aligned, to_contiguous
 
 Flat = dict[str, np.ndarray]
 

@@ -4,7 +4,6 @@ the normaliser factory that brings published key variants to one table."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +127,8 @@ def json_field(cfg: Mapping[str, Any], key: str, kinds: type | tuple[type, ...],
 
 def require(config: ViTConfig, what: str, **fields: Any) -> None:
     """Refuse a model `what` cannot compute, naming each field it fixes."""
+    if not config.num_classes:  # no head: its bias is moot (ViTConfig keeps the default)
+        fields.pop("head_bias", None)
     wrong = [f"{k}={getattr(config, k)!r} (it needs {v!r})" for k, v in fields.items()
              if getattr(config, k) != v]
     if wrong:
@@ -161,8 +162,7 @@ def renaming(strip: tuple[str, ...] = (), drop: tuple[tuple[str, str], ...] = ()
         if renamed == {k: k for k in source.meta}:
             return source, []
         dropped = [f"{n} tensor(s): {why}" for why, n in reasons.items()]
-        load = source.load
-        return dataclasses.replace(source, meta={n: source.meta[o] for n, o in renamed.items()},
-                                   reader=None, load=lambda k: load(renamed[k])), dropped
+        return source.renamed({n: source.meta[o] for n, o in renamed.items()},
+                              lambda k: source.load(renamed[k])), dropped
 
     return normalise

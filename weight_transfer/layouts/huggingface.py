@@ -6,7 +6,6 @@ ViTForImageClassification, towers of whole image-text repos); and the layouts.""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -170,10 +169,8 @@ def normalise_hf(source: Source) -> tuple[Source, list[str]]:
         extra = {"classifier.weight": np.eye(d, dtype=dtype), "classifier.bias": np.zeros(d, dtype)}
         meta.update({k: (a.shape, a.dtype) for k, a in extra.items()})
         dropped.append("(no classifier: head set to the identity; logits = final-norm CLS features)")
-    load = source.load
-    # keys renamed: no in-order reader (read in header order, digest the files afterwards)
-    return dataclasses.replace(source, meta=meta, reader=None, load=lambda k: extra[k] if k in extra
-                               else load(renamed[k])), dropped
+    return source.renamed(meta, lambda k: extra[k] if k in extra else source.load(renamed[k])), \
+        dropped
 
 def _hf_json(config: ViTConfig, architecture: str, model_type: str, **fields) -> dict[str, Any]:
     """What every HF vision config.json we write says: sizes, activation, epsilon, labels."""

@@ -5,7 +5,6 @@ container is `formats.npz_io`."""
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 
@@ -118,7 +117,7 @@ def normalise_npz(source):
             last[original] = load(original)
         return last[original][index]
 
-    return dataclasses.replace(source, meta=meta, reader=None, load=read), dropped
+    return source.renamed(meta, read), dropped
 
 
 LAYOUTS = (

@@ -23,13 +23,8 @@ from weight_transfer.core.errors import (
 )
 from weight_transfer.porting.inference import Inferred, infer_config, read_manifest
 from weight_transfer.layouts import LAYOUTS, WRITABLE, Layout, get_layout
-from weight_transfer.porting.writers import (
-    FORMAT_VERSION,
-    atomic_output,
-    file_ids,
-    parse_size,
-    write_layout,
-)
+from weight_transfer.formats.atomic import atomic_output, file_ids
+from weight_transfer.porting.writers import FORMAT_VERSION, parse_size, write_layout
 from weight_transfer.core.resample import Resampling, resample_pos_embed
 from weight_transfer.core.table import meta_of
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vit_config import ViTConfig
+from weight_transfer.formats.memory import to_contiguous
 from weight_transfer.layouts import Layout
 from weight_transfer.core.transforms import identity
 from weight_transfer.core.table import (
@@ -50,7 +51,8 @@ class Plan:
         writer that copies each into its own reused buffer (`write_safetensors`)."""
         last = len(self.steps) - 1  # copy into contiguous memory once, at the end of the chain
         for i, rules in enumerate(self.steps):
-            items = stream_table(items, rules, contiguous=i == last and materialize and not dry)
+            copy = i == last and materialize and not dry
+            items = stream_table(items, rules, finish=to_contiguous if copy else None)
             if i == 0 and self.hook is not None:
                 items = ((k, self.hook(k, a, dry)) for k, a in items)
         return iter(items)

@@ -1,0 +1,83 @@
+"""What every checkpoint format's reader is: one type with one interface, so the rest of the
+tool never asks which format it holds. Each format subclasses `Reader` (safetensors, npz,
+Orbax, torch pickles); a layout's normaliser wraps one in a `Renamed` view."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from weight_transfer.core.table import Meta
+
+
+class Reader:
+    """Tensors of one checkpoint, read lazily: `meta` (shapes and dtypes) now, `load(key)` on
+    demand. Subclasses set `meta`, `metadata` and `files` and define `load`; the rest has
+    defaults a format overrides where it can do better."""
+
+    meta: dict[str, Meta]
+    metadata: dict[str, str]  # the format's string metadata (our manifest among it)
+    files: list[Path]  # every file read: digests, and the inputs an output must not replace
+    container = "file"  # "orbax" for an Orbax folder: its keys can only be that layout's
+    # `load(key)[index]` copies only that block's bytes (a memory map): sharded loading reads
+    # each device's block straight from the file
+    maps_blocks = False
+
+    def load(self, key: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def ordered(self, keys: Iterable[str], *, digest: bool = False) -> list[str]:
+        """`keys` in the order that reads the files front to back; with `digest`, the bytes
+        read in that order also feed `digest()`."""
+        return list(keys)
+
+    def digest(self) -> str:
+        """The file's sha256 (what `sha256sum` prints and the Hugging Face Hub lists); for
+        several files, the sha256 of their sha256s concatenated in order."""
+        return chain_digests([file_sha256(f) for f in self.files])
+
+    def restore_onto(self, shardings: Mapping[str, Any]) -> dict[str, Any] | None:
+        """{key: jax.Array} placed with `shardings[key]` by the format itself, or None when
+        the format cannot (the arrays are then built block by block from `load`)."""
+        return None
+
+    def close(self) -> None:
+        """Release what the reader holds open (files, a hashing thread)."""
+
+
+class Renamed(Reader):
+    """Another reader's tensors under new names (a layout's normaliser: prefixes stripped,
+    scanned layers sliced, a text tower left out): `meta` as given, `load` through `read`."""
+
+    def __init__(self, inner: Reader, meta: dict[str, Meta], read: Callable[[str], np.ndarray]):
+        self.inner, self.meta, self.load = inner, meta, read  # type: ignore[method-assign]
+        self.metadata, self.files, self.container = inner.metadata, inner.files, inner.container
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class InMemory(Reader):
+    """Arrays already in memory (a torch pickle, read whole by torch)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], files: list[Path]):
+        self.arrays, self.files, self.metadata = arrays, files, {}
+        self.meta = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
+
+    def load(self, key: str) -> np.ndarray:
+        return self.arrays[key]
+
+
+def file_sha256(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").digest()
+
+
+def chain_digests(digests: list[bytes]) -> str:
+    if len(digests) == 1:
+        return digests[0].hex()
+    return hashlib.sha256(b"".join(digests)).hexdigest()
