@@ -2,7 +2,8 @@
 """Set up the project's virtual environment, then run the main job or the tests.
 
     python dev.py check [vit-parity check options]   # parity check on the default preset
-    python dev.py test  [pytest options]             # the whole test suite
+    python dev.py test  [pytest options]             # lint, format and type checks, then the
+                                                     # whole test suite
 
 Needs only Python >= 3.11. The environment lives in .venv and is (re)installed from
 pyproject.toml, with the test extras, whenever pyproject.toml changes.
@@ -34,10 +35,15 @@ def ensure_env() -> None:
     if not python().exists():
         print(f"dev.py: creating {VENV}", file=sys.stderr)
         venv.create(VENV, with_pip=True)
-    print("dev.py: installing vit-parity with its test extras (first run takes a few minutes)",
-          file=sys.stderr)
-    subprocess.run([str(python()), "-m", "pip", "install", "--quiet", "-e", f"{ROOT}[test]"],
-                   check=True, cwd=ROOT)
+    print(
+        "dev.py: installing vit-parity with its test extras (first run takes a few minutes)",
+        file=sys.stderr,
+    )
+    subprocess.run(
+        [str(python()), "-m", "pip", "install", "--quiet", "-e", f"{ROOT}[test]"],
+        check=True,
+        cwd=ROOT,
+    )
     STAMP.write_text(want)
 
 
@@ -50,9 +56,23 @@ def main(argv: list[str]) -> int:
     ensure_env()
     if command == "check":
         cmd = [str(python()), "-m", "weight_transfer", "check", *rest]
-    else:
-        cmd = [str(python()), "-m", "pytest", *rest]
-    return subprocess.run(cmd, cwd=ROOT).returncode
+        return subprocess.run(cmd, cwd=ROOT).returncode
+    for name, check in STATIC_CHECKS:
+        print(f"dev.py: {name}", file=sys.stderr, flush=True)
+        if (code := subprocess.run([str(python()), "-m", *check], cwd=ROOT).returncode) != 0:
+            print(f"dev.py: {name} failed (exit {code})", file=sys.stderr)
+            return code
+    return subprocess.run([str(python()), "-m", "pytest", *rest], cwd=ROOT).returncode
+
+
+# Run by `test` before pytest; configured in pyproject.toml. The type check covers the part of
+# weight_transfer that imports no framework.
+FRAMEWORK_FREE = [f"weight_transfer/{p}" for p in ("core", "formats", "layouts", "porting")]
+STATIC_CHECKS = [
+    ("ruff check", ["ruff", "check", "."]),
+    ("ruff format --check", ["ruff", "format", "--check", "."]),
+    ("mypy (framework-free part)", ["mypy", *FRAMEWORK_FREE]),
+]
 
 
 if __name__ == "__main__":

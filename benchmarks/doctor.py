@@ -58,11 +58,16 @@ def write_pair(preset: str, fault: str, folder: Path) -> tuple[Path, Path]:
 
 def run(command: str, ref: Path, cand: Path) -> tuple[float, int, dict]:
     start = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", CHILD, command, str(ref), str(cand), "--json"],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-c", CHILD, command, str(ref), str(cand), "--json"],
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - start
-    peak = next(int(line.split()[1]) for line in p.stderr.splitlines()
-                if line.startswith("PEAK_KIB")) * 1024
+    peak = (
+        next(int(line.split()[1]) for line in p.stderr.splitlines() if line.startswith("PEAK_KIB"))
+        * 1024
+    )
     if p.returncode not in (0, 1):
         raise SystemExit(f"{command} failed ({p.returncode}):\n{p.stderr}")
     return seconds, peak, json.loads(p.stdout)
@@ -85,23 +90,31 @@ def main(argv=None) -> int:
                 if command == "doctor":
                     findings = out["findings"]
     med = {k: (statistics.median(s for s, _ in v), max(p for _, p in v)) for k, v in runs.items()}
-    result = {"preset": args.preset, "fault": FAULTS[args.fault], "rounds": args.rounds,
-              "seconds": {k: [s for s, _ in v] for k, v in runs.items()},
-              "median_seconds": {k: m[0] for k, m in med.items()},
-              "peak_bytes": {k: m[1] for k, m in med.items()},
-              "doctor_over_diff": med["doctor"][0] / med["diff"][0],
-              "targets": {"doctor_seconds": 20, "doctor_bytes": 2e9}, "findings": findings}
+    result = {
+        "preset": args.preset,
+        "fault": FAULTS[args.fault],
+        "rounds": args.rounds,
+        "seconds": {k: [s for s, _ in v] for k, v in runs.items()},
+        "median_seconds": {k: m[0] for k, m in med.items()},
+        "peak_bytes": {k: m[1] for k, m in med.items()},
+        "doctor_over_diff": med["doctor"][0] / med["diff"][0],
+        "targets": {"doctor_seconds": 20, "doctor_bytes": 2e9},
+        "findings": findings,
+    }
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"doctor benchmark: {args.preset} ({ViTConfig.preset(args.preset).num_params():,} "
-          f"parameters), fault: {FAULTS[args.fault]}, median of {args.rounds} interleaved rounds")
+    print(
+        f"doctor benchmark: {args.preset} ({ViTConfig.preset(args.preset).num_params():,} "
+        f"parameters), fault: {FAULTS[args.fault]}, median of {args.rounds} interleaved rounds"
+    )
     for k in ("diff", "doctor"):
         each = " ".join(f"{s:.1f}" for s in result["seconds"][k])
-        print(f"  vit-parity {k:6s} {med[k][0]:6.1f} s (runs: {each})   peak RSS "
-              f"{med[k][1] / 1e9:.2f} GB")
-    print(f"  doctor / diff: {result['doctor_over_diff']:.2f}; targets: doctor <= 20 s and "
-          f"<= 2 GB")
+        print(
+            f"  vit-parity {k:6s} {med[k][0]:6.1f} s (runs: {each})   peak RSS "
+            f"{med[k][1] / 1e9:.2f} GB"
+        )
+    print(f"  doctor / diff: {result['doctor_over_diff']:.2f}; targets: doctor <= 20 s and <= 2 GB")
     for f in findings:
         print(f"  found [{f['id']}] {f['detail']}")
     return 0

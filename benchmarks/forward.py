@@ -7,8 +7,9 @@ Throughput (same weights everywhere, ported through the bridge):
 - `jax_impl` under `nnx.jit`, `torch_impl`, timm's `vit_base_patch16_224`, and a Flax reference
   written here from flax's own `nnx.MultiHeadAttention` (random weights, same sizes);
 - the XLA matmul ceiling: a jitted (B*T, D) @ (D, 4D) float32 matmul, the model's dominant
-  shape, in FLOP/s, and the same matmul in torch (XLA's over torch's bounds jax_impl / timm); `jax_impl`'s model FLOP/s divided by it is the fraction reported (both
-  from each one's best round).
+  shape, in FLOP/s, and the same matmul in torch (XLA's over torch's bounds jax_impl / timm);
+  `jax_impl`'s model FLOP/s divided by it is the fraction reported (both from each one's best
+  round).
 Speed ratios between models (jax_impl / flax reference, torch_impl / timm) are medians over the
 rounds of the ratio within each round: two models timed seconds apart see the same machine.
 Compile time of `jax_impl` (lower + compile, best of 3) for the Python loop and the `nnx.scan`
@@ -45,7 +46,7 @@ def interleaved(fns: dict, repeat: int) -> dict[str, list[float]]:
     names = list(fns)
     times: dict[str, list[float]] = {name: [0.0] * repeat for name in fns}
     for r in range(repeat):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             start = time.perf_counter()
             fns[name]()
             times[name][r] = time.perf_counter() - start
@@ -75,8 +76,9 @@ def flax_reference(c: ViTConfig):
     class Block(nnx.Module):
         def __init__(self, rngs):
             self.ln1 = nnx.LayerNorm(c.d_model, epsilon=c.ln_eps, rngs=rngs)
-            self.attn = nnx.MultiHeadAttention(num_heads=c.num_heads, in_features=c.d_model,
-                                               decode=False, rngs=rngs)
+            self.attn = nnx.MultiHeadAttention(
+                num_heads=c.num_heads, in_features=c.d_model, decode=False, rngs=rngs
+            )
             self.ln2 = nnx.LayerNorm(c.d_model, epsilon=c.ln_eps, rngs=rngs)
             self.fc1 = nnx.Linear(c.d_model, c.d_ff, rngs=rngs)
             self.fc2 = nnx.Linear(c.d_ff, c.d_model, rngs=rngs)
@@ -88,8 +90,9 @@ def flax_reference(c: ViTConfig):
     class Reference(nnx.Module):
         def __init__(self, rngs):
             p = c.patch_size
-            self.patch = nnx.Conv(c.in_channels, c.d_model, (p, p), strides=p, padding="VALID",
-                                  rngs=rngs)
+            self.patch = nnx.Conv(
+                c.in_channels, c.d_model, (p, p), strides=p, padding="VALID", rngs=rngs
+            )
             self.cls = nnx.Param(jax.numpy.zeros((1, 1, c.d_model)))
             self.pos = nnx.Param(jax.numpy.zeros((1, c.num_tokens, c.d_model)))
             self.blocks = nnx.List([Block(rngs) for _ in range(c.num_layers)])
@@ -134,10 +137,14 @@ def throughput(preset: str, batch: int, repeat: int, image_size: int | None = No
     fused = jax_impl.ViT(config, rngs=nnx.Rngs(0), fused_attention=True)
     nnx.update(fused, nnx.state(ours_jax))  # the same weights
     ref = flax_reference(config) if plain else None
-    timm_model = timm.create_model(TIMM_ARCHS[preset], pretrained=False,
-                                   img_size=config.image_size,
-                                   num_classes=config.num_classes).eval()
+    timm_model = timm.create_model(
+        TIMM_ARCHS[preset],
+        pretrained=False,
+        img_size=config.image_size,
+        num_classes=config.num_classes,
+    ).eval()
     import tempfile
+
     with tempfile.TemporaryDirectory() as d:
         path = wt.save_checkpoint(ours_torch, f"{d}/w.safetensors", layout="timm")
         timm_model.load_state_dict(load_file(path), strict=True)
@@ -159,25 +166,36 @@ def throughput(preset: str, batch: int, repeat: int, image_size: int | None = No
             "torch matmul": lambda: [ta @ tw for _ in range(reps)],
         }
         if ref is not None:
-            contenders["flax nnx.MultiHeadAttention reference"] = \
-                lambda: forward(ref, xj).block_until_ready()
+            contenders["flax nnx.MultiHeadAttention reference"] = lambda: forward(
+                ref, xj
+            ).block_until_ready()
         out = interleaved(contenders, repeat)
     best = {k: min(v) for k, v in out.items()}
     ceiling = 2 * m * k * n * reps / best.pop("matmul")
     torch_ceiling = 2 * m * k * n * reps / best.pop("torch matmul")
     flops = model_flops(config, batch)
     jax_names = [k for k in best if k.startswith("jax_impl")]
-    return {"preset": preset, "batch": batch, "rounds": out, "seconds": best,
-            "images_per_second": {k: batch / v for k, v in best.items()},
-            "model_gflop": flops / 1e9, "xla_matmul_gflops": ceiling / 1e9,
-            # the same GEMM in torch: XLA's over torch's bounds what jax_impl can reach vs timm
-            "torch_matmul_gflops": torch_ceiling / 1e9, "xla_over_torch_matmul": ceiling / torch_ceiling,
-            "jax_fraction_of_ceiling": {k: flops / best[k] / ceiling for k in jax_names},
-            "torch_impl_over_timm": paired(out, "timm", "torch_impl"),
-            "jax_impl_over_timm": {k: paired(out, "timm", k) for k in jax_names},
-            "torch_impl_logits_bitwise_equal_to_timm": same_as_timm,
-            "jax_over_flax_reference": {k: paired(out, "flax nnx.MultiHeadAttention reference", k)
-                                        for k in jax_names} if ref is not None else {}}
+    return {
+        "preset": preset,
+        "batch": batch,
+        "rounds": out,
+        "seconds": best,
+        "images_per_second": {k: batch / v for k, v in best.items()},
+        "model_gflop": flops / 1e9,
+        "xla_matmul_gflops": ceiling / 1e9,
+        # the same GEMM in torch: XLA's over torch's bounds what jax_impl can reach vs timm
+        "torch_matmul_gflops": torch_ceiling / 1e9,
+        "xla_over_torch_matmul": ceiling / torch_ceiling,
+        "jax_fraction_of_ceiling": {k: flops / best[k] / ceiling for k in jax_names},
+        "torch_impl_over_timm": paired(out, "timm", "torch_impl"),
+        "jax_impl_over_timm": {k: paired(out, "timm", k) for k in jax_names},
+        "torch_impl_logits_bitwise_equal_to_timm": same_as_timm,
+        "jax_over_flax_reference": {
+            k: paired(out, "flax nnx.MultiHeadAttention reference", k) for k in jax_names
+        }
+        if ref is not None
+        else {},
+    }
 
 
 def compile_seconds(preset: str, batch: int, scan: bool) -> float:
@@ -199,16 +217,31 @@ def compile_seconds(preset: str, batch: int, scan: bool) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="vit_b16", choices=sorted(TIMM_ARCHS),
-                        help="any preset with a timm architecture (compared with timm's own)")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="override the preset's image size (e.g. 224 for DINOv2)")
+    parser.add_argument(
+        "--preset",
+        default="vit_b16",
+        choices=sorted(TIMM_ARCHS),
+        help="any preset with a timm architecture (compared with timm's own)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="override the preset's image size (e.g. 224 for DINOv2)",
+    )
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeat", type=int, default=6, help="rounds (default 6: each contender's start position once)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=6,
+        help="rounds (default 6: each contender's start position once)",
+    )
     parser.add_argument("--skip-compile", action="store_true")
-    parser.add_argument("--porting-preset", default="vit_b16",
-                        help="also run benchmarks/porting.py on this preset (vit_h14: 2.5 GB); "
-                        "'none' to skip")
+    parser.add_argument(
+        "--porting-preset",
+        default="vit_b16",
+        help="also run benchmarks/porting.py on this preset (vit_h14: 2.5 GB); 'none' to skip",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     result = {"throughput": throughput(args.preset, args.batch, args.repeat, args.image_size)}
@@ -233,30 +266,42 @@ def main(argv=None) -> int:
         print(json.dumps(result, indent=2))
         return 0
     t = result["throughput"]
-    print(f"forward: {t['preset']}, batch {t['batch']}, float32, CPU ({t['model_gflop']:.1f} GFLOP "
-          f"per batch); best of {args.repeat} interleaved rounds; speed ratios are medians of "
-          f"same-round ratios")
+    print(
+        f"forward: {t['preset']}, batch {t['batch']}, float32, CPU ({t['model_gflop']:.1f} GFLOP "
+        f"per batch); best of {args.repeat} interleaved rounds; speed ratios are medians of "
+        f"same-round ratios"
+    )
     for name, s in t["seconds"].items():
         print(f"  {name:40s} {s * 1e3:9.1f} ms  {t['images_per_second'][name]:7.2f} img/s")
-    print(f"  XLA matmul ceiling {t['xla_matmul_gflops']:.1f} GFLOP/s; the same matmul in torch "
-          f"{t['torch_matmul_gflops']:.1f} GFLOP/s: XLA's GEMM is {t['xla_over_torch_matmul']:.2f}x "
-          f"torch's, about the most jax_impl can reach against timm here")
+    print(
+        f"  XLA matmul ceiling {t['xla_matmul_gflops']:.1f} GFLOP/s; the same matmul in torch "
+        f"{t['torch_matmul_gflops']:.1f} GFLOP/s: XLA's GEMM is {t['xla_over_torch_matmul']:.2f}x "
+        f"torch's, about the most jax_impl can reach against timm here"
+    )
     for name, fraction in t["jax_fraction_of_ceiling"].items():
         flax = t["jax_over_flax_reference"].get(name)
         flax = f", {flax:.2f}x the flax reference's speed (target >= 1)" if flax else ""
-        print(f"  {name}: {fraction:.1%} of the ceiling (target >= 80%){flax}, "
-              f"{t['jax_impl_over_timm'][name]:.2f}x timm's speed (target >= 0.95)")
-    print(f"  torch_impl vs timm: {t['torch_impl_over_timm']:.2f}x timm's speed (target >= 1); "
-          f"logits bitwise equal: {t['torch_impl_logits_bitwise_equal_to_timm']}")
+        print(
+            f"  {name}: {fraction:.1%} of the ceiling (target >= 80%){flax}, "
+            f"{t['jax_impl_over_timm'][name]:.2f}x timm's speed (target >= 0.95)"
+        )
+    print(
+        f"  torch_impl vs timm: {t['torch_impl_over_timm']:.2f}x timm's speed (target >= 1); "
+        f"logits bitwise equal: {t['torch_impl_logits_bitwise_equal_to_timm']}"
+    )
     for preset, c in result.get("compile", {}).items():
-        print(f"  compile {preset}: loop {c['loop']:.1f} s, scan {c['scan']:.1f} s, scan/loop "
-              f"{c['scan'] / c['loop']:.2f} (target <= 0.33 for vit_l16)")
+        print(
+            f"  compile {preset}: loop {c['loop']:.1f} s, scan {c['scan']:.1f} s, scan/loop "
+            f"{c['scan'] / c['loop']:.2f} (target <= 0.33 for vit_l16)"
+        )
     if "porting" in result:
         r = result["porting"]
-        print(f"  porting {r['preset']} timm -> nnx: {r['time_ratio']:.2f}x shutil.copyfile's time "
-              f"(target < 3), peak RSS {r['memory_ratio']:.3f}x the checkpoint above baseline "
-              f"(target < 0.25); torch load holds {r['torch_load_memory_ratio']:.2f}x (1.0 = no "
-              f"second copy)")
+        print(
+            f"  porting {r['preset']} timm -> nnx: {r['time_ratio']:.2f}x shutil.copyfile's time "
+            f"(target < 3), peak RSS {r['memory_ratio']:.3f}x the checkpoint above baseline "
+            f"(target < 0.25); torch load holds {r['torch_load_memory_ratio']:.2f}x (1.0 = no "
+            f"second copy)"
+        )
     return 0
 
 

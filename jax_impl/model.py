@@ -36,9 +36,13 @@ def resolve_dtype(dtype) -> jnp.dtype:
     """float32 by default; float64 only when JAX x64 is on (otherwise JAX silently demotes)."""
     dtype = jnp.dtype(dtype if dtype is not None else jnp.float32)
     if dtype == jnp.float64 and not jax.config.jax_enable_x64:
-        raise ArgumentError("dtype float64 needs JAX x64: jax.config.update('jax_enable_x64', True)")
+        raise ArgumentError(
+            "dtype float64 needs JAX x64: jax.config.update('jax_enable_x64', True)"
+        )
     if dtype not in (jnp.float32, jnp.float64, jnp.bfloat16):
-        raise ArgumentError(f"dtype {dtype} is not supported: expected float32, float64 or bfloat16")
+        raise ArgumentError(
+            f"dtype {dtype} is not supported: expected float32, float64 or bfloat16"
+        )
     return dtype
 
 
@@ -54,8 +58,17 @@ class Attention(nnx.Module):
     head_dim. The core is written by hand as the seed specifies; `fused=True` hands it to
     `jax.nn.dot_product_attention` instead (same maths, XLA's fused kernel)."""
 
-    def __init__(self, c: ViTConfig, *, bias: bool = True, proj_bias: bool = True,
-                 qk_norm: bool = False, dtype=jnp.float32, fused: bool = False, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        c: ViTConfig,
+        *,
+        bias: bool = True,
+        proj_bias: bool = True,
+        qk_norm: bool = False,
+        dtype=jnp.float32,
+        fused: bool = False,
+        rngs: nnx.Rngs,
+    ):
         self.num_heads = c.num_heads
         self.fused = fused
         d = c.d_model
@@ -111,13 +124,21 @@ class FeedForward(nnx.Module):
 class Block(FeedForward):
     """Pre-norm encoder block: x + ls1 * attn(ln1(x)), then x + ls2 * mlp(ln2(x))."""
 
-    def __init__(self, config: ViTConfig, *, dtype=jnp.float32, fused_attention: bool = False,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, config: ViTConfig, *, dtype=jnp.float32, fused_attention: bool = False, rngs: nnx.Rngs
+    ):
         c = config
         dense = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.ln1 = make_norm(c, c.d_model, dense)
-        self.attn = Attention(c, bias=c.qkv_bias, proj_bias=c.proj_bias, qk_norm=c.qk_norm,
-                              dtype=dtype, fused=fused_attention, rngs=rngs)
+        self.attn = Attention(
+            c,
+            bias=c.qkv_bias,
+            proj_bias=c.proj_bias,
+            qk_norm=c.qk_norm,
+            dtype=dtype,
+            fused=fused_attention,
+            rngs=rngs,
+        )
         self.ln2 = make_norm(c, c.d_model, dense)
         self._init_mlp(c, c.mlp_bias, c.mlp != "mlp", dense)
         if c.layer_scale:
@@ -155,8 +176,15 @@ class ViT(nnx.Module):
     """patch_embed -> tokens (+ prefix tokens, + positions) -> norm_pre -> blocks -> ln_f ->
     pool (-> fc_norm) -> head."""
 
-    def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs, dtype=None,
-                 scan_layers: bool = False, fused_attention: bool = False):
+    def __init__(
+        self,
+        config: ViTConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=None,
+        scan_layers: bool = False,
+        fused_attention: bool = False,
+    ):
         """`scan_layers=True` stacks the blocks' parameters on a leading (num_layers,) axis and
         runs them with `nnx.scan` (as big_vision does): one block to compile instead of L.
         `fused_attention=True` uses `jax.nn.dot_product_attention` for the attention core."""
@@ -165,8 +193,15 @@ class ViT(nnx.Module):
         dtype = resolve_dtype(dtype)
         dense = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
         p, d = c.patch_size, c.d_model
-        self.patch_embed = nnx.Conv(c.in_channels, d, kernel_size=(p, p), strides=p,
-                                    padding="VALID", use_bias=c.patch_bias, **dense)
+        self.patch_embed = nnx.Conv(
+            c.in_channels,
+            d,
+            kernel_size=(p, p),
+            strides=p,
+            padding="VALID",
+            use_bias=c.patch_bias,
+            **dense,
+        )
         if c.patch_norm:
             self.patch_norm = make_norm(c, d, dense)
         if c.class_token:
@@ -203,21 +238,29 @@ class ViT(nnx.Module):
         """(B, N, D) patch tokens -> (B, T, D): prefix tokens [cls, dist, registers] joined and
         positions added to the tokens `pos_embed_tokens` says."""
         c, b = self.config, x.shape[0]
-        prefix = [jnp.broadcast_to(getattr(self, name)[...], (b, *getattr(self, name).shape))
-                  for name, on in (("cls_token", c.class_token), ("dist_token", c.dist_token),
-                                   ("reg_tokens", c.reg_tokens)) if on]  # (B, n, D) each
+        prefix = [
+            jnp.broadcast_to(getattr(self, name)[...], (b, *getattr(self, name).shape))
+            for name, on in (
+                ("cls_token", c.class_token),
+                ("dist_token", c.dist_token),
+                ("reg_tokens", c.reg_tokens),
+            )
+            if on
+        ]  # (B, n, D) each
         pos = self.pos_embed[...]
         if c.pos_embed_tokens == "all":
             return jnp.concatenate([*prefix, x], axis=1) + pos
         if c.pos_embed_tokens == "none":
             return jnp.concatenate([*prefix, x + pos], axis=1)
         cls_and_patches = jnp.concatenate([prefix[0], x], axis=1) + pos  # "cls": others join after
-        return jnp.concatenate([cls_and_patches[:, :1], *prefix[1:], cls_and_patches[:, 1:]], axis=1)
+        return jnp.concatenate(
+            [cls_and_patches[:, :1], *prefix[1:], cls_and_patches[:, 1:]], axis=1
+        )
 
     def pool(self, x: jax.Array) -> jax.Array:
         """(B, T, D) -> (B, D) (or (B, 2D) for "cls_mean"); prefix tokens other than the class
         token are never pooled."""
-        pool, patches = self.config.pool, x[:, self.config.num_prefix_tokens:]
+        pool, patches = self.config.pool, x[:, self.config.num_prefix_tokens :]
         if pool == "cls":
             return x[:, 0]
         if pool == "mean":
@@ -292,7 +335,9 @@ def _explicit_mesh(array: jax.Array):
 
 def _explicit_spec(array) -> tuple:
     """A JAX array's explicit PartitionSpec (empty for host arrays)."""
-    sharding = getattr(jax.typeof(array), "sharding", None) if isinstance(array, jax.Array) else None
+    sharding = (
+        getattr(jax.typeof(array), "sharding", None) if isinstance(array, jax.Array) else None
+    )
     return tuple(sharding.spec) if sharding is not None else ()
 
 

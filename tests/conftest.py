@@ -3,8 +3,9 @@ import os
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One thread per framework per worker: pytest-xdist already runs one worker per core, and
     # torch's and XLA's own thread pools on top of that oversubscribe the machine.
-    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
-                                       "intra_op_parallelism_threads=1")
+    os.environ.setdefault(
+        "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    )
     import torch
 
     torch.set_num_threads(1)
@@ -30,8 +31,18 @@ def x64():
 
 def tiny(**changes) -> ViTConfig:
     """A small, non-square config; every size distinct so a swapped axis changes a shape."""
-    base = dict(image_size=(8, 12), patch_size=4, in_channels=3, d_model=24, num_heads=3,
-                d_ff=40, num_layers=2, num_classes=7, pool="cls", activation="gelu")
+    base = dict(
+        image_size=(8, 12),
+        patch_size=4,
+        in_channels=3,
+        d_model=24,
+        num_heads=3,
+        d_ff=40,
+        num_layers=2,
+        num_classes=7,
+        pool="cls",
+        activation="gelu",
+    )
     return ViTConfig(**{**base, **changes})
 
 
@@ -41,7 +52,9 @@ def assert_close(ref, out, dtype: str, what: str):
     assert ref.shape == out.shape, f"{what}: shapes {ref.shape} vs {out.shape}"
     scale = max(1.0, float(np.abs(ref).max()))
     err = float(np.abs(ref - out).max())
-    assert err <= TOL[dtype] * scale, f"{what}: max |diff| {err:.3e} > {TOL[dtype]:.0e} x {scale:.3g}"
+    assert err <= TOL[dtype] * scale, (
+        f"{what}: max |diff| {err:.3e} > {TOL[dtype]:.0e} x {scale:.3g}"
+    )
 
 
 @pytest.fixture(autouse=True)

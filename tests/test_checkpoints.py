@@ -29,8 +29,11 @@ def test_file_round_trip_is_bit_exact(tmp_path, model, layout, framework):
     path = wt.save_checkpoint(model, tmp_path / "m", layout=layout)
     back = wt.load_checkpoint(path, framework)  # layout and config from the file alone
     assert back.config == model.config
-    flat = wt.nnx_flat(back) if framework == "jax" else \
-        wt.torch_to_nnx_flat(wt.torch_flat(back), back.config)
+    flat = (
+        wt.nnx_flat(back)
+        if framework == "jax"
+        else wt.torch_to_nnx_flat(wt.torch_flat(back), back.config)
+    )
     assert_bit_exact(wt.nnx_flat(model), flat)
 
 
@@ -53,8 +56,9 @@ def test_sharded_and_unsharded_load_the_same(tmp_path, model, layout):
     assert a.meta == b.meta
     for key in a.meta:
         np.testing.assert_array_equal(a.load(key), b.load(key), err_msg=key)
-    assert_bit_exact(wt.nnx_flat(wt.load_checkpoint(one, "jax")),
-                     wt.nnx_flat(wt.load_checkpoint(many, "jax")))
+    assert_bit_exact(
+        wt.nnx_flat(wt.load_checkpoint(one, "jax")), wt.nnx_flat(wt.load_checkpoint(many, "jax"))
+    )
 
 
 def test_file_describes_itself(tmp_path, model):
@@ -77,8 +81,9 @@ def test_convert_chain_through_every_layout_is_bit_exact(tmp_path, model):
 
 def test_convert_resamples_and_casts(tmp_path, model):
     path = wt.save_checkpoint(model, tmp_path / "m.safetensors", layout="timm")
-    out = wt.convert(path, tmp_path / "big.safetensors", to="timm", image_size=(16, 24),
-                     dtype="bfloat16")
+    out = wt.convert(
+        path, tmp_path / "big.safetensors", to="timm", image_size=(16, 24), dtype="bfloat16"
+    )
     loaded = wt.load_checkpoint(out["output"], "torch")
     assert loaded.config.image_hw == (16, 24) and loaded.dtype == torch.bfloat16
     assert loaded.pos_embed.shape == (1 + 4 * 6, 24)
@@ -99,11 +104,11 @@ def saved(tmp_path, model):
 def rewrite_header(path, edit):
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     edit(header)
     new = json.dumps(header).encode()
     new += b" " * (-len(new) % 8)
-    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
 
 
 def corrupt_truncated(p):
@@ -130,14 +135,17 @@ def corrupt_integer_dtype(p):
     rewrite_header(p, lambda h: h["head.bias"].update(dtype="I32"))
 
 
-@pytest.mark.parametrize("corrupt, fragment", [
-    (corrupt_truncated, "truncated or lying header"),
-    (corrupt_lying_header, "'head.weight' claims [700, 24]"),
-    (corrupt_garbage_header, "corrupt safetensors header"),
-    (corrupt_huge_header_size, "corrupt safetensors header"),
-    (corrupt_unknown_dtype, "'head.bias' has an unknown dtype"),
-    (corrupt_integer_dtype, "'head.bias': expected a float dtype"),
-])
+@pytest.mark.parametrize(
+    "corrupt, fragment",
+    [
+        (corrupt_truncated, "truncated or lying header"),
+        (corrupt_lying_header, "'head.weight' claims [700, 24]"),
+        (corrupt_garbage_header, "corrupt safetensors header"),
+        (corrupt_huge_header_size, "corrupt safetensors header"),
+        (corrupt_unknown_dtype, "'head.bias' has an unknown dtype"),
+        (corrupt_integer_dtype, "'head.bias': expected a float dtype"),
+    ],
+)
 def test_corrupt_files_give_one_clear_error_and_no_output(tmp_path, saved, corrupt, fragment):
     corrupt(saved)
     before = digest(saved)

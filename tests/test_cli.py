@@ -12,8 +12,9 @@ from weight_transfer.diagnostics import parity
 
 def run(*args):
     """A real process: what a user's shell sees."""
-    return subprocess.run([sys.executable, "-m", "weight_transfer", *args], capture_output=True,
-                          text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "weight_transfer", *args], capture_output=True, text=True
+    )
 
 
 @pytest.fixture
@@ -37,15 +38,19 @@ def test_check_seed_preset_json():
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert {(x["direction"], x["dtype"]) for x in report["results"]} == {
-        (d, t) for d in ("nnx->torch", "torch->nnx") for t in ("float32", "float64")}
+        (d, t) for d in ("nnx->torch", "torch->nnx") for t in ("float32", "float64")
+    }
     assert all(x["passed"] and x["max_abs_error"] <= x["bound"] for x in report["results"])
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["check", "--preset", "vit_z"], "invalid choice"),
-    (["check", "--layers", "-1", "--preset", "seed"], "num_layers=-1"),
-    (["nonsense"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["check", "--preset", "vit_z"], "invalid choice"),
+        (["check", "--layers", "-1", "--preset", "seed"], "num_layers=-1"),
+        (["nonsense"], "invalid choice"),
+    ],
+)
 def test_bad_input_exits_2_with_one_message(call, args, fragment):
     r = call(*args)
     assert r.returncode == 2
@@ -62,7 +67,8 @@ def test_a_real_process_prints_no_traceback(tmp_path):
     r = run("convert", str(tmp_path / "missing.safetensors"), str(tmp_path / "o"), "--to", "nnx")
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().splitlines() == [
-        f"vit-parity: error: {tmp_path / 'missing.safetensors'}: no such file or directory"]
+        f"vit-parity: error: {tmp_path / 'missing.safetensors'}: no such file or directory"
+    ]
 
 
 def test_parity_failure_exits_1(monkeypatch, capsys):
@@ -72,7 +78,7 @@ def test_parity_failure_exits_1(monkeypatch, capsys):
     assert "FAIL" in capsys.readouterr().out
 
 
-# ---- convert / inspect / check CKPT ----------------------------------------------------------------
+# ---- convert / inspect / check CKPT --------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -101,21 +107,42 @@ def test_convert_inspect_check_round(call, tmp_path, timm_file):
     assert json.loads(r.stdout)["results"][0]["passed"]
 
 
-@pytest.mark.parametrize("make_args, fragment", [
-    (lambda d, f: ["convert", str(d / "missing.safetensors"), str(d / "o"), "--to", "nnx"],
-     "no such file"),
-    (lambda d, f: ["convert", str(f), str(d / "nodir" / "o.safetensors"), "--to", "nnx"],
-     "does not exist"),
-    (lambda d, f: ["convert", str(f), str(f), "--to", "nnx"], "overwrite the input"),
-    (lambda d, f: ["convert", str(f), str(d / "o"), "--to", "keras"], "invalid choice"),
-    (lambda d, f: ["convert", str(f), str(d / "o"), "--to", "nnx", "--image-size", "big"],
-     "--image-size 'big'"),
-    (lambda d, f: ["convert", str(f), str(d / "o"), "--to", "nnx", "--max-shard-size", "lots"],
-     "max shard size 'lots'"),
-    (lambda d, f: ["convert", str(f), str(d / "o"), "--to", "nnx", "--from", "hf"],
-     "none of the 32 hf (model.safetensors) keys belongs to this layout"),
-    (lambda d, f: ["inspect", str(d)], "a folder without model.safetensors"),
-])
+@pytest.mark.parametrize(
+    "make_args, fragment",
+    [
+        (
+            lambda d, f: ["convert", str(d / "missing.safetensors"), str(d / "o"), "--to", "nnx"],
+            "no such file",
+        ),
+        (
+            lambda d, f: ["convert", str(f), str(d / "nodir" / "o.safetensors"), "--to", "nnx"],
+            "does not exist",
+        ),
+        (lambda d, f: ["convert", str(f), str(f), "--to", "nnx"], "overwrite the input"),
+        (lambda d, f: ["convert", str(f), str(d / "o"), "--to", "keras"], "invalid choice"),
+        (
+            lambda d, f: ["convert", str(f), str(d / "o"), "--to", "nnx", "--image-size", "big"],
+            "--image-size 'big'",
+        ),
+        (
+            lambda d, f: [
+                "convert",
+                str(f),
+                str(d / "o"),
+                "--to",
+                "nnx",
+                "--max-shard-size",
+                "lots",
+            ],
+            "max shard size 'lots'",
+        ),
+        (
+            lambda d, f: ["convert", str(f), str(d / "o"), "--to", "nnx", "--from", "hf"],
+            "none of the 32 hf (model.safetensors) keys belongs to this layout",
+        ),
+        (lambda d, f: ["inspect", str(d)], "a folder without model.safetensors"),
+    ],
+)
 def test_bad_convert_input_exits_2(call, tmp_path, timm_file, make_args, fragment):
     before = timm_file.read_bytes()
     r = call(*make_args(tmp_path, timm_file))
@@ -202,8 +229,12 @@ def test_convert_reports_progress(tmp_path, timm_file):
     import weight_transfer as wt
 
     seen = []
-    wt.convert(timm_file, tmp_path / "o.safetensors", to="nnx",
-               progress=lambda done, total: seen.append((done, total)))
+    wt.convert(
+        timm_file,
+        tmp_path / "o.safetensors",
+        to="nnx",
+        progress=lambda done, total: seen.append((done, total)),
+    )
     assert seen[-1][0] == seen[-1][1] == len(seen) > 10
 
 

@@ -9,28 +9,31 @@ def test_one_class_shared_by_both_implementations():
     assert jax_impl.ViTConfig is torch_impl.ViTConfig is ViTConfig
 
 
-@pytest.mark.parametrize("field, value", [
-    ("d_model", 10),          # not divisible by num_heads=3
-    ("image_size", (8, 10)),  # 10 not divisible by patch 4
-    ("image_size", 0),
-    ("image_size", (8, 12, 3)),
-    ("patch_size", 0),
-    ("num_heads", -1),
-    ("d_ff", 2.5),
-    ("num_layers", -1),
-    ("num_classes", True),
-    ("pool", "max"),
-    ("activation", "swish"),
-    ("ln_eps", 0.0),
-    ("qkv_bias", "yes"),
-    ("reg_tokens", -1),
-    ("pos_embed_tokens", "some"),
-    ("final_norm", "after"),
-    ("norm", "batchnorm"),
-    ("mlp", "geglu"),
-    ("layer_scale", 1),
-    ("num_classes", -1),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("d_model", 10),  # not divisible by num_heads=3
+        ("image_size", (8, 10)),  # 10 not divisible by patch 4
+        ("image_size", 0),
+        ("image_size", (8, 12, 3)),
+        ("patch_size", 0),
+        ("num_heads", -1),
+        ("d_ff", 2.5),
+        ("num_layers", -1),
+        ("num_classes", True),
+        ("pool", "max"),
+        ("activation", "swish"),
+        ("ln_eps", 0.0),
+        ("qkv_bias", "yes"),
+        ("reg_tokens", -1),
+        ("pos_embed_tokens", "some"),
+        ("final_norm", "after"),
+        ("norm", "batchnorm"),
+        ("mlp", "geglu"),
+        ("layer_scale", 1),
+        ("num_classes", -1),
+    ],
+)
 def test_invalid_config_names_field_and_value(field, value):
     base = dict(image_size=(8, 12), patch_size=4, d_model=24, num_heads=3)
     with pytest.raises(ConfigError) as e:
@@ -40,13 +43,16 @@ def test_invalid_config_names_field_and_value(field, value):
     assert repr(value) in str(e.value) or field == "d_model"
 
 
-@pytest.mark.parametrize("changes, field", [
-    (dict(pool="cls", class_token=False), "pool"),
-    (dict(pool="cls_mean", class_token=False), "pool"),
-    (dict(pool="mean", dist_token=True), "dist_token"),
-    (dict(pool="mean", class_token=False, pos_embed_tokens="cls"), "pos_embed_tokens"),
-    (dict(pool="map", final_norm="post_pool"), "final_norm"),
-])
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (dict(pool="cls", class_token=False), "pool"),
+        (dict(pool="cls_mean", class_token=False), "pool"),
+        (dict(pool="mean", dist_token=True), "dist_token"),
+        (dict(pool="mean", class_token=False, pos_embed_tokens="cls"), "pos_embed_tokens"),
+        (dict(pool="map", final_norm="post_pool"), "final_norm"),
+    ],
+)
 def test_combinations_no_model_has_are_refused_by_name(changes, field):
     with pytest.raises(ConfigError) as e:
         ViTConfig(image_size=(8, 12), patch_size=4, d_model=24, num_heads=3, **changes)
@@ -69,12 +75,15 @@ def test_unknown_preset_lists_known():
 
 # Parameter counts of the ViT paper's code and timm (google-research/vision_transformer;
 # timm's vit_*_patch16_224 model cards).
-@pytest.mark.parametrize("preset, count", [
-    ("vit_ti16", 5_717_416),
-    ("vit_s16", 22_050_664),
-    ("vit_b16", 86_567_656),
-    ("vit_l16", 304_326_632),
-])
+@pytest.mark.parametrize(
+    "preset, count",
+    [
+        ("vit_ti16", 5_717_416),
+        ("vit_s16", 22_050_664),
+        ("vit_b16", 86_567_656),
+        ("vit_l16", 304_326_632),
+    ],
+)
 def test_preset_parameter_counts(preset, count):
     assert ViTConfig.preset(preset).num_params() == count
 
@@ -94,13 +103,27 @@ def test_vit_b16_count_in_both_implementations():
 
 def test_seed_preset_is_the_seed_toy():
     c = ViTConfig.preset("seed")
-    assert (c.image_hw, c.patch_size, c.in_channels, c.pool, c.activation) == ((4, 4), 2, 3, "mean", "relu")
+    assert (c.image_hw, c.patch_size, c.in_channels, c.pool, c.activation) == (
+        (4, 4),
+        2,
+        3,
+        "mean",
+        "relu",
+    )
     assert c.num_patches == 4 and c.num_tokens == 4
 
 
 def test_json_round_trip_keeps_every_field():
-    c = ViTConfig(image_size=(8, 12), patch_size=4, d_model=24, num_heads=3, pool="mean",
-                  activation="gelu_tanh", ln_eps=1e-12, qkv_bias=False)
+    c = ViTConfig(
+        image_size=(8, 12),
+        patch_size=4,
+        d_model=24,
+        num_heads=3,
+        pool="mean",
+        activation="gelu_tanh",
+        ln_eps=1e-12,
+        qkv_bias=False,
+    )
     assert ViTConfig.from_json(c.to_json()) == c
     with pytest.raises(ConfigError, match="colour"):
         ViTConfig.from_dict({**c.to_dict(), "colour": "red"})

@@ -7,8 +7,8 @@ import torch
 import weight_transfer as wt
 from tests.conftest import tiny
 from vit_config import ViTConfig
-from weight_transfer.diagnostics import numpy_ref
 from vit_config.arch import intermediates
+from weight_transfer.diagnostics import numpy_ref
 from weight_transfer.diagnostics.adapters import Side, side
 from weight_transfer.diagnostics.doctor import diagnose
 from weight_transfer.diagnostics.parity import compare
@@ -77,17 +77,28 @@ def timm_model(**kw):
 
     from tests.helpers.models import randomize
 
-    return randomize(VisionTransformer(img_size=(8, 12), patch_size=4, embed_dim=24, depth=2,
-                                       num_heads=3, mlp_ratio=40 / 24, num_classes=7, **kw), 23)
+    return randomize(
+        VisionTransformer(
+            img_size=(8, 12),
+            patch_size=4,
+            embed_dim=24,
+            depth=2,
+            num_heads=3,
+            mlp_ratio=40 / 24,
+            num_classes=7,
+            **kw,
+        ),
+        23,
+    )
 
 
 def port_of_timm(model, **config_changes):
     sd = {k.replace("fc_norm.", "norm."): v for k, v in model.state_dict().items()}
     config = CONFIG.replace(**config_changes)
     flat = {k: v.numpy() for k, v in sd.items()}
-    from weight_transfer.porting.conversion import plan_conversion
-    from weight_transfer.layouts import LAYOUTS
     from weight_transfer.core.table import meta_of
+    from weight_transfer.layouts import LAYOUTS
+    from weight_transfer.porting.conversion import plan_conversion
 
     plan = plan_conversion(meta_of(flat), LAYOUTS["timm"], LAYOUTS["nnx"], config)
     return wt.nnx_from_flat(dict(plan.run(flat.items())), config)
@@ -96,11 +107,13 @@ def port_of_timm(model, **config_changes):
 def test_compare_against_timm_layer_by_layer(images):
     model = timm_model(global_pool="token")
     report = compare(model, port_of_timm(model), images)
-    assert report.passed, [(layer.name, layer.max_abs, layer.noise_floor) for layer in report.layers]
+    assert report.passed, [
+        (layer.name, layer.max_abs, layer.noise_floor) for layer in report.layers
+    ]
     assert report.reference.startswith("timm")
 
 
-# ---- the doctor ------------------------------------------------------------------------------------
+# ---- the doctor ----------------------------------------------------------------------------------
 
 
 def head_permutation(a, transpose=False):
@@ -140,16 +153,21 @@ def make_fault(name, ref):
         return ref, planted(ref, **every_block("kernel", lambda k: k.T))
     if name == "input_layout":
         clean = side(ref)
-        misfed = Side("misfed", intermediates(CONFIG), lambda im, f64: clean.run(
-            numpy_ref.read_images(im, "nchw_as_nhwc"), f64))
+        misfed = Side(
+            "misfed",
+            intermediates(CONFIG),
+            lambda im, f64: clean.run(numpy_ref.read_images(im, "nchw_as_nhwc"), f64),
+        )
         return misfed, ref
     if name == "ln_eps":
         return ref, planted(ref, CONFIG.replace(ln_eps=1e-5))
     if name == "activation_variant":
         return ref, planted(ref, CONFIG.replace(activation="quick_gelu"))
     if name == "norm_pre_presence":  # the candidate has a pre-norm the reference does not
-        flat = wt.nnx_flat(ref) | {"norm_pre.scale": np.full(CONFIG.d_model, 1.5, np.float32),
-                                   "norm_pre.bias": np.full(CONFIG.d_model, 0.1, np.float32)}
+        flat = wt.nnx_flat(ref) | {
+            "norm_pre.scale": np.full(CONFIG.d_model, 1.5, np.float32),
+            "norm_pre.bias": np.full(CONFIG.d_model, 0.1, np.float32),
+        }
         return ref, wt.nnx_from_flat(flat, CONFIG.replace(norm_pre=True))
     if name == "registers":  # the candidate has registers the reference does not
         config = CONFIG.replace(pos_embed_tokens="none", pool="mean", class_token=True)
@@ -162,8 +180,12 @@ def make_fault(name, ref):
     if name == "map_qkv_order":
         config = CONFIG.replace(pool="map", class_token=False)
         model = random_nnx(config, seed=9)
-        swap = {"map.attn.k.kernel": "map.attn.v.kernel", "map.attn.v.kernel": "map.attn.k.kernel",
-                "map.attn.k.bias": "map.attn.v.bias", "map.attn.v.bias": "map.attn.k.bias"}
+        swap = {
+            "map.attn.k.kernel": "map.attn.v.kernel",
+            "map.attn.v.kernel": "map.attn.k.kernel",
+            "map.attn.k.bias": "map.attn.v.bias",
+            "map.attn.v.bias": "map.attn.k.bias",
+        }
         flat = wt.nnx_flat(model)
         return model, wt.nnx_from_flat(flat | {k: flat[v] for k, v in swap.items()}, config)
     if name == "qkv_order":
@@ -183,8 +205,11 @@ def make_fault(name, ref):
     if name == "attention_scale":
         # 4 heads of 6: sqrt(head_dim / d_model) = 1/2 exactly, so float32 weights scale exactly
         four = random_nnx(CONFIG.replace(num_heads=4), seed=6)
-        half = {f"blocks.{i}.attn.q.{leaf}": (lambda w: w * 0.5)
-                for i in range(CONFIG.num_layers) for leaf in ("kernel", "bias")}
+        half = {
+            f"blocks.{i}.attn.q.{leaf}": (lambda w: w * 0.5)
+            for i in range(CONFIG.num_layers)
+            for leaf in ("kernel", "bias")
+        }
         return four, planted(four, **half)
     if name == "pooling":
         model = timm_model(global_pool="avg", class_token=True, fc_norm=False)
@@ -199,18 +224,36 @@ def make_fault(name, ref):
     raise KeyError(name)
 
 
-FAULTS = ["conv_kernel_spatial_swap", "conv_kernel_in_out_swap", "linear_not_transposed",
-          "input_layout", "ln_eps", "activation_variant", "qkv_order", "qkv_interleaved",
-          "head_split_order", "attention_scale", "pooling", "final_norm_position",
-          "posembed_cls_slot", "posembed_grid_order", "norm_pre_presence", "registers",
-          "layer_scale_count", "map_qkv_order"]
+FAULTS = [
+    "conv_kernel_spatial_swap",
+    "conv_kernel_in_out_swap",
+    "linear_not_transposed",
+    "input_layout",
+    "ln_eps",
+    "activation_variant",
+    "qkv_order",
+    "qkv_interleaved",
+    "head_split_order",
+    "attention_scale",
+    "pooling",
+    "final_norm_position",
+    "posembed_cls_slot",
+    "posembed_grid_order",
+    "norm_pre_presence",
+    "registers",
+    "layer_scale_count",
+    "map_qkv_order",
+]
 
 
 def numpy_side(model, knobs) -> Side:
     """A reference computed by the NumPy forward with a variant switched on."""
     params = {k: v.astype(np.float64) for k, v in wt.nnx_flat(model).items()}
-    return Side("numpy", intermediates(model.config),
-                lambda images, f64: numpy_ref.forward(params, images, model.config, knobs))
+    return Side(
+        "numpy",
+        intermediates(model.config),
+        lambda images, f64: numpy_ref.forward(params, images, model.config, knobs),
+    )
 
 
 def test_every_hypothesis_has_a_planted_fault():
@@ -230,11 +273,14 @@ def test_doctor_names_exactly_the_planted_fault(ref, fault):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first, second", [
-    ("conv_kernel_spatial_swap", "ln_eps"),
-    ("qkv_order", "activation_variant"),
-    ("posembed_grid_order", "head_split_order"),
-])
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        ("conv_kernel_spatial_swap", "ln_eps"),
+        ("qkv_order", "activation_variant"),
+        ("posembed_grid_order", "head_split_order"),
+    ],
+)
 def test_doctor_finds_two_faults_at_once(ref, images, first, second):
     _, one = make_fault(first, ref)
     flat = wt.nnx_flat(one)
@@ -269,15 +315,21 @@ def test_a_float32_island_in_the_reference_is_named(ref, images):
     """A reference that computes in float32 even when asked for float64 (HF's eager softmax,
     float32 resampling): agreement stalls near 1e-7, which the doctor recognises."""
     clean = side(wt.to_torch(ref))
-    island = Side("float32 island", intermediates(CONFIG),
-                  lambda im, f64: clean.run(im.astype(np.float32), False))
+    island = Side(
+        "float32 island",
+        intermediates(CONFIG),
+        lambda im, f64: clean.run(im.astype(np.float32), False),
+    )
     d = diagnose(island, ref, images)
     assert [f.id for f in d.findings] == ["float32_island"], d.as_dict()
 
 
 def test_correct_pairs_get_no_findings(ref, images):
-    for reference, candidate in [(ref, wt.to_torch(ref)), (wt.to_torch(ref), ref),
-                                 (timm_model(global_pool="token"), None)]:
+    for reference, candidate in [
+        (ref, wt.to_torch(ref)),
+        (wt.to_torch(ref), ref),
+        (timm_model(global_pool="token"), None),
+    ]:
         candidate = candidate or port_of_timm(reference)
         d = diagnose(reference, candidate, images)
         assert d.findings == [] and d.fixed and d.first_divergence is None
@@ -301,8 +353,11 @@ def test_a_recorded_reference_diagnoses_alike_and_holds_no_model(ref, images, fr
 
     reference, candidate = make_fault("ln_eps", ref)
     live = diagnose(reference, candidate, images)
-    spent = wt.to_torch(reference) if framework == "torch" else \
-        wt.nnx_from_flat(wt.nnx_flat(reference), reference.config)
+    spent = (
+        wt.to_torch(reference)
+        if framework == "torch"
+        else wt.nnx_from_flat(wt.nnx_flat(reference), reference.config)
+    )
     side = recorded(spent, images)
     first = next(spent.parameters()) if framework == "torch" else spent.pos_embed[...]
     assert first.dtype in (torch.float64, np.float64)  # cast in place: spent

@@ -25,23 +25,45 @@ transformers = pytest.importorskip("transformers")
 def timm_vit(**kw):
     from timm.models.vision_transformer import VisionTransformer
 
-    base = dict(img_size=(32, 48), patch_size=8, embed_dim=48, depth=2, num_heads=3,
-                mlp_ratio=2.0, num_classes=5)
+    base = dict(
+        img_size=(32, 48),
+        patch_size=8,
+        embed_dim=48,
+        depth=2,
+        num_heads=3,
+        mlp_ratio=2.0,
+        num_classes=5,
+    )
     return randomize(VisionTransformer(**{**base, **kw}))
 
 
 def ours_for_timm(tokens: dict, qkv_bias: bool = True) -> ViTConfig:
-    return ViTConfig(image_size=(32, 48), patch_size=8, d_model=48, num_heads=3, d_ff=96,
-                     num_layers=2, num_classes=5, qkv_bias=qkv_bias, **tokens)
+    return ViTConfig(
+        image_size=(32, 48),
+        patch_size=8,
+        d_model=48,
+        num_heads=3,
+        d_ff=96,
+        num_layers=2,
+        num_classes=5,
+        qkv_bias=qkv_bias,
+        **tokens,
+    )
 
 
 TIMM_CASES = {
     "token": (dict(global_pool="token"), dict(pool="cls"), True),
-    "avg-no-cls": (dict(global_pool="avg", class_token=False, fc_norm=False), dict(pool="mean"),
-                   True),
+    "avg-no-cls": (
+        dict(global_pool="avg", class_token=False, fc_norm=False),
+        dict(pool="mean"),
+        True,
+    ),
     # a class token that is not pooled: timm averages the patch tokens only
-    "avg-with-cls": (dict(global_pool="avg", class_token=True, fc_norm=False),
-                     dict(pool="mean", class_token=True), True),
+    "avg-with-cls": (
+        dict(global_pool="avg", class_token=True, fc_norm=False),
+        dict(pool="mean", class_token=True),
+        True,
+    ),
     "token-no-qkv-bias": (dict(global_pool="token", qkv_bias=False), dict(pool="cls"), False),
 }
 
@@ -129,8 +151,16 @@ def test_timm_fc_norm_is_read_as_a_norm_after_pooling(tmp_path):
 
 
 def hf_config(**kw):
-    base = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96,
-                image_size=32, patch_size=8, num_labels=5, hidden_act="gelu")
+    base = dict(
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=96,
+        image_size=32,
+        patch_size=8,
+        num_labels=5,
+        hidden_act="gelu",
+    )
     return transformers.ViTConfig(**{**base, **kw})
 
 
@@ -147,8 +177,10 @@ def test_hf_folder_to_ours_matches_hf_forward(tmp_path, framework):
     assert_close(expected, got, "float32", f"HF folder -> {framework}")
 
 
-@pytest.mark.parametrize("act, ours", [("quick_gelu", "quick_gelu"), ("silu", "silu"),
-                                       ("gelu_pytorch_tanh", "gelu_tanh")])
+@pytest.mark.parametrize(
+    "act, ours",
+    [("quick_gelu", "quick_gelu"), ("silu", "silu"), ("gelu_pytorch_tanh", "gelu_tanh")],
+)
 def test_hf_activations_are_read_not_replaced(tmp_path, act, ours):
     hf = randomize(transformers.ViTForImageClassification(hf_config(hidden_act=act)), seed=4)
     hf.save_pretrained(tmp_path / "hf")
@@ -164,10 +196,19 @@ def test_hf5_in_memory_names_are_read(tmp_path):
     hf = randomize(transformers.ViTForImageClassification(hf_config(layer_norm_eps=1e-6)), seed=3)
     path = tmp_path / "hf5.safetensors"
     save_file(hf.state_dict(), path)  # transformers 5 names: vit.layers.{i}.attention.q_proj
-    assert wt.inspect_checkpoint(path)["layout"] == ("hf5" if any(
-        ".q_proj." in k for k in hf.state_dict()) else "hf")
-    config = ViTConfig(image_size=32, patch_size=8, d_model=48, num_heads=3, d_ff=96,
-                       num_layers=2, num_classes=5, ln_eps=1e-6)
+    assert wt.inspect_checkpoint(path)["layout"] == (
+        "hf5" if any(".q_proj." in k for k in hf.state_dict()) else "hf"
+    )
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        d_model=48,
+        num_heads=3,
+        d_ff=96,
+        num_layers=2,
+        num_classes=5,
+        ln_eps=1e-6,
+    )
     ours = wt.load_checkpoint(path, "jax", config=config)
     images = random_images(config, 2)
     with torch.no_grad():
@@ -176,8 +217,16 @@ def test_hf5_in_memory_names_are_read(tmp_path):
 
 
 def test_ours_to_hf_from_pretrained(tmp_path):
-    config = ViTConfig(image_size=32, patch_size=8, d_model=48, num_heads=3, d_ff=96,
-                       num_layers=2, num_classes=5, ln_eps=1e-12)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        d_model=48,
+        num_heads=3,
+        d_ff=96,
+        num_layers=2,
+        num_classes=5,
+        ln_eps=1e-12,
+    )
     ours = random_nnx(config, seed=6)
     folder = wt.save_checkpoint(ours, tmp_path / "hf_out", layout="hf")
     assert json.loads((folder / "config.json").read_text())["layer_norm_eps"] == 1e-12
@@ -254,8 +303,11 @@ def test_a_bare_state_dict_says_its_positions_were_assumed(tmp_path):
     pe = timm.create_model(arch, pretrained=False, depth=2, img_size=64, num_classes=0)
     path = tmp_path / "pe.safetensors"
     save_file({k: v.contiguous() for k, v in pe.state_dict().items()}, str(path))
-    with pytest.warns(wt.errors.AssumedConfigWarning, match=r"positions = a learned table only "
-                      r".*Perception Encoder.*--arch"):
+    with pytest.warns(
+        wt.errors.AssumedConfigWarning,
+        match=r"positions = a learned table only "
+        r".*Perception Encoder.*--arch",
+    ):
         wt.load_checkpoint(path, "torch")
     assert "Perception Encoder" in wt.inspect_checkpoint(path)["assumed"]["positions"]
     with pytest.raises(wt.errors.LayoutError, match=arch):

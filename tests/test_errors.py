@@ -26,24 +26,30 @@ def models():
     return random_nnx(tiny()), random_torch(tiny())
 
 
-@pytest.mark.parametrize("shape, fragment", [
-    ((8, 12), "rank 3 or 4"),
-    ((1, 1, 8, 12, 3), "rank 3 or 4"),
-    ((2, 8, 12, 4), "C=4"),
-    ((2, 12, 8, 3), "H, W = (12, 8)"),
-    ((2, 3, 8, 12), "C=12"),  # NCHW handed to the NHWC model
-])
+@pytest.mark.parametrize(
+    "shape, fragment",
+    [
+        ((8, 12), "rank 3 or 4"),
+        ((1, 1, 8, 12, 3), "rank 3 or 4"),
+        ((2, 8, 12, 4), "C=4"),
+        ((2, 12, 8, 3), "H, W = (12, 8)"),
+        ((2, 3, 8, 12), "C=12"),  # NCHW handed to the NHWC model
+    ],
+)
 def test_nnx_image_shape_errors(models, shape, fragment):
     with pytest.raises(ImageShapeError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         models[0](np.zeros(shape, np.float32))
 
 
-@pytest.mark.parametrize("shape, fragment", [
-    ((3, 8), "rank 3 or 4"),
-    ((2, 4, 8, 12), "C=4"),
-    ((2, 8, 12, 3), "C=8"),  # NHWC handed to the NCHW model
-    ((3, 12, 8), r"H, W = \(12, 8\)"),
-])
+@pytest.mark.parametrize(
+    "shape, fragment",
+    [
+        ((3, 8), "rank 3 or 4"),
+        ((2, 4, 8, 12), "C=4"),
+        ((2, 8, 12, 3), "C=8"),  # NHWC handed to the NCHW model
+        ((3, 12, 8), r"H, W = \(12, 8\)"),
+    ],
+)
 def test_torch_image_shape_errors(models, shape, fragment):
     with pytest.raises(ImageShapeError, match=fragment):
         models[1](torch.zeros(shape))
@@ -70,8 +76,14 @@ def test_broken_state_dict_lists_every_problem_at_once(models):
     assert "5 problem(s)" in msg
     assert "missing torch key 'head.bias'" in msg
     assert "unexpected torch key 'blocks.0.attn.qkv.weight'" in msg
-    assert "'patch_embed.weight': expected shape (24, 3, 4, 4), got (4, 4, 3, 24): looks already converted" in msg
-    assert "'blocks.1.ff1.weight': expected shape (40, 24), got (24, 40): looks already converted" in msg
+    assert (
+        "'patch_embed.weight': expected shape (24, 3, 4, 4), got (4, 4, 3, 24): "
+        "looks already converted" in msg
+    )
+    assert (
+        "'blocks.1.ff1.weight': expected shape (40, 24), got (24, 40): looks already converted"
+        in msg
+    )
     assert "'pos_embed': expected shape (7, 24), got (6, 24)" in msg
     assert e.value.missing == ["head.bias"]
     assert e.value.unexpected == ["blocks.0.attn.qkv.weight"]
@@ -80,8 +92,12 @@ def test_broken_state_dict_lists_every_problem_at_once(models):
 
 def test_permuted_conv_kernel_is_called_transposed(models):
     flat = torch_flat(models[1])
-    flat["patch_embed.weight"] = flat["patch_embed.weight"].transpose(0, 1, 3, 2)  # 4x4 spatial: same
-    flat["patch_embed.weight"] = np.ascontiguousarray(flat["patch_embed.weight"].transpose(1, 0, 2, 3))
+    flat["patch_embed.weight"] = flat["patch_embed.weight"].transpose(
+        0, 1, 3, 2
+    )  # 4x4 spatial: same
+    flat["patch_embed.weight"] = np.ascontiguousarray(
+        flat["patch_embed.weight"].transpose(1, 0, 2, 3)
+    )
     with pytest.raises(TransferError, match=r"got \(3, 24, 4, 4\): looks transposed"):
         torch_to_nnx_flat(flat, tiny())
 
@@ -115,6 +131,7 @@ def test_inputs_are_not_modified(models):
 
 def test_bfloat16_on_request_and_bad_dtype():
     from flax import nnx
+
     m = jax_impl.ViT(tiny(), rngs=nnx.Rngs(0), dtype="bfloat16")
     assert m(np.zeros((8, 12, 3), np.float32)).dtype == np.dtype("bfloat16")
     with pytest.raises(ValueError, match="float64 needs JAX x64"):

@@ -20,17 +20,25 @@ import weight_transfer as wt
 from tests.conftest import TOL, assert_close
 from tests.helpers.models import assert_bit_exact, nchw
 from vit_config import PRESETS, ViTConfig, arch
-from weight_transfer.layouts.timm import TIMM_ARCHS
-from weight_transfer.diagnostics import numpy_ref
-from weight_transfer.frameworks.bridge import nnx_params
 from weight_transfer.core.errors import LayoutError
+from weight_transfer.diagnostics import numpy_ref
 from weight_transfer.diagnostics.metrics import relative_error
 from weight_transfer.diagnostics.parity import nnx_grads, torch_grads
+from weight_transfer.frameworks.bridge import nnx_params
 from weight_transfer.frameworks.runners import random_images, run_nnx, run_torch, x64_for
 from weight_transfer.frameworks.weights import random_nnx, random_torch
+from weight_transfer.layouts.timm import TIMM_ARCHS
 
-BASE = dict(image_size=(8, 12), patch_size=4, in_channels=3, d_model=24, num_heads=3, d_ff=40,
-            num_layers=2, num_classes=7)
+BASE = dict(
+    image_size=(8, 12),
+    patch_size=4,
+    in_channels=3,
+    d_model=24,
+    num_heads=3,
+    d_ff=40,
+    num_layers=2,
+    num_classes=7,
+)
 # One small config per feature (and the combinations the published models use).
 FAMILY = {
     "cls-with-mean-pool": dict(class_token=True, pool="mean"),
@@ -46,9 +54,17 @@ FAMILY = {
     "no-final-norm": dict(final_norm="none"),
     "norm-pre-clip": dict(norm_pre=True, patch_bias=False, ln_eps=1e-5, activation="quick_gelu"),
     "layer-scale": dict(layer_scale=True),
-    "swiglu-rmsnorm-aimv2": dict(class_token=False, pool="mean", mlp="swiglu", activation="silu",
-                                 norm="rmsnorm", patch_norm=True, qkv_bias=False, proj_bias=False,
-                                 mlp_bias=False),
+    "swiglu-rmsnorm-aimv2": dict(
+        class_token=False,
+        pool="mean",
+        mlp="swiglu",
+        activation="silu",
+        norm="rmsnorm",
+        patch_norm=True,
+        qkv_bias=False,
+        proj_bias=False,
+        mlp_bias=False,
+    ),
     "swiglu-packed": dict(mlp="swiglu_packed", activation="silu", layer_scale=True),
     "qk-norm": dict(qk_norm=True),
     "no-head": dict(num_classes=0),
@@ -113,8 +129,19 @@ GRAD_TOL = {"float32": 1e-4, "float64": 1e-10}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("name", ["distilled", "map", "swiglu-rmsnorm-aimv2", "positions-cls-only",
-                                  "fc-norm", "norm-pre-clip", "qk-norm", "layer-scale"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "distilled",
+        "map",
+        "swiglu-rmsnorm-aimv2",
+        "positions-cls-only",
+        "fc-norm",
+        "norm-pre-clip",
+        "qk-norm",
+        "layer-scale",
+    ],
+)
 def test_family_gradient_parity(name, dtype):
     """d(cross-entropy) w.r.t. every parameter and the images, both frameworks."""
     config = family(name, num_classes=7) if FAMILY[name].get("num_classes") == 0 else family(name)
@@ -147,25 +174,38 @@ def family_configs(draw):
     final = draw(st.sampled_from(["pre_pool", "none"] + ([] if pool == "map" else ["post_pool"])))
     return ViTConfig(
         image_size=(patch * draw(st.integers(1, 3)), patch * draw(st.integers(1, 3))),
-        patch_size=patch, in_channels=draw(st.integers(1, 3)),
-        d_model=heads * draw(st.integers(2, 5)), num_heads=heads, d_ff=draw(st.integers(1, 16)),
+        patch_size=patch,
+        in_channels=draw(st.integers(1, 3)),
+        d_model=heads * draw(st.integers(2, 5)),
+        num_heads=heads,
+        d_ff=draw(st.integers(1, 16)),
         num_layers=draw(st.integers(0, 2)),
         num_classes=draw(st.integers(1, 5)) if dist else draw(st.integers(0, 5)),
-        pool=pool, class_token=class_token, dist_token=dist, reg_tokens=draw(st.integers(0, 2)),
+        pool=pool,
+        class_token=class_token,
+        dist_token=dist,
+        reg_tokens=draw(st.integers(0, 2)),
         pos_embed_tokens=draw(st.sampled_from(["all", "none"] + (["cls"] if class_token else []))),
-        final_norm=final, norm_pre=draw(st.booleans()), patch_norm=draw(st.booleans()),
+        final_norm=final,
+        norm_pre=draw(st.booleans()),
+        patch_norm=draw(st.booleans()),
         norm=draw(st.sampled_from(["layernorm", "rmsnorm"])),
         layer_scale=draw(st.booleans()),
         mlp=draw(st.sampled_from(["mlp", "swiglu", "swiglu_packed"])),
         activation=draw(st.sampled_from(["relu", "gelu", "gelu_tanh", "quick_gelu", "silu"])),
-        ln_eps=draw(st.sampled_from([1e-6, 1e-5])), qk_norm=draw(st.booleans()),
-        **{b: draw(st.booleans()) for b in ("qkv_bias", "proj_bias", "mlp_bias", "patch_bias",
-                                            "head_bias")})
+        ln_eps=draw(st.sampled_from([1e-6, 1e-5])),
+        qk_norm=draw(st.booleans()),
+        **{
+            b: draw(st.booleans())
+            for b in ("qkv_bias", "proj_bias", "mlp_bias", "patch_bias", "head_bias")
+        },
+    )
 
 
 @pytest.mark.slow
-@settings(max_examples=30, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(config=family_configs())
 def test_family_hypothesis_configs(config):
     """float64 parity at 1e-12 both ways and against the NumPy reference; float32 at 1e-5, or
@@ -191,8 +231,9 @@ def test_family_hypothesis_configs(config):
 # ---- each family preset against timm's own architecture ------------------------------------
 
 timm = pytest.importorskip("timm")
-FAMILY_PRESETS = sorted(p for p in TIMM_ARCHS if p not in ("vit_ti16", "vit_s16", "vit_b16",
-                                                         "vit_l16", "vit_h14"))
+FAMILY_PRESETS = sorted(
+    p for p in TIMM_ARCHS if p not in ("vit_ti16", "vit_s16", "vit_b16", "vit_l16", "vit_h14")
+)
 
 
 @pytest.mark.parametrize("preset", FAMILY_PRESETS)
@@ -211,14 +252,20 @@ def small(preset: str) -> ViTConfig:
 HEAVY = ("dinov2_g14", "siglip_so400m14", "aimv2_l14", "dinov2_l14")  # 2-4 s each (--durations)
 
 
-@pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.slow) if p in HEAVY else p
-                                    for p in FAMILY_PRESETS])
+@pytest.mark.parametrize(
+    "preset", [pytest.param(p, marks=pytest.mark.slow) if p in HEAVY else p for p in FAMILY_PRESETS]
+)
 def test_preset_exports_to_timm_strict_and_matches(tmp_path, preset):
     config = small(preset)
     ours = random_nnx(config, seed=11)
     path = wt.save_checkpoint(ours, tmp_path / "timm.safetensors", layout="timm")
-    model = timm.create_model(TIMM_ARCHS[preset], pretrained=False, depth=2,
-                              img_size=config.image_size, num_classes=config.num_classes).eval()
+    model = timm.create_model(
+        TIMM_ARCHS[preset],
+        pretrained=False,
+        depth=2,
+        img_size=config.image_size,
+        num_classes=config.num_classes,
+    ).eval()
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(path), strict=True)
@@ -231,15 +278,26 @@ def test_preset_exports_to_timm_strict_and_matches(tmp_path, preset):
 
 
 def test_every_family_preset_is_covered():
-    assert set(FAMILY_PRESETS) == set(PRESETS) - {"seed", "vit_ti16", "vit_s16", "vit_b16",
-                                                  "vit_l16", "vit_h14"}
+    assert set(FAMILY_PRESETS) == set(PRESETS) - {
+        "seed",
+        "vit_ti16",
+        "vit_s16",
+        "vit_b16",
+        "vit_l16",
+        "vit_h14",
+    }
 
 
 QUICK_HUB = ("vit_b16", "siglip_b16")  # 1-4 s each (--durations): the rest in the whole suite
 
 
-@pytest.mark.parametrize("preset", [p if p in QUICK_HUB else pytest.param(p, marks=pytest.mark.slow)
-                                    for p in ["vit_b16", *FAMILY_PRESETS]])
+@pytest.mark.parametrize(
+    "preset",
+    [
+        p if p in QUICK_HUB else pytest.param(p, marks=pytest.mark.slow)
+        for p in ["vit_b16", *FAMILY_PRESETS]
+    ],
+)
 def test_preset_exports_as_a_timm_hub_folder_timm_loads(tmp_path, preset):
     """`--to timm` into a folder: config.json (architecture, model_args) + model.safetensors,
     which timm's own `create_model("local-dir:...", pretrained=True)` builds and loads; it
@@ -263,9 +321,13 @@ def test_preset_exports_as_a_timm_hub_folder_timm_loads(tmp_path, preset):
 @pytest.mark.slow  # builds every preset's timm architecture twice: 2 s
 def test_a_config_no_timm_architecture_builds_is_refused_as_a_folder(tmp_path):
     config = dataclasses.replace(small("vit_b16"), activation="relu")  # no timm ViT uses ReLU
-    with pytest.raises(LayoutError, match=r"no timm architecture .*a destination ending in "
-                                          r"\.safetensors"):
+    with pytest.raises(
+        LayoutError,
+        match=r"no timm architecture .*a destination ending in "
+        r"\.safetensors",
+    ):
         wt.save_checkpoint(random_nnx(config, seed=1), tmp_path / "hub", layout="timm")
     assert not (tmp_path / "hub").exists()
-    assert wt.save_checkpoint(random_nnx(config, seed=1), tmp_path / "m.safetensors",
-                              layout="timm").is_file()
+    assert wt.save_checkpoint(
+        random_nnx(config, seed=1), tmp_path / "m.safetensors", layout="timm"
+    ).is_file()

@@ -19,13 +19,22 @@ def pieces():
     """Bytes, contiguous arrays and transposed views of sizes that straddle the 8 KiB buffers."""
     rng = np.random.default_rng(3)
     m = rng.standard_normal((300, 240)).astype(np.float32)  # .T takes the tiled copy
-    return [b"header!", m, m.T, np.empty((0, 3), np.float32), rng.standard_normal(5000),
-            rng.standard_normal((70, 90)).astype(np.float32).T, b"x" * 8192, np.float32(2.5)]
+    return [
+        b"header!",
+        m,
+        m.T,
+        np.empty((0, 3), np.float32),
+        rng.standard_normal(5000),
+        rng.standard_normal((70, 90)).astype(np.float32).T,
+        b"x" * 8192,
+        np.float32(2.5),
+    ]
 
 
 def expected() -> bytes:
-    return b"".join(p if isinstance(p, bytes) else np.ascontiguousarray(p).tobytes()
-                    for p in pieces())
+    return b"".join(
+        p if isinstance(p, bytes) else np.ascontiguousarray(p).tobytes() for p in pieces()
+    )
 
 
 def write_pieces(path, **kw):

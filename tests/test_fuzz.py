@@ -25,16 +25,24 @@ from tests.conftest import tiny
 from weight_transfer.cli import main
 from weight_transfer.frameworks.weights import random_nnx
 
-SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                           HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**63, 2**64) | st.floats(allow_nan=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64)
+    | st.floats(allow_nan=False)
     | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
-                                                                max_size=3),
-    max_leaves=6)
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +70,7 @@ def assert_clean_refusal(code: int, err: str) -> None:
 
 def split(raw: bytes) -> tuple[dict, bytes]:
     (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def join(header: dict, data: bytes) -> bytes:
@@ -72,8 +80,20 @@ def join(header: dict, data: bytes) -> bytes:
 
 @st.composite
 def header_mutation(draw):
-    kind = draw(st.sampled_from(["field", "drop_field", "new_entry", "drop_entry", "metadata",
-                                 "byte", "reorder", "extra_metadata"]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "field",
+                "drop_field",
+                "new_entry",
+                "drop_entry",
+                "metadata",
+                "byte",
+                "reorder",
+                "extra_metadata",
+            ]
+        )
+    )
     return kind, draw(st.integers(0, 10_000)), draw(JSON_VALUES), draw(st.integers(0, 255))
 
 
@@ -92,7 +112,7 @@ def mutate(raw: bytes, mutation) -> bytes:
     elif kind == "drop_entry":
         del header[key]
     elif kind == "reorder":  # valid: a header may list tensors in any order
-        keys = keys[pick % len(keys):] + keys[:pick % len(keys)]
+        keys = keys[pick % len(keys) :] + keys[: pick % len(keys)]
         header = {"__metadata__": header["__metadata__"], **{k: header[k] for k in keys}}
     elif kind == "extra_metadata":  # valid: more string metadata
         header["__metadata__"][f"note{pick}"] = json.dumps(value)
@@ -121,12 +141,23 @@ def test_mutated_safetensors_headers(valid, mutation):
                 np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
         else:
             assert_clean_refusal(code, err)
-            assert not out.exists() and sorted(p.name for p in Path(d).iterdir()) == ["in.safetensors"]
+            assert not out.exists() and sorted(p.name for p in Path(d).iterdir()) == [
+                "in.safetensors"
+            ]
         assert src.read_bytes() == mutate(raw, mutation)
 
 
-CONFIG_FIELDS = ["hidden_act", "num_attention_heads", "layer_norm_eps", "image_size",
-                 "hidden_size", "patch_size", "num_channels", "model_type", "qkv_bias"]
+CONFIG_FIELDS = [
+    "hidden_act",
+    "num_attention_heads",
+    "layer_norm_eps",
+    "image_size",
+    "hidden_size",
+    "patch_size",
+    "num_channels",
+    "model_type",
+    "qkv_bias",
+]
 
 
 @SETTINGS

@@ -1,6 +1,5 @@
 """Gradients of a cross-entropy loss: every parameter (mapped through the table) and the input."""
 
-
 import jax
 import numpy as np
 import pytest
@@ -20,11 +19,15 @@ GRAD_TOL = {"float32": 1e-4, "float64": 1e-10}
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("direction", ["nnx->torch", "torch->nnx"])
-@pytest.mark.parametrize("config", [
-    tiny(pool="cls", activation="gelu"),
-    tiny(pool="mean", activation="gelu_tanh", qkv_bias=False),
-    ViTConfig.preset("seed"),
-], ids=["cls-gelu", "mean-tanh-nobias", "seed"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        tiny(pool="cls", activation="gelu"),
+        tiny(pool="mean", activation="gelu_tanh", qkv_bias=False),
+        ViTConfig.preset("seed"),
+    ],
+    ids=["cls-gelu", "mean-tanh-nobias", "seed"],
+)
 def test_gradient_parity(config, direction, dtype):
     ctx = x64_for(dtype)
     with ctx, jax.default_matmul_precision("highest"):
@@ -67,5 +70,7 @@ def test_compare_grads_floor_rule_passes_a_port_and_catches_a_fault():
     assert len(rows) == len(nnx_flat(jm)) + 1 and not any(r.divergent for r in rows)
     flat = nnx_flat(jm)
     flat["blocks.1.ff2.bias"] = flat["blocks.1.ff2.bias"] + 1e-3
-    rows = {r.name: r for r in compare_grads(nnx_from_flat(flat, config), to_torch(jm), images, labels)}
+    rows = {
+        r.name: r for r in compare_grads(nnx_from_flat(flat, config), to_torch(jm), images, labels)
+    }
     assert rows["blocks.1.ff2.kernel"].divergent and rows["images"].divergent

@@ -17,8 +17,14 @@ from weight_transfer.frameworks.runners import random_images, run_nnx, run_torch
 
 T = pytest.importorskip("transformers")
 
-SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-             image_size=32, patch_size=8)
+SMALL = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    image_size=32,
+    patch_size=8,
+)
 
 
 def output(model, pixels: torch.Tensor) -> torch.Tensor:
@@ -37,23 +43,37 @@ def output(model, pixels: torch.Tensor) -> torch.Tensor:
 CASES = {
     "dinov2": lambda: T.Dinov2Model(T.Dinov2Config(**SMALL)),
     "dinov2-classifier": lambda: T.Dinov2ForImageClassification(
-        T.Dinov2Config(**SMALL, num_labels=3)),
+        T.Dinov2Config(**SMALL, num_labels=3)
+    ),
     "dinov2-swiglu": lambda: T.Dinov2Model(T.Dinov2Config(**SMALL, use_swiglu_ffn=True)),
     "dinov2-registers": lambda: T.Dinov2WithRegistersModel(
-        T.Dinov2WithRegistersConfig(**SMALL, num_register_tokens=2)),
+        T.Dinov2WithRegistersConfig(**SMALL, num_register_tokens=2)
+    ),
     "siglip-vision": lambda: T.SiglipVisionModel(T.SiglipVisionConfig(**SMALL)),
-    "siglip-whole": lambda: T.SiglipModel(T.SiglipConfig(
-        vision_config=SMALL, text_config=dict(hidden_size=32, num_hidden_layers=1,
-                                              num_attention_heads=2, intermediate_size=64))),
+    "siglip-whole": lambda: T.SiglipModel(
+        T.SiglipConfig(
+            vision_config=SMALL,
+            text_config=dict(
+                hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+            ),
+        )
+    ),
     "clip-vision": lambda: T.CLIPVisionModel(T.CLIPVisionConfig(**SMALL)),
     "clip-projection": lambda: T.CLIPVisionModelWithProjection(
-        T.CLIPVisionConfig(**SMALL, projection_dim=16)),
-    "clip-whole": lambda: T.CLIPModel(T.CLIPConfig(
-        vision_config=SMALL, projection_dim=16,
-        text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64))),
+        T.CLIPVisionConfig(**SMALL, projection_dim=16)
+    ),
+    "clip-whole": lambda: T.CLIPModel(
+        T.CLIPConfig(
+            vision_config=SMALL,
+            projection_dim=16,
+            text_config=dict(
+                hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+            ),
+        )
+    ),
     "deit-teacher": lambda: T.DeiTForImageClassificationWithTeacher(
-        T.DeiTConfig(**SMALL, num_labels=3)),
+        T.DeiTConfig(**SMALL, num_labels=3)
+    ),
 }
 LAYOUT = {"dinov2": "hf_dinov2", "siglip": "hf_siglip", "clip": "hf_clip", "deit": "hf_deit"}
 
@@ -75,7 +95,9 @@ def test_hf_family_folder_matches_transformers(tmp_path, case, framework):
 
 
 WRITTEN_AS = {  # the class our folder is written for, when the published one is a whole repo
-    "siglip-whole": T.SiglipVisionModel, "clip-whole": T.CLIPVisionModelWithProjection}
+    "siglip-whole": T.SiglipVisionModel,
+    "clip-whole": T.CLIPVisionModelWithProjection,
+}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -93,8 +115,12 @@ def test_written_hf_family_folder_loads_in_transformers(tmp_path, case):
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     back.eval()
     images = random_images(ours.config, 2, seed=5)
-    assert_close(output(model, nchw(images)), output(back, nchw(images)), "float32",
-                 f"{case}: transformers on our folder vs the original")
+    assert_close(
+        output(model, nchw(images)),
+        output(back, nchw(images)),
+        "float32",
+        f"{case}: transformers on our folder vs the original",
+    )
     theirs = model.state_dict()
     for key, value in back.state_dict().items():
         if key.endswith("mask_token"):  # unused at inference: read as dropped, written as zeros
@@ -111,8 +137,11 @@ def test_a_model_the_hf_type_cannot_hold_is_refused(tmp_path):
     from weight_transfer.frameworks.weights import random_torch
 
     config = tiny(pool="mean", class_token=True, layer_scale=True, image_size=16, d_ff=48)
-    with pytest.raises(wt.errors.LayoutError, match=r"cannot hold this model: pool='mean' "
-                                                    r"\(it needs 'cls_mean'\)"):
+    with pytest.raises(
+        wt.errors.LayoutError,
+        match=r"cannot hold this model: pool='mean' "
+        r"\(it needs 'cls_mean'\)",
+    ):
         wt.save_checkpoint(random_torch(config, seed=1), tmp_path / "d", layout="hf_dinov2")
     assert not (tmp_path / "d").exists()
 
@@ -128,8 +157,9 @@ def test_a_folder_that_would_read_back_differently_is_not_written(tmp_path, monk
     from weight_transfer.frameworks.weights import random_torch
 
     hf = layouts.LAYOUTS["hf"]
-    forgetful = lambda c: {k: v for k, v in hf.write_config_json(c).items()  # noqa: E731
-                           if k != "layer_norm_eps"}
+    forgetful = lambda c: {
+        k: v for k, v in hf.write_config_json(c).items() if k != "layer_norm_eps"
+    }
     monkeypatch.setitem(layouts.LAYOUTS, "hf", dataclasses.replace(hf, write_config_json=forgetful))
     with pytest.raises(wt.errors.LayoutError, match=r"ln_eps 1e-06 would read back as 1e-12"):
         wt.save_checkpoint(random_torch(tiny(), seed=2), tmp_path / "vit", layout="hf")

@@ -53,8 +53,12 @@ sys.exit(main(sys.argv[2:]))
 def cli(*args: str | Path, cwd: Path) -> Run:
     """`vit-parity ARGS` in a child process, with its own peak RSS."""
     hwm = cwd / ".peak"
-    p = subprocess.run([sys.executable, "-c", CHILD, str(hwm), *map(str, args)],
-                       capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    p = subprocess.run(
+        [sys.executable, "-c", CHILD, str(hwm), *map(str, args)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
     peak = int(hwm.read_text()) * 1024
     hwm.unlink()
     # Paths are shown as <work>: a fragment must match the message, not a folder's name.
@@ -63,8 +67,9 @@ def cli(*args: str | Path, cwd: Path) -> Run:
 
 def digests(*paths: Path) -> dict[str, str]:
     """sha256 of every file under the given paths (folders walked)."""
-    files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*")))
-             if f.is_file()]
+    files = [
+        f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*"))) if f.is_file()
+    ]
     return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
@@ -104,11 +109,14 @@ def test_unknown_hf_activation_is_refused_not_read_as_gelu(work, model, act):
     assert digests(folder) == before and not (work / "out.safetensors").exists()
 
 
-@pytest.mark.parametrize("stored, dtype, value", [
-    (np.float32, "float16", 1e6),  # float16 holds up to 65504
-    (np.float64, "bfloat16", 1e300),  # bfloat16 (and float32) up to about 3.4e38
-    (np.float64, "float32", 1e300),
-])
+@pytest.mark.parametrize(
+    "stored, dtype, value",
+    [
+        (np.float32, "float16", 1e6),  # float16 holds up to 65504
+        (np.float64, "bfloat16", 1e300),  # bfloat16 (and float32) up to about 3.4e38
+        (np.float64, "float32", 1e300),
+    ],
+)
 def test_a_cast_that_overflows_is_refused(work, stored, dtype, value):
     from safetensors.numpy import save_file
 
@@ -118,8 +126,7 @@ def test_a_cast_that_overflows_is_refused(work, stored, dtype, value):
     src = work / "big.safetensors"
     save_file(flat, str(src))
     before = digests(src)
-    run = cli("convert", src, work / "out.safetensors", "--to", "torch", "--dtype", dtype,
-              cwd=work)
+    run = cli("convert", src, work / "out.safetensors", "--to", "torch", "--dtype", dtype, cwd=work)
     assert_refused(run, "overflow")
     assert digests(src) == before and not (work / "out.safetensors").exists()
 
@@ -138,15 +145,27 @@ def test_bfloat16_npz_round_trips_and_timm_reads_it(work, model):
     for k in want:
         np.testing.assert_array_equal(got[k].view(np.uint16), want[k].view(np.uint16), err_msg=k)
     c = tiny()
-    t = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=c.image_hw,
-                          patch_size=c.patch_size, embed_dim=c.d_model, depth=c.num_layers,
-                          num_heads=c.num_heads, mlp_ratio=c.d_ff / c.d_model,
-                          num_classes=c.num_classes)
+    t = timm.create_model(
+        "vit_base_patch16_224",
+        pretrained=False,
+        img_size=c.image_hw,
+        patch_size=c.patch_size,
+        embed_dim=c.d_model,
+        depth=c.num_layers,
+        num_heads=c.num_heads,
+        mlp_ratio=c.d_ff / c.d_model,
+        num_classes=c.num_classes,
+    )
     _load_weights(t, out, load_bfloat16=True)
-    np.testing.assert_array_equal(t.head.bias.detach().numpy(),
-                                  want["head.bias"].astype(np.float32))
-    assert torch.equal(t.patch_embed.proj.weight.detach(), torch.from_numpy(
-        want["patch_embed.kernel"].astype(np.float32).transpose(3, 2, 0, 1).copy()))
+    np.testing.assert_array_equal(
+        t.head.bias.detach().numpy(), want["head.bias"].astype(np.float32)
+    )
+    assert torch.equal(
+        t.patch_embed.proj.weight.detach(),
+        torch.from_numpy(
+            want["patch_embed.kernel"].astype(np.float32).transpose(3, 2, 0, 1).copy()
+        ),
+    )
 
 
 def test_a_tensor_in_two_shards_is_refused(work, model):
@@ -181,15 +200,26 @@ def test_converting_a_folder_onto_itself_is_refused_even_with_force(work, model)
 
 
 def test_converting_an_index_onto_its_own_shard_is_refused(work, model):
-    many = wt.save_checkpoint(model, work / "model.safetensors", layout="torch",
-                              max_shard_size="8KB")
+    many = wt.save_checkpoint(
+        model, work / "model.safetensors", layout="torch", max_shard_size="8KB"
+    )
     shard = sorted(set(json.loads(many.read_text())["weight_map"].values()))[0]
     before = digests(work)
-    run = cli("convert", many, work / shard, "--to", "timm", "--max-shard-size", "8KB",
-              "--force", cwd=work)
+    run = cli(
+        "convert",
+        many,
+        work / shard,
+        "--to",
+        "timm",
+        "--max-shard-size",
+        "8KB",
+        "--force",
+        cwd=work,
+    )
     assert_refused(run, "would overwrite the input")
     assert digests(work) == before and sorted(os.listdir(work)) == sorted(
-        Path(p).name for p in before)
+        Path(p).name for p in before
+    )
 
 
 def test_an_alias_of_the_input_is_not_overwritten(work, model):
@@ -220,18 +250,24 @@ def test_an_existing_plot_is_not_replaced_without_force(work, model):
     assert plot.read_bytes() == b"precious"
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["train-parity", "--batch", "-5"], "--batch -5"),
-    (["train-parity", "--steps", "0"], "--steps 0"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["train-parity", "--batch", "-5"], "--batch -5"),
+        (["train-parity", "--steps", "0"], "--steps 0"),
+    ],
+)
 def test_train_parity_refuses_bad_sizes(work, args, fragment):
     assert_refused(cli(*args, cwd=work), fragment)
 
 
-@pytest.mark.parametrize("key, feature", [
-    ("blocks.0.attn.relative_position_bias_table", "relative position bias"),
-    ("blocks.0.attn.rope.freqs", "rotary position embeddings"),
-])
+@pytest.mark.parametrize(
+    "key, feature",
+    [
+        ("blocks.0.attn.relative_position_bias_table", "relative position bias"),
+        ("blocks.0.attn.rope.freqs", "rotary position embeddings"),
+    ],
+)
 def test_features_outside_this_vit_are_refused_by_name(work, model, key, feature):
     from safetensors.numpy import load_file, save_file
 
@@ -291,17 +327,20 @@ def _manifested(model, work: Path, **config_changes) -> Path:
     path = wt.save_checkpoint(model, work / "m.safetensors", layout="nnx")
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     manifest = json.loads(header["__metadata__"]["vit_parity"])
     manifest["config"].update(config_changes)
     header["__metadata__"]["vit_parity"] = json.dumps(manifest)
-    return _safetensors(work / "forged.safetensors", header, raw[8 + n:])
+    return _safetensors(work / "forged.safetensors", header, raw[8 + n :])
 
 
-@pytest.mark.parametrize("changes, fragment", [
-    (dict(num_layers=1_000_000), "num_layers=1000000"),
-    (dict(d_model=10**9, num_heads=1, d_ff=10**9), "expected shape"),
-])
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [
+        (dict(num_layers=1_000_000), "num_layers=1000000"),
+        (dict(d_model=10**9, num_heads=1, d_ff=10**9), "expected shape"),
+    ],
+)
 def test_a_forged_config_costs_nothing(work, model, changes, fragment):
     path = _manifested(model, work, **changes)
     run = cli("convert", path, work / "out.safetensors", "--to", "torch", cwd=work)
@@ -310,10 +349,12 @@ def test_a_forged_config_costs_nothing(work, model, changes, fragment):
 
 
 def test_a_million_empty_tensors_are_refused(work):
-    header = {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
-              for i in range(150_000)}
-    assert_refused(cli("inspect", _safetensors(work / "many.safetensors", header), cwd=work),
-                   "150000 tensors")
+    header = {
+        f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(150_000)
+    }
+    assert_refused(
+        cli("inspect", _safetensors(work / "many.safetensors", header), cwd=work), "150000 tensors"
+    )
 
 
 def test_overlapping_offsets_are_refused(work, model):
@@ -324,8 +365,9 @@ def test_overlapping_offsets_are_refused(work, model):
                 info["data_offsets"] = first["data_offsets"]
 
     path = _edit_header(wt.save_checkpoint(model, work / "m.safetensors", layout="torch"), overlap)
-    assert_refused(cli("convert", path, work / "o.safetensors", "--to", "nnx", cwd=work),
-                   "offsets must tile")
+    assert_refused(
+        cli("convert", path, work / "o.safetensors", "--to", "nnx", cwd=work), "offsets must tile"
+    )
 
 
 @pytest.mark.parametrize("target", ["/dev/zero", "fifo"])
@@ -338,13 +380,17 @@ def test_config_and_index_must_be_regular_files(work, model, target):
     (folder / "config.json").symlink_to(target)
     assert_refused(cli("inspect", folder, cwd=work), "not a regular file")
     (work / "model.safetensors.index.json").symlink_to(target)
-    assert_refused(cli("inspect", work / "model.safetensors.index.json", cwd=work),
-                   "not a regular file")
+    assert_refused(
+        cli("inspect", work / "model.safetensors.index.json", cwd=work), "not a regular file"
+    )
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--image-size", "100000"], "would need"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--image-size", "100000"], "would need"),
+    ],
+)
 def test_sizes_too_large_are_refused_before_allocating(work, model, args, fragment):
     path = wt.save_checkpoint(model, work / "m.safetensors", layout="torch")
     run = cli("convert", path, work / "o.safetensors", "--to", "nnx", *args, cwd=work)
@@ -352,8 +398,10 @@ def test_sizes_too_large_are_refused_before_allocating(work, model, args, fragme
 
 
 def test_a_huge_batch_is_refused_before_allocating(work):
-    assert_refused(cli("check", "--preset", "seed", "--batch", "1000000000", cwd=work),
-                   "would not fit in memory")
+    assert_refused(
+        cli("check", "--preset", "seed", "--batch", "1000000000", cwd=work),
+        "would not fit in memory",
+    )
 
 
 # ---- spec-valid files -----------------------------------------------------------------------
@@ -372,15 +420,19 @@ def test_a_header_in_another_order_than_the_data_converts(work, model):
         np.testing.assert_array_equal(wt.nnx_flat(back)[key], value, err_msg=key)
 
 
-@pytest.mark.parametrize("dtype", ["float64", *(pytest.param(d, marks=pytest.mark.slow)
-                                               for d in ("mixed", "float16"))])  # 4 s each
+@pytest.mark.parametrize(
+    "dtype", ["float64", *(pytest.param(d, marks=pytest.mark.slow) for d in ("mixed", "float16"))]
+)  # 4 s each
 def test_check_runs_any_stored_dtype(work, dtype):
     from safetensors.numpy import save_file
 
     config = tiny(image_size=8)
     flat = wt.nnx_to_torch_flat(wt.nnx_flat(random_nnx(config, seed=2)), config)
-    cast = {"float64": lambda k: np.float64, "float16": lambda k: np.float16,
-            "mixed": lambda k: np.float16 if k.endswith("bias") else np.float32}[dtype]
+    cast = {
+        "float64": lambda k: np.float64,
+        "float16": lambda k: np.float16,
+        "mixed": lambda k: np.float16 if k.endswith("bias") else np.float32,
+    }[dtype]
     path = work / "m.safetensors"
     save_file({k: v.astype(cast(k)) for k, v in flat.items()}, str(path))
     run = cli("check", path, "--set", "num_heads=3", "--json", cwd=work)
@@ -396,8 +448,19 @@ def test_torch_pickles_legacy_and_wrapped(work, model, legacy):
     sd = wt.nnx_state_to_state_dict(wt.nnx_flat(model), model.config)
     path = work / "m.pth"
     torch.save({"model": sd, "epoch": 3}, path, _use_new_zipfile_serialization=not legacy)
-    run = cli("convert", path, work / "o.safetensors", "--to", "nnx", "--allow-pickle",
-              "--set", "image_size=8x12", "--set", "num_heads=3", cwd=work)
+    run = cli(
+        "convert",
+        path,
+        work / "o.safetensors",
+        "--to",
+        "nnx",
+        "--allow-pickle",
+        "--set",
+        "image_size=8x12",
+        "--set",
+        "num_heads=3",
+        cwd=work,
+    )
     assert run.code == 0, run.err
     assert "read from the checkpoint's 'model' entry" in run.out
     back = wt.load_checkpoint(work / "o.safetensors", "jax")
@@ -411,32 +474,38 @@ def test_torch_pickles_legacy_and_wrapped(work, model, legacy):
 def _edit_header(path: Path, edit) -> Path:
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     edit(header)
-    return _safetensors(path.with_name("edited.safetensors"), header, raw[8 + n:])
+    return _safetensors(path.with_name("edited.safetensors"), header, raw[8 + n :])
 
 
 def _first(header: dict) -> dict:
     return next(v for k, v in header.items() if k != "__metadata__")
 
 
-@pytest.mark.parametrize("edit, fragment", [
-    (lambda h: _first(h).update(data_offsets=["0", "4"]), "malformed entry"),
-    (lambda h: _first(h).update(data_offsets=[0.0, 4.0]), "malformed entry"),
-    (lambda h: _first(h).update(shape=[True, 3]), "malformed entry"),
-    (lambda h: h.update(__metadata__={"a": 1}), "__metadata__"),
-    (lambda h: h.update(__metadata__=["a"]), "__metadata__"),
-    (lambda h: h["__metadata__"].update(vit_parity="{}"), "no config object"),
-    (lambda h: h["__metadata__"].update(vit_parity="[]"), "no config object"),
-    (lambda h: h["__metadata__"].update(vit_parity='{"config": 3}'), "no config object"),
-    (lambda h: h["__metadata__"].update(vit_parity='{"config": {"d_model": "x"}}'),
-     "config is invalid"),
-    (lambda h: h["__metadata__"].update(vit_parity="not json"), "not JSON"),
-])
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (lambda h: _first(h).update(data_offsets=["0", "4"]), "malformed entry"),
+        (lambda h: _first(h).update(data_offsets=[0.0, 4.0]), "malformed entry"),
+        (lambda h: _first(h).update(shape=[True, 3]), "malformed entry"),
+        (lambda h: h.update(__metadata__={"a": 1}), "__metadata__"),
+        (lambda h: h.update(__metadata__=["a"]), "__metadata__"),
+        (lambda h: h["__metadata__"].update(vit_parity="{}"), "no config object"),
+        (lambda h: h["__metadata__"].update(vit_parity="[]"), "no config object"),
+        (lambda h: h["__metadata__"].update(vit_parity='{"config": 3}'), "no config object"),
+        (
+            lambda h: h["__metadata__"].update(vit_parity='{"config": {"d_model": "x"}}'),
+            "config is invalid",
+        ),
+        (lambda h: h["__metadata__"].update(vit_parity="not json"), "not JSON"),
+    ],
+)
 def test_malformed_headers_and_manifests(work, model, edit, fragment):
     path = _edit_header(wt.save_checkpoint(model, work / "m.safetensors", layout="nnx"), edit)
-    assert_refused(cli("convert", path, work / "o.safetensors", "--to", "torch", cwd=work),
-                   fragment)
+    assert_refused(
+        cli("convert", path, work / "o.safetensors", "--to", "torch", cwd=work), fragment
+    )
 
 
 def test_npz_that_is_not_npz(work, model):
@@ -450,17 +519,21 @@ def test_npz_that_is_not_npz(work, model):
     assert_refused(cli("inspect", work / "array.npz", cwd=work), "not a readable .npz")
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "expected a JSON object"),
-    ('{"num_attention_heads": "three"}', "expected int"),
-    ('{"hidden_act": "gelu"}', "no 'num_attention_heads'"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"num_attention_heads": "three"}', "expected int"),
+        ('{"hidden_act": "gelu"}', "no 'num_attention_heads'"),
+    ],
+)
 def test_bad_config_json(work, model, text, fragment):
     folder = wt.save_checkpoint(model, work / "hf", layout="hf")
     (folder / "config.json").write_text(text)
-    assert_refused(cli("convert", folder, work / "o.safetensors", "--to", "nnx", cwd=work),
-                   fragment)
+    assert_refused(
+        cli("convert", folder, work / "o.safetensors", "--to", "nnx", cwd=work), fragment
+    )
 
 
 @pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/x.safetensors"])
@@ -482,6 +555,7 @@ def test_a_signal_mid_conversion_cleans_up(work, model, monkeypatch, capsys):
     real = writers.write_safetensors
 
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+
         def interrupted(path, *args, sig=sig, **kwargs):
             path.write_bytes(b"partial")
             os.kill(os.getpid(), sig)
@@ -498,9 +572,20 @@ def test_a_signal_mid_conversion_cleans_up(work, model, monkeypatch, capsys):
 
 def test_a_closed_stdout_after_the_output_is_written_is_not_an_error(work, model):
     src = wt.save_checkpoint(model, work / "m.safetensors", layout="torch")
-    p = subprocess.Popen([sys.executable, "-m", "weight_transfer", "convert", str(src),
-                          str(work / "o.safetensors"), "--to", "nnx"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "weight_transfer",
+            "convert",
+            str(src),
+            str(work / "o.safetensors"),
+            "--to",
+            "nnx",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     p.stdout.close()  # the reader went away (`| head -0`)
     err = p.stderr.read().decode()
     assert p.wait() == 0, err
@@ -516,10 +601,12 @@ def test_a_flax_format_hf_safetensors_is_refused_not_a_crash(work):
     folder = work / "flax_vit"
     folder.mkdir()
     d = 8
-    tensors = {"embeddings.cls_token": np.zeros((1, 1, d), np.float32),
-               "embeddings.patch_embeddings.projection.kernel": np.zeros((4, 4, 3, d), np.float32),
-               "encoder.layer.0.attention.attention.query.kernel": np.zeros((d, d), np.float32),
-               "layernorm.scale": np.zeros(d, np.float32)}
+    tensors = {
+        "embeddings.cls_token": np.zeros((1, 1, d), np.float32),
+        "embeddings.patch_embeddings.projection.kernel": np.zeros((4, 4, 3, d), np.float32),
+        "encoder.layer.0.attention.attention.query.kernel": np.zeros((d, d), np.float32),
+        "layernorm.scale": np.zeros(d, np.float32),
+    }
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "flax"})
     (folder / "config.json").write_text('{"model_type": "vit", "hidden_size": 8}')
     assert_refused(cli("inspect", folder, cwd=work), "Flax names")

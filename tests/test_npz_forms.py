@@ -21,8 +21,9 @@ from weight_transfer.frameworks.weights import random_nnx
 timm = pytest.importorskip("timm")
 pytest.importorskip("jax")  # timm's loader imports jax.numpy for bfloat16 only
 
-SIGLIP_LIKE = tiny(image_size=16, pool="map", class_token=False, num_classes=0,
-                   activation="gelu_tanh")
+SIGLIP_LIKE = tiny(
+    image_size=16, pool="map", class_token=False, num_classes=0, activation="gelu_tanh"
+)
 
 
 def republish(path, out, prefix: str = "", scan: bool = False, extra: dict | None = None):
@@ -45,10 +46,16 @@ def republish(path, out, prefix: str = "", scan: bool = False, extra: dict | Non
 def timm_twin(config, big_vision: bool = False):
     from timm.models.vision_transformer import VisionTransformer
 
-    kw = dict(img_size=config.image_hw, patch_size=config.patch_size, embed_dim=config.d_model,
-              depth=config.num_layers, num_heads=config.num_heads,
-              mlp_ratio=config.d_ff / config.d_model, num_classes=config.num_classes,
-              act_layer="gelu_tanh" if config.activation == "gelu_tanh" else "gelu")
+    kw = dict(
+        img_size=config.image_hw,
+        patch_size=config.patch_size,
+        embed_dim=config.d_model,
+        depth=config.num_layers,
+        num_heads=config.num_heads,
+        mlp_ratio=config.d_ff / config.d_model,
+        num_classes=config.num_classes,
+        act_layer="gelu_tanh" if config.activation == "gelu_tanh" else "gelu",
+    )
     if config.pool == "map":
         kw.update(global_pool="map", class_token=False)
     if big_vision:  # positions for the patches only; the class token joins after
@@ -56,8 +63,10 @@ def timm_twin(config, big_vision: bool = False):
     return VisionTransformer(**kw).eval()
 
 
-@pytest.mark.parametrize("form", ["google_vit/opt-target", "big_vision/params-scanned",
-                                  "big_vision/params-img-map-scanned"])
+@pytest.mark.parametrize(
+    "form",
+    ["google_vit/opt-target", "big_vision/params-scanned", "big_vision/params-img-map-scanned"],
+)
 def test_published_npz_forms_match_timms_loader(tmp_path, form):
     from timm.models.vision_transformer import _load_weights
 
@@ -65,20 +74,29 @@ def test_published_npz_forms_match_timms_loader(tmp_path, form):
     config = SIGLIP_LIKE if "map" in variant else tiny(image_size=16)
     ours = random_nnx(config, seed=13)
     plain = wt.save_checkpoint(ours, tmp_path / "plain.npz", layout=layout)
-    prefix = {"opt-target": "opt/target/", "params-scanned": "params/",
-              "params-img-map-scanned": "params/img/"}[variant]
-    text = {"params/txt/Encoder_0/kernel": np.ones((3, 3), np.float32)} \
-        if prefix == "params/img/" else {}
-    path = republish(plain, tmp_path / "published.npz", prefix, scan="scanned" in variant,
-                     extra=text)
+    prefix = {
+        "opt-target": "opt/target/",
+        "params-scanned": "params/",
+        "params-img-map-scanned": "params/img/",
+    }[variant]
+    text = (
+        {"params/txt/Encoder_0/kernel": np.ones((3, 3), np.float32)}
+        if prefix == "params/img/"
+        else {}
+    )
+    path = republish(
+        plain, tmp_path / "published.npz", prefix, scan="scanned" in variant, extra=text
+    )
     twin = timm_twin(config, big_vision=layout == "big_vision")
     _load_weights(twin, str(path))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        info = wt.inspect_checkpoint(path, overrides={"num_heads": config.num_heads,
-                                                      "activation": config.activation})
-        loaded = wt.load_checkpoint(path, "jax", overrides={"num_heads": config.num_heads,
-                                                            "activation": config.activation})
+        info = wt.inspect_checkpoint(
+            path, overrides={"num_heads": config.num_heads, "activation": config.activation}
+        )
+        loaded = wt.load_checkpoint(
+            path, "jax", overrides={"num_heads": config.num_heads, "activation": config.activation}
+        )
     if text:
         assert any("outside 'params/img/'" in d for d in info["dropped"])
     images = random_images(config, 2, seed=14)
@@ -88,10 +106,16 @@ def test_published_npz_forms_match_timms_loader(tmp_path, form):
 
 
 def test_pre_logits_before_a_head_is_refused(tmp_path):
-    plain = wt.save_checkpoint(random_nnx(tiny(image_size=16), seed=2), tmp_path / "p.npz",
-                               layout="google_vit")
-    path = republish(plain, tmp_path / "pre.npz", extra={
-        "pre_logits/kernel": np.ones((24, 24), np.float32),
-        "pre_logits/bias": np.ones(24, np.float32)})
+    plain = wt.save_checkpoint(
+        random_nnx(tiny(image_size=16), seed=2), tmp_path / "p.npz", layout="google_vit"
+    )
+    path = republish(
+        plain,
+        tmp_path / "pre.npz",
+        extra={
+            "pre_logits/kernel": np.ones((24, 24), np.float32),
+            "pre_logits/bias": np.ones(24, np.float32),
+        },
+    )
     with pytest.raises(wt.CheckpointError, match="pre_logits"):
         wt.load_checkpoint(path, "jax")

@@ -22,11 +22,15 @@ open_clip = pytest.importorskip("open_clip")
 def small_clip(quick_gelu: bool):
     from open_clip.model import CLIP
 
-    return randomize(CLIP(embed_dim=16, quick_gelu=quick_gelu,
-                          vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8,
-                                          head_width=32),
-                          text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2,
-                                        layers=1)), seed=5).eval()
+    return randomize(
+        CLIP(
+            embed_dim=16,
+            quick_gelu=quick_gelu,
+            vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32),
+            text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1),
+        ),
+        seed=5,
+    ).eval()
 
 
 @pytest.mark.parametrize("framework", ["jax", "torch"])
@@ -42,8 +46,11 @@ def test_open_clip_state_dict_matches_encode_image(tmp_path, quick_gelu, framewo
         info = wt.inspect_checkpoint(path, overrides={"num_heads": 2, "activation": act})
         ours = wt.load_checkpoint(path, framework, overrides={"num_heads": 2, "activation": act})
     assert info["layout"] == "open_clip" and any("text tower" in d for d in info["dropped"])
-    assert (ours.config.num_classes, ours.config.head_bias, ours.config.norm_pre) == (16, False,
-                                                                                      True)
+    assert (ours.config.num_classes, ours.config.head_bias, ours.config.norm_pre) == (
+        16,
+        False,
+        True,
+    )
     images = random_images(ours.config, 2, seed=6)
     with torch.no_grad():
         expected = model.encode_image(nchw(images))
@@ -71,8 +78,12 @@ def test_open_clip_names_resolve_through_its_registry():
     from weight_transfer.layouts.open_clip import config_from_open_clip
 
     config = config_from_open_clip("ViT-B-32-quickgelu")
-    assert (config.activation, config.patch_size, config.num_classes, config.ln_eps) == \
-        ("quick_gelu", 32, 512, 1e-5)
+    assert (config.activation, config.patch_size, config.num_classes, config.ln_eps) == (
+        "quick_gelu",
+        32,
+        512,
+        1e-5,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.device("meta"):
@@ -99,8 +110,9 @@ def test_written_open_clip_state_dict_loads_into_open_clip_strict(tmp_path, quic
     written = load_file(out)
     assert all(k.startswith("visual.") for k in written)
     fresh = small_clip(quick_gelu)  # other random weights, same architecture
-    fresh.visual.load_state_dict({k.removeprefix("visual."): v for k, v in written.items()},
-                                 strict=True)
+    fresh.visual.load_state_dict(
+        {k.removeprefix("visual."): v for k, v in written.items()}, strict=True
+    )
     for key, value in model.visual.state_dict().items():
         assert torch.equal(value, fresh.visual.state_dict()[key]), key
     images = random_images(ours.config, 2, seed=7)
@@ -115,8 +127,12 @@ def test_a_model_open_clip_cannot_compute_is_refused(tmp_path):
     from tests.conftest import tiny
     from weight_transfer.frameworks.weights import random_torch
 
-    with pytest.raises(wt.errors.LayoutError, match=r"open_clip's VisionTransformer cannot "
-                                                    r"hold this model: norm_pre=False"):
-        wt.save_checkpoint(random_torch(tiny(), seed=1), tmp_path / "v.safetensors",
-                           layout="open_clip")
+    with pytest.raises(
+        wt.errors.LayoutError,
+        match=r"open_clip's VisionTransformer cannot "
+        r"hold this model: norm_pre=False",
+    ):
+        wt.save_checkpoint(
+            random_torch(tiny(), seed=1), tmp_path / "v.safetensors", layout="open_clip"
+        )
     assert list(tmp_path.iterdir()) == []

@@ -1,4 +1,5 @@
-"""Position-embedding resampling matches timm's `resample_abs_pos_embed`, in NumPy, JAX and torch."""
+"""Position-embedding resampling matches timm's `resample_abs_pos_embed`, in NumPy, JAX and
+torch."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -16,8 +17,14 @@ timm_layers = pytest.importorskip("timm.layers")
 # (bicubic antialiased 14x14 -> 10x12). Without the FMA it was 1.2e-6 (bilinear 24 -> 14).
 RESAMPLE_TOL = 1e-6  # the porting issue's number
 
-GRIDS = [((7, 7), (14, 14)), ((14, 14), (7, 7)), ((14, 14), (10, 12)), ((5, 9), (8, 3)),
-         ((14, 14), (24, 24)), ((24, 24), (14, 14))]
+GRIDS = [
+    ((7, 7), (14, 14)),
+    ((14, 14), (7, 7)),
+    ((14, 14), (10, 12)),
+    ((5, 9), (8, 3)),
+    ((14, 14), (24, 24)),
+    ((24, 24), (14, 14)),
+]
 
 
 @pytest.mark.parametrize("antialias", [False, True])
@@ -28,11 +35,24 @@ def test_matches_timm(backend, old, new, interpolation, antialias):
     pos = np.random.default_rng(sum(old + new)).standard_normal((1 + old[0] * old[1], 8))
     pos = pos.astype(np.float32)
     expected = timm_layers.resample_abs_pos_embed(
-        torch.from_numpy(pos)[None], new_size=new, old_size=old, num_prefix_tokens=1,
-        interpolation=interpolation, antialias=antialias)[0].numpy()
+        torch.from_numpy(pos)[None],
+        new_size=new,
+        old_size=old,
+        num_prefix_tokens=1,
+        interpolation=interpolation,
+        antialias=antialias,
+    )[0].numpy()
     wrap = {"numpy": np.asarray, "jax": jnp.asarray, "torch": torch.from_numpy}[backend]
-    got = np.asarray(resample_pos_embed(wrap(pos), old, new, num_prefix_tokens=1,
-                                        interpolation=interpolation, antialias=antialias))
+    got = np.asarray(
+        resample_pos_embed(
+            wrap(pos),
+            old,
+            new,
+            num_prefix_tokens=1,
+            interpolation=interpolation,
+            antialias=antialias,
+        )
+    )
     assert got.shape == expected.shape == (1 + new[0] * new[1], 8)
     np.testing.assert_array_equal(got[0], pos[0])  # the CLS row is kept
     err = np.abs(got - expected).max() / np.abs(expected).max()
@@ -42,8 +62,11 @@ def test_matches_timm(backend, old, new, interpolation, antialias):
 def test_same_grid_is_identity():
     pos = np.random.default_rng(0).standard_normal((1 + 36, 4)).astype(np.float32)
     for mode in ("bilinear", "bicubic"):
-        np.testing.assert_allclose(resample_pos_embed(pos, (6, 6), (6, 6), num_prefix_tokens=1,
-                                                      interpolation=mode), pos, atol=1e-6)
+        np.testing.assert_allclose(
+            resample_pos_embed(pos, (6, 6), (6, 6), num_prefix_tokens=1, interpolation=mode),
+            pos,
+            atol=1e-6,
+        )
 
 
 @pytest.mark.parametrize("n_in, n_out", [(24, 14), (14, 24), (14, 10), (16, 37), (37, 16)])
@@ -54,14 +77,17 @@ def test_weights_are_torchs_own(n_in, n_out):
 
     eye = torch.eye(n_in)[:, None, None, :]  # (n_in, 1, 1, n_in): one one-hot row per input
     for mode, atol in (("bilinear", 0.0), ("bicubic", 2.4e-7)):
-        probed = torch.nn.functional.interpolate(eye, size=(1, n_out), mode=mode,
-                                                 align_corners=False)[:, 0, 0, :].T.double()
-        np.testing.assert_allclose(weights_1d(n_in, n_out, mode, False), probed.numpy(),
-                                   rtol=0, atol=atol, err_msg=mode)
+        probed = torch.nn.functional.interpolate(
+            eye, size=(1, n_out), mode=mode, align_corners=False
+        )[:, 0, 0, :].T.double()
+        np.testing.assert_allclose(
+            weights_1d(n_in, n_out, mode, False), probed.numpy(), rtol=0, atol=atol, err_msg=mode
+        )
 
 
-@pytest.mark.parametrize("old, new", [((37, 37), (16, 16)), ((16, 16), (37, 37)),
-                                      ((14, 14), (10, 12))])
+@pytest.mark.parametrize(
+    "old, new", [((37, 37), (16, 16)), ((16, 16), (37, 37)), ((14, 14), (10, 12))]
+)
 @pytest.mark.parametrize("variant", ["hf", "dinov2"])
 @pytest.mark.parametrize("backend", ["numpy", "jax", "torch"])
 def test_matches_hf_and_original_dinov2(backend, old, new, variant):
@@ -79,8 +105,15 @@ def test_matches_hf_and_original_dinov2(backend, old, new, variant):
         out = F.interpolate(grid, scale_factor=factor, mode="bicubic", antialias=False)
     expected = out.permute(0, 2, 3, 1).reshape(-1, 8).numpy()
     wrap = {"numpy": np.asarray, "jax": jnp.asarray, "torch": torch.from_numpy}[backend]
-    got = np.asarray(resample_pos_embed(wrap(pos), old, new, num_prefix_tokens=1,
-                                        interpolation="bicubic" if variant == "hf" else "dinov2"))[1:]
+    got = np.asarray(
+        resample_pos_embed(
+            wrap(pos),
+            old,
+            new,
+            num_prefix_tokens=1,
+            interpolation="bicubic" if variant == "hf" else "dinov2",
+        )
+    )[1:]
     err = np.abs(got - expected).max() / np.abs(expected).max()
     assert err <= RESAMPLE_TOL, f"relative error {err:.2e}"
     if variant == "dinov2":  # a different function from HF's: why the variant is selectable

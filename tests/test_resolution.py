@@ -18,16 +18,17 @@ import weight_transfer as wt
 from tests.conftest import assert_close
 from tests.helpers.models import nchw, randomize
 from vit_config import PRESETS, ViTConfig, VitParityError
-from weight_transfer.layouts.timm import TIMM_ARCHS
 from weight_transfer.core.errors import AssumedConfigWarning
 from weight_transfer.frameworks.runners import random_images, run_torch
+from weight_transfer.layouts.timm import TIMM_ARCHS
 
 timm = pytest.importorskip("timm")
 
 OLD = 5  # the checkpoint's patch grid (5 x 5)
 NEW_GRIDS = [(7, 7), (3, 3), (6, 4)]  # up, down, non-square
-TIMM_PRESETS = sorted(p for p in TIMM_ARCHS if p not in ("vit_ti16", "vit_s16", "vit_l16",
-                                                       "vit_h14"))
+TIMM_PRESETS = sorted(
+    p for p in TIMM_ARCHS if p not in ("vit_ti16", "vit_s16", "vit_l16", "vit_h14")
+)
 # The quick subset keeps one of each prefix-token kind; the rest run in the whole suite
 # (0.5-5 s each, --durations).
 QUICK = ("vit_b16", "dinov2_b14_reg4", "deit3_b16", "vit_medium_reg4_gap", "deit_b16_distilled")
@@ -36,8 +37,9 @@ QUICK = ("vit_b16", "dinov2_b14_reg4", "deit3_b16", "vit_medium_reg4_gap", "deit
 def load_resampled(path, grid, patch, **kw):
     """Our torch model of `path` at `grid` patches; the method must be announced."""
     with pytest.warns(AssumedConfigWarning, match="resampling"):
-        return wt.load_checkpoint(path, "torch", image_size=(grid[0] * patch, grid[1] * patch),
-                                  **kw)
+        return wt.load_checkpoint(
+            path, "torch", image_size=(grid[0] * patch, grid[1] * patch), **kw
+        )
 
 
 def assert_same_function(expected_model, ours, grid, patch, what, call=None):
@@ -48,23 +50,27 @@ def assert_same_function(expected_model, ours, grid, patch, what, call=None):
     assert_close(expected, run_torch(ours, images), "float32", what)
 
 
-@pytest.mark.parametrize("preset", [p if p in QUICK else pytest.param(p, marks=pytest.mark.slow)
-                                    for p in TIMM_PRESETS])
+@pytest.mark.parametrize(
+    "preset", [p if p in QUICK else pytest.param(p, marks=pytest.mark.slow) for p in TIMM_PRESETS]
+)
 def test_timm_hub_folder_at_another_size_is_timms_own(tmp_path, preset):
     """timm's `create_model("local-dir:...", pretrained=True, img_size=NEW)` resamples in its
     loader (antialiased bicubic): ours, loaded at NEW, computes the same function."""
     from timm.models import save_for_hf
 
     patch = PRESETS[preset]["patch_size"]
-    model = randomize(timm.create_model(TIMM_ARCHS[preset], pretrained=False, depth=2,
-                                        img_size=OLD * patch), seed=3)
+    model = randomize(
+        timm.create_model(TIMM_ARCHS[preset], pretrained=False, depth=2, img_size=OLD * patch),
+        seed=3,
+    )
     save_for_hf(model, str(tmp_path), safe_serialization=True)
     for grid in NEW_GRIDS:
         px = (grid[0] * patch, grid[1] * patch)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # timm's own logging of the resample
-            expected = timm.create_model(f"local-dir:{tmp_path}", pretrained=True,
-                                         img_size=px).eval()
+            expected = timm.create_model(
+                f"local-dir:{tmp_path}", pretrained=True, img_size=px
+            ).eval()
         ours = load_resampled(tmp_path, grid, patch)
         assert_same_function(expected, ours, grid, patch, f"{preset} at {grid}")
 
@@ -73,8 +79,7 @@ FAMILY_TOKENS = {  # every prefix-token kind, in the tiny config the other tests
     "cls": dict(),
     "registers-positioned": dict(reg_tokens=2),
     "registers-unpositioned": dict(reg_tokens=2, pos_embed_tokens="none"),
-    "registers-no-cls": dict(class_token=False, pool="mean", reg_tokens=3,
-                             pos_embed_tokens="none"),
+    "registers-no-cls": dict(class_token=False, pool="mean", reg_tokens=3, pos_embed_tokens="none"),
     "no-cls": dict(class_token=False, pool="mean"),
     "distilled": dict(dist_token=True),  # timm's distilled model always positions its tokens
 }
@@ -88,33 +93,58 @@ def test_every_prefix_kind_resamples_as_timm(tmp_path, tokens):
     from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-    config = ViTConfig(image_size=(OLD * 4, OLD * 4), patch_size=4, d_model=24, num_heads=3,
-                       d_ff=40, num_layers=2, num_classes=7, **FAMILY_TOKENS[tokens])
-    path = wt.save_checkpoint(wt.weights.random_torch(config, seed=4), tmp_path / "m.safetensors",
-                              layout="timm")
+    config = ViTConfig(
+        image_size=(OLD * 4, OLD * 4),
+        patch_size=4,
+        d_model=24,
+        num_heads=3,
+        d_ff=40,
+        num_layers=2,
+        num_classes=7,
+        **FAMILY_TOKENS[tokens],
+    )
+    path = wt.save_checkpoint(
+        wt.weights.random_torch(config, seed=4), tmp_path / "m.safetensors", layout="timm"
+    )
     for grid in NEW_GRIDS:
         cls = VisionTransformerDistilled if config.dist_token else VisionTransformer
-        timm_model = cls(img_size=(grid[0] * 4, grid[1] * 4), patch_size=4, embed_dim=24,
-                         depth=2, num_heads=3, mlp_ratio=40 / 24, num_classes=7,
-                         class_token=config.class_token, reg_tokens=config.reg_tokens,
-                         no_embed_class=config.pos_embed_tokens == "none",
-                         global_pool="token" if config.pool == "cls" else "avg",
-                         fc_norm=False).eval()
+        timm_model = cls(
+            img_size=(grid[0] * 4, grid[1] * 4),
+            patch_size=4,
+            embed_dim=24,
+            depth=2,
+            num_heads=3,
+            mlp_ratio=40 / 24,
+            num_classes=7,
+            class_token=config.class_token,
+            reg_tokens=config.reg_tokens,
+            no_embed_class=config.pos_embed_tokens == "none",
+            global_pool="token" if config.pool == "cls" else "avg",
+            fc_norm=False,
+        ).eval()
         timm_model.load_state_dict(checkpoint_filter_fn(load_file(path), timm_model))
         ours = load_resampled(path, grid, 4)
         assert_same_function(timm_model, ours, grid, 4, f"{tokens} at {grid}")
 
 
 T = pytest.importorskip("transformers")
-HF_SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                image_size=OLD * 8, patch_size=8)
+HF_SMALL = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    image_size=OLD * 8,
+    patch_size=8,
+)
 HF_CASES = {
     "vit": lambda: T.ViTForImageClassification(T.ViTConfig(**HF_SMALL, num_labels=3)),
     "deit-teacher": lambda: T.DeiTForImageClassificationWithTeacher(
-        T.DeiTConfig(**HF_SMALL, num_labels=3)),
+        T.DeiTConfig(**HF_SMALL, num_labels=3)
+    ),
     "dinov2": lambda: T.Dinov2Model(T.Dinov2Config(**HF_SMALL)),
     "dinov2-registers": lambda: T.Dinov2WithRegistersModel(
-        T.Dinov2WithRegistersConfig(**HF_SMALL, num_register_tokens=2)),
+        T.Dinov2WithRegistersConfig(**HF_SMALL, num_register_tokens=2)
+    ),
     "siglip-vision": lambda: T.SiglipVisionModel(T.SiglipVisionConfig(**HF_SMALL)),
     "clip-vision": lambda: T.CLIPVisionModel(T.CLIPVisionConfig(**HF_SMALL)),
 }
@@ -128,15 +158,21 @@ def hf_output(model, pixels: torch.Tensor) -> torch.Tensor:
     return out.logits if getattr(out, "logits", None) is not None else out.pooler_output
 
 
-@pytest.mark.parametrize("case", [c if c in ("vit", "dinov2-registers") else
-                                  pytest.param(c, marks=pytest.mark.slow) for c in sorted(HF_CASES)])
+@pytest.mark.parametrize(
+    "case",
+    [
+        c if c in ("vit", "dinov2-registers") else pytest.param(c, marks=pytest.mark.slow)
+        for c in sorted(HF_CASES)
+    ],
+)
 def test_hf_folder_at_another_size_is_transformers_forward(tmp_path, case):
     model = randomize(HF_CASES[case](), seed=7)
     model.save_pretrained(tmp_path)
     for grid in NEW_GRIDS:
         ours = load_resampled(tmp_path, grid, 8)
-        assert_same_function(model, ours, grid, 8, f"{case} at {grid}",
-                             call=lambda x: hf_output(model, x))
+        assert_same_function(
+            model, ours, grid, 8, f"{case} at {grid}", call=lambda x: hf_output(model, x)
+        )
 
 
 def test_open_clip_at_another_size_is_resize_pos_embed(tmp_path):
@@ -145,10 +181,11 @@ def test_open_clip_at_another_size_is_resize_pos_embed(tmp_path):
     from safetensors.torch import save_file
 
     def clip(size):
-        return CLIP(embed_dim=16, vision_cfg=dict(image_size=size, layers=2, width=64,
-                                                  patch_size=8, head_width=32),
-                    text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2,
-                                  layers=1)).eval()
+        return CLIP(
+            embed_dim=16,
+            vision_cfg=dict(image_size=size, layers=2, width=64, patch_size=8, head_width=32),
+            text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1),
+        ).eval()
 
     assert open_clip  # imported for its registry; CLIP built directly
     model = randomize(clip(OLD * 8), seed=8)
@@ -161,8 +198,9 @@ def test_open_clip_at_another_size_is_resize_pos_embed(tmp_path):
         resize_pos_embed(moved, resized)
         resized.load_state_dict(moved)
         ours = load_resampled(path, grid, 8, overrides={"num_heads": 2})
-        assert_same_function(resized, ours, grid, 8, f"open_clip at {grid}",
-                             call=resized.encode_image)
+        assert_same_function(
+            resized, ours, grid, 8, f"open_clip at {grid}", call=resized.encode_image
+        )
 
 
 def resample_posemb(old, new_grid):
@@ -180,18 +218,31 @@ def test_npz_at_another_size_is_big_visions_resample_posemb(tmp_path, layout):
     """The npz's own code resamples with scipy's zoom (order 1): the table it gives, put in
     the same weights at the new size, computes what ours loaded at that size computes."""
     tokens = dict(pos_embed_tokens="none") if layout == "big_vision" else {}
-    config = ViTConfig(image_size=OLD * 4, patch_size=4, d_model=24, num_heads=3, d_ff=40,
-                       num_layers=2, num_classes=7, **tokens)
+    config = ViTConfig(
+        image_size=OLD * 4,
+        patch_size=4,
+        d_model=24,
+        num_heads=3,
+        d_ff=40,
+        num_layers=2,
+        num_classes=7,
+        **tokens,
+    )
     source = wt.weights.random_torch(config, seed=9)
     path = wt.save_checkpoint(source, tmp_path / "m", layout=layout)
     prefix = config.num_positioned_prefix
     for grid in [(7, 7), (3, 3)]:
         table = source.pos_embed.detach().numpy()
         expected_table = np.concatenate(
-            [table[:prefix], resample_posemb(table[None, prefix:], grid)[0]])
+            [table[:prefix], resample_posemb(table[None, prefix:], grid)[0]]
+        )
         ours = load_resampled(path, grid, 4)
-        np.testing.assert_allclose(ours.pos_embed.detach().numpy(), expected_table, rtol=0,
-                                   atol=1e-6 * np.abs(expected_table).max())
+        np.testing.assert_allclose(
+            ours.pos_embed.detach().numpy(),
+            expected_table,
+            rtol=0,
+            atol=1e-6 * np.abs(expected_table).max(),
+        )
 
 
 def test_stated_method_overrides_and_is_recorded(tmp_path):
@@ -201,14 +252,17 @@ def test_stated_method_overrides_and_is_recorded(tmp_path):
 
     from weight_transfer.formats.checkpoint import read_checkpoint
 
-    config = ViTConfig(image_size=20, patch_size=4, d_model=24, num_heads=3, d_ff=40,
-                       num_layers=1, num_classes=7)
-    src = wt.save_checkpoint(wt.weights.random_torch(config, seed=10), tmp_path / "t",
-                             layout="timm")
+    config = ViTConfig(
+        image_size=20, patch_size=4, d_model=24, num_heads=3, d_ff=40, num_layers=1, num_classes=7
+    )
+    src = wt.save_checkpoint(
+        wt.weights.random_torch(config, seed=10), tmp_path / "t", layout="timm"
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # both stated: nothing assumed
-        plain = wt.load_checkpoint(src, "torch", image_size=28, interpolation="bicubic",
-                                   antialias=False)
+        plain = wt.load_checkpoint(
+            src, "torch", image_size=28, interpolation="bicubic", antialias=False
+        )
     with pytest.warns(AssumedConfigWarning, match="antialiased .timm's"):
         timms = wt.load_checkpoint(src, "torch", image_size=28)
     assert np.abs(plain.pos_embed.detach().numpy() - timms.pos_embed.detach().numpy()).max() > 1e-3
@@ -227,24 +281,28 @@ def test_arch_takes_the_grid_from_the_file(tmp_path):
     the file's grid wins, and is reported."""
     from safetensors.torch import save_file
 
-    model = randomize(timm.create_model("vit_small_patch16_224", pretrained=False, depth=2,
-                                        img_size=96), seed=11)
+    model = randomize(
+        timm.create_model("vit_small_patch16_224", pretrained=False, depth=2, img_size=96), seed=11
+    )
     path = tmp_path / "bare.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     info = wt.inspect_checkpoint(path, arch="vit_small_patch16_224", overrides={"num_layers": 2})
     assert info["config"]["image_size"] == 96 and "position rows" in info["found"]["image_size"]
-    ours = wt.load_checkpoint(path, "torch", arch="vit_small_patch16_224",
-                              overrides={"num_layers": 2})
+    ours = wt.load_checkpoint(
+        path, "torch", arch="vit_small_patch16_224", overrides={"num_layers": 2}
+    )
     images = random_images(ours.config, 2, seed=1)
     with torch.no_grad():
         assert_close(model.eval()(nchw(images)), run_torch(ours, images), "float32", "arch grid")
 
 
-@pytest.mark.parametrize("size", [0, -16, 30, "12x", 10 ** 9])
+@pytest.mark.parametrize("size", [0, -16, 30, "12x", 10**9])
 def test_bad_sizes_are_refused_before_memory_is_spent(tmp_path, size):
-    config = ViTConfig(image_size=20, patch_size=4, d_model=24, num_heads=3, d_ff=40,
-                       num_layers=1, num_classes=7)
-    src = wt.save_checkpoint(wt.weights.random_torch(config, seed=12), tmp_path / "t",
-                             layout="timm")
+    config = ViTConfig(
+        image_size=20, patch_size=4, d_model=24, num_heads=3, d_ff=40, num_layers=1, num_classes=7
+    )
+    src = wt.save_checkpoint(
+        wt.weights.random_torch(config, seed=12), tmp_path / "t", layout="timm"
+    )
     with pytest.raises(VitParityError, match="image_size|image size"):
         wt.load_checkpoint(src, "torch", image_size=size)

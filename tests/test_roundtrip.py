@@ -1,6 +1,5 @@
 """torch -> nnx -> torch and nnx -> torch -> nnx return every tensor bit for bit."""
 
-
 import numpy as np
 import pytest
 

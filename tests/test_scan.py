@@ -39,8 +39,9 @@ def test_scan_bridges_to_torch_both_ways():
     assert_bit_exact(wt.torch_flat(source), wt.torch_flat(wt.to_torch(scanned)))
     images = random_images(config, 2)
     with jax.default_matmul_precision("highest"):
-        assert_close(run_torch(source, images), run_nnx(scanned, images), "float32",
-                     "torch vs scanned nnx")
+        assert_close(
+            run_torch(source, images), run_nnx(scanned, images), "float32", "torch vs scanned nnx"
+        )
 
 
 def test_scan_init_builds_per_layer_params():

@@ -1,4 +1,5 @@
-"""The seed's entry points, and the NumPy reference forward (`weight_transfer.diagnostics.numpy_ref`)."""
+"""The seed's entry points, and the NumPy reference forward
+(`weight_transfer.diagnostics.numpy_ref`)."""
 
 import jax
 import numpy as np
@@ -48,16 +49,22 @@ def test_seed_cls_variant_tree(image):
 def test_seed_valid_padding_drops_the_remainder():
     """A (5, 5, 3) image with P=2 has (5 // 2) ** 2 = 4 patches, like its (4, 4) crop."""
     big = np.random.default_rng(1).standard_normal((5, 5, 3)).astype(np.float32)
-    np.testing.assert_array_equal(jax_impl.vit_forward(0.0, big, *ARGS),
-                                  jax_impl.vit_forward(0.0, big[:4, :4], *ARGS))
+    np.testing.assert_array_equal(
+        jax_impl.vit_forward(0.0, big, *ARGS), jax_impl.vit_forward(0.0, big[:4, :4], *ARGS)
+    )
 
 
 CASES = [ViTConfig.preset("seed"), ViTConfig.preset("seed").replace(pool="cls")] + [
     tiny(pool=pool, activation=act, qkv_bias=bias)
-    for pool in ("mean", "cls") for act in ("relu", "gelu", "gelu_tanh") for bias in (True, False)]
+    for pool in ("mean", "cls")
+    for act in ("relu", "gelu", "gelu_tanh")
+    for bias in (True, False)
+]
 
 
-@pytest.mark.parametrize("config", CASES, ids=lambda c: f"{c.pool}-{c.activation}-{c.qkv_bias}-{c.image_hw}")
+@pytest.mark.parametrize(
+    "config", CASES, ids=lambda c: f"{c.pool}-{c.activation}-{c.qkv_bias}-{c.image_hw}"
+)
 def test_numpy_reference_agrees_with_both(config):
     model = random_nnx(config, seed=5)
     params = nnx_flat(model)
@@ -76,5 +83,9 @@ def test_numpy_reference_agrees_in_float64(x64):
     config = tiny(pool="mean", activation="gelu")
     model = random_nnx(config, seed=5, dtype="float64")
     image = np.random.default_rng(6).standard_normal((8, 12, 3))
-    assert_close(numpy_ref.forward(nnx_flat(model), image[None], config)["logits"][0], model(image), "float64",
-                 "jax_impl float64 vs NumPy reference")
+    assert_close(
+        numpy_ref.forward(nnx_flat(model), image[None], config)["logits"][0],
+        model(image),
+        "float64",
+        "jax_impl float64 vs NumPy reference",
+    )

@@ -18,9 +18,14 @@ import jax_impl
 import weight_transfer as wt
 from tests.conftest import tiny
 from vit_config import ViTConfig, arch
-from weight_transfer.layouts.timm import TIMM_ARCHS
-from weight_transfer.frameworks.sharding import RULE_SETS, ShardingError, logical_rules, partition_specs
+from weight_transfer.frameworks.sharding import (
+    RULE_SETS,
+    ShardingError,
+    logical_rules,
+    partition_specs,
+)
 from weight_transfer.frameworks.weights import random_torch
+from weight_transfer.layouts.timm import TIMM_ARCHS
 
 HELPER = Path(__file__).parent / "helpers" / "sharded_check.py"
 MULTIHOST = HELPER.parent / "multihost_check.py"
@@ -32,58 +37,75 @@ def run_cases(tmp_path, cases: list[dict]) -> list[dict]:
     """Run `cases` in one child with 8 simulated devices (see helpers/sharded_check.py)."""
     spec = tmp_path / "cases.json"
     spec.write_text(json.dumps(cases))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "PYTHONPATH": str(HELPER.parents[2])}
-    out = subprocess.run([sys.executable, str(HELPER), str(spec)], env=env,
-                         capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "PYTHONPATH": str(HELPER.parents[2]),
+    }
+    out = subprocess.run(
+        [sys.executable, str(HELPER), str(spec)], env=env, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # Each sharding on the mesh it is meant for: 1-D meshes named as users name them, 2-D data x model.
-MESHES = {"replicated": ([8], ["data"]), "fsdp": ([8], ["fsdp"]),
-          "tensor_parallel": ([2, 4], ["data", "model"]), "fsdp_tp": ([2, 4], ["data", "model"])}
+MESHES = {
+    "replicated": ([8], ["data"]),
+    "fsdp": ([8], ["fsdp"]),
+    "tensor_parallel": ([2, 4], ["data", "model"]),
+    "fsdp_tp": ([2, 4], ["data", "model"]),
+}
 AXIS_TYPES = ("explicit", "auto")  # jax.make_mesh's default, and the older Mesh(...) kind
 
 
 def case(path, sharding, axis_type, **more) -> dict:
     shape, names = MESHES[sharding]
-    return dict(path=str(path), sharding=sharding, mesh=shape, names=names,
-                axis_type=axis_type, **more)
+    return dict(
+        path=str(path), sharding=sharding, mesh=shape, names=names, axis_type=axis_type, **more
+    )
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("mesh")
     model = random_torch(CONFIG, seed=9)
-    return {"nnx": wt.save_checkpoint(model, d / "nnx", layout="nnx", max_shard_size="20KB"),
-            "timm": wt.save_checkpoint(model, d / "timm.safetensors", layout="timm"),
-            "orbax": wt.save_checkpoint(model, d / "orbax", layout="orbax")}
+    return {
+        "nnx": wt.save_checkpoint(model, d / "nnx", layout="nnx", max_shard_size="20KB"),
+        "timm": wt.save_checkpoint(model, d / "timm.safetensors", layout="timm"),
+        "orbax": wt.save_checkpoint(model, d / "orbax", layout="orbax"),
+    }
 
 
 # What each sharding does to the plain ViT (d_model 32, 4 heads of 8, d_ff 64, 7 classes), by
 # hand: {parameter: (spec, one device's block)}.
 EXPECTED = {
     "replicated": {"blocks.0.ff1.kernel": ([], [32, 64]), "pos_embed": ([], [7, 32])},
-    "fsdp": {"blocks.0.ff1.kernel": (["fsdp", "None"], [4, 64]),  # embed split, 4 rows each
-             "blocks.0.ff2.kernel": (["None", "fsdp"], [64, 4]),
-             "blocks.0.attn.q.kernel": (["fsdp", "None"], [4, 32]),
-             "blocks.0.ln1.scale": (["fsdp"], [4]),
-             "patch_embed.kernel": (["None", "None", "None", "fsdp"], [4, 4, 3, 4]),
-             "pos_embed": (["None", "fsdp"], [7, 4]),
-             "head.kernel": (["fsdp", "None"], [4, 7]),
-             "head.bias": (["None"], [7])},  # classes are not split
-    "tensor_parallel": {"blocks.0.attn.q.kernel": (["None", "model"], [32, 8]),  # a head each
-                        "blocks.0.attn.q.bias": (["model"], [8]),
-                        "blocks.0.attn.o.kernel": (["model", "None"], [8, 32]),  # row-parallel
-                        "blocks.0.attn.o.bias": (["None"], [32]),
-                        "blocks.0.ff1.kernel": (["None", "model"], [32, 16]),
-                        "blocks.0.ff2.kernel": (["model", "None"], [16, 32]),
-                        "blocks.0.ln1.scale": (["None"], [32]),
-                        "pos_embed": (["None", "None"], [7, 32])},
-    "fsdp_tp": {"blocks.0.ff1.kernel": (["data", "model"], [16, 16]),
-                "blocks.0.attn.o.kernel": (["model", "data"], [8, 16]),
-                "pos_embed": (["None", "data"], [7, 16])},
+    "fsdp": {
+        "blocks.0.ff1.kernel": (["fsdp", "None"], [4, 64]),  # embed split, 4 rows each
+        "blocks.0.ff2.kernel": (["None", "fsdp"], [64, 4]),
+        "blocks.0.attn.q.kernel": (["fsdp", "None"], [4, 32]),
+        "blocks.0.ln1.scale": (["fsdp"], [4]),
+        "patch_embed.kernel": (["None", "None", "None", "fsdp"], [4, 4, 3, 4]),
+        "pos_embed": (["None", "fsdp"], [7, 4]),
+        "head.kernel": (["fsdp", "None"], [4, 7]),
+        "head.bias": (["None"], [7]),
+    },  # classes are not split
+    "tensor_parallel": {
+        "blocks.0.attn.q.kernel": (["None", "model"], [32, 8]),  # a head each
+        "blocks.0.attn.q.bias": (["model"], [8]),
+        "blocks.0.attn.o.kernel": (["model", "None"], [8, 32]),  # row-parallel
+        "blocks.0.attn.o.bias": (["None"], [32]),
+        "blocks.0.ff1.kernel": (["None", "model"], [32, 16]),
+        "blocks.0.ff2.kernel": (["model", "None"], [16, 32]),
+        "blocks.0.ln1.scale": (["None"], [32]),
+        "pos_embed": (["None", "None"], [7, 32]),
+    },
+    "fsdp_tp": {
+        "blocks.0.ff1.kernel": (["data", "model"], [16, 16]),
+        "blocks.0.attn.o.kernel": (["model", "data"], [8, 16]),
+        "pos_embed": (["None", "data"], [7, 16]),
+    },
 }
 
 
@@ -93,8 +115,12 @@ def test_every_sharding_on_both_axis_types_matches_unsharded_torch(tmp_path, fil
     eagerly and under nnx.jit and gives the unsharded torch model's logits; each parameter
     is split as asked. From the NNX file (blocks read straight from its bytes), from timm's
     layout (converted tensor by tensor) and from an Orbax checkpoint (Orbax reads the blocks)."""
-    cases = [case(files[layout], sharding, axis_type, train=layout == "nnx")
-             for layout in ("nnx", "timm", "orbax") for sharding in MESHES for axis_type in AXIS_TYPES]
+    cases = [
+        case(files[layout], sharding, axis_type, train=layout == "nnx")
+        for layout in ("nnx", "timm", "orbax")
+        for sharding in MESHES
+        for axis_type in AXIS_TYPES
+    ]
     for c, r in zip(cases, run_cases(tmp_path, cases), strict=True):
         what = (c["sharding"], c["axis_type"], Path(c["path"]).name)
         assert r["axis_types"] == [c["axis_type"].capitalize()] * len(c["mesh"]), what
@@ -119,12 +145,20 @@ def test_a_mesh_built_by_hand_still_works(tmp_path, files):
 def shrunk(preset: str) -> ViTConfig:
     """A family preset with every feature kept, at sizes 8 devices divide."""
     c = ViTConfig.preset(preset)
-    return dataclasses.replace(c, d_model=32, num_heads=4, d_ff=64, num_layers=2,
-                               image_size=2 * c.patch_size, num_classes=min(c.num_classes, 10))
+    return dataclasses.replace(
+        c,
+        d_model=32,
+        num_heads=4,
+        d_ff=64,
+        num_layers=2,
+        image_size=2 * c.patch_size,
+        num_classes=min(c.num_classes, 10),
+    )
 
 
-FAMILY_PRESETS = sorted(p for p in TIMM_ARCHS if p not in ("vit_ti16", "vit_s16", "vit_b16",
-                                                         "vit_l16", "vit_h14"))
+FAMILY_PRESETS = sorted(
+    p for p in TIMM_ARCHS if p not in ("vit_ti16", "vit_s16", "vit_b16", "vit_l16", "vit_h14")
+)
 
 
 @pytest.mark.slow
@@ -133,10 +167,14 @@ def test_every_family_preset_on_both_axis_types(tmp_path):
     distillation...) on both axis types, fsdp and tensor-parallel, under nnx.jit."""
     cases = []
     for i, preset in enumerate(FAMILY_PRESETS):
-        path = wt.save_checkpoint(random_torch(shrunk(preset), seed=i),
-                                  tmp_path / f"{preset}.safetensors", layout="timm")
-        cases += [case(path, sharding, axis_type, eager=False, preset=preset)
-                  for sharding in ("fsdp", "tensor_parallel") for axis_type in AXIS_TYPES]
+        path = wt.save_checkpoint(
+            random_torch(shrunk(preset), seed=i), tmp_path / f"{preset}.safetensors", layout="timm"
+        )
+        cases += [
+            case(path, sharding, axis_type, eager=False, preset=preset)
+            for sharding in ("fsdp", "tensor_parallel")
+            for axis_type in AXIS_TYPES
+        ]
     for c, r in zip(cases, run_cases(tmp_path, cases), strict=True):
         what = (c["preset"], c["sharding"], c["axis_type"])
         assert r["max_abs"]["jit"] <= 1e-5 * r["scale"], (what, r["max_abs"])
@@ -146,8 +184,10 @@ def test_every_family_preset_on_both_axis_types(tmp_path):
         asked = RULE_SETS[c["sharding"]]
         for key in split:  # and only along the logical axes the rule set splits
             axes = arch.parameters(shrunk(c["preset"]))[key].axes
-            assert all(a == "None" or axes[i] in asked for i, a in enumerate(r["specs"][key])), \
-                (what, key)
+            assert all(a == "None" or axes[i] in asked for i, a in enumerate(r["specs"][key])), (
+                what,
+                key,
+            )
 
 
 @pytest.mark.slow
@@ -159,11 +199,21 @@ def test_two_processes_read_only_their_own_blocks(files, sharding):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "PYTHONPATH": str(HELPER.parents[2])}
-    procs = [subprocess.Popen([sys.executable, str(MULTIHOST), str(files["nnx"]), sharding,
-                               str(i), str(port)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "PYTHONPATH": str(HELPER.parents[2]),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(MULTIHOST), str(files["nnx"]), sharding, str(i), str(port)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=240) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
@@ -177,7 +227,6 @@ def test_two_processes_read_only_their_own_blocks(files, sharding):
             assert r["local_bytes"] < 0.75 * r["global_bytes"]
         else:
             assert r["local_bytes"] == r["global_bytes"]
-
 
 
 def strip(spec: list[str]) -> list[str]:
@@ -202,8 +251,9 @@ def test_flax_derives_the_same_specs_from_the_annotations():
             specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
         flax_specs = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(specs)}
         assert flax_specs == partition_specs(CONFIG, MESH_2D, sharding), sharding
-    assert partition_specs(CONFIG, MESH_2D, "fsdp_tp")["blocks.1.ff1.kernel"] == \
-        PartitionSpec("data", "model")
+    assert partition_specs(CONFIG, MESH_2D, "fsdp_tp")["blocks.1.ff1.kernel"] == PartitionSpec(
+        "data", "model"
+    )
 
 
 def test_scanned_blocks_carry_a_layers_axis():
@@ -226,16 +276,27 @@ def test_own_rules():
     assert specs["blocks.0.attn.q.kernel"] == PartitionSpec(None, None)
 
 
-@pytest.mark.parametrize("mesh, sharding, message", [
-    (AbstractMesh((7,), ("data",)), "fsdp", r"mesh axis 'data' \(size 7\) divides no parameter "
-                                            r"dimension .*embed = 32"),
-    (AbstractMesh((3,), ("model",)), "tensor_parallel", r"size 3\) divides no .*heads = 4, mlp = 64"),
-    (AbstractMesh((8,), ("data",)), "zero3", r"sharding 'zero3': expected one of"),
-    (AbstractMesh((8,), ("data",)), "fsdp_tp", r"needs a 2-D data x model mesh"),
-    (AbstractMesh((2, 4), ("a", "b")), "tensor_parallel", r"none is the model axis"),
-    (MESH_2D, {"embedding": "data"}, r"unknown logical axes \['embedding'\]"),
-    (MESH_2D, {"embed": "fsdp"}, r"mesh axes \['fsdp'\] the mesh does not have"),
-])
+@pytest.mark.parametrize(
+    "mesh, sharding, message",
+    [
+        (
+            AbstractMesh((7,), ("data",)),
+            "fsdp",
+            r"mesh axis 'data' \(size 7\) divides no parameter "
+            r"dimension .*embed = 32",
+        ),
+        (
+            AbstractMesh((3,), ("model",)),
+            "tensor_parallel",
+            r"size 3\) divides no .*heads = 4, mlp = 64",
+        ),
+        (AbstractMesh((8,), ("data",)), "zero3", r"sharding 'zero3': expected one of"),
+        (AbstractMesh((8,), ("data",)), "fsdp_tp", r"needs a 2-D data x model mesh"),
+        (AbstractMesh((2, 4), ("a", "b")), "tensor_parallel", r"none is the model axis"),
+        (MESH_2D, {"embedding": "data"}, r"unknown logical axes \['embedding'\]"),
+        (MESH_2D, {"embed": "fsdp"}, r"mesh axes \['fsdp'\] the mesh does not have"),
+    ],
+)
 def test_bad_sharding_is_refused_before_reading(tmp_path, mesh, sharding, message):
     path = wt.save_checkpoint(random_torch(CONFIG, seed=1), tmp_path / "m.safetensors")
     with pytest.raises(ShardingError, match=message):

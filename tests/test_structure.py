@@ -47,8 +47,12 @@ def test_same_tree_same_names():
     assert isinstance(jm.blocks, nnx.List) and len(jm.blocks) == 2
 
 
-CONFIGS = [tiny(), tiny(pool="mean", qkv_bias=False, num_layers=0),
-           tiny(pool="mean", class_token=True), tiny(num_layers=1, image_size=(4, 16))]
+CONFIGS = [
+    tiny(),
+    tiny(pool="mean", qkv_bias=False, num_layers=0),
+    tiny(pool="mean", class_token=True),
+    tiny(num_layers=1, image_size=(4, 16)),
+]
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -57,15 +61,20 @@ def test_both_models_build_exactly_the_declared_parameters(config):
     hold exactly its parameters with its shapes (the file layer converts from it alone)."""
     declared = {k: p.shape for k, p in arch.parameters(config).items()}
     for scan in (False, True):
-        model = nnx.eval_shape(lambda: jax_impl.ViT(config, rngs=nnx.Rngs(0), scan_layers=scan))
-        built = {".".join(map(str, path)): tuple(v.get_value().shape)
-                 for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+        model = nnx.eval_shape(lambda: jax_impl.ViT(config, rngs=nnx.Rngs(0), scan_layers=scan))  # noqa: B023
+        built = {
+            ".".join(map(str, path)): tuple(v.get_value().shape)
+            for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+        }
         assert built == (nnx_shapes(config, True) if scan and config.num_layers else declared)
     with torch.device("meta"):
         tm = torch_impl.ViT(config)
     assert {k: tuple(v.shape) for k, v in tm.state_dict().items()} == torch_shapes(config)
-    assert sum(p.size for p in arch.parameters(config).values()) == config.num_params() \
+    assert (
+        sum(p.size for p in arch.parameters(config).values())
+        == config.num_params()
         == sum(v.numel() for v in tm.parameters())
+    )
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -92,8 +101,9 @@ def test_converting_and_inspecting_import_no_framework(tmp_path):
     needs no JAX."""
     import weight_transfer as wt
 
-    path = wt.save_checkpoint(random_nnx(tiny(image_size=8), seed=1), tmp_path / "m.safetensors",
-                              layout="timm")
+    path = wt.save_checkpoint(
+        random_nnx(tiny(image_size=8), seed=1), tmp_path / "m.safetensors", layout="timm"
+    )
     code = f"""
 import sys
 from weight_transfer.cli import main
@@ -102,8 +112,12 @@ assert main(["inspect", {str(tmp_path / "o.npz")!r}]) == 0
 print(" ".join(sorted(sys.modules)))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert not {m.split(".")[0] for m in out.stdout.split()[-1:] + out.stdout.split()} & \
-        {"jax", "flax", "jaxlib", "torch"}
+    assert not {m.split(".")[0] for m in out.stdout.split()[-1:] + out.stdout.split()} & {
+        "jax",
+        "flax",
+        "jaxlib",
+        "torch",
+    }
     code = f"""
 import sys, weight_transfer as wt
 model = wt.load_checkpoint({str(path)!r}, "torch")
@@ -115,8 +129,8 @@ print(type(model).__name__, " ".join(sorted(sys.modules)))
 
 
 def test_every_layout_is_detected_from_its_own_keys():
-    from weight_transfer.layouts import LAYOUTS, detect_layout
     from weight_transfer.core.table import oriented
+    from weight_transfer.layouts import LAYOUTS, detect_layout
 
     for config in (tiny(), tiny(pool="mean")):
         for layout in LAYOUTS.values():
@@ -125,8 +139,10 @@ def test_every_layout_is_detected_from_its_own_keys():
 
 
 def test_submodules_are_attributes_of_the_package():
-    code = ("import weight_transfer as wt; print(wt.doctor.diagnose.__name__, "
-            "wt.parity.compare.__name__, wt.training.train_parity.__name__)")
+    code = (
+        "import weight_transfer as wt; print(wt.doctor.diagnose.__name__, "
+        "wt.parity.compare.__name__, wt.training.train_parity.__name__)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["diagnose", "compare", "train_parity"]
 
@@ -136,8 +152,16 @@ def test_every_typed_error_is_a_vit_parity_error():
     from vit_config import ArgumentError, ConfigError, ImageShapeError, VitParityError
     from weight_transfer.cli import UsageError
 
-    for error in (ArgumentError, ConfigError, ImageShapeError, UsageError, wt.CheckpointError,
-                  wt.LayoutError, wt.NonFiniteError, wt.TransferError):
+    for error in (
+        ArgumentError,
+        ConfigError,
+        ImageShapeError,
+        UsageError,
+        wt.CheckpointError,
+        wt.LayoutError,
+        wt.NonFiniteError,
+        wt.TransferError,
+    ):
         assert issubclass(error, VitParityError) and issubclass(error, ValueError), error
 
 
@@ -168,7 +192,8 @@ def package_modules(package: str) -> list[str]:
     if (root / f"{package}.py").is_file():
         return [f"weight_transfer.{package}"]
     return [f"weight_transfer.{package}"] + [
-        f"weight_transfer.{package}.{m.name}" for m in pkgutil.iter_modules([str(root / package)])]
+        f"weight_transfer.{package}.{m.name}" for m in pkgutil.iter_modules([str(root / package)])
+    ]
 
 
 def test_the_framework_free_packages_import_no_framework():
@@ -189,12 +214,17 @@ def test_each_layer_imports_only_the_layers_below_it():
         for module in package_modules(package):
             tree = ast.parse(open(importlib.util.find_spec(module).origin).read())
             for node in tree.body:
-                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
-                    [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                names = (
+                    [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else []
+                )
                 for name in names:
                     parts = name.split(".")
                     if parts[0] == "weight_transfer" and len(parts) > 1:
-                        assert parts[1] in LAYERS[:rank + 1], f"{module} imports {name}"
+                        assert parts[1] in LAYERS[: rank + 1], f"{module} imports {name}"
 
 
 def test_every_module_keeps_its_short_name():
@@ -204,25 +234,56 @@ def test_every_module_keeps_its_short_name():
 
     import weight_transfer as wt
 
-    flat = [m for p in ("core", "formats", "porting", "frameworks", "diagnostics")
-            for m in package_modules(p)[1:]]
+    flat = [
+        m
+        for p in ("core", "formats", "porting", "frameworks", "diagnostics")
+        for m in package_modules(p)[1:]
+    ]
     leaves = [m.rsplit(".", 1)[1] for m in flat]
     assert len(set(leaves)) == len(leaves)
     for module, leaf in zip(flat, leaves, strict=True):
         real = importlib.import_module(module)
-        assert getattr(wt, leaf) is real and importlib.import_module(f"weight_transfer.{leaf}") is real
-    for old in ("bridge", "checkpoint", "conversion", "doctor", "errors", "fileio", "inference",
-                "metrics", "npz_io", "numpy_ref", "orbax_io", "parity", "resample", "runners",
-                "safetensors_io", "sharding", "table", "torch_bridge", "training", "transforms",
-                "weights", "writers", "adapters", "layouts", "porting", "cli"):
+        assert (
+            getattr(wt, leaf) is real and importlib.import_module(f"weight_transfer.{leaf}") is real
+        )
+    for old in (
+        "bridge",
+        "checkpoint",
+        "conversion",
+        "doctor",
+        "errors",
+        "fileio",
+        "inference",
+        "metrics",
+        "npz_io",
+        "numpy_ref",
+        "orbax_io",
+        "parity",
+        "resample",
+        "runners",
+        "safetensors_io",
+        "sharding",
+        "table",
+        "torch_bridge",
+        "training",
+        "transforms",
+        "weights",
+        "writers",
+        "adapters",
+        "layouts",
+        "porting",
+        "cli",
+    ):
         assert hasattr(wt, old), old
 
 
 ROUND_TRIP_CONFIGS = [  # the first each writable layout's library can compute is used
-    dict(), dict(pool="map", class_token=False, num_classes=0),
+    dict(),
+    dict(pool="map", class_token=False, num_classes=0),
     dict(norm_pre=True, patch_bias=False, ln_eps=1e-5, head_bias=False),
     dict(norm_pre=True, patch_bias=False, final_norm="post_pool", head_bias=False),
-    dict(dist_token=True), dict(layer_scale=True, num_classes=0, d_ff=48),
+    dict(dist_token=True),
+    dict(layer_scale=True, num_classes=0, d_ff=48),
 ]
 
 
@@ -241,8 +302,9 @@ def test_every_registered_layout_detects_itself_and_round_trips(tmp_path):
         for changes in ROUND_TRIP_CONFIGS:
             # a layout whose table has no prefix rows holds the class position folded into
             # the token (the same function, not the same bytes): give it none
-            config = tiny(**changes, **({} if layout.prefix_positions else
-                                        {"pos_embed_tokens": "none"}))
+            config = tiny(
+                **changes, **({} if layout.prefix_positions else {"pos_embed_tokens": "none"})
+            )
             try:
                 layout.check_model(config)
                 break
@@ -255,6 +317,7 @@ def test_every_registered_layout_detects_itself_and_round_trips(tmp_path):
         info = wt.inspect_checkpoint(path)
         assert info["layout"] == layout.name, (layout.name, info["layout"])
         back = wt.load_checkpoint(path, "jax", overrides={"num_heads": config.num_heads})
-        assert back.config.same_model(config.replace(
-            **{k: getattr(back.config, k) for k in ("activation", "ln_eps")})), layout.name
+        assert back.config.same_model(
+            config.replace(**{k: getattr(back.config, k) for k in ("activation", "ln_eps")})
+        ), layout.name
         assert_bit_exact(nnx_params(model), nnx_params(back))

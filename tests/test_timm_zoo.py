@@ -54,8 +54,13 @@ def outcome(arch: str, model, args: dict, folder) -> str:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(bare))
     hub = folder / arch
     save_for_hf(model, str(hub), safe_serialization=True)
-    forms = {"state dict + arch": (bare, dict(arch=arch, overrides={
-        "num_layers": 2, "image_size": args["img_size"]})), "Hub folder": (hub, {})}
+    forms = {
+        "state dict + arch": (
+            bare,
+            dict(arch=arch, overrides={"num_layers": 2, "image_size": args["img_size"]}),
+        ),
+        "Hub folder": (hub, {}),
+    }
     for form, (path, hints) in forms.items():
         for framework in ("jax", "torch"):
             try:
@@ -79,22 +84,26 @@ def outcome(arch: str, model, args: dict, folder) -> str:
 
 @pytest.mark.slow
 def test_the_timm_zoo_ports_or_is_refused(tmp_path, capsys):
-    archs = sorted(set(timm.list_models(module="vision_transformer")) |
-                   set(timm.list_models(module="deit")))
+    archs = sorted(
+        set(timm.list_models(module="vision_transformer")) | set(timm.list_models(module="deit"))
+    )
     table = {}
     for arch in archs:
         built = small_timm(arch)
         folder = tmp_path / arch
         folder.mkdir()
-        table[arch] = "timm cannot build it small" if built is None else \
-            outcome(arch, *built, folder)
+        table[arch] = (
+            "timm cannot build it small" if built is None else outcome(arch, *built, folder)
+        )
         shutil.rmtree(folder)  # up to ~1 GB per giant architecture: the disk holds one at a time
     buildable = [a for a, r in table.items() if r != "timm cannot build it small"]
     ported = [a for a in buildable if table[a] == "ported"]
     bad = {a: r for a, r in table.items() if r.startswith(("WRONG", "CRASH"))}
     with capsys.disabled():
-        print(f"\ntimm zoo: {len(archs)} architectures, {len(buildable)} buildable small, "
-              f"{len(ported)} ported both ways ({len(ported) / len(buildable):.0%})")
+        print(
+            f"\ntimm zoo: {len(archs)} architectures, {len(buildable)} buildable small, "
+            f"{len(ported)} ported both ways ({len(ported) / len(buildable):.0%})"
+        )
         for arch, result in table.items():
             print(f"  {arch:55s} {result}")
     assert not bad, bad

@@ -27,7 +27,10 @@ def test_a_different_optimizer_on_one_side_is_caught(monkeypatch):
     import weight_transfer.diagnostics.training as training
 
     real = training._torch_opt
-    monkeypatch.setattr(training, "_torch_opt",
-                        lambda h, params: real(Hyper(**{**h.__dict__, "lr": 2 * h.lr}), params))
+    monkeypatch.setattr(
+        training,
+        "_torch_opt",
+        lambda h, params: real(Hyper(**{**h.__dict__, "lr": 2 * h.lr}), params),
+    )
     report = train_parity(Hyper(optimizer="sgd", lr=0.1, steps=30))
     assert not report.passed and report.loss_gap > report.loss_bound

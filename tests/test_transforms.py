@@ -6,14 +6,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import tiny
 from weight_transfer.core import transforms as T
 from weight_transfer.core.table import nnx_torch
-from tests.conftest import tiny
 
 
 def arrays(rank, shape=None):
     return st.lists(st.integers(1, 5), min_size=rank, max_size=rank).map(
-        lambda s: np.random.default_rng(sum(s)).standard_normal(shape or s).astype(np.float32))
+        lambda s: np.random.default_rng(sum(s)).standard_normal(shape or s).astype(np.float32)
+    )
 
 
 PAIRS = {
@@ -33,8 +34,11 @@ def test_pair_round_trips(name, data):
     transform, rank = PAIRS[name]
     if rank is None:  # head splits need a dimension divisible by heads=3
         d = 3 * data.draw(st.integers(1, 4))
-        shape = {"heads_in": (data.draw(st.integers(1, 5)), d), "heads_out": (d, 4),
-                 "bias_heads": (d,)}[name]
+        shape = {
+            "heads_in": (data.draw(st.integers(1, 5)), d),
+            "heads_out": (d, 4),
+            "bias_heads": (d,),
+        }[name]
         x = np.random.default_rng(d).standard_normal(shape).astype(np.float32)
     else:
         x = data.draw(arrays(rank))

@@ -41,8 +41,9 @@ class Attention(nn.Module):
     """Multi-head attention from four Linear projections, through F.scaled_dot_product_attention:
     self-attention, or cross-attention from `x` to `context` (the MAP head's probe)."""
 
-    def __init__(self, c: ViTConfig, *, bias: bool = True, proj_bias: bool = True,
-                 qk_norm: bool = False):
+    def __init__(
+        self, c: ViTConfig, *, bias: bool = True, proj_bias: bool = True, qk_norm: bool = False
+    ):
         super().__init__()
         self.num_heads = c.num_heads
         d = c.d_model
@@ -168,20 +169,28 @@ class ViT(nn.Module):
         """(B, N, D) patch tokens -> (B, T, D): prefix tokens [cls, dist, registers] joined and
         positions added to the tokens `pos_embed_tokens` says."""
         c, b = self.config, x.shape[0]
-        prefix = [getattr(self, name).expand(b, -1, -1)
-                  for name, on in (("cls_token", c.class_token), ("dist_token", c.dist_token),
-                                   ("reg_tokens", c.reg_tokens)) if on]  # (B, n, D) each
+        prefix = [
+            getattr(self, name).expand(b, -1, -1)
+            for name, on in (
+                ("cls_token", c.class_token),
+                ("dist_token", c.dist_token),
+                ("reg_tokens", c.reg_tokens),
+            )
+            if on
+        ]  # (B, n, D) each
         if c.pos_embed_tokens == "all":
             return torch.cat([*prefix, x], dim=1) + self.pos_embed
         if c.pos_embed_tokens == "none":
             return torch.cat([*prefix, x + self.pos_embed], dim=1)
-        cls_and_patches = torch.cat([prefix[0], x], dim=1) + self.pos_embed  # "cls": others join after
+        cls_and_patches = (
+            torch.cat([prefix[0], x], dim=1) + self.pos_embed
+        )  # "cls": others join after
         return torch.cat([cls_and_patches[:, :1], *prefix[1:], cls_and_patches[:, 1:]], dim=1)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, D) (or (B, 2D) for "cls_mean"); prefix tokens other than the class
         token are never pooled."""
-        pool, patches = self.config.pool, x[:, self.config.num_prefix_tokens:]
+        pool, patches = self.config.pool, x[:, self.config.num_prefix_tokens :]
         if pool == "cls":
             return x[:, 0]
         if pool == "mean":

@@ -11,8 +11,17 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ACTIVATIONS", "POOLS", "PRESETS", "ArgumentError", "ConfigError", "ImageShapeError", "ViTConfig",
-           "VitParityError", "check_image_shape"]
+__all__ = [
+    "ACTIVATIONS",
+    "POOLS",
+    "PRESETS",
+    "ArgumentError",
+    "ConfigError",
+    "ImageShapeError",
+    "ViTConfig",
+    "VitParityError",
+    "check_image_shape",
+]
 
 POOLS = ("cls", "mean", "map", "cls_mean")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "quick_gelu", "silu")
@@ -24,8 +33,19 @@ CHOICES = {  # every field with a fixed set of values
     "norm": ("layernorm", "rmsnorm"),
     "mlp": ("mlp", "swiglu", "swiglu_packed"),
 }
-BOOLS = ("qkv_bias", "class_token", "dist_token", "norm_pre", "patch_norm", "layer_scale",
-         "qk_norm", "proj_bias", "mlp_bias", "patch_bias", "head_bias")
+BOOLS = (
+    "qkv_bias",
+    "class_token",
+    "dist_token",
+    "norm_pre",
+    "patch_norm",
+    "layer_scale",
+    "qk_norm",
+    "proj_bias",
+    "mlp_bias",
+    "patch_bias",
+    "head_bias",
+)
 
 
 class VitParityError(ValueError):
@@ -76,7 +96,8 @@ class ViTConfig:
     activation: str = "gelu"
     # Norm epsilon: flax and timm 1e-6, torch nn.LayerNorm default 1e-5 (CLIP), HF ViT 1e-12.
     ln_eps: float = 1e-6
-    # Bias on the query, key and value projections (timm qkv_bias); the output projection always has one.
+    # Bias on the query, key and value projections (timm qkv_bias); the output projection
+    # always has one.
     qkv_bias: bool = True
     # A learned class token before the patch tokens (ViT paper, timm class_token). Independent
     # of pooling; None means "as the pooling implies": present for the pools that read it
@@ -127,38 +148,58 @@ class ViTConfig:
         size = self.image_size
         sides = size if isinstance(size, tuple) else (size,)
         if len(sides) not in (1, 2) or not all(_is_positive_int(s) for s in sides):
-            raise ConfigError("image_size", size, "expected a positive int or a (H, W) pair of them")
+            raise ConfigError(
+                "image_size", size, "expected a positive int or a (H, W) pair of them"
+            )
         for name in ("patch_size", "in_channels", "d_model", "num_heads", "d_ff"):
             if not _is_positive_int(getattr(self, name)):
                 raise ConfigError(name, getattr(self, name), "expected a positive int")
         for name in ("num_layers", "num_classes", "reg_tokens"):
-            if not (isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool)
-                    and getattr(self, name) >= 0):
+            if not (
+                isinstance(getattr(self, name), int)
+                and not isinstance(getattr(self, name), bool)
+                and getattr(self, name) >= 0
+            ):
                 raise ConfigError(name, getattr(self, name), "expected an int >= 0")
         if self.d_model % self.num_heads:
-            raise ConfigError("d_model", self.d_model,
-                              f"not divisible by num_heads={self.num_heads}")
+            raise ConfigError(
+                "d_model", self.d_model, f"not divisible by num_heads={self.num_heads}"
+            )
         for side in self.image_hw:
             if side % self.patch_size:
-                raise ConfigError("image_size", size,
-                                  f"side {side} is not divisible by patch_size={self.patch_size}")
+                raise ConfigError(
+                    "image_size",
+                    size,
+                    f"side {side} is not divisible by patch_size={self.patch_size}",
+                )
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ConfigError(name, getattr(self, name), f"expected one of {choices}")
-        if isinstance(self.ln_eps, bool) or not isinstance(self.ln_eps, (int, float)) \
-                or not (0 < self.ln_eps < 1) or not math.isfinite(self.ln_eps):
+        if (
+            isinstance(self.ln_eps, bool)
+            or not isinstance(self.ln_eps, (int, float))
+            or not (0 < self.ln_eps < 1)
+            or not math.isfinite(self.ln_eps)
+        ):
             raise ConfigError("ln_eps", self.ln_eps, "expected a float in (0, 1)")
         for name in BOOLS:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, getattr(self, name), "expected a bool")
-        needs_class_token = {"pool": self.pool in ("cls", "cls_mean"), "dist_token": self.dist_token,
-                             "pos_embed_tokens": self.pos_embed_tokens == "cls"}
+        needs_class_token = {
+            "pool": self.pool in ("cls", "cls_mean"),
+            "dist_token": self.dist_token,
+            "pos_embed_tokens": self.pos_embed_tokens == "cls",
+        }
         for name, needs in needs_class_token.items():
             if needs and not self.class_token:
                 raise ConfigError(name, getattr(self, name), "needs class_token=True")
         if self.dist_token and (self.pool != "cls" or self.num_classes == 0):
-            raise ConfigError("dist_token", True, "the distillation head averages with the class "
-                              "token's head: needs pool='cls' and num_classes > 0")
+            raise ConfigError(
+                "dist_token",
+                True,
+                "the distillation head averages with the class "
+                "token's head: needs pool='cls' and num_classes > 0",
+            )
         if self.final_norm == "post_pool" and self.pool == "map":
             raise ConfigError("final_norm", self.final_norm, "MAP pooling has its own norm")
 
@@ -222,7 +263,7 @@ class ViTConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ViTConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -233,22 +274,22 @@ class ViTConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ViTConfig":
+    def from_json(cls, text: str) -> ViTConfig:
         return cls.from_dict(json.loads(text))
 
-    def replace(self, **changes: Any) -> "ViTConfig":
+    def replace(self, **changes: Any) -> ViTConfig:
         """A copy with `changes`; a new `pool` without `class_token` re-derives the token from
         the pooling, as construction does."""
         if "pool" in changes:
             changes.setdefault("class_token", None)
         return dataclasses.replace(self, **changes)
 
-    def same_model(self, other: "ViTConfig") -> bool:
+    def same_model(self, other: ViTConfig) -> bool:
         """The same function: equal, a square image size written as N or (N, N) alike."""
         return self.replace(image_size=self.image_hw) == other.replace(image_size=other.image_hw)
 
     @classmethod
-    def preset(cls, name: str) -> "ViTConfig":
+    def preset(cls, name: str) -> ViTConfig:
         if name not in PRESETS:
             raise ConfigError("preset", name, f"unknown preset; known: {sorted(PRESETS)}")
         return cls(**PRESETS[name])
@@ -267,8 +308,18 @@ _SIGLIP = dict(image_size=224, num_classes=0, pool="map", activation="gelu")  # 
 _DINOV2 = dict(image_size=518, patch_size=14, num_classes=0, layer_scale=True)
 PRESETS: dict[str, dict[str, Any]] = {
     # The seed's toy: 4x4x3 images, P=2 (4 patches), mean pool, ReLU, flax LayerNorm eps.
-    "seed": dict(image_size=4, patch_size=2, d_model=8, num_heads=2, d_ff=16, num_layers=2,
-                 num_classes=5, pool="mean", activation="relu", ln_eps=1e-6),
+    "seed": dict(
+        image_size=4,
+        patch_size=2,
+        d_model=8,
+        num_heads=2,
+        d_ff=16,
+        num_layers=2,
+        num_classes=5,
+        pool="mean",
+        activation="relu",
+        ln_eps=1e-6,
+    ),
     "vit_ti16": dict(_PAPER, patch_size=16, d_model=192, num_heads=3, d_ff=768, num_layers=12),
     "vit_s16": dict(_PAPER, patch_size=16, d_model=384, num_heads=6, d_ff=1536, num_layers=12),
     "vit_b16": dict(_PAPER, patch_size=16, **_B),
@@ -280,25 +331,58 @@ PRESETS: dict[str, dict[str, Any]] = {
     "clip_b16_quickgelu": dict(_CLIP, num_classes=512, activation="quick_gelu"),
     "siglip_b16": dict(_SIGLIP, patch_size=16, **_B),
     "siglip_b16_gap": dict(_SIGLIP, patch_size=16, **_B, pool="mean"),
-    "siglip_so400m14": dict(_SIGLIP, patch_size=14, d_model=1152, num_heads=16, d_ff=4304,
-                            num_layers=27),
+    "siglip_so400m14": dict(
+        _SIGLIP, patch_size=14, d_model=1152, num_heads=16, d_ff=4304, num_layers=27
+    ),
     "dinov2_s14": dict(_DINOV2, d_model=384, num_heads=6, d_ff=1536, num_layers=12),
     "dinov2_b14": dict(_DINOV2, **_B),
     "dinov2_l14": dict(_DINOV2, d_model=1024, num_heads=16, d_ff=4096, num_layers=24),
-    "dinov2_g14": dict(_DINOV2, d_model=1536, num_heads=24, d_ff=4096, num_layers=40,
-                       mlp="swiglu_packed", activation="silu"),
+    "dinov2_g14": dict(
+        _DINOV2,
+        d_model=1536,
+        num_heads=24,
+        d_ff=4096,
+        num_layers=40,
+        mlp="swiglu_packed",
+        activation="silu",
+    ),
     # timm folds the class token's position into the token (pos_embed covers patches only)
     "dinov2_b14_reg4": dict(_DINOV2, **_B, reg_tokens=4, pos_embed_tokens="none"),
     "deit_b16_distilled": dict(_PAPER, patch_size=16, **_B, dist_token=True),
     "deit3_b16": dict(_PAPER, patch_size=16, **_B, layer_scale=True, pos_embed_tokens="none"),
-    "vit_medium_reg4_gap": dict(_PAPER, image_size=256, patch_size=16, d_model=512, num_heads=8,
-                                d_ff=2048, num_layers=12, pool="mean", class_token=False,
-                                reg_tokens=4, pos_embed_tokens="none", layer_scale=True,
-                                final_norm="post_pool"),
-    "aimv2_l14": dict(image_size=224, patch_size=14, d_model=1024, num_heads=8, d_ff=2816,
-                      num_layers=24, num_classes=0, pool="mean", norm="rmsnorm", ln_eps=1e-5,
-                      mlp="swiglu", activation="silu", patch_norm=True, qkv_bias=False,
-                      proj_bias=False, mlp_bias=False),
+    "vit_medium_reg4_gap": dict(
+        _PAPER,
+        image_size=256,
+        patch_size=16,
+        d_model=512,
+        num_heads=8,
+        d_ff=2048,
+        num_layers=12,
+        pool="mean",
+        class_token=False,
+        reg_tokens=4,
+        pos_embed_tokens="none",
+        layer_scale=True,
+        final_norm="post_pool",
+    ),
+    "aimv2_l14": dict(
+        image_size=224,
+        patch_size=14,
+        d_model=1024,
+        num_heads=8,
+        d_ff=2816,
+        num_layers=24,
+        num_classes=0,
+        pool="mean",
+        norm="rmsnorm",
+        ln_eps=1e-5,
+        mlp="swiglu",
+        activation="silu",
+        patch_norm=True,
+        qkv_bias=False,
+        proj_bias=False,
+        mlp_bias=False,
+    ),
 }
 
 
@@ -310,15 +394,21 @@ def check_image_shape(shape: tuple[int, ...], config: ViTConfig, layout: str) ->
     """Validate an image shape in `layout` ("NHWC" or "NCHW"); return True when batched."""
     shape = tuple(shape)
     if len(shape) not in (3, 4):
-        raise ImageShapeError(f"expected a {layout[1:]} image or a {layout} batch (rank 3 or 4), "
-                              f"got shape {shape} (rank {len(shape)})")
+        raise ImageShapeError(
+            f"expected a {layout[1:]} image or a {layout} batch (rank 3 or 4), "
+            f"got shape {shape} (rank {len(shape)})"
+        )
     names = layout if len(shape) == 4 else layout[1:]
     dims = dict(zip(names, shape, strict=True))
     if dims["C"] != config.in_channels:
-        raise ImageShapeError(f"expected C={config.in_channels} in {names} layout, got shape "
-                              f"{shape} with C={dims['C']}")
+        raise ImageShapeError(
+            f"expected C={config.in_channels} in {names} layout, got shape "
+            f"{shape} with C={dims['C']}"
+        )
     if (dims["H"], dims["W"]) != config.image_hw:
-        raise ImageShapeError(f"expected H, W = {config.image_hw} in {names} layout "
-                              f"(config.image_size), got shape {shape} with H, W = "
-                              f"{(dims['H'], dims['W'])}")
+        raise ImageShapeError(
+            f"expected H, W = {config.image_hw} in {names} layout "
+            f"(config.image_size), got shape {shape} with H, W = "
+            f"{(dims['H'], dims['W'])}"
+        )
     return len(shape) == 4

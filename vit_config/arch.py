@@ -24,8 +24,18 @@ KINDS = ("conv", "kernel", "bias", "scale", "embedding")  # scale: norm gains an
 # The logical axis of each parameter dimension, the names sharding rules map to mesh axes (the
 # Flax way: `nnx.logical_axis_rules` + `nnx.get_partition_spec`). "heads" is a flattened
 # (num_heads * head_dim) axis, head-major; "layers" leads the scanned blocks' stacked parameters.
-AXES = ("layers", "patch_height", "patch_width", "channels", "tokens", "embed", "heads",
-        "head_dim", "mlp", "classes")
+AXES = (
+    "layers",
+    "patch_height",
+    "patch_width",
+    "channels",
+    "tokens",
+    "embed",
+    "heads",
+    "head_dim",
+    "mlp",
+    "classes",
+)
 
 
 @dataclass(frozen=True)
@@ -56,16 +66,22 @@ class Layer:
 
 def conv(path: str, c_in: int, c_out: int, patch: int, bias: bool = True) -> Layer:
     """A patch embedding: kernel HWIO, (p, p, C, D)."""
-    params = {"kernel": Param((patch, patch, c_in, c_out), "conv",
-                              ("patch_height", "patch_width", "channels", "embed"),
-                              patch * patch * c_in)}
+    params = {
+        "kernel": Param(
+            (patch, patch, c_in, c_out),
+            "conv",
+            ("patch_height", "patch_width", "channels", "embed"),
+            patch * patch * c_in,
+        )
+    }
     if bias:
         params["bias"] = Param((c_out,), "bias", ("embed",))
     return Layer(path, "conv", params)
 
 
-def linear(path: str, d_in: int, d_out: int, bias: bool = True,
-           axes: tuple[str, str] = ("embed", "embed")) -> Layer:
+def linear(
+    path: str, d_in: int, d_out: int, bias: bool = True, axes: tuple[str, str] = ("embed", "embed")
+) -> Layer:
     """A dense layer: kernel (in, out), its logical axes `axes`."""
     params = {"kernel": Param((d_in, d_out), "kernel", axes, d_in)}
     if bias:
@@ -81,9 +97,10 @@ def norm(path: str, d: int, kind: str = "layernorm", axis: str = "embed") -> Lay
     return Layer(path, "norm", params)
 
 
-def param(path: str, *shape: int, kind: str = "embedding",
-          axes: tuple[str, ...] = ("tokens", "embed")) -> Layer:
-    return Layer(path, "param", {"": Param(tuple(shape), kind, axes[-len(shape):])})
+def param(
+    path: str, *shape: int, kind: str = "embedding", axes: tuple[str, ...] = ("tokens", "embed")
+) -> Layer:
+    return Layer(path, "param", {"": Param(tuple(shape), kind, axes[-len(shape) :])})
 
 
 def mlp_layers(c: ViTConfig, prefix: str, bias: bool, gated: bool) -> list[Layer]:
@@ -91,19 +108,23 @@ def mlp_layers(c: ViTConfig, prefix: str, bias: bool, gated: bool) -> list[Layer
     d, f = c.d_model, c.d_ff
     up, down = ("embed", "mlp"), ("mlp", "embed")
     names = ("ff1",) if not gated else ("ff1_g", "ff1_x")
-    return [*(linear(f"{prefix}.{n}", d, f, bias, up) for n in names),
-            linear(f"{prefix}.ff2", f, d, bias, down)]
+    return [
+        *(linear(f"{prefix}.{n}", d, f, bias, up) for n in names),
+        linear(f"{prefix}.ff2", f, d, bias, down),
+    ]
 
 
-def attention_layers(c: ViTConfig, prefix: str, bias: bool = True, proj_bias: bool = True,
-                     qk_norm: bool = False) -> list[Layer]:
+def attention_layers(
+    c: ViTConfig, prefix: str, bias: bool = True, proj_bias: bool = True, qk_norm: bool = False
+) -> list[Layer]:
     """Four projections (q, k, v column-parallel over heads, o row-parallel), optional q/k
     norms over head_dim between them."""
     d, heads = c.d_model, ("embed", "heads")
-    return [*(linear(f"{prefix}.{n}", d, d, bias, heads) for n in "qkv"),
-            *(norm(f"{prefix}.{n}_norm", c.head_dim, c.norm, "head_dim")
-              for n in "qk" if qk_norm),
-            linear(f"{prefix}.o", d, d, proj_bias, heads[::-1])]
+    return [
+        *(linear(f"{prefix}.{n}", d, d, bias, heads) for n in "qkv"),
+        *(norm(f"{prefix}.{n}_norm", c.head_dim, c.norm, "head_dim") for n in "qk" if qk_norm),
+        linear(f"{prefix}.o", d, d, proj_bias, heads[::-1]),
+    ]
 
 
 def block_layers(c: ViTConfig, prefix: str) -> list[Layer]:
@@ -125,10 +146,12 @@ def map_layers(c: ViTConfig, prefix: str = "map") -> list[Layer]:
     probe attends to the patch tokens, then y + mlp(norm(y)). Biases always on; the MLP is a
     plain one as wide as the encoder's, whatever the blocks use."""
     d = c.d_model
-    return [param(f"{prefix}.probe", 1, d),
-            *attention_layers(c, f"{prefix}.attn"),
-            norm(f"{prefix}.norm", d, c.norm),
-            *mlp_layers(c, prefix, True, gated=False)]
+    return [
+        param(f"{prefix}.probe", 1, d),
+        *attention_layers(c, f"{prefix}.attn"),
+        norm(f"{prefix}.norm", d, c.norm),
+        *mlp_layers(c, prefix, True, gated=False),
+    ]
 
 
 def layers(c: ViTConfig) -> list[Layer]:
@@ -178,7 +201,9 @@ def parameters(c: ViTConfig) -> dict[str, Param]:
 
 def block_template(c: ViTConfig) -> dict[str, Param]:
     """The parameters of one block, keyed by path below `blocks.{i}.`."""
-    return {k.removeprefix("b."): p for layer in block_layers(c, "b") for k, p in layer.flat().items()}
+    return {
+        k.removeprefix("b."): p for layer in block_layers(c, "b") for k, p in layer.flat().items()
+    }
 
 
 def intermediates(c: ViTConfig) -> list[str]:

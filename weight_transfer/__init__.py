@@ -28,17 +28,37 @@ from pathlib import Path
 
 _EXPORTS = {
     "weight_transfer.frameworks.bridge": [
-        "nchw_to_nhwc", "nhwc_to_nchw", "nnx_flat", "nnx_from_flat", "nnx_state_to_state_dict",
-        "nnx_to_torch_flat", "state_dict_to_nnx_state", "to_nnx", "to_torch", "torch_flat",
-        "torch_from_state_dict", "torch_to_nnx_flat", "stack_layers", "unstack_layers",
-        "nnx_loop_flat"],
+        "nchw_to_nhwc",
+        "nhwc_to_nchw",
+        "nnx_flat",
+        "nnx_from_flat",
+        "nnx_state_to_state_dict",
+        "nnx_to_torch_flat",
+        "state_dict_to_nnx_state",
+        "to_nnx",
+        "to_torch",
+        "torch_flat",
+        "torch_from_state_dict",
+        "torch_to_nnx_flat",
+        "stack_layers",
+        "unstack_layers",
+        "nnx_loop_flat",
+    ],
     "weight_transfer.core.table": ["Rule", "nnx_torch"],
     "weight_transfer.core.transforms": ["Transform"],
-    "weight_transfer.core.errors": ["CheckpointError", "LayoutError", "NonFiniteError",
-                                    "TransferError"],
+    "weight_transfer.core.errors": [
+        "CheckpointError",
+        "LayoutError",
+        "NonFiniteError",
+        "TransferError",
+    ],
     "weight_transfer.layouts": ["LAYOUTS"],
-    "weight_transfer.porting": ["convert", "inspect_checkpoint", "load_checkpoint",
-                                "save_checkpoint"],
+    "weight_transfer.porting": [
+        "convert",
+        "inspect_checkpoint",
+        "load_checkpoint",
+        "save_checkpoint",
+    ],
     "vit_config": ["VitParityError"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -53,8 +73,11 @@ def _modules() -> dict[str, str]:
     """{short name: dotted module}: the packages, the top-level modules, and every module of
     `_FLAT_PACKAGES` by its own name (read from the folders; nothing is imported)."""
     here = Path(__file__).parent
-    found = {m.name: f"{__name__}.{m.name}" for m in pkgutil.iter_modules([str(here)])
-             if m.name != "__main__"}
+    found = {
+        m.name: f"{__name__}.{m.name}"
+        for m in pkgutil.iter_modules([str(here)])
+        if m.name != "__main__"
+    }
     for package in _FLAT_PACKAGES:
         for m in pkgutil.iter_modules([str(here / package)]):
             found.setdefault(m.name, f"{__name__}.{package}.{m.name}")

@@ -25,8 +25,9 @@ class UsageError(ArgumentError):
 def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     cells = [[title for _, title in columns]] + [[_fmt(r[k]) for k, _ in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                     for row in cells)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
 
 
 def _fmt(v) -> str:
@@ -88,21 +89,30 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     loaded = None  # the checkpoint in both frameworks, reused by --grads
     if args.checkpoint:
-        from weight_transfer.porting import checkpoint_dtypes, load_checkpoint
         from weight_transfer.frameworks.runners import x64_for
+        from weight_transfer.porting import checkpoint_dtypes, load_checkpoint
 
-        kw = dict(layout=args.layout, allow_pickle=args.allow_pickle,
-                  overrides=_overrides(args.set), arch=args.arch)
+        kw = dict(
+            layout=args.layout,
+            allow_pickle=args.allow_pickle,
+            overrides=_overrides(args.set),
+            arch=args.arch,
+        )
         stored = checkpoint_dtypes(args.checkpoint, allow_pickle=args.allow_pickle)
         # float64 weights are checked in float64 (x64 on, for this command only); anything
         # else (float16, bfloat16, mixed) in float32, which holds them exactly.
         dtype = "float64" if stored == {"float64"} else "float32"
         if stored - {dtype}:
-            print(f"{PROG}: note: weights stored as {', '.join(sorted(stored))} are checked in "
-                  f"{dtype}", file=sys.stderr)
+            print(
+                f"{PROG}: note: weights stored as {', '.join(sorted(stored))} are checked in "
+                f"{dtype}",
+                file=sys.stderr,
+            )
         with x64_for(dtype):
-            loaded = (load_checkpoint(args.checkpoint, "jax", dtype=dtype, **kw),
-                      load_checkpoint(args.checkpoint, "torch", dtype=dtype, **kw))
+            loaded = (
+                load_checkpoint(args.checkpoint, "jax", dtype=dtype, **kw),
+                load_checkpoint(args.checkpoint, "torch", dtype=dtype, **kw),
+            )
             _check_batch(args.batch, loaded[0].config)
             results = [parity.check_models(*loaded, seed=args.seed, batch=args.batch)]
         config = loaded[0].config
@@ -115,24 +125,40 @@ def cmd_check(args: argparse.Namespace) -> int:
     ok = all(r.passed for r in results) and (grads is None or not any(g.divergent for g in grads))
     if args.json:
         extra = {"gradients": [asdict(g) for g in grads]} if grads is not None else {}
-        _print_json({"what": what, "config": config.to_dict(), "results": rows, **extra},
-                    precision=True)
+        _print_json(
+            {"what": what, "config": config.to_dict(), "results": rows, **extra}, precision=True
+        )
     else:
-        print(f"parity check: {what} ({config.num_params():,} parameters, "
-              f"{config.num_layers} layers), batch {args.batch}, seed {args.seed}")
-        print(_table(rows, [("direction", "direction"), ("dtype", "dtype"),
-                            ("max_abs_error", "max |diff|"), ("bound", "bound"),
-                            ("passed", "result")]))
+        print(
+            f"parity check: {what} ({config.num_params():,} parameters, "
+            f"{config.num_layers} layers), batch {args.batch}, seed {args.seed}"
+        )
+        print(
+            _table(
+                rows,
+                [
+                    ("direction", "direction"),
+                    ("dtype", "dtype"),
+                    ("max_abs_error", "max |diff|"),
+                    ("bound", "bound"),
+                    ("passed", "result"),
+                ],
+            )
+        )
         if grads is not None:
             bad = [g for g in grads if g.divergent]
-            ratio = lambda g: g.max_abs / g.noise_floor if g.noise_floor else 0.0  # noqa: E731
+            ratio = lambda g: g.max_abs / g.noise_floor if g.noise_floor else 0.0
             worst = max(grads, key=ratio)
-            print(f"gradients of cross-entropy w.r.t. {len(grads) - 1} parameters and the "
-                  f"images (float32, noise floor from float64): {len(bad)} divergent; the "
-                  f"largest gap is {ratio(worst):.2f}x its noise floor ({worst.name})")
+            print(
+                f"gradients of cross-entropy w.r.t. {len(grads) - 1} parameters and the "
+                f"images (float32, noise floor from float64): {len(bad)} divergent; the "
+                f"largest gap is {ratio(worst):.2f}x its noise floor ({worst.name})"
+            )
             for g in bad:
-                print(f"  DIVERGENT {g.name}: max |diff| {g.max_abs:.3e}, floor "
-                      f"{g.noise_floor:.3e}, float64 gap {g.gap64:.3e}")
+                print(
+                    f"  DIVERGENT {g.name}: max |diff| {g.max_abs:.3e}, floor "
+                    f"{g.noise_floor:.3e}, float64 gap {g.gap64:.3e}"
+                )
     return 0 if ok else 1
 
 
@@ -143,11 +169,16 @@ def _check_batch(batch: int, config: ViTConfig | None = None) -> None:
     """A batch size that is positive and whose images fit in memory, refused from arithmetic."""
     if batch < 1:
         raise UsageError(f"--batch {batch}: expected a positive number")
-    if config is not None and batch * config.image_hw[0] * config.image_hw[1] * \
-            config.in_channels * 8 > MAX_IMAGE_BYTES:
-        raise UsageError(f"--batch {batch}: {batch} images of {config.image_hw} x "
-                         f"{config.in_channels} would not fit in memory (limit "
-                         f"{MAX_IMAGE_BYTES:,} bytes)")
+    if (
+        config is not None
+        and batch * config.image_hw[0] * config.image_hw[1] * config.in_channels * 8
+        > MAX_IMAGE_BYTES
+    ):
+        raise UsageError(
+            f"--batch {batch}: {batch} images of {config.image_hw} x "
+            f"{config.in_channels} would not fit in memory (limit "
+            f"{MAX_IMAGE_BYTES:,} bytes)"
+        )
 
 
 def _check_grads(args: argparse.Namespace, config: ViTConfig, loaded=None):
@@ -172,22 +203,36 @@ def _check_grads(args: argparse.Namespace, config: ViTConfig, loaded=None):
 def cmd_convert(args: argparse.Namespace) -> int:
     from weight_transfer.porting import convert
 
-    report = convert(args.src, args.dst, to=args.to, from_=args.layout,
-                     overrides=_overrides(args.set), arch=args.arch,
-                     image_size=_image_size(args.image_size), dtype=args.dtype,
-                     max_shard_size=args.max_shard_size, force=args.force,
-                     allow_pickle=args.allow_pickle, allow_nonfinite=args.allow_nonfinite,
-                     interpolation=args.interpolation, antialias=args.antialias,
-                     progress=None if args.json else progress_bar("converting"))
+    report = convert(
+        args.src,
+        args.dst,
+        to=args.to,
+        from_=args.layout,
+        overrides=_overrides(args.set),
+        arch=args.arch,
+        image_size=_image_size(args.image_size),
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        force=args.force,
+        allow_pickle=args.allow_pickle,
+        allow_nonfinite=args.allow_nonfinite,
+        interpolation=args.interpolation,
+        antialias=args.antialias,
+        progress=None if args.json else progress_bar("converting"),
+    )
     if args.json:
         _print_json(report)
     else:
-        print(f"converted {report['source']} ({report['layout']}) -> {report['output']} "
-              f"({args.to}), {report['tensors']} tensors")
+        print(
+            f"converted {report['source']} ({report['layout']}) -> {report['output']} "
+            f"({args.to}), {report['tensors']} tensors"
+        )
         if "resampled" in report:
             r = report["resampled"]
-            print(f"  resampled positions {'x'.join(map(str, r['from_grid']))} -> "
-                  f"{'x'.join(map(str, r['to_grid']))} patches, {r['method']}")
+            print(
+                f"  resampled positions {'x'.join(map(str, r['from_grid']))} -> "
+                f"{'x'.join(map(str, r['to_grid']))} patches, {r['method']}"
+            )
         _print_provenance(report, assumed=False)  # assumptions were announced on stderr
     return 0
 
@@ -219,14 +264,21 @@ def _print_provenance(report: dict, *, assumed: bool = True) -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from weight_transfer.porting import inspect_checkpoint
 
-    info = inspect_checkpoint(args.checkpoint, layout=args.layout, allow_pickle=args.allow_pickle,
-                              overrides=_overrides(args.set), arch=args.arch)
+    info = inspect_checkpoint(
+        args.checkpoint,
+        layout=args.layout,
+        allow_pickle=args.allow_pickle,
+        overrides=_overrides(args.set),
+        arch=args.arch,
+    )
     if args.json:
         _print_json(info)
         return 0
     print(f"{info['path']}: {info['layout_description']} ({info['layout']})")
-    print(f"  parameters {info['parameters']:,} (config implies {info['expected_parameters']:,}), "
-          f"{info['tensors']} tensors, {info['bytes']:,} bytes, dtypes {info['dtypes']}")
+    print(
+        f"  parameters {info['parameters']:,} (config implies {info['expected_parameters']:,}), "
+        f"{info['tensors']} tensors, {info['bytes']:,} bytes, dtypes {info['dtypes']}"
+    )
     print("  config " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
     _print_provenance(info)
     for key, n in info["nonfinite"].items():
@@ -241,27 +293,39 @@ def _load_pair(args: argparse.Namespace, reference=None):
     config is read first (headers only), so a CAND that cannot pair is refused before any
     tensor is read."""
     from weight_transfer.formats.checkpoint import read_checkpoint
-    from weight_transfer.porting.inference import infer_config
+    from weight_transfer.frameworks.runners import random_images
     from weight_transfer.layouts import get_layout
     from weight_transfer.porting import load_checkpoint
-    from weight_transfer.frameworks.runners import random_images
+    from weight_transfer.porting.inference import infer_config
 
-    kw = dict(layout=args.layout, allow_pickle=args.allow_pickle,
-              overrides=_overrides(args.set), arch=args.arch)
+    kw = dict(
+        layout=args.layout,
+        allow_pickle=args.allow_pickle,
+        overrides=_overrides(args.set),
+        arch=args.arch,
+    )
     _check_batch(args.batch)
     source = read_checkpoint(args.candidate, allow_pickle=args.allow_pickle)
     try:
-        cand_config = infer_config(source, get_layout(args.layout) if args.layout else None,
-                                   overrides=kw["overrides"], arch=args.arch).config
+        cand_config = infer_config(
+            source,
+            get_layout(args.layout) if args.layout else None,
+            overrides=kw["overrides"],
+            arch=args.arch,
+        ).config
     finally:
         source.close()
     ref = load_checkpoint(args.reference, args.ref_framework, **kw)
     _check_batch(args.batch, ref.config)
-    if ref.config.image_hw != cand_config.image_hw or \
-            ref.config.in_channels != cand_config.in_channels:
-        raise UsageError(f"the two models take different images: {ref.config.image_hw} x "
-                         f"{ref.config.in_channels} vs {cand_config.image_hw} x "
-                         f"{cand_config.in_channels}")
+    if (
+        ref.config.image_hw != cand_config.image_hw
+        or ref.config.in_channels != cand_config.in_channels
+    ):
+        raise UsageError(
+            f"the two models take different images: {ref.config.image_hw} x "
+            f"{ref.config.in_channels} vs {cand_config.image_hw} x "
+            f"{cand_config.in_channels}"
+        )
     images = random_images(ref.config, args.batch, args.seed)
     if reference is not None:
         ref = reference(ref, images)
@@ -280,13 +344,34 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(report.as_dict(), precision=True)
     else:
-        rows = [dict(layer=l.name, max_abs=l.max_abs, max_rel=l.max_rel, floor=l.noise_floor,
-                     gap64=l.gap64, ok=not l.divergent) for l in report.layers]
-        print(f"layer diff: {report.reference} ({args.reference}) vs {report.candidate} "
-              f"({args.candidate}); JAX precision highest, TF32 off")
-        print(_table(rows, [("layer", "layer"), ("max_abs", "max |diff| f32"),
-                            ("max_rel", "relative"), ("floor", "noise floor"),
-                            ("gap64", "max |diff| f64"), ("ok", "result")]))
+        rows = [
+            dict(
+                layer=l.name,
+                max_abs=l.max_abs,
+                max_rel=l.max_rel,
+                floor=l.noise_floor,
+                gap64=l.gap64,
+                ok=not l.divergent,
+            )
+            for l in report.layers
+        ]
+        print(
+            f"layer diff: {report.reference} ({args.reference}) vs {report.candidate} "
+            f"({args.candidate}); JAX precision highest, TF32 off"
+        )
+        print(
+            _table(
+                rows,
+                [
+                    ("layer", "layer"),
+                    ("max_abs", "max |diff| f32"),
+                    ("max_rel", "relative"),
+                    ("floor", "noise floor"),
+                    ("gap64", "max |diff| f64"),
+                    ("ok", "result"),
+                ],
+            )
+        )
         print(f"first divergence: {report.first_divergence or 'none'}")
     return 0 if report.passed else 1
 
@@ -330,12 +415,20 @@ def plot_report(report, path: str) -> None:
     tiny = 1e-18  # log scale: exact zeros drawn at the bottom
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names)), 4))
     ax.semilogy(x, [max(l.max_abs, tiny) for l in report.layers], "o-", label="float32 gap")
-    ax.semilogy(x, [max(l.noise_floor, tiny) for l in report.layers], "s--",
-                label="noise floor (each side vs its float64)")
+    ax.semilogy(
+        x,
+        [max(l.noise_floor, tiny) for l in report.layers],
+        "s--",
+        label="noise floor (each side vs its float64)",
+    )
     ax.semilogy(x, [max(l.gap64, tiny) for l in report.layers], "^:", label="float64 gap")
     if report.first_divergence:
-        ax.axvline(names.index(report.first_divergence), color="red", alpha=0.4,
-                   label=f"first divergence: {report.first_divergence}")
+        ax.axvline(
+            names.index(report.first_divergence),
+            color="red",
+            alpha=0.4,
+            label=f"first divergence: {report.first_divergence}",
+        )
     ax.set_xticks(list(x), names, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("max |difference|")
     ax.set_title(f"{report.reference} vs {report.candidate}")
@@ -358,9 +451,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         for f in d.findings:
             print(f"  [{f.id}] {f.detail}")
         if d.first_divergence:
-            print("fixed: the findings close the gap" if d.fixed else
-                  f"not fixed: still diverging at {d.remaining} (no single known correction "
-                  "closes it)")
+            print(
+                "fixed: the findings close the gap"
+                if d.fixed
+                else f"not fixed: still diverging at {d.remaining} (no single known correction "
+                "closes it)"
+            )
     return 0 if d.first_divergence is None else 1
 
 
@@ -370,11 +466,22 @@ def cmd_train_parity(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} {getattr(args, name)}: expected a positive number")
     try:
-        from weight_transfer.diagnostics.training import DRIFT_FACTOR, Hyper, plot_losses, train_parity
+        from weight_transfer.diagnostics.training import (
+            DRIFT_FACTOR,
+            Hyper,
+            plot_losses,
+            train_parity,
+        )
     except ImportError as e:
         raise UsageError(str(e)) from None
-    hyper = Hyper(optimizer=args.optimizer, lr=args.lr, steps=args.steps, batch=args.batch,
-                  seed=args.seed, weight_decay=args.weight_decay)
+    hyper = Hyper(
+        optimizer=args.optimizer,
+        lr=args.lr,
+        steps=args.steps,
+        batch=args.batch,
+        seed=args.seed,
+        weight_decay=args.weight_decay,
+    )
     lr = hyper.lr
     try:
         report = train_parity(hyper)
@@ -385,15 +492,23 @@ def cmd_train_parity(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(report.as_dict(), precision=True)
         return 0 if report.passed else 1
-    print(f"training parity: {args.optimizer} (lr {lr:g}), {args.steps} steps of {args.batch} "
-          f"sklearn digits, optax vs torch.optim, same start and batches")
-    print(f"  loss    max gap {report.loss_gap:.3e}  bound {report.loss_bound:.3e} "
-          f"({DRIFT_FACTOR:g} x each side's float32-vs-float64 drift)")
+    print(
+        f"training parity: {args.optimizer} (lr {lr:g}), {args.steps} steps of {args.batch} "
+        f"sklearn digits, optax vs torch.optim, same start and batches"
+    )
+    print(
+        f"  loss    max gap {report.loss_gap:.3e}  bound {report.loss_bound:.3e} "
+        f"({DRIFT_FACTOR:g} x each side's float32-vs-float64 drift)"
+    )
     print(f"  weights max gap {report.weight_gap:.3e}  bound {report.weight_bound:.3e}")
-    print(f"  held-out accuracy jax {report.accuracy['jax']:.4f}  torch "
-          f"{report.accuracy['torch']:.4f}; logits differ by at most {report.logit_gap:.3e}")
-    print(f"  held-out digits predicted differently: {len(report.disagreements)} "
-          f"({len(report.unexplained)} with a top-2 margin beyond the measured drift)")
+    print(
+        f"  held-out accuracy jax {report.accuracy['jax']:.4f}  torch "
+        f"{report.accuracy['torch']:.4f}; logits differ by at most {report.logit_gap:.3e}"
+    )
+    print(
+        f"  held-out digits predicted differently: {len(report.disagreements)} "
+        f"({len(report.unexplained)} with a top-2 margin beyond the measured drift)"
+    )
     print("PASS" if report.passed else "FAIL")
     return 0 if report.passed else 1
 
@@ -401,10 +516,18 @@ def cmd_train_parity(args: argparse.Namespace) -> int:
 def _add_pair_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("reference", help="checkpoint of the reference model")
     p.add_argument("candidate", help="checkpoint of the candidate model")
-    p.add_argument("--ref-framework", choices=["jax", "torch"], default="torch",
-                   help="load the reference into jax_impl or torch_impl (default torch)")
-    p.add_argument("--cand-framework", choices=["jax", "torch"], default="jax",
-                   help="load the candidate into jax_impl or torch_impl (default jax)")
+    p.add_argument(
+        "--ref-framework",
+        choices=["jax", "torch"],
+        default="torch",
+        help="load the reference into jax_impl or torch_impl (default torch)",
+    )
+    p.add_argument(
+        "--cand-framework",
+        choices=["jax", "torch"],
+        default="jax",
+        help="load the candidate into jax_impl or torch_impl (default jax)",
+    )
     p.add_argument("--batch", type=int, default=2, help="random images per batch (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed for the images")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -414,118 +537,190 @@ def _add_pair_options(p: argparse.ArgumentParser) -> None:
 def _add_source_options(p: argparse.ArgumentParser) -> None:
     from weight_transfer.layouts import ALIASES, LAYOUTS
 
-    p.add_argument("--from", dest="layout", choices=[*LAYOUTS, *ALIASES], default=None,
-                   help="layout of the input (detected from the key names by default)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="read .bin/.pth files (torch.load with weights_only=True)")
-    p.add_argument("--arch", metavar="NAME", default=None,
-                   help="the timm architecture the weights belong to (e.g. "
-                   "vit_base_patch16_siglip_224): heads, epsilon, activation, tokens, pooling "
-                   "and norms from timm's registry (needs timm)")
-    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                   help="state a config field the file cannot say, e.g. --set num_heads=16 "
-                   "--set ln_eps=1e-5 --set image_size=384x256 (repeatable)")
+    p.add_argument(
+        "--from",
+        dest="layout",
+        choices=[*LAYOUTS, *ALIASES],
+        default=None,
+        help="layout of the input (detected from the key names by default)",
+    )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read .bin/.pth files (torch.load with weights_only=True)",
+    )
+    p.add_argument(
+        "--arch",
+        metavar="NAME",
+        default=None,
+        help="the timm architecture the weights belong to (e.g. "
+        "vit_base_patch16_siglip_224): heads, epsilon, activation, tokens, pooling "
+        "and norms from timm's registry (needs timm)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="state a config field the file cannot say, e.g. --set num_heads=16 "
+        "--set ln_eps=1e-5 --set image_size=384x256 (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="ViT parity between Flax NNX and PyTorch: check, port, debug.")
+        prog=PROG, description="ViT parity between Flax NNX and PyTorch: check, port, debug."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from weight_transfer.diagnostics.metrics import TOLERANCE
 
-    p = sub.add_parser("check", help="run the same images through both implementations",
-                       description="Fill a preset with random weights on one side, port it to "
-                       "the other, and compare logits in both directions. Exit 1 beyond "
-                       "tolerance (" + ", ".join(f"{k} {v:g}" for k, v in TOLERANCE.items()) +
-                       ", relative to max(1, |logits|)).")
-    p.add_argument("checkpoint", nargs="?", default=None,
-                   help="a checkpoint to load into both implementations (default: a preset "
-                   "with random weights)")
+    p = sub.add_parser(
+        "check",
+        help="run the same images through both implementations",
+        description="Fill a preset with random weights on one side, port it to "
+        "the other, and compare logits in both directions. Exit 1 beyond "
+        "tolerance ("
+        + ", ".join(f"{k} {v:g}" for k, v in TOLERANCE.items())
+        + ", relative to max(1, |logits|)).",
+    )
+    p.add_argument(
+        "checkpoint",
+        nargs="?",
+        default=None,
+        help="a checkpoint to load into both implementations (default: a preset "
+        "with random weights)",
+    )
     _add_source_options(p)
-    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
-                   help=f"model size (default {DEFAULT_PRESET})")
-    p.add_argument("--layers", type=int, default=None,
-                   help="override the preset's number of blocks (faster checks)")
-    p.add_argument("--dtype", nargs="+", default=["float32", "float64"],
-                   choices=list(TOLERANCE), help="dtypes to compare")
+    p.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        choices=sorted(PRESETS),
+        help=f"model size (default {DEFAULT_PRESET})",
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="override the preset's number of blocks (faster checks)",
+    )
+    p.add_argument(
+        "--dtype",
+        nargs="+",
+        default=["float32", "float64"],
+        choices=list(TOLERANCE),
+        help="dtypes to compare",
+    )
     p.add_argument("--batch", type=int, default=2, help="images per batch (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and images")
-    p.add_argument("--grads", action="store_true",
-                   help="also compare gradients w.r.t. every parameter and the images")
+    p.add_argument(
+        "--grads",
+        action="store_true",
+        help="also compare gradients w.r.t. every parameter and the images",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=cmd_check)
 
+    from weight_transfer.core.resample import INTERPOLATIONS
     from weight_transfer.layouts import ALIASES
     from weight_transfer.porting import DTYPES, SAVE_LAYOUTS
-    from weight_transfer.core.resample import INTERPOLATIONS
 
-    p = sub.add_parser("convert", help="convert a checkpoint to another layout",
-                       description="Convert SRC (safetensors, sharded index, HF or timm Hub "
-                       "folder, .npz, Orbax folder, or .bin/.pth with --allow-pickle) to DST in "
-                       "another layout, one tensor at a time; the output appears only when "
-                       "complete. --to timm writes a Hub folder (config.json + "
-                       "model.safetensors, as timm's create_model('local-dir:DST') loads) unless "
-                       "DST ends in .safetensors (a bare state dict); --to orbax writes an Orbax "
-                       "checkpoint folder.")
+    p = sub.add_parser(
+        "convert",
+        help="convert a checkpoint to another layout",
+        description="Convert SRC (safetensors, sharded index, HF or timm Hub "
+        "folder, .npz, Orbax folder, or .bin/.pth with --allow-pickle) to DST in "
+        "another layout, one tensor at a time; the output appears only when "
+        "complete. --to timm writes a Hub folder (config.json + "
+        "model.safetensors, as timm's create_model('local-dir:DST') loads) unless "
+        "DST ends in .safetensors (a bare state dict); --to orbax writes an Orbax "
+        "checkpoint folder.",
+    )
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--to", required=True, choices=[*SAVE_LAYOUTS, *ALIASES],
-                   help="layout to write")
+    p.add_argument("--to", required=True, choices=[*SAVE_LAYOUTS, *ALIASES], help="layout to write")
     _add_source_options(p)
     p.add_argument("--image-size", default=None, help="resample position embeddings to N or HxW")
-    p.add_argument("--interpolation", default=None, choices=INTERPOLATIONS,
-                   help="position resampling (default: the source library's own, printed; "
-                   "timm and open_clip: bicubic antialiased; Hugging Face: bicubic; big_vision "
-                   "and google-research npz: big_vision, scipy's zoom order 1); dinov2 is "
-                   "original DINOv2's scale_factor with +0.1")
-    p.add_argument("--antialias", action=argparse.BooleanOptionalAction, default=None,
-                   help="antialias when resampling (default: as the source library does)")
+    p.add_argument(
+        "--interpolation",
+        default=None,
+        choices=INTERPOLATIONS,
+        help="position resampling (default: the source library's own, printed; "
+        "timm and open_clip: bicubic antialiased; Hugging Face: bicubic; big_vision "
+        "and google-research npz: big_vision, scipy's zoom order 1); dinov2 is "
+        "original DINOv2's scale_factor with +0.1",
+    )
+    p.add_argument(
+        "--antialias",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="antialias when resampling (default: as the source library does)",
+    )
     p.add_argument("--dtype", default=None, choices=DTYPES, help="cast every weight")
-    p.add_argument("--max-shard-size", default=None,
-                   help="split the output into shards of at most this size (e.g. 2GB)")
+    p.add_argument(
+        "--max-shard-size",
+        default=None,
+        help="split the output into shards of at most this size (e.g. 2GB)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf weights")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=cmd_convert)
 
-    p = sub.add_parser("inspect", help="layout, config, parameter count, dtypes of a checkpoint",
-                       description="Describe a checkpoint: detected layout, inferred config "
-                       "(and what was assumed), parameter count, dtypes, sizes, NaN/Inf.")
+    p = sub.add_parser(
+        "inspect",
+        help="layout, config, parameter count, dtypes of a checkpoint",
+        description="Describe a checkpoint: detected layout, inferred config "
+        "(and what was assumed), parameter count, dtypes, sizes, NaN/Inf.",
+    )
     p.add_argument("checkpoint")
     _add_source_options(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(run=cmd_inspect)
 
-    p = sub.add_parser("diff", help="layer-by-layer gaps between two models",
-                       description="Run the same images through REF and CAND; for every named "
-                       "intermediate print the float32 gap, the noise floor (each side against "
-                       "its own float64 run) and the float64 gap; exit 1 if a layer diverges.")
+    p = sub.add_parser(
+        "diff",
+        help="layer-by-layer gaps between two models",
+        description="Run the same images through REF and CAND; for every named "
+        "intermediate print the float32 gap, the noise floor (each side against "
+        "its own float64 run) and the float64 gap; exit 1 if a layer diverges.",
+    )
     _add_pair_options(p)
     p.add_argument("--plot", metavar="FILE.png", help="draw error against depth")
     p.add_argument("--force", action="store_true", help="replace an existing --plot file")
     p.set_defaults(run=cmd_diff)
 
-    p = sub.add_parser("doctor", help="name the fault that makes two models disagree",
-                       description="Find the first divergent layer, then try known corrections "
-                       "(transposed kernels, epsilon, GELU variant, qkv order, head split, "
-                       "pooling...) on the candidate one at a time; report those that close "
-                       "the gap. Exit 1 if the models disagree.")
+    p = sub.add_parser(
+        "doctor",
+        help="name the fault that makes two models disagree",
+        description="Find the first divergent layer, then try known corrections "
+        "(transposed kernels, epsilon, GELU variant, qkv order, head split, "
+        "pooling...) on the candidate one at a time; report those that close "
+        "the gap. Exit 1 if the models disagree.",
+    )
     _add_pair_options(p)
     p.set_defaults(run=cmd_doctor)
 
     from weight_transfer.diagnostics.training import LEARNING_RATES, OPTIMIZERS, Hyper
 
-    p = sub.add_parser("train-parity", help="train in optax and torch.optim side by side",
-                       description="Train the same small ViT on scikit-learn's digits with the "
-                       "same optimiser, start and batches in JAX (optax) and torch; compare "
-                       "losses, weights and held-out predictions against bounds derived from "
-                       "each framework's own float32-vs-float64 drift.")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=Hyper.optimizer,
-                   help="(default %(default)s)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="default " + ", ".join(f"{v:g} ({k})" for k, v in LEARNING_RATES.items()))
-    p.add_argument("--weight-decay", type=float, default=Hyper.weight_decay,
-                   help="AdamW's (decoupled)")
+    p = sub.add_parser(
+        "train-parity",
+        help="train in optax and torch.optim side by side",
+        description="Train the same small ViT on scikit-learn's digits with the "
+        "same optimiser, start and batches in JAX (optax) and torch; compare "
+        "losses, weights and held-out predictions against bounds derived from "
+        "each framework's own float32-vs-float64 drift.",
+    )
+    p.add_argument(
+        "--optimizer", choices=OPTIMIZERS, default=Hyper.optimizer, help="(default %(default)s)"
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="default " + ", ".join(f"{v:g} ({k})" for k, v in LEARNING_RATES.items()),
+    )
+    p.add_argument(
+        "--weight-decay", type=float, default=Hyper.weight_decay, help="AdamW's (decoupled)"
+    )
     p.add_argument("--steps", type=int, default=Hyper.steps, help="(default %(default)s)")
     p.add_argument("--batch", type=int, default=Hyper.batch, help="(default %(default)s)")
     p.add_argument("--seed", type=int, default=Hyper.seed, help="(default %(default)s)")
@@ -604,8 +799,11 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + e.signum
     except Exception:
         traceback.print_exc()
-        print(f"{PROG}: internal error (a bug, not bad input): please report it with the "
-              f"traceback above", file=sys.stderr)
+        print(
+            f"{PROG}: internal error (a bug, not bad input): please report it with the "
+            f"traceback above",
+            file=sys.stderr,
+        )
         return 3
     finally:
         sys.stdout = stdout
@@ -624,8 +822,9 @@ def _one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.filename is None and e.strerror:
         return f"{e.strerror} ({type(e).__name__})"
     head, *items = str(e).splitlines()
-    return head + " " + "; ".join(item.strip().removeprefix("- ") for item in items) \
-        if items else head
+    return (
+        head + " " + "; ".join(item.strip().removeprefix("- ") for item in items) if items else head
+    )
 
 
 if __name__ == "__main__":

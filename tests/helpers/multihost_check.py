@@ -21,8 +21,9 @@ from weight_transfer.frameworks.runners import random_images, run_torch  # noqa:
 
 
 def main(path: str, sharding: str, process_id: int, port: int) -> None:
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
-                               process_id=process_id)
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id
+    )
     assert jax.device_count() == 8 and jax.local_device_count() == 4
     copied = {}  # (key, block index) -> bytes copied out of the file for it
     block_reader = sharding_module._block_reader
@@ -47,19 +48,30 @@ def main(path: str, sharding: str, process_id: int, port: int) -> None:
         logits = nnx.jit(lambda m, x: m(x))(model, x)
     got = multihost_utils.process_allgather(logits, tiled=True)
     want = run_torch(wt.load_checkpoint(path, "torch"), images).numpy()
-    params = {".".join(map(str, path)): var.get_value()
-              for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    local = {(key, _bounds(s.index, v.ndim)): s.data.nbytes
-             for key, v in params.items() for s in v.addressable_shards}
-    print(json.dumps({
-        "process": jax.process_index(),
-        "max_abs": float(np.abs(np.asarray(got) - want).max()),
-        "scale": float(max(1.0, np.abs(want).max())),
-        "copied_blocks_are_local_blocks": copied == local,  # same blocks, same sizes
-        "local_bytes": sum(local.values()),  # each distinct block of this process's devices once
-        "global_bytes": sum(v.nbytes for v in params.values()),
-        "local_devices": sorted(d.id for d in jax.local_devices()),
-    }))
+    params = {
+        ".".join(map(str, path)): var.get_value()
+        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
+    local = {
+        (key, _bounds(s.index, v.ndim)): s.data.nbytes
+        for key, v in params.items()
+        for s in v.addressable_shards
+    }
+    print(
+        json.dumps(
+            {
+                "process": jax.process_index(),
+                "max_abs": float(np.abs(np.asarray(got) - want).max()),
+                "scale": float(max(1.0, np.abs(want).max())),
+                "copied_blocks_are_local_blocks": copied == local,  # same blocks, same sizes
+                "local_bytes": sum(
+                    local.values()
+                ),  # each distinct block of this process's devices once
+                "global_bytes": sum(v.nbytes for v in params.values()),
+                "local_devices": sorted(d.id for d in jax.local_devices()),
+            }
+        )
+    )
     jax.distributed.shutdown()
 
 

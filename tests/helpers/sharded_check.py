@@ -36,10 +36,13 @@ def run_case(case: dict, references: dict) -> dict:
         got = {"jit": nnx.jit(lambda m, x: m(x))(model, split)}
         if case.get("eager", True):
             got["eager"] = model(images)
-    params = {".".join(map(str, path)): var.get_value()
-              for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    params = {
+        ".".join(map(str, path)): var.get_value()
+        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
     trained = train(model, mesh, split) if case.get("train") else {}
-    return {**trained,
+    return {
+        **trained,
         "max_abs": {k: float(np.abs(np.asarray(v) - want).max()) for k, v in got.items()},
         "scale": float(max(1.0, np.abs(want).max())),
         "out_spec": [str(a) for a in got["jit"].sharding.spec],
@@ -56,8 +59,10 @@ def train(model, mesh, images) -> dict:
     optimizer's moments are placed as the parameters are."""
     import optax
 
-    labels = jax.device_put(np.arange(images.shape[0]) % model.config.num_classes,
-                            NamedSharding(mesh, PartitionSpec(mesh.axis_names[0])))
+    labels = jax.device_put(
+        np.arange(images.shape[0]) % model.config.num_classes,
+        NamedSharding(mesh, PartitionSpec(mesh.axis_names[0])),
+    )
     with jax.set_mesh(mesh):
         optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
 

@@ -1,1 +1,2 @@
-"""The rules engine (declarative tables, named inverse transforms), the typed errors and position resampling: NumPy only, no framework."""
+"""The rules engine (declarative tables, named inverse transforms), the typed errors and
+position resampling: NumPy only, no framework."""

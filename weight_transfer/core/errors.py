@@ -19,16 +19,23 @@ class NonFiniteError(VitParityError):
 
 
 class TransferError(VitParityError):
-    """A state that does not fit the target: every missing, unexpected and mis-shaped key at once."""
+    """A state that does not fit the target: every missing, unexpected and mis-shaped key at
+    once."""
 
     SHOWN = 40  # the message lists this many; `.problems` holds them all
 
     def __init__(self, problems: list[str], *, missing=(), unexpected=(), mismatched=()):
         self.problems = list(problems)
-        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
-        shown = self.problems[:self.SHOWN]
+        self.missing, self.unexpected, self.mismatched = (
+            list(missing),
+            list(unexpected),
+            list(mismatched),
+        )
+        shown = self.problems[: self.SHOWN]
         more = len(self.problems) - len(shown)
-        listing = "\n".join(f"  - {p}" for p in shown) + (f"\n  ... and {more} more" if more else "")
+        listing = "\n".join(f"  - {p}" for p in shown) + (
+            f"\n  ... and {more} more" if more else ""
+        )
         super().__init__(f"{len(self.problems)} problem(s) mapping the weights:\n{listing}")
 
 

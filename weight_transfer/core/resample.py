@@ -39,8 +39,9 @@ class Resampling:
 
     def __post_init__(self):
         if self.interpolation not in INTERPOLATIONS:
-            raise ArgumentError(f"interpolation {self.interpolation!r}: expected one of "
-                                f"{INTERPOLATIONS}")
+            raise ArgumentError(
+                f"interpolation {self.interpolation!r}: expected one of {INTERPOLATIONS}"
+            )
         if not isinstance(self.antialias, bool):
             raise ArgumentError(f"antialias {self.antialias!r}: expected a bool")
 
@@ -52,29 +53,40 @@ class Resampling:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d) -> "Resampling":
+    def from_dict(cls, d) -> Resampling:
         if not isinstance(d, dict) or set(d) - {"interpolation", "antialias", "origin"}:
             raise ArgumentError(f"resampling {d!r}: expected interpolation, antialias, origin")
         return cls(**d)
 
-    def stated(self, interpolation: str | None, antialias: bool | None) -> "Resampling":
+    def stated(self, interpolation: str | None, antialias: bool | None) -> Resampling:
         """This method with what the user stated on top (None: keep this one's)."""
         if interpolation is None and antialias is None:
             return self
-        return Resampling(self.interpolation if interpolation is None else interpolation,
-                          self.antialias if antialias is None else antialias, "stated")
+        return Resampling(
+            self.interpolation if interpolation is None else interpolation,
+            self.antialias if antialias is None else antialias,
+            "stated",
+        )
 
 
 # Each library's own, as its loader or forward calls it (read from the installed sources).
-TIMM = Resampling("bicubic", True, "timm's resample_abs_pos_embed, as checkpoint_filter_fn "
-                  "and dynamic_img_size call it")
-HF = Resampling("bicubic", False, "transformers' interpolate_pos_encoding (ViT, DeiT, CLIP, "
-                "SigLIP, DINOv2)")
-HF_DINOV2_REGISTERS = Resampling("bicubic", True, "transformers' Dinov2WithRegisters "
-                                 "interpolate_pos_encoding")
+TIMM = Resampling(
+    "bicubic",
+    True,
+    "timm's resample_abs_pos_embed, as checkpoint_filter_fn and dynamic_img_size call it",
+)
+HF = Resampling(
+    "bicubic", False, "transformers' interpolate_pos_encoding (ViT, DeiT, CLIP, SigLIP, DINOv2)"
+)
+HF_DINOV2_REGISTERS = Resampling(
+    "bicubic", True, "transformers' Dinov2WithRegisters interpolate_pos_encoding"
+)
 OPEN_CLIP = Resampling("bicubic", True, "open_clip's resize_pos_embed")
-BIG_VISION = Resampling("big_vision", False, "big_vision's and vision_transformer's "
-                        "resample_posemb: scipy.ndimage.zoom(order=1)")
+BIG_VISION = Resampling(
+    "big_vision",
+    False,
+    "big_vision's and vision_transformer's resample_posemb: scipy.ndimage.zoom(order=1)",
+)
 OURS = Resampling("bicubic", False, "vit-parity's default, for a file that names no origin")
 
 
@@ -98,7 +110,7 @@ def _fma32(a, b, c) -> np.float32:
     return f32(float(a) * float(b) + float(c))
 
 
-def _cubic_taps32(t: np.float32, a: np.float32 = f32(-0.75)) -> list[np.float32]:
+def _cubic_taps32(t: np.float32, a: np.float32 = f32(-0.75)) -> list[np.float32]:  # noqa: B008
     """torch's `get_cubic_upsample_coefficients(t)` in float32, with its contractions."""
 
     def near(x):  # ((a + 2) * x - (a + 3)) * x * x + 1
@@ -122,10 +134,10 @@ def weights_1d(n_in: int, n_out: int, interpolation: str, antialias: bool) -> np
         scale, interpolation = f32(1.0 / ((n_out + 0.1) / n_in)), "bicubic"
     m = np.zeros((n_out, n_in))
     if antialias:  # torch's separable AA kernels (PIL's), widened when downsampling, normalised
-        stretch = max(scale, 1.0)
+        stretch = max(float(scale), 1.0)
         support = (2.0 if interpolation == "bicubic" else 1.0) * stretch
         for i in range(n_out):
-            center = scale * (i + 0.5)
+            center = float(scale) * (i + 0.5)
             lo = max(int(center - support + 0.5), 0)
             hi = min(int(center + support + 0.5), n_in)
             x = (np.arange(lo, hi) - center + 0.5) / stretch
@@ -133,7 +145,7 @@ def weights_1d(n_in: int, n_out: int, interpolation: str, antialias: bool) -> np
             m[i, lo:hi] = w / w.sum()
         return m
     for i in range(n_out):
-        src = _fma32(scale, i + 0.5, -0.5)  # area_pixel_compute_source_index
+        src: np.float32 = _fma32(scale, i + 0.5, -0.5)  # area_pixel_compute_source_index
         if interpolation == "bilinear":
             src = max(src, f32(0.0))
             i0 = min(math.floor(src), n_in - 1)
@@ -144,8 +156,8 @@ def weights_1d(n_in: int, n_out: int, interpolation: str, antialias: bool) -> np
         else:
             i0 = math.floor(src)
             taps = _cubic_taps32(src - f32(i0))
-            for j, w in zip(range(i0 - 1, i0 + 3), taps, strict=True):
-                m[i, min(max(j, 0), n_in - 1)] += w  # border replicate
+            for j, tap in zip(range(i0 - 1, i0 + 3), taps, strict=True):
+                m[i, min(max(j, 0), n_in - 1)] += tap  # border replicate
     return m
 
 
@@ -164,8 +176,9 @@ def _zoom_linear(n_in: int, n_out: int) -> np.ndarray:
     return m
 
 
-def resample_grid(grid, new_hw: tuple[int, int], interpolation: str = "bicubic",
-                  antialias: bool = False):
+def resample_grid(
+    grid, new_hw: tuple[int, int], interpolation: str = "bicubic", antialias: bool = False
+):
     """(H, W, D) -> (H', W', D) for a NumPy, JAX or torch array, in the input's dtype.
 
     Computed in float64 (JAX: float64 under x64, else float32 at highest precision), so the
@@ -177,23 +190,34 @@ def resample_grid(grid, new_hw: tuple[int, int], interpolation: str = "bicubic",
     if type(grid).__module__.startswith("torch"):
         import torch
 
-        mh, mw = torch.from_numpy(mh), torch.from_numpy(mw)
-        return torch.einsum("ih,jw,hwd->ijd", mh, mw, grid.double()).to(grid.dtype)
+        th, tw = torch.from_numpy(mh), torch.from_numpy(mw)
+        return torch.einsum("ih,jw,hwd->ijd", th, tw, grid.double()).to(grid.dtype)
     if type(grid).__module__.startswith("jax"):
         import jax
         import jax.numpy as jnp
 
-        wide = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-        out = jnp.einsum("ih,jw,hwd->ijd", mh.astype(wide), mw.astype(wide), grid.astype(wide),
-                         precision="highest")
+        wide = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32  # type: ignore[attr-defined]
+        out = jnp.einsum(
+            "ih,jw,hwd->ijd",
+            mh.astype(wide),
+            mw.astype(wide),
+            grid.astype(wide),
+            precision="highest",
+        )
         return out.astype(grid.dtype)
     out = np.einsum("ih,jw,hwd->ijd", mh, mw, np.asarray(grid, np.float64))
     return out.astype(grid.dtype)
 
 
-def resample_pos_embed(pos, old_grid: tuple[int, int], new_grid: tuple[int, int], *,
-                       num_prefix_tokens: int = 0, interpolation: str = "bicubic",
-                       antialias: bool = False):
+def resample_pos_embed(
+    pos,
+    old_grid: tuple[int, int],
+    new_grid: tuple[int, int],
+    *,
+    num_prefix_tokens: int = 0,
+    interpolation: str = "bicubic",
+    antialias: bool = False,
+):
     """(prefix + Hp * Wp, D) -> (prefix + Hp' * Wp', D); the [CLS] row is kept as is."""
     prefix, rows = pos[:num_prefix_tokens], pos[num_prefix_tokens:]
     d = rows.shape[-1]

@@ -28,24 +28,33 @@ class Rule:
     def expand(self, num_layers: int) -> list[Rule]:
         if not any("{}" in k for k in self.left + self.right):
             return [self]
-        return [Rule(tuple(k.replace("{}", str(i)) for k in self.left),
-                     tuple(k.replace("{}", str(i)) for k in self.right), self.transform)
-                for i in range(num_layers)]
+        return [
+            Rule(
+                tuple(k.replace("{}", str(i)) for k in self.left),
+                tuple(k.replace("{}", str(i)) for k in self.right),
+                self.transform,
+            )
+            for i in range(num_layers)
+        ]
 
     def reversed(self) -> Rule:
         return Rule(self.right, self.left, self.transform.reversed())
 
 
-def rule(left: str | tuple[str, ...], right: str | tuple[str, ...],
-         transform: Transform = IDENTITY) -> Rule:
-    as_tuple = lambda k: (k,) if isinstance(k, str) else tuple(k)  # noqa: E731
+def rule(
+    left: str | tuple[str, ...], right: str | tuple[str, ...], transform: Transform = IDENTITY
+) -> Rule:
+    as_tuple = lambda k: (k,) if isinstance(k, str) else tuple(k)
     return Rule(as_tuple(left), as_tuple(right), transform)
 
 
 # jax_impl (flat NNX paths) <-> torch_impl (state-dict keys). The trees are equal, so only leaf
 # names and layouts change, and they change by the type of layer alone.
 LEAVES: dict[str, tuple[tuple[str, str, Transform], ...]] = {
-    "conv": (("kernel", "weight", CONV), ("bias", "bias", IDENTITY)),  # (P, P, C, D) <-> (D, C, P, P)
+    "conv": (
+        ("kernel", "weight", CONV),
+        ("bias", "bias", IDENTITY),
+    ),  # (P, P, C, D) <-> (D, C, P, P)
     "linear": (("kernel", "weight", LINEAR), ("bias", "bias", IDENTITY)),  # (in, out) <-> (out, in)
     "norm": (("scale", "weight", IDENTITY), ("bias", "bias", IDENTITY)),
     "param": (("", "", IDENTITY),),  # a bare array: the same name and layout on both sides
@@ -58,7 +67,7 @@ def nnx_torch(config: ViTConfig) -> list[Rule]:
     for layer in arch.layers(config):
         for nnx_leaf, torch_leaf, transform in LEAVES[layer.type]:
             if nnx_leaf in layer.params:
-                key = lambda leaf: f"{layer.path}.{leaf}" if leaf else layer.path  # noqa: E731
+                key = lambda leaf: f"{layer.path}.{leaf}" if leaf else layer.path  # noqa: B023
                 rules.append(Rule((key(nnx_leaf),), (key(torch_leaf),), transform))
     return rules
 
@@ -93,8 +102,9 @@ def output_meta(rules: list[Rule], source: Mapping[str, Meta]) -> dict[str, Meta
     return out
 
 
-def shape_hint(actual: tuple[int, ...], expected: tuple[int, ...],
-               target: tuple[int, ...] | None = None) -> str:
+def shape_hint(
+    actual: tuple[int, ...], expected: tuple[int, ...], target: tuple[int, ...] | None = None
+) -> str:
     if target is not None and actual == target and actual != expected:
         return ": looks already converted (it has the shape the target layout wants)"
     if sorted(actual) == sorted(expected) and actual != expected:
@@ -104,9 +114,13 @@ def shape_hint(actual: tuple[int, ...], expected: tuple[int, ...],
     return ""
 
 
-def check_table(source: Mapping[str, Meta], rules: list[Rule],
-                target_shapes: Mapping[str, tuple[int, ...]], *, what: str = "source"
-                ) -> list[Rule]:
+def check_table(
+    source: Mapping[str, Meta],
+    rules: list[Rule],
+    target_shapes: Mapping[str, tuple[int, ...]],
+    *,
+    what: str = "source",
+) -> list[Rule]:
     """The rules that fill a target with `target_shapes` from `source` (`{key: (shape, dtype)}`).
 
     Total and checked: every source tensor must be consumed and every target filled, with each
@@ -125,34 +139,43 @@ def check_table(source: Mapping[str, Meta], rules: list[Rule],
     for key, (shape, r) in expected.items():
         if key not in source:
             missing.append(key)
-            problems.append(f"missing {what} key {key!r}: expected shape {shape} "
-                            f"(fills {', '.join(map(repr, r.right))})")
+            problems.append(
+                f"missing {what} key {key!r}: expected shape {shape} "
+                f"(fills {', '.join(map(repr, r.right))})"
+            )
             continue
         actual, dtype = tuple(source[key][0]), str(source[key][1])
         if actual != shape:
             target = target_shapes[r.right[0]] if len(r.right) == 1 else None
             mismatched.append(key)
-            problems.append(f"{what} key {key!r}: expected shape {shape}, got {actual}"
-                            f"{shape_hint(actual, shape, target)} (fills "
-                            f"{', '.join(map(repr, r.right))} via {r.transform.name})")
+            problems.append(
+                f"{what} key {key!r}: expected shape {shape}, got {actual}"
+                f"{shape_hint(actual, shape, target)} (fills "
+                f"{', '.join(map(repr, r.right))} via {r.transform.name})"
+            )
         elif dtype not in FLOAT_KINDS:
             mismatched.append(key)
-            problems.append(f"{what} key {key!r}: expected a float dtype {FLOAT_KINDS}, "
-                            f"got {dtype}")
+            problems.append(
+                f"{what} key {key!r}: expected a float dtype {FLOAT_KINDS}, got {dtype}"
+            )
     for key in sorted(set(source) - set(expected)):
         unexpected.append(key)
         problems.append(f"unexpected {what} key {key!r} with shape {tuple(source[key][0])}")
     if source and len(unexpected) == len(source):
-        problems.insert(0, f"none of the {len(source)} {what} keys belongs to this layout: is "
-                           f"the layout right?")
+        problems.insert(
+            0, f"none of the {len(source)} {what} keys belongs to this layout: is the layout right?"
+        )
     if problems:
         raise TransferError(problems, missing=missing, unexpected=unexpected, mismatched=mismatched)
     return active
 
 
-def stream_table(items: Iterable[tuple[str, np.ndarray]], rules: list[Rule], *,
-                 finish: Callable[[np.ndarray], np.ndarray] | None = None
-                 ) -> Iterator[tuple[str, np.ndarray]]:
+def stream_table(
+    items: Iterable[tuple[str, np.ndarray]],
+    rules: list[Rule],
+    *,
+    finish: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> Iterator[tuple[str, np.ndarray]]:
     """Apply checked rules to `(key, array)` pairs as they come, holding only a rule's inputs
     (q, k and v of one block for a fused qkv) until it can fire. Outputs may be views (a
     transpose of the input); `finish` (a copy into fresh memory, say) is applied to each."""
@@ -169,16 +192,21 @@ def stream_table(items: Iterable[tuple[str, np.ndarray]], rules: list[Rule], *,
                 yield k, finish(a) if finish is not None else a
 
 
-def apply_table(source: Mapping[str, np.ndarray], rules: list[Rule],
-                target_shapes: Mapping[str, tuple[int, ...]], *, what: str = "source",
-                finish: Callable[[np.ndarray], np.ndarray] | None = None
-                ) -> dict[str, np.ndarray]:
+def apply_table(
+    source: Mapping[str, np.ndarray],
+    rules: list[Rule],
+    target_shapes: Mapping[str, tuple[int, ...]],
+    *,
+    what: str = "source",
+    finish: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
     """Map in-memory `source` through oriented, expanded `rules`; see `check_table` and
     `stream_table`."""
     active = check_table(meta_of(source), rules, target_shapes, what=what)
     used = {k for r in active for k in r.left}
-    return dict(stream_table(((k, v) for k, v in source.items() if k in used), active,
-                             finish=finish))
+    return dict(
+        stream_table(((k, v) for k, v in source.items() if k in used), active, finish=finish)
+    )
 
 
 def forward_targets(rules: list[Rule], source: Mapping[str, Meta]) -> dict[str, tuple[int, ...]]:

@@ -1,1 +1,2 @@
-"""Telling two models apart: logit, layer and gradient parity, the doctor, training parity, the NumPy reference from the maths."""
+"""Telling two models apart: logit, layer and gradient parity, the doctor, training parity,
+the NumPy reference from the maths."""

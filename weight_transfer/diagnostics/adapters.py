@@ -38,8 +38,9 @@ def _nnx_side(model) -> Side:
     def run(images, float64, in_place=False):
         with x64_for("float64" if float64 else "float32"):
             m = nnx_astype(model, np.float64, in_place=in_place) if float64 else model
-            _, seen = run_nnx(m, images.astype(np.float64 if float64 else np.float32),
-                              return_intermediates=True)
+            _, seen = run_nnx(
+                m, images.astype(np.float64 if float64 else np.float32), return_intermediates=True
+            )
             return {k: as_float64(v) for k, v in seen.items()}
 
     return Side("jax_impl.ViT", intermediates(model.config), run)
@@ -54,8 +55,9 @@ def _torch_side(model) -> Side:
     def run(images, float64, in_place=False):
         cast = (lambda m, dtype: m.to(dtype)) if in_place else torch_astype
         m = cast(model, torch.float64) if float64 else model
-        _, seen = run_torch(m, images.astype(np.float64 if float64 else np.float32),
-                            return_intermediates=True)
+        _, seen = run_torch(
+            m, images.astype(np.float64 if float64 else np.float32), return_intermediates=True
+        )
         return {k: as_float64(v) for k, v in seen.items()}
 
     return Side("torch_impl.ViT", intermediates(model.config), run)
@@ -77,9 +79,11 @@ def _hooked_side(name: str, model, points: Callable) -> Side:
         seen: Intermediates = {}
         handles = []
         for module, key, how in points(m):
+
             def hook(mod, args, out, key=key, how=how):
                 value = args[0] if how == "in" else (out[0] if isinstance(out, tuple) else out)
                 seen[key] = as_float64(value)
+
             handles.append(module.register_forward_hook(hook))
         try:
             with torch.no_grad():
@@ -95,7 +99,8 @@ def _hooked_side(name: str, model, points: Callable) -> Side:
 
 
 def side(model) -> Side:
-    """The `Side` for one of ours, a timm `VisionTransformer` or an HF `ViTForImageClassification`."""
+    """The `Side` for one of ours, a timm `VisionTransformer` or an HF
+    `ViTForImageClassification`."""
     if isinstance(model, Side):
         return model
     kind = type(model).__module__.split(".")[0]
@@ -109,9 +114,11 @@ def side(model) -> Side:
     if found is not None:  # a publisher's model: hook points declared in its layouts module
         name, points = found
         return _hooked_side(name, model.eval(), points)
-    raise TypeError(f"cannot compare a {type(model).__module__}.{type(model).__name__}: expected "
-                    f"jax_impl.ViT, torch_impl.ViT, a timm VisionTransformer or an HF "
-                    f"ViTForImageClassification")
+    raise TypeError(
+        f"cannot compare a {type(model).__module__}.{type(model).__name__}: expected "
+        f"jax_impl.ViT, torch_impl.ViT, a timm VisionTransformer or an HF "
+        f"ViTForImageClassification"
+    )
 
 
 def recorded(model, images: np.ndarray) -> Side:

@@ -58,9 +58,12 @@ class Diagnosis:
     remaining: str | None = None  # first divergence after the corrections found
 
     def as_dict(self) -> dict:
-        return {"first_divergence": self.first_divergence,
-                "findings": [dataclasses.asdict(f) for f in self.findings], "fixed": self.fixed,
-                "remaining_divergence": self.remaining}
+        return {
+            "first_divergence": self.first_divergence,
+            "findings": [dataclasses.asdict(f) for f in self.findings],
+            "fixed": self.fixed,
+            "remaining_divergence": self.remaining,
+        }
 
 
 Variant = tuple[str, Candidate]  # (detail, corrected candidate)
@@ -96,88 +99,123 @@ def kernel_groups(c: Candidate) -> dict[str, list[str]]:
 
 def conv_kernel_spatial_swap(c: Candidate) -> Iterator[Variant]:
     k = c.params["patch_embed.kernel"]  # (kH, kW, I, O)
-    yield ("the patch kernel's spatial axes are swapped (kH <-> kW): it was moved with .T, "
-           "which reverses all four axes, instead of permute(2, 3, 1, 0)",
-           _with(c, **{"patch_embed.kernel": k.transpose(1, 0, 2, 3)}))
+    yield (
+        "the patch kernel's spatial axes are swapped (kH <-> kW): it was moved with .T, "
+        "which reverses all four axes, instead of permute(2, 3, 1, 0)",
+        _with(c, **{"patch_embed.kernel": k.transpose(1, 0, 2, 3)}),
+    )
 
 
 def conv_kernel_in_out_swap(c: Candidate) -> Iterator[Variant]:
     k = c.params["patch_embed.kernel"]
     if k.shape[2] == k.shape[3]:  # only a square kernel slips through the shape checks
-        yield ("the patch kernel's input and output channel axes are swapped",
-               _with(c, **{"patch_embed.kernel": k.transpose(0, 1, 3, 2)}))
+        yield (
+            "the patch kernel's input and output channel axes are swapped",
+            _with(c, **{"patch_embed.kernel": k.transpose(0, 1, 3, 2)}),
+        )
 
 
 def linear_not_transposed(c: Candidate) -> Iterator[Variant]:
-    square = {g: keys for g, keys in kernel_groups(c).items()
-              if all(c.params[k].shape[0] == c.params[k].shape[1] for k in keys)}
+    square = {
+        g: keys
+        for g, keys in kernel_groups(c).items()
+        if all(c.params[k].shape[0] == c.params[k].shape[1] for k in keys)
+    }
     if len(square) > 1:
         square = {"every square": [k for keys in square.values() for k in keys], **square}
     for group, keys in square.items():
         for scope, blocks in c.blocks():
             chosen = [k for k in keys if not BLOCK.match(k) or int(BLOCK.match(k)[1]) in blocks]
             if chosen and (scope == "" or len(chosen) < len(keys)):
-                yield (f"the {group} linear kernel(s){scope} were copied without transposing: a "
-                       f"torch (out, in) weight read as a flax (in, out) kernel",
-                       _with(c, **{k: c.params[k].T for k in chosen}))
+                yield (
+                    f"the {group} linear kernel(s){scope} were copied without transposing: a "
+                    f"torch (out, in) weight read as a flax (in, out) kernel",
+                    _with(c, **{k: c.params[k].T for k in chosen}),
+                )
 
 
 def input_layout(c: Candidate) -> Iterator[Variant]:
     other = "nchw_as_nhwc" if c.knobs.images == "nhwc" else "nhwc"
-    yield ("the images reach the two sides in different layouts: NCHW data read as NHWC "
-           "(reshaped instead of transposed)",
-           _knobs(c, images=other))
+    yield (
+        "the images reach the two sides in different layouts: NCHW data read as NHWC "
+        "(reshaped instead of transposed)",
+        _knobs(c, images=other),
+    )
 
 
 def ln_eps(c: Candidate) -> Iterator[Variant]:
     for eps in (1e-5, 1e-6, 1e-12):
         if eps != c.config.ln_eps:
-            yield (f"LayerNorm epsilon differs: the reference uses {eps:g}, the candidate "
-                   f"{c.config.ln_eps:g}", _config(c, ln_eps=eps))
+            yield (
+                f"LayerNorm epsilon differs: the reference uses {eps:g}, the candidate "
+                f"{c.config.ln_eps:g}",
+                _config(c, ln_eps=eps),
+            )
 
 
-ACTIVATION_NAMES = {"gelu": "exact GELU (erf)", "gelu_tanh": "tanh-approximate GELU "
-                    "(jax.nn.gelu's and flax's default)", "quick_gelu": "QuickGELU, "
-                    "x * sigmoid(1.702 x) (OpenAI CLIP)", "silu": "SiLU", "relu": "ReLU"}
+ACTIVATION_NAMES = {
+    "gelu": "exact GELU (erf)",
+    "gelu_tanh": "tanh-approximate GELU (jax.nn.gelu's and flax's default)",
+    "quick_gelu": "QuickGELU, x * sigmoid(1.702 x) (OpenAI CLIP)",
+    "silu": "SiLU",
+    "relu": "ReLU",
+}
 
 
 def activation_variant(c: Candidate) -> Iterator[Variant]:
     for act, words in ACTIVATION_NAMES.items():
         if act != c.config.activation:
-            yield (f"the MLP activation differs: the reference uses {words}, the candidate "
-                   f"{ACTIVATION_NAMES[c.config.activation]}", _config(c, activation=act))
+            yield (
+                f"the MLP activation differs: the reference uses {words}, the candidate "
+                f"{ACTIVATION_NAMES[c.config.activation]}",
+                _config(c, activation=act),
+            )
 
 
 def norm_pre_presence(c: Candidate) -> Iterator[Variant]:
     if c.config.norm_pre:
-        yield ("the candidate normalises the tokens before the first block (CLIP's ln_pre), the "
-               "reference does not", _config(c, norm_pre=False))
+        yield (
+            "the candidate normalises the tokens before the first block (CLIP's ln_pre), the "
+            "reference does not",
+            _config(c, norm_pre=False),
+        )
     else:
         d = c.config.d_model
         unit = {"norm_pre.scale": np.ones(d)} | (
-            {"norm_pre.bias": np.zeros(d)} if c.config.norm == "layernorm" else {})
-        yield ("the reference normalises the tokens before the first block (CLIP's ln_pre; "
-               "shown with a unit gain), the candidate does not",
-               dataclasses.replace(_with(c, **unit), config=dataclasses.replace(c.config,
-                                                                              norm_pre=True)))
+            {"norm_pre.bias": np.zeros(d)} if c.config.norm == "layernorm" else {}
+        )
+        yield (
+            "the reference normalises the tokens before the first block (CLIP's ln_pre; "
+            "shown with a unit gain), the candidate does not",
+            dataclasses.replace(
+                _with(c, **unit), config=dataclasses.replace(c.config, norm_pre=True)
+            ),
+        )
 
 
 def registers(c: Candidate) -> Iterator[Variant]:
     if not c.config.reg_tokens:
         return
-    yield ("the reference has no register tokens (they were dropped)",
-           _knobs(c, drop_registers=True))
+    yield (
+        "the reference has no register tokens (they were dropped)",
+        _knobs(c, drop_registers=True),
+    )
     if c.config.pool == "mean":
-        yield ("the reference counts the register (and class) tokens in its mean; they must be "
-               "left out", _knobs(c, pool="mean"))
+        yield (
+            "the reference counts the register (and class) tokens in its mean; they must be "
+            "left out",
+            _knobs(c, pool="mean"),
+        )
 
 
 def layer_scale_count(c: Candidate) -> Iterator[Variant]:
     if not c.config.layer_scale:
         return
     yield "the reference has no LayerScale (the gains are missing)", _knobs(c, layer_scale_power=0)
-    yield ("the reference applies LayerScale twice (HF's removed FlaxDinov2 did)",
-           _knobs(c, layer_scale_power=2))
+    yield (
+        "the reference applies LayerScale twice (HF's removed FlaxDinov2 did)",
+        _knobs(c, layer_scale_power=2),
+    )
 
 
 def map_qkv_order(c: Candidate) -> Iterator[Variant]:
@@ -187,12 +225,17 @@ def map_qkv_order(c: Candidate) -> Iterator[Variant]:
     for perm in itertools.permutations(range(3)):
         if perm == (0, 1, 2):
             continue
-        fixed = {f"map.attn.{names[dst]}.{leaf}": c.params[f"map.attn.{names[src]}.{leaf}"]
-                 for dst, src in enumerate(perm) for leaf in ("kernel", "bias")}
+        fixed = {
+            f"map.attn.{names[dst]}.{leaf}": c.params[f"map.attn.{names[src]}.{leaf}"]
+            for dst, src in enumerate(perm)
+            for leaf in ("kernel", "bias")
+        }
         order = ", ".join(names[j] for j in perm)
-        yield (f"the MAP head's q, k, v are permuted (its fused kv or in_proj split in the "
-               f"wrong order): the candidate's q, k, v hold the reference's {order}",
-               _with(c, **fixed))
+        yield (
+            f"the MAP head's q, k, v are permuted (its fused kv or in_proj split in the "
+            f"wrong order): the candidate's q, k, v hold the reference's {order}",
+            _with(c, **fixed),
+        )
 
 
 def _qkv(c: Candidate, i: int) -> list[list[str]]:
@@ -211,12 +254,16 @@ def qkv_order(c: Candidate) -> Iterator[Variant]:
                 for dst, src in zip(keys, [keys[j] for j in perm], strict=True):
                     fixed.update({d: c.params[s] for d, s in zip(dst, src, strict=True)})
             order = ", ".join("qkv"[j] for j in perm)
-            yield (f"q, k and v are permuted{scope}: the candidate's q, k, v hold the "
-                   f"reference's {order}", _with(c, **fixed))
+            yield (
+                f"q, k and v are permuted{scope}: the candidate's q, k, v hold the "
+                f"reference's {order}",
+                _with(c, **fixed),
+            )
 
 
-def _regroup(c: Candidate, fn: Callable[[np.ndarray], np.ndarray], axis_in: bool,
-             blocks: list[int]) -> dict:
+def _regroup(
+    c: Candidate, fn: Callable[[np.ndarray], np.ndarray], axis_in: bool, blocks: list[int]
+) -> dict:
     """Apply a permutation of the D attention features to q, k, v outputs (and o's inputs)."""
     out = {}
     for i in blocks:
@@ -237,8 +284,10 @@ def qkv_interleaved(c: Candidate) -> Iterator[Variant]:
         fixed = {}
         for i in blocks:
             for leaf_keys in zip(*_qkv(c, i), strict=True):  # (q.x, k.x, v.x) for x in kernel, bias
-                fused = np.concatenate([c.params[k].T if c.params[k].ndim == 2 else c.params[k]
-                                        for k in leaf_keys], axis=0)  # (3D, ...) rows q|k|v
+                fused = np.concatenate(
+                    [c.params[k].T if c.params[k].ndim == 2 else c.params[k] for k in leaf_keys],
+                    axis=0,
+                )  # (3D, ...) rows q|k|v
                 rest = fused.shape[1:]
                 # interleaved: the rows were per head [q_h k_h v_h]; contiguous: the reverse
                 groups = (h, 3) if direction == "interleaved" else (3, h)
@@ -246,10 +295,16 @@ def qkv_interleaved(c: Candidate) -> Iterator[Variant]:
                 parts = parts.reshape(3, d, *rest)
                 for k, part in zip(leaf_keys, parts, strict=True):
                     fixed[k] = part.T if c.params[k].ndim == 2 else part
-        layout = ("per head (q, k, v of head 0, then head 1...)" if direction == "interleaved"
-                  else "the other way")
-        yield (f"the fused qkv rows{scope} were split as contiguous q|k|v thirds but are laid "
-               f"out {layout}", _with(c, **fixed))
+        layout = (
+            "per head (q, k, v of head 0, then head 1...)"
+            if direction == "interleaved"
+            else "the other way"
+        )
+        yield (
+            f"the fused qkv rows{scope} were split as contiguous q|k|v thirds but are laid "
+            f"out {layout}",
+            _with(c, **fixed),
+        )
 
 
 def head_split_order(c: Candidate) -> Iterator[Variant]:
@@ -257,12 +312,17 @@ def head_split_order(c: Candidate) -> Iterator[Variant]:
     if h == 1 or hd == 1:
         return
     for (name, split), (scope, blocks) in itertools.product(
-            (("(head_dim, heads)", (hd, h)), ("(heads, head_dim)", (h, hd))), c.blocks()):
+        (("(head_dim, heads)", (hd, h)), ("(heads, head_dim)", (h, hd))), c.blocks()
+    ):
+
         def fn(a, split=split):  # regroup the feature axis (axis 0) as split, swapped
             return a.reshape(*split, *a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
-        yield (f"the attention features{scope} were split into heads as {name} instead of the "
-               f"other order: each head mixes features of several heads",
-               _with(c, **_regroup(c, fn, True, blocks)))
+
+        yield (
+            f"the attention features{scope} were split into heads as {name} instead of the "
+            f"other order: each head mixes features of several heads",
+            _with(c, **_regroup(c, fn, True, blocks)),
+        )
 
 
 def attention_scale(c: Candidate) -> Iterator[Variant]:
@@ -271,14 +331,19 @@ def attention_scale(c: Candidate) -> Iterator[Variant]:
         return
     for factor, side in ((r, "reference"), (1 / r, "candidate")):
         what = f"1/sqrt(d_model) on the {side} side"
-        yield (f"attention scores are scaled by {what} instead of 1/sqrt(head_dim)",
-               _knobs(c, score_factor=c.knobs.score_factor * factor))
+        yield (
+            f"attention scores are scaled by {what} instead of 1/sqrt(head_dim)",
+            _knobs(c, score_factor=c.knobs.score_factor * factor),
+        )
 
 
-POOL_WORDS = {"cls": "reads the class token's row", "mean": "averages all tokens",
-              "mean_patches": "averages the patch tokens (timm global_pool='avg')",
-              "cls_mean": "concatenates the class token's row with the patch mean",
-              "map": "pools with its MAP head"}
+POOL_WORDS = {
+    "cls": "reads the class token's row",
+    "mean": "averages all tokens",
+    "mean_patches": "averages the patch tokens (timm global_pool='avg')",
+    "cls_mean": "concatenates the class token's row with the patch mean",
+    "map": "pools with its MAP head",
+}
 
 
 def pooling(c: Candidate) -> Iterator[Variant]:
@@ -286,33 +351,46 @@ def pooling(c: Candidate) -> Iterator[Variant]:
     options = ["mean", "mean_patches"] + (["cls"] if c.config.class_token else [])
     for pool in options:
         if pool != current:
-            yield (f"pooling differs: the reference {POOL_WORDS[pool]}, the candidate "
-                   f"{POOL_WORDS[current]}", _knobs(c, pool=pool))
+            yield (
+                f"pooling differs: the reference {POOL_WORDS[pool]}, the candidate "
+                f"{POOL_WORDS[current]}",
+                _knobs(c, pool=pool),
+            )
 
 
 def final_norm_position(c: Candidate) -> Iterator[Variant]:
     current = c.knobs.final_norm or {"pre_pool": "before", "post_pool": "after"}.get(
-        c.config.final_norm)
+        c.config.final_norm
+    )
     if current is None:
         return  # no final norm to move
     other = "after" if current == "before" else "before"
-    yield (f"the final norm runs {other} pooling on the reference side (timm fc_norm: after), "
-           f"{current} it on the candidate",
-           _knobs(c, final_norm=other))
+    yield (
+        f"the final norm runs {other} pooling on the reference side (timm fc_norm: after), "
+        f"{current} it on the candidate",
+        _knobs(c, final_norm=other),
+    )
 
 
 def posembed_cls_slot(c: Candidate) -> Iterator[Variant]:
     if "cls_token" not in c.params:
         return
     pos = c.params["pos_embed"]
-    yield ("the CLS position row is at the end of pos_embed instead of the front",
-           _with(c, pos_embed=np.roll(pos, 1, axis=0)))
-    yield ("the CLS position row is at the front of pos_embed but the other side expects it "
-           "at the end", _with(c, pos_embed=np.roll(pos, -1, axis=0)))
+    yield (
+        "the CLS position row is at the end of pos_embed instead of the front",
+        _with(c, pos_embed=np.roll(pos, 1, axis=0)),
+    )
+    yield (
+        "the CLS position row is at the front of pos_embed but the other side expects it "
+        "at the end",
+        _with(c, pos_embed=np.roll(pos, -1, axis=0)),
+    )
     if c.knobs.cls_position == "row0":
-        yield ("the reference adds no position to the CLS token (big_vision adds pos_embedding "
-               "before the CLS joins)",
-               _knobs(c, cls_position="none"))
+        yield (
+            "the reference adds no position to the CLS token (big_vision adds pos_embedding "
+            "before the CLS joins)",
+            _knobs(c, cls_position="none"),
+        )
 
 
 def posembed_grid_order(c: Candidate) -> Iterator[Variant]:
@@ -323,16 +401,34 @@ def posembed_grid_order(c: Candidate) -> Iterator[Variant]:
     n = c.config.num_positioned_prefix
     for name, (a, b) in (("column-major", (wp, hp)), ("row-major", (hp, wp))):
         rows = pos[n:].reshape(a, b, -1).transpose(1, 0, 2).reshape(hp * wp, -1)
-        yield (f"the patch grid's position rows are in {name} order on the candidate",
-               _with(c, pos_embed=np.concatenate([pos[:n], rows], axis=0)))
+        yield (
+            f"the patch grid's position rows are in {name} order on the candidate",
+            _with(c, pos_embed=np.concatenate([pos[:n], rows], axis=0)),
+        )
 
 
 HYPOTHESES: dict[str, Callable[[Candidate], Iterator[Variant]]] = {
-    f.__name__: f for f in (
-        conv_kernel_spatial_swap, conv_kernel_in_out_swap, linear_not_transposed, input_layout,
-        ln_eps, activation_variant, qkv_order, qkv_interleaved, head_split_order,
-        attention_scale, pooling, final_norm_position, posembed_cls_slot, posembed_grid_order,
-        norm_pre_presence, registers, layer_scale_count, map_qkv_order)
+    f.__name__: f
+    for f in (
+        conv_kernel_spatial_swap,
+        conv_kernel_in_out_swap,
+        linear_not_transposed,
+        input_layout,
+        ln_eps,
+        activation_variant,
+        qkv_order,
+        qkv_interleaved,
+        head_split_order,
+        attention_scale,
+        pooling,
+        final_norm_position,
+        posembed_cls_slot,
+        posembed_grid_order,
+        norm_pre_presence,
+        registers,
+        layer_scale_count,
+        map_qkv_order,
+    )
 }
 
 
@@ -350,13 +446,20 @@ def candidate_of(model) -> Candidate:
 
     flat = nnx_params(model)  # TypeError for anything but ours
     kinds = {k: p.kind for k, p in arch.parameters(model.config).items()}
-    return Candidate(model.config, {
-        k: v if kinds[k] in ("kernel", "conv") and v.dtype == np.float32 else
-        v.astype(np.float64) for k, v in flat.items()})
+    return Candidate(
+        model.config,
+        {
+            k: v
+            if kinds[k] in ("kernel", "conv") and v.dtype == np.float32
+            else v.astype(np.float64)
+            for k, v in flat.items()
+        },
+    )
 
 
-def _score(ref: dict, cand: Candidate, images: np.ndarray, order: list[str],
-           base: Base | None = None) -> tuple[int, float]:
+def _score(
+    ref: dict, cand: Candidate, images: np.ndarray, order: list[str], base: Base | None = None
+) -> tuple[int, float]:
     """(index of the first divergent layer, len(order) if none; that layer's relative gap).
     The replay stops at the first divergence: no hypothesis pays for the layers after it. A
     correction of weights in block i and later only (against `base`) starts from the base's
@@ -390,8 +493,9 @@ class Base:
     inputs: dict[int, np.ndarray]
 
     @classmethod
-    def of(cls, cand: Candidate, score: tuple[int, float], images: np.ndarray,
-           order: list[str]) -> Base:
+    def of(
+        cls, cand: Candidate, score: tuple[int, float], images: np.ndarray, order: list[str]
+    ) -> Base:
         """Replays `cand` up to its first divergence (no further: a correction to a later
         block cannot move it) keeping each block's input."""
         inputs, last = {}, None
@@ -411,8 +515,11 @@ class Base:
     def resume_point(self, variant: Candidate) -> int | None:
         """The first block whose weights `variant` changes, if it changes nothing else."""
         c = self.cand
-        if variant.config != c.config or variant.knobs != c.knobs or \
-                variant.params.keys() != c.params.keys():
+        if (
+            variant.config != c.config
+            or variant.knobs != c.knobs
+            or variant.params.keys() != c.params.keys()
+        ):
             return None
         changed = [k for k, v in variant.params.items() if v is not c.params[k]]
         blocks = [BLOCK.match(k) for k in changed]
@@ -427,8 +534,14 @@ def _focus(name: str) -> int | None:
     return int(match[1]) if match else None
 
 
-def diagnose(reference, candidate, images: np.ndarray, *, max_faults: int = 3,
-             candidate_knobs: Knobs = Knobs()) -> Diagnosis:
+def diagnose(
+    reference,
+    candidate,
+    images: np.ndarray,
+    *,
+    max_faults: int = 3,
+    candidate_knobs: Knobs = Knobs(),  # noqa: B008 (frozen: one shared default is safe)
+) -> Diagnosis:
     """Name what makes `candidate` (one of ours) compute differently from `reference` (any
     model `compare` accepts, or a `Side`, such as `adapters.recorded`'s) on NHWC `images`; see
     the module docstring."""
@@ -459,7 +572,7 @@ def diagnose(reference, candidate, images: np.ndarray, *, max_faults: int = 3,
             break
         cand = dataclasses.replace(cand, focus=_focus(order[score[0]]))
         base = Base.of(cand, score, images, order)
-        rank = lambda s: (s[0], -s[1])  # noqa: E731  (later divergence, then smaller gap)
+        rank = lambda s: (s[0], -s[1])  # (later divergence, then smaller gap)
         best = None
         for hid, hypothesis in HYPOTHESES.items():
             for detail, variant in hypothesis(cand):
@@ -473,8 +586,9 @@ def diagnose(reference, candidate, images: np.ndarray, *, max_faults: int = 3,
     diagnosis.fixed = score[0] == len(order)
     diagnosis.remaining = None if diagnosis.fixed else order[score[0]]
     if not diagnosis.fixed and score[0] >= 0:
-        diagnosis.findings += signatures(ref, forward(cand.params, images, cand.config, cand.knobs),
-                                         order, order[score[0]])
+        diagnosis.findings += signatures(
+            ref, forward(cand.params, images, cand.config, cand.knobs), order, order[score[0]]
+        )
     return diagnosis
 
 
@@ -485,20 +599,33 @@ def signatures(ref: dict, out: dict, order: list[str], layer: str) -> list[Findi
     """What a gap no correction closes still says: agreement that stalls at float32's
     resolution in float64 (a float32 island in the reference), or two outputs in a constant
     ratio (a missing or extra scaling)."""
-    gaps = [float(np.max(np.abs(ref[n] - out[n]))) / max(1.0, float(np.max(np.abs(ref[n]))))
-            for n in order if n in ref and n in out and ref[n].shape == out[n].shape]
+    gaps = [
+        float(np.max(np.abs(ref[n] - out[n]))) / max(1.0, float(np.max(np.abs(ref[n]))))
+        for n in order
+        if n in ref and n in out and ref[n].shape == out[n].shape
+    ]
     if gaps and max(gaps) < FLOAT32_RESOLUTION:
-        return [Finding("float32_island", f"the two agree only to {max(gaps):.1e} relative in "
-                        f"float64, float32's resolution: part of the reference runs in float32 "
-                        f"even in float64 (HF eager attention's softmax, float32 position "
-                        f"resampling, OpenAI CLIP's LayerNorm); not a fault of the port")]
+        return [
+            Finding(
+                "float32_island",
+                f"the two agree only to {max(gaps):.1e} relative in "
+                f"float64, float32's resolution: part of the reference runs in float32 "
+                f"even in float64 (HF eager attention's softmax, float32 position "
+                f"resampling, OpenAI CLIP's LayerNorm); not a fault of the port",
+            )
+        ]
     a, b = ref.get(layer), out.get(layer)
     if a is None or b is None or a.shape != b.shape:
         return []
     big = np.abs(b) > 1e-6 * np.max(np.abs(b))
     ratio = a[big] / b[big]
     if ratio.size and abs(ratio.mean() - 1) > 1e-6 and ratio.std() <= 1e-6 * abs(ratio.mean()):
-        return [Finding("constant_ratio", f"the reference's {layer} is {ratio.mean():.6g} x the "
-                        f"candidate's, everywhere: a missing or extra scaling (a normalisation, "
-                        f"a scale factor) before this point")]
+        return [
+            Finding(
+                "constant_ratio",
+                f"the reference's {layer} is {ratio.mean():.6g} x the "
+                f"candidate's, everywhere: a missing or extra scaling (a normalisation, "
+                f"a scale factor) before this point",
+            )
+        ]
     return []

@@ -57,8 +57,9 @@ def is_divergent(gap: float, floor: float, gap64: float, scale: float, unit: flo
     """float32 beyond its own rounding, or float64 (rounding ~1e-15) beyond 1e-9 of `unit` (the
     magnitude the values are judged at): a change smaller than float32 resolves (an epsilon of
     1e-5 vs 1e-6) still shows in float64."""
-    return not (gap <= FLOOR_FACTOR * floor + 4 * EPS32 * max(scale, 1e-30)
-                and gap64 <= GAP64_BOUND * unit)
+    return not (
+        gap <= FLOOR_FACTOR * floor + 4 * EPS32 * max(scale, 1e-30) and gap64 <= GAP64_BOUND * unit
+    )
 
 
 @dataclass
@@ -81,5 +82,12 @@ def layer_gap(name: str, ref32, ref64, cand32, cand64, *, min_unit: float = 1.0)
     scale = magnitude(ref64)
     shapes = (np.shape(ref32), np.shape(cand32))
     note = "" if shapes[0] == shapes[1] else f"shapes differ: {shapes[0]} vs {shapes[1]}"
-    return LayerGap(name, gap, gap / scale if scale else gap, floor, gap64,
-                    is_divergent(gap, floor, gap64, scale, max(scale, min_unit)), note)
+    return LayerGap(
+        name,
+        gap,
+        gap / scale if scale else gap,
+        floor,
+        gap64,
+        is_divergent(gap, floor, gap64, scale, max(scale, min_unit)),
+        note,
+    )

@@ -126,7 +126,7 @@ class Reference:
         if c.pos_embed_tokens == "all":
             if self.knobs.drop_registers and c.reg_tokens:  # their position rows go with them
                 first = int(c.class_token) + int(c.dist_token)
-                pos = np.concatenate([pos[:first], pos[first + c.reg_tokens:]], axis=0)
+                pos = np.concatenate([pos[:first], pos[first + c.reg_tokens :]], axis=0)
             return np.concatenate([*prefix, x], axis=1) + pos
         if c.pos_embed_tokens == "none":
             return np.concatenate([*prefix, x + pos], axis=1)
@@ -134,7 +134,7 @@ class Reference:
         return np.concatenate([y[:, :1], *prefix[1:], y[:, 1:]], axis=1)
 
     def pool(self, x, how: str):
-        patches = x[:, self.c.num_prefix_tokens - self.knobs.drop_registers * self.c.reg_tokens:]
+        patches = x[:, self.c.num_prefix_tokens - self.knobs.drop_registers * self.c.reg_tokens :]
         if how == "cls":
             return x[:, 0]
         if how == "mean":
@@ -153,15 +153,23 @@ def forward(p: dict, images: np.ndarray, config, knobs: Knobs = Knobs()) -> dict
     return dict(trace(p, images, config, knobs))
 
 
-def trace(p: dict, images: np.ndarray, config, knobs: Knobs = Knobs(),
-          resume: tuple[int, np.ndarray] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+def trace(
+    p: dict,
+    images: np.ndarray,
+    config,
+    knobs: Knobs = Knobs(),
+    resume: tuple[int, np.ndarray] | None = None,
+) -> Iterator[tuple[str, np.ndarray]]:
     """The same intermediates, one at a time in forward order: a caller that has seen enough
     (the doctor, at the first divergence) stops the forward there. `resume=(i, x)` starts at
     block i from its input x (for corrections confined to block i and later)."""
     c = config
     # kernels are cast at each matmul (as64): a float32 model is not copied whole per call
-    ref = Reference({k: v if k.endswith(".kernel") else np.asarray(v, np.float64)
-                     for k, v in p.items()}, c, knobs)
+    ref = Reference(
+        {k: v if k.endswith(".kernel") else np.asarray(v, np.float64) for k, v in p.items()},
+        c,
+        knobs,
+    )
     if resume is None:
         x = yield from _embed(ref, images, c, knobs)
         first = 0
@@ -199,8 +207,9 @@ def _embed(ref: Reference, images: np.ndarray, c, knobs: Knobs):
     B, H, W, C = x.shape
     grid = x.reshape(B, H // P, P, W // P, P, C).transpose(0, 1, 3, 2, 4, 5)  # (B, Hp, Wp, P, P, C)
     patches = grid.reshape(B, -1, P * P * C)  # rows in (kh, kw, c) order, grid row-major
-    x = patches @ as64(ref.p["patch_embed.kernel"]).reshape(P * P * C, D) + \
-        ref.p.get("patch_embed.bias", 0.0)
+    x = patches @ as64(ref.p["patch_embed.kernel"]).reshape(P * P * C, D) + ref.p.get(
+        "patch_embed.bias", 0.0
+    )
     x = ref.norm("patch_norm", x) if c.patch_norm else x
     yield "patch_embed", x
     x = ref.embed(x)

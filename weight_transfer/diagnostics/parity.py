@@ -18,6 +18,14 @@ import jax_impl
 import torch_impl
 from vit_config import ArgumentError, ViTConfig
 from weight_transfer.diagnostics.adapters import side
+from weight_transfer.diagnostics.metrics import (
+    FLOOR_FACTOR,
+    TOLERANCE,
+    LayerGap,
+    layer_gap,
+    magnitude,
+    max_error,
+)
 from weight_transfer.frameworks.bridge import (
     nchw_to_nhwc,
     nhwc_to_nchw,
@@ -28,14 +36,6 @@ from weight_transfer.frameworks.bridge import (
     to_torch,
     torch_to_nnx_flat,
     torch_to_numpy,
-)
-from weight_transfer.diagnostics.metrics import (
-    FLOOR_FACTOR,
-    TOLERANCE,
-    LayerGap,
-    layer_gap,
-    magnitude,
-    max_error,
 )
 from weight_transfer.frameworks.runners import (
     exact_matmuls,
@@ -68,8 +68,9 @@ class DirectionResult:
         return {**asdict(self), "bound": self.bound, "passed": self.passed}
 
 
-def check_direction(config: ViTConfig, direction: str, dtype: str = "float32", *, seed: int = 0,
-                    batch: int = 2) -> DirectionResult:
+def check_direction(
+    config: ViTConfig, direction: str, dtype: str = "float32", *, seed: int = 0, batch: int = 2
+) -> DirectionResult:
     """Random weights on the source side, ported, and the same images through both."""
     with x64_for(dtype), exact_matmuls():
         images = random_images(config, batch, seed, dtype)
@@ -85,8 +86,9 @@ def check_direction(config: ViTConfig, direction: str, dtype: str = "float32", *
     return DirectionResult(direction, dtype, err, scale, TOLERANCE[dtype])
 
 
-def check_models(nnx_model: jax_impl.ViT, torch_model: torch_impl.ViT, *, seed: int = 0,
-                 batch: int = 2) -> DirectionResult:
+def check_models(
+    nnx_model: jax_impl.ViT, torch_model: torch_impl.ViT, *, seed: int = 0, batch: int = 2
+) -> DirectionResult:
     """The same random images through two loaded models (e.g. one checkpoint in both)."""
     dtype = str(np.dtype(nnx_model.dtype))
     with x64_for(dtype), exact_matmuls():
@@ -95,13 +97,17 @@ def check_models(nnx_model: jax_impl.ViT, torch_model: torch_impl.ViT, *, seed: 
     return DirectionResult("torch vs nnx", dtype, err, scale, TOLERANCE[dtype])
 
 
-def check(config: ViTConfig, dtypes=("float32", "float64"), *, seed: int = 0, batch: int = 2
-          ) -> list[DirectionResult]:
-    return [check_direction(config, d, dt, seed=seed, batch=batch)
-            for dt in dtypes for d in ("nnx->torch", "torch->nnx")]
+def check(
+    config: ViTConfig, dtypes=("float32", "float64"), *, seed: int = 0, batch: int = 2
+) -> list[DirectionResult]:
+    return [
+        check_direction(config, d, dt, seed=seed, batch=batch)
+        for dt in dtypes
+        for d in ("nnx->torch", "torch->nnx")
+    ]
 
 
-# ---- gradients ------------------------------------------------------------------------------------
+# ---- gradients -----------------------------------------------------------------------------------
 
 
 def nnx_grads(model: jax_impl.ViT, images_nhwc, labels) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -118,8 +124,9 @@ def nnx_grads(model: jax_impl.ViT, images_nhwc, labels) -> tuple[dict[str, np.nd
     return nnx_flat(g_params), np.asarray(g_images)
 
 
-def torch_grads(model: torch_impl.ViT, images_nhwc, labels
-                ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def torch_grads(
+    model: torch_impl.ViT, images_nhwc, labels
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The same for torch: `{state-dict key: array}` (torch layout) and d/d(images) in NHWC."""
     images = numpy_to_torch(nhwc_to_nchw(np.asarray(images_nhwc))).to(model.dtype)
     images.requires_grad_(True)
@@ -143,9 +150,14 @@ class DiffReport:
         return self.first_divergence is None
 
     def as_dict(self) -> dict:
-        return {"reference": self.reference, "candidate": self.candidate,
-                "passed": self.passed, "first_divergence": self.first_divergence,
-                "settings": self.settings, "layers": [asdict(layer) for layer in self.layers]}
+        return {
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "passed": self.passed,
+            "first_divergence": self.first_divergence,
+            "settings": self.settings,
+            "layers": [asdict(layer) for layer in self.layers],
+        }
 
 
 def compare(reference, candidate, images: np.ndarray) -> DiffReport:
@@ -165,19 +177,33 @@ def compare(reference, candidate, images: np.ndarray) -> DiffReport:
     for name in ref.names + [n for n in cand.names if n not in ref.names]:
         if name not in r32 or name not in c32:
             missing = "reference" if name not in r32 else "candidate"
-            layers.append(LayerGap(name, float("nan"), float("nan"), float("nan"), float("nan"),
-                                   False, f"not captured on the {missing} side"))
+            layers.append(
+                LayerGap(
+                    name,
+                    float("nan"),
+                    float("nan"),
+                    float("nan"),
+                    float("nan"),
+                    False,
+                    f"not captured on the {missing} side",
+                )
+            )
             continue
         layers.append(layer_gap(name, r32[name], r64[name], c32[name], c64[name]))
         if layers[-1].divergent and first is None:
             first = name
-    settings = {"jax_default_matmul_precision": "highest", "torch_allow_tf32": False,
-                "floor_factor": FLOOR_FACTOR, "images": list(images.shape)}
+    settings = {
+        "jax_default_matmul_precision": "highest",
+        "torch_allow_tf32": False,
+        "floor_factor": FLOOR_FACTOR,
+        "images": list(images.shape),
+    }
     return DiffReport(ref.name, cand.name, layers, first, settings)
 
 
-def compare_grads(nnx_model: jax_impl.ViT, torch_model: torch_impl.ViT, images: np.ndarray,
-                  labels: np.ndarray) -> list[LayerGap]:
+def compare_grads(
+    nnx_model: jax_impl.ViT, torch_model: torch_impl.ViT, images: np.ndarray, labels: np.ndarray
+) -> list[LayerGap]:
     """d(cross-entropy)/d(every parameter) and d/d(images), torch's mapped through the table,
     with the same noise-floor rule as `compare` (each side's float32 against its float64)."""
     images = np.asarray(images, np.float32)
@@ -187,16 +213,21 @@ def compare_grads(nnx_model: jax_impl.ViT, torch_model: torch_impl.ViT, images: 
         j32, jx32 = nnx_grads(nnx_model, images, labels)
         t32, tx32 = torch_grads(torch_model, images, labels)
         with jax.enable_x64(True):
-            j64, jx64 = nnx_grads(nnx_astype(nnx_model, np.float64), images.astype(np.float64),
-                                  labels)
-        t64, tx64 = torch_grads(torch_astype(torch_model, torch.float64),
-                                images.astype(np.float64), labels)
+            j64, jx64 = nnx_grads(
+                nnx_astype(nnx_model, np.float64), images.astype(np.float64), labels
+            )
+        t64, tx64 = torch_grads(
+            torch_astype(torch_model, torch.float64), images.astype(np.float64), labels
+        )
     t32, t64 = torch_to_nnx_flat(t32, config), torch_to_nnx_flat(t64, config)
-    j32, j64, t32, t64 = ({**g, "images": x} for g, x in
-                          ((j32, jx32), (j64, jx64), (t32, tx32), (t64, tx64)))
+    j32, j64, t32, t64 = (
+        {**g, "images": x} for g, x in ((j32, jx32), (j64, jx64), (t32, tx32), (t64, tx64))
+    )
     # Judged relative to each tensor's own scale, but never below 1e-6 of the largest gradient:
     # some gradients are exactly zero in exact arithmetic (the key bias: softmax is
     # shift-invariant) and hold only rounding noise on both sides.
     overall = max(magnitude(g) for g in j64.values())
-    return [layer_gap(key, j32[key], j64[key], t32[key], t64[key], min_unit=1e-6 * overall)
-            for key in sorted(j32)]
+    return [
+        layer_gap(key, j32[key], j64[key], t32[key], t64[key], min_unit=1e-6 * overall)
+        for key in sorted(j32)
+    ]

@@ -17,8 +17,18 @@ import numpy as np
 from vit_config import ArgumentError, ViTConfig
 
 # A small ViT for 8x8 digits: 2x2 patches -> 16 tokens + CLS.
-DIGITS_CONFIG = ViTConfig(image_size=8, patch_size=2, in_channels=1, d_model=32, num_heads=4,
-                          d_ff=64, num_layers=2, num_classes=10, pool="cls", activation="gelu")
+DIGITS_CONFIG = ViTConfig(
+    image_size=8,
+    patch_size=2,
+    in_channels=1,
+    d_model=32,
+    num_heads=4,
+    d_ff=64,
+    num_layers=2,
+    num_classes=10,
+    pool="cls",
+    activation="gelu",
+)
 OPTIMIZERS = ("sgd", "adamw")
 # Cross-framework gaps may reach this multiple of the summed float32-vs-float64 drifts.
 DRIFT_FACTOR = 4.0
@@ -52,7 +62,9 @@ def load_digits_split(seed: int = 0, held_out: int = 297):
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise ImportError("training parity needs scikit-learn (pip install 'vit-parity[train]')") from None
+        raise ImportError(
+            "training parity needs scikit-learn (pip install 'vit-parity[train]')"
+        ) from None
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32)[..., None]  # (1797, 8, 8, 1)
     y = digits.target.astype(np.int64)
@@ -86,8 +98,7 @@ def _torch_opt(h: Hyper, params):
 
     if h.optimizer == "sgd":
         return torch.optim.SGD(params, lr=h.lr, momentum=h.momentum)
-    return torch.optim.AdamW(params, lr=h.lr, betas=h.betas, eps=h.eps,
-                             weight_decay=h.weight_decay)
+    return torch.optim.AdamW(params, lr=h.lr, betas=h.betas, eps=h.eps, weight_decay=h.weight_decay)
 
 
 def train_jax(model, h: Hyper, x, y, plan) -> tuple[list[float], object]:
@@ -150,12 +161,17 @@ class TrainReport:
     accuracy: dict[str, float]  # held-out, float32 runs
     logit_gap: float  # max |jax - torch| held-out logits (float32)
     disagreements: list[dict] = field(default_factory=list)  # held-out digits predicted differently
-    unexplained: list[dict] = field(default_factory=list)  # ... whose top-2 margin exceeds the drift
+    unexplained: list[dict] = field(
+        default_factory=list
+    )  # ... whose top-2 margin exceeds the drift
 
     @property
     def passed(self) -> bool:
-        return (self.loss_gap <= self.loss_bound and self.weight_gap <= self.weight_bound
-                and not self.unexplained)
+        return (
+            self.loss_gap <= self.loss_bound
+            and self.weight_gap <= self.weight_bound
+            and not self.unexplained
+        )
 
     def as_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
@@ -207,34 +223,50 @@ def train_parity(h: Hyper = Hyper(), config: ViTConfig = DIGITS_CONFIG) -> Train
         losses["jax32"], final["jax32"] = train_jax(start, h, x, y, plan)
         losses["torch32"], final["torch32"] = train_torch(to_torch(start), h, x, y, plan)
         with jax.enable_x64(True):
-            losses["jax64"], final["jax64"] = train_jax(nnx_astype(start, np.float64), h, x, y, plan)
+            losses["jax64"], final["jax64"] = train_jax(
+                nnx_astype(start, np.float64), h, x, y, plan
+            )
             final["jax64"] = nnx_params(final["jax64"])  # read while x64 is on
         losses["torch64"], final["torch64"] = train_torch(to_torch(start).double(), h, x, y, plan)
         logits_j = np.asarray(run_nnx(final["jax32"], xt), np.float64)
         logits_t = run_torch(final["torch32"], xt).double().numpy()
-    drift = lambda a, b: _max_gap(losses[a], losses[b])  # noqa: E731
+    drift = lambda a, b: _max_gap(losses[a], losses[b])
     loss_bound = DRIFT_FACTOR * (drift("jax32", "jax64") + drift("torch32", "torch64"))
     wj, wt64 = nnx_params(final["jax32"]), final["jax64"]
     wt, wt64t = nnx_params(final["torch32"]), nnx_params(final["torch64"])
-    weight_drift = max(_max_gap(wj[k], wt64[k]) for k in wj) + \
-        max(_max_gap(wt[k], wt64t[k]) for k in wt)
+    weight_drift = max(_max_gap(wj[k], wt64[k]) for k in wj) + max(
+        _max_gap(wt[k], wt64t[k]) for k in wt
+    )
     logit_gap = _max_gap(logits_j, logits_t)
     disagreements, unexplained = [], []
     for i in np.flatnonzero(logits_j.argmax(1) != logits_t.argmax(1)):
         top2 = np.sort(logits_j[i])[-2:]
-        row = {"index": int(i), "label": int(yt[i]), "jax": int(logits_j[i].argmax()),
-               "torch": int(logits_t[i].argmax()), "top2_margin": float(top2[1] - top2[0])}
+        row = {
+            "index": int(i),
+            "label": int(yt[i]),
+            "jax": int(logits_j[i].argmax()),
+            "torch": int(logits_t[i].argmax()),
+            "top2_margin": float(top2[1] - top2[0]),
+        }
         disagreements.append(row)
         if row["top2_margin"] > 2 * logit_gap:
             unexplained.append(row)
     return TrainReport(
-        hyper=asdict(h), steps=h.steps, losses=losses,
-        loss_gap=drift("jax32", "torch32"), loss_bound=loss_bound,
+        hyper=asdict(h),
+        steps=h.steps,
+        losses=losses,
+        loss_gap=drift("jax32", "torch32"),
+        loss_bound=loss_bound,
         weight_gap=_weight_gap(final["jax32"], final["torch32"]),
         weight_bound=DRIFT_FACTOR * weight_drift,
-        accuracy={"jax": float((logits_j.argmax(1) == yt).mean()),
-                  "torch": float((logits_t.argmax(1) == yt).mean())},
-        logit_gap=logit_gap, disagreements=disagreements, unexplained=unexplained)
+        accuracy={
+            "jax": float((logits_j.argmax(1) == yt).mean()),
+            "torch": float((logits_t.argmax(1) == yt).mean()),
+        },
+        logit_gap=logit_gap,
+        disagreements=disagreements,
+        unexplained=unexplained,
+    )
 
 
 def plot_losses(report: TrainReport, path: str) -> None:
@@ -246,12 +278,19 @@ def plot_losses(report: TrainReport, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = np.arange(1, report.steps + 1)
     for key, style in (("jax32", "-"), ("torch32", "--"), ("jax64", ":"), ("torch64", "-.")):
-        ax.plot(steps, report.losses[key], style, label=key.replace("32", " float32").replace("64", " float64"),
-                alpha=1.0 if key.endswith("32") else 0.6)
+        ax.plot(
+            steps,
+            report.losses[key],
+            style,
+            label=key.replace("32", " float32").replace("64", " float64"),
+            alpha=1.0 if key.endswith("32") else 0.6,
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (cross-entropy)")
-    ax.set_title(f"{report.hyper['optimizer']}: optax vs torch.optim on sklearn digits; "
-                 f"held-out acc {report.accuracy['jax']:.3f} / {report.accuracy['torch']:.3f}")
+    ax.set_title(
+        f"{report.hyper['optimizer']}: optax vs torch.optim on sklearn digits; "
+        f"held-out acc {report.accuracy['jax']:.3f} / {report.accuracy['torch']:.3f}"
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

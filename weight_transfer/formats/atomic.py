@@ -10,6 +10,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 from weight_transfer.core.errors import CheckpointError
@@ -34,16 +35,19 @@ def file_ids(path: Path, *, limit: int = 100_000) -> set[FileId]:
     return ids
 
 
-def _refuse_clobbering(final: Path, protected: set[FileId]) -> None:
+def _refuse_clobbering(final: Path, protected: AbstractSet[FileId]) -> None:
     if protected and file_ids(final) & protected:
-        raise CheckpointError(f"{final}: the output would overwrite the input (or delete it: "
-                              f"the same file, or a folder holding it, under another name or "
-                              f"mount); refused even with --force: choose another output")
+        raise CheckpointError(
+            f"{final}: the output would overwrite the input (or delete it: "
+            f"the same file, or a folder holding it, under another name or "
+            f"mount); refused even with --force: choose another output"
+        )
 
 
 @contextlib.contextmanager
-def atomic_output(dst: Path, *, force: bool = False, protected: set[FileId] = frozenset()
-                  ) -> Iterator[Path]:
+def atomic_output(
+    dst: Path, *, force: bool = False, protected: AbstractSet[FileId] = frozenset()
+) -> Iterator[Path]:
     """A temporary folder next to `dst`: write the outputs there under their final names; they
     are moved into place only if the block succeeds, so a failure leaves nothing behind.
     Nothing that exists (a dangling link included) is replaced without `force`, and nothing in

@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 
 from weight_transfer.core.errors import CheckpointError
+from weight_transfer.core.table import Meta
 from weight_transfer.formats.npz_io import NpzReader
 from weight_transfer.formats.orbax_io import OrbaxReader, checkpoint_dir
 from weight_transfer.formats.reader import InMemory, Reader, Renamed
 from weight_transfer.formats.safetensors_io import SafetensorsReader
-from weight_transfer.core.table import Meta
+
 
 @dataclass
 class Source:
@@ -52,8 +53,9 @@ class Source:
     def load(self, key: str) -> np.ndarray:
         return self.reader.load(key)
 
-    def items(self, keys: Iterable[str] | None = None, *, digest: bool = False
-              ) -> Iterator[tuple[str, np.ndarray]]:
+    def items(
+        self, keys: Iterable[str] | None = None, *, digest: bool = False
+    ) -> Iterator[tuple[str, np.ndarray]]:
         """The tensors in file order; with `digest`, the bytes also feed `digest()` as read."""
         for key in self.reader.ordered(self.meta if keys is None else keys, digest=digest):
             yield key, self.reader.load(key)
@@ -98,12 +100,16 @@ def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> S
         return Source(path, NpzReader(path))
     if name.endswith((".bin", ".pth", ".pt")):
         if not allow_pickle:
-            raise CheckpointError(f"{path}: a pickle-based torch file; it is only read when asked "
-                                  f"(allow_pickle=True, --allow-pickle), and then with "
-                                  f"torch.load(weights_only=True)")
+            raise CheckpointError(
+                f"{path}: a pickle-based torch file; it is only read when asked "
+                f"(allow_pickle=True, --allow-pickle), and then with "
+                f"torch.load(weights_only=True)"
+            )
         return _read_torch_pickle(path)
-    raise CheckpointError(f"{path}: unknown checkpoint type (expected .safetensors, "
-                          f".safetensors.index.json, a folder, .npz, or .bin/.pth with pickle)")
+    raise CheckpointError(
+        f"{path}: unknown checkpoint type (expected .safetensors, "
+        f".safetensors.index.json, a folder, .npz, or .bin/.pth with pickle)"
+    )
 
 
 def _sharded_safetensors(path: Path) -> SafetensorsReader:
@@ -118,10 +124,12 @@ def _sharded_safetensors(path: Path) -> SafetensorsReader:
     wrong = sorted(k for k in set(weight_map) | set(stored) if weight_map.get(k) != stored.get(k))
     if wrong:
         k = wrong[0]
-        raise CheckpointError(f"{path}: the index and the shards disagree on {len(wrong)} "
-                              f"tensor(s), e.g. {k!r}: the index says "
-                              f"{weight_map.get(k, 'nothing')}, the shards hold it in "
-                              f"{stored.get(k, 'none')}")
+        raise CheckpointError(
+            f"{path}: the index and the shards disagree on {len(wrong)} "
+            f"tensor(s), e.g. {k!r}: the index says "
+            f"{weight_map.get(k, 'nothing')}, the shards hold it in "
+            f"{stored.get(k, 'none')}"
+        )
     return reader
 
 
@@ -155,8 +163,9 @@ def _read_torch_pickle(path: Path) -> Source:
         raise CheckpointError(f"{path}: expected a state dict, got {type(sd).__name__}")
     arrays = {k: torch_to_numpy(v) for k, v in sd.items() if isinstance(v, torch.Tensor)}
     if not arrays:
-        raise CheckpointError(f"{path}: no tensors found (top-level keys: "
-                              f"{', '.join(map(str, list(sd)[:8]))})")
+        raise CheckpointError(
+            f"{path}: no tensors found (top-level keys: {', '.join(map(str, list(sd)[:8]))})"
+        )
     return Source(path, InMemory(arrays, [path]), notes=notes)
 
 
@@ -170,15 +179,17 @@ def _weights_in_folder(folder: Path) -> Path:
     safe = [folder / n for n in SAFE_NAMES if (folder / n).exists()]
     if len(safe) > 1:
         names = ", ".join(p.name for p in safe)
-        raise CheckpointError(f"{folder}: several weight files ({names}); pass the one to "
-                              f"read instead of the folder")
+        raise CheckpointError(
+            f"{folder}: several weight files ({names}); pass the one to read instead of the folder"
+        )
     pickles = [folder / n for n in PICKLE_NAMES if (folder / n).exists()]
     if safe or len(pickles) == 1:
         return (safe or pickles)[0]
     if pickles:
         names = ", ".join(p.name for p in pickles)
-        raise CheckpointError(f"{folder}: several weight files ({names}); pass the one to "
-                              f"read instead of the folder")
+        raise CheckpointError(
+            f"{folder}: several weight files ({names}); pass the one to read instead of the folder"
+        )
     raise CheckpointError(f"{folder}: a folder without {', '.join(SAFE_NAMES + PICKLE_NAMES)}")
 
 
@@ -187,13 +198,18 @@ def _read_index(path: Path) -> dict[str, str]:
     index = _read_json(path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-        raise CheckpointError(f"{path}: not a sharded index (expected a 'weight_map' object of "
-                              f"tensor name -> shard file name)")
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(
+            f"{path}: not a sharded index (expected a 'weight_map' object of "
+            f"tensor name -> shard file name)"
+        )
     for shard_name in set(weight_map.values()):
         if Path(shard_name).name != shard_name or shard_name in ("", ".", ".."):
-            raise CheckpointError(f"{path}: shard path {shard_name!r} leaves the index's folder; "
-                                  f"shards must be plain file names beside the index")
+            raise CheckpointError(
+                f"{path}: shard path {shard_name!r} leaves the index's folder; "
+                f"shards must be plain file names beside the index"
+            )
     return weight_map
 
 
@@ -207,8 +223,10 @@ def regular_file(path: Path) -> Path:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     if not stat.S_ISREG(mode):
-        raise CheckpointError(f"{path}: not a regular file; checkpoints are read from regular "
-                              f"files (or folders of them)")
+        raise CheckpointError(
+            f"{path}: not a regular file; checkpoints are read from regular "
+            f"files (or folders of them)"
+        )
     return path
 
 

@@ -63,8 +63,7 @@ class SequentialWriter:
     else through the page cache (a filesystem that refuses it at open or at the first write,
     macOS, or `direct=False`). The same bytes either way."""
 
-    def __init__(self, path: Path, *, direct: bool = True, chunk: int = 8 << 20,
-                 buffers: int = 3):
+    def __init__(self, path: Path, *, direct: bool = True, chunk: int = 8 << 20, buffers: int = 3):
         assert chunk % ALIGN == 0
         self.path, self.chunk = path, chunk
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
@@ -89,13 +88,13 @@ class SequentialWriter:
             if not a.flags.c_contiguous:
                 if self.scratch.size < a.nbytes:
                     self.scratch = np.empty(a.nbytes, np.uint8)
-                a = to_contiguous(a, out=self.scratch[:a.nbytes].view(a.dtype).reshape(a.shape))
+                a = to_contiguous(a, out=self.scratch[: a.nbytes].view(a.dtype).reshape(a.shape))
             data = a.reshape(-1).view(np.uint8)
         else:
             data = np.frombuffer(a, np.uint8)
         while data.size:
             n = min(data.size, self.chunk - self.fill)
-            self.views[self.current][self.fill:self.fill + n] = data[:n]
+            self.views[self.current][self.fill : self.fill + n] = data[:n]
             self.fill += n
             data = data[n:]
             if self.fill == self.chunk:

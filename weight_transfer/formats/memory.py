@@ -18,7 +18,7 @@ def empty_aligned(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray:
     nbytes = math.prod(shape) * dtype.itemsize
     raw = np.empty(nbytes + align, np.uint8)
     start = -raw.ctypes.data % align
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def to_contiguous(a: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
@@ -38,5 +38,5 @@ def to_contiguous(a: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray
         return out
     width = max(1, 64 // a.itemsize)
     for j in range(0, a.shape[1], width):
-        out[:, j:j + width] = a[:, j:j + width]
+        out[:, j : j + width] = a[:, j : j + width]
     return out

@@ -52,8 +52,11 @@ class NpzReader(Reader):
         try:
             with self.zip.open(info) as f:
                 version = np.lib.format.read_magic(f)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                read_header = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
                     else np.lib.format.read_array_header_2_0
+                )
                 shape, fortran, dtype = read_header(f)
                 header_bytes = f.tell()
         except (ValueError, OSError, EOFError, zipfile.BadZipFile, RuntimeError) as e:
@@ -62,8 +65,10 @@ class NpzReader(Reader):
             raise CheckpointError(f"{where} holds Python objects (pickle); refused")
         want = header_bytes + math.prod(shape) * dtype.itemsize
         if info.file_size != want:
-            raise CheckpointError(f"{where} declares {info.file_size} bytes, but its header says "
-                                  f"{shape} {dtype} ({want} bytes with the header): corrupt")
+            raise CheckpointError(
+                f"{where} declares {info.file_size} bytes, but its header says "
+                f"{shape} {dtype} ({want} bytes with the header): corrupt"
+            )
         if key == NPZ_MANIFEST:
             if info.file_size > MANIFEST_MAX_BYTES:
                 raise CheckpointError(f"{where}: a {info.file_size}-byte manifest is too large")

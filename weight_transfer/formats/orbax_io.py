@@ -41,8 +41,10 @@ def _ocp():
     try:
         import orbax.checkpoint as ocp
     except ImportError:
-        raise CheckpointError("Orbax checkpoints need orbax-checkpoint: pip install "
-                              "'vit-parity[orbax]' (or orbax-checkpoint)") from None
+        raise CheckpointError(
+            "Orbax checkpoints need orbax-checkpoint: pip install "
+            "'vit-parity[orbax]' (or orbax-checkpoint)"
+        ) from None
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax logs every step at INFO
     return ocp
 
@@ -52,8 +54,9 @@ def checkpoint_dir(folder: Path) -> Path | None:
     itself), if the folder holds one, complete or not."""
     candidates = [folder / STATE, *sorted(folder.glob(f"{STATE}{TEMPORARY}*")), folder]
     for candidate in candidates:
-        if candidate.is_dir() and (TEMPORARY in candidate.name or
-                                   any((candidate / t).exists() for t in TRACES)):
+        if candidate.is_dir() and (
+            TEMPORARY in candidate.name or any((candidate / t).exists() for t in TRACES)
+        ):
             return candidate
     return None
 
@@ -75,11 +78,16 @@ class OrbaxReader(Reader):
         self.path = path.absolute()  # Orbax gives no item metadata for a relative path
         ocp = _ocp()
         absent = [m for m in MARKERS if not (self.path / m).is_file()]
-        if absent or TEMPORARY in self.path.name or not ocp.utils.is_checkpoint_finalized(
-                self.path):
+        if (
+            absent
+            or TEMPORARY in self.path.name
+            or not ocp.utils.is_checkpoint_finalized(self.path)
+        ):
             why = f"no {' or '.join(absent)}" if absent else "a temporary folder"
-            raise CheckpointError(f"{self.path}: an incomplete Orbax checkpoint ({why}: the save "
-                                  f"did not finish); nothing was read")
+            raise CheckpointError(
+                f"{self.path}: an incomplete Orbax checkpoint ({why}: the save "
+                f"did not finish); nothing was read"
+            )
         try:
             tree = ocp.StandardCheckpointer().metadata(self.path).item_metadata.tree
         except Exception as e:  # Orbax raises many types for a damaged folder
@@ -88,8 +96,9 @@ class OrbaxReader(Reader):
 
         self._tree = tree
         leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-        self.meta: dict[str, Meta] = {_key(p): (tuple(m.shape), np.dtype(m.dtype))
-                                      for p, m in leaves}
+        self.meta: dict[str, Meta] = {
+            _key(p): (tuple(m.shape), np.dtype(m.dtype)) for p, m in leaves
+        }
         self.metadata: dict[str, str] = {}
         manifest = folder / MANIFEST
         if self.path != folder and manifest.is_file():
@@ -111,15 +120,19 @@ class OrbaxReader(Reader):
 
         ocp = _ocp()
         if shardings is None:  # numpy on the host, whatever devices the saver had
-            how = lambda p, m: ocp.RestoreArgs(restore_type=np.ndarray)  # noqa: E731
+            how = lambda p, m: ocp.RestoreArgs(restore_type=np.ndarray)
         else:
-            how = lambda p, m: ocp.ArrayRestoreArgs(sharding=shardings[_key(p)],  # noqa: E731
-                                                    global_shape=tuple(m.shape), dtype=m.dtype)
+            how = lambda p, m: ocp.ArrayRestoreArgs(
+                sharding=shardings[_key(p)],
+                global_shape=tuple(m.shape),
+                dtype=m.dtype,
+            )
         args = jax.tree_util.tree_map_with_path(how, self._tree)
         try:
             with ocp.PyTreeCheckpointer() as checkpointer:
-                restored = checkpointer.restore(self.path, args=ocp.args.PyTreeRestore(
-                    restore_args=args))
+                restored = checkpointer.restore(
+                    self.path, args=ocp.args.PyTreeRestore(restore_args=args)
+                )
         except Exception as e:  # Orbax raises many types for a damaged folder
             raise CheckpointError(f"{self.path}: Orbax could not restore it ({e})") from None
         return {_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
@@ -137,13 +150,16 @@ def nested(flat: Iterable[tuple[str, np.ndarray]]) -> dict:
     return tree
 
 
-def write_orbax(out: Path, tensors: Iterable[tuple[str, np.ndarray]],
-                manifest: Callable[[], str]) -> None:
+def write_orbax(
+    out: Path, tensors: Iterable[tuple[str, np.ndarray]], manifest: Callable[[], str]
+) -> None:
     """`out/state` (the parameters, nested) and `out/vit_parity.json` (`manifest()`, asked for
     once the tensors are written)."""
     ocp = _ocp()
     out.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(out.absolute() / STATE, nested((k, np.ascontiguousarray(a)) for k, a in tensors))
+    checkpointer.save(
+        out.absolute() / STATE, nested((k, np.ascontiguousarray(a)) for k, a in tensors)
+    )
     checkpointer.wait_until_finished()
     (out / MANIFEST).write_text(manifest())

@@ -54,8 +54,11 @@ class Renamed(Reader):
     scanned layers sliced, a text tower left out): `meta` as given, `load` through `read`."""
 
     def __init__(self, inner: Reader, meta: dict[str, Meta], read: Callable[[str], np.ndarray]):
-        self.inner, self.meta, self.load = inner, meta, read  # type: ignore[method-assign]
+        self.inner, self.meta, self.read = inner, meta, read
         self.metadata, self.files, self.container = inner.metadata, inner.files, inner.container
+
+    def load(self, key: str) -> np.ndarray:
+        return self.read(key)
 
     def close(self) -> None:
         self.inner.close()

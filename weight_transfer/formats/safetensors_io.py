@@ -21,13 +21,22 @@ import ml_dtypes
 import numpy as np
 
 from weight_transfer.core.errors import CheckpointError
+from weight_transfer.core.table import Meta
 from weight_transfer.formats.fileio import Background, SequentialWriter
 from weight_transfer.formats.reader import Reader, chain_digests, file_sha256
-from weight_transfer.core.table import Meta
 
-SAFETENSORS_DTYPES = {"F16": np.float16, "BF16": ml_dtypes.bfloat16, "F32": np.float32,
-                      "F64": np.float64, "I8": np.int8, "U8": np.uint8, "I16": np.int16,
-                      "I32": np.int32, "I64": np.int64, "BOOL": np.bool_}
+SAFETENSORS_DTYPES = {
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F32": np.float32,
+    "F64": np.float64,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "I16": np.int16,
+    "I32": np.int32,
+    "I64": np.int64,
+    "BOOL": np.bool_,
+}
 DTYPE_CODES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
 
 
@@ -40,8 +49,9 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
             raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
         (n,) = struct.unpack("<Q", head)
         if n > size - 8 or n > 100_000_000:
-            raise CheckpointError(f"{path}: corrupt safetensors header (says {n} header bytes, "
-                                  f"file has {size})")
+            raise CheckpointError(
+                f"{path}: corrupt safetensors header (says {n} header bytes, file has {size})"
+            )
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -50,12 +60,16 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.get("__metadata__", {})
     if not isinstance(metadata, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map "
-                              f"strings to strings)")
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CheckpointError(
+            f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)"
+        )
     if len(header) > MAX_TENSORS:
-        raise CheckpointError(f"{path}: {len(header)} tensors; a ViT checkpoint has at most a "
-                              f"few thousand (limit {MAX_TENSORS})")
+        raise CheckpointError(
+            f"{path}: {len(header)} tensors; a ViT checkpoint has at most a "
+            f"few thousand (limit {MAX_TENSORS})"
+        )
     data = size - 8 - n
     spans = []
     for key, info in header.items():
@@ -64,9 +78,11 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
         shape, begin, end, dtype = _entry(path, key, info)
         want = math.prod(shape) * dtype.itemsize
         if end - begin != want or end > data or begin < 0:
-            raise CheckpointError(f"{path}: tensor {key!r} claims {list(shape)} {info['dtype']} "
-                                  f"({want} bytes) at [{begin}, {end}), but the data section has "
-                                  f"{data} bytes: truncated or lying header")
+            raise CheckpointError(
+                f"{path}: tensor {key!r} claims {list(shape)} {info['dtype']} "
+                f"({want} bytes) at [{begin}, {end}), but the data section has "
+                f"{data} bytes: truncated or lying header"
+            )
         spans.append((begin, end, key))
     # The tensors must tile the data section: no overlap (one block serving two tensors), no
     # gap, nothing after the last (as the safetensors library itself requires).
@@ -74,12 +90,16 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     for begin, end, key in sorted(spans):
         if begin != at:
             what = "overlaps the tensor before it" if begin < at else f"leaves a gap at byte {at}"
-            raise CheckpointError(f"{path}: tensor {key!r} at [{begin}, {end}) {what}: the "
-                                  f"offsets must tile the data section")
+            raise CheckpointError(
+                f"{path}: tensor {key!r} at [{begin}, {end}) {what}: the "
+                f"offsets must tile the data section"
+            )
         at = end
     if at != data:
-        raise CheckpointError(f"{path}: the tensors end at byte {at} of a {data}-byte data "
-                              f"section: the offsets must tile it")
+        raise CheckpointError(
+            f"{path}: the tensors end at byte {at} of a {data}-byte data "
+            f"section: the offsets must tile it"
+        )
     return header, 8 + n
 
 
@@ -88,19 +108,26 @@ MAX_TENSORS = 100_000
 
 def _entry(path: Path, key: str, info: Any) -> tuple[tuple[int, ...], int, int, np.dtype]:
     """(shape, begin, end, dtype) of one header entry, every field type-checked."""
+
     def is_int(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
     try:
         dtype = np.dtype(SAFETENSORS_DTYPES[info["dtype"]])
         shape, offsets = info["shape"], info["data_offsets"]
-        ok = (isinstance(shape, list) and all(is_int(s) and s >= 0 for s in shape)
-              and isinstance(offsets, list) and len(offsets) == 2 and all(map(is_int, offsets)))
+        ok = (
+            isinstance(shape, list)
+            and all(is_int(s) and s >= 0 for s in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(map(is_int, offsets))
+        )
     except (KeyError, TypeError):
         ok = False
     if not ok:
-        raise CheckpointError(f"{path}: tensor {key!r} has an unknown dtype or a malformed "
-                              f"entry: {str(info)[:200]}")
+        raise CheckpointError(
+            f"{path}: tensor {key!r} has an unknown dtype or a malformed entry: {str(info)[:200]}"
+        )
     return tuple(shape), offsets[0], offsets[1], dtype
 
 
@@ -131,8 +158,10 @@ class SafetensorsReader(Reader):
             self.metadata.update(header.pop("__metadata__", None) or {})
             for key, info in header.items():
                 if key in self.meta:
-                    raise CheckpointError(f"tensor {key!r} is stored twice: in "
-                                          f"{paths[self.where[key][0]]} and in {path}")
+                    raise CheckpointError(
+                        f"tensor {key!r} is stored twice: in "
+                        f"{paths[self.where[key][0]]} and in {path}"
+                    )
                 self.meta[key] = (tuple(info["shape"]), np.dtype(SAFETENSORS_DTYPES[info["dtype"]]))
                 begin, end = info["data_offsets"]
                 self.where[key] = (i, start + begin, start + end)
@@ -156,7 +185,7 @@ class SafetensorsReader(Reader):
         start = begin - begin % mmap.ALLOCATIONGRANULARITY  # maps must start page-aligned
         with open(self.paths[i], "rb") as f:
             mapped = mmap.mmap(f.fileno(), end - start, offset=start, access=mmap.ACCESS_COPY)
-        raw = memoryview(mapped)[begin - start:]  # unmapped when the last view is gone
+        raw = memoryview(mapped)[begin - start :]  # unmapped when the last view is gone
         if self.track and self.hashed[i] == begin:
             self.hashing = self.hashing or Background(depth=4)
             self.hashing.submit(self.hashers[i].update, raw)
@@ -171,8 +200,9 @@ class SafetensorsReader(Reader):
         if complete and self.hashing is not None:
             self.hashing.drain()
         self.close()
-        return chain_digests([h.digest() for h in self.hashers] if complete else
-                             [file_sha256(f) for f in self.files])
+        return chain_digests(
+            [h.digest() for h in self.hashers] if complete else [file_sha256(f) for f in self.files]
+        )
 
     def close(self) -> None:
         """Stop the hashing thread; updates still queued are dropped."""
@@ -186,8 +216,11 @@ def encode_header(order: list[tuple[str, Meta]], metadata: dict[str, str]) -> by
     offset = 0
     for key, (shape, dtype) in order:
         size = math.prod(shape) * np.dtype(dtype).itemsize
-        header[key] = {"dtype": DTYPE_CODES[np.dtype(dtype)], "shape": list(shape),
-                       "data_offsets": [offset, offset + size]}
+        header[key] = {
+            "dtype": DTYPE_CODES[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     # Padded (the format allows trailing spaces) so the data starts 64 bytes into a cache line:
@@ -196,8 +229,12 @@ def encode_header(order: list[tuple[str, Meta]], metadata: dict[str, str]) -> by
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_safetensors(path: Path, order: list[tuple[str, Meta]],
-                      tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str]) -> None:
+def write_safetensors(
+    path: Path,
+    order: list[tuple[str, Meta]],
+    tensors: Iterable[tuple[str, np.ndarray]],
+    metadata: dict[str, str],
+) -> None:
     """Stream tensors into one safetensors file whose header (from `order`) is written first;
     transposed views are made contiguous on the way (`fileio.SequentialWriter`)."""
     expected = dict(order)

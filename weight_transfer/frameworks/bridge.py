@@ -19,9 +19,9 @@ from flax import nnx
 
 import jax_impl
 import torch_impl
-from vit_config import ArgumentError, ViTConfig
-from vit_config import arch
+from vit_config import ArgumentError, ViTConfig, arch
 from weight_transfer.core.table import Rule, apply_table, base_shapes, nnx_torch, rule
+from weight_transfer.core.transforms import STACK
 from weight_transfer.formats.memory import to_contiguous
 from weight_transfer.frameworks.torch_bridge import (  # noqa: F401  (re-exported: weight_transfer.X)
     numpy_to_torch,
@@ -29,7 +29,6 @@ from weight_transfer.frameworks.torch_bridge import (  # noqa: F401  (re-exporte
     torch_from_state_dict,
     torch_to_numpy,
 )
-from weight_transfer.core.transforms import STACK
 
 Flat = dict[str, np.ndarray]
 
@@ -38,8 +37,10 @@ Flat = dict[str, np.ndarray]
 
 def numpy_to_jax(a: np.ndarray) -> jax.Array:
     if a.dtype == np.float64 and not jax.config.jax_enable_x64:
-        raise ArgumentError("float64 weights need JAX x64 (jax.config.update('jax_enable_x64', True)"
-                         " or `with jax.enable_x64(True):`); JAX would silently demote them")
+        raise ArgumentError(
+            "float64 weights need JAX x64 (jax.config.update('jax_enable_x64', True)"
+            " or `with jax.enable_x64(True):`); JAX would silently demote them"
+        )
     return jnp.asarray(a)
 
 
@@ -59,10 +60,12 @@ def nnx_flat(state_or_model: Any) -> Flat:
 
 
 @functools.lru_cache(maxsize=64)
-def _abstract_nnx(config: ViTConfig, dtype, scan_layers: bool = False
-                  ) -> tuple[nnx.GraphDef, nnx.State]:
-    abstract = nnx.eval_shape(lambda: jax_impl.ViT(config, rngs=nnx.Rngs(0), dtype=dtype,
-                                                   scan_layers=scan_layers))
+def _abstract_nnx(
+    config: ViTConfig, dtype, scan_layers: bool = False
+) -> tuple[nnx.GraphDef, nnx.State]:
+    abstract = nnx.eval_shape(
+        lambda: jax_impl.ViT(config, rngs=nnx.Rngs(0), dtype=dtype, scan_layers=scan_layers)
+    )
     return nnx.split(abstract)
 
 
@@ -72,10 +75,12 @@ def nnx_shapes(config: ViTConfig, scan_layers: bool = False) -> dict[str, tuple[
     with `scan_layers`, the blocks' parameters stacked as `blocks.X` with a leading (L,) axis."""
     if not scan_layers:
         return base_shapes("nnx", config)
-    stacked = {f"blocks.{k}": (config.num_layers, *p.shape)
-               for k, p in arch.block_template(config).items()}
-    return {k: s for k, s in base_shapes("nnx", config).items()
-            if not k.startswith("blocks.")} | stacked
+    stacked = {
+        f"blocks.{k}": (config.num_layers, *p.shape) for k, p in arch.block_template(config).items()
+    }
+    return {
+        k: s for k, s in base_shapes("nnx", config).items() if not k.startswith("blocks.")
+    } | stacked
 
 
 def scan_rules(config: ViTConfig) -> list[Rule]:
@@ -90,14 +95,20 @@ def scan_rules(config: ViTConfig) -> list[Rule]:
 
 def stack_layers(flat: Mapping[str, np.ndarray], config: ViTConfig) -> Flat:
     """Loop-layout NNX params -> scanned layout (bit-exact)."""
-    return apply_table(flat, scan_rules(config), nnx_shapes(config, True), what="NNX",
-                       finish=to_contiguous)
+    return apply_table(
+        flat, scan_rules(config), nnx_shapes(config, True), what="NNX", finish=to_contiguous
+    )
 
 
 def unstack_layers(flat: Mapping[str, np.ndarray], config: ViTConfig) -> Flat:
     """Scanned-layout NNX params -> loop layout (bit-exact)."""
-    return apply_table(flat, [r.reversed() for r in scan_rules(config)], nnx_shapes(config),
-                       what="NNX (scanned)", finish=to_contiguous)
+    return apply_table(
+        flat,
+        [r.reversed() for r in scan_rules(config)],
+        nnx_shapes(config),
+        what="NNX (scanned)",
+        finish=to_contiguous,
+    )
 
 
 def nnx_loop_flat(model: jax_impl.ViT) -> Flat:
@@ -108,8 +119,10 @@ def nnx_loop_flat(model: jax_impl.ViT) -> Flat:
 
 def require_ours(model) -> None:
     if not isinstance(model, (jax_impl.ViT, torch_impl.ViT)):
-        raise TypeError(f"expected a jax_impl.ViT or torch_impl.ViT, got {type(model).__name__} "
-                        f"(port third-party models with load_checkpoint first)")
+        raise TypeError(
+            f"expected a jax_impl.ViT or torch_impl.ViT, got {type(model).__name__} "
+            f"(port third-party models with load_checkpoint first)"
+        )
 
 
 def nnx_params(model: jax_impl.ViT | torch_impl.ViT) -> Flat:
@@ -130,41 +143,59 @@ def torch_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
 
 def nnx_to_torch_flat(flat: Mapping[str, np.ndarray], config: ViTConfig) -> Flat:
     """`{nnx path: array}` -> `{torch key: array}` through the table, checked against `config`."""
-    return apply_table(flat, nnx_torch(config), torch_shapes(config), what="NNX",
-                       finish=to_contiguous)
+    return apply_table(
+        flat, nnx_torch(config), torch_shapes(config), what="NNX", finish=to_contiguous
+    )
 
 
 def torch_to_nnx_flat(flat: Mapping[str, np.ndarray], config: ViTConfig) -> Flat:
     """`{torch key: array}` -> `{nnx path: array}`, the same table read right to left."""
-    return apply_table(flat, [r.reversed() for r in nnx_torch(config)], nnx_shapes(config),
-                       what="torch", finish=to_contiguous)
+    return apply_table(
+        flat,
+        [r.reversed() for r in nnx_torch(config)],
+        nnx_shapes(config),
+        what="torch",
+        finish=to_contiguous,
+    )
 
 
-def nnx_state_to_state_dict(state: nnx.State | Mapping[str, np.ndarray], config: ViTConfig
-                            ) -> dict[str, torch.Tensor]:
+def nnx_state_to_state_dict(
+    state: nnx.State | Mapping[str, np.ndarray], config: ViTConfig
+) -> dict[str, torch.Tensor]:
     """An NNX parameter state (or its flat dict) -> a `torch_impl.ViT` state dict."""
-    flat = state if isinstance(state, Mapping) and not isinstance(state, nnx.State) \
+    flat = (
+        state
+        if isinstance(state, Mapping) and not isinstance(state, nnx.State)
         else nnx_flat(state)
+    )
     return {k: numpy_to_torch(v) for k, v in nnx_to_torch_flat(flat, config).items()}
 
 
 def state_dict_to_nnx_state(state_dict: Mapping[str, Any], config: ViTConfig) -> nnx.State:
     """A `torch_impl.ViT` state dict (torch tensors or numpy arrays) -> an NNX parameter state."""
-    flat = {k: torch_to_numpy(v) if isinstance(v, torch.Tensor) else np.asarray(v)
-            for k, v in state_dict.items()}
+    flat = {
+        k: torch_to_numpy(v) if isinstance(v, torch.Tensor) else np.asarray(v)
+        for k, v in state_dict.items()
+    }
     return _nnx_state_from_flat(torch_to_nnx_flat(flat, config), config)
 
 
-def _nnx_state_from_flat(flat: Mapping[str, Any], config: ViTConfig, scan_layers: bool = False,
-                         place=numpy_to_jax) -> nnx.State:
+def _nnx_state_from_flat(
+    flat: Mapping[str, Any], config: ViTConfig, scan_layers: bool = False, place=numpy_to_jax
+) -> nnx.State:
     """The NNX parameter state holding `flat`'s values, each turned into a JAX array by `place`."""
     _, abstract = _abstract_nnx(config, jnp.dtype(jnp.float32), scan_layers)
-    return nnx.from_flat_state([(path, var.replace(place(flat[_dotted(path)])))
-                                for path, var in nnx.to_flat_state(abstract)])
+    return nnx.from_flat_state(
+        [
+            (path, var.replace(place(flat[_dotted(path)])))
+            for path, var in nnx.to_flat_state(abstract)
+        ]
+    )
 
 
-def nnx_model_from_flat(flat: Mapping[str, Any], config: ViTConfig,
-                        scan_layers: bool = False, place=numpy_to_jax) -> jax_impl.ViT:
+def nnx_model_from_flat(
+    flat: Mapping[str, Any], config: ViTConfig, scan_layers: bool = False, place=numpy_to_jax
+) -> jax_impl.ViT:
     """Merge already checked values into a model whose dtype is theirs (float32 if mixed)."""
     dtypes = {np.dtype(a.dtype) for a in flat.values()}
     dtype = jnp.dtype(dtypes.pop() if len(dtypes) == 1 else jnp.float32)
@@ -172,14 +203,16 @@ def nnx_model_from_flat(flat: Mapping[str, Any], config: ViTConfig,
     return nnx.merge(graphdef, _nnx_state_from_flat(flat, config, scan_layers, place))
 
 
-def nnx_from_flat(flat: Mapping[str, np.ndarray], config: ViTConfig, *,
-                  scan_layers: bool = False) -> jax_impl.ViT:
+def nnx_from_flat(
+    flat: Mapping[str, np.ndarray], config: ViTConfig, *, scan_layers: bool = False
+) -> jax_impl.ViT:
     """Build a `jax_impl.ViT` whose parameters are exactly `flat` (`{nnx path: array}`, in the
     loop layout, or the scanned one with `scan_layers=True`)."""
     scan_layers = scan_layers and config.num_layers > 0
     shapes = nnx_shapes(config, scan_layers)
-    checked = apply_table(flat, [rule(k, k) for k in shapes], shapes, what="NNX",
-                          finish=to_contiguous)
+    checked = apply_table(
+        flat, [rule(k, k) for k in shapes], shapes, what="NNX", finish=to_contiguous
+    )
     return nnx_model_from_flat(checked, config, scan_layers)
 
 

@@ -21,8 +21,9 @@ from weight_transfer.frameworks.bridge import nhwc_to_nchw, numpy_to_torch, torc
 NUMPY_DTYPES = {"float32": np.float32, "float64": np.float64, "bfloat16": ml_dtypes.bfloat16}
 
 
-def random_images(config: ViTConfig, batch: int, seed: int = 0, dtype: str = "float32"
-                  ) -> np.ndarray:
+def random_images(
+    config: ViTConfig, batch: int, seed: int = 0, dtype: str = "float32"
+) -> np.ndarray:
     """A float NHWC batch `(batch, H, W, C)` of N(0, 1) pixels."""
     h, w = config.image_hw
     rng = np.random.default_rng(seed + 10_000)
@@ -37,10 +38,14 @@ def _tf32_switches() -> dict[str, tuple[object, str, object]]:
     the new one (as training scripts and newer transformers do)."""
     b = torch.backends
     if hasattr(b.cuda.matmul, "fp32_precision"):
-        return {"cuda.matmul.fp32_precision": (b.cuda.matmul, "fp32_precision", "ieee"),
-                "cudnn.conv.fp32_precision": (b.cudnn.conv, "fp32_precision", "ieee")}
-    return {"cuda.matmul.allow_tf32": (b.cuda.matmul, "allow_tf32", False),
-            "cudnn.allow_tf32": (b.cudnn, "allow_tf32", False)}
+        return {
+            "cuda.matmul.fp32_precision": (b.cuda.matmul, "fp32_precision", "ieee"),
+            "cudnn.conv.fp32_precision": (b.cudnn.conv, "fp32_precision", "ieee"),
+        }
+    return {
+        "cuda.matmul.allow_tf32": (b.cuda.matmul, "allow_tf32", False),
+        "cudnn.allow_tf32": (b.cudnn, "allow_tf32", False),
+    }
 
 
 @contextlib.contextmanager
@@ -64,13 +69,20 @@ def precision_context() -> dict:
     every --json report, so a real difference can be told from a setting."""
     import flax
 
-    return {"jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision),
-            "jax_enable_x64": bool(jax.config.jax_enable_x64),
-            "jax_backend": jax.default_backend(),
-            "torch_tf32": {path: getattr(obj, name)
-                           for path, (obj, name, _) in _tf32_switches().items()},
-            "versions": {"jax": jax.__version__, "flax": flax.__version__,
-                         "torch": torch.__version__, "numpy": np.__version__}}
+    return {
+        "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision),
+        "jax_enable_x64": bool(jax.config.jax_enable_x64),
+        "jax_backend": jax.default_backend(),
+        "torch_tf32": {
+            path: getattr(obj, name) for path, (obj, name, _) in _tf32_switches().items()
+        },
+        "versions": {
+            "jax": jax.__version__,
+            "flax": flax.__version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+        },
+    }
 
 
 def comparison_context() -> dict:

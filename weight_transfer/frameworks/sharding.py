@@ -66,8 +66,10 @@ def _role_axis(mesh, role: str) -> str:
     if role == "data":
         others = [a for a in names if a not in ROLE_NAMES["model"]]
         return others[0]
-    raise ShardingError(f"mesh axes {names}: none is the model axis (name one of "
-                        f"{ROLE_NAMES['model']}, or pass rules {{logical axis: mesh axis}})")
+    raise ShardingError(
+        f"mesh axes {names}: none is the model axis (name one of "
+        f"{ROLE_NAMES['model']}, or pass rules {{logical axis: mesh axis}})"
+    )
 
 
 def mesh_rules(mesh, sharding: Sharding) -> dict[str, str | None]:
@@ -75,21 +77,28 @@ def mesh_rules(mesh, sharding: Sharding) -> dict[str, str | None]:
     if isinstance(sharding, Mapping):
         unknown = sorted(set(sharding) - set(arch.AXES))
         if unknown:
-            raise ShardingError(f"sharding rules name unknown logical axes {unknown}: expected "
-                                f"some of {arch.AXES}")
+            raise ShardingError(
+                f"sharding rules name unknown logical axes {unknown}: expected some of {arch.AXES}"
+            )
         absent = sorted({m for m in sharding.values() if m is not None} - set(mesh.axis_names))
         if absent:
-            raise ShardingError(f"sharding rules name mesh axes {absent} the mesh does not have "
-                                f"(its axes: {tuple(mesh.axis_names)})")
+            raise ShardingError(
+                f"sharding rules name mesh axes {absent} the mesh does not have "
+                f"(its axes: {tuple(mesh.axis_names)})"
+            )
         chosen = dict(sharding)
     elif sharding in RULE_SETS:
         chosen = {logical: _role_axis(mesh, role) for logical, role in RULE_SETS[sharding].items()}
         if sharding == "fsdp_tp" and len(set(chosen.values())) < 2:
-            raise ShardingError(f"sharding 'fsdp_tp' needs a 2-D data x model mesh; this mesh "
-                                f"has axes {tuple(mesh.axis_names)}")
+            raise ShardingError(
+                f"sharding 'fsdp_tp' needs a 2-D data x model mesh; this mesh "
+                f"has axes {tuple(mesh.axis_names)}"
+            )
     else:
-        raise ShardingError(f"sharding {sharding!r}: expected one of {SHARDINGS} or a mapping "
-                            f"{{logical axis: mesh axis}}")
+        raise ShardingError(
+            f"sharding {sharding!r}: expected one of {SHARDINGS} or a mapping "
+            f"{{logical axis: mesh axis}}"
+        )
     return {axis: chosen.get(axis) for axis in arch.AXES}
 
 
@@ -116,21 +125,31 @@ def partition_specs(config: ViTConfig, mesh, sharding: Sharding) -> dict:
         spec = []
         for size, logical in zip(p.shape, p.axes, strict=True):
             axis = rules[logical]
-            fits = axis is not None and axis not in spec and \
-                _splits(size, logical, config) % mesh.shape[axis] == 0
+            fits = (
+                axis is not None
+                and axis not in spec
+                and _splits(size, logical, config) % mesh.shape[axis] == 0
+            )
             spec.append(axis if fits else None)
             if fits:
                 split_by[axis].append(path)
         specs[path] = PartitionSpec(*spec)
     for axis, paths in split_by.items():
         if not paths:
-            asked = sorted({f"{lg} = {config.num_heads if lg == 'heads' else s}"
-                            for p in arch.parameters(config).values()
-                            for s, lg in zip(p.shape, p.axes) if rules[lg] == axis})
-            raise ShardingError(f"mesh axis {axis!r} (size {mesh.shape[axis]}) divides no "
-                                f"parameter dimension the sharding splits over it "
-                                f"({', '.join(asked)}); use a mesh axis size that divides "
-                                f"them, or sharding='replicated'")
+            asked = sorted(
+                {
+                    f"{lg} = {config.num_heads if lg == 'heads' else s}"
+                    for p in arch.parameters(config).values()
+                    for s, lg in zip(p.shape, p.axes, strict=True)
+                    if rules[lg] == axis
+                }
+            )
+            raise ShardingError(
+                f"mesh axis {axis!r} (size {mesh.shape[axis]}) divides no "
+                f"parameter dimension the sharding splits over it "
+                f"({', '.join(asked)}); use a mesh axis size that divides "
+                f"them, or sharding='replicated'"
+            )
     return specs
 
 
@@ -160,7 +179,7 @@ def _pin_rules(model, specs: dict) -> None:
     for path, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param):
             axes = var.get_metadata()["out_sharding"]
-            var.set_metadata(sharding_rules=tuple(zip(axes, specs[_dotted(path)])))
+            var.set_metadata(sharding_rules=tuple(zip(axes, specs[_dotted(path)], strict=False)))
 
 
 def load_sharded(prepared, mesh, sharding: Sharding):
@@ -173,23 +192,30 @@ def load_sharded(prepared, mesh, sharding: Sharding):
     same = p.plan.renames_only and p.config == p.inferred.config
     hook = p.plan.hook or (lambda key, a, dry: a)
     as_stored = same and all(p.source.meta[k] == meta for k, meta in p.plan.order)
-    arrays = p.source.reader.restore_onto({k: NamedSharding(mesh, s) for k, s in specs.items()}
-                                          ) if as_stored else None
+    arrays = (
+        p.source.reader.restore_onto({k: NamedSharding(mesh, s) for k, s in specs.items()})
+        if as_stored
+        else None
+    )
     if arrays is not None:  # the format placed them itself (Orbax reads each device's block)
         for key, array in arrays.items():  # the NaN/Inf screen, block by block
             for block in array.addressable_shards:
                 hook(key, np.asarray(block.data), False)
         return _placed_model(arrays, p.config, specs)
     if same and p.source.reader.maps_blocks:  # NNX layout: every block straight from its bytes
+
         def items():
             for key, (shape, _) in p.plan.order:
                 raw = _block_reader(p.source, key)
                 yield key, shape, lambda index, raw=raw, key=key: hook(key, raw(index), False)
     else:  # convert tensor by tensor; each tensor is on the host once, not once per device
+
         def items():
             for key, array in p.plan.run(p.source.items(p.plan.inputs)):
                 yield key, array.shape, lambda index, array=array: array[index]
-    arrays = {key: jax.make_array_from_callback(tuple(shape), NamedSharding(mesh, specs[key]),
-                                                read)
-              for key, shape, read in items()}
+
+    arrays = {
+        key: jax.make_array_from_callback(tuple(shape), NamedSharding(mesh, specs[key]), read)
+        for key, shape, read in items()
+    }
     return _placed_model(arrays, p.config, specs)

@@ -40,8 +40,9 @@ def torch_flat(state_dict_or_model: Mapping[str, torch.Tensor] | torch.nn.Module
     return {k: torch_to_numpy(v) for k, v in sd.items()}
 
 
-def torch_from_state_dict(state_dict: Mapping[str, torch.Tensor], config: ViTConfig
-                          ) -> torch_impl.ViT:
+def torch_from_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: ViTConfig
+) -> torch_impl.ViT:
     """Build a `torch_impl.ViT` holding exactly these tensors (no init, no second copy)."""
     with torch.device("meta"):
         model = torch_impl.ViT(config)
@@ -52,5 +53,6 @@ def torch_from_state_dict(state_dict: Mapping[str, torch.Tensor], config: ViTCon
 def torch_astype(model: torch_impl.ViT, dtype: torch.dtype) -> torch_impl.ViT:
     """A copy of `model` in `dtype`, built on the meta device and filled one cast tensor at a
     time (no float32 copy of the whole model on the way, as `deepcopy(model).double()` makes)."""
-    return torch_from_state_dict({k: v.detach().to(dtype) for k, v in model.state_dict().items()},
-                                 model.config)
+    return torch_from_state_dict(
+        {k: v.detach().to(dtype) for k, v in model.state_dict().items()}, model.config
+    )

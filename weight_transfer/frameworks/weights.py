@@ -16,15 +16,16 @@ from weight_transfer.frameworks.bridge import (
 from weight_transfer.frameworks.runners import NUMPY_DTYPES
 
 
-def random_params(config: ViTConfig, seed: int = 0, dtype: str = "float32"
-                  ) -> dict[str, np.ndarray]:
+def random_params(
+    config: ViTConfig, seed: int = 0, dtype: str = "float32"
+) -> dict[str, np.ndarray]:
     """`{nnx path: array}` with every parameter random (no zeros, no ones: default inits hide
     transfer bugs): kernels N(0, 1/fan_in), everything else (biases, norm gains, tokens,
     positions) N(0, 0.5)."""
     rng = np.random.default_rng(seed)
     out = {}
     for key, p in sorted(arch.parameters(config).items()):
-        std = p.fan_in ** -0.5 if p.kind in ("conv", "kernel") else 0.5
+        std = p.fan_in**-0.5 if p.kind in ("conv", "kernel") else 0.5
         out[key] = (rng.standard_normal(p.shape) * std).astype(NUMPY_DTYPES[dtype])
     return out
 

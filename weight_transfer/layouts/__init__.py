@@ -29,11 +29,13 @@ from weight_transfer.layouts.base import Layout
 PUBLISHERS = ("ours", "orbax", "timm", "huggingface", "open_clip", "npz")
 MODULES = tuple(importlib.import_module(f"{__name__}.{name}") for name in PUBLISHERS)
 
-LAYOUTS: dict[str, Layout] = {layout.name: layout for module in MODULES
-                              for layout in module.LAYOUTS}
+LAYOUTS: dict[str, Layout] = {
+    layout.name: layout for module in MODULES for layout in module.LAYOUTS
+}
 ALIASES = {alias: l.name for l in LAYOUTS.values() for alias in l.aliases}
 
 WRITABLE = tuple(name for name, l in LAYOUTS.items() if l.writable)
+
 
 def get_layout(name: str) -> Layout:
     if name in ALIASES:
@@ -41,6 +43,7 @@ def get_layout(name: str) -> Layout:
     if name not in LAYOUTS:
         raise LayoutError(f"unknown layout {name!r}; known: {', '.join(LAYOUTS)}")
     return LAYOUTS[name]
+
 
 def detect_layout(keys: Iterable[str], container: str | None = None) -> Layout:
     """The layout whose marker the keys carry, higher `priority` first (hf5 shares a marker
@@ -53,8 +56,10 @@ def detect_layout(keys: Iterable[str], container: str | None = None) -> Layout:
         if any(re.search(layout.marker, k) for k in keys):
             return layout
     sample = ", ".join(sorted(keys)[:5]) or "(no tensors)"
-    raise LayoutError(f"cannot tell the layout from the keys (first: {sample}); known layouts: "
-                      f"{', '.join(LAYOUTS)}; pass layout=... (--from) to say which")
+    raise LayoutError(
+        f"cannot tell the layout from the keys (first: {sample}); known layouts: "
+        f"{', '.join(LAYOUTS)}; pass layout=... (--from) to say which"
+    )
 
 
 def diff_points(model):
@@ -68,5 +73,14 @@ def diff_points(model):
     return None
 
 
-__all__ = ["ALIASES", "LAYOUTS", "Layout", "MODULES", "PUBLISHERS", "WRITABLE", "detect_layout",
-           "diff_points", "get_layout"]
+__all__ = [
+    "ALIASES",
+    "LAYOUTS",
+    "Layout",
+    "MODULES",
+    "PUBLISHERS",
+    "WRITABLE",
+    "detect_layout",
+    "diff_points",
+    "get_layout",
+]

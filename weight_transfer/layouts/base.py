@@ -20,27 +20,43 @@ from weight_transfer.formats.checkpoint import Source
 def renamed(ours: str, theirs: str, leaves: Iterable[str] = ("weight", "bias")) -> tuple[Rule, ...]:
     return tuple(rule(f"{ours}.{leaf}", f"{theirs}.{leaf}") for leaf in leaves)
 
-def fused(ours: Iterable[str], theirs: str, transform: Transform,
-          leaves: tuple[str, ...] = ("weight", "bias"),
-          suffix: tuple[str, ...] = (".weight", ".bias")) -> tuple[Rule, ...]:
+
+def fused(
+    ours: Iterable[str],
+    theirs: str,
+    transform: Transform,
+    leaves: tuple[str, ...] = ("weight", "bias"),
+    suffix: tuple[str, ...] = (".weight", ".bias"),
+) -> tuple[Rule, ...]:
     """Linears stacked by rows into one (timm's qkv, kv, packed SwiGLU fc1; torch
     MultiheadAttention's `in_proj_weight`), weight and bias."""
     ours = tuple(ours)
-    return tuple(rule(tuple(f"{o}.{leaf}" for o in ours), f"{theirs}{end}", transform)
-                 for leaf, end in zip(leaves, suffix, strict=True))
+    return tuple(
+        rule(tuple(f"{o}.{leaf}" for o in ours), f"{theirs}{end}", transform)
+        for leaf, end in zip(leaves, suffix, strict=True)
+    )
+
 
 def flax_renamed(ours: str, theirs: str, leaves: Iterable[str]) -> tuple[Rule, ...]:
     return tuple(rule(f"{ours}.{leaf}", f"{theirs}/{leaf}") for leaf in leaves)
+
 
 def flax_mha(ours: str, theirs: str, heads: int) -> tuple[Rule, ...]:
     """flax MultiHeadDotProductAttention: q/k/v kernels (D, heads, hd), biases (heads, hd),
     the output kernel (heads, hd, D)."""
     rules = []
     for o, t in (("q", "query"), ("k", "key"), ("v", "value")):
-        rules += [rule(f"{ours}.{o}.kernel", f"{theirs}/{t}/kernel", heads_in(heads)),  # (D, D) <-> (D, H, hd)
-                  rule(f"{ours}.{o}.bias", f"{theirs}/{t}/bias", bias_heads(heads))]  # (D,) <-> (H, hd)
-    return (*rules, rule(f"{ours}.o.kernel", f"{theirs}/out/kernel", heads_out(heads)),  # (D, D) <-> (H, hd, D)
-            rule(f"{ours}.o.bias", f"{theirs}/out/bias"))
+        rules += [
+            rule(
+                f"{ours}.{o}.kernel", f"{theirs}/{t}/kernel", heads_in(heads)
+            ),  # (D, D) <-> (D, H, hd)
+            rule(f"{ours}.{o}.bias", f"{theirs}/{t}/bias", bias_heads(heads)),
+        ]  # (D,) <-> (H, hd)
+    return (
+        *rules,
+        rule(f"{ours}.o.kernel", f"{theirs}/out/kernel", heads_out(heads)),  # (D, D) <-> (H, hd, D)
+        rule(f"{ours}.o.bias", f"{theirs}/out/bias"),
+    )
 
 
 @dataclass(frozen=True)
@@ -64,8 +80,9 @@ class Layout:
     prefix_positions: bool = True  # the position table has rows for the prefix tokens too
     pool: str | None = None  # the pooling the layout's architecture always uses, if it does
     # A config.json beside the weights: its fields (`hf_config_fields`) and the one we write.
-    read_config_json: Callable[[Mapping[str, Any], Path],
-                               tuple[dict[str, Any], dict[str, str]]] | None = None
+    read_config_json: (
+        Callable[[Mapping[str, Any], Path], tuple[dict[str, Any], dict[str, str]]] | None
+    ) = None
     write_config_json: Callable[[ViTConfig], dict[str, Any]] | None = None
     # Key names brought to the table's (ViTModel -> ViTForImageClassification): the new
     # source and what was dropped.
@@ -90,7 +107,8 @@ class Layout:
         """Whether writing to `path` makes a folder: HF types and Orbax always, timm (a Hub
         folder) unless the name ends in .safetensors."""
         return self.container in ("folder", "orbax") or (
-            self.write_config_json is not None and not path.suffix)
+            self.write_config_json is not None and not path.suffix
+        )
 
     def check_model(self, config: ViTConfig) -> None:
         """Raise, naming the field, for a model this layout's library cannot compute: before
@@ -110,8 +128,14 @@ ASSUME_EPS6 = (1e-6, "1e-6 (timm, flax)")
 
 _MISSING = object()
 
-def json_field(cfg: Mapping[str, Any], key: str, kinds: type | tuple[type, ...], where: Path,
-               default: Any = _MISSING) -> Any:
+
+def json_field(
+    cfg: Mapping[str, Any],
+    key: str,
+    kinds: type | tuple[type, ...],
+    where: Path,
+    default: Any = _MISSING,
+) -> Any:
     """`cfg[key]`, checked to be one of `kinds` (a bool is never taken for a number); absent,
     `default` (null is a value, and refused like any other of the wrong type)."""
     if key not in cfg:
@@ -125,21 +149,40 @@ def json_field(cfg: Mapping[str, Any], key: str, kinds: type | tuple[type, ...],
         raise CheckpointError(f"{where}: config.json {key!r} is {value!r}; expected {names}")
     return value
 
+
 def require(config: ViTConfig, what: str, **fields: Any) -> None:
     """Refuse a model `what` cannot compute, naming each field it fixes."""
     if not config.num_classes:  # no head: its bias is moot (ViTConfig keeps the default)
         fields.pop("head_bias", None)
-    wrong = [f"{k}={getattr(config, k)!r} (it needs {v!r})" for k, v in fields.items()
-             if getattr(config, k) != v]
+    wrong = [
+        f"{k}={getattr(config, k)!r} (it needs {v!r})"
+        for k, v in fields.items()
+        if getattr(config, k) != v
+    ]
     if wrong:
         raise LayoutError(f"{what} cannot hold this model: {', '.join(wrong)}")
 
-PLAIN = dict(norm="layernorm", norm_pre=False, patch_norm=False, qk_norm=False,
-             layer_scale=False, reg_tokens=0, dist_token=False, mlp="mlp", proj_bias=True,
-             mlp_bias=True, patch_bias=True)  # what ViT-like classes have no switch for
 
-def renaming(strip: tuple[str, ...] = (), drop: tuple[tuple[str, str], ...] = (),
-             keep_only_stripped: str | None = None):
+PLAIN = dict(
+    norm="layernorm",
+    norm_pre=False,
+    patch_norm=False,
+    qk_norm=False,
+    layer_scale=False,
+    reg_tokens=0,
+    dist_token=False,
+    mlp="mlp",
+    proj_bias=True,
+    mlp_bias=True,
+    patch_bias=True,
+)  # what ViT-like classes have no switch for
+
+
+def renaming(
+    strip: tuple[str, ...] = (),
+    drop: tuple[tuple[str, str], ...] = (),
+    keep_only_stripped: str | None = None,
+):
     """A normaliser: key prefixes stripped, and keys dropped with the reason reported (a text
     tower, an unused mask token), so one table reads every published variant. With
     `keep_only_stripped`, every key outside the `strip` prefixes is dropped for that reason."""
@@ -147,7 +190,8 @@ def renaming(strip: tuple[str, ...] = (), drop: tuple[tuple[str, str], ...] = ()
         drop = (*drop, ("", keep_only_stripped))
 
     def normalise(source: Source) -> tuple[Source, list[str]]:
-        renamed, reasons = {}, {}
+        renamed: dict[str, str] = {}
+        reasons: dict[str, int] = {}
         for key in source.meta:
             if keep_only_stripped is not None and key.startswith(strip):
                 reason = None
@@ -157,12 +201,13 @@ def renaming(strip: tuple[str, ...] = (), drop: tuple[tuple[str, str], ...] = ()
                 reasons.setdefault(reason, 0)
                 reasons[reason] += 1
                 continue
-            new = next((key[len(p):] for p in strip if key.startswith(p)), key)
+            new = next((key[len(p) :] for p in strip if key.startswith(p)), key)
             renamed[new] = key
         if renamed == {k: k for k in source.meta}:
             return source, []
         dropped = [f"{n} tensor(s): {why}" for why, n in reasons.items()]
-        return source.renamed({n: source.meta[o] for n, o in renamed.items()},
-                              lambda k: source.load(renamed[k])), dropped
+        return source.renamed(
+            {n: source.meta[o] for n, o in renamed.items()}, lambda k: source.load(renamed[k])
+        ), dropped
 
     return normalise

@@ -18,12 +18,27 @@ from weight_transfer.core.resample import HF, HF_DINOV2_REGISTERS
 from weight_transfer.core.table import Rule, rule
 from weight_transfer.core.transforms import BATCH_AXIS, FUSE_2, FUSE_QKV
 from weight_transfer.formats.checkpoint import Source
-from weight_transfer.layouts.base import PLAIN, Layout, fused, json_field, renamed, renaming, require
+from weight_transfer.layouts.base import (
+    PLAIN,
+    Layout,
+    fused,
+    json_field,
+    renamed,
+    renaming,
+    require,
+)
 
 # transformers' ACT2FN names -> ours; the first name of each of ours is what we write.
-HF_ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-                  "gelu_fast": "gelu_tanh", "relu": "relu", "quick_gelu": "quick_gelu",
-                  "silu": "silu", "swish": "silu"}
+HF_ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "relu": "relu",
+    "quick_gelu": "quick_gelu",
+    "silu": "silu",
+    "swish": "silu",
+}
 
 HF_ACTIVATION_NAMES = {ours: theirs for theirs, ours in reversed(HF_ACTIVATIONS.items())}
 
@@ -46,11 +61,17 @@ def hf_table(config: ViTConfig, prefix: str = "vit.") -> tuple[Rule, ...]:
         *renamed("head", "classifier"),
     )
 
+
 def deit_table(config: ViTConfig) -> tuple[Rule, ...]:
     """HF DeiTForImageClassificationWithTeacher: ViT's names under `deit.`, two classifiers."""
     vit = tuple(r for r in hf_table(config, "deit.") if not r.right[0].startswith("classifier"))
-    return (*vit, rule("dist_token", "deit.embeddings.distillation_token", BATCH_AXIS),
-            *renamed("head", "cls_classifier"), *renamed("head_dist", "distillation_classifier"))
+    return (
+        *vit,
+        rule("dist_token", "deit.embeddings.distillation_token", BATCH_AXIS),
+        *renamed("head", "cls_classifier"),
+        *renamed("head_dist", "distillation_classifier"),
+    )
+
 
 def dinov2_table(config: ViTConfig) -> tuple[Rule, ...]:
     """HF Dinov2 / Dinov2WithRegisters (names as published; `dinov2.` stripped by the
@@ -69,14 +90,20 @@ def dinov2_table(config: ViTConfig) -> tuple[Rule, ...]:
         *renamed("blocks.{}.attn.o", f"{b}.attention.output.dense"),
         rule("blocks.{}.ls1", f"{b}.layer_scale1.lambda1"),
         *renamed("blocks.{}.ln2", f"{b}.norm2"),
-        *((*renamed("blocks.{}.ff1", f"{b}.mlp.fc1"), *renamed("blocks.{}.ff2", f"{b}.mlp.fc2"))
-          if config.mlp == "mlp" else  # SwiGLU, packed gate first
-          (*fused(("blocks.{}.ff1_g", "blocks.{}.ff1_x"), f"{b}.mlp.weights_in", FUSE_2),
-           *renamed("blocks.{}.ff2", f"{b}.mlp.weights_out"))),
+        *(
+            (*renamed("blocks.{}.ff1", f"{b}.mlp.fc1"), *renamed("blocks.{}.ff2", f"{b}.mlp.fc2"))
+            if config.mlp == "mlp"
+            # SwiGLU, packed gate first
+            else (
+                *fused(("blocks.{}.ff1_g", "blocks.{}.ff1_x"), f"{b}.mlp.weights_in", FUSE_2),
+                *renamed("blocks.{}.ff2", f"{b}.mlp.weights_out"),
+            )
+        ),
         rule("blocks.{}.ls2", f"{b}.layer_scale2.lambda1"),
         *renamed("ln_f", "layernorm"),
         *renamed("head", "classifier"),
     )
+
 
 def clip_table(config: ViTConfig) -> tuple[Rule, ...]:
     """HF CLIP vision tower (`vision_model.` stripped by the normaliser): `class_embedding`
@@ -90,6 +117,7 @@ def clip_table(config: ViTConfig) -> tuple[Rule, ...]:
         *renamed("head", "visual_projection"),
     )
 
+
 def siglip_table(config: ViTConfig) -> tuple[Rule, ...]:
     """HF SigLIP vision tower (`vision_model.` stripped): `post_layernorm` on every token, then
     the MAP `head` with a fused [q; k; v] `in_proj` as torch's MultiheadAttention stores it."""
@@ -97,13 +125,19 @@ def siglip_table(config: ViTConfig) -> tuple[Rule, ...]:
         *hf_encoder_table(),
         *renamed("ln_f", "post_layernorm"),
         rule("map.probe", "head.probe", BATCH_AXIS),
-        *fused(("map.attn.q", "map.attn.k", "map.attn.v"), "head.attention.in_proj", FUSE_QKV,
-               leaves=("weight", "bias"), suffix=("_weight", "_bias")),
+        *fused(
+            ("map.attn.q", "map.attn.k", "map.attn.v"),
+            "head.attention.in_proj",
+            FUSE_QKV,
+            leaves=("weight", "bias"),
+            suffix=("_weight", "_bias"),
+        ),
         *renamed("map.attn.o", "head.attention.out_proj"),
         *renamed("map.norm", "head.layernorm"),
         *renamed("map.ff1", "head.mlp.fc1"),
         *renamed("map.ff2", "head.mlp.fc2"),
     )
+
 
 def hf_encoder_table() -> tuple[Rule, ...]:
     """The embeddings and blocks CLIP and SigLIP share in transformers."""
@@ -112,12 +146,16 @@ def hf_encoder_table() -> tuple[Rule, ...]:
         *renamed("patch_embed", "embeddings.patch_embedding"),
         rule("pos_embed", "embeddings.position_embedding.weight"),
         *renamed("blocks.{}.ln1", f"{b}.layer_norm1"),
-        *(r for n, theirs in zip("qkvo", ("q_proj", "k_proj", "v_proj", "out_proj"), strict=True)
-          for r in renamed(f"blocks.{{}}.attn.{n}", f"{b}.self_attn.{theirs}")),
+        *(
+            r
+            for n, theirs in zip("qkvo", ("q_proj", "k_proj", "v_proj", "out_proj"), strict=True)
+            for r in renamed(f"blocks.{{}}.attn.{n}", f"{b}.self_attn.{theirs}")
+        ),
         *renamed("blocks.{}.ln2", f"{b}.layer_norm2"),
         *renamed("blocks.{}.ff1", f"{b}.mlp.fc1"),
         *renamed("blocks.{}.ff2", f"{b}.mlp.fc2"),
     )
+
 
 def hf5_table(config: ViTConfig, prefix: str = "vit.") -> tuple[Rule, ...]:
     block = f"{prefix}layers.{{}}"
@@ -144,12 +182,15 @@ def hf_config_fields(hf: Mapping[str, Any], where: Path) -> tuple[dict[str, Any]
     what was assumed): HF states everything this reads, so nothing is assumed."""
     return _common(hf, where, "gelu", 1e-12, 224), {}
 
+
 def normalise_hf(source: Source) -> tuple[Source, list[str]]:
     """ViTModel -> the ViTForImageClassification names: add `vit.`; its tanh pooler is dropped;
     with no classifier, the head is set to the identity so logits are the CLS features.
     Returns a new `Source` (the one given is left as it is) and what was dropped."""
     keys = list(source.meta)
-    if any(k.startswith("vit.") for k in keys) or not any(k.startswith("embeddings.") for k in keys):
+    if any(k.startswith("vit.") for k in keys) or not any(
+        k.startswith("embeddings.") for k in keys
+    ):
         return source, []  # ViTForImageClassification names, or not HF (the table will say)
     renamed = {("vit." + k if not k.startswith(("pooler.", "classifier.")) else k): k for k in keys}
     dropped = [new for new in renamed if new.startswith("pooler.")]
@@ -161,46 +202,88 @@ def normalise_hf(source: Source) -> tuple[Source, list[str]]:
         d = next((m[0][-1] for k, m in meta.items() if k.endswith("layernorm.weight")), None)
         if d is None:
             flax = source.metadata.get("format") == "flax" or any(
-                k.endswith((".kernel", ".scale")) for k in keys)
-            raise CheckpointError(f"{source.path}: no final layernorm.weight, so not a Hugging Face "
-                                  f"ViT in PyTorch names" + (" (these are Flax names: Hugging "
-                                  "Face Flax checkpoints are not read yet)" if flax else ""))
+                k.endswith((".kernel", ".scale")) for k in keys
+            )
+            raise CheckpointError(
+                f"{source.path}: no final layernorm.weight, so not a Hugging Face "
+                f"ViT in PyTorch names"
+                + (
+                    " (these are Flax names: Hugging Face Flax checkpoints are not read yet)"
+                    if flax
+                    else ""
+                )
+            )
         dtype = next(iter(meta.values()))[1]
         extra = {"classifier.weight": np.eye(d, dtype=dtype), "classifier.bias": np.zeros(d, dtype)}
         meta.update({k: (a.shape, a.dtype) for k, a in extra.items()})
-        dropped.append("(no classifier: head set to the identity; logits = final-norm CLS features)")
-    return source.renamed(meta, lambda k: extra[k] if k in extra else source.load(renamed[k])), \
-        dropped
+        dropped.append(
+            "(no classifier: head set to the identity; logits = final-norm CLS features)"
+        )
+    return source.renamed(
+        meta, lambda k: extra[k] if k in extra else source.load(renamed[k])
+    ), dropped
+
 
 def _hf_json(config: ViTConfig, architecture: str, model_type: str, **fields) -> dict[str, Any]:
     """What every HF vision config.json we write says: sizes, activation, epsilon, labels."""
     h, w = config.image_hw
-    labels = {"num_labels": config.num_classes,
-              "id2label": {str(i): f"LABEL_{i}" for i in range(config.num_classes)},
-              "label2id": {f"LABEL_{i}": i for i in range(config.num_classes)}}
-    return {"architectures": [architecture], "model_type": model_type,
-            "hidden_size": config.d_model, "num_hidden_layers": config.num_layers,
-            "num_attention_heads": config.num_heads, "intermediate_size": config.d_ff,
-            "hidden_act": HF_ACTIVATION_NAMES[config.activation], "layer_norm_eps": config.ln_eps,
-            "image_size": h if h == w else [h, w], "patch_size": config.patch_size,
-            "num_channels": config.in_channels, "hidden_dropout_prob": 0.0,
-            "attention_probs_dropout_prob": 0.0, **(labels if config.num_classes else {}),
-            **fields}
+    labels = {
+        "num_labels": config.num_classes,
+        "id2label": {str(i): f"LABEL_{i}" for i in range(config.num_classes)},
+        "label2id": {f"LABEL_{i}": i for i in range(config.num_classes)},
+    }
+    return {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "intermediate_size": config.d_ff,
+        "hidden_act": HF_ACTIVATION_NAMES[config.activation],
+        "layer_norm_eps": config.ln_eps,
+        "image_size": h if h == w else [h, w],
+        "patch_size": config.patch_size,
+        "num_channels": config.in_channels,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        **(labels if config.num_classes else {}),
+        **fields,
+    }
+
 
 def hf_config_json(config: ViTConfig) -> dict[str, Any]:
     if config.pool != "cls":
-        raise LayoutError("the HF ViT reads its classifier from the class token's row: a "
-                          "mean-pool model has no HF ViT equivalent")
-    require(config, "HF ViTForImageClassification", **PLAIN, class_token=True,
-             final_norm="pre_pool", pos_embed_tokens="all", head_bias=True)
+        raise LayoutError(
+            "the HF ViT reads its classifier from the class token's row: a "
+            "mean-pool model has no HF ViT equivalent"
+        )
+    require(
+        config,
+        "HF ViTForImageClassification",
+        **PLAIN,
+        class_token=True,
+        final_norm="pre_pool",
+        pos_embed_tokens="all",
+        head_bias=True,
+    )
     return _hf_json(config, "ViTForImageClassification", "vit", qkv_bias=config.qkv_bias)
 
+
 def deit_config_json(config: ViTConfig) -> dict[str, Any]:
-    require(config, "HF DeiTForImageClassificationWithTeacher",
-             **{**PLAIN, "dist_token": True}, class_token=True, pool="cls",
-             final_norm="pre_pool", pos_embed_tokens="all", head_bias=True)
-    return _hf_json(config, "DeiTForImageClassificationWithTeacher", "deit",
-                    qkv_bias=config.qkv_bias)
+    require(
+        config,
+        "HF DeiTForImageClassificationWithTeacher",
+        **{**PLAIN, "dist_token": True},
+        class_token=True,
+        pool="cls",
+        final_norm="pre_pool",
+        pos_embed_tokens="all",
+        head_bias=True,
+    )
+    return _hf_json(
+        config, "DeiTForImageClassificationWithTeacher", "deit", qkv_bias=config.qkv_bias
+    )
+
 
 def dinov2_config_json(config: ViTConfig) -> dict[str, Any]:
     """Dinov2 / Dinov2WithRegisters, the model (pooled: the normed class token) or the
@@ -208,39 +291,75 @@ def dinov2_config_json(config: ViTConfig) -> dict[str, Any]:
     ratio (an integer in transformers 5) must give exactly d_ff, for SwiGLU through its
     2/3-and-round-to-8."""
     gated = config.mlp != "mlp"
-    require(config, "HF Dinov2", **{**PLAIN, "layer_scale": True, "reg_tokens": config.reg_tokens,
-                                     "mlp": config.mlp}, class_token=True,
-             pool="cls_mean" if config.num_classes else "cls", final_norm="pre_pool",
-             pos_embed_tokens="cls" if config.reg_tokens else "all",
-             **({"activation": "silu"} if gated else {}))
+    require(
+        config,
+        "HF Dinov2",
+        **{**PLAIN, "layer_scale": True, "reg_tokens": config.reg_tokens, "mlp": config.mlp},
+        class_token=True,
+        pool="cls_mean" if config.num_classes else "cls",
+        final_norm="pre_pool",
+        pos_embed_tokens="cls" if config.reg_tokens else "all",
+        **({"activation": "silu"} if gated else {}),
+    )
     width = (lambda hidden: (int(hidden * 2 / 3) + 7) // 8 * 8) if gated else (lambda h: h)
     ratio = next((r for r in range(1, 17) if width(config.d_model * r) == config.d_ff), None)
     if ratio is None:
-        raise LayoutError(f"d_ff {config.d_ff}: HF Dinov2 derives the MLP width from an integer "
-                          f"mlp_ratio times hidden_size {config.d_model}, and none gives it")
+        raise LayoutError(
+            f"d_ff {config.d_ff}: HF Dinov2 derives the MLP width from an integer "
+            f"mlp_ratio times hidden_size {config.d_model}, and none gives it"
+        )
     registers = config.reg_tokens > 0
     model_type = "dinov2_with_registers" if registers else "dinov2"
     name = "Dinov2WithRegisters" if registers else "Dinov2"
     head = "ForImageClassification" if config.num_classes else "Model"
-    return _hf_json(config, f"{name}{head}", model_type, qkv_bias=config.qkv_bias,
-                    mlp_ratio=ratio, use_swiglu_ffn=gated,
-                    layerscale_value=1.0, drop_path_rate=0.0,
-                    **({"num_register_tokens": config.reg_tokens} if registers else {}))
+    return _hf_json(
+        config,
+        f"{name}{head}",
+        model_type,
+        qkv_bias=config.qkv_bias,
+        mlp_ratio=ratio,
+        use_swiglu_ffn=gated,
+        layerscale_value=1.0,
+        drop_path_rate=0.0,
+        **({"num_register_tokens": config.reg_tokens} if registers else {}),
+    )
+
 
 def siglip_config_json(config: ViTConfig) -> dict[str, Any]:
-    require(config, "HF SiglipVisionModel", **PLAIN, class_token=False, pool="map",
-             final_norm="pre_pool", pos_embed_tokens="all", num_classes=0)
+    require(
+        config,
+        "HF SiglipVisionModel",
+        **PLAIN,
+        class_token=False,
+        pool="map",
+        final_norm="pre_pool",
+        pos_embed_tokens="all",
+        num_classes=0,
+    )
     return _hf_json(config, "SiglipVisionModel", "siglip_vision_model")
+
 
 def clip_config_json(config: ViTConfig) -> dict[str, Any]:
     """CLIPVisionModel, or CLIPVisionModelWithProjection when there is a (projection) head."""
-    require(config, "HF CLIPVisionModel", **{**PLAIN, "norm_pre": True, "patch_bias": False},
-             class_token=True, pool="cls", final_norm="post_pool", pos_embed_tokens="all",
-             head_bias=False)
+    require(
+        config,
+        "HF CLIPVisionModel",
+        **{**PLAIN, "norm_pre": True, "patch_bias": False},
+        class_token=True,
+        pool="cls",
+        final_norm="post_pool",
+        pos_embed_tokens="all",
+        head_bias=False,
+    )
     if config.num_classes:
-        return {**_hf_json(config.replace(num_classes=0), "CLIPVisionModelWithProjection",
-                           "clip_vision_model"), "projection_dim": config.num_classes}
+        return {
+            **_hf_json(
+                config.replace(num_classes=0), "CLIPVisionModelWithProjection", "clip_vision_model"
+            ),
+            "projection_dim": config.num_classes,
+        }
     return _hf_json(config, "CLIPVisionModel", "clip_vision_model")
+
 
 def vision_config(hf: Mapping[str, Any], where: Path) -> Mapping[str, Any]:
     """The vision tower's config: nested in whole CLIP/SigLIP repos, the config itself
@@ -249,24 +368,31 @@ def vision_config(hf: Mapping[str, Any], where: Path) -> Mapping[str, Any]:
     if nested is None:
         return hf
     if not isinstance(nested, dict):
-        raise CheckpointError(f"{where}: config.json vision_config is {nested!r}; expected an "
-                              f"object")
+        raise CheckpointError(
+            f"{where}: config.json vision_config is {nested!r}; expected an object"
+        )
     return nested
+
 
 def _act(cfg: Mapping[str, Any], where: Path, default: str) -> str:
     act = json_field(cfg, "hidden_act", str, where, default)
     if act not in HF_ACTIVATIONS:
-        raise CheckpointError(f"{where}: config.json hidden_act {act!r} is not supported (known: "
-                              f"{', '.join(sorted(HF_ACTIVATIONS))}); refusing rather than "
-                              f"running a different activation")
+        raise CheckpointError(
+            f"{where}: config.json hidden_act {act!r} is not supported (known: "
+            f"{', '.join(sorted(HF_ACTIVATIONS))}); refusing rather than "
+            f"running a different activation"
+        )
     return HF_ACTIVATIONS[act]
 
-def _common(cfg: Mapping[str, Any], where: Path, act: str, eps: float,
-            size: int) -> dict[str, Any]:
-    return dict(num_heads=json_field(cfg, "num_attention_heads", int, where),
-                ln_eps=json_field(cfg, "layer_norm_eps", (float, int), where, eps),
-                activation=_act(cfg, where, act),
-                image_size=json_field(cfg, "image_size", (int, list), where, size))
+
+def _common(cfg: Mapping[str, Any], where: Path, act: str, eps: float, size: int) -> dict[str, Any]:
+    return dict(
+        num_heads=json_field(cfg, "num_attention_heads", int, where),
+        ln_eps=json_field(cfg, "layer_norm_eps", (float, int), where, eps),
+        activation=_act(cfg, where, act),
+        image_size=json_field(cfg, "image_size", (int, list), where, size),
+    )
+
 
 def dinov2_config_fields(hf: Mapping[str, Any], where: Path):
     """HF `dinov2` / `dinov2_with_registers`: eps 1e-6, exact GELU (SiLU gates a SwiGLU)."""
@@ -275,10 +401,12 @@ def dinov2_config_fields(hf: Mapping[str, Any], where: Path):
         fields["activation"] = "silu"
     return fields, {}
 
+
 def siglip_config_fields(hf: Mapping[str, Any], where: Path):
     """HF `siglip` / `siglip_vision_model`: tanh GELU, eps 1e-6, the MAP head's output."""
     cfg = vision_config(hf, where)
     return _common(cfg, where, "gelu_pytorch_tanh", 1e-6, 224), {}
+
 
 def clip_config_fields(hf: Mapping[str, Any], where: Path):
     """HF `clip` / `clip_vision_model`: QuickGELU and eps 1e-5 by default."""
@@ -286,8 +414,15 @@ def clip_config_fields(hf: Mapping[str, Any], where: Path):
     return _common(cfg, where, "quick_gelu", 1e-5, 224), {}
 
 
-_HF = dict(container="folder", pool="cls", read_config_json=hf_config_fields,
-           write_config_json=hf_config_json, normalise=normalise_hf, resampling=lambda c: HF)
+_HF: dict[str, Any] = dict(
+    container="folder",
+    pool="cls",
+    read_config_json=hf_config_fields,
+    write_config_json=hf_config_json,
+    normalise=normalise_hf,
+    resampling=lambda c: HF,
+)
+
 
 def _dinov2_name(key: str, config: ViTConfig) -> str:
     """Dinov2Model's names are bare; a classifier's backbone sits under its model type."""
@@ -300,8 +435,10 @@ def hook_points(m) -> list[tuple[Any, str, str]]:
     """Where the layer diff reads an HF `ViTForImageClassification` (v4 or v5 names)."""
     vit = m.vit
     layers = getattr(vit, "layers", None) or vit.encoder.layer
-    points = [(vit.embeddings.patch_embeddings, "patch_embed", "out"),
-              (vit.embeddings, "tokens", "out")]
+    points = [
+        (vit.embeddings.patch_embeddings, "patch_embed", "out"),
+        (vit.embeddings, "tokens", "out"),
+    ]
     for i, layer in enumerate(layers):
         mlp = getattr(layer, "mlp", None)
         points.append((layer.attention, f"blocks.{i}.attn", "out"))
@@ -319,45 +456,104 @@ def diff_points(model):
 
 
 LAYOUTS = (
-    Layout("hf", "torch", hf_table,
-           r"^(vit\.)?encoder\.layer\.\d+\.|^(vit\.)?embeddings\.patch_embeddings",
-           "Hugging Face transformers ViT (checkpoint names)", **_HF),
-    Layout("hf5", "torch", hf5_table, r"^(vit\.)?layers\.\d+\.attention\.q_proj",
-           "Hugging Face transformers 5 ViT (in-memory names)", writable=False, priority=1,
-           **_HF),
-    Layout("hf_deit", "torch", deit_table, r"^deit\.embeddings\.distillation_token$",
-           "Hugging Face DeiTForImageClassificationWithTeacher", container="folder",
-           priority=2, read_config_json=hf_config_fields, write_config_json=deit_config_json,
-           pool="cls", resampling=lambda c: HF),
-    Layout("hf_dinov2", "torch", dinov2_table,
-           r"(^|\.)embeddings\.mask_token$|(^|\.)layer_scale1\.lambda1$",
-           "Hugging Face Dinov2 / Dinov2WithRegisters (model, or image classification)",
-           container="folder", priority=2, pool="cls", read_config_json=dinov2_config_fields,
-           write_config_json=dinov2_config_json, published=_dinov2_name,
-           resampling=lambda c: HF_DINOV2_REGISTERS if c.reg_tokens else HF,
-           unused=lambda c: {"embeddings.mask_token": (1, c.d_model)},
-           normalise=renaming(strip=("dinov2.", "dinov2_with_registers."),
-                              drop=(("embeddings.mask_token", "the mask token (unused at "
-                                     "inference)"), ("dinov2.embeddings.mask_token",
-                                                     "the mask token (unused at inference)")))),
-    Layout("hf_clip", "torch", clip_table, r"(^|\.)embeddings\.class_embedding$",
-           "Hugging Face CLIP vision tower (CLIPVisionModel[WithProjection], or a whole CLIP "
-           "repo: the text tower is left out)", container="folder", priority=2,
-           pool="cls", read_config_json=clip_config_fields, write_config_json=clip_config_json,
-           resampling=lambda c: HF,
-           published=lambda key, c: key if key.startswith("visual_projection.")
-           else f"vision_model.{key}",
-           normalise=renaming(strip=("vision_model.",), drop=(
-               ("text_model.", "the text tower"), ("text_projection", "the text tower"),
-               ("logit_scale", "the text tower")))),
-    Layout("hf_siglip", "torch", siglip_table,
-           r"(^|\.)embeddings\.patch_embedding\.weight$",
-           "Hugging Face SigLIP vision tower (SiglipVisionModel, or a whole SigLIP repo: the "
-           "text tower is left out)", container="folder", priority=1,
-           read_config_json=siglip_config_fields, write_config_json=siglip_config_json,
-           resampling=lambda c: HF,
-           published=lambda key, c: f"vision_model.{key}",
-           normalise=renaming(strip=("vision_model.",), drop=(
-               ("text_model.", "the text tower"), ("logit_scale", "the text tower"),
-               ("logit_bias", "the text tower")))),
+    Layout(
+        "hf",
+        "torch",
+        hf_table,
+        r"^(vit\.)?encoder\.layer\.\d+\.|^(vit\.)?embeddings\.patch_embeddings",
+        "Hugging Face transformers ViT (checkpoint names)",
+        **_HF,
+    ),
+    Layout(
+        "hf5",
+        "torch",
+        hf5_table,
+        r"^(vit\.)?layers\.\d+\.attention\.q_proj",
+        "Hugging Face transformers 5 ViT (in-memory names)",
+        writable=False,
+        priority=1,
+        **_HF,
+    ),
+    Layout(
+        "hf_deit",
+        "torch",
+        deit_table,
+        r"^deit\.embeddings\.distillation_token$",
+        "Hugging Face DeiTForImageClassificationWithTeacher",
+        container="folder",
+        priority=2,
+        read_config_json=hf_config_fields,
+        write_config_json=deit_config_json,
+        pool="cls",
+        resampling=lambda c: HF,
+    ),
+    Layout(
+        "hf_dinov2",
+        "torch",
+        dinov2_table,
+        r"(^|\.)embeddings\.mask_token$|(^|\.)layer_scale1\.lambda1$",
+        "Hugging Face Dinov2 / Dinov2WithRegisters (model, or image classification)",
+        container="folder",
+        priority=2,
+        pool="cls",
+        read_config_json=dinov2_config_fields,
+        write_config_json=dinov2_config_json,
+        published=_dinov2_name,
+        resampling=lambda c: HF_DINOV2_REGISTERS if c.reg_tokens else HF,
+        unused=lambda c: {"embeddings.mask_token": (1, c.d_model)},
+        normalise=renaming(
+            strip=("dinov2.", "dinov2_with_registers."),
+            drop=(
+                ("embeddings.mask_token", "the mask token (unused at inference)"),
+                ("dinov2.embeddings.mask_token", "the mask token (unused at inference)"),
+            ),
+        ),
+    ),
+    Layout(
+        "hf_clip",
+        "torch",
+        clip_table,
+        r"(^|\.)embeddings\.class_embedding$",
+        "Hugging Face CLIP vision tower (CLIPVisionModel[WithProjection], or a whole CLIP "
+        "repo: the text tower is left out)",
+        container="folder",
+        priority=2,
+        pool="cls",
+        read_config_json=clip_config_fields,
+        write_config_json=clip_config_json,
+        resampling=lambda c: HF,
+        published=lambda key, c: (
+            key if key.startswith("visual_projection.") else f"vision_model.{key}"
+        ),
+        normalise=renaming(
+            strip=("vision_model.",),
+            drop=(
+                ("text_model.", "the text tower"),
+                ("text_projection", "the text tower"),
+                ("logit_scale", "the text tower"),
+            ),
+        ),
+    ),
+    Layout(
+        "hf_siglip",
+        "torch",
+        siglip_table,
+        r"(^|\.)embeddings\.patch_embedding\.weight$",
+        "Hugging Face SigLIP vision tower (SiglipVisionModel, or a whole SigLIP repo: the "
+        "text tower is left out)",
+        container="folder",
+        priority=1,
+        read_config_json=siglip_config_fields,
+        write_config_json=siglip_config_json,
+        resampling=lambda c: HF,
+        published=lambda key, c: f"vision_model.{key}",
+        normalise=renaming(
+            strip=("vision_model.",),
+            drop=(
+                ("text_model.", "the text tower"),
+                ("logit_scale", "the text tower"),
+                ("logit_bias", "the text tower"),
+            ),
+        ),
+    ),
 )

@@ -5,7 +5,6 @@ container is `formats.npz_io`."""
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from vit_config import ViTConfig
@@ -20,12 +19,16 @@ def fold_cls_position(cls, pos):
     """Ours (CLS gets pos row 0) -> big_vision (pos added before CLS joins): (1,1,D), (1,N,D)."""
     return (cls + pos[:1])[None], pos[None, 1:]
 
+
 def unfold_cls_position(cls, pos):
     """big_vision -> ours: the CLS row's position is zero, its token already holds any offset."""
     return cls[0], np.concatenate([np.zeros_like(pos[0, :1]), pos[0]], axis=0)
 
-CLS_POSITION_FOLD = Transform("fold_cls_position", fold_cls_position, unfold_cls_position,
-                              arity=(2, 2))
+
+CLS_POSITION_FOLD = Transform(
+    "fold_cls_position", fold_cls_position, unfold_cls_position, arity=(2, 2)
+)
+
 
 def npz_table(config: ViTConfig, variant: str) -> tuple[Rule, ...]:
     """google-research ViT (`variant="vit"`) or big_vision (`"bv"`) npz, over the NNX layout.
@@ -33,17 +36,27 @@ def npz_table(config: ViTConfig, variant: str) -> tuple[Rule, ...]:
     `pos_embed_tokens="none"`, mapped as is; a config whose class token has a position is
     written with that position folded into the token (the same function, not the same bytes)."""
     h = config.num_heads
-    mha, ln2, mlp = ("MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3") \
-        if variant == "vit" else ("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0")
+    mha, ln2, mlp = (
+        ("MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3")
+        if variant == "vit"
+        else ("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0")
+    )
     block = "Transformer/encoderblock_{}"
+    embeddings: tuple[Rule, ...]
     if variant == "vit":
-        embeddings = (rule("cls_token", "cls", BATCH_AXIS),
-                      rule("pos_embed", "Transformer/posembed_input/pos_embedding", BATCH_AXIS))
+        embeddings = (
+            rule("cls_token", "cls", BATCH_AXIS),
+            rule("pos_embed", "Transformer/posembed_input/pos_embedding", BATCH_AXIS),
+        )
     elif config.class_token and config.pos_embed_tokens != "none":
-        embeddings = (rule(("cls_token", "pos_embed"), ("cls", "pos_embedding"), CLS_POSITION_FOLD),)
+        embeddings = (
+            rule(("cls_token", "pos_embed"), ("cls", "pos_embedding"), CLS_POSITION_FOLD),
+        )
     else:
-        embeddings = (rule("cls_token", "cls", BATCH_AXIS),
-                      rule("pos_embed", "pos_embedding", BATCH_AXIS))
+        embeddings = (
+            rule("cls_token", "cls", BATCH_AXIS),
+            rule("pos_embed", "pos_embedding", BATCH_AXIS),
+        )
     return (
         *flax_renamed("patch_embed", "embedding", ("kernel", "bias")),  # HWIO on both sides
         *embeddings,
@@ -61,8 +74,10 @@ def npz_table(config: ViTConfig, variant: str) -> tuple[Rule, ...]:
         *flax_renamed("head", "head", ("kernel", "bias")),
     )
 
+
 def google_vit_table(config: ViTConfig) -> tuple[Rule, ...]:
     return npz_table(config, "vit")
+
 
 def big_vision_table(config: ViTConfig) -> tuple[Rule, ...]:
     return npz_table(config, "bv")
@@ -74,6 +89,7 @@ NPZ_PREFIXES = ("opt/target/", "params/img/", "params/")
 
 SCANNED = "Transformer/encoderblock/"
 
+
 def normalise_npz(source):
     """Published npz forms brought to one set of names: the prefix of the image model stripped
     (anything else under it reported as left out: a text tower, optimiser state), and a scanned
@@ -83,19 +99,24 @@ def normalise_npz(source):
     head, reported as dropped if not."""
     keys = list(source.meta)
     prefix = next((p for p in NPZ_PREFIXES if f"{p}embedding/kernel" in source.meta), "")
-    renamed = {k[len(prefix):]: (k, None) for k in keys if k.startswith(prefix)}
-    dropped = [f"{len(keys) - len(renamed)} tensor(s) outside {prefix!r} (a text tower, "
-               f"optimiser state)"] if len(renamed) < len(keys) else []
+    renamed = {k[len(prefix) :]: (k, None) for k in keys if k.startswith(prefix)}
+    dropped = (
+        [f"{len(keys) - len(renamed)} tensor(s) outside {prefix!r} (a text tower, optimiser state)"]
+        if len(renamed) < len(keys)
+        else []
+    )
     scanned = [k for k in renamed if k.startswith(SCANNED)]
     for key in scanned:
         original, _ = renamed.pop(key)
         shape, _ = source.meta[original]
         for i in range(shape[0]):
-            renamed[f"Transformer/encoderblock_{i}/{key[len(SCANNED):]}"] = (original, i)
+            renamed[f"Transformer/encoderblock_{i}/{key[len(SCANNED) :]}"] = (original, i)
     if any(k.startswith("pre_logits/") for k in renamed):
         if "head/kernel" in renamed:
-            raise CheckpointError(f"{source.path}: a pre_logits layer (tanh(W x + b)) feeds the "
-                                  f"head; this ViT has none, and dropping it changes the logits")
+            raise CheckpointError(
+                f"{source.path}: a pre_logits layer (tanh(W x + b)) feeds the "
+                f"head; this ViT has none, and dropping it changes the logits"
+            )
         for k in [k for k in renamed if k.startswith("pre_logits/")]:
             del renamed[k]
         dropped.append("pre_logits (the in21k representation layer; no head reads it)")
@@ -121,14 +142,30 @@ def normalise_npz(source):
 
 
 LAYOUTS = (
-    Layout("google_vit", "nnx", google_vit_table, r"(^|/)Transformer/posembed_input/pos_embedding$",
-           "google-research/vision_transformer npz (read by timm's _load_weights)",
-           container="npz", heads_in_kernel=True, normalise=normalise_npz,
-           resampling=lambda c: BIG_VISION, assumes=dict(activation=ASSUME_TANH, ln_eps=ASSUME_EPS6)),
-    Layout("big_vision", "nnx", big_vision_table, r"(^|/)pos_embedding$",
-           "big_vision npz (position embedding added before the class token joins)",
-           container="npz", heads_in_kernel=True, prefix_positions=False,
-           normalise=normalise_npz, aliases=("big_vision_bv",),
-           resampling=lambda c: BIG_VISION,
-           assumes=dict(activation=ASSUME_TANH, ln_eps=ASSUME_EPS6)),
+    Layout(
+        "google_vit",
+        "nnx",
+        google_vit_table,
+        r"(^|/)Transformer/posembed_input/pos_embedding$",
+        "google-research/vision_transformer npz (read by timm's _load_weights)",
+        container="npz",
+        heads_in_kernel=True,
+        normalise=normalise_npz,
+        resampling=lambda c: BIG_VISION,
+        assumes=dict(activation=ASSUME_TANH, ln_eps=ASSUME_EPS6),
+    ),
+    Layout(
+        "big_vision",
+        "nnx",
+        big_vision_table,
+        r"(^|/)pos_embedding$",
+        "big_vision npz (position embedding added before the class token joins)",
+        container="npz",
+        heads_in_kernel=True,
+        prefix_positions=False,
+        normalise=normalise_npz,
+        aliases=("big_vision_bv",),
+        resampling=lambda c: BIG_VISION,
+        assumes=dict(activation=ASSUME_TANH, ln_eps=ASSUME_EPS6),
+    ),
 )

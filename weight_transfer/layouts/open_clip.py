@@ -24,8 +24,12 @@ def open_clip_table(config: ViTConfig) -> tuple[Rule, ...]:
         rule("pos_embed", "positional_embedding"),
         *renamed("norm_pre", "ln_pre"),
         *renamed("blocks.{}.ln1", f"{b}.ln_1"),
-        *fused([f"blocks.{{}}.attn.{p}" for p in "qkv"], f"{b}.attn.in_proj", FUSE_QKV,
-               suffix=("_weight", "_bias")),
+        *fused(
+            [f"blocks.{{}}.attn.{p}" for p in "qkv"],
+            f"{b}.attn.in_proj",
+            FUSE_QKV,
+            suffix=("_weight", "_bias"),
+        ),
         *renamed("blocks.{}.attn.o", f"{b}.attn.out_proj"),
         *renamed("blocks.{}.ln2", f"{b}.ln_2"),
         *renamed("blocks.{}.ff1", f"{b}.mlp.c_fc"),
@@ -35,8 +39,8 @@ def open_clip_table(config: ViTConfig) -> tuple[Rule, ...]:
     )
 
 
-SUPPORTED_VISION_KEYS = {"image_size", "layers", "width", "patch_size", "head_width",
-                         "mlp_ratio"}
+SUPPORTED_VISION_KEYS = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio"}
+
 
 def is_open_clip_model(name: str) -> bool:
     try:
@@ -44,6 +48,7 @@ def is_open_clip_model(name: str) -> bool:
     except ImportError:
         return False
     return name in open_clip.list_models()
+
 
 def config_from_open_clip(name: str) -> ViTConfig:
     """The image tower of open_clip model `name` (what `encode_image` computes)."""
@@ -55,35 +60,61 @@ def config_from_open_clip(name: str) -> ViTConfig:
     vision = cfg["vision_cfg"]
     other = sorted(set(vision) - SUPPORTED_VISION_KEYS)
     if other or "timm_model_name" in vision:
-        raise LayoutError(f"open_clip {name!r}: vision options {other} are not this ViT's "
-                          f"(a timm tower, layer scale, attention pooling...)")
+        raise LayoutError(
+            f"open_clip {name!r}: vision options {other} are not this ViT's "
+            f"(a timm tower, layer scale, attention pooling...)"
+        )
     width, size = vision["width"], vision["image_size"]
     try:
         return ViTConfig(
             image_size=tuple(size) if isinstance(size, list) else size,
-            patch_size=vision["patch_size"], d_model=width, num_layers=vision["layers"],
+            patch_size=vision["patch_size"],
+            d_model=width,
+            num_layers=vision["layers"],
             num_heads=width // vision.get("head_width", 64),
-            d_ff=int(width * vision.get("mlp_ratio", 4.0)), num_classes=cfg["embed_dim"],
-            pool="cls", activation="quick_gelu" if cfg.get("quick_gelu") else "gelu",
-            ln_eps=1e-5, norm_pre=True, patch_bias=False, head_bias=False)
+            d_ff=int(width * vision.get("mlp_ratio", 4.0)),
+            num_classes=cfg["embed_dim"],
+            pool="cls",
+            activation="quick_gelu" if cfg.get("quick_gelu") else "gelu",
+            ln_eps=1e-5,
+            norm_pre=True,
+            patch_bias=False,
+            head_bias=False,
+        )
     except ConfigError as e:
         raise LayoutError(f"open_clip {name!r} maps to no valid config: {e}") from None
 
 
 LAYOUTS = (
-    Layout("open_clip", "torch", open_clip_table,
-           r"^(visual\.)?transformer\.resblocks\.\d+\.|^(visual\.)?class_embedding$",
-           "open_clip / OpenAI CLIP image tower (visual.*; the text tower is left out)",
-           priority=2, pool="cls", published=lambda key, c: f"visual.{key}",
-           resampling=lambda c: OPEN_CLIP,
-           check_writable=lambda c: require(
-               c, "open_clip's VisionTransformer", **{**PLAIN, "norm_pre": True,
-                                                      "patch_bias": False},
-               class_token=True, pool="cls", final_norm="pre_pool", pos_embed_tokens="all",
-               head_bias=False),
-           normalise=renaming(strip=("visual.",), keep_only_stripped="the text tower"),
-           assumes=dict(activation=("gelu", "exact GELU (open_clip's default; OpenAI CLIP "
-                                    "weights run QuickGELU: --arch NAME-quickgelu or --set "
-                                    "activation=quick_gelu)"),
-                        ln_eps=(1e-5, "1e-5 (open_clip, torch LayerNorm)"))),
+    Layout(
+        "open_clip",
+        "torch",
+        open_clip_table,
+        r"^(visual\.)?transformer\.resblocks\.\d+\.|^(visual\.)?class_embedding$",
+        "open_clip / OpenAI CLIP image tower (visual.*; the text tower is left out)",
+        priority=2,
+        pool="cls",
+        published=lambda key, c: f"visual.{key}",
+        resampling=lambda c: OPEN_CLIP,
+        check_writable=lambda c: require(
+            c,
+            "open_clip's VisionTransformer",
+            **{**PLAIN, "norm_pre": True, "patch_bias": False},
+            class_token=True,
+            pool="cls",
+            final_norm="pre_pool",
+            pos_embed_tokens="all",
+            head_bias=False,
+        ),
+        normalise=renaming(strip=("visual.",), keep_only_stripped="the text tower"),
+        assumes=dict(
+            activation=(
+                "gelu",
+                "exact GELU (open_clip's default; OpenAI CLIP "
+                "weights run QuickGELU: --arch NAME-quickgelu or --set "
+                "activation=quick_gelu)",
+            ),
+            ln_eps=(1e-5, "1e-5 (open_clip, torch LayerNorm)"),
+        ),
+    ),
 )

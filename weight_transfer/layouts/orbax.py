@@ -7,7 +7,13 @@ from weight_transfer.layouts.base import ASSUME_EPS6, ASSUME_GELU, Layout
 from weight_transfer.layouts.ours import ours
 
 LAYOUTS = (
-    Layout("orbax", "nnx", ours("nnx"), r"^blocks\.\d+\.attn\.q\.kernel$|^ln_f\.scale$",
-           "jax_impl.ViT NNX state as an Orbax checkpoint (a folder: state/ + vit_parity.json)",
-           container="orbax", assumes=dict(activation=ASSUME_GELU, ln_eps=ASSUME_EPS6)),
+    Layout(
+        "orbax",
+        "nnx",
+        ours("nnx"),
+        r"^blocks\.\d+\.attn\.q\.kernel$|^ln_f\.scale$",
+        "jax_impl.ViT NNX state as an Orbax checkpoint (a folder: state/ + vit_parity.json)",
+        container="orbax",
+        assumes=dict(activation=ASSUME_GELU, ln_eps=ASSUME_EPS6),
+    ),
 )

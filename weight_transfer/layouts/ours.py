@@ -21,8 +21,20 @@ def ours(base: str) -> Callable[[ViTConfig], tuple[Rule, ...]]:
 
 
 LAYOUTS = (
-    Layout("nnx", "nnx", ours("nnx"), r"^blocks\.\d+\.attn\.q\.kernel$|^ln_f\.scale$",
-           "jax_impl.ViT flat NNX state", assumes=dict(activation=ASSUME_GELU, ln_eps=ASSUME_EPS6)),
-    Layout("torch", "torch", ours("torch"), r"^blocks\.\d+\.attn\.q\.weight$|^ln_f\.weight$",
-           "torch_impl.ViT state dict", assumes=dict(activation=ASSUME_GELU, ln_eps=ASSUME_EPS6)),
+    Layout(
+        "nnx",
+        "nnx",
+        ours("nnx"),
+        r"^blocks\.\d+\.attn\.q\.kernel$|^ln_f\.scale$",
+        "jax_impl.ViT flat NNX state",
+        assumes=dict(activation=ASSUME_GELU, ln_eps=ASSUME_EPS6),
+    ),
+    Layout(
+        "torch",
+        "torch",
+        ours("torch"),
+        r"^blocks\.\d+\.attn\.q\.weight$|^ln_f\.weight$",
+        "torch_impl.ViT state dict",
+        assumes=dict(activation=ASSUME_GELU, ln_eps=ASSUME_EPS6),
+    ),
 )

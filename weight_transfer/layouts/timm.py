@@ -12,30 +12,41 @@ can: `config_from_timm("vit_base_patch16_siglip_224", {"depth": 2})`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from vit_config import ConfigError, ViTConfig
 from weight_transfer.core.errors import CheckpointError, LayoutError
 from weight_transfer.core.resample import TIMM
 from weight_transfer.core.table import Rule, rule
 from weight_transfer.core.transforms import BATCH_AXIS, FUSE_2, FUSE_QKV
-from weight_transfer.layouts.base import ASSUME_EPS6, ASSUME_GELU, Layout, fused, json_field, renamed
+from weight_transfer.layouts.base import (
+    ASSUME_EPS6,
+    ASSUME_GELU,
+    Layout,
+    fused,
+    json_field,
+    renamed,
+)
 
 POOLS = {"token": "cls", "avg": "mean", "map": "map"}
 
 # Each preset's timm architecture: equal in function and parameter count (its default head:
 # timm gives CLIP-B/16 1000 classes, the QuickGELU one 512).
 TIMM_ARCHS = {
-    "vit_ti16": "vit_tiny_patch16_224", "vit_s16": "vit_small_patch16_224",
-    "vit_b16": "vit_base_patch16_224", "vit_l16": "vit_large_patch16_224",
+    "vit_ti16": "vit_tiny_patch16_224",
+    "vit_s16": "vit_small_patch16_224",
+    "vit_b16": "vit_base_patch16_224",
+    "vit_l16": "vit_large_patch16_224",
     "vit_h14": "vit_huge_patch14_224",
     "clip_b16": "vit_base_patch16_clip_224",
     "clip_b16_quickgelu": "vit_base_patch16_clip_quickgelu_224",
     "siglip_b16": "vit_base_patch16_siglip_224",
     "siglip_b16_gap": "vit_base_patch16_siglip_gap_224",
     "siglip_so400m14": "vit_so400m_patch14_siglip_224",
-    "dinov2_s14": "vit_small_patch14_dinov2", "dinov2_b14": "vit_base_patch14_dinov2",
-    "dinov2_l14": "vit_large_patch14_dinov2", "dinov2_g14": "vit_giant_patch14_dinov2",
+    "dinov2_s14": "vit_small_patch14_dinov2",
+    "dinov2_b14": "vit_base_patch14_dinov2",
+    "dinov2_l14": "vit_large_patch14_dinov2",
+    "dinov2_g14": "vit_giant_patch14_dinov2",
     "dinov2_b14_reg4": "vit_base_patch14_reg4_dinov2",
     "deit_b16_distilled": "deit_base_distilled_patch16_224",
     "deit3_b16": "deit3_base_patch16_224",
@@ -50,9 +61,13 @@ def timm_mlp(ours: str, theirs: str, mlp: str) -> tuple[Rule, ...]:
     if mlp == "swiglu_packed":
         first = fused((f"{ours}.ff1_g", f"{ours}.ff1_x"), f"{theirs}.fc1", FUSE_2)
     else:
-        first = (*renamed(f"{ours}.ff1", f"{theirs}.fc1"), *renamed(f"{ours}.ff1_g", f"{theirs}.fc1_g"),
-                 *renamed(f"{ours}.ff1_x", f"{theirs}.fc1_x"))
+        first = (
+            *renamed(f"{ours}.ff1", f"{theirs}.fc1"),
+            *renamed(f"{ours}.ff1_g", f"{theirs}.fc1_g"),
+            *renamed(f"{ours}.ff1_x", f"{theirs}.fc1_x"),
+        )
     return (*first, *renamed(f"{ours}.ff2", f"{theirs}.fc2"))
+
 
 def timm_table(config: ViTConfig) -> tuple[Rule, ...]:
     """timm `VisionTransformer` (and `VisionTransformerDistilled`). Rules whose parameters a
@@ -67,7 +82,9 @@ def timm_table(config: ViTConfig) -> tuple[Rule, ...]:
         rule("pos_embed", "pos_embed", BATCH_AXIS),  # (P, D) <-> (1, P, D)
         *renamed("norm_pre", "norm_pre"),
         *renamed(f"{b}.ln1", f"{b}.norm1"),
-        *fused([f"{b}.attn.{p}" for p in "qkv"], f"{b}.attn.qkv", FUSE_QKV),  # 3x (D, D) <-> (3D, D)
+        *fused(
+            [f"{b}.attn.{p}" for p in "qkv"], f"{b}.attn.qkv", FUSE_QKV
+        ),  # 3x (D, D) <-> (3D, D)
         *renamed(f"{b}.attn.q_norm", f"{b}.attn.q_norm"),
         *renamed(f"{b}.attn.k_norm", f"{b}.attn.k_norm"),
         *renamed(f"{b}.attn.o", f"{b}.attn.proj"),
@@ -95,31 +112,38 @@ def is_timm_model(name: str) -> bool:
         return False
     return timm.is_model(name)
 
+
 def build_timm(architecture: str, model_args: Mapping[str, Any] | None = None):
     """timm's model of `architecture` on the meta device (pretrained=False: nothing fetched)."""
     try:
         import timm
         import torch
     except ImportError:
-        raise LayoutError(f"architecture {architecture!r} is resolved through timm, which is not "
-                          f"installed (pip install timm)") from None
+        raise LayoutError(
+            f"architecture {architecture!r} is resolved through timm, which is not "
+            f"installed (pip install timm)"
+        ) from None
     if not timm.is_model(architecture):
-        raise LayoutError(f"{architecture!r} is not a timm architecture this timm "
-                          f"({timm.__version__}) knows")
+        raise LayoutError(
+            f"{architecture!r} is not a timm architecture this timm ({timm.__version__}) knows"
+        )
     try:
         with torch.device("meta"):
             return timm.create_model(architecture, pretrained=False, **dict(model_args or {}))
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
-        raise LayoutError(f"timm cannot build {architecture!r} with {dict(model_args or {})}: "
-                          f"{e}") from None
+        raise LayoutError(
+            f"timm cannot build {architecture!r} with {dict(model_args or {})}: {e}"
+        ) from None
 
-def config_from_timm(architecture: str, model_args: Mapping[str, Any] | None = None
-                     ) -> ViTConfig:
+
+def config_from_timm(architecture: str, model_args: Mapping[str, Any] | None = None) -> ViTConfig:
     """The `ViTConfig` computing what timm's `architecture` (with `model_args`) computes."""
     return config_of_timm_model(build_timm(architecture, model_args), architecture)
 
-def _refuse(architecture: str, what: str) -> None:
+
+def _refuse(architecture: str, what: str) -> NoReturn:
     raise LayoutError(f"timm {architecture!r}: {what}, which this ViT does not implement")
+
 
 def _norm(module, architecture: str) -> tuple[str, float] | None:
     """("layernorm" | "rmsnorm", eps), or None for an Identity."""
@@ -132,6 +156,7 @@ def _norm(module, architecture: str) -> tuple[str, float] | None:
         return "rmsnorm", float(module.eps)
     _refuse(architecture, f"a {name} norm")
 
+
 def _activation(module, architecture: str) -> str:
     name = type(module).__name__
     if name == "GELU":
@@ -143,6 +168,7 @@ def _activation(module, architecture: str) -> str:
         _refuse(architecture, f"the activation {name}")
     return found
 
+
 def _mlp(mlp, architecture: str) -> dict[str, Any]:
     name = type(mlp).__name__
     if type(getattr(mlp, "norm", None)).__name__ not in ("Identity", "NoneType"):
@@ -152,9 +178,11 @@ def _mlp(mlp, architecture: str) -> dict[str, Any]:
     if name == "SwiGLU" and type(mlp.norm).__name__ == "Identity":
         return dict(mlp="swiglu", d_ff=mlp.fc2.in_features, mlp_bias=mlp.fc2.bias is not None)
     if name == "GluMlp" and not mlp.gate_last and type(mlp.norm).__name__ == "Identity":
-        return dict(mlp="swiglu_packed", d_ff=mlp.fc2.in_features,
-                    mlp_bias=mlp.fc2.bias is not None)
+        return dict(
+            mlp="swiglu_packed", d_ff=mlp.fc2.in_features, mlp_bias=mlp.fc2.bias is not None
+        )
     _refuse(architecture, f"the MLP {name} (with its options)")
+
 
 def config_of_timm_model(m, architecture: str = "") -> ViTConfig:
     """Read a timm `VisionTransformer` (or `VisionTransformerDistilled`) into a `ViTConfig`."""
@@ -180,34 +208,46 @@ def config_of_timm_model(m, architecture: str = "") -> ViTConfig:
     norms = {n: _norm(getattr(m, n), architecture) for n in ("norm_pre", "norm", "fc_norm")}
     patch_norm = _norm(m.patch_embed.norm, architecture)
     fields: dict[str, Any] = dict(
-        image_size=tuple(m.patch_embed.img_size), patch_size=patch[0],
-        in_channels=m.patch_embed.proj.in_channels, d_model=m.embed_dim,
-        num_layers=len(m.blocks), num_classes=m.num_classes, pool=pool,
+        image_size=tuple(m.patch_embed.img_size),
+        patch_size=patch[0],
+        in_channels=m.patch_embed.proj.in_channels,
+        d_model=m.embed_dim,
+        num_layers=len(m.blocks),
+        num_classes=m.num_classes,
+        pool=pool,
         class_token=m.cls_token is not None,
         dist_token=getattr(m, "dist_token", None) is not None,
         reg_tokens=getattr(m, "num_reg_tokens", 0) or 0,
         pos_embed_tokens="none" if m.no_embed_class else "all",
-        norm_pre=norms["norm_pre"] is not None, patch_norm=patch_norm is not None,
+        norm_pre=norms["norm_pre"] is not None,
+        patch_norm=patch_norm is not None,
         final_norm="pre_pool" if norms["norm"] else "post_pool" if norms["fc_norm"] else "none",
         patch_bias=m.patch_embed.proj.bias is not None,
-        head_bias=getattr(m.head, "bias", None) is not None if m.num_classes else True)
+        head_bias=getattr(m.head, "bias", None) is not None if m.num_classes else True,
+    )
     present = [n for n in (*norms.values(), patch_norm) if n is not None]
     if block is not None:
         attn = block.attn
         if type(attn).__name__ != "Attention":
             _refuse(architecture, f"{type(attn).__name__} attention")
-        present += [_norm(block.norm1, architecture)]
-        fields.update(num_heads=attn.num_heads, qkv_bias=attn.qkv.bias is not None,
-                      proj_bias=attn.proj.bias is not None,
-                      qk_norm=type(attn.q_norm).__name__ != "Identity",
-                      layer_scale=type(block.ls1).__name__ == "LayerScale",
-                      activation=_activation(block.mlp.act, architecture),
-                      **_mlp(block.mlp, architecture))
+        if (norm1 := _norm(block.norm1, architecture)) is not None:
+            present.append(norm1)
+        fields.update(
+            num_heads=attn.num_heads,
+            qkv_bias=attn.qkv.bias is not None,
+            proj_bias=attn.proj.bias is not None,
+            qk_norm=type(attn.q_norm).__name__ != "Identity",
+            layer_scale=type(block.ls1).__name__ == "LayerScale",
+            activation=_activation(block.mlp.act, architecture),
+            **_mlp(block.mlp, architecture),
+        )
         if type(getattr(attn, "norm", None)).__name__ not in ("Identity", "NoneType"):
             _refuse(architecture, "a norm inside attention")
     else:  # no blocks: the sizes a block would have are the MAP head's, or anything valid
-        fields.update(num_heads=m.attn_pool.num_heads if pool == "map" else 1,
-                      d_ff=m.attn_pool.mlp.fc1.out_features if pool == "map" else 4 * m.embed_dim)
+        fields.update(
+            num_heads=m.attn_pool.num_heads if pool == "map" else 1,
+            d_ff=m.attn_pool.mlp.fc1.out_features if pool == "map" else 4 * m.embed_dim,
+        )
     kinds = {kind for kind, _ in present}
     epsilons = {eps for _, eps in present}
     if len(kinds) > 1 or len(epsilons) > 1:
@@ -218,6 +258,7 @@ def config_of_timm_model(m, architecture: str = "") -> ViTConfig:
         return ViTConfig(**fields)
     except ConfigError as e:
         raise LayoutError(f"timm {architecture!r} maps to no valid config: {e}") from None
+
 
 def timm_config_json(cfg: Mapping[str, Any], where) -> tuple[dict[str, Any], dict[str, str]]:
     """A timm Hub folder's `config.json` (`architecture`, `model_args`, `num_classes`,
@@ -230,10 +271,15 @@ def timm_config_json(cfg: Mapping[str, Any], where) -> tuple[dict[str, Any], dic
     global_pool = json_field(cfg, "global_pool", str, where, None)
     pretrained = json_field(cfg, "pretrained_cfg", dict, where, {})
     size = pretrained.get("input_size")
-    if size is not None and not (isinstance(size, list) and len(size) == 3 and all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
-        raise CheckpointError(f"{where}: config.json pretrained_cfg.input_size is {size!r}; "
-                              f"expected [channels, height, width]")
+    if size is not None and not (
+        isinstance(size, list)
+        and len(size) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+    ):
+        raise CheckpointError(
+            f"{where}: config.json pretrained_cfg.input_size is {size!r}; "
+            f"expected [channels, height, width]"
+        )
     for key, value in (("num_classes", num_classes), ("global_pool", global_pool)):
         if value is not None:
             model_args.setdefault(key, value)
@@ -251,9 +297,12 @@ def timm_config_json(cfg: Mapping[str, Any], where) -> tuple[dict[str, Any], dic
             stated["pool"] = POOLS[global_pool]
         if size is not None:
             stated["image_size"] = tuple(size[1:])
-        return stated, {"architecture": f"{architecture} not resolved: timm is not installed; "
-                        f"the rest comes from the tensors and assumptions"}
+        return stated, {
+            "architecture": f"{architecture} not resolved: timm is not installed; "
+            f"the rest comes from the tensors and assumptions"
+        }
     return config.to_dict(), {}
+
 
 def timm_hub_config(config: ViTConfig) -> dict[str, Any]:
     """The `config.json` of a timm Hub folder holding `config`'s weights: the first of our
@@ -263,9 +312,15 @@ def timm_hub_config(config: ViTConfig) -> dict[str, Any]:
     from vit_config import PRESETS
 
     h, w = config.image_hw
-    args = dict(img_size=h if h == w else [h, w], patch_size=config.patch_size,
-                in_chans=config.in_channels, embed_dim=config.d_model, depth=config.num_layers,
-                num_heads=config.num_heads, num_classes=config.num_classes)
+    args = dict(
+        img_size=h if h == w else [h, w],
+        patch_size=config.patch_size,
+        in_chans=config.in_channels,
+        embed_dim=config.d_model,
+        depth=config.num_layers,
+        num_heads=config.num_heads,
+        num_classes=config.num_classes,
+    )
     # timm takes int(embed_dim * mlp_ratio) as the hidden width (twice d_ff for a packed
     # SwiGLU): a half above lands on it exactly
     ratios = [(n * config.d_ff + 0.5) / config.d_model for n in (1, 2)]
@@ -281,13 +336,20 @@ def timm_hub_config(config: ViTConfig) -> dict[str, Any]:
             except LayoutError:
                 continue
             if built.same_model(config):
-                return {"architecture": architecture, "num_classes": config.num_classes,
-                        "model_args": {**args, "mlp_ratio": ratio},
-                        "pretrained_cfg": {"input_size": [config.in_channels, h, w],
-                                           "num_classes": config.num_classes}}
-    raise LayoutError(f"no timm architecture of {', '.join(tried)} builds this config (with "
-                      f"its sizes as model_args); write a bare timm state dict instead (a "
-                      f"destination ending in .safetensors)")
+                return {
+                    "architecture": architecture,
+                    "num_classes": config.num_classes,
+                    "model_args": {**args, "mlp_ratio": ratio},
+                    "pretrained_cfg": {
+                        "input_size": [config.in_channels, h, w],
+                        "num_classes": config.num_classes,
+                    },
+                }
+    raise LayoutError(
+        f"no timm architecture of {', '.join(tried)} builds this config (with "
+        f"its sizes as model_args); write a bare timm state dict instead (a "
+        f"destination ending in .safetensors)"
+    )
 
 
 def hook_points(m) -> list[tuple[Any, str, str]]:
@@ -295,8 +357,11 @@ def hook_points(m) -> list[tuple[Any, str, str]]:
     "out" for its output or "in" for its first input)."""
     points = [(m.patch_embed, "patch_embed", "out"), (m.pos_drop, "tokens", "out")]
     for i, b in enumerate(m.blocks):
-        points += [(b.ls1, f"blocks.{i}.attn", "out"), (b.ls2, f"blocks.{i}.mlp", "out"),
-                   (b, f"blocks.{i}", "out")]
+        points += [
+            (b.ls1, f"blocks.{i}.attn", "out"),
+            (b.ls2, f"blocks.{i}.mlp", "out"),
+            (b, f"blocks.{i}", "out"),
+        ]
     if hasattr(m.norm, "weight"):  # with fc_norm, timm's norm is an Identity: no ln_f point
         points.append((m.norm, "ln_f", "out"))
     return points + [(m.head, "pooled", "in")]
@@ -310,11 +375,17 @@ def diff_points(model):
 
 
 LAYOUTS = (
-    Layout("timm", "torch", timm_table,
-           r"^blocks\.\d+\.attn\.qkv\.weight$|^patch_embed\.proj\.weight$",
-           "timm VisionTransformer state dict (or Hub folder)", read_config_json=timm_config_json,
-           write_config_json=timm_hub_config, resampling=lambda c: TIMM,
-           lookalikes="Perception Encoder (timm vit_pe_core_*, vit_pe_spatial_*) has these "
-           "keys and also rotates q and k (RoPE), which this ViT does not compute",
-           assumes=dict(activation=ASSUME_GELU, ln_eps=ASSUME_EPS6)),
+    Layout(
+        "timm",
+        "torch",
+        timm_table,
+        r"^blocks\.\d+\.attn\.qkv\.weight$|^patch_embed\.proj\.weight$",
+        "timm VisionTransformer state dict (or Hub folder)",
+        read_config_json=timm_config_json,
+        write_config_json=timm_hub_config,
+        resampling=lambda c: TIMM,
+        lookalikes="Perception Encoder (timm vit_pe_core_*, vit_pe_spatial_*) has these "
+        "keys and also rotates q and k (RoPE), which this ViT does not compute",
+        assumes=dict(activation=ASSUME_GELU, ln_eps=ASSUME_EPS6),
+    ),
 )

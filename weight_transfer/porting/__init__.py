@@ -13,20 +13,20 @@ import ml_dtypes
 import numpy as np
 
 from vit_config import ArgumentError, ViTConfig
-from weight_transfer.formats.checkpoint import Source, read_checkpoint
-from weight_transfer.porting.conversion import Plan, plan_conversion
 from weight_transfer.core.errors import (
     AssumedConfigWarning,
     CheckpointError,
     LayoutError,
     NonFiniteError,
 )
-from weight_transfer.porting.inference import Inferred, infer_config, read_manifest
-from weight_transfer.layouts import LAYOUTS, WRITABLE, Layout, get_layout
-from weight_transfer.formats.atomic import atomic_output, file_ids
-from weight_transfer.porting.writers import FORMAT_VERSION, parse_size, write_layout
 from weight_transfer.core.resample import Resampling, resample_pos_embed
 from weight_transfer.core.table import meta_of
+from weight_transfer.formats.atomic import atomic_output, file_ids
+from weight_transfer.formats.checkpoint import Source, read_checkpoint
+from weight_transfer.layouts import LAYOUTS, WRITABLE, Layout, get_layout
+from weight_transfer.porting.conversion import Plan, plan_conversion
+from weight_transfer.porting.inference import Inferred, infer_config, read_manifest
+from weight_transfer.porting.writers import FORMAT_VERSION, parse_size, write_layout
 
 SAVE_LAYOUTS = WRITABLE  # the layouts `save_checkpoint` and `convert --to` write
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -50,33 +50,39 @@ def _numpy_dtype(dtype: str | None):
     return np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
 
 
-def _hook(config: ViTConfig, out: ViTConfig, dtype, allow_nonfinite: bool,
-          resampling: Resampling):
+def _hook(config: ViTConfig, out: ViTConfig, dtype, allow_nonfinite: bool, resampling: Resampling):
     """What happens to each tensor in our base layout: NaN/Inf check, resampling, dtype."""
 
     def hook(key: str, a: np.ndarray, dry: bool) -> np.ndarray:
         screen = not dry and not allow_nonfinite
         if screen and (bad := count_nonfinite(a)):
-            raise NonFiniteError(f"weight {key!r} holds {bad} NaN/Inf value(s); refused "
-                                 f"(allow_nonfinite=True, --allow-nonfinite to load)")
+            raise NonFiniteError(
+                f"weight {key!r} holds {bad} NaN/Inf value(s); refused "
+                f"(allow_nonfinite=True, --allow-nonfinite to load)"
+            )
         b = a
         if key == "pos_embed" and out.grid != config.grid:
-            b = resample_pos_embed(np.asarray(b), config.grid, out.grid,
-                                   num_prefix_tokens=config.num_positioned_prefix,
-                                   interpolation=resampling.interpolation,
-                                   antialias=resampling.antialias)
+            b = resample_pos_embed(
+                np.asarray(b),
+                config.grid,
+                out.grid,
+                num_prefix_tokens=config.num_positioned_prefix,
+                interpolation=resampling.interpolation,
+                antialias=resampling.antialias,
+            )
         with np.errstate(over="ignore"):  # an overflow is reported just below, by name
             b = b.astype(dtype, copy=False) if dtype is not None else b
         # Finite in, not finite out: the cast (or resampling in half precision) overflowed.
         if screen and b is not a and (bad := count_nonfinite(b)):
-            raise NonFiniteError(f"weight {key!r}: {bad} value(s) overflow {b.dtype} (largest "
-                                 f"|value| {float(np.max(np.abs(a.astype(np.float64)))):.6g}, "
-                                 f"{b.dtype} holds up to {float(ml_dtypes.finfo(b.dtype).max):.6g}); "
-                                 f"refused (allow_nonfinite=True, --allow-nonfinite to write it)")
+            raise NonFiniteError(
+                f"weight {key!r}: {bad} value(s) overflow {b.dtype} (largest "
+                f"|value| {float(np.max(np.abs(a.astype(np.float64)))):.6g}, "
+                f"{b.dtype} holds up to {float(ml_dtypes.finfo(b.dtype).max):.6g}); "
+                f"refused (allow_nonfinite=True, --allow-nonfinite to write it)"
+            )
         return b
 
     return hook
-
 
 
 def count_nonfinite(a: np.ndarray) -> int:
@@ -89,34 +95,59 @@ def count_nonfinite(a: np.ndarray) -> int:
     return int((~np.isfinite(a.astype(np.float32))).sum())
 
 
-def prepare(src: str | os.PathLike, to: Layout, *, layout: str | None = None,
-            image_size=None, dtype: str | None = None, config: ViTConfig | None = None,
-            overrides: dict[str, Any] | None = None, arch: str | None = None,
-            allow_pickle: bool = False, allow_nonfinite: bool = False,
-            interpolation: str | None = None, antialias: bool | None = None) -> Prepared:
+def prepare(
+    src: str | os.PathLike,
+    to: Layout,
+    *,
+    layout: str | None = None,
+    image_size=None,
+    dtype: str | None = None,
+    config: ViTConfig | None = None,
+    overrides: dict[str, Any] | None = None,
+    arch: str | None = None,
+    allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
+    interpolation: str | None = None,
+    antialias: bool | None = None,
+) -> Prepared:
     """Read `src`, infer its layout and config, and check the whole conversion to `to`."""
     stated = Resampling().stated(interpolation, antialias)  # checks the values before reading
-    inferred = infer_config(read_checkpoint(src, allow_pickle=allow_pickle),
-                            get_layout(layout) if layout else None, config, overrides, arch)
+    inferred = infer_config(
+        read_checkpoint(src, allow_pickle=allow_pickle),
+        get_layout(layout) if layout else None,
+        config,
+        overrides,
+        arch,
+    )
     source, config = inferred.source, inferred.config
     out = config.replace(image_size=image_size) if image_size is not None else config
     resampling = native_resampling(inferred).stated(interpolation, antialias)
     resampled = out.grid != config.grid
     if resampled:
         if out.num_positions * out.d_model * 8 > MAX_RESAMPLE_BYTES:
-            raise ArgumentError(f"image size {out.image_size}: {out.num_positions} positions x "
-                                f"{out.d_model} would need {out.num_positions * out.d_model * 8:,}"
-                                f" bytes to resample (limit {MAX_RESAMPLE_BYTES:,})")
+            raise ArgumentError(
+                f"image size {out.image_size}: {out.num_positions} positions x "
+                f"{out.d_model} would need {out.num_positions * out.d_model * 8:,}"
+                f" bytes to resample (limit {MAX_RESAMPLE_BYTES:,})"
+            )
         if interpolation is None or antialias is None:
             inferred.assumed["resampling"] = (
                 f"{resampling.describe()}, {config.grid} -> {out.grid} patches (another: "
-                f"--interpolation, --antialias/--no-antialias; interpolation=, antialias=)")
+                f"--interpolation, --antialias/--no-antialias; interpolation=, antialias=)"
+            )
         else:
             inferred.found["resampling"] = f"given: {stated.describe()}"
     warn_assumptions(inferred)
     hook = _hook(config, out, _numpy_dtype(dtype), allow_nonfinite, resampling)
-    plan = plan_conversion(source.meta, inferred.layout, to, config, out_config=out, hook=hook,
-                           what=f"{inferred.layout.name} ({source.path.name})")
+    plan = plan_conversion(
+        source.meta,
+        inferred.layout,
+        to,
+        config,
+        out_config=out,
+        hook=hook,
+        what=f"{inferred.layout.name} ({source.path.name})",
+    )
     return Prepared(source, inferred, out, plan, resampling, resampled)
 
 
@@ -128,8 +159,9 @@ def native_resampling(inferred: Inferred) -> Resampling:
         try:
             return Resampling.from_dict(manifest["resampling"])
         except (ArgumentError, TypeError) as e:
-            raise CheckpointError(f"{inferred.source.path}: the manifest's resampling is "
-                                  f"invalid: {e}") from None
+            raise CheckpointError(
+                f"{inferred.source.path}: the manifest's resampling is invalid: {e}"
+            ) from None
     return inferred.layout.resampling(inferred.config)
 
 
@@ -140,18 +172,33 @@ def warn_assumptions(inferred: Inferred) -> None:
     """Say, loudly, what the file could not say and was assumed (`AssumedConfigWarning`)."""
     if inferred.assumed:
         listing = "; ".join(f"{k} = {why}" for k, why in inferred.assumed.items())
-        warnings.warn(AssumedConfigWarning(
-            f"{inferred.source.path}: assumed {listing}; if any is wrong, state it with "
-            f"--set FIELD=VALUE (overrides={{field: value}}) or name the architecture with "
-            f"--arch (arch=)"), stacklevel=3)
+        warnings.warn(
+            AssumedConfigWarning(
+                f"{inferred.source.path}: assumed {listing}; if any is wrong, state it with "
+                f"--set FIELD=VALUE (overrides={{field: value}}) or name the architecture with "
+                f"--arch (arch=)"
+            ),
+            stacklevel=3,
+        )
 
 
-def load_checkpoint(path: str | os.PathLike, framework: str = "jax", *, layout: str | None = None,
-                    image_size=None, dtype: str | None = None, config: ViTConfig | None = None,
-                    overrides: dict[str, Any] | None = None, arch: str | None = None,
-                    allow_pickle: bool = False, allow_nonfinite: bool = False,
-                    interpolation: str | None = None, antialias: bool | None = None, mesh=None,
-                    sharding: str | Mapping[str, str | None] = "replicated"):
+def load_checkpoint(
+    path: str | os.PathLike,
+    framework: str = "jax",
+    *,
+    layout: str | None = None,
+    image_size=None,
+    dtype: str | None = None,
+    config: ViTConfig | None = None,
+    overrides: dict[str, Any] | None = None,
+    arch: str | None = None,
+    allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
+    interpolation: str | None = None,
+    antialias: bool | None = None,
+    mesh=None,
+    sharding: str | Mapping[str, str | None] = "replicated",
+):
     """A ready `jax_impl.ViT` (framework="jax") or `torch_impl.ViT` (framework="torch").
 
     `path`: a safetensors file, a sharded `*.safetensors.index.json`, a Hugging Face folder
@@ -169,18 +216,28 @@ def load_checkpoint(path: str | os.PathLike, framework: str = "jax", *, layout: 
     "dinov2", "big_vision") and `antialias` override it.
     With `mesh` (a `jax.sharding.Mesh`, `Explicit` or `Auto` axes), the JAX model's parameters
     are placed on it by `sharding`: "replicated", "fsdp", "tensor_parallel", "fsdp_tp", or
-    rules `{logical axis: mesh axis}` (see `weight_transfer.frameworks.sharding`); each device's block is
-    read from the file alone.
+    rules `{logical axis: mesh axis}` (see `weight_transfer.frameworks.sharding`); each
+    device's block is read from the file alone.
     """
     if framework not in ("jax", "torch"):
         raise ArgumentError(f"framework {framework!r}: expected 'jax' or 'torch'")
     if mesh is not None and framework != "jax":
         raise ArgumentError("mesh= places a JAX model's parameters; framework must be 'jax'")
     to = LAYOUTS["nnx" if framework == "jax" else "torch"]
-    p = prepare(path, to, layout=layout, image_size=image_size, dtype=dtype, config=config,
-                overrides=overrides, arch=arch, allow_pickle=allow_pickle,
-                allow_nonfinite=allow_nonfinite,
-                interpolation=interpolation, antialias=antialias)
+    p = prepare(
+        path,
+        to,
+        layout=layout,
+        image_size=image_size,
+        dtype=dtype,
+        config=config,
+        overrides=overrides,
+        arch=arch,
+        allow_pickle=allow_pickle,
+        allow_nonfinite=allow_nonfinite,
+        interpolation=interpolation,
+        antialias=antialias,
+    )
     if mesh is not None:
         from weight_transfer.frameworks.sharding import load_sharded
 
@@ -195,8 +252,7 @@ def load_checkpoint(path: str | os.PathLike, framework: str = "jax", *, layout: 
     # Each tensor becomes a torch tensor as it arrives, sharing its buffer (a fresh array, or
     # the reader's copy-on-write map of the file), and the model is built on the meta device
     # and assigned them: one copy of the weights in memory, none at all for untransposed ones.
-    return torch_from_state_dict({k: numpy_to_torch(v, share=True) for k, v in tensors},
-                                 p.config)
+    return torch_from_state_dict({k: numpy_to_torch(v, share=True) for k, v in tensors}, p.config)
 
 
 def _model_flat(model) -> tuple[Layout, dict[str, np.ndarray]]:
@@ -214,19 +270,28 @@ def _model_flat(model) -> tuple[Layout, dict[str, np.ndarray]]:
 def _target(path: str | os.PathLike, layout: Layout, max_shard_size) -> Path:
     """Where `layout` is written: a folder as given, a file with its container's suffix."""
     if not layout.writable:
-        raise LayoutError(f"layout {layout.name!r} is read, not written; write one of "
-                          f"{', '.join(WRITABLE)}")
+        raise LayoutError(
+            f"layout {layout.name!r} is read, not written; write one of {', '.join(WRITABLE)}"
+        )
     if max_shard_size is not None and layout.container in ("npz", "orbax"):
-        raise ArgumentError(f"max shard size: the {layout.name} layout is written as one "
-                            f"{layout.container} checkpoint, which is not split by size")
+        raise ArgumentError(
+            f"max shard size: the {layout.name} layout is written as one "
+            f"{layout.container} checkpoint, which is not split by size"
+        )
     path = Path(path)
     if layout.writes_folder(path) or path.suffix:
         return path
     return path.with_suffix("." + layout.container)
 
 
-def save_checkpoint(model, path: str | os.PathLike, *, layout: str = "nnx",
-                    max_shard_size: int | str | None = None, force: bool = False) -> Path:
+def save_checkpoint(
+    model,
+    path: str | os.PathLike,
+    *,
+    layout: str = "nnx",
+    max_shard_size: int | str | None = None,
+    force: bool = False,
+) -> Path:
     """Write one of our models in any writable layout, in that layout's container: a
     safetensors file (sharded with an index when `max_shard_size` is given), a folder (hf), an
     .npz (google_vit, big_vision), an Orbax checkpoint folder (orbax). Atomic."""
@@ -234,43 +299,87 @@ def save_checkpoint(model, path: str | os.PathLike, *, layout: str = "nnx",
     src_layout, flat = _model_flat(model)
     plan = plan_conversion(meta_of(flat), src_layout, dst_layout, model.config)
     out = _target(path, dst_layout, max_shard_size)
-    manifest = {"format_version": FORMAT_VERSION, "layout": dst_layout.name,
-                "source": f"{type(model).__module__.split('.')[0]}.ViT in memory"}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "layout": dst_layout.name,
+        "source": f"{type(model).__module__.split('.')[0]}.ViT in memory",
+    }
     with atomic_output(out, force=force) as tmp:
         tensors = plan.run(flat.items(), materialize=False)  # the writer makes them contiguous
-        name = write_layout(tmp / out.name, dst_layout, plan, tensors, model.config, manifest,
-                            parse_size(max_shard_size))
+        name = write_layout(
+            tmp / out.name,
+            dst_layout,
+            plan,
+            tensors,
+            model.config,
+            manifest,
+            parse_size(max_shard_size),
+        )
     return out.parent / name
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
-            from_: str | None = None, image_size=None, dtype: str | None = None,
-            max_shard_size: int | str | None = None, force: bool = False,
-            allow_pickle: bool = False, allow_nonfinite: bool = False,
-            config: ViTConfig | None = None, overrides: dict[str, Any] | None = None,
-            arch: str | None = None, interpolation: str | None = None, antialias: bool | None = None,
-            progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    to: str,
+    from_: str | None = None,
+    image_size=None,
+    dtype: str | None = None,
+    max_shard_size: int | str | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
+    config: ViTConfig | None = None,
+    overrides: dict[str, Any] | None = None,
+    arch: str | None = None,
+    interpolation: str | None = None,
+    antialias: bool | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
     """Convert a checkpoint file to another layout, one tensor at a time; returns a report.
     `progress(done, total)` is called after each tensor (the CLI draws a bar with it)."""
     dst_layout = get_layout(to)
     out = _target(dst, dst_layout, max_shard_size)
-    p = prepare(src, dst_layout, layout=from_, image_size=image_size, dtype=dtype, config=config,
-                overrides=overrides, arch=arch, allow_pickle=allow_pickle,
-                allow_nonfinite=allow_nonfinite,
-                interpolation=interpolation, antialias=antialias)
+    p = prepare(
+        src,
+        dst_layout,
+        layout=from_,
+        image_size=image_size,
+        dtype=dtype,
+        config=config,
+        overrides=overrides,
+        arch=arch,
+        allow_pickle=allow_pickle,
+        allow_nonfinite=allow_nonfinite,
+        interpolation=interpolation,
+        antialias=antialias,
+    )
     inputs = [p.source.path, *p.source.files, *([p.source.folder] if p.source.folder else [])]
     protected = set().union(*(file_ids(f) for f in inputs))  # every input file, under any name
-    manifest = {"format_version": FORMAT_VERSION, "layout": dst_layout.name,
-                "source_layout": p.inferred.layout.name,
-                # the source library's own way, kept for the next resampling of these weights
-                "resampling": p.resampling.to_dict(), **resampled(p)}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "layout": dst_layout.name,
+        "source_layout": p.inferred.layout.name,
+        # the source library's own way, kept for the next resampling of these weights
+        "resampling": p.resampling.to_dict(),
+        **resampled(p),
+    }
     tensors = p.plan.run(p.source.items(p.plan.inputs, digest=True), materialize=False)
     if progress is not None:
         tensors = _counted(tensors, len(p.plan.order), progress)
     try:
         with atomic_output(out, force=force, protected=protected) as tmp:
-            name = write_layout(tmp / out.name, dst_layout, p.plan, tensors, p.config, manifest,
-                                parse_size(max_shard_size), source_digest=p.source.digest)
+            name = write_layout(
+                tmp / out.name,
+                dst_layout,
+                p.plan,
+                tensors,
+                p.config,
+                manifest,
+                parse_size(max_shard_size),
+                source_digest=p.source.digest,
+            )
     finally:
         p.source.close()
     return {"source": str(p.source.path), "output": str(out.parent / name), **report(p)}
@@ -286,16 +395,27 @@ def resampled(p: Prepared) -> dict[str, Any]:
     """What was resampled and how: {"resampled": {...}}, or {} at the file's own grid."""
     if not p.resampled:
         return {}
-    return {"resampled": {"from_grid": list(p.inferred.config.grid),
-                          "to_grid": list(p.config.grid), "method": p.resampling.describe(),
-                          **p.resampling.to_dict()}}
+    return {
+        "resampled": {
+            "from_grid": list(p.inferred.config.grid),
+            "to_grid": list(p.config.grid),
+            "method": p.resampling.describe(),
+            **p.resampling.to_dict(),
+        }
+    }
 
 
 def report(p: Prepared) -> dict[str, Any]:
-    return {"layout": p.inferred.layout.name, "config": p.config.to_dict(), **resampled(p),
-            "found": p.inferred.found, "assumed": p.inferred.assumed,
-            "dropped": p.inferred.dropped, "notes": p.source.notes,
-            "tensors": len(p.plan.order)}
+    return {
+        "layout": p.inferred.layout.name,
+        "config": p.config.to_dict(),
+        **resampled(p),
+        "found": p.inferred.found,
+        "assumed": p.inferred.assumed,
+        "dropped": p.inferred.dropped,
+        "notes": p.source.notes,
+        "tensors": len(p.plan.order),
+    }
 
 
 def checkpoint_dtypes(path: str | os.PathLike, *, allow_pickle: bool = False) -> set[str]:
@@ -307,18 +427,33 @@ def checkpoint_dtypes(path: str | os.PathLike, *, allow_pickle: bool = False) ->
         source.close()
 
 
-def inspect_checkpoint(path: str | os.PathLike, *, layout: str | None = None,
-                       overrides: dict[str, Any] | None = None, arch: str | None = None,
-                       allow_pickle: bool = False) -> dict[str, Any]:
+def inspect_checkpoint(
+    path: str | os.PathLike,
+    *,
+    layout: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    arch: str | None = None,
+    allow_pickle: bool = False,
+) -> dict[str, Any]:
     """Layout, inferred config, parameter count, dtypes, sizes and NaN/Inf counts of a file."""
-    inferred = infer_config(read_checkpoint(path, allow_pickle=allow_pickle),
-                            get_layout(layout) if layout else None, overrides=overrides,
-                            arch=arch)
+    inferred = infer_config(
+        read_checkpoint(path, allow_pickle=allow_pickle),
+        get_layout(layout) if layout else None,
+        overrides=overrides,
+        arch=arch,
+    )
     source = inferred.source
     # Every key and shape checked against the config before any tensor is read.
-    plan_conversion(source.meta, inferred.layout, LAYOUTS[inferred.layout.base], inferred.config,
-                    what=f"{inferred.layout.name} ({source.path.name})")
-    tensors, dtypes, nonfinite = 0, {}, {}
+    plan_conversion(
+        source.meta,
+        inferred.layout,
+        LAYOUTS[inferred.layout.base],
+        inferred.config,
+        what=f"{inferred.layout.name} ({source.path.name})",
+    )
+    tensors = 0
+    dtypes: dict[str, int] = {}
+    nonfinite: dict[str, int] = {}
     size = 0
     for key, a in source.items():
         tensors += int(np.prod(a.shape))
@@ -326,14 +461,32 @@ def inspect_checkpoint(path: str | os.PathLike, *, layout: str | None = None,
         size += a.nbytes
         if bad := count_nonfinite(a):
             nonfinite[key] = bad
-    return {"path": str(source.path), "layout": inferred.layout.name,
-            "layout_description": inferred.layout.description,
-            "config": inferred.config.to_dict(), "found": inferred.found,
-            "assumed": inferred.assumed, "dropped": inferred.dropped, "notes": source.notes,
-            "parameters": tensors, "expected_parameters": inferred.config.num_params(),
-            "tensors": len(source.meta), "dtypes": dtypes, "bytes": size,
-            "nonfinite": nonfinite, "metadata": source.metadata}
+    return {
+        "path": str(source.path),
+        "layout": inferred.layout.name,
+        "layout_description": inferred.layout.description,
+        "config": inferred.config.to_dict(),
+        "found": inferred.found,
+        "assumed": inferred.assumed,
+        "dropped": inferred.dropped,
+        "notes": source.notes,
+        "parameters": tensors,
+        "expected_parameters": inferred.config.num_params(),
+        "tensors": len(source.meta),
+        "dtypes": dtypes,
+        "bytes": size,
+        "nonfinite": nonfinite,
+        "metadata": source.metadata,
+    }
 
 
-__all__ = ["SAVE_LAYOUTS", "CheckpointError", "LayoutError", "NonFiniteError", "convert",
-           "inspect_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "SAVE_LAYOUTS",
+    "CheckpointError",
+    "LayoutError",
+    "NonFiniteError",
+    "convert",
+    "inspect_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+]

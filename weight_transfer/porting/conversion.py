@@ -10,9 +10,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from vit_config import ViTConfig
-from weight_transfer.formats.memory import to_contiguous
-from weight_transfer.layouts import Layout
-from weight_transfer.core.transforms import identity
 from weight_transfer.core.table import (
     Meta,
     Rule,
@@ -24,6 +21,9 @@ from weight_transfer.core.table import (
     stand_in,
     stream_table,
 )
+from weight_transfer.core.transforms import identity
+from weight_transfer.formats.memory import to_contiguous
+from weight_transfer.layouts import Layout
 
 Hook = Callable[[str, np.ndarray, bool], np.ndarray]  # (key, array, dry run) -> array
 
@@ -41,11 +41,19 @@ class Plan:
     def renames_only(self) -> bool:
         """Every output tensor is a source tensor as stored, under the same key: the file is
         already in the target layout (sharded loading then reads blocks straight from it)."""
-        return all(r.transform.forward is identity and r.left == r.right
-                   for rules in self.steps for r in rules)
+        return all(
+            r.transform.forward is identity and r.left == r.right
+            for rules in self.steps
+            for r in rules
+        )
 
-    def run(self, items: Iterable[tuple[str, np.ndarray]], *, dry: bool = False,
-            materialize: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+    def run(
+        self,
+        items: Iterable[tuple[str, np.ndarray]],
+        *,
+        dry: bool = False,
+        materialize: bool = True,
+    ) -> Iterator[tuple[str, np.ndarray]]:
         """The converted tensors, one at a time; `dry` runs on stand-ins for the key order.
         Without `materialize`, transposed tensors stay views (of the source's memory map) for a
         writer that copies each into its own reused buffer (`write_safetensors`)."""
@@ -58,9 +66,16 @@ class Plan:
         return iter(items)
 
 
-def plan_conversion(meta: Mapping[str, Meta], src: Layout, dst: Layout, config: ViTConfig,
-                    *, out_config: ViTConfig | None = None, hook: Hook | None = None,
-                    what: str | None = None) -> Plan:
+def plan_conversion(
+    meta: Mapping[str, Meta],
+    src: Layout,
+    dst: Layout,
+    config: ViTConfig,
+    *,
+    out_config: ViTConfig | None = None,
+    hook: Hook | None = None,
+    what: str | None = None,
+) -> Plan:
     """Check every step on shapes alone (raising one `TransferError` listing all problems),
     after the target layout's own check that its library can compute the model.
 
@@ -69,8 +84,14 @@ def plan_conversion(meta: Mapping[str, Meta], src: Layout, dst: Layout, config: 
     """
     out = out_config or config
     dst.check_model(out)  # a model the target library cannot compute: say why, first
-    steps = [check_table(meta, oriented(src.table(config), config.num_layers, reverse=True),
-                         base_shapes(src.base, config), what=what or src.name)]
+    steps = [
+        check_table(
+            meta,
+            oriented(src.table(config), config.num_layers, reverse=True),
+            base_shapes(src.base, config),
+            what=what or src.name,
+        )
+    ]
     base = src.base
     if base != dst.base:
         rules = nnx_torch(out)
@@ -78,10 +99,13 @@ def plan_conversion(meta: Mapping[str, Meta], src: Layout, dst: Layout, config: 
         base = dst.base
     base_meta = {k: (s, np.dtype("float32")) for k, s in base_shapes(base, out).items()}
     forward = oriented(dst.table(out), out.num_layers)
-    steps.append(check_table(base_meta, forward, forward_targets(forward, base_meta),
-                             what=dst.base))
+    steps.append(
+        check_table(base_meta, forward, forward_targets(forward, base_meta), what=dst.base)
+    )
     used = {k for r in steps[0] for k in r.left}
     inputs = [k for k in meta if k in used]
     dummies = ((k, stand_in(*meta[k])) for k in inputs)
-    order = [(k, (a.shape, a.dtype)) for k, a in Plan(steps, [], inputs, hook).run(dummies, dry=True)]
+    order = [
+        (k, (a.shape, a.dtype)) for k, a in Plan(steps, [], inputs, hook).run(dummies, dry=True)
+    ]
     return Plan(steps, order, inputs, hook)

@@ -11,12 +11,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-
 from vit_config import ConfigError, ViTConfig
-from weight_transfer.formats.checkpoint import Source
 from weight_transfer.core.errors import CheckpointError, LayoutError
-from weight_transfer.layouts import Layout, detect_layout
 from weight_transfer.core.table import Rule, oriented, stand_in
+from weight_transfer.formats.checkpoint import Source
+from weight_transfer.layouts import Layout, detect_layout
+
 
 @dataclass
 class Inferred:
@@ -39,8 +39,10 @@ class Probe:
         self.source, self.layout = source, layout
         self.rules: dict[str, Rule] = {}
         # key names do not depend on sizes; positions as stored (big_vision: no class row)
-        for config in (ViTConfig(pos_embed_tokens="none"),
-                       ViTConfig(mlp="swiglu", pos_embed_tokens="none")):
+        for config in (
+            ViTConfig(pos_embed_tokens="none"),
+            ViTConfig(mlp="swiglu", pos_embed_tokens="none"),
+        ):
             for r in oriented(layout.table(config), 1):
                 for k in r.left:
                     self.rules.setdefault(k, r)
@@ -60,18 +62,28 @@ class Probe:
     def shape(self, ours: str) -> tuple[int, ...]:
         r = self.rules.get(self.ours(ours))
         if r is None or not all(k in self.source.meta for k in r.right):
-            raise CheckpointError(f"{self.source.path}: cannot infer the config, "
-                                  f"{self.key(ours) or ours!r} is missing ({self.layout.name} "
-                                  f"layout)")
+            raise CheckpointError(
+                f"{self.source.path}: cannot infer the config, "
+                f"{self.key(ours) or ours!r} is missing ({self.layout.name} "
+                f"layout)"
+            )
         outs = r.transform.inverse(*(stand_in(self.source.meta[k][0]) for k in r.right))
         return tuple(outs[r.left.index(self.ours(ours))].shape)
 
 
-BLOCK_INDEX = re.compile(r"(?:^|[./])(?:blocks\.|resblocks\.|layer\.|layers\.|encoderblock_)"
-                         r"(\d+)[./]")
-def infer_config(source: Source, layout: Layout | None = None,
-                 given: ViTConfig | None = None, overrides: Mapping[str, Any] | None = None,
-                 arch: str | None = None) -> Inferred:
+BLOCK_INDEX = re.compile(
+    r"(?:^|[./])(?:blocks\.|resblocks\.|layer\.|layers\.|encoderblock_)"
+    r"(\d+)[./]"
+)
+
+
+def infer_config(
+    source: Source,
+    layout: Layout | None = None,
+    given: ViTConfig | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    arch: str | None = None,
+) -> Inferred:
     """The layout (detected unless given) and the `ViTConfig` (`given`, or from our manifest,
     a config.json the layout reads, and tensor shapes, with `overrides` stated by the user on
     top); `arch` names a timm architecture whose registry entry gives the config (resolved by
@@ -80,8 +92,11 @@ def infer_config(source: Source, layout: Layout | None = None,
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(ViTConfig.__dataclass_fields__))
     if unknown:
-        raise ConfigError(unknown[0], overrides[unknown[0]],
-                          f"unknown field; known: {sorted(ViTConfig.__dataclass_fields__)}")
+        raise ConfigError(
+            unknown[0],
+            overrides[unknown[0]],
+            f"unknown field; known: {sorted(ViTConfig.__dataclass_fields__)}",
+        )
     refuse_unsupported(source)
     layout = layout or detect_layout(source.meta, source.container)
     dropped: list[str] = []
@@ -101,9 +116,10 @@ def infer_config(source: Source, layout: Layout | None = None,
         config = given if given is not None else manifest_config(source)
         # the tokens stay what the file holds, whatever pooling is stated
         config = dataclasses.replace(config, **overrides)
-        found = {f: origin if given is not None else "vit-parity metadata"
-                 for f in config.to_dict()}
-        assumed = {}
+        found = {
+            f: origin if given is not None else "vit-parity metadata" for f in config.to_dict()
+        }
+        assumed: dict[str, str] = {}
         if arch is not None and given is not None and "image_size" not in overrides:
             config = _grid_of_file(source, layout, config, found)
     else:
@@ -126,8 +142,9 @@ UNSUPPORTED = {
 }
 
 
-def _grid_of_file(source: Source, layout: Layout, config: ViTConfig,
-                  found: dict[str, str]) -> ViTConfig:
+def _grid_of_file(
+    source: Source, layout: Layout, config: ViTConfig, found: dict[str, str]
+) -> ViTConfig:
     """An architecture's config at the grid its checkpoint holds: the file's position rows
     win over the architecture's default image size (a square grid; else say it with
     --set image_size)."""
@@ -138,13 +155,17 @@ def _grid_of_file(source: Source, layout: Layout, config: ViTConfig,
     patches = rows - (stored - config.num_patches)
     side = math.isqrt(max(patches, 0))
     if patches <= 0 or side * side != patches:
-        raise CheckpointError(f"{source.path}: {rows} position rows are not a square grid after "
-                              f"the architecture's {stored - config.num_patches} positioned "
-                              f"prefix token(s); say the size with --set image_size=HxW "
-                              f"(overrides={{'image_size': (h, w)}})")
+        raise CheckpointError(
+            f"{source.path}: {rows} position rows are not a square grid after "
+            f"the architecture's {stored - config.num_patches} positioned "
+            f"prefix token(s); say the size with --set image_size=HxW "
+            f"(overrides={{'image_size': (h, w)}})"
+        )
     size = side * config.patch_size
-    found["image_size"] = (f"{size} from the file's {rows} position rows (the architecture's "
-                           f"default is {config.image_size})")
+    found["image_size"] = (
+        f"{size} from the file's {rows} position rows (the architecture's "
+        f"default is {config.image_size})"
+    )
     return config.replace(image_size=size)
 
 
@@ -152,8 +173,10 @@ def refuse_unsupported(source: Source) -> None:
     for pattern, feature in UNSUPPORTED.items():
         key = next((k for k in source.meta if re.search(pattern, k)), None)
         if key is not None:
-            raise LayoutError(f"{source.path}: {key!r} belongs to {feature}, which this ViT does "
-                              f"not implement; refusing rather than dropping it")
+            raise LayoutError(
+                f"{source.path}: {key!r} belongs to {feature}, which this ViT does "
+                f"not implement; refusing rather than dropping it"
+            )
 
 
 def read_manifest(source: Source) -> dict[str, Any] | None:
@@ -165,8 +188,9 @@ def read_manifest(source: Source) -> dict[str, Any] | None:
     except (json.JSONDecodeError, TypeError, RecursionError) as e:
         raise CheckpointError(f"{source.path}: the vit_parity manifest is not JSON ({e})") from None
     if not isinstance(manifest, dict):
-        raise CheckpointError(f"{source.path}: the vit_parity manifest has no config object "
-                              f"(it is not a JSON object)")
+        raise CheckpointError(
+            f"{source.path}: the vit_parity manifest has no config object (it is not a JSON object)"
+        )
     return manifest
 
 
@@ -190,12 +214,15 @@ def check_claims(config: ViTConfig, source: Source, layout: Layout) -> None:
     from it (a forged `num_layers: 1000000` must cost nothing)."""
     layers = block_indices(source.meta)
     if config.num_layers != len(layers):
-        raise CheckpointError(f"{source.path}: the config says num_layers={config.num_layers}, "
-                              f"the file holds {len(layers)} blocks")
+        raise CheckpointError(
+            f"{source.path}: the config says num_layers={config.num_layers}, "
+            f"the file holds {len(layers)} blocks"
+        )
 
 
-def _from_shapes(source: Source, layout: Layout, stated: Mapping[str, Any]
-                 ) -> tuple[ViTConfig, dict, dict]:
+def _from_shapes(
+    source: Source, layout: Layout, stated: Mapping[str, Any]
+) -> tuple[ViTConfig, dict, dict]:
     """The config read off which tensors exist and their shapes, a config.json the layout
     reads, the user's `stated` fields, and what the layout assumes for the rest
     (`Layout.assumes`), each field labelled with where it came from."""
@@ -205,15 +232,27 @@ def _from_shapes(source: Source, layout: Layout, stated: Mapping[str, Any]
     p, c = (patch[0], patch[2]) if layout.base == "nnx" else (patch[-1], patch[1])  # HWIO / OIHW
     d = pos[-1]
     sizes: dict[str, Any] = dict(
-        patch_size=p, in_channels=c, d_model=d, num_layers=len(block_indices(source.meta)),
-        class_token=has("cls_token"), dist_token=has("dist_token"),
+        patch_size=p,
+        in_channels=c,
+        d_model=d,
+        num_layers=len(block_indices(source.meta)),
+        class_token=has("cls_token"),
+        dist_token=has("dist_token"),
         reg_tokens=shape("reg_tokens")[-2] if has("reg_tokens") else 0,
-        patch_bias=has("patch_embed.bias"), patch_norm=has("patch_norm.scale"),
-        norm_pre=has("norm_pre.scale"), layer_scale=has("blocks.0.ls1"),
-        qk_norm=has("blocks.0.attn.q_norm.scale"), qkv_bias=has("blocks.0.attn.q.bias"),
-        proj_bias=has("blocks.0.attn.o.bias"), head_bias=has("head.bias"),
-        final_norm="pre_pool" if has("ln_f.scale") else
-        "post_pool" if has("fc_norm.scale") else "none")
+        patch_bias=has("patch_embed.bias"),
+        patch_norm=has("patch_norm.scale"),
+        norm_pre=has("norm_pre.scale"),
+        layer_scale=has("blocks.0.ls1"),
+        qk_norm=has("blocks.0.attn.q_norm.scale"),
+        qkv_bias=has("blocks.0.attn.q.bias"),
+        proj_bias=has("blocks.0.attn.o.bias"),
+        head_bias=has("head.bias"),
+        final_norm="pre_pool"
+        if has("ln_f.scale")
+        else "post_pool"
+        if has("fc_norm.scale")
+        else "none",
+    )
     found = {f: "which tensors exist, and their shapes" for f in sizes}
     assumed: dict[str, str] = {}
     sizes.update(_mlp_fields(probe, sizes["num_layers"]))
@@ -233,10 +272,18 @@ def _from_shapes(source: Source, layout: Layout, stated: Mapping[str, Any]
         sizes["pool"], found["pool"] = "mean", "fc_norm (timm's global_pool='avg')"
     else:
         sizes["pool"] = "cls"
-        assumed["pool"] = ("cls (a class token is present; the weights cannot say it is pooled: "
-                           "timm global_pool='token')")
-    norm_key = next((k for k in ("blocks.0.ln1", "ln_f", "fc_norm", "norm_pre", "patch_norm")
-                     if has(f"{k}.scale")), None)
+        assumed["pool"] = (
+            "cls (a class token is present; the weights cannot say it is pooled: "
+            "timm global_pool='token')"
+        )
+    norm_key = next(
+        (
+            k
+            for k in ("blocks.0.ln1", "ln_f", "fc_norm", "norm_pre", "patch_norm")
+            if has(f"{k}.scale")
+        ),
+        None,
+    )
     if norm_key is not None and not has(f"{norm_key}.bias"):
         sizes["norm"] = "rmsnorm"
         assumed["norm"] = "rmsnorm (the norms have no bias; a bias-free LayerNorm would differ)"
@@ -249,7 +296,8 @@ def _from_shapes(source: Source, layout: Layout, stated: Mapping[str, Any]
     prefix = int(sizes["class_token"]) + int(sizes["dist_token"]) + sizes["reg_tokens"]
     _positions(source, layout, sizes, pos[-2], prefix, found, assumed)
     if "num_heads" not in sizes:
-        q = source.meta.get(probe.key("blocks.0.attn.q.kernel"))
+        q_key = probe.key("blocks.0.attn.q.kernel")
+        q = source.meta.get(q_key) if q_key is not None else None
         if layout.heads_in_kernel and q is not None and len(q[0]) == 3:
             sizes["num_heads"] = q[0][1]
             found["num_heads"] = "attention kernel shape (D, heads, head_dim)"
@@ -266,9 +314,11 @@ def _from_shapes(source: Source, layout: Layout, stated: Mapping[str, Any]
         if name not in sizes:
             sizes[name], assumed[name] = value, why
     if layout.lookalikes and source.hf_config is None:
-        assumed["positions"] = (f"a learned table only (the weights cannot say whether q and k "
-                                f"are also rotated: {layout.lookalikes}); if the file is such a "
-                                f"model, name its architecture with --arch (arch=)")
+        assumed["positions"] = (
+            f"a learned table only (the weights cannot say whether q and k "
+            f"are also rotated: {layout.lookalikes}); if the file is such a "
+            f"model, name its architecture with --arch (arch=)"
+        )
     try:
         return ViTConfig(**sizes), found, assumed
     except ConfigError as e:
@@ -284,16 +334,20 @@ def _mlp_fields(probe: Probe, layers: int) -> dict[str, Any]:
     if probe.has("blocks.0.ff1_g.kernel"):
         f = probe.shape("blocks.0.ff1_g.kernel")[kernel_axis]
         packed = probe.key("blocks.0.ff1_g.kernel") == probe.key("blocks.0.ff1_x.kernel")
-        return dict(mlp="swiglu_packed" if packed else "swiglu", d_ff=f,
-                    mlp_bias=probe.has("blocks.0.ff1_g.bias"))
+        return dict(
+            mlp="swiglu_packed" if packed else "swiglu",
+            d_ff=f,
+            mlp_bias=probe.has("blocks.0.ff1_g.bias"),
+        )
     fc1 = probe.shape("blocks.0.ff1.kernel")[kernel_axis]
     fc2_in = probe.shape("blocks.0.ff2.kernel")[1 - kernel_axis]
     mlp = "swiglu_packed" if fc1 == 2 * fc2_in else "mlp"
     return dict(mlp=mlp, d_ff=fc2_in, mlp_bias=probe.has("blocks.0.ff1.bias"))
 
 
-def _positions(source: Source, layout: Layout, sizes: dict, rows: int, prefix: int,
-               found: dict, assumed: dict) -> None:
+def _positions(
+    source: Source, layout: Layout, sizes: dict, rows: int, prefix: int, found: dict, assumed: dict
+) -> None:
     """Which prefix tokens carry a position, and the image size, from the position rows: the
     patch grid must be stated (`image_size`) or a square, and the remaining rows must be all,
     none or only the class token of the prefix tokens."""
@@ -304,22 +358,29 @@ def _positions(source: Source, layout: Layout, sizes: dict, rows: int, prefix: i
     if "image_size" in sizes:
         cfg_hw = sizes["image_size"]
         hw = [cfg_hw, cfg_hw] if isinstance(cfg_hw, int) else cfg_hw
-        if not (isinstance(hw, (list, tuple)) and len(hw) == 2 and all(
-                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in hw)):
+        if not (
+            isinstance(hw, (list, tuple))
+            and len(hw) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in hw)
+        ):
             raise ConfigError("image_size", cfg_hw, "expected a positive int or a (H, W) pair")
         patches = (hw[0] // p) * (hw[1] // p)
         fits = [m for m, n in modes.items() if rows - patches == n]
         if not fits:
-            raise CheckpointError(f"{source.path}: {rows} position rows fit neither the "
-                                  f"{patches} patches of image_size {cfg_hw} nor those plus the "
-                                  f"{prefix} prefix token(s)")
+            raise CheckpointError(
+                f"{source.path}: {rows} position rows fit neither the "
+                f"{patches} patches of image_size {cfg_hw} nor those plus the "
+                f"{prefix} prefix token(s)"
+            )
     else:
         fits = [m for m, n in modes.items() if rows > n and math.isqrt(rows - n) ** 2 == rows - n]
         if not fits:
-            raise CheckpointError(f"{source.path}: {rows} position rows are not a square grid "
-                                  f"(with or without the prefix tokens), so the image size is "
-                                  f"ambiguous; say it with --set image_size=HxW "
-                                  f"(overrides={{'image_size': (h, w)}})")
+            raise CheckpointError(
+                f"{source.path}: {rows} position rows are not a square grid "
+                f"(with or without the prefix tokens), so the image size is "
+                f"ambiguous; say it with --set image_size=HxW "
+                f"(overrides={{'image_size': (h, w)}})"
+            )
         side = math.isqrt(rows - modes[fits[0]])
         sizes["image_size"] = side * p
         assumed["image_size"] = f"{side * p} (square, from {side * side} patches)"

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from vit_config import ViTConfig
-from weight_transfer.porting.conversion import Plan
 from weight_transfer.core.errors import CheckpointError, LayoutError
-from weight_transfer.layouts import Layout
-from weight_transfer.formats.npz_io import NPZ_MANIFEST
-from weight_transfer.formats.safetensors_io import write_safetensors
 from weight_transfer.core.table import Meta
 from weight_transfer.formats.memory import to_contiguous
+from weight_transfer.formats.npz_io import NPZ_MANIFEST
+from weight_transfer.formats.safetensors_io import write_safetensors
+from weight_transfer.layouts import Layout
+from weight_transfer.porting.conversion import Plan
 
 FORMAT_VERSION = "1"
 
@@ -49,8 +49,15 @@ def parse_size(text: str | int | None) -> int | None:
     if not m:
         raise CheckpointError(f"max shard size {text!r}: expected e.g. 500MB, 2GB or 1GiB")
     unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
-             "GIB": 2**30}[unit]
+    scale = {
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+    }[unit]
     return int(float(m.group(1)) * scale)
 
 
@@ -63,7 +70,11 @@ def _patch_digest(files: list[Path], digest: str) -> None:
     for path in files:
         with open(path, "r+b") as f:
             head = f.read(8)
-            n = struct.unpack("<Q", head)[0] if path.suffix == ".safetensors" else path.stat().st_size
+            n = (
+                struct.unpack("<Q", head)[0]
+                if path.suffix == ".safetensors"
+                else path.stat().st_size
+            )
             start = 8 if path.suffix == ".safetensors" else 0
             f.seek(start)
             text = f.read(n)
@@ -71,9 +82,16 @@ def _patch_digest(files: list[Path], digest: str) -> None:
             f.write(text.replace(old, new, 1))
 
 
-def write_layout(out: Path, layout: Layout, plan: Plan, tensors: Iterator[tuple[str, np.ndarray]],
-                 config: ViTConfig, manifest: dict[str, str], max_shard_size: int | None,
-                 source_digest: Callable[[], str] | None = None) -> str:
+def write_layout(
+    out: Path,
+    layout: Layout,
+    plan: Plan,
+    tensors: Iterator[tuple[str, np.ndarray]],
+    config: ViTConfig,
+    manifest: dict[str, str],
+    max_shard_size: int | None,
+    source_digest: Callable[[], str] | None = None,
+) -> str:
     """Write the stream in `layout.container`: an .npz, a folder (config.json + safetensors),
     an Orbax checkpoint folder, or safetensors (sharded with an index when `max_shard_size`
     splits it). `source_digest` is called after the stream is consumed and lands in the
@@ -81,50 +99,55 @@ def write_layout(out: Path, layout: Layout, plan: Plan, tensors: Iterator[tuple[
     if layout.unused is not None:  # zeros, as the publisher's class initialises them
         dtype = plan.order[0][1][1]
         zeros = {k: np.zeros(shape, dtype) for k, shape in layout.unused(config).items()}
-        plan = dataclasses.replace(plan, order=[*plan.order, *((k, (a.shape, a.dtype))
-                                                               for k, a in zeros.items())])
+        plan = dataclasses.replace(
+            plan, order=[*plan.order, *((k, (a.shape, a.dtype)) for k, a in zeros.items())]
+        )
         tensors = itertools.chain(tensors, zeros.items())
-    if layout.published is not None:  # the names the publisher's own loader expects
+    if (published := layout.published) is not None:  # the names its own loader expects
+
         def name(key: str) -> str:
-            return layout.published(key, config)
+            return published(key, config)
 
         plan = dataclasses.replace(plan, order=[(name(k), meta) for k, meta in plan.order])
         tensors = ((name(k), a) for k, a in tensors)
     if source_digest is not None:
         manifest = {**manifest, "source_sha256": DIGEST_PLACEHOLDER}
-    metadata = {"format": "flax" if layout.base == "nnx" else "pt",
-                "vit_parity": json.dumps({**manifest, "config": config.to_dict()}, sort_keys=True)}
+    metadata = {
+        "format": "flax" if layout.base == "nnx" else "pt",
+        "vit_parity": json.dumps({**manifest, "config": config.to_dict()}, sort_keys=True),
+    }
     if layout.container == "orbax":
         from weight_transfer.formats.orbax_io import write_orbax
 
-        def manifest() -> str:  # once the stream is read, when the source's digest is known
+        def final_manifest() -> str:  # once the stream is read and the digest is known
             text = metadata["vit_parity"]
             return text.replace(DIGEST_PLACEHOLDER, source_digest()) if source_digest else text
 
-        write_orbax(out, tensors, manifest)
+        write_orbax(out, tensors, final_manifest)
         return out.name
     if layout.container == "npz":
         arrays = {k: to_contiguous(a) for k, a in tensors}
         if source_digest is not None:
-            metadata["vit_parity"] = metadata["vit_parity"].replace(DIGEST_PLACEHOLDER,
-                                                                    source_digest())
+            metadata["vit_parity"] = metadata["vit_parity"].replace(
+                DIGEST_PLACEHOLDER, source_digest()
+            )
         # npz has no metadata: the manifest travels as one uint8 array of JSON bytes.
         arrays[NPZ_MANIFEST] = np.frombuffer(metadata["vit_parity"].encode(), np.uint8)
         with open(out, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, **arrays)  # type: ignore[arg-type]
         return out.name
-    if layout.writes_folder(out):  # config.json + model.safetensors (Orbax is handled above)
+    if layout.writes_folder(out) and layout.write_config_json is not None:  # (Orbax: above)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(layout.write_config_json(config), indent=2))
         metadata = {"format": "pt"}  # config.json is the folder's description, as HF reads it
         base = out / "model.safetensors"
     else:
         base = out
-    name = _write_safetensors(base, plan, tensors, metadata, max_shard_size, source_digest)
+    written = _write_safetensors(base, plan, tensors, metadata, max_shard_size, source_digest)
     if base != out:  # a folder described by its config.json alone: it must say exactly `config`
         _check_reads_back(out, layout, config)
         return out.name
-    return name
+    return written
 
 
 def _check_reads_back(folder: Path, layout: Layout, config: ViTConfig) -> None:
@@ -142,13 +165,21 @@ def _check_reads_back(folder: Path, layout: Layout, config: ViTConfig) -> None:
     if not got.same_model(config):
         a, b = config.to_dict(), got.to_dict()
         diff = ", ".join(f"{k} {a[k]!r} would read back as {b[k]!r}" for k in a if a[k] != b[k])
-        raise LayoutError(f"the {layout.name} layout cannot hold this model "
-                          f"({diff or 'image size'}); write another layout (nnx, torch, timm "
-                          f".safetensors)")
+        raise LayoutError(
+            f"the {layout.name} layout cannot hold this model "
+            f"({diff or 'image size'}); write another layout (nnx, torch, timm "
+            f".safetensors)"
+        )
 
 
-def _write_safetensors(base: Path, plan: Plan, tensors, metadata: dict[str, str],
-                       max_shard_size: int | None, source_digest) -> str:
+def _write_safetensors(
+    base: Path,
+    plan: Plan,
+    tensors,
+    metadata: dict[str, str],
+    max_shard_size: int | None,
+    source_digest,
+) -> str:
     """One safetensors file, or shards and an index; returns the name to report."""
     shards = shard(plan.order, max_shard_size)
     if len(shards) == 1:
