@@ -241,3 +241,19 @@ def test_unknown_dtype_is_refused(tmp_path, saved):
     with pytest.raises(CheckpointError, match="dtype 'int8': expected one of"):
         wt.convert(saved, tmp_path / "o.safetensors", to="nnx", dtype="int8")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_one_options_object_or_its_fields_as_keywords(tmp_path, model):
+    """`PortOptions` threads the porting options from the caller to the plan; the API takes it
+    or its fields as keywords, and refuses a misspelt option by name."""
+    from vit_config import ArgumentError
+    from weight_transfer.porting.options import PortOptions
+
+    path = wt.save_checkpoint(model, tmp_path / "m.safetensors", layout="timm")
+    options = PortOptions(dtype="float64", overrides={"ln_eps": 1e-6})
+    a = wt.load_checkpoint(path, "torch", options)
+    b = wt.load_checkpoint(path, "torch", dtype="float64", overrides={"ln_eps": 1e-6})
+    assert a.dtype == b.dtype == torch.float64
+    assert_bit_exact(wt.torch_flat(a), wt.torch_flat(b))
+    with pytest.raises(ArgumentError, match="unknown option 'image_sise'"):
+        wt.load_checkpoint(path, "torch", image_sise=16)

@@ -20,11 +20,21 @@ __all__ = [
     "ImageShapeError",
     "ViTConfig",
     "VitParityError",
+    "CHOICES",
     "check_image_shape",
+    "positioned_prefix",
 ]
 
 POOLS = ("cls", "mean", "map", "cls_mean")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "quick_gelu", "silu")
+
+
+def positioned_prefix(pos_embed_tokens: str, num_prefix_tokens: int) -> int:
+    """How many of the prefix tokens have a row in the position table: the one statement of
+    the rows (`ViTConfig.num_positioned_prefix`, and reading a table's rows back)."""
+    return {"all": num_prefix_tokens, "none": 0, "cls": 1}[pos_embed_tokens]
+
+
 CHOICES = {  # every field with a fixed set of values
     "pool": POOLS,
     "activation": ACTIVATIONS,
@@ -233,7 +243,7 @@ class ViTConfig:
     @property
     def num_positioned_prefix(self) -> int:
         """Prefix tokens that carry a position (`pos_embed_tokens`)."""
-        return {"all": self.num_prefix_tokens, "none": 0, "cls": 1}[self.pos_embed_tokens]
+        return positioned_prefix(self.pos_embed_tokens, self.num_prefix_tokens)
 
     @property
     def num_positions(self) -> int:

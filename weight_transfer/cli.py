@@ -69,6 +69,25 @@ def _overrides(assignments: list[str] | None) -> dict:
     return out
 
 
+def port_options(args: argparse.Namespace):
+    """The `PortOptions` the flags a command has state (every command that reads a checkpoint
+    has the source options; convert adds resampling, dtype and NaN/Inf)."""
+    from weight_transfer.porting.options import PortOptions
+
+    flags = vars(args)
+    return PortOptions(
+        layout=args.layout,
+        arch=args.arch,
+        overrides=_overrides(args.set),
+        allow_pickle=args.allow_pickle,
+        image_size=_image_size(flags.get("image_size")),
+        interpolation=flags.get("interpolation"),
+        antialias=flags.get("antialias"),
+        dtype=flags.get("dtype") if args.command == "convert" else None,
+        allow_nonfinite=flags.get("allow_nonfinite", False),
+    )
+
+
 def _print_json(data, *, precision: bool = False) -> None:
     """`data` as JSON; with `precision`, the precision context the comparison ran in too."""
     if precision:
@@ -92,12 +111,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         from weight_transfer.frameworks.runners import x64_for
         from weight_transfer.porting import checkpoint_dtypes, load_checkpoint
 
-        kw = dict(
-            layout=args.layout,
-            allow_pickle=args.allow_pickle,
-            overrides=_overrides(args.set),
-            arch=args.arch,
-        )
+        options = port_options(args)
         stored = checkpoint_dtypes(args.checkpoint, allow_pickle=args.allow_pickle)
         # float64 weights are checked in float64 (x64 on, for this command only); anything
         # else (float16, bfloat16, mixed) in float32, which holds them exactly.
@@ -110,8 +124,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             )
         with x64_for(dtype):
             loaded = (
-                load_checkpoint(args.checkpoint, "jax", dtype=dtype, **kw),
-                load_checkpoint(args.checkpoint, "torch", dtype=dtype, **kw),
+                load_checkpoint(args.checkpoint, "jax", options, dtype=dtype),
+                load_checkpoint(args.checkpoint, "torch", options, dtype=dtype),
             )
             _check_batch(args.batch, loaded[0].config)
             results = [parity.check_models(*loaded, seed=args.seed, batch=args.batch)]
@@ -207,17 +221,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         args.src,
         args.dst,
         to=args.to,
-        from_=args.layout,
-        overrides=_overrides(args.set),
-        arch=args.arch,
-        image_size=_image_size(args.image_size),
-        dtype=args.dtype,
+        options=port_options(args),
         max_shard_size=args.max_shard_size,
         force=args.force,
-        allow_pickle=args.allow_pickle,
-        allow_nonfinite=args.allow_nonfinite,
-        interpolation=args.interpolation,
-        antialias=args.antialias,
         progress=None if args.json else progress_bar("converting"),
     )
     if args.json:
@@ -264,13 +270,7 @@ def _print_provenance(report: dict, *, assumed: bool = True) -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from weight_transfer.porting import inspect_checkpoint
 
-    info = inspect_checkpoint(
-        args.checkpoint,
-        layout=args.layout,
-        allow_pickle=args.allow_pickle,
-        overrides=_overrides(args.set),
-        arch=args.arch,
-    )
+    info = inspect_checkpoint(args.checkpoint, port_options(args))
     if args.json:
         _print_json(info)
         return 0
@@ -298,24 +298,19 @@ def _load_pair(args: argparse.Namespace, reference=None):
     from weight_transfer.porting import load_checkpoint
     from weight_transfer.porting.inference import infer_config
 
-    kw = dict(
-        layout=args.layout,
-        allow_pickle=args.allow_pickle,
-        overrides=_overrides(args.set),
-        arch=args.arch,
-    )
+    options = port_options(args)
     _check_batch(args.batch)
-    source = read_checkpoint(args.candidate, allow_pickle=args.allow_pickle)
+    source = read_checkpoint(args.candidate, allow_pickle=options.allow_pickle)
     try:
         cand_config = infer_config(
             source,
-            get_layout(args.layout) if args.layout else None,
-            overrides=kw["overrides"],
-            arch=args.arch,
+            get_layout(options.layout) if options.layout else None,
+            overrides=options.overrides,
+            arch=options.arch,
         ).config
     finally:
         source.close()
-    ref = load_checkpoint(args.reference, args.ref_framework, **kw)
+    ref = load_checkpoint(args.reference, args.ref_framework, options)
     _check_batch(args.batch, ref.config)
     if (
         ref.config.image_hw != cand_config.image_hw
@@ -329,7 +324,7 @@ def _load_pair(args: argparse.Namespace, reference=None):
     images = random_images(ref.config, args.batch, args.seed)
     if reference is not None:
         ref = reference(ref, images)
-    cand = load_checkpoint(args.candidate, args.cand_framework, **kw)
+    cand = load_checkpoint(args.candidate, args.cand_framework, options)
     return ref, cand, images
 
 

@@ -26,6 +26,7 @@ from weight_transfer.formats.checkpoint import Source, read_checkpoint
 from weight_transfer.layouts import LAYOUTS, WRITABLE, Layout, get_layout
 from weight_transfer.porting.conversion import Plan, plan_conversion
 from weight_transfer.porting.inference import Inferred, infer_config, read_manifest
+from weight_transfer.porting.options import PortOptions
 from weight_transfer.porting.writers import FORMAT_VERSION, parse_size, write_layout
 
 SAVE_LAYOUTS = WRITABLE  # the layouts `save_checkpoint` and `convert --to` write
@@ -95,33 +96,20 @@ def count_nonfinite(a: np.ndarray) -> int:
     return int((~np.isfinite(a.astype(np.float32))).sum())
 
 
-def prepare(
-    src: str | os.PathLike,
-    to: Layout,
-    *,
-    layout: str | None = None,
-    image_size=None,
-    dtype: str | None = None,
-    config: ViTConfig | None = None,
-    overrides: dict[str, Any] | None = None,
-    arch: str | None = None,
-    allow_pickle: bool = False,
-    allow_nonfinite: bool = False,
-    interpolation: str | None = None,
-    antialias: bool | None = None,
-) -> Prepared:
+def prepare(src: str | os.PathLike, to: Layout, options: PortOptions | None = None) -> Prepared:
     """Read `src`, infer its layout and config, and check the whole conversion to `to`."""
-    stated = Resampling().stated(interpolation, antialias)  # checks the values before reading
+    o = options or PortOptions()
+    stated = Resampling().stated(o.interpolation, o.antialias)  # checked before reading
     inferred = infer_config(
-        read_checkpoint(src, allow_pickle=allow_pickle),
-        get_layout(layout) if layout else None,
-        config,
-        overrides,
-        arch,
+        read_checkpoint(src, allow_pickle=o.allow_pickle),
+        get_layout(o.layout) if o.layout else None,
+        o.config,
+        o.overrides,
+        o.arch,
     )
     source, config = inferred.source, inferred.config
-    out = config.replace(image_size=image_size) if image_size is not None else config
-    resampling = native_resampling(inferred).stated(interpolation, antialias)
+    out = config.replace(image_size=o.image_size) if o.image_size is not None else config
+    resampling = native_resampling(inferred).stated(o.interpolation, o.antialias)
     resampled = out.grid != config.grid
     if resampled:
         if out.num_positions * out.d_model * 8 > MAX_RESAMPLE_BYTES:
@@ -130,7 +118,7 @@ def prepare(
                 f"{out.d_model} would need {out.num_positions * out.d_model * 8:,}"
                 f" bytes to resample (limit {MAX_RESAMPLE_BYTES:,})"
             )
-        if interpolation is None or antialias is None:
+        if o.interpolation is None or o.antialias is None:
             inferred.assumed["resampling"] = (
                 f"{resampling.describe()}, {config.grid} -> {out.grid} patches (another: "
                 f"--interpolation, --antialias/--no-antialias; interpolation=, antialias=)"
@@ -138,7 +126,7 @@ def prepare(
         else:
             inferred.found["resampling"] = f"given: {stated.describe()}"
     warn_assumptions(inferred)
-    hook = _hook(config, out, _numpy_dtype(dtype), allow_nonfinite, resampling)
+    hook = _hook(config, out, _numpy_dtype(o.dtype), o.allow_nonfinite, resampling)
     plan = plan_conversion(
         source.meta,
         inferred.layout,
@@ -185,26 +173,19 @@ def warn_assumptions(inferred: Inferred) -> None:
 def load_checkpoint(
     path: str | os.PathLike,
     framework: str = "jax",
+    options: PortOptions | None = None,
     *,
-    layout: str | None = None,
-    image_size=None,
-    dtype: str | None = None,
-    config: ViTConfig | None = None,
-    overrides: dict[str, Any] | None = None,
-    arch: str | None = None,
-    allow_pickle: bool = False,
-    allow_nonfinite: bool = False,
-    interpolation: str | None = None,
-    antialias: bool | None = None,
     mesh=None,
     sharding: str | Mapping[str, str | None] = "replicated",
+    **option_fields: Any,
 ):
     """A ready `jax_impl.ViT` (framework="jax") or `torch_impl.ViT` (framework="torch").
 
     `path`: a safetensors file, a sharded `*.safetensors.index.json`, a Hugging Face folder
     (config.json + weights), an `.npz`, an Orbax checkpoint folder, or with `allow_pickle` a
     torch `.bin`/`.pth`.
-    `layout` is detected from the key names unless given; `config` replaces the inferred config,
+    The options (`PortOptions`, or its fields as keywords: `image_size=384`): `layout` is
+    detected from the key names unless given; `config` replaces the inferred config,
     `overrides` ({field: value}) corrects fields of it (what a bare state dict cannot say:
     heads, epsilon, activation, a non-square image size); what had to be assumed is announced
     with an `AssumedConfigWarning`; `arch` names a timm architecture (resolved through timm's
@@ -224,20 +205,7 @@ def load_checkpoint(
     if mesh is not None and framework != "jax":
         raise ArgumentError("mesh= places a JAX model's parameters; framework must be 'jax'")
     to = LAYOUTS["nnx" if framework == "jax" else "torch"]
-    p = prepare(
-        path,
-        to,
-        layout=layout,
-        image_size=image_size,
-        dtype=dtype,
-        config=config,
-        overrides=overrides,
-        arch=arch,
-        allow_pickle=allow_pickle,
-        allow_nonfinite=allow_nonfinite,
-        interpolation=interpolation,
-        antialias=antialias,
-    )
+    p = prepare(path, to, PortOptions.of(options, **option_fields))
     if mesh is not None:
         from weight_transfer.frameworks.sharding import load_sharded
 
@@ -323,38 +291,21 @@ def convert(
     dst: str | os.PathLike,
     *,
     to: str,
+    options: PortOptions | None = None,
     from_: str | None = None,
-    image_size=None,
-    dtype: str | None = None,
     max_shard_size: int | str | None = None,
     force: bool = False,
-    allow_pickle: bool = False,
-    allow_nonfinite: bool = False,
-    config: ViTConfig | None = None,
-    overrides: dict[str, Any] | None = None,
-    arch: str | None = None,
-    interpolation: str | None = None,
-    antialias: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
+    **option_fields: Any,
 ) -> dict[str, Any]:
     """Convert a checkpoint file to another layout, one tensor at a time; returns a report.
+    The options are `load_checkpoint`'s (`from_` is `layout`, the source's);
     `progress(done, total)` is called after each tensor (the CLI draws a bar with it)."""
+    if from_ is not None:
+        option_fields["layout"] = from_
     dst_layout = get_layout(to)
     out = _target(dst, dst_layout, max_shard_size)
-    p = prepare(
-        src,
-        dst_layout,
-        layout=from_,
-        image_size=image_size,
-        dtype=dtype,
-        config=config,
-        overrides=overrides,
-        arch=arch,
-        allow_pickle=allow_pickle,
-        allow_nonfinite=allow_nonfinite,
-        interpolation=interpolation,
-        antialias=antialias,
-    )
+    p = prepare(src, dst_layout, PortOptions.of(options, **option_fields))
     inputs = [p.source.path, *p.source.files, *([p.source.folder] if p.source.folder else [])]
     protected = set().union(*(file_ids(f) for f in inputs))  # every input file, under any name
     manifest = {
@@ -428,19 +379,18 @@ def checkpoint_dtypes(path: str | os.PathLike, *, allow_pickle: bool = False) ->
 
 
 def inspect_checkpoint(
-    path: str | os.PathLike,
-    *,
-    layout: str | None = None,
-    overrides: dict[str, Any] | None = None,
-    arch: str | None = None,
-    allow_pickle: bool = False,
+    path: str | os.PathLike, options: PortOptions | None = None, **option_fields: Any
 ) -> dict[str, Any]:
-    """Layout, inferred config, parameter count, dtypes, sizes and NaN/Inf counts of a file."""
+    """Layout, inferred config, parameter count, dtypes, sizes and NaN/Inf counts of a file
+    (the options that say what a file cannot: `layout`, `arch`, `config`, `overrides`,
+    `allow_pickle`)."""
+    o = PortOptions.of(options, **option_fields)
     inferred = infer_config(
-        read_checkpoint(path, allow_pickle=allow_pickle),
-        get_layout(layout) if layout else None,
-        overrides=overrides,
-        arch=arch,
+        read_checkpoint(path, allow_pickle=o.allow_pickle),
+        get_layout(o.layout) if o.layout else None,
+        o.config,
+        o.overrides,
+        o.arch,
     )
     source = inferred.source
     # Every key and shape checked against the config before any tensor is read.

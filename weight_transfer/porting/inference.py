@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vit_config import ConfigError, ViTConfig
+from vit_config import CHOICES, ConfigError, ViTConfig, positioned_prefix
 from weight_transfer.core.errors import CheckpointError, LayoutError
 from weight_transfer.core.table import Rule, oriented, stand_in
 from weight_transfer.formats.checkpoint import Source
@@ -352,7 +352,8 @@ def _positions(
     patch grid must be stated (`image_size`) or a square, and the remaining rows must be all,
     none or only the class token of the prefix tokens."""
     p = sizes["patch_size"]
-    modes = {"all": prefix, "none": 0, "cls": 1} if layout.prefix_positions else {"none": 0}
+    kinds = CHOICES["pos_embed_tokens"] if layout.prefix_positions else ("none",)
+    modes = {kind: positioned_prefix(kind, prefix) for kind in kinds}  # "all" first
     if not sizes.get("class_token"):
         modes.pop("cls", None)
     if "image_size" in sizes:
