@@ -8,6 +8,7 @@ The parameters each config builds are declared in `vit_config.arch` (tested to m
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,30 @@ def resolve_dtype(dtype) -> jnp.dtype:
     return dtype
 
 
+class AttentionPositions(NamedTuple):
+    """What positions do inside attention, computed once per forward for the token grid: a
+    rotation of q and k (`rotate(q, k)` on (B, T, H, hd)), and a bias added to the attention
+    logits (broadcast to (B, H, T, S)). A learned table is added to the tokens before the
+    blocks instead (`ViT.embed`). The plain ViT has neither."""
+
+    rotate: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None
+    bias: jax.Array | None = None
+
+
+NO_POSITIONS = AttentionPositions()
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """The attention core, written by hand as the seed specifies: (B, H, T, hd) each ->
+    (B, H, T, hd), softmax(q k^T / sqrt(hd) + bias) v. Heads first, so both products are plain
+    batched matmuls (XLA:CPU runs them ~20% faster than the equivalent einsums on ViT-B/16,
+    benchmarks/forward.py)."""
+    scores = (q @ k.swapaxes(-1, -2)) / jnp.sqrt(q.shape[-1]).astype(q.dtype)  # (B, H, T, S)
+    if bias is not None:
+        scores = scores + bias
+    return jax.nn.softmax(scores, axis=-1) @ v  # softmax over keys
+
+
 def make_norm(c: ViTConfig, d: int, dense: dict) -> nnx.Module:
     if c.norm == "rmsnorm":
         return nnx.RMSNorm(d, epsilon=c.ln_eps, **dense)
@@ -82,7 +107,12 @@ class Attention(nnx.Module):
         self.qk_norm = qk_norm
         self.o = nnx.Linear(d, d, use_bias=proj_bias, **dense)
 
-    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        context: jax.Array | None = None,
+        positions: AttentionPositions = NO_POSITIONS,
+    ) -> jax.Array:
         context = x if context is None else context
         b, t, d = x.shape
         hd = d // self.num_heads
@@ -90,14 +120,13 @@ class Attention(nnx.Module):
         k, v = (proj(context).reshape(b, -1, self.num_heads, hd) for proj in (self.k, self.v))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.fused:
-            return self.o(jax.nn.dot_product_attention(q, k, v).reshape(b, t, d))
-        # Heads first, so both products are plain batched matmuls (XLA:CPU runs them ~20% faster
-        # than the equivalent einsums on ViT-B/16, benchmarks/forward.py).
+        if positions.rotate is not None:
+            q, k = positions.rotate(q, k)
+        if self.fused:  # XLA's fused kernel takes (B, T, H, hd) and the same bias
+            out = jax.nn.dot_product_attention(q, k, v, bias=positions.bias)
+            return self.o(out.reshape(b, t, d))
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # (B, H, T, hd)
-        scores = (q @ k.swapaxes(-1, -2)) / jnp.sqrt(hd).astype(x.dtype)  # (B, H, T, S)
-        weights = jax.nn.softmax(scores, axis=-1)  # over keys
-        out = (weights @ v).transpose(0, 2, 1, 3)  # (B, T, H, hd)
+        out = attend(q, k, v, positions.bias).transpose(0, 2, 1, 3)  # (B, T, H, hd)
         return self.o(out.reshape(b, t, d))
 
 
@@ -149,8 +178,10 @@ class Block(FeedForward):
     def scaled(self, name: str, x: jax.Array) -> jax.Array:
         return x * getattr(self, name)[...] if self.layer_scale else x
 
-    def __call__(self, x: jax.Array, tap: Tap = _no_tap) -> jax.Array:
-        x = x + tap("attn", self.scaled("ls1", self.attn(self.ln1(x))))
+    def __call__(
+        self, x: jax.Array, tap: Tap = _no_tap, positions: AttentionPositions = NO_POSITIONS
+    ) -> jax.Array:
+        x = x + tap("attn", self.scaled("ls1", self.attn(self.ln1(x), positions=positions)))
         return x + tap("mlp", self.scaled("ls2", self.mlp(self.ln2(x))))
 
 
@@ -257,6 +288,11 @@ class ViT(nnx.Module):
             [cls_and_patches[:, :1], *prefix[1:], cls_and_patches[:, 1:]], axis=1
         )
 
+    def attention_positions(self, grid: tuple[int, int]) -> AttentionPositions:
+        """What positions do inside every block's attention for a (Hp, Wp) patch grid: nothing
+        for a learned table (RoPE and relative biases compute theirs here)."""
+        return NO_POSITIONS
+
     def pool(self, x: jax.Array) -> jax.Array:
         """(B, T, D) -> (B, D) (or (B, 2D) for "cls_mean"); prefix tokens other than the class
         token are never pooled."""
@@ -303,18 +339,19 @@ class ViT(nnx.Module):
 
         x = self.patch_embed(x)  # (B, Hp, Wp, D)
         b, hp, wp, d = x.shape
+        positions = self.attention_positions((hp, wp))
         x = x.reshape(b, hp * wp, d)  # (B, N, D), row-major over the grid
         x = tap("patch_embed", self.patch_norm(x) if c.patch_norm else x)
         x = tap("tokens", self.embed(x))  # (B, T, D)
         if c.norm_pre:
             x = tap("norm_pre", self.norm_pre(x))
         if self.scan_layers:
-            x, per_layer = _scan_blocks(self.blocks, x, return_intermediates)
+            x, per_layer = _scan_blocks(self.blocks, x, return_intermediates, positions)
             for name, stacked in per_layer.items():  # (L, B, T, D) each
                 for i in range(c.num_layers):
                     tap(f"blocks.{i}{name}", stacked[i])
         for i, block in enumerate(() if self.scan_layers else self.blocks):
-            x = tap(f"blocks.{i}", block(x, lambda n, v, i=i: tap(f"blocks.{i}.{n}", v)))
+            x = tap(f"blocks.{i}", block(x, lambda n, v, i=i: tap(f"blocks.{i}.{n}", v), positions))
         if c.final_norm == "pre_pool":
             x = tap("ln_f", self.ln_f(x))
         pooled = self.pool(x)
@@ -360,8 +397,11 @@ def _stacked_blocks(config: ViTConfig, options: dict, rngs: nnx.Rngs) -> Block:
     return create(rngs)
 
 
-def _scan_blocks(blocks: Block, x: jax.Array, keep: bool) -> tuple[jax.Array, dict]:
-    """Run stacked blocks with nnx.scan; with `keep`, also each layer's branch outputs."""
+def _scan_blocks(
+    blocks: Block, x: jax.Array, keep: bool, positions: AttentionPositions
+) -> tuple[jax.Array, dict]:
+    """Run stacked blocks with nnx.scan; with `keep`, also each layer's branch outputs. The
+    positions are the same for every block (closed over, not scanned)."""
 
     @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
     def body(x, block):
@@ -371,7 +411,7 @@ def _scan_blocks(blocks: Block, x: jax.Array, keep: bool) -> tuple[jax.Array, di
             seen[f".{name}"] = value
             return value
 
-        x = block(x, tap)
+        x = block(x, tap, positions)
         return x, ({**seen, "": x} if keep else {})
 
     return body(x, blocks)

@@ -321,3 +321,62 @@ def test_every_registered_layout_detects_itself_and_round_trips(tmp_path):
             config.replace(**{k: getattr(back.config, k) for k in ("activation", "ln_eps")})
         ), layout.name
         assert_bit_exact(nnx_params(model), nnx_params(back))
+
+
+def test_the_attention_seams_carry_a_rotation_and_a_bias(x64, monkeypatch):
+    """Where the next position schemes plug in: `attention_positions` hands every block's
+    attention a rotation of q and k and a bias on the logits. The same rotation (pairs of
+    head channels turned by a per-token angle) and bias, given to both models and the NumPy
+    reference, compute the same function in float64; and it is not the plain ViT's."""
+    import jax.numpy as jnp
+
+    from weight_transfer.diagnostics import numpy_ref
+    from weight_transfer.frameworks.bridge import nnx_params, to_torch
+    from weight_transfer.frameworks.runners import logits_of
+
+    config = tiny(num_layers=2)
+    t, hd = config.num_tokens, config.head_dim
+    rng = np.random.default_rng(7)
+    angle = rng.standard_normal((t, hd // 2))  # (T, hd/2)
+    bias = rng.standard_normal((config.num_heads, t, t))  # (H, T, S)
+
+    def rotation(xp, asarray):
+        cos, sin = asarray(np.cos(angle))[:, None], asarray(np.sin(angle))[:, None]  # (T, 1, hd/2)
+
+        def rotate(q, k):
+            def turn(a):  # (B, T, H, hd), pairs interleaved
+                a1, a2 = a[..., 0::2], a[..., 1::2]
+                return xp.stack([a1 * cos - a2 * sin, a1 * sin + a2 * cos], -1).reshape(a.shape)
+
+            return turn(q), turn(k)
+
+        return rotate
+
+    model = random_nnx(config, seed=8, dtype="float64")
+    twin = to_torch(model)
+    images = random_images(config, 2, seed=9, dtype="float64")
+    plain = numpy_ref.forward(nnx_params(model), images, config)["logits"]  # (no jit cache)
+    monkeypatch.setattr(
+        jax_impl.ViT,
+        "attention_positions",
+        lambda self, grid: jax_impl.model.AttentionPositions(
+            rotation(jnp, jnp.asarray), jnp.asarray(bias)
+        ),
+    )
+    monkeypatch.setattr(
+        torch_impl.ViT,
+        "attention_positions",
+        lambda self, grid: torch_impl.model.AttentionPositions(
+            rotation(torch, torch.from_numpy), torch.from_numpy(bias)
+        ),
+    )
+    monkeypatch.setattr(
+        numpy_ref.Reference,
+        "attention_positions",
+        lambda self, grid: numpy_ref.AttentionPositions(rotation(np, np.asarray), bias),
+    )
+    expected = numpy_ref.forward(nnx_params(model), images, config)["logits"]
+    # the JAX model eagerly: a jitted runner may hold a compile of the unpatched forward
+    for got in (np.asarray(model(images)), logits_of(twin, images)):
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+    assert np.abs(expected - plain).max() > 1e-3  # the seam is used, not passed over

@@ -8,6 +8,7 @@ The parameters each config builds are declared in `vit_config.arch` (tested to m
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,27 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP
     "silu": F.silu,
 }
+
+
+class AttentionPositions(NamedTuple):
+    """What positions do inside attention, computed once per forward for the token grid: a
+    rotation of q and k (`rotate(q, k)` on (B, T, H, hd)), and a bias added to the attention
+    logits (broadcast to (B, H, T, S)). A learned table is added to the tokens before the
+    blocks instead (`ViT.embed`). The plain ViT has neither."""
+
+    rotate: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    bias: torch.Tensor | None = None
+
+
+NO_POSITIONS = AttentionPositions()
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The attention core, (B, H, T, hd) each -> (B, H, T, hd): softmax(q k^T / sqrt(hd) +
+    bias) v, through F.scaled_dot_product_attention (an additive float mask is a bias)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
 def make_norm(c: ViTConfig, d: int) -> nn.Module:
@@ -56,7 +78,12 @@ class Attention(nn.Module):
         self.qk_norm = qk_norm
         self.o = nn.Linear(d, d, bias=proj_bias)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        positions: AttentionPositions = NO_POSITIONS,
+    ) -> torch.Tensor:
         context = x if context is None else context
         b, t, d = x.shape
         hd = d // self.num_heads
@@ -64,8 +91,10 @@ class Attention(nn.Module):
         k, v = (proj(context).view(b, -1, self.num_heads, hd) for proj in (self.k, self.v))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        if positions.rotate is not None:
+            q, k = positions.rotate(q, k)
         q, k, v = (a.transpose(1, 2) for a in (q, k, v))  # (B, H, T, hd)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, hd), scale 1/sqrt(hd)
+        out = attend(q, k, v, positions.bias)  # (B, H, T, hd)
         return self.o(out.transpose(1, 2).reshape(b, t, d))
 
 
@@ -107,8 +136,10 @@ class Block(FeedForward):
     def scaled(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return x * getattr(self, name) if self.layer_scale else x
 
-    def forward(self, x: torch.Tensor, tap: Tap = _no_tap) -> torch.Tensor:
-        x = x + tap("attn", self.scaled("ls1", self.attn(self.ln1(x))))
+    def forward(
+        self, x: torch.Tensor, tap: Tap = _no_tap, positions: AttentionPositions = NO_POSITIONS
+    ) -> torch.Tensor:
+        x = x + tap("attn", self.scaled("ls1", self.attn(self.ln1(x), positions=positions)))
         return x + tap("mlp", self.scaled("ls2", self.mlp(self.ln2(x))))
 
 
@@ -187,6 +218,11 @@ class ViT(nn.Module):
         )  # "cls": others join after
         return torch.cat([cls_and_patches[:, :1], *prefix[1:], cls_and_patches[:, 1:]], dim=1)
 
+    def attention_positions(self, grid: tuple[int, int]) -> AttentionPositions:
+        """What positions do inside every block's attention for a (Hp, Wp) patch grid: nothing
+        for a learned table (RoPE and relative biases compute theirs here)."""
+        return NO_POSITIONS
+
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, D) (or (B, 2D) for "cls_mean"); prefix tokens other than the class
         token are never pooled."""
@@ -212,13 +248,15 @@ class ViT(nn.Module):
                 seen[name] = value if batched else value[0]
             return value
 
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, D, Hp, Wp) -> (B, N, D)
+        x = self.patch_embed(x)  # (B, D, Hp, Wp)
+        positions = self.attention_positions(tuple(x.shape[2:]))
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D)
         x = tap("patch_embed", self.patch_norm(x) if c.patch_norm else x)
         x = tap("tokens", self.embed(x))  # (B, T, D)
         if c.norm_pre:
             x = tap("norm_pre", self.norm_pre(x))
         for i, block in enumerate(self.blocks):
-            x = tap(f"blocks.{i}", block(x, lambda n, v, i=i: tap(f"blocks.{i}.{n}", v)))
+            x = tap(f"blocks.{i}", block(x, lambda n, v, i=i: tap(f"blocks.{i}.{n}", v), positions))
         if c.final_norm == "pre_pool":
             x = tap("ln_f", self.ln_f(x))
         pooled = self.pool(x)

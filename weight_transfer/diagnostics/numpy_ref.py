@@ -12,8 +12,9 @@ test hypotheses.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from scipy.special import erf  # Cephes' erf, vectorised: no Python call per element
@@ -75,6 +76,26 @@ def read_images(images: np.ndarray, how: str) -> np.ndarray:
     return images
 
 
+class AttentionPositions(NamedTuple):
+    """What positions do inside attention (as in both models): a rotation of q and k
+    (`rotate(q, k)` on (B, T, H, hd)) and a bias on the logits (broadcast to (B, H, T, S))."""
+
+    rotate: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+    bias: np.ndarray | None = None
+
+
+NO_POSITIONS = AttentionPositions()
+
+
+def attend(q, k, v, bias=None, score_factor: float = 1.0):
+    """softmax(q k^T / sqrt(hd) * score_factor + bias) v, (B, T, H, hd) each -> (B, T, H, hd)
+    (`score_factor` is the doctor's knob for a missing or doubled scale)."""
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1]) * score_factor
+    if bias is not None:
+        scores = scores + bias
+    return np.einsum("bhqk,bkhd->bqhd", softmax(scores), v)
+
+
 class Reference:
     """One config's parameters and the functions of the forward, each from its formula."""
 
@@ -93,18 +114,25 @@ class Reference:
     def linear(self, name: str, x):
         return x @ as64(self.p[f"{name}.kernel"]) + self.p.get(f"{name}.bias", 0.0)
 
-    def attention(self, name: str, x, context):
-        """softmax(q k^T / sqrt(hd)) v per head, then the output projection."""
+    def attention(self, name: str, x, context, positions: AttentionPositions = NO_POSITIONS):
+        """softmax(q k^T / sqrt(hd) + bias) v per head, q and k rotated first where the
+        positions say, then the output projection."""
         b, t, d = x.shape
         heads = self.c.num_heads
         hd = d // heads
-        q = self.linear(f"{name}.q", x).reshape(b, t, heads, hd)
+        q = self.linear(f"{name}.q", x).reshape(b, t, heads, hd)  # (B, T, H, hd)
         k, v = (self.linear(f"{name}.{n}", context).reshape(b, -1, heads, hd) for n in "kv")
         if f"{name}.q_norm.scale" in self.p:
             q, k = self.norm(f"{name}.q_norm", q), self.norm(f"{name}.k_norm", k)
-        scores = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd) * self.knobs.score_factor
-        out = np.einsum("bhqk,bkhd->bqhd", softmax(scores), v).reshape(b, t, d)
+        if positions.rotate is not None:
+            q, k = positions.rotate(q, k)
+        out = attend(q, k, v, positions.bias, self.knobs.score_factor).reshape(b, t, d)
         return self.linear(f"{name}.o", out)
+
+    def attention_positions(self, grid: tuple[int, int]) -> AttentionPositions:
+        """What positions do inside attention for a (Hp, Wp) grid: nothing for a learned table
+        (RoPE tables, built here in float64 from the config, and relative biases plug in)."""
+        return NO_POSITIONS
 
     def mlp(self, name: str, x):
         act = ACTIVATIONS[self.c.activation]
@@ -175,10 +203,11 @@ def trace(
         first = 0
     else:
         first, x = resume
+    positions = ref.attention_positions(c.grid)
     for i in range(first, c.num_layers):
         b = f"blocks.{i}"
         h = ref.norm(f"{b}.ln1", x)
-        a = ref.gain(f"{b}.ls1") * ref.attention(f"{b}.attn", h, h)
+        a = ref.gain(f"{b}.ls1") * ref.attention(f"{b}.attn", h, h, positions)
         yield f"{b}.attn", a
         x = x + a
         m = ref.gain(f"{b}.ls2") * ref.mlp(b, ref.norm(f"{b}.ln2", x))
