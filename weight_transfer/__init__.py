@@ -53,6 +53,7 @@ _EXPORTS = {
         "TransferError",
     ],
     "weight_transfer.layouts": ["LAYOUTS"],
+    "weight_transfer.porting.options": ["PortOptions"],
     "weight_transfer.porting": [
         "convert",
         "inspect_checkpoint",
