@@ -16,6 +16,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from vit_config import ArgumentError, ViTConfig, arch, check_image_shape
+from vit_config.resample import positions_for_grid
 
 Tap = Callable[[str, jax.Array], jax.Array]
 
@@ -215,11 +216,20 @@ class ViT(nnx.Module):
         dtype=None,
         scan_layers: bool = False,
         fused_attention: bool = False,
+        dynamic_image_size: bool = False,
+        resampling=None,
     ):
         """`scan_layers=True` stacks the blocks' parameters on a leading (num_layers,) axis and
         runs them with `nnx.scan` (as big_vision does): one block to compile instead of L.
-        `fused_attention=True` uses `jax.nn.dot_product_attention` for the attention core."""
+        `fused_attention=True` uses `jax.nn.dot_product_attention` for the attention core.
+        `dynamic_image_size=True` takes any image whose sides are multiples of the patch (as
+        timm's `dynamic_img_size` and HF's `interpolate_pos_encoding`): the position table is
+        resampled to the image's grid in the forward by `resampling` (a
+        `weight_transfer.core.resample.Resampling`, or anything with `interpolation` and
+        `antialias`; default bicubic), gradients flowing through it; under `nnx.jit`, one
+        compile per image shape."""
         c = self.config = config
+        self.set_dynamic_image_size(dynamic_image_size, resampling)
         self.scan_layers = scan_layers and c.num_layers > 0
         dtype = resolve_dtype(dtype)
         dense = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
@@ -265,9 +275,22 @@ class ViT(nnx.Module):
     def dtype(self) -> jnp.dtype:
         return self.pos_embed[...].dtype
 
-    def embed(self, x: jax.Array) -> jax.Array:
-        """(B, N, D) patch tokens -> (B, T, D): prefix tokens [cls, dist, registers] joined and
-        positions added to the tokens `pos_embed_tokens` says."""
+    def set_dynamic_image_size(self, on: bool = True, resampling=None) -> None:
+        """Take any image size (`on`), resampling the positions by `resampling`'s method."""
+        self.dynamic_image_size = on
+        self.interpolation = getattr(resampling, "interpolation", "bicubic")
+        self.antialias = getattr(resampling, "antialias", False)
+
+    def position_table(self, grid: tuple[int, int]) -> jax.Array:
+        """The learned positions for a (Hp, Wp) grid: as stored at the config's grid,
+        resampled at any other (dynamic image size)."""
+        return positions_for_grid(
+            self.pos_embed[...], self.config, grid, self.interpolation, self.antialias
+        )  # (positioned prefix + Hp * Wp, D)
+
+    def embed(self, x: jax.Array, grid: tuple[int, int]) -> jax.Array:
+        """(B, N, D) patch tokens of a (Hp, Wp) grid -> (B, T, D): prefix tokens [cls, dist,
+        registers] joined and positions added to the tokens `pos_embed_tokens` says."""
         c, b = self.config, x.shape[0]
         prefix = [
             jnp.broadcast_to(getattr(self, name)[...], (b, *getattr(self, name).shape))
@@ -278,7 +301,7 @@ class ViT(nnx.Module):
             )
             if on
         ]  # (B, n, D) each
-        pos = self.pos_embed[...]
+        pos = self.position_table(grid)
         if c.pos_embed_tokens == "all":
             return jnp.concatenate([*prefix, x], axis=1) + pos
         if c.pos_embed_tokens == "none":
@@ -327,7 +350,7 @@ class ViT(nnx.Module):
     def forward(self, images: jax.Array, return_intermediates: bool = False):
         """The forward itself, whatever the mesh (`__call__`'s body)."""
         c = self.config
-        batched = check_image_shape(images.shape, c, "NHWC")
+        batched = check_image_shape(images.shape, c, "NHWC", dynamic=self.dynamic_image_size)
         x = jnp.asarray(images, self.dtype)
         x = x if batched else x[None]
         seen: dict[str, jax.Array] = {}
@@ -342,7 +365,7 @@ class ViT(nnx.Module):
         positions = self.attention_positions((hp, wp))
         x = x.reshape(b, hp * wp, d)  # (B, N, D), row-major over the grid
         x = tap("patch_embed", self.patch_norm(x) if c.patch_norm else x)
-        x = tap("tokens", self.embed(x))  # (B, T, D)
+        x = tap("tokens", self.embed(x, (hp, wp)))  # (B, T, D)
         if c.norm_pre:
             x = tap("norm_pre", self.norm_pre(x))
         if self.scan_layers:

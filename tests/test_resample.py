@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from weight_transfer.core.resample import resample_pos_embed
+from vit_config.resample import resample_pos_embed
 
 timm_layers = pytest.importorskip("timm.layers")
 
@@ -73,7 +73,7 @@ def test_same_grid_is_identity():
 def test_weights_are_torchs_own(n_in, n_out):
     """One-hot rows through F.interpolate give torch's float32 weights: ours equal them
     (bilinear) or sit within two ulps of 1.0 (bicubic: vectorised polynomial evaluation)."""
-    from weight_transfer.core.resample import weights_1d
+    from vit_config.resample import weights_1d
 
     eye = torch.eye(n_in)[:, None, None, :]  # (n_in, 1, 1, n_in): one one-hot row per input
     for mode, atol in (("bilinear", 0.0), ("bicubic", 2.4e-7)):

@@ -19,7 +19,7 @@ from tests.conftest import assert_close
 from tests.helpers.models import nchw, randomize
 from vit_config import PRESETS, ViTConfig, VitParityError
 from weight_transfer.core.errors import AssumedConfigWarning
-from weight_transfer.frameworks.runners import random_images, run_torch
+from weight_transfer.frameworks.runners import random_images, run_nnx, run_torch
 from weight_transfer.layouts.timm import TIMM_ARCHS
 
 timm = pytest.importorskip("timm")
@@ -32,6 +32,20 @@ TIMM_PRESETS = sorted(
 # The quick subset keeps one of each prefix-token kind; the rest run in the whole suite
 # (0.5-5 s each, --durations).
 QUICK = ("vit_b16", "dinov2_b14_reg4", "deit3_b16", "vit_medium_reg4_gap", "deit_b16_distilled")
+
+
+def tiny_config(**changes) -> ViTConfig:
+    """A small ViT at the checkpoint's grid (OLD x OLD patches of 4 px)."""
+    base = dict(
+        image_size=OLD * 4,
+        patch_size=4,
+        d_model=24,
+        num_heads=3,
+        d_ff=40,
+        num_layers=2,
+        num_classes=7,
+    )
+    return ViTConfig(**{**base, **changes})
 
 
 def load_resampled(path, grid, patch, **kw):
@@ -93,16 +107,7 @@ def test_every_prefix_kind_resamples_as_timm(tmp_path, tokens):
     from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-    config = ViTConfig(
-        image_size=(OLD * 4, OLD * 4),
-        patch_size=4,
-        d_model=24,
-        num_heads=3,
-        d_ff=40,
-        num_layers=2,
-        num_classes=7,
-        **FAMILY_TOKENS[tokens],
-    )
+    config = tiny_config(**FAMILY_TOKENS[tokens])
     path = wt.save_checkpoint(
         wt.weights.random_torch(config, seed=4), tmp_path / "m.safetensors", layout="timm"
     )
@@ -218,16 +223,7 @@ def test_npz_at_another_size_is_big_visions_resample_posemb(tmp_path, layout):
     """The npz's own code resamples with scipy's zoom (order 1): the table it gives, put in
     the same weights at the new size, computes what ours loaded at that size computes."""
     tokens = dict(pos_embed_tokens="none") if layout == "big_vision" else {}
-    config = ViTConfig(
-        image_size=OLD * 4,
-        patch_size=4,
-        d_model=24,
-        num_heads=3,
-        d_ff=40,
-        num_layers=2,
-        num_classes=7,
-        **tokens,
-    )
+    config = tiny_config(**tokens)
     source = wt.weights.random_torch(config, seed=9)
     path = wt.save_checkpoint(source, tmp_path / "m", layout=layout)
     prefix = config.num_positioned_prefix
@@ -252,9 +248,7 @@ def test_stated_method_overrides_and_is_recorded(tmp_path):
 
     from weight_transfer.formats.checkpoint import read_checkpoint
 
-    config = ViTConfig(
-        image_size=20, patch_size=4, d_model=24, num_heads=3, d_ff=40, num_layers=1, num_classes=7
-    )
+    config = tiny_config(num_layers=1)
     src = wt.save_checkpoint(
         wt.weights.random_torch(config, seed=10), tmp_path / "t", layout="timm"
     )
@@ -298,11 +292,114 @@ def test_arch_takes_the_grid_from_the_file(tmp_path):
 
 @pytest.mark.parametrize("size", [0, -16, 30, "12x", 10**9])
 def test_bad_sizes_are_refused_before_memory_is_spent(tmp_path, size):
-    config = ViTConfig(
-        image_size=20, patch_size=4, d_model=24, num_heads=3, d_ff=40, num_layers=1, num_classes=7
-    )
+    config = tiny_config(num_layers=1)
     src = wt.save_checkpoint(
         wt.weights.random_torch(config, seed=12), tmp_path / "t", layout="timm"
     )
     with pytest.raises(VitParityError, match="image_size|image size"):
         wt.load_checkpoint(src, "torch", image_size=size)
+
+
+# ---- dynamic image size -----------------------------------------------------------------------
+
+DYNAMIC_GRIDS = [(5, 5), (7, 7), (3, 3), (6, 4), (2, 7)]  # the native one too
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+@pytest.mark.parametrize("preset", ["vit_b16", "dinov2_b14_reg4", "deit3_b16", "siglip_b16"])
+def test_dynamic_image_size_is_timms_dynamic_img_size(tmp_path, preset, framework):
+    """timm's `dynamic_img_size=True` model and ours, from the same Hub folder, at several
+    sizes square and not: the same function (timm resamples with its own method, ours too)."""
+    from timm.models import save_for_hf
+
+    patch = PRESETS[preset]["patch_size"]
+    model = randomize(
+        timm.create_model(
+            TIMM_ARCHS[preset],
+            pretrained=False,
+            depth=2,
+            img_size=OLD * patch,
+            dynamic_img_size=True,
+        ),
+        seed=21,
+    )
+    save_for_hf(model, str(tmp_path), safe_serialization=True)
+    with pytest.warns(AssumedConfigWarning, match="every other grid"):
+        ours = wt.load_checkpoint(tmp_path, framework, dynamic_image_size=True)
+    for grid in DYNAMIC_GRIDS:
+        images = (
+            np.random.default_rng(sum(grid))
+            .standard_normal((2, grid[0] * patch, grid[1] * patch, 3))
+            .astype(np.float32)
+        )
+        with torch.no_grad():
+            expected = model(nchw(images))
+        got = run_nnx(ours, images) if framework == "jax" else run_torch(ours, images)
+        assert_close(expected, np.asarray(got), "float32", f"{preset} {framework} at {grid}")
+
+
+@pytest.mark.parametrize("case", ["vit", "dinov2-registers", "siglip-vision"])
+def test_dynamic_image_size_is_transformers_interpolate_pos_encoding(tmp_path, case):
+    model = randomize(HF_CASES[case](), seed=22)
+    model.save_pretrained(tmp_path)
+    with pytest.warns(AssumedConfigWarning, match="every other grid"):
+        ours = wt.load_checkpoint(tmp_path, "torch", dynamic_image_size=True)
+    for grid in DYNAMIC_GRIDS:
+        images = (
+            np.random.default_rng(sum(grid))
+            .standard_normal((2, grid[0] * 8, grid[1] * 8, 3))
+            .astype(np.float32)
+        )
+        with torch.no_grad():
+            expected = hf_output(model, nchw(images))
+        assert_close(expected, run_torch(ours, images), "float32", f"{case} at {grid}")
+
+
+@pytest.mark.parametrize("tokens", ["cls", "registers-unpositioned", "distilled"])
+def test_dynamic_float64_is_the_numpy_reference_and_gradients_flow(x64, tokens):
+    """In float64 both models at a new size equal the NumPy reference given the same
+    resampling (1e-12); under nnx.jit and torch autograd the gradient reaches the stored
+    position table through the resampling, and the two frameworks' gradients agree."""
+    import jax
+
+    from weight_transfer.core.resample import TIMM
+    from weight_transfer.diagnostics import numpy_ref
+    from weight_transfer.diagnostics.parity import nnx_grads, torch_grads
+    from weight_transfer.frameworks.bridge import nnx_params, to_torch
+    from weight_transfer.frameworks.weights import random_nnx
+
+    config = tiny_config(**FAMILY_TOKENS[tokens])
+    model = random_nnx(config, seed=23, dtype="float64")
+    model.set_dynamic_image_size(True, TIMM)
+    twin = to_torch(model)
+    assert twin.dynamic_image_size and twin.antialias
+    for grid in [(7, 3), (3, 6)]:
+        images = np.random.default_rng(sum(grid)).standard_normal((2, grid[0] * 4, grid[1] * 4, 3))
+        expected = numpy_ref.forward(nnx_params(model), images, config, resampling=TIMM)
+        scale = np.abs(expected["logits"]).max()
+        for got in (run_nnx(model, images), run_torch(twin, images)):
+            np.testing.assert_allclose(
+                np.asarray(got), expected["logits"], rtol=0, atol=1e-12 * max(1.0, scale)
+            )
+        labels = np.arange(2) % 7
+        (jg, _), (tg, _) = nnx_grads(model, images, labels), torch_grads(twin, images, labels)
+        assert np.abs(jg["pos_embed"]).max() > 0
+        np.testing.assert_allclose(
+            jg["pos_embed"], tg["pos_embed"], rtol=0, atol=1e-10 * np.abs(jg["pos_embed"]).max()
+        )
+    assert jax.config.jax_enable_x64
+
+
+def test_dynamic_sizes_not_a_multiple_of_the_patch_are_refused():
+    from vit_config import ImageShapeError
+    from weight_transfer.frameworks.weights import random_nnx
+
+    config = tiny_config(num_layers=1)
+    model = random_nnx(config, seed=24)
+    model.set_dynamic_image_size(True)
+    for shape in [(1, 30, 20, 3), (1, 0, 20, 3), (1, 4 * 300, 4 * 300, 3)]:
+        with pytest.raises(ImageShapeError, match="multiples of the patch|patches, more than"):
+            model(np.zeros(shape, np.float32))
+    fixed = random_nnx(config, seed=24)
+    with pytest.raises(ImageShapeError, match="config.image_size"):
+        fixed(np.zeros((1, 24, 20, 3), np.float32))

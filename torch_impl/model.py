@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vit_config import ViTConfig, check_image_shape
+from vit_config.resample import positions_for_grid
 
 Tap = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -164,9 +165,15 @@ class ViT(nn.Module):
     """patch_embed -> tokens (+ prefix tokens, + positions) -> norm_pre -> blocks -> ln_f ->
     pool (-> fc_norm) -> head."""
 
-    def __init__(self, config: ViTConfig):
+    def __init__(self, config: ViTConfig, *, dynamic_image_size: bool = False, resampling=None):
+        """`dynamic_image_size=True` takes any image whose sides are multiples of the patch (as
+        timm's `dynamic_img_size` and HF's `interpolate_pos_encoding`): the position table is
+        resampled to the image's grid in the forward by `resampling` (a
+        `weight_transfer.core.resample.Resampling`, or anything with `interpolation` and
+        `antialias`; default bicubic), gradients flowing through it."""
         super().__init__()
         c = self.config = config
+        self.set_dynamic_image_size(dynamic_image_size, resampling)
         p, d = c.patch_size, c.d_model
         self.patch_embed = nn.Conv2d(c.in_channels, d, kernel_size=p, stride=p, bias=c.patch_bias)
         if c.patch_norm:
@@ -196,10 +203,24 @@ class ViT(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.pos_embed.dtype
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) patch tokens -> (B, T, D): prefix tokens [cls, dist, registers] joined and
-        positions added to the tokens `pos_embed_tokens` says."""
+    def set_dynamic_image_size(self, on: bool = True, resampling=None) -> None:
+        """Take any image size (`on`), resampling the positions by `resampling`'s method."""
+        self.dynamic_image_size = on
+        self.interpolation = getattr(resampling, "interpolation", "bicubic")
+        self.antialias = getattr(resampling, "antialias", False)
+
+    def position_table(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The learned positions for a (Hp, Wp) grid: as stored at the config's grid,
+        resampled at any other (dynamic image size)."""
+        return positions_for_grid(
+            self.pos_embed, self.config, grid, self.interpolation, self.antialias
+        )  # (positioned prefix + Hp * Wp, D)
+
+    def embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, N, D) patch tokens of a (Hp, Wp) grid -> (B, T, D): prefix tokens [cls, dist,
+        registers] joined and positions added to the tokens `pos_embed_tokens` says."""
         c, b = self.config, x.shape[0]
+        pos = self.position_table(grid)
         prefix = [
             getattr(self, name).expand(b, -1, -1)
             for name, on in (
@@ -210,12 +231,10 @@ class ViT(nn.Module):
             if on
         ]  # (B, n, D) each
         if c.pos_embed_tokens == "all":
-            return torch.cat([*prefix, x], dim=1) + self.pos_embed
+            return torch.cat([*prefix, x], dim=1) + pos
         if c.pos_embed_tokens == "none":
-            return torch.cat([*prefix, x + self.pos_embed], dim=1)
-        cls_and_patches = (
-            torch.cat([prefix[0], x], dim=1) + self.pos_embed
-        )  # "cls": others join after
+            return torch.cat([*prefix, x + pos], dim=1)
+        cls_and_patches = torch.cat([prefix[0], x], dim=1) + pos  # "cls": others join after
         return torch.cat([cls_and_patches[:, :1], *prefix[1:], cls_and_patches[:, 1:]], dim=1)
 
     def attention_positions(self, grid: tuple[int, int]) -> AttentionPositions:
@@ -238,7 +257,7 @@ class ViT(nn.Module):
     def forward(self, images: torch.Tensor, *, return_intermediates: bool = False):
         """Logits for NCHW images; with `return_intermediates`, also a dict of named activations."""
         c = self.config
-        batched = check_image_shape(tuple(images.shape), c, "NCHW")
+        batched = check_image_shape(tuple(images.shape), c, "NCHW", dynamic=self.dynamic_image_size)
         x = images.to(self.dtype)
         x = x if batched else x[None]
         seen: dict[str, torch.Tensor] = {}
@@ -249,10 +268,11 @@ class ViT(nn.Module):
             return value
 
         x = self.patch_embed(x)  # (B, D, Hp, Wp)
-        positions = self.attention_positions(tuple(x.shape[2:]))
+        grid = (x.shape[2], x.shape[3])
+        positions = self.attention_positions(grid)
         x = x.flatten(2).transpose(1, 2)  # (B, N, D)
         x = tap("patch_embed", self.patch_norm(x) if c.patch_norm else x)
-        x = tap("tokens", self.embed(x))  # (B, T, D)
+        x = tap("tokens", self.embed(x, grid))  # (B, T, D)
         if c.norm_pre:
             x = tap("norm_pre", self.norm_pre(x))
         for i, block in enumerate(self.blocks):

@@ -396,12 +396,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+MAX_DYNAMIC_PATCHES = 1 << 16  # a 4096 x 4096 image at patch 16: far beyond any ViT's use
+
+
 class ImageShapeError(VitParityError):
     """An image batch whose rank, channels or size does not fit the model's config."""
 
 
-def check_image_shape(shape: tuple[int, ...], config: ViTConfig, layout: str) -> bool:
-    """Validate an image shape in `layout` ("NHWC" or "NCHW"); return True when batched."""
+def check_image_shape(
+    shape: tuple[int, ...], config: ViTConfig, layout: str, *, dynamic: bool = False
+) -> bool:
+    """Validate an image shape in `layout` ("NHWC" or "NCHW"); return True when batched.
+    `dynamic`: any size whose sides are positive multiples of the patch (at most
+    `MAX_DYNAMIC_PATCHES` patches), instead of `config.image_size`."""
     shape = tuple(shape)
     if len(shape) not in (3, 4):
         raise ImageShapeError(
@@ -415,7 +422,20 @@ def check_image_shape(shape: tuple[int, ...], config: ViTConfig, layout: str) ->
             f"expected C={config.in_channels} in {names} layout, got shape "
             f"{shape} with C={dims['C']}"
         )
-    if (dims["H"], dims["W"]) != config.image_hw:
+    hw, p = (dims["H"], dims["W"]), config.patch_size
+    if dynamic:
+        if not all(side > 0 and side % p == 0 for side in hw):
+            raise ImageShapeError(
+                f"expected H and W to be positive multiples of the patch size {p} (dynamic "
+                f"image size), got shape {shape} with H, W = {hw}"
+            )
+        if (hw[0] // p) * (hw[1] // p) > MAX_DYNAMIC_PATCHES:
+            raise ImageShapeError(
+                f"H, W = {hw}: {(hw[0] // p) * (hw[1] // p):,} patches, more than "
+                f"{MAX_DYNAMIC_PATCHES:,} (the position table would be resampled to them)"
+            )
+        return len(shape) == 4
+    if hw != config.image_hw:
         raise ImageShapeError(
             f"expected H, W = {config.image_hw} in {names} layout "
             f"(config.image_size), got shape {shape} with H, W = "

@@ -614,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=cmd_check)
 
-    from weight_transfer.core.resample import INTERPOLATIONS
+    from vit_config.resample import INTERPOLATIONS
     from weight_transfer.layouts import ALIASES
     from weight_transfer.porting import DTYPES, SAVE_LAYOUTS
 

@@ -19,6 +19,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy.special import erf  # Cephes' erf, vectorised: no Python call per element
 
+from vit_config.resample import positions_for_grid
+
 ACTIVATIONS = {
     "relu": lambda x: np.maximum(x, 0),
     "gelu": lambda x: 0.5 * x * (1 + erf(x / math.sqrt(2))),
@@ -99,8 +101,10 @@ def attend(q, k, v, bias=None, score_factor: float = 1.0):
 class Reference:
     """One config's parameters and the functions of the forward, each from its formula."""
 
-    def __init__(self, p: dict, config, knobs: Knobs):
+    def __init__(self, p: dict, config, knobs: Knobs, resampling=None):
         self.p, self.c, self.knobs = p, config, knobs
+        self.interpolation = getattr(resampling, "interpolation", "bicubic")
+        self.antialias = getattr(resampling, "antialias", False)
 
     def gain(self, name: str):
         """A LayerScale gain (1 without LayerScale), to the power `knobs.layer_scale_power`."""
@@ -142,13 +146,18 @@ class Reference:
             hidden = act(self.linear(f"{name}.ff1_g", x)) * self.linear(f"{name}.ff1_x", x)
         return self.linear(f"{name}.ff2", hidden)
 
-    def embed(self, x):
+    def position_table(self, grid: tuple[int, int]):
+        """The positions for a (Hp, Wp) grid: as stored, or resampled (in float64)."""
+        table = self.p["pos_embed"]
+        return positions_for_grid(table, self.c, grid, self.interpolation, self.antialias)
+
+    def embed(self, x, grid: tuple[int, int]):
         """Patch tokens -> [cls, dist, registers, patches] with positions where configured."""
         c, p = self.c, self.p
         b = x.shape[0]
         names = ["cls_token", "dist_token"] + ([] if self.knobs.drop_registers else ["reg_tokens"])
         prefix = [np.broadcast_to(p[k], (b, *p[k].shape)) for k in names if k in p]
-        pos = p["pos_embed"]
+        pos = self.position_table(grid)
         if c.class_token and self.knobs.cls_position == "none" and c.pos_embed_tokens != "none":
             pos = np.concatenate([np.zeros_like(pos[:1]), pos[1:]], axis=0)
         if c.pos_embed_tokens == "all":
@@ -176,9 +185,13 @@ class Reference:
         return (y + self.mlp("map", self.norm("map.norm", y)))[:, 0]
 
 
-def forward(p: dict, images: np.ndarray, config, knobs: Knobs = Knobs()) -> dict[str, np.ndarray]:
-    """Named intermediates (float64) of a batch of `(B, H, W, C)` images."""
-    return dict(trace(p, images, config, knobs))
+def forward(
+    p: dict, images: np.ndarray, config, knobs: Knobs = Knobs(), resampling=None
+) -> dict[str, np.ndarray]:
+    """Named intermediates (float64) of a batch of `(B, H, W, C)` images; images of another
+    size than the config's get the position table resampled by `resampling` (anything with
+    `interpolation` and `antialias`; default bicubic), in float64, as a dynamic-size model."""
+    return dict(trace(p, images, config, knobs, resampling=resampling))
 
 
 def trace(
@@ -187,6 +200,7 @@ def trace(
     config,
     knobs: Knobs = Knobs(),
     resume: tuple[int, np.ndarray] | None = None,
+    resampling=None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """The same intermediates, one at a time in forward order: a caller that has seen enough
     (the doctor, at the first divergence) stops the forward there. `resume=(i, x)` starts at
@@ -197,13 +211,16 @@ def trace(
         {k: v if k.endswith(".kernel") else np.asarray(v, np.float64) for k, v in p.items()},
         c,
         knobs,
+        resampling,
     )
+    h, w = read_images(np.asarray(images), knobs.images).shape[1:3]
+    grid = (h // c.patch_size, w // c.patch_size)
     if resume is None:
         x = yield from _embed(ref, images, c, knobs)
         first = 0
     else:
         first, x = resume
-    positions = ref.attention_positions(c.grid)
+    positions = ref.attention_positions(grid)
     for i in range(first, c.num_layers):
         b = f"blocks.{i}"
         h = ref.norm(f"{b}.ln1", x)
@@ -241,7 +258,7 @@ def _embed(ref: Reference, images: np.ndarray, c, knobs: Knobs):
     )
     x = ref.norm("patch_norm", x) if c.patch_norm else x
     yield "patch_embed", x
-    x = ref.embed(x)
+    x = ref.embed(x, (H // P, W // P))
     yield "tokens", x
     if c.norm_pre:
         x = ref.norm("norm_pre", x)

@@ -236,7 +236,8 @@ def nnx_astype(model: jax_impl.ViT, dtype, *, in_place: bool = False) -> jax_imp
 def to_torch(nnx_model: jax_impl.ViT) -> torch_impl.ViT:
     """The `torch_impl.ViT` computing the same function as `nnx_model` (same config and dtype)."""
     config = nnx_model.config
-    return torch_from_state_dict(nnx_state_to_state_dict(nnx_loop_flat(nnx_model), config), config)
+    out = torch_from_state_dict(nnx_state_to_state_dict(nnx_loop_flat(nnx_model), config), config)
+    return same_image_sizes(out, nnx_model)
 
 
 def to_nnx(torch_model: torch_impl.ViT, *, scan_layers: bool = False) -> jax_impl.ViT:
@@ -246,7 +247,13 @@ def to_nnx(torch_model: torch_impl.ViT, *, scan_layers: bool = False) -> jax_imp
     flat = torch_to_nnx_flat(torch_flat(torch_model), config)
     if scan_layers and config.num_layers:
         flat = stack_layers(flat, config)
-    return nnx_from_flat(flat, config, scan_layers=scan_layers)
+    return same_image_sizes(nnx_from_flat(flat, config, scan_layers=scan_layers), torch_model)
+
+
+def same_image_sizes(model, like):
+    """`model`, taking the image sizes `like` takes (dynamic or not, and resampled alike)."""
+    model.set_dynamic_image_size(like.dynamic_image_size, like)
+    return model
 
 
 # ---- images --------------------------------------------------------------------------------------

@@ -13,13 +13,14 @@ import ml_dtypes
 import numpy as np
 
 from vit_config import ArgumentError, ViTConfig
+from vit_config.resample import resample_pos_embed
 from weight_transfer.core.errors import (
     AssumedConfigWarning,
     CheckpointError,
     LayoutError,
     NonFiniteError,
 )
-from weight_transfer.core.resample import Resampling, resample_pos_embed
+from weight_transfer.core.resample import Resampling
 from weight_transfer.core.table import meta_of
 from weight_transfer.formats.atomic import atomic_output, file_ids
 from weight_transfer.formats.checkpoint import Source, read_checkpoint
@@ -96,8 +97,16 @@ def count_nonfinite(a: np.ndarray) -> int:
     return int((~np.isfinite(a.astype(np.float32))).sum())
 
 
-def prepare(src: str | os.PathLike, to: Layout, options: PortOptions | None = None) -> Prepared:
-    """Read `src`, infer its layout and config, and check the whole conversion to `to`."""
+def prepare(
+    src: str | os.PathLike,
+    to: Layout,
+    options: PortOptions | None = None,
+    *,
+    dynamic_image_size: bool = False,
+) -> Prepared:
+    """Read `src`, infer its layout and config, and check the whole conversion to `to`
+    (`dynamic_image_size`: the model will resample its positions at every other size, so the
+    method is announced as if resampling now)."""
     o = options or PortOptions()
     stated = Resampling().stated(o.interpolation, o.antialias)  # checked before reading
     inferred = infer_config(
@@ -111,7 +120,7 @@ def prepare(src: str | os.PathLike, to: Layout, options: PortOptions | None = No
     out = config.replace(image_size=o.image_size) if o.image_size is not None else config
     resampling = native_resampling(inferred).stated(o.interpolation, o.antialias)
     resampled = out.grid != config.grid
-    if resampled:
+    if resampled or dynamic_image_size:
         if out.num_positions * out.d_model * 8 > MAX_RESAMPLE_BYTES:
             raise ArgumentError(
                 f"image size {out.image_size}: {out.num_positions} positions x "
@@ -119,9 +128,14 @@ def prepare(src: str | os.PathLike, to: Layout, options: PortOptions | None = No
                 f" bytes to resample (limit {MAX_RESAMPLE_BYTES:,})"
             )
         if o.interpolation is None or o.antialias is None:
+            where = (
+                f"{config.grid} -> {out.grid} patches"
+                if resampled
+                else ("at every other grid (dynamic image size)")
+            )
             inferred.assumed["resampling"] = (
-                f"{resampling.describe()}, {config.grid} -> {out.grid} patches (another: "
-                f"--interpolation, --antialias/--no-antialias; interpolation=, antialias=)"
+                f"{resampling.describe()}, {where} (another: --interpolation, "
+                f"--antialias/--no-antialias; interpolation=, antialias=)"
             )
         else:
             inferred.found["resampling"] = f"given: {stated.describe()}"
@@ -177,6 +191,7 @@ def load_checkpoint(
     *,
     mesh=None,
     sharding: str | Mapping[str, str | None] = "replicated",
+    dynamic_image_size: bool = False,
     **option_fields: Any,
 ):
     """A ready `jax_impl.ViT` (framework="jax") or `torch_impl.ViT` (framework="torch").
@@ -199,13 +214,25 @@ def load_checkpoint(
     are placed on it by `sharding`: "replicated", "fsdp", "tensor_parallel", "fsdp_tp", or
     rules `{logical axis: mesh axis}` (see `weight_transfer.frameworks.sharding`); each
     device's block is read from the file alone.
+    `dynamic_image_size=True` gives a model taking any image whose sides are multiples of the
+    patch, its positions resampled in the forward by the file's own library's method (as
+    `image_size=`; `interpolation`/`antialias` override it).
     """
     if framework not in ("jax", "torch"):
         raise ArgumentError(f"framework {framework!r}: expected 'jax' or 'torch'")
     if mesh is not None and framework != "jax":
         raise ArgumentError("mesh= places a JAX model's parameters; framework must be 'jax'")
     to = LAYOUTS["nnx" if framework == "jax" else "torch"]
-    p = prepare(path, to, PortOptions.of(options, **option_fields))
+    p = prepare(
+        path, to, PortOptions.of(options, **option_fields), dynamic_image_size=dynamic_image_size
+    )
+    model = _build(p, framework, mesh, sharding)
+    model.set_dynamic_image_size(dynamic_image_size, p.resampling)
+    return model
+
+
+def _build(p: Prepared, framework: str, mesh, sharding):
+    """The model of a prepared port, on `mesh` if given."""
     if mesh is not None:
         from weight_transfer.frameworks.sharding import load_sharded
 
