@@ -129,6 +129,7 @@ def test_inputs_are_not_modified(models):
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.slow  # 6 s (--durations); bfloat16 round trips are quick in test_roundtrip
 def test_bfloat16_on_request_and_bad_dtype():
     from flax import nnx
 

@@ -441,7 +441,7 @@ def test_check_runs_any_stored_dtype(work, dtype):
     assert result["passed"] and result["dtype"] == ("float64" if dtype == "float64" else "float32")
 
 
-@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize("legacy", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_torch_pickles_legacy_and_wrapped(work, model, legacy):
     import torch
 

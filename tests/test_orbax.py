@@ -105,6 +105,7 @@ def test_another_models_checkpoint_is_refused(tmp_path):
         wt.load_checkpoint(out, "jax")
 
 
+@pytest.mark.slow  # 3 s of CLI processes; the API round trips are quick
 def test_cli_round_trip_and_refusal(tmp_path):
     src = wt.save_checkpoint(
         random_torch(tiny(), seed=8), tmp_path / "m.safetensors", layout="timm"

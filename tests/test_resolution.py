@@ -31,7 +31,7 @@ TIMM_PRESETS = sorted(
 )
 # The quick subset keeps one of each prefix-token kind; the rest run in the whole suite
 # (0.5-5 s each, --durations).
-QUICK = ("vit_b16", "dinov2_b14_reg4", "deit3_b16", "vit_medium_reg4_gap", "deit_b16_distilled")
+QUICK = ("vit_b16", "dinov2_b14_reg4", "vit_medium_reg4_gap")
 
 
 def tiny_config(**changes) -> ViTConfig:
@@ -305,8 +305,17 @@ def test_bad_sizes_are_refused_before_memory_is_spent(tmp_path, size):
 DYNAMIC_GRIDS = [(5, 5), (7, 7), (3, 3), (6, 4), (2, 7)]  # the native one too
 
 
+def quick_only(*keep, cases):
+    """Parameters, all but `keep` marked slow (each 2-8 s, --durations): the quick subset
+    keeps one of a kind, the whole suite runs them all."""
+    return [c if c in keep else pytest.param(c, marks=pytest.mark.slow) for c in cases]
+
+
 @pytest.mark.parametrize("framework", ["jax", "torch"])
-@pytest.mark.parametrize("preset", ["vit_b16", "dinov2_b14_reg4", "deit3_b16", "siglip_b16"])
+@pytest.mark.parametrize(
+    "preset",
+    quick_only("dinov2_b14_reg4", cases=["vit_b16", "dinov2_b14_reg4", "deit3_b16", "siglip_b16"]),
+)
 def test_dynamic_image_size_is_timms_dynamic_img_size(tmp_path, preset, framework):
     """timm's `dynamic_img_size=True` model and ours, from the same Hub folder, at several
     sizes square and not: the same function (timm resamples with its own method, ours too)."""
@@ -338,7 +347,9 @@ def test_dynamic_image_size_is_timms_dynamic_img_size(tmp_path, preset, framewor
         assert_close(expected, np.asarray(got), "float32", f"{preset} {framework} at {grid}")
 
 
-@pytest.mark.parametrize("case", ["vit", "dinov2-registers", "siglip-vision"])
+@pytest.mark.parametrize(
+    "case", quick_only("dinov2-registers", cases=["vit", "dinov2-registers", "siglip-vision"])
+)
 def test_dynamic_image_size_is_transformers_interpolate_pos_encoding(tmp_path, case):
     model = randomize(HF_CASES[case](), seed=22)
     model.save_pretrained(tmp_path)
@@ -355,7 +366,10 @@ def test_dynamic_image_size_is_transformers_interpolate_pos_encoding(tmp_path, c
         assert_close(expected, run_torch(ours, images), "float32", f"{case} at {grid}")
 
 
-@pytest.mark.parametrize("tokens", ["cls", "registers-unpositioned", "distilled"])
+@pytest.mark.parametrize(
+    "tokens",
+    quick_only("registers-unpositioned", cases=["cls", "registers-unpositioned", "distilled"]),
+)
 def test_dynamic_float64_is_the_numpy_reference_and_gradients_flow(x64, tokens):
     """In float64 both models at a new size equal the NumPy reference given the same
     resampling (1e-12); under nnx.jit and torch autograd the gradient reaches the stored

@@ -138,6 +138,7 @@ def test_every_layout_is_detected_from_its_own_keys():
             assert detect_layout(keys, layout.container) is layout, layout.name
 
 
+@pytest.mark.slow  # 4 s; test_every_module_keeps_its_short_name is its quick sibling
 def test_submodules_are_attributes_of_the_package():
     code = (
         "import weight_transfer as wt; print(wt.doctor.diagnose.__name__, "
