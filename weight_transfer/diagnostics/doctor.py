@@ -558,7 +558,7 @@ def diagnose(
         ref = ref_side.run(images, True)
         # the candidate's own logits, in its own dtype (no float64 copy of it: memory on large
         # models); any structural difference is orders of magnitude above float32's rounding
-        own = logits_of(candidate, images) if check else None
+        own = logits_of(candidate, images, jit=False) if check else None
     cand = dataclasses.replace(candidate_of(candidate), knobs=candidate_knobs)
     if check:
         replay = forward(cand.params, images, cand.config)["logits"]
