@@ -133,14 +133,9 @@ def test_every_prefix_kind_resamples_as_timm(tmp_path, tokens):
 
 
 T = pytest.importorskip("transformers")
-HF_SMALL = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    image_size=OLD * 8,
-    patch_size=8,
-)
+from tests.test_hf_family import SMALL  # noqa: E402
+
+HF_SMALL = {**SMALL, "image_size": OLD * 8}  # test_hf_family's sizes at the checkpoint's grid
 HF_CASES = {
     "vit": lambda: T.ViTForImageClassification(T.ViTConfig(**HF_SMALL, num_labels=3)),
     "deit-teacher": lambda: T.DeiTForImageClassificationWithTeacher(

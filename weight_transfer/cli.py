@@ -292,24 +292,14 @@ def _load_pair(args: argparse.Namespace, reference=None):
     doctor records REF's float64 run and lets it go: one model in memory at a time). CAND's
     config is read first (headers only), so a CAND that cannot pair is refused before any
     tensor is read."""
-    from weight_transfer.formats.checkpoint import read_checkpoint
     from weight_transfer.frameworks.runners import random_images
-    from weight_transfer.layouts import get_layout
-    from weight_transfer.porting import load_checkpoint
-    from weight_transfer.porting.inference import infer_config
+    from weight_transfer.porting import identify, load_checkpoint
 
     options = port_options(args)
     _check_batch(args.batch)
-    source = read_checkpoint(args.candidate, allow_pickle=options.allow_pickle)
-    try:
-        cand_config = infer_config(
-            source,
-            get_layout(options.layout) if options.layout else None,
-            overrides=options.overrides,
-            arch=options.arch,
-        ).config
-    finally:
-        source.close()
+    candidate = identify(args.candidate, options)  # headers only
+    candidate.source.close()
+    cand_config = candidate.config
     ref = load_checkpoint(args.reference, args.ref_framework, options)
     _check_batch(args.batch, ref.config)
     if (

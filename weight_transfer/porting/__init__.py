@@ -109,13 +109,7 @@ def prepare(
     method is announced as if resampling now)."""
     o = options or PortOptions()
     stated = Resampling().stated(o.interpolation, o.antialias)  # checked before reading
-    inferred = infer_config(
-        read_checkpoint(src, allow_pickle=o.allow_pickle),
-        get_layout(o.layout) if o.layout else None,
-        o.config,
-        o.overrides,
-        o.arch,
-    )
+    inferred = identify(src, o)
     source, config = inferred.source, inferred.config
     out = config.replace(image_size=o.image_size) if o.image_size is not None else config
     resampling = native_resampling(inferred).stated(o.interpolation, o.antialias)
@@ -151,6 +145,17 @@ def prepare(
         what=f"{inferred.layout.name} ({source.path.name})",
     )
     return Prepared(source, inferred, out, plan, resampling, resampled)
+
+
+def identify(src: str | os.PathLike, options: PortOptions) -> Inferred:
+    """Read `src` (lazily) and tell its layout and config, with what `options` state."""
+    return infer_config(
+        read_checkpoint(src, allow_pickle=options.allow_pickle),
+        get_layout(options.layout) if options.layout else None,
+        options.config,
+        options.overrides,
+        options.arch,
+    )
 
 
 def native_resampling(inferred: Inferred) -> Resampling:
@@ -411,14 +416,7 @@ def inspect_checkpoint(
     """Layout, inferred config, parameter count, dtypes, sizes and NaN/Inf counts of a file
     (the options that say what a file cannot: `layout`, `arch`, `config`, `overrides`,
     `allow_pickle`)."""
-    o = PortOptions.of(options, **option_fields)
-    inferred = infer_config(
-        read_checkpoint(path, allow_pickle=o.allow_pickle),
-        get_layout(o.layout) if o.layout else None,
-        o.config,
-        o.overrides,
-        o.arch,
-    )
+    inferred = identify(path, PortOptions.of(options, **option_fields))
     source = inferred.source
     # Every key and shape checked against the config before any tensor is read.
     plan_conversion(
