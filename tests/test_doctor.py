@@ -72,14 +72,14 @@ def test_compare_names_the_first_divergent_layer(ref, images):
 timm = pytest.importorskip("timm")
 
 
-def timm_model(**kw):
+def timm_model(img_size=(8, 12), seed=23, **kw):
     from timm.models.vision_transformer import VisionTransformer
 
     from tests.helpers.models import randomize
 
     return randomize(
         VisionTransformer(
-            img_size=(8, 12),
+            img_size=img_size,
             patch_size=4,
             embed_dim=24,
             depth=2,
@@ -88,7 +88,7 @@ def timm_model(**kw):
             num_classes=7,
             **kw,
         ),
-        23,
+        seed,
     )
 
 
@@ -221,7 +221,27 @@ def make_fault(name, ref):
         return ref, planted(ref, pos_embed=lambda p: np.roll(p, -1, axis=0))
     if name == "posembed_grid_order":
         return ref, planted(ref, pos_embed=column_major_positions)
+    if name == "resampling_method":  # timm resamples antialiased, the candidate as HF does
+        return dynamic_pair()
     raise KeyError(name)
+
+
+# faults seen only at another image size than the checkpoint's (a 4 x 5 grid from 2 x 3)
+FAULT_IMAGE_SIZE = {"resampling_method": (16, 20)}
+# timm resamples in float32 even in a float64 model (`posemb.float()`): once the method is
+# named, the two agree to float32's resolution, which the doctor names as well
+AFTER_FIX = {"resampling_method": ["float32_island"]}
+
+
+def dynamic_pair(resampling=None):
+    """A timm model with `dynamic_img_size=True` and our port of it taking any size too,
+    resampling its table by `resampling` (default: as HF does, no antialias)."""
+    from weight_transfer.core.resample import HF
+
+    model = timm_model(dynamic_img_size=True)
+    port = port_of_timm(model)
+    port.set_dynamic_image_size(True, resampling or HF)
+    return model, port
 
 
 FAULTS = [
@@ -243,6 +263,7 @@ FAULTS = [
     "registers",
     "layer_scale_count",
     "map_qkv_order",
+    "resampling_method",
 ]
 
 
@@ -265,11 +286,12 @@ def test_every_hypothesis_has_a_planted_fault():
 @pytest.mark.parametrize("fault", FAULTS)
 def test_doctor_names_exactly_the_planted_fault(ref, fault):
     reference, candidate = make_fault(fault, ref)
-    images = random_images(candidate.config, 2, seed=22)
+    size = FAULT_IMAGE_SIZE.get(fault, candidate.config.image_hw)
+    images = random_images(candidate.config.replace(image_size=size), 2, seed=22)
     assert not compare(reference, candidate, images).passed  # the plant really breaks parity
     d = diagnose(reference, candidate, images)
-    assert [f.id for f in d.findings] == [fault], d.as_dict()
-    assert d.fixed and d.first_divergence is not None
+    assert [f.id for f in d.findings] == [fault, *AFTER_FIX.get(fault, [])], d.as_dict()
+    assert d.fixed == (fault not in AFTER_FIX) and d.first_divergence is not None
 
 
 @pytest.mark.slow
@@ -380,3 +402,93 @@ def test_a_replay_resumed_at_a_block_is_the_full_replay(ref, images):
     assert resumed.keys() <= full.keys() and "logits" in resumed
     for name, value in resumed.items():
         assert np.array_equal(value, full[name]), name
+
+
+# ---- resampling at another size: each library's method planted in a real timm forward ------
+
+
+def dinov2_original(pos_embed, new_size, old_size, num_prefix_tokens, **_):
+    """facebookresearch/dinov2's `interpolate_pos_encoding` (square grids), transcribed: a
+    `scale_factor` with its `interpolate_offset` 0.1, not a size."""
+    cls, rows = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    m, dim = old_size[0], rows.shape[-1]
+    sx = float(new_size[1] + 0.1) / m
+    sy = float(new_size[0] + 0.1) / m
+    rows = torch.nn.functional.interpolate(
+        rows.reshape(1, m, m, dim).permute(0, 3, 1, 2), scale_factor=(sx, sy), mode="bicubic"
+    )
+    assert tuple(rows.shape[-2:]) == tuple(new_size)
+    return torch.cat([cls, rows.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
+
+
+def align_corners(pos_embed, new_size, old_size, num_prefix_tokens, **_):
+    """timm's resampling with `align_corners=True` and no antialias, as ports often write it."""
+    cls, rows = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    dim = rows.shape[-1]
+    rows = torch.nn.functional.interpolate(
+        rows.reshape(1, *old_size, dim).permute(0, 3, 1, 2),
+        size=new_size,
+        mode="bicubic",
+        align_corners=True,
+    )
+    return torch.cat([cls, rows.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
+
+
+@pytest.mark.parametrize(
+    "plant, image_size, candidate, named",
+    [
+        # timm's own antialiased bicubic, downsampling (2 x 3 -> 1 x 2): the widened kernel
+        (None, (4, 8), "HF", "with antialias on"),
+        # upsampling (2 x 3 -> 4 x 5): torch's antialiased bicubic is the a = -0.5 kernel,
+        # normalised at the borders
+        pytest.param(None, (16, 20), "HF", "with antialias on", marks=pytest.mark.slow),
+        # a candidate that antialiases against a reference that does not
+        (align_corners, (16, 20), "TIMM", "align_corners=True"),
+        pytest.param(
+            dinov2_original, (12, 12), "HF", "DINOv2's +0.1 offset", marks=pytest.mark.slow
+        ),
+        # the reverse: the candidate has the offset, the reference resamples to the size
+        pytest.param(
+            None,
+            (12, 12),
+            "dinov2",
+            "without the original DINOv2's +0.1 offset",
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
+def test_doctor_names_how_the_reference_resamples(monkeypatch, plant, image_size, candidate, named):
+    from weight_transfer.core import resample
+
+    method = getattr(resample, candidate, None) or resample.Resampling(candidate, True)
+    reference, port = dynamic_pair(method)
+    if candidate == "dinov2" or plant is dinov2_original:  # square grids for DINOv2's code
+        reference, port = square_dynamic_pair(method)
+    if plant is not None:
+        import timm.models.vision_transformer as vt
+
+        monkeypatch.setattr(vt, "resample_abs_pos_embed", plant)
+    images = random_images(port.config.replace(image_size=image_size), 2, seed=24)
+    d = diagnose(reference, port, images)
+    # then float32's resolution, named: timm resamples in float32 (`posemb.float()`), and our
+    # weights are torch's float32 ones (the file's dtype) where the plants run in float64
+    assert [f.id for f in d.findings] == ["resampling_method", "float32_island"], d.as_dict()
+    assert named in d.findings[0].detail, d.as_dict()
+    assert d.first_divergence == "tokens"
+
+
+def square_dynamic_pair(resampling):
+    model = timm_model(img_size=(8, 8), seed=25, dynamic_img_size=True)
+    port = port_of_timm(model, image_size=(8, 8))
+    port.set_dynamic_image_size(True, resampling)
+    return model, port
+
+
+@pytest.mark.slow
+def test_the_same_method_at_another_size_has_no_finding():
+    from weight_transfer.core.resample import TIMM
+
+    reference, port = dynamic_pair(TIMM)
+    images = random_images(port.config.replace(image_size=(16, 20)), 2, seed=24)
+    d = diagnose(reference, port, images)  # timm resamples in float32: nothing else differs
+    assert [f.id for f in d.findings] == ["float32_island"], d.as_dict()

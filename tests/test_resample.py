@@ -77,12 +77,12 @@ def test_weights_are_torchs_own(n_in, n_out):
 
     eye = torch.eye(n_in)[:, None, None, :]  # (n_in, 1, 1, n_in): one one-hot row per input
     for mode, atol in (("bilinear", 0.0), ("bicubic", 2.4e-7)):
-        probed = torch.nn.functional.interpolate(
-            eye, size=(1, n_out), mode=mode, align_corners=False
-        )[:, 0, 0, :].T.double()
-        np.testing.assert_allclose(
-            weights_1d(n_in, n_out, mode, False), probed.numpy(), rtol=0, atol=atol, err_msg=mode
-        )
+        for corners in (False, True):  # align_corners: the doctor's hypothesis, torch's maths
+            probed = torch.nn.functional.interpolate(
+                eye, size=(1, n_out), mode=mode, align_corners=corners
+            )[:, 0, 0, :].T.double()
+            ours = weights_1d(n_in, n_out, mode, False, align_corners=corners)
+            np.testing.assert_allclose(ours, probed.numpy(), rtol=0, atol=atol, err_msg=mode)
 
 
 @pytest.mark.parametrize(
@@ -119,3 +119,21 @@ def test_matches_hf_and_original_dinov2(backend, old, new, variant):
     if variant == "dinov2":  # a different function from HF's: why the variant is selectable
         hf = resample_pos_embed(pos, old, new, num_prefix_tokens=1, interpolation="bicubic")[1:]
         assert np.abs(hf - got).max() > 1e-3
+
+
+@pytest.mark.parametrize("a", [-0.5, -0.75])
+def test_bicubic_a_is_the_keys_kernel(a):
+    """`cubic_a` (the doctor's hypothesis of a port's own bicubic) is Keys' kernel with that a,
+    written out here piecewise: interior rows of an exact 2x upsampling sample t = 0.25, 0.75."""
+    from vit_config.resample import weights_1d
+
+    def keys(x):
+        x = abs(x)
+        if x <= 1:
+            return (a + 2) * x**3 - (a + 3) * x**2 + 1
+        return a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a if x < 2 else 0.0
+
+    m = weights_1d(6, 12, "bicubic", False, cubic_a=a)
+    for row, t in ((5, 0.25), (6, 0.75)):  # source 0.5 * (i + 0.5) - 0.5 = 2.25, 2.75
+        taps = [keys(t + 1), keys(t), keys(1 - t), keys(2 - t)]
+        np.testing.assert_allclose(m[row, 1:5], taps, rtol=0, atol=1e-7)

@@ -59,8 +59,19 @@ def _cubic_taps32(t: np.float32, a: np.float32 = f32(-0.75)) -> list[np.float32]
     return [far(t + f32(1)), near(t), near(rest), far(rest + f32(1))]
 
 
-def weights_1d(n_in: int, n_out: int, interpolation: str, antialias: bool) -> np.ndarray:
-    """(n_out, n_in) float64 matrix M with out = M @ in along one axis."""
+def weights_1d(
+    n_in: int,
+    n_out: int,
+    interpolation: str,
+    antialias: bool,
+    *,
+    align_corners: bool = False,
+    cubic_a: float | None = None,
+) -> np.ndarray:
+    """(n_out, n_in) float64 matrix M with out = M @ in along one axis.
+
+    `align_corners` and `cubic_a` (bicubic's a: torch's -0.75, or -0.5 antialiased) are how
+    other code resamples (the doctor's hypotheses); no library's loader changes them."""
     if interpolation not in INTERPOLATIONS:
         raise ArgumentError(f"interpolation {interpolation!r}: expected one of {INTERPOLATIONS}")
     if interpolation == "big_vision":
@@ -77,11 +88,15 @@ def weights_1d(n_in: int, n_out: int, interpolation: str, antialias: bool) -> np
             lo = max(int(center - support + 0.5), 0)
             hi = min(int(center + support + 0.5), n_in)
             x = (np.arange(lo, hi) - center + 0.5) / stretch
-            w = _cubic(x, -0.5) if interpolation == "bicubic" else _triangle(x)
+            a = -0.5 if cubic_a is None else cubic_a
+            w = _cubic(x, a) if interpolation == "bicubic" else _triangle(x)
             m[i, lo:hi] = w / w.sum()
         return m
+    if align_corners:  # corner samples on the corners: source i * (n_in - 1) / (n_out - 1)
+        scale = f32(n_in - 1) / f32(n_out - 1) if n_out > 1 else f32(0)
     for i in range(n_out):
-        src: np.float32 = _fma32(scale, i + 0.5, -0.5)  # area_pixel_compute_source_index
+        # area_pixel_compute_source_index
+        src: np.float32 = f32(scale * f32(i)) if align_corners else _fma32(scale, i + 0.5, -0.5)
         if interpolation == "bilinear":
             src = max(src, f32(0.0))
             i0 = min(math.floor(src), n_in - 1)
@@ -91,7 +106,7 @@ def weights_1d(n_in: int, n_out: int, interpolation: str, antialias: bool) -> np
             m[i, i1] += t
         else:
             i0 = math.floor(src)
-            taps = _cubic_taps32(src - f32(i0))
+            taps = _cubic_taps32(src - f32(i0), f32(-0.75 if cubic_a is None else cubic_a))
             for j, tap in zip(range(i0 - 1, i0 + 3), taps, strict=True):
                 m[i, min(max(j, 0), n_in - 1)] += tap  # border replicate
     return m
@@ -113,16 +128,21 @@ def _zoom_linear(n_in: int, n_out: int) -> np.ndarray:
 
 
 def resample_grid(
-    grid, new_hw: tuple[int, int], interpolation: str = "bicubic", antialias: bool = False
+    grid,
+    new_hw: tuple[int, int],
+    interpolation: str = "bicubic",
+    antialias: bool = False,
+    **variant,
 ):
-    """(H, W, D) -> (H', W', D) for a NumPy, JAX or torch array, in the input's dtype.
+    """(H, W, D) -> (H', W', D) for a NumPy, JAX or torch array, in the input's dtype
+    (`variant`: `weights_1d`'s align_corners and cubic_a).
 
     Computed in float64 (JAX: float64 under x64, else float32 at highest precision), so the
     result is the exact interpolation rounded once.
     """
     h, w = grid.shape[0], grid.shape[1]
-    mh = weights_1d(h, new_hw[0], interpolation, antialias)
-    mw = weights_1d(w, new_hw[1], interpolation, antialias)
+    mh = weights_1d(h, new_hw[0], interpolation, antialias, **variant)
+    mw = weights_1d(w, new_hw[1], interpolation, antialias, **variant)
     if type(grid).__module__.startswith("torch"):
         import torch
 
@@ -153,11 +173,12 @@ def resample_pos_embed(
     num_prefix_tokens: int = 0,
     interpolation: str = "bicubic",
     antialias: bool = False,
+    **variant,
 ):
     """(prefix + Hp * Wp, D) -> (prefix + Hp' * Wp', D); the [CLS] row is kept as is."""
     prefix, rows = pos[:num_prefix_tokens], pos[num_prefix_tokens:]
     d = rows.shape[-1]
-    grid = resample_grid(rows.reshape(*old_grid, d), new_grid, interpolation, antialias)
+    grid = resample_grid(rows.reshape(*old_grid, d), new_grid, interpolation, antialias, **variant)
     flat = grid.reshape(new_grid[0] * new_grid[1], d)
     if type(pos).__module__.startswith("torch"):
         import torch
@@ -168,7 +189,12 @@ def resample_pos_embed(
 
 
 def positions_for_grid(
-    table, config, grid: tuple[int, int], interpolation: str = "bicubic", antialias: bool = False
+    table,
+    config,
+    grid: tuple[int, int],
+    interpolation: str = "bicubic",
+    antialias: bool = False,
+    **variant,
 ):
     """`config`'s position table (NumPy, JAX or torch) for a (Hp, Wp) patch grid: as stored at
     the config's own grid; at another, resampled with the prefix rows kept (what both models
@@ -182,4 +208,5 @@ def positions_for_grid(
         num_prefix_tokens=config.num_positioned_prefix,
         interpolation=interpolation,
         antialias=antialias,
+        **variant,
     )

@@ -67,7 +67,8 @@ def _hooked_side(name: str, model, points: Callable) -> Side:
     """A third-party torch model whose intermediates are captured by forward hooks.
 
     `points(model)` lists (module, our name, how): how is "out" (the module's output, first
-    element if a tuple) or "in" (its first input, for the head's pooled features).
+    element if a tuple), "tokens" (the output as (B, N, D) tokens, from (B, Hp, Wp, D) too) or
+    "in" (its first input, for the head's pooled features).
     """
     import torch
 
@@ -82,6 +83,8 @@ def _hooked_side(name: str, model, points: Callable) -> Side:
 
             def hook(mod, args, out, key=key, how=how):
                 value = args[0] if how == "in" else (out[0] if isinstance(out, tuple) else out)
+                if how == "tokens" and value.ndim == 4:
+                    value = value.flatten(1, 2)  # (B, Hp, Wp, D) -> (B, N, D)
                 seen[key] = as_float64(value)
 
             handles.append(module.register_forward_hook(hook))

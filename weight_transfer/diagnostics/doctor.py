@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vit_config import ViTConfig, arch
+from vit_config.resample import weights_1d
 from weight_transfer.diagnostics.numpy_ref import Knobs, forward, trace
 
 # float64 on both sides: the same function agrees to ~1e-14 relative; a fault shows as far more.
@@ -33,6 +34,9 @@ class Candidate:
     params: dict  # flat NNX layout, float64
     knobs: Knobs = Knobs()
     focus: int | None = None  # the block of the first divergence: corrections confined to it
+    # a dynamic-size model's method (`interpolation`, `antialias`), and the images' patch grid
+    resampling: object | None = None
+    grid: tuple[int, int] | None = None
 
     def blocks(self) -> list[tuple[str, list[int]]]:
         """Where a per-block correction is tried: every block, and the focus block alone (a
@@ -407,6 +411,78 @@ def posembed_grid_order(c: Candidate) -> Iterator[Variant]:
         )
 
 
+# How a reference may resample positions, as knobs, with whose code does it that way.
+RESAMPLING_VARIANTS: tuple[tuple[dict, str], ...] = (
+    ({"antialias": True}, "with antialias on (timm's resample_abs_pos_embed, open_clip)"),
+    ({"antialias": False}, "with antialias off (transformers' interpolate_pos_encoding)"),
+    ({"cubic_a": -0.5}, "bicubic with a = -0.5 (the Keys kernel of PIL and TensorFlow)"),
+    ({"cubic_a": -0.75}, "bicubic with a = -0.75 (torch's plain bicubic)"),
+    (
+        {"align_corners": True, "antialias": False},
+        "with align_corners=True and no antialias (corner samples on the corners)",
+    ),
+    (
+        {"interpolation": "dinov2", "antialias": False},
+        "with the original DINOv2's +0.1 offset (scale_factor=(n + 0.1) / n)",
+    ),
+    (
+        {"interpolation": "bicubic"},
+        "to the exact size, without the original DINOv2's +0.1 offset",
+    ),
+    ({"interpolation": "bilinear"}, "bilinear, not bicubic"),
+    ({"interpolation": "big_vision"}, "as big_vision does (scipy.ndimage.zoom, order 1)"),
+)
+
+
+def resampling_method(c: Candidate) -> Iterator[Variant]:
+    """At another grid than the stored table's (a dynamic-size candidate), the reference may
+    resample the table otherwise. Variants with the same weights (up to float32 rounding) as
+    the candidate's are skipped; variants equal to each other are named together."""
+    if c.grid is None or c.grid == c.config.grid or "pos_embed" not in c.params:
+        return
+
+    def weights(knobs: Knobs) -> list[np.ndarray] | None:
+        method = knobs.resampling(c.resampling)
+        if method["align_corners"] and method["antialias"]:
+            return None  # torch has no antialiased align_corners
+        return [
+            weights_1d(n_in, n_out, **method)
+            for n_in, n_out in zip(c.config.grid, c.grid, strict=True)
+        ]
+
+    def same(a, b) -> bool:
+        return all(np.max(np.abs(x - y)) < 1e-6 for x, y in zip(a, b, strict=True))
+
+    current = weights(c.knobs)
+    found: list[tuple[list[np.ndarray], list[str], Knobs]] = []
+    for change, how in RESAMPLING_VARIANTS:
+        knobs = dataclasses.replace(c.knobs, **change)
+        w = weights(knobs)
+        if w is None or same(w, current):
+            continue
+        twin = next((f for f in found if same(f[0], w)), None)
+        if twin:
+            twin[1].append(how)
+        else:
+            found.append((w, [how], knobs))
+    for _, hows, knobs in found:
+        detail = "; the same weights as ".join(hows)
+        yield (
+            f"the reference resamples the positions to the {c.grid[0]}x{c.grid[1]} grid "
+            f"{detail}, where the candidate uses {_method(c.knobs.resampling(c.resampling))}",
+            dataclasses.replace(c, knobs=knobs),
+        )
+
+
+def _method(m: dict) -> str:
+    parts = [m["interpolation"], "antialiased" if m["antialias"] else "no antialias"]
+    if m["align_corners"]:
+        parts.append("align_corners")
+    if m["cubic_a"] is not None:
+        parts.append(f"a = {m['cubic_a']}")
+    return ", ".join(parts)
+
+
 HYPOTHESES: dict[str, Callable[[Candidate], Iterator[Variant]]] = {
     f.__name__: f
     for f in (
@@ -424,6 +500,7 @@ HYPOTHESES: dict[str, Callable[[Candidate], Iterator[Variant]]] = {
         final_norm_position,
         posembed_cls_slot,
         posembed_grid_order,
+        resampling_method,
         norm_pre_presence,
         registers,
         layer_scale_count,
@@ -454,6 +531,7 @@ def candidate_of(model) -> Candidate:
             else v.astype(np.float64)
             for k, v in flat.items()
         },
+        resampling=model if model.dynamic_image_size else None,
     )
 
 
@@ -470,7 +548,7 @@ def _score(
         return base.score  # the base already diverges before anything this changes
     resume = (start, base.inputs[start]) if start is not None else None
     try:
-        for name, b in trace(cand.params, images, cand.config, cand.knobs, resume):
+        for name, b in trace(cand.params, images, cand.config, cand.knobs, resume, cand.resampling):
             if name not in ref or name not in position:
                 continue
             a = ref[name]
@@ -501,7 +579,9 @@ class Base:
         inputs, last = {}, None
         stop = order[score[0]] if 0 <= score[0] < len(order) else None
         try:
-            for name, x in trace(cand.params, images, cand.config, cand.knobs):
+            for name, x in trace(
+                cand.params, images, cand.config, cand.knobs, resampling=cand.resampling
+            ):
                 if name.endswith(".attn") and (block := BLOCK.match(name)):
                     inputs[int(block[1])] = last
                 if not name.endswith((".attn", ".mlp")):
@@ -559,9 +639,10 @@ def diagnose(
         # the candidate's own logits, in its own dtype (no float64 copy of it: memory on large
         # models); any structural difference is orders of magnitude above float32's rounding
         own = logits_of(candidate, images, jit=False) if check else None
-    cand = dataclasses.replace(candidate_of(candidate), knobs=candidate_knobs)
+    grid = tuple(n // candidate.config.patch_size for n in images.shape[1:3])
+    cand = dataclasses.replace(candidate_of(candidate), knobs=candidate_knobs, grid=grid)
     if check:
-        replay = forward(cand.params, images, cand.config)["logits"]
+        replay = forward(cand.params, images, cand.config, resampling=cand.resampling)["logits"]
         if np.max(np.abs(own - replay)) > REPLAY_CHECK * max(1.0, np.max(np.abs(own))):
             raise RuntimeError("the NumPy replay of the candidate disagrees with the candidate")
     score = _score(ref, cand, images, order)
@@ -587,7 +668,10 @@ def diagnose(
     diagnosis.remaining = None if diagnosis.fixed else order[score[0]]
     if not diagnosis.fixed and score[0] >= 0:
         diagnosis.findings += signatures(
-            ref, forward(cand.params, images, cand.config, cand.knobs), order, order[score[0]]
+            ref,
+            forward(cand.params, images, cand.config, cand.knobs, cand.resampling),
+            order,
+            order[score[0]],
         )
     return diagnosis
 

@@ -47,6 +47,26 @@ class Knobs:
     layer_scale_power: int = 1
     # the register tokens are left out of the sequence
     drop_registers: bool = False
+    # resampling the table to another grid (a dynamic image size): None keeps the model's
+    # interpolation and antialias; align_corners and bicubic's a as `weights_1d` takes them
+    interpolation: str | None = None
+    antialias: bool | None = None
+    align_corners: bool = False
+    cubic_a: float | None = None
+
+    def resampling(self, resampling=None) -> dict:
+        """`positions_for_grid`'s method keywords: the model's `resampling` (anything with
+        `interpolation` and `antialias`; default bicubic), with these knobs on top."""
+        interpolation = self.interpolation or getattr(resampling, "interpolation", "bicubic")
+        antialias = self.antialias
+        if antialias is None:
+            antialias = getattr(resampling, "antialias", False)
+        return {
+            "interpolation": interpolation,
+            "antialias": antialias,
+            "align_corners": self.align_corners,
+            "cubic_a": self.cubic_a,
+        }
 
 
 def as64(kernel: np.ndarray) -> np.ndarray:
@@ -104,8 +124,7 @@ class Reference:
 
     def __init__(self, p: dict, config, knobs: Knobs, resampling=None):
         self.p, self.c, self.knobs = p, config, knobs
-        self.interpolation = getattr(resampling, "interpolation", "bicubic")
-        self.antialias = getattr(resampling, "antialias", False)
+        self.method = knobs.resampling(resampling)
 
     def gain(self, name: str):
         """A LayerScale gain (1 without LayerScale), to the power `knobs.layer_scale_power`."""
@@ -150,7 +169,7 @@ class Reference:
     def position_table(self, grid: tuple[int, int]):
         """The positions for a (Hp, Wp) grid: as stored, or resampled (in float64)."""
         table = self.p["pos_embed"]
-        return positions_for_grid(table, self.c, grid, self.interpolation, self.antialias)
+        return positions_for_grid(table, self.c, grid, **self.method)
 
     def embed(self, x, grid: tuple[int, int]):
         """Patch tokens -> [cls, dist, registers, patches] with positions where configured."""

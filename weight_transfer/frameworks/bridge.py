@@ -25,6 +25,7 @@ from weight_transfer.core.transforms import STACK
 from weight_transfer.formats.memory import to_contiguous
 from weight_transfer.frameworks.torch_bridge import (  # noqa: F401  (re-exported: weight_transfer.X)
     numpy_to_torch,
+    same_image_sizes,
     torch_flat,
     torch_from_state_dict,
     torch_to_numpy,
@@ -224,10 +225,11 @@ def nnx_astype(model: jax_impl.ViT, dtype, *, in_place: bool = False) -> jax_imp
     graphdef, _ = _abstract_nnx(model.config, jnp.dtype(dtype), model.scan_layers)
     state = nnx.state(model, nnx.Param)
     if not in_place:
-        return nnx.merge(graphdef, jax.tree.map(lambda a: jnp.asarray(a, dtype), state))
+        cast = nnx.merge(graphdef, jax.tree.map(lambda a: jnp.asarray(a, dtype), state))
+        return same_image_sizes(cast, model)
     for _, var in nnx.to_flat_state(state):
         var.set_value(jnp.asarray(var.get_value(), dtype))
-    return nnx.merge(graphdef, state)
+    return same_image_sizes(nnx.merge(graphdef, state), model)
 
 
 # ---- the model-level API ------------------------------------------------------------------------
@@ -248,12 +250,6 @@ def to_nnx(torch_model: torch_impl.ViT, *, scan_layers: bool = False) -> jax_imp
     if scan_layers and config.num_layers:
         flat = stack_layers(flat, config)
     return same_image_sizes(nnx_from_flat(flat, config, scan_layers=scan_layers), torch_model)
-
-
-def same_image_sizes(model, like):
-    """`model`, taking the image sizes `like` takes (dynamic or not, and resampled alike)."""
-    model.set_dynamic_image_size(like.dynamic_image_size, like)
-    return model
 
 
 # ---- images --------------------------------------------------------------------------------------

@@ -53,6 +53,14 @@ def torch_from_state_dict(
 def torch_astype(model: torch_impl.ViT, dtype: torch.dtype) -> torch_impl.ViT:
     """A copy of `model` in `dtype`, built on the meta device and filled one cast tensor at a
     time (no float32 copy of the whole model on the way, as `deepcopy(model).double()` makes)."""
-    return torch_from_state_dict(
+    out = torch_from_state_dict(
         {k: v.detach().to(dtype) for k, v in model.state_dict().items()}, model.config
     )
+    return same_image_sizes(out, model)
+
+
+def same_image_sizes(model, like):
+    """`model` (either framework's), taking the image sizes `like` takes (dynamic or not, and
+    resampled alike)."""
+    model.set_dynamic_image_size(like.dynamic_image_size, like)
+    return model

@@ -354,8 +354,9 @@ def timm_hub_config(config: ViTConfig) -> dict[str, Any]:
 
 def hook_points(m) -> list[tuple[Any, str, str]]:
     """Where the layer diff reads a timm `VisionTransformer`: (module, our intermediate's name,
-    "out" for its output or "in" for its first input)."""
-    points = [(m.patch_embed, "patch_embed", "out"), (m.pos_drop, "tokens", "out")]
+    "out" for its output, "tokens" for its output as (B, N, D) (a dynamic size's patch embedding
+    is (B, Hp, Wp, D)), or "in" for its first input)."""
+    points = [(m.patch_embed, "patch_embed", "tokens"), (m.pos_drop, "tokens", "out")]
     for i, b in enumerate(m.blocks):
         points += [
             (b.ls1, f"blocks.{i}.attn", "out"),
