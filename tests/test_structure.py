@@ -180,7 +180,16 @@ def test_a_bug_is_not_bad_input(monkeypatch, capsys):
 
 
 FRAMEWORK_FREE = ("core", "formats", "layouts", "porting")  # and the CLI, until it loads a model
-LAYERS = ("core", "formats", "layouts", "porting", "frameworks", "diagnostics", "cli")
+LAYERS = (
+    "core",
+    "formats",
+    "layouts",
+    "porting",
+    "frameworks",
+    "diagnostics",
+    "testing",
+    "cli",
+)
 
 
 def package_modules(package: str) -> list[str]:

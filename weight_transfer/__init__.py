@@ -11,6 +11,8 @@ Packages, each importing only those before it (`docs/internals.md` has the map):
                  runners, random weights
     diagnostics  parity, the layer diff, the doctor, training, the NumPy      JAX, torch
                  reference
+    testing      anyone's port checked: compare_models, assert_equivalent,    JAX, torch
+                 compare_grads, the pytest plugin
     cli          the command line
 
 Names are imported on first use, so `vit-parity --help` does not pay for JAX and PyTorch. Every
