@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import warnings
 from dataclasses import asdict
@@ -286,6 +287,115 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def _is_factory(text: str) -> bool:
+    """MODULE:FACTORY (or timm:ARCH), and no file or folder of that name."""
+    import os
+
+    return bool(FACTORY.match(text)) and not os.path.exists(text)
+
+
+def _from_factory(text: str, reference=None, seed: int = 0):
+    """The model `MODULE:FACTORY` returns (given `reference` when it takes an argument), or
+    `timm:ARCH`: `timm.create_model(ARCH)` with seeded random weights (nothing downloaded)."""
+    import importlib
+    import inspect
+
+    module_name, _, attr = text.partition(":")
+    if module_name == "timm":
+        try:
+            import timm
+            import torch
+        except ImportError:
+            raise UsageError(f"{text}: timm is not installed") from None
+        if attr not in timm.list_models():
+            raise UsageError(f"{text}: timm has no architecture {attr!r}")
+        torch.manual_seed(seed)
+        return timm.create_model(attr, pretrained=False).eval()
+    try:
+        factory = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UsageError(f"{text}: cannot import {module_name!r} ({e})") from None
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise UsageError(f"{text}: {module_name} has no {attr!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise UsageError(f"{text}: {attr} is not callable")
+    try:
+        takes_reference = bool(inspect.signature(factory).parameters) and reference is not None
+    except (TypeError, ValueError):
+        takes_reference = False
+    return factory(reference) if takes_reference else factory()
+
+
+def _model_image_size(model) -> tuple[int, int] | None:
+    """The image size a torch or flax model declares (timm's patch_embed, an HF config, ours)."""
+    config = getattr(model, "config", None)
+    for holder, attr in (
+        (getattr(model, "patch_embed", None), "img_size"),
+        (config, "image_hw"),
+        (config, "image_size"),
+    ):
+        size = getattr(holder, attr, None)
+        if isinstance(size, int):
+            return size, size
+        if isinstance(size, (tuple, list)) and len(size) == 2:
+            return int(size[0]), int(size[1])
+    return None
+
+
+def _load_any_pair(args: argparse.Namespace):
+    """REF and CAND when either is a MODULE:FACTORY: each a model (a checkpoint loaded into the
+    framework asked for), and images of --image-size or the reference's declared size."""
+    import numpy as np
+
+    from weight_transfer.porting import load_checkpoint
+
+    options = port_options(args)
+    _check_batch(args.batch)
+
+    def load(text, framework, reference=None):
+        if _is_factory(text):
+            return _from_factory(text, reference, args.seed)
+        return load_checkpoint(text, framework, options)
+
+    ref = load(args.reference, args.ref_framework)
+    cand = load(args.candidate, args.cand_framework, ref)
+    size = _image_size(args.image_size) or _model_image_size(ref) or _model_image_size(cand)
+    if size is None:
+        raise UsageError("neither model declares its image size: give --image-size N or HxW")
+    h, w = (size, size) if isinstance(size, int) else size
+    rng = np.random.default_rng(args.seed + 10_000)
+    images = rng.standard_normal((args.batch, h, w, 3)).astype(np.float32)
+    return ref, cand, images
+
+
+def _compare_any(args: argparse.Namespace) -> int:
+    """diff and doctor on a pair this project did not write: `weight_transfer.testing`."""
+    from weight_transfer.testing import compare_models
+
+    if getattr(args, "plot", None):
+        raise UsageError("--plot draws our named layers; with MODULE:FACTORY models use --json")
+    ref, cand, images = _load_any_pair(args)
+    try:
+        report = compare_models(ref, cand, images)
+    except TypeError as e:  # a factory returned something that is not a model
+        raise UsageError(str(e)) from None
+    if args.json:
+        _print_json(report.as_dict(), precision=True)
+    else:
+        print(
+            f"layer diff: {report.reference} ({args.reference}) vs {report.candidate} "
+            f"({args.candidate}); modules paired from the weights' values"
+        )
+        print(report.table())
+        print(report.explain())
+    return 0 if report.ok else 1
+
+
 def _load_pair(args: argparse.Namespace, reference=None):
     """REF and CAND checkpoints, each into the framework asked for, and the images to use.
     With `reference`, REF is replaced by `reference(REF, images)` before CAND is loaded (the
@@ -320,6 +430,8 @@ def _load_pair(args: argparse.Namespace, reference=None):
 
 def cmd_diff(args: argparse.Namespace) -> int:
     _check_plot_target(args)  # before the frameworks are imported
+    if _is_factory(args.reference) or _is_factory(args.candidate):
+        return _compare_any(args)
     from weight_transfer.diagnostics.parity import compare
 
     ref, cand, images = _load_pair(args)
@@ -424,6 +536,8 @@ def plot_report(report, path: str) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    if _is_factory(args.reference) or _is_factory(args.candidate):
+        return _compare_any(args)  # anyone's pair: the first divergence and the weights named
     from weight_transfer.diagnostics.adapters import recorded
     from weight_transfer.diagnostics.doctor import diagnose
 
@@ -499,8 +613,22 @@ def cmd_train_parity(args: argparse.Namespace) -> int:
 
 
 def _add_pair_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("reference", help="checkpoint of the reference model")
-    p.add_argument("candidate", help="checkpoint of the candidate model")
+    p.add_argument(
+        "reference",
+        help="checkpoint of the reference model, or MODULE:FACTORY (a Python function "
+        "returning a torch, NNX or (Linen module, variables) model), or timm:ARCH",
+    )
+    p.add_argument(
+        "candidate",
+        help="checkpoint of the candidate model, or MODULE:FACTORY (called with the reference "
+        "model when it takes an argument)",
+    )
+    p.add_argument(
+        "--image-size",
+        default=None,
+        help="images of N or HxW (checkpoints are resampled to it); default: the reference's "
+        "own size",
+    )
     p.add_argument(
         "--ref-framework",
         choices=["jax", "torch"],
@@ -666,7 +794,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="layer-by-layer gaps between two models",
         description="Run the same images through REF and CAND; for every named "
         "intermediate print the float32 gap, the noise floor (each side against "
-        "its own float64 run) and the float64 gap; exit 1 if a layer diverges.",
+        "its own float64 run) and the float64 gap; exit 1 if a layer diverges. "
+        "Either side may be MODULE:FACTORY (any torch, NNX or Linen model, e.g. your own "
+        "port): modules are then paired from the weights' values.",
     )
     _add_pair_options(p)
     p.add_argument("--plot", metavar="FILE.png", help="draw error against depth")
@@ -679,7 +809,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Find the first divergent layer, then try known corrections "
         "(transposed kernels, epsilon, GELU variant, qkv order, head split, "
         "pooling...) on the candidate one at a time; report those that close "
-        "the gap. Exit 1 if the models disagree.",
+        "the gap. Exit 1 if the models disagree. With MODULE:FACTORY models (your own "
+        "port), name the first divergent pair of modules and the weights copied wrong.",
     )
     _add_pair_options(p)
     p.set_defaults(run=cmd_doctor)
