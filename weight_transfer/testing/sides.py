@@ -41,8 +41,7 @@ class ModelSide:
     name: str
     framework: str  # "torch" or "jax"
     input_layout: str  # what its forward takes: "NCHW" (torch) or "NHWC" (JAX), or stated
-    params: dict[str, np.ndarray]  # path -> float64 values, as the model holds them
-    kinds: dict[str, str]  # owner path -> the module's class name ("Linear", "Conv"...)
+    params: dict[str, np.ndarray]  # path -> values as the model holds them (no copy for torch)
     run: Callable[[np.ndarray, bool], Run]  # (NHWC images, float64) -> Run
     grads: Callable[[np.ndarray, bool, Callable | None], dict[str, np.ndarray]]
 
@@ -61,6 +60,15 @@ def first_array(out):
             if found is not None:
                 return found
     return None
+
+
+def _host(x) -> np.ndarray:
+    """A parameter as a NumPy array in its own dtype (torch's without a copy; bfloat16 as
+    float32)."""
+    if type(x).__module__.startswith("torch"):
+        x = x.detach().cpu()
+        return (x.float() if str(x.dtype) == "torch.bfloat16" else x).numpy()
+    return np.asarray(x)
 
 
 def _record(seen: dict, calls: dict, path: str, value) -> None:
@@ -93,8 +101,7 @@ def torch_side(model, input_layout: str = "NCHW") -> ModelSide:
 
     model = model.eval()
     name = f"torch {type(model).__module__}.{type(model).__name__}"
-    params = {k: as_float64(v) for k, v in model.named_parameters()}
-    kinds = {k: type(m).__name__ for k, m in model.named_modules()}
+    params = {k: _host(v) for k, v in model.named_parameters()}
 
     def cast(float64: bool):
         return copy.deepcopy(model).double() if float64 else model
@@ -135,7 +142,7 @@ def torch_side(model, input_layout: str = "NCHW") -> ModelSide:
         out["images"] = as_float64(x.grad)
         return out
 
-    return ModelSide(name, "torch", input_layout, params, kinds, run, grads)
+    return ModelSide(name, "torch", input_layout, params, run, grads)
 
 
 # ---- JAX: NNX and Linen -------------------------------------------------------------------------
@@ -207,25 +214,18 @@ def nnx_side(model, input_layout: str = "NHWC") -> ModelSide:
     name = f"nnx {type(model).__module__}.{type(model).__name__}"
     graphdef, state = nnx.split(model)
     params = {
-        _dotted(p): as_float64(v.get_value())
-        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+        _dotted(p): _host(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
     }
-    kinds = {_dotted(p): type(m).__name__ for p, m in nnx.iter_graph(model) if _is_module(m)}
 
     def run(images, float64):
-        def forward(state, x):
-            m = nnx.merge(graphdef, state)
-            if float64:
-                _compute_in_float64(m)
-            instances = {
-                id(sub): (_dotted(p), sub) for p, sub in nnx.iter_graph(m) if p and _is_module(sub)
-            }
-            seen: dict = {}
-            with _recording_calls(instances, seen):
-                out = first_array(m(x))
-            return out, seen
-
-        return _jax_run(name, forward, state, images, input_layout, float64)
+        return _jax_run(
+            name,
+            functools.partial(_nnx_jit(), graphdef, float64),
+            state,
+            images,
+            input_layout,
+            float64,
+        )
 
     def grads(images, float64, loss):
         with _x64(float64):
@@ -240,16 +240,66 @@ def nnx_side(model, input_layout: str = "NHWC") -> ModelSide:
             flatten = lambda g: {_dotted(p): v.get_value() for p, v in nnx.to_flat_state(g)}
             return _jax_grads(objective, params_state, images, input_layout, float64, flatten)
 
-    return ModelSide(name, "jax", input_layout, params, kinds, run, grads)
+    return ModelSide(name, "jax", input_layout, params, run, grads)
+
+
+@functools.cache
+def _nnx_jit():
+    """`_nnx_forward` under `jax.jit`, the graph static: one compile per model structure and
+    dtype, kept across comparisons."""
+    import jax
+
+    return jax.jit(_nnx_forward, static_argnums=(0, 1))
+
+
+def _nnx_forward(graphdef, float64: bool, state, x):
+    """The NNX model's output and every submodule's, recorded while it is traced."""
+    from flax import nnx
+
+    m = nnx.merge(graphdef, state)
+    if float64:
+        _compute_in_float64(m)
+    instances = {
+        id(sub): (_dotted(p), sub) for p, sub in nnx.iter_graph(m) if p and _is_module(sub)
+    }
+    seen: dict = {}
+    with _recording_calls(instances, seen):
+        out = first_array(m(x))
+    return out, seen
+
+
+@functools.cache
+def _linen_jit():
+    import jax
+
+    return jax.jit(_linen_forward, static_argnums=(0, 1))
+
+
+def _linen_forward(module, apply_kwargs: tuple, variables, x):
+    """The Linen model's output and every submodule's `__call__`, intercepted."""
+    import flax.linen as nn
+
+    seen: dict = {}
+    calls: dict = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        path = ".".join(context.module.path)
+        value = first_array(out)
+        if context.method_name == "__call__" and value is not None and path:
+            _record(seen, calls, path, value)
+        return out
+
+    with nn.intercept_methods(interceptor):
+        out = first_array(module.apply(variables, x, **dict(apply_kwargs)))
+    return out, seen
 
 
 def _jax_run(name: str, forward, tree, images, layout: str, float64: bool) -> Run:
-    """`forward(tree, images) -> (output, {path: output})` under `jax.jit`, with `tree` cast
-    to the run's dtype (float64 under x64)."""
-    import jax
-
+    """`forward(tree, images) -> (output, {path: output})` (jitted), with `tree` cast to the
+    run's dtype (float64 under x64)."""
     with _x64(float64):
-        out, seen = jax.jit(forward)(_cast_tree(tree, float64), _as(images, layout, float64))
+        out, seen = forward(_cast_tree(tree, float64), _as(images, layout, float64))
         _require_float64(name, out, float64)
         return Run(as_float64(out), {k: as_float64(v) for k, v in seen.items()})
 
@@ -306,37 +356,22 @@ def _as(images: np.ndarray, layout: str, float64: bool) -> np.ndarray:
 
 
 def linen_side(module, variables, apply_kwargs=None, input_layout: str = "NHWC") -> ModelSide:
-    import flax.linen as nn
     from flax.traverse_util import flatten_dict
 
     name = f"linen {type(module).__module__}.{type(module).__name__}"
     apply_kwargs = dict(apply_kwargs or {})
-    params = {".".join(k): as_float64(v) for k, v in flatten_dict(variables["params"]).items()}
-
-    def interceptor_for(seen: dict, calls: dict, kinds: dict):
-        def interceptor(next_fun, args, kwargs, context):
-            out = next_fun(*args, **kwargs)
-            if context.method_name != "__call__":
-                return out
-            path = ".".join(context.module.path)
-            kinds[path] = type(context.module).__name__
-            value = first_array(out)
-            if value is not None and path:
-                _record(seen, calls, path, value)
-            return out
-
-        return interceptor
-
-    kinds: dict[str, str] = {}  # filled by the first run (Linen modules exist only in apply)
+    params = {".".join(k): _host(v) for k, v in flatten_dict(variables["params"]).items()}
 
     def run(images, float64):
-        def forward(v, x):
-            seen: dict = {}
-            with nn.intercept_methods(interceptor_for(seen, {}, kinds)):
-                out = first_array(module.apply(v, x, **apply_kwargs))
-            return out, seen
+        static = (module, tuple(sorted(apply_kwargs.items())))
+        try:
+            hash(static)
+            jitted = functools.partial(_linen_jit(), *static)
+        except TypeError:  # an unhashable module or argument: traced for this run only
+            import jax
 
-        return _jax_run(name, forward, variables, images, input_layout, float64)
+            jitted = jax.jit(functools.partial(_linen_forward, *static))
+        return _jax_run(name, jitted, variables, images, input_layout, float64)
 
     def grads(images, float64, loss):
         with _x64(float64):
@@ -349,7 +384,7 @@ def linen_side(module, variables, apply_kwargs=None, input_layout: str = "NHWC")
             flatten = lambda g: {".".join(k): v for k, v in flatten_dict(g).items()}
             return _jax_grads(objective, cast["params"], images, input_layout, float64, flatten)
 
-    return ModelSide(name, "jax", input_layout, params, kinds, run, grads)
+    return ModelSide(name, "jax", input_layout, params, run, grads)
 
 
 def model_side(model, input_layout: str | None = None) -> ModelSide:
