@@ -12,11 +12,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from vit_config import ArgumentError, ViTConfig, arch, check_image_shape
 from vit_config.resample import positions_for_grid
+from vit_config.rope import rope_angles, rotate
 
 Tap = Callable[[str, jax.Array], jax.Array]
 
@@ -251,7 +253,8 @@ class ViT(nnx.Module):
             self.dist_token = nnx.Param(jnp.zeros((1, d), dtype))
         if c.reg_tokens:
             self.reg_tokens = nnx.Param(jnp.zeros((c.reg_tokens, d), dtype))
-        self.pos_embed = nnx.Param(jnp.zeros((c.num_positions, d), dtype))
+        if c.pos_embed:
+            self.pos_embed = nnx.Param(jnp.zeros((c.num_positions, d), dtype))
         if c.norm_pre:
             self.norm_pre = make_norm(c, d, dense)
         block = dict(dtype=dtype, fused_attention=fused_attention)
@@ -273,7 +276,7 @@ class ViT(nnx.Module):
 
     @property
     def dtype(self) -> jnp.dtype:
-        return self.pos_embed[...].dtype
+        return self.patch_embed.kernel[...].dtype
 
     def set_dynamic_image_size(self, on: bool = True, resampling=None) -> None:
         """Take any image size (`on`), resampling the positions by `resampling`'s method."""
@@ -301,6 +304,8 @@ class ViT(nnx.Module):
             )
             if on
         ]  # (B, n, D) each
+        if not c.pos_embed:  # positions only inside attention (RoPE)
+            return jnp.concatenate([*prefix, x], axis=1)
         pos = self.position_table(grid)
         if c.pos_embed_tokens == "all":
             return jnp.concatenate([*prefix, x], axis=1) + pos
@@ -312,9 +317,20 @@ class ViT(nnx.Module):
         )
 
     def attention_positions(self, grid: tuple[int, int]) -> AttentionPositions:
-        """What positions do inside every block's attention for a (Hp, Wp) patch grid: nothing
-        for a learned table (RoPE and relative biases compute theirs here)."""
-        return NO_POSITIONS
+        """What positions do inside every block's attention for a (Hp, Wp) patch grid: RoPE's
+        rotation of q and k (angles from the config in float64, rounded once to the model's
+        dtype; constants under jit), nothing for a learned table."""
+        c = self.config
+        if c.rope == "none":
+            return NO_POSITIONS
+        angles = rope_angles(c, grid)  # (Hp * Wp, hd / 2)
+        cos, sin = (jnp.asarray(f(angles), self.dtype) for f in (np.cos, np.sin))
+
+        def turn(q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+            prefix = c.num_prefix_tokens
+            return rotate(q, cos, sin, c.rope, prefix), rotate(k, cos, sin, c.rope, prefix)
+
+        return AttentionPositions(rotate=turn)
 
     def pool(self, x: jax.Array) -> jax.Array:
         """(B, T, D) -> (B, D) (or (B, 2D) for "cls_mean"); prefix tokens other than the class
@@ -335,7 +351,7 @@ class ViT(nnx.Module):
         axes made `Auto` inside (`jax.sharding.auto_axes`), the compiler choosing the
         activations' shardings as on an `Auto` mesh; the outputs come back split over the
         batch the way the images are (replicated for host images)."""
-        mesh = _explicit_mesh(self.pos_embed[...])
+        mesh = _explicit_mesh(self.patch_embed.kernel[...])
         if mesh is None:
             return self.forward(images, return_intermediates)
         batch_axis = _explicit_spec(images)[:1] if jnp.ndim(images) == 4 else ()

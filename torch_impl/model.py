@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vit_config import ViTConfig, check_image_shape
 from vit_config.resample import positions_for_grid
+from vit_config.rope import rope_angles, rotate
 
 Tap = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -184,7 +186,8 @@ class ViT(nn.Module):
             self.dist_token = nn.Parameter(torch.zeros(1, d))
         if c.reg_tokens:
             self.reg_tokens = nn.Parameter(torch.zeros(c.reg_tokens, d))
-        self.pos_embed = nn.Parameter(torch.zeros(c.num_positions, d))
+        if c.pos_embed:
+            self.pos_embed = nn.Parameter(torch.zeros(c.num_positions, d))
         if c.norm_pre:
             self.norm_pre = make_norm(c, d)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_layers))
@@ -201,7 +204,7 @@ class ViT(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.pos_embed.dtype
+        return self.patch_embed.weight.dtype
 
     def set_dynamic_image_size(self, on: bool = True, resampling=None) -> None:
         """Take any image size (`on`), resampling the positions by `resampling`'s method."""
@@ -220,7 +223,6 @@ class ViT(nn.Module):
         """(B, N, D) patch tokens of a (Hp, Wp) grid -> (B, T, D): prefix tokens [cls, dist,
         registers] joined and positions added to the tokens `pos_embed_tokens` says."""
         c, b = self.config, x.shape[0]
-        pos = self.position_table(grid)
         prefix = [
             getattr(self, name).expand(b, -1, -1)
             for name, on in (
@@ -230,6 +232,9 @@ class ViT(nn.Module):
             )
             if on
         ]  # (B, n, D) each
+        if not c.pos_embed:  # positions only inside attention (RoPE)
+            return torch.cat([*prefix, x], dim=1)
+        pos = self.position_table(grid)
         if c.pos_embed_tokens == "all":
             return torch.cat([*prefix, x], dim=1) + pos
         if c.pos_embed_tokens == "none":
@@ -238,9 +243,24 @@ class ViT(nn.Module):
         return torch.cat([cls_and_patches[:, :1], *prefix[1:], cls_and_patches[:, 1:]], dim=1)
 
     def attention_positions(self, grid: tuple[int, int]) -> AttentionPositions:
-        """What positions do inside every block's attention for a (Hp, Wp) patch grid: nothing
-        for a learned table (RoPE and relative biases compute theirs here)."""
-        return NO_POSITIONS
+        """What positions do inside every block's attention for a (Hp, Wp) patch grid: RoPE's
+        rotation of q and k (angles from the config in float64, rounded once to the model's
+        dtype), nothing for a learned table."""
+        c = self.config
+        if c.rope == "none":
+            return NO_POSITIONS
+        angles = rope_angles(c, grid)  # (Hp * Wp, hd / 2)
+        device = self.patch_embed.weight.device
+        cos, sin = (
+            torch.from_numpy(f(angles)).to(device=device, dtype=self.dtype)
+            for f in (np.cos, np.sin)
+        )
+
+        def turn(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            prefix = c.num_prefix_tokens
+            return rotate(q, cos, sin, c.rope, prefix), rotate(k, cos, sin, c.rope, prefix)
+
+        return AttentionPositions(rotate=turn)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, D) (or (B, 2D) for "cls_mean"); prefix tokens other than the class

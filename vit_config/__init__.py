@@ -42,6 +42,10 @@ CHOICES = {  # every field with a fixed set of values
     "final_norm": ("pre_pool", "post_pool", "none"),
     "norm": ("layernorm", "rmsnorm"),
     "mlp": ("mlp", "swiglu", "swiglu_packed"),
+    "rope": ("none", "interleaved", "half"),
+    "rope_axes": ("hw", "wh"),
+    "rope_freqs": ("theta", "periods"),
+    "rope_coords": ("separate", "min", "max"),
 }
 BOOLS = (
     "qkv_bias",
@@ -55,6 +59,7 @@ BOOLS = (
     "mlp_bias",
     "patch_bias",
     "head_bias",
+    "pos_embed",
 )
 
 
@@ -144,10 +149,31 @@ class ViTConfig:
     mlp_bias: bool = True
     patch_bias: bool = True
     head_bias: bool = True
+    # A learned absolute position table added to the tokens (False: RoPE alone, DINOv3).
+    pos_embed: bool = True
+    # 2-D rotary position embedding on the patch tokens' queries and keys (prefix tokens are
+    # never rotated), per head: "none"; "interleaved" rotates channel pairs (2m, 2m+1) (EVA-02,
+    # PE, RoPE-ViT, timm sbb); "half" rotates (j, j + head_dim/2) (DINOv3). Each of the
+    # head_dim/2 angles belongs to one axis: `rope_axes` "hw" puts the height's head_dim/4
+    # angles first (EVA-02, DINOv3: "ij"), "wh" the width's (PE, RoPE-ViT: "xy").
+    rope: str = "none"
+    rope_axes: str = "hw"
+    # "theta": angle_k = p * rope_theta ** (-k / (head_dim/4)) on integer patch positions
+    # p = i + rope_offset (PE: +1), rescaled by `rope_ref_grid` (EVA-02's ref_feat_shape:
+    # p * ref / grid); "periods": DINOv3's angle_k = 2 pi c / rope_theta ** (4k / head_dim) on
+    # centred coordinates c = 2 (i + 0.5) / n - 1, n per `rope_coords` ("separate": each
+    # axis its own length; "min"/"max": the shorter/longer side for both).
+    rope_freqs: str = "theta"
+    rope_theta: float = 10000.0
+    rope_offset: float = 0.0
+    rope_ref_grid: tuple[int, int] | None = None
+    rope_coords: str = "separate"
 
     def __post_init__(self):
         if isinstance(self.image_size, (list, tuple)):
             object.__setattr__(self, "image_size", tuple(self.image_size))
+        if isinstance(self.rope_ref_grid, list):
+            object.__setattr__(self, "rope_ref_grid", tuple(self.rope_ref_grid))
         if self.class_token is None:
             object.__setattr__(self, "class_token", self.pool in ("cls", "cls_mean"))
         if self.num_classes == 0:  # no head: whether it has a bias is moot, so it is the default
@@ -212,6 +238,24 @@ class ViTConfig:
             )
         if self.final_norm == "post_pool" and self.pool == "map":
             raise ConfigError("final_norm", self.final_norm, "MAP pooling has its own norm")
+        self._validate_rope()
+
+    def _validate_rope(self) -> None:
+        for name in ("rope_theta", "rope_offset"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(name, v, "expected a finite number")
+        if self.rope_theta <= 0:
+            raise ConfigError("rope_theta", self.rope_theta, "expected a positive number")
+        ref = self.rope_ref_grid
+        if ref is not None and not (
+            isinstance(ref, tuple) and len(ref) == 2 and all(_is_positive_int(s) for s in ref)
+        ):
+            raise ConfigError("rope_ref_grid", ref, "expected None or a (Hp, Wp) pair of ints")
+        if self.rope != "none" and self.head_dim % 4:
+            raise ConfigError(
+                "rope", self.rope, f"2-D RoPE needs head_dim divisible by 4, not {self.head_dim}"
+            )
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -268,8 +312,9 @@ class ViTConfig:
     # ---- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if isinstance(self.image_size, tuple):
-            d["image_size"] = list(self.image_size)
+        for name in ("image_size", "rope_ref_grid"):
+            if isinstance(d[name], tuple):
+                d[name] = list(d[name])
         return d
 
     @classmethod
@@ -316,6 +361,23 @@ _B = dict(d_model=768, num_heads=12, d_ff=3072, num_layers=12)  # ViT-B
 _CLIP = dict(_B, image_size=224, patch_size=16, norm_pre=True, patch_bias=False, ln_eps=1e-5)
 _SIGLIP = dict(image_size=224, num_classes=0, pool="map", activation="gelu")  # timm: exact GELU
 _DINOV2 = dict(image_size=518, patch_size=14, num_classes=0, layer_scale=True)
+# DINOv3 as timm registers it (avg pool, no head): RoPE alone, half-split pairs, periods
+# base 100 on centred coordinates; a class token and 4 registers, LayerScale, no qkv bias.
+_DINOV3 = dict(
+    image_size=256,
+    patch_size=16,
+    num_classes=0,
+    pool="mean",
+    class_token=True,
+    ln_eps=1e-5,
+    qkv_bias=False,
+    reg_tokens=4,
+    layer_scale=True,
+    pos_embed=False,
+    rope="half",
+    rope_freqs="periods",
+    rope_theta=100.0,
+)
 PRESETS: dict[str, dict[str, Any]] = {
     # The seed's toy: 4x4x3 images, P=2 (4 patches), mean pool, ReLU, flax LayerNorm eps.
     "seed": dict(
@@ -374,6 +436,44 @@ PRESETS: dict[str, dict[str, Any]] = {
         pos_embed_tokens="none",
         layer_scale=True,
         final_norm="post_pool",
+    ),
+    "rope_b16": dict(  # Naver RoPE-ViT, axial: RoPE alone, width angles first, theta 100
+        _PAPER,
+        patch_size=16,
+        **_B,
+        layer_scale=True,
+        pos_embed=False,
+        rope="interleaved",
+        rope_axes="wh",
+        rope_theta=100.0,
+    ),
+    "dinov3_s16": dict(_DINOV3, d_model=384, num_heads=6, d_ff=1536, num_layers=12),
+    "dinov3_b16": dict(_DINOV3, **_B),
+    "dinov3_l16": dict(_DINOV3, d_model=1024, num_heads=16, d_ff=4096, num_layers=24),
+    "dinov3_hplus16": dict(
+        _DINOV3,
+        d_model=1280,
+        num_heads=20,
+        d_ff=5120,
+        num_layers=32,
+        mlp="swiglu",
+        activation="silu",
+    ),
+    "pe_spatial_b16": dict(  # Perception Encoder spatial: a learned table and RoPE (+1, xy)
+        _B,
+        image_size=512,
+        patch_size=16,
+        num_classes=0,
+        pool="mean",
+        class_token=True,
+        ln_eps=1e-5,
+        norm_pre=True,
+        patch_bias=False,
+        final_norm="none",
+        rope="interleaved",
+        rope_axes="wh",
+        rope_offset=1.0,
+        rope_ref_grid=(32, 32),
     ),
     "aimv2_l14": dict(
         image_size=224,

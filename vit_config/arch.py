@@ -166,7 +166,8 @@ def layers(c: ViTConfig) -> list[Layer]:
         tree.append(param("dist_token", 1, d))
     if c.reg_tokens:
         tree.append(param("reg_tokens", c.reg_tokens, d))
-    tree.append(param("pos_embed", c.num_positions, d))
+    if c.pos_embed:
+        tree.append(param("pos_embed", c.num_positions, d))
     if c.norm_pre:
         tree.append(norm("norm_pre", d, c.norm))
     for i in range(c.num_layers):

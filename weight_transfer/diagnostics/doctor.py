@@ -377,7 +377,7 @@ def final_norm_position(c: Candidate) -> Iterator[Variant]:
 
 
 def posembed_cls_slot(c: Candidate) -> Iterator[Variant]:
-    if "cls_token" not in c.params:
+    if "cls_token" not in c.params or "pos_embed" not in c.params:
         return
     pos = c.params["pos_embed"]
     yield (
@@ -399,7 +399,7 @@ def posembed_cls_slot(c: Candidate) -> Iterator[Variant]:
 
 def posembed_grid_order(c: Candidate) -> Iterator[Variant]:
     hp, wp = c.config.grid
-    if hp == 1 or wp == 1:
+    if hp == 1 or wp == 1 or "pos_embed" not in c.params:
         return
     pos = c.params["pos_embed"]
     n = c.config.num_positioned_prefix

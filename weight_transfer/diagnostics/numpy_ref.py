@@ -20,6 +20,7 @@ import numpy as np
 from scipy.special import erf  # Cephes' erf, vectorised: no Python call per element
 
 from vit_config.resample import positions_for_grid
+from vit_config.rope import rope_angles, rotate
 
 ACTIVATIONS = {
     "relu": lambda x: np.maximum(x, 0),
@@ -154,9 +155,19 @@ class Reference:
         return self.linear(f"{name}.o", out)
 
     def attention_positions(self, grid: tuple[int, int]) -> AttentionPositions:
-        """What positions do inside attention for a (Hp, Wp) grid: nothing for a learned table
-        (RoPE tables, built here in float64 from the config, and relative biases plug in)."""
-        return NO_POSITIONS
+        """What positions do inside attention for a (Hp, Wp) grid: RoPE's rotation, its angles
+        in float64 from the config; nothing for a learned table."""
+        c = self.c
+        if c.rope == "none":
+            return NO_POSITIONS
+        angles = rope_angles(c, grid)  # (Hp * Wp, hd / 2)
+        cos, sin = np.cos(angles), np.sin(angles)
+        prefix = c.num_prefix_tokens - self.knobs.drop_registers * c.reg_tokens
+
+        def turn(q, k):
+            return rotate(q, cos, sin, c.rope, prefix), rotate(k, cos, sin, c.rope, prefix)
+
+        return AttentionPositions(rotate=turn)
 
     def mlp(self, name: str, x):
         act = ACTIVATIONS[self.c.activation]
@@ -177,6 +188,8 @@ class Reference:
         b = x.shape[0]
         names = ["cls_token", "dist_token"] + ([] if self.knobs.drop_registers else ["reg_tokens"])
         prefix = [np.broadcast_to(p[k], (b, *p[k].shape)) for k in names if k in p]
+        if not c.pos_embed:  # positions only inside attention (RoPE)
+            return np.concatenate([*prefix, x], axis=1)
         pos = self.position_table(grid)
         if c.class_token and self.knobs.cls_position == "none" and c.pos_embed_tokens != "none":
             pos = np.concatenate([np.zeros_like(pos[:1]), pos[1:]], axis=0)

@@ -52,6 +52,13 @@ TIMM_ARCHS = {
     "deit3_b16": "deit3_base_patch16_224",
     "vit_medium_reg4_gap": "vit_medium_patch16_reg4_gap_256",
     "aimv2_l14": "aimv2_large_patch14_224",
+    # rotary positions (timm's Eva class)
+    "rope_b16": "vit_base_patch16_rope_224",
+    "dinov3_s16": "vit_small_patch16_dinov3",
+    "dinov3_b16": "vit_base_patch16_dinov3",
+    "dinov3_l16": "vit_large_patch16_dinov3",
+    "dinov3_hplus16": "vit_huge_plus_patch16_dinov3",
+    "pe_spatial_b16": "vit_pe_spatial_base_patch16_512",
 }
 
 
@@ -70,9 +77,11 @@ def timm_mlp(ours: str, theirs: str, mlp: str) -> tuple[Rule, ...]:
 
 
 def timm_table(config: ViTConfig) -> tuple[Rule, ...]:
-    """timm `VisionTransformer` (and `VisionTransformerDistilled`). Rules whose parameters a
-    config does not have are inactive, so one table serves the whole family."""
+    """timm `VisionTransformer` (and `VisionTransformerDistilled`), or `Eva` for a config with
+    RoPE (LayerScale as raw `gamma_1`, `gamma_2`). Rules whose parameters a config does not
+    have are inactive, so one table serves the whole family."""
     b = "blocks.{}"
+    eva = config.rope != "none"
     return (
         *renamed("patch_embed", "patch_embed.proj"),
         *renamed("patch_norm", "patch_embed.norm"),
@@ -88,10 +97,10 @@ def timm_table(config: ViTConfig) -> tuple[Rule, ...]:
         *renamed(f"{b}.attn.q_norm", f"{b}.attn.q_norm"),
         *renamed(f"{b}.attn.k_norm", f"{b}.attn.k_norm"),
         *renamed(f"{b}.attn.o", f"{b}.attn.proj"),
-        rule(f"{b}.ls1", f"{b}.ls1.gamma"),
+        rule(f"{b}.ls1", f"{b}.gamma_1" if eva else f"{b}.ls1.gamma"),
         *renamed(f"{b}.ln2", f"{b}.norm2"),
         *timm_mlp(b, f"{b}.mlp", config.mlp),
-        rule(f"{b}.ls2", f"{b}.ls2.gamma"),
+        rule(f"{b}.ls2", f"{b}.gamma_2" if eva else f"{b}.ls2.gamma"),
         *renamed("ln_f", "norm"),
         rule("map.probe", "attn_pool.latent", BATCH_AXIS),  # (1, D) <-> (1, 1, D)
         *renamed("map.attn.q", "attn_pool.q"),
@@ -184,15 +193,62 @@ def _mlp(mlp, architecture: str) -> dict[str, Any]:
     _refuse(architecture, f"the MLP {name} (with its options)")
 
 
+def _rope(m, architecture: str) -> dict[str, Any]:
+    """An `Eva`'s rotary embedding as config fields (none: {})."""
+    rope = getattr(m, "rope", None)
+    if rope is None:
+        return {}
+    name = type(rope).__name__
+    fields: dict[str, Any] = dict(
+        rope="half" if rope.rotate_half else "interleaved",
+        rope_axes={"ij": "hw", "xy": "wh"}[rope.grid_indexing],
+        rope_offset=float(rope.grid_offset),
+        rope_theta=float(rope.temperature or 0),
+    )
+    if name == "RotaryEmbeddingCat":
+        if rope.grid_type != "index" or rope.in_pixels:
+            _refuse(architecture, f"RoPE on a {rope.grid_type!r} grid with pixel bands")
+        ref = rope.ref_feat_shape
+        return fields | dict(rope_freqs="theta", rope_ref_grid=tuple(ref) if ref else None)
+    if name == "RotaryEmbeddingDinoV3":
+        if rope.min_period is not None or rope.max_period is not None:
+            _refuse(architecture, "DINOv3 RoPE with min/max periods")
+        return fields | dict(rope_freqs="periods", rope_coords=rope.normalize_coords)
+    _refuse(architecture, f"the rotary embedding {name} (RoPE-ViT's mixed: learned frequencies)")
+
+
+def _eva_attention(attn, architecture: str) -> dict[str, Any]:
+    """An `Eva` block's attention as config fields: a fused qkv with a full bias or none."""
+    name = type(attn).__name__
+    if name not in ("EvaAttention", "AttentionRope"):
+        _refuse(architecture, f"{name} attention")
+    if getattr(attn, "qkv", None) is None:
+        _refuse(architecture, "separate q, k, v projections without a k bias (EVA-02 B/L)")
+    if getattr(attn, "q_bias", None) is not None:
+        _refuse(architecture, "q and v biases with a zero k bias")
+    if getattr(attn, "gate", None) is not None:
+        _refuse(architecture, "gated attention")
+    return dict(
+        num_heads=attn.num_heads,
+        qkv_bias=attn.qkv.bias is not None,
+        proj_bias=attn.proj.bias is not None,
+        qk_norm=type(attn.q_norm).__name__ != "Identity",
+    )
+
+
 def config_of_timm_model(m, architecture: str = "") -> ViTConfig:
-    """Read a timm `VisionTransformer` (or `VisionTransformerDistilled`) into a `ViTConfig`."""
+    """Read a timm `VisionTransformer`, `VisionTransformerDistilled` or `Eva` (RoPE ViTs:
+    DINOv3, RoPE-ViT, PE...) into a `ViTConfig`."""
     architecture = architecture or type(m).__name__
-    if type(m).__name__ not in ("VisionTransformer", "VisionTransformerDistilled"):
+    eva = type(m).__name__ == "Eva"
+    if type(m).__name__ not in ("VisionTransformer", "VisionTransformerDistilled", "Eva"):
         _refuse(architecture, f"the model class {type(m).__name__}")
+    if eva and getattr(m, "rope_mixed", False):
+        _refuse(architecture, "RoPE-ViT's mixed RoPE (learned frequencies per head)")
     block = m.blocks[0] if len(m.blocks) else None
-    if block is not None and type(block).__name__ != "Block":
+    if block is not None and type(block).__name__ not in ("Block", "EvaBlock"):
         _refuse(architecture, f"{type(block).__name__} blocks (parallel or post-norm residuals)")
-    if m.pos_embed is None:
+    if m.pos_embed is None and not eva:
         _refuse(architecture, "no absolute position embedding")
     patch = tuple(m.patch_embed.patch_size)
     if patch[0] != patch[1]:
@@ -207,6 +263,7 @@ def config_of_timm_model(m, architecture: str = "") -> ViTConfig:
         _refuse(architecture, "pooling that includes the prefix tokens")
     norms = {n: _norm(getattr(m, n), architecture) for n in ("norm_pre", "norm", "fc_norm")}
     patch_norm = _norm(m.patch_embed.norm, architecture)
+    reg = getattr(m, "reg_token", None)
     fields: dict[str, Any] = dict(
         image_size=tuple(m.patch_embed.img_size),
         patch_size=patch[0],
@@ -217,29 +274,36 @@ def config_of_timm_model(m, architecture: str = "") -> ViTConfig:
         pool=pool,
         class_token=m.cls_token is not None,
         dist_token=getattr(m, "dist_token", None) is not None,
-        reg_tokens=getattr(m, "num_reg_tokens", 0) or 0,
+        reg_tokens=(reg.shape[1] if reg is not None else 0) if eva else m.num_reg_tokens or 0,
+        pos_embed=m.pos_embed is not None,
         pos_embed_tokens="none" if m.no_embed_class else "all",
         norm_pre=norms["norm_pre"] is not None,
         patch_norm=patch_norm is not None,
         final_norm="pre_pool" if norms["norm"] else "post_pool" if norms["fc_norm"] else "none",
         patch_bias=m.patch_embed.proj.bias is not None,
         head_bias=getattr(m.head, "bias", None) is not None if m.num_classes else True,
+        **(_rope(m, architecture) if eva else {}),
     )
     present = [n for n in (*norms.values(), patch_norm) if n is not None]
     if block is not None:
         attn = block.attn
-        if type(attn).__name__ != "Attention":
-            _refuse(architecture, f"{type(attn).__name__} attention")
+        if eva:
+            fields.update(_eva_attention(attn, architecture))
+            fields.update(layer_scale=getattr(block, "gamma_1", None) is not None)
+        else:
+            if type(attn).__name__ != "Attention":
+                _refuse(architecture, f"{type(attn).__name__} attention")
+            fields.update(
+                num_heads=attn.num_heads,
+                qkv_bias=attn.qkv.bias is not None,
+                proj_bias=attn.proj.bias is not None,
+                qk_norm=type(attn.q_norm).__name__ != "Identity",
+                layer_scale=type(block.ls1).__name__ == "LayerScale",
+            )
         if (norm1 := _norm(block.norm1, architecture)) is not None:
             present.append(norm1)
         fields.update(
-            num_heads=attn.num_heads,
-            qkv_bias=attn.qkv.bias is not None,
-            proj_bias=attn.proj.bias is not None,
-            qk_norm=type(attn.q_norm).__name__ != "Identity",
-            layer_scale=type(block.ls1).__name__ == "LayerScale",
-            activation=_activation(block.mlp.act, architecture),
-            **_mlp(block.mlp, architecture),
+            activation=_activation(block.mlp.act, architecture), **_mlp(block.mlp, architecture)
         )
         if type(getattr(attn, "norm", None)).__name__ not in ("Identity", "NoneType"):
             _refuse(architecture, "a norm inside attention")
@@ -254,6 +318,12 @@ def config_of_timm_model(m, architecture: str = "") -> ViTConfig:
         _refuse(architecture, f"norms of different kinds or epsilons {sorted(present)}")
     if present:
         fields.update(norm=kinds.pop(), ln_eps=epsilons.pop())
+    if pool == "map" and m.attn_pool.num_heads != fields["num_heads"]:
+        _refuse(
+            architecture,
+            f"a MAP head with {m.attn_pool.num_heads} heads where the blocks have "
+            f"{fields['num_heads']} (Perception Encoder core)",
+        )
     try:
         return ViTConfig(**fields)
     except ConfigError as e:

@@ -148,6 +148,8 @@ def _grid_of_file(
     """An architecture's config at the grid its checkpoint holds: the file's position rows
     win over the architecture's default image size (a square grid; else say it with
     --set image_size)."""
+    if not config.pos_embed:  # RoPE alone: any grid; the architecture's size stands
+        return config
     rows = Probe(source, layout).shape("pos_embed")[-2]
     stored = config.num_positions if layout.prefix_positions else config.num_patches
     if rows == stored:
@@ -228,9 +230,10 @@ def _from_shapes(
     (`Layout.assumes`), each field labelled with where it came from."""
     probe = Probe(source, layout)
     has, shape = probe.has, probe.shape
-    patch, pos = shape("patch_embed.kernel"), shape("pos_embed")
+    patch = shape("patch_embed.kernel")
+    pos = shape("pos_embed") if has("pos_embed") else None  # None: positions inside attention
     p, c = (patch[0], patch[2]) if layout.base == "nnx" else (patch[-1], patch[1])  # HWIO / OIHW
-    d = pos[-1]
+    d = patch[3] if layout.base == "nnx" else patch[0]
     sizes: dict[str, Any] = dict(
         patch_size=p,
         in_channels=c,
@@ -294,7 +297,16 @@ def _from_shapes(
         assumed = {f: why for f, why in assumed.items() if f not in from_json} | json_assumed
     sizes.update(stated)  # the user's word beats anything inferred below
     prefix = int(sizes["class_token"]) + int(sizes["dist_token"]) + sizes["reg_tokens"]
-    _positions(source, layout, sizes, pos[-2], prefix, found, assumed)
+    if pos is not None:
+        _positions(source, layout, sizes, pos[-2], prefix, found, assumed)
+    elif sizes.get("rope", "none") == "none":
+        raise LayoutError(
+            f"{source.path}: no position table, so positions are computed inside attention "
+            f"(RoPE: DINOv3, RoPE-ViT; or a relative bias) and the weights cannot say how; "
+            f"name the architecture with --arch (arch=) or keep its config.json beside it"
+        )
+    else:
+        sizes["pos_embed"], found["pos_embed"] = False, "no position table in the file"
     if "num_heads" not in sizes:
         q_key = probe.key("blocks.0.attn.q.kernel")
         q = source.meta.get(q_key) if q_key is not None else None

@@ -1,0 +1,85 @@
+"""2-D rotary position embedding (RoPE), the maths only: the angles in float64 NumPy from the
+config, and the rotation for NumPy, JAX or torch arrays alike. Both models and the NumPy
+reference call it, so the three rotate identically; the tests compare against timm's `Eva`.
+
+Angles, per patch token (row-major over the (Hp, Wp) grid) and per pair of channels: the
+height's head_dim/4 angles then the width's ("hw"), or the width's first ("wh").
+- "theta" (EVA-02, PE, RoPE-ViT, timm sbb): angle_k = p * rope_theta ** (-k / (head_dim/4)),
+  p = i + rope_offset, rescaled to `rope_ref_grid` as p * ref / n (EVA-02's fine-tune rule).
+- "periods" (DINOv3): angle_k = 2 pi c / rope_theta ** (4k / head_dim), on centred coordinates
+  c = 2 (i + 0.5 + rope_offset) / n - 1, n per `rope_coords`.
+
+Rotation of a query or key row x (head_dim channels) by angles a (head_dim/2):
+- "interleaved": pairs (2m, 2m+1): x[2m] cos a_m - x[2m+1] sin a_m, x[2m+1] cos a_m + x[2m] sin a_m;
+- "half": pairs (j, j + head_dim/2), the same formula.
+Prefix tokens (class, registers) are never rotated.
+
+The angles are computed in float64 and rounded once to the model's dtype; timm, HF and the
+original DINOv3 compute them in float32 (so a float64 comparison with them stalls near 1e-7).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rope_angles(config, grid: tuple[int, int]) -> np.ndarray:
+    """(Hp * Wp, head_dim / 2) float64 angles for a (Hp, Wp) patch grid."""
+    hp, wp = grid
+    quarter = config.head_dim // 4
+    k = np.arange(quarter, dtype=np.float64)
+    sides = [hp, wp]
+    if config.rope_freqs == "theta":
+        coords = [np.arange(n, dtype=np.float64) + config.rope_offset for n in sides]
+        if config.rope_ref_grid is not None:
+            coords = [
+                c / n * r for c, n, r in zip(coords, sides, config.rope_ref_grid, strict=True)
+            ]
+        freqs = config.rope_theta ** (-k / quarter)  # (D/4,)
+    else:
+        denominators = {
+            "separate": sides,
+            "min": [min(sides)] * 2,
+            "max": [max(sides)] * 2,
+        }[config.rope_coords]
+        coords = [
+            2.0 * (np.arange(n, dtype=np.float64) + 0.5 + config.rope_offset) / d - 1.0
+            for n, d in zip(sides, denominators, strict=True)
+        ]
+        freqs = 2.0 * np.pi / config.rope_theta ** (4.0 * k / config.head_dim)
+    ys, xs = np.meshgrid(coords[0], coords[1], indexing="ij")  # (Hp, Wp) each
+    first, second = (ys, xs) if config.rope_axes == "hw" else (xs, ys)
+    angles = np.concatenate(
+        [first.reshape(-1, 1) * freqs, second.reshape(-1, 1) * freqs], axis=-1
+    )  # (N, D/2): one axis's D/4 angles, then the other's
+    return angles
+
+
+def _xp(x):
+    """(stack, concatenate) for x's array library: NumPy, JAX or torch."""
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        return (lambda a, axis: torch.stack(a, dim=axis)), (lambda a, axis: torch.cat(a, dim=axis))
+    if type(x).__module__.startswith("jax"):
+        import jax.numpy as jnp
+
+        return jnp.stack, jnp.concatenate
+    return np.stack, np.concatenate
+
+
+def rotate(x, cos, sin, layout: str, prefix: int):
+    """`x` (B, T, H, hd) with its patch tokens (all but the first `prefix`) rotated by the
+    angles whose cos and sin are given as (T - prefix, hd / 2), in x's library and dtype."""
+    stack, concat = _xp(x)
+    head, patches = x[:, :prefix], x[:, prefix:]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]  # (1, N, 1, hd/2)
+    if layout == "interleaved":
+        even, odd = patches[..., 0::2], patches[..., 1::2]
+        pairs = stack([even * c - odd * s, odd * c + even * s], -1)  # (B, N, H, hd/2, 2)
+        turned = pairs.reshape(patches.shape)
+    else:
+        half = patches.shape[-1] // 2
+        first, second = patches[..., :half], patches[..., half:]
+        turned = concat([first * c - second * s, second * c + first * s], -1)
+    return concat([head, turned], 1) if prefix else turned
