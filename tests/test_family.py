@@ -69,6 +69,26 @@ FAMILY = {
     "qk-norm": dict(qk_norm=True),
     "no-head": dict(num_classes=0),
     "no-head-bias": dict(head_bias=False),
+    # 2-D RoPE (head_dim 8: two angles per axis), on the non-square 2 x 3 grid
+    "rope-interleaved-wh": dict(  # RoPE-ViT axial
+        rope="interleaved", rope_axes="wh", rope_theta=100.0, pos_embed=False, layer_scale=True
+    ),
+    "rope-half-periods-registers": dict(  # DINOv3
+        rope="half",
+        rope_freqs="periods",
+        rope_theta=100.0,
+        pos_embed=False,
+        reg_tokens=2,
+        layer_scale=True,
+        class_token=True,
+        pool="mean",
+    ),
+    "rope-with-table-offset-ref": dict(  # PE: a learned table too, +1, the ref-grid rescale
+        rope="interleaved", rope_axes="wh", rope_offset=1.0, rope_ref_grid=(4, 4), norm_pre=True
+    ),
+    "rope-periods-min-max": dict(
+        rope="half", rope_freqs="periods", rope_coords="min", class_token=False, pool="mean"
+    ),
 }
 
 
@@ -85,8 +105,18 @@ def both_ways(config: ViTConfig, dtype: str, seed: int = 0):
     yield "torch->nnx", run_torch(source, images), run_nnx(wt.to_nnx(source), images)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("name", sorted(FAMILY))
+# float32 of these in the whole suite only (0.9 s each, --durations): float64 is the finer check
+FLOAT32_SLOW = {"rope-periods-min-max", "rope-with-table-offset-ref"}
+
+
+@pytest.mark.parametrize(
+    "name, dtype",
+    [
+        pytest.param(n, d, marks=[pytest.mark.slow] * (d == "float32" and n in FLOAT32_SLOW))
+        for n in sorted(FAMILY)
+        for d in ("float32", "float64")
+    ],
+)
 def test_family_logit_parity(name, dtype):
     config = family(name)
     with x64_for(dtype), jax.default_matmul_precision("highest"):
@@ -133,14 +163,24 @@ GRAD_TOL = {"float32": 1e-4, "float64": 1e-10}
 @pytest.mark.parametrize(
     "name",
     [
-        "distilled",
         "map",
-        "swiglu-rmsnorm-aimv2",
-        "positions-cls-only",
-        "fc-norm",
-        "norm-pre-clip",
-        "qk-norm",
         "layer-scale",
+        "rope-half-periods-registers",
+        # 1.5-2.2 s each (--durations): in the whole suite
+        *(
+            pytest.param(n, marks=pytest.mark.slow)
+            for n in (
+                "distilled",
+                "swiglu-rmsnorm-aimv2",
+                "positions-cls-only",
+                "fc-norm",
+                "norm-pre-clip",
+                "qk-norm",
+            )
+        ),
+        # 2-3 s each (--durations): one RoPE case in the quick subset
+        pytest.param("rope-interleaved-wh", marks=pytest.mark.slow),
+        pytest.param("rope-with-table-offset-ref", marks=pytest.mark.slow),
     ],
 )
 def test_family_gradient_parity(name, dtype):
@@ -173,11 +213,26 @@ def family_configs(draw):
     pool = draw(st.sampled_from(pools))
     dist = class_token and pool == "cls" and draw(st.booleans())
     final = draw(st.sampled_from(["pre_pool", "none"] + ([] if pool == "map" else ["post_pool"])))
+    rope = draw(st.sampled_from(["none", "interleaved", "half"]))
+    rope_fields = {}
+    if rope != "none":
+        rope_fields = dict(
+            rope=rope,
+            rope_axes=draw(st.sampled_from(["hw", "wh"])),
+            rope_freqs=draw(st.sampled_from(["theta", "periods"])),
+            rope_theta=draw(st.sampled_from([100.0, 10000.0])),
+            rope_offset=draw(st.sampled_from([0.0, 1.0])),
+            rope_ref_grid=draw(st.sampled_from([None, (4, 4), (2, 5)])),
+            rope_coords=draw(st.sampled_from(["separate", "min", "max"])),
+            pos_embed=draw(st.booleans()),
+        )
     return ViTConfig(
         image_size=(patch * draw(st.integers(1, 3)), patch * draw(st.integers(1, 3))),
         patch_size=patch,
         in_channels=draw(st.integers(1, 3)),
-        d_model=heads * draw(st.integers(2, 5)),
+        d_model=heads
+        * (4 * draw(st.integers(1, 2)) if rope != "none" else draw(st.integers(2, 5))),
+        **rope_fields,
         num_heads=heads,
         d_ff=draw(st.integers(1, 16)),
         num_layers=draw(st.integers(0, 2)),
@@ -250,7 +305,19 @@ def small(preset: str) -> ViTConfig:
     return dataclasses.replace(c, num_layers=2, image_size=4 * c.patch_size)
 
 
-HEAVY = ("dinov2_g14", "siglip_so400m14", "aimv2_l14", "dinov2_l14")  # 2-4 s each (--durations)
+HEAVY = (  # 2-4 s each (--durations); of the RoPE presets, one of each pair layout stays quick
+    "dinov2_g14",
+    "siglip_so400m14",
+    "aimv2_l14",
+    "dinov2_l14",
+    "clip_b16_quickgelu",
+    "deit3_b16",
+    "dinov2_b14",
+    "dinov3_b16",
+    "dinov3_l16",
+    "dinov3_hplus16",
+    "pe_spatial_b16",
+)
 
 
 @pytest.mark.parametrize(

@@ -483,6 +483,72 @@ def _method(m: dict) -> str:
     return ", ".join(parts)
 
 
+# RoPE as the published families compute it, for a candidate that rotates nothing
+ROPE_FAMILIES = (
+    (
+        "RoPE-ViT's (interleaved, width first, theta 100)",
+        dict(rope="interleaved", rope_axes="wh", rope_theta=100.0),
+    ),
+    (
+        "DINOv3's (half-split, periods base 100)",
+        dict(rope="half", rope_freqs="periods", rope_theta=100.0),
+    ),
+    ("EVA-02's (interleaved, height first, theta 1e4)", dict(rope="interleaved")),
+)
+
+
+def rope_variant(c: Candidate) -> Iterator[Variant]:
+    """The ways two RoPE implementations differ (each a one-field change of the candidate's
+    config), or RoPE missing on the candidate altogether."""
+    cfg = c.config
+    if cfg.rope == "none":
+        if cfg.head_dim % 4 == 0:
+            for name, fields in ROPE_FAMILIES:
+                yield f"the reference rotates q and k with {name} RoPE", _config(c, **fields)
+        return
+    other = {"interleaved": "half", "half": "interleaved"}[cfg.rope]
+    yield (
+        f"the reference pairs RoPE channels {other} "
+        f"({'(j, j + head_dim/2)' if other == 'half' else '(2m, 2m+1)'}), not {cfg.rope}",
+        _config(c, rope=other),
+    )
+    axes = {"hw": "wh", "wh": "hw"}[cfg.rope_axes]
+    yield (
+        f"the reference puts the {'width' if axes == 'wh' else 'height'}'s RoPE angles first "
+        f"(height and width swapped; visible on non-square grids only)",
+        _config(c, rope_axes=axes),
+    )
+    if cfg.rope_freqs == "theta":
+        for theta in (100.0, 10000.0):
+            if theta != cfg.rope_theta:
+                yield f"the reference's RoPE theta is {theta:g}", _config(c, rope_theta=theta)
+        yield (
+            "the reference uses DINOv3's periods on centred coordinates, not theta-style "
+            "frequencies on integer positions",
+            _config(c, rope_freqs="periods", rope_theta=100.0, rope_offset=0.0),
+        )
+        offset = 1.0 if cfg.rope_offset == 0 else 0.0
+        yield f"the reference's RoPE positions start at {offset:g}", _config(c, rope_offset=offset)
+        if cfg.rope_ref_grid is not None:
+            yield (
+                "the reference does not rescale RoPE positions to a reference grid",
+                _config(c, rope_ref_grid=None),
+            )
+    else:
+        yield (
+            "the reference uses theta-style frequencies (1e4) on integer positions, not "
+            "DINOv3's periods",
+            _config(c, rope_freqs="theta", rope_theta=10000.0),
+        )
+        for coords in ("separate", "min", "max"):
+            if coords != cfg.rope_coords:
+                yield (
+                    f"the reference normalises RoPE coordinates by {coords} side(s)",
+                    _config(c, rope_coords=coords),
+                )
+    yield "the reference has no RoPE (a learned table alone)", _config(c, rope="none")
+
+
 HYPOTHESES: dict[str, Callable[[Candidate], Iterator[Variant]]] = {
     f.__name__: f
     for f in (
@@ -501,6 +567,7 @@ HYPOTHESES: dict[str, Callable[[Candidate], Iterator[Variant]]] = {
         posembed_cls_slot,
         posembed_grid_order,
         resampling_method,
+        rope_variant,
         norm_pre_presence,
         registers,
         layer_scale_count,
@@ -547,19 +614,31 @@ def _score(
     if start is not None and position.get(f"blocks.{start}.attn", 0) > base.score[0]:
         return base.score  # the base already diverges before anything this changes
     resume = (start, base.inputs[start]) if start is not None else None
+    first = position.get(f"blocks.{start}.attn", 0) if start is not None else 0
+    compared: set[str] = set()
+
+    def skipped_before(p: int) -> tuple[int, float] | None:
+        """A reference layer before `p` the variant never produced (a correction that only
+        hides a layer, such as moving a norm past a class-token pooling, earns nothing)."""
+        for name in order[first:p]:
+            if name in ref and name not in compared:
+                return position[name], math.inf
+        return None
+
     try:
         for name, b in trace(cand.params, images, cand.config, cand.knobs, resume, cand.resampling):
             if name not in ref or name not in position:
                 continue
+            compared.add(name)
             a = ref[name]
             if a.shape != b.shape:
-                return position[name], math.inf
+                return skipped_before(position[name]) or (position[name], math.inf)
             gap = float(np.max(np.abs(a - b))) / max(1.0, float(np.max(np.abs(a))))
             if gap > DIVERGENCE:
-                return position[name], gap
+                return skipped_before(position[name]) or (position[name], gap)
     except (ValueError, KeyError, IndexError):  # a correction that does not fit this model
         return -1, math.inf
-    return len(order), 0.0
+    return skipped_before(len(order)) or (len(order), 0.0)
 
 
 @dataclass

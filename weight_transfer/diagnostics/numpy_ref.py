@@ -20,7 +20,6 @@ import numpy as np
 from scipy.special import erf  # Cephes' erf, vectorised: no Python call per element
 
 from vit_config.resample import positions_for_grid
-from vit_config.rope import rope_angles, rotate
 
 ACTIVATIONS = {
     "relu": lambda x: np.maximum(x, 0),
@@ -99,6 +98,33 @@ def read_images(images: np.ndarray, how: str) -> np.ndarray:
     return images
 
 
+def rope_angles(c, grid: tuple[int, int]) -> np.ndarray:
+    """RoPE's angles from the formulas, token by token ((Hp * Wp, hd / 2), float64): the
+    token n of the row-major grid sits at row n // Wp, column n % Wp; each axis gets hd / 4
+    frequencies, the height's first ("hw") or the width's ("wh")."""
+    hp, wp = grid
+    quarter = c.head_dim // 4
+    out = np.zeros((hp * wp, 2 * quarter))
+    for n in range(hp * wp):
+        row_col = [n // wp, n % wp]
+        for axis, (i, size) in enumerate(zip(row_col, grid, strict=True)):
+            if c.rope_freqs == "theta":
+                p = i + c.rope_offset
+                if c.rope_ref_grid is not None:
+                    p = p * c.rope_ref_grid[axis] / size
+                angles = [p / c.rope_theta ** (k / quarter) for k in range(quarter)]
+            else:
+                n_axis = {"separate": size, "min": min(grid), "max": max(grid)}[c.rope_coords]
+                coord = (i + 0.5 + c.rope_offset) / n_axis * 2 - 1
+                angles = [
+                    2 * math.pi * coord / c.rope_theta ** (4 * k / c.head_dim)
+                    for k in range(quarter)
+                ]
+            slot = axis if c.rope_axes == "hw" else 1 - axis
+            out[n, slot * quarter : (slot + 1) * quarter] = angles
+    return out
+
+
 class AttentionPositions(NamedTuple):
     """What positions do inside attention (as in both models): a rotation of q and k
     (`rotate(q, k)` on (B, T, H, hd)) and a bias on the logits (broadcast to (B, H, T, S))."""
@@ -160,14 +186,24 @@ class Reference:
         c = self.c
         if c.rope == "none":
             return NO_POSITIONS
-        angles = rope_angles(c, grid)  # (Hp * Wp, hd / 2)
-        cos, sin = np.cos(angles), np.sin(angles)
+        turn = np.exp(1j * rope_angles(c, grid))  # (Hp * Wp, hd / 2): a unit complex per pair
         prefix = c.num_prefix_tokens - self.knobs.drop_registers * c.reg_tokens
 
-        def turn(q, k):
-            return rotate(q, cos, sin, c.rope, prefix), rotate(k, cos, sin, c.rope, prefix)
+        def rotate(x):  # (B, T, H, hd): each pair of channels a complex number, times the turn
+            head, patches = x[:, :prefix], x[:, prefix:]
+            hd = x.shape[-1]
+            if c.rope == "interleaved":  # pairs (2m, 2m+1)
+                z = patches[..., 0::2] + 1j * patches[..., 1::2]
+            else:  # pairs (j, j + hd/2)
+                z = patches[..., : hd // 2] + 1j * patches[..., hd // 2 :]
+            z = z * turn[None, :, None, :]
+            if c.rope == "interleaved":
+                out = np.stack([z.real, z.imag], axis=-1).reshape(patches.shape)
+            else:
+                out = np.concatenate([z.real, z.imag], axis=-1)
+            return np.concatenate([head, out], axis=1)
 
-        return AttentionPositions(rotate=turn)
+        return AttentionPositions(rotate=lambda q, k: (rotate(q), rotate(k)))
 
     def mlp(self, name: str, x):
         act = ACTIVATIONS[self.c.activation]

@@ -428,11 +428,9 @@ def hook_points(m) -> list[tuple[Any, str, str]]:
     is (B, Hp, Wp, D)), or "in" for its first input)."""
     points = [(m.patch_embed, "patch_embed", "tokens"), (m.pos_drop, "tokens", "out")]
     for i, b in enumerate(m.blocks):
-        points += [
-            (b.ls1, f"blocks.{i}.attn", "out"),
-            (b.ls2, f"blocks.{i}.mlp", "out"),
-            (b, f"blocks.{i}", "out"),
-        ]
+        if hasattr(b, "ls1"):  # an Eva block applies its gamma inline: its output alone
+            points += [(b.ls1, f"blocks.{i}.attn", "out"), (b.ls2, f"blocks.{i}.mlp", "out")]
+        points.append((b, f"blocks.{i}", "out"))
     if hasattr(m.norm, "weight"):  # with fc_norm, timm's norm is an Identity: no ln_f point
         points.append((m.norm, "ln_f", "out"))
     return points + [(m.head, "pooled", "in")]
