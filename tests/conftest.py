@@ -60,3 +60,6 @@ def assert_close(ref, out, dtype: str, what: str):
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
     torch.manual_seed(0)
+
+
+pytest_plugins = ["pytester"]  # a user's pytest session in-process (the parity plugin)

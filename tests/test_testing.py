@@ -2,8 +2,6 @@
 torch models with their own names and fused or split qkv (tests/helpers/ports.py), against
 timm and Hugging Face references, with faults planted in the weight copy and in the module."""
 
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -338,15 +336,12 @@ def test_what_is_not_a_model_is_refused_by_type(timm_ref, images):
 # ---- the pytest plugin, as a user's session loads it --------------------------------------------
 
 
-def run_pytest(tmp_path, source: str, *args) -> subprocess.CompletedProcess:
-    (tmp_path / "test_user.py").write_text(textwrap.dedent(source))
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args, "test_user.py"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
-    )
+def run_pytest(pytester, source: str, *args):
+    """A user's pytest session on `source`, in this process (JAX and torch already imported:
+    seconds, not a fresh interpreter's import time); plugins load from their entry points."""
+    pytester.makepyfile(test_user=textwrap.dedent(source))
+    result = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider", "-p", "no:xdist", *args)
+    return result.ret, "\n".join(result.outlines + result.errlines)
 
 
 USER_TEST = """
@@ -360,7 +355,7 @@ USER_TEST = """
     def test_good(ref, assert_equivalent):
         good = ports.copy_timm_into_nnx(ref, ports.NNXViT())
         report = assert_equivalent(ref, good, image_size=16)
-        print("images", report.layers[0].gap)
+        print("first pair", report.layers[0].reference)
 
     def test_bad(ref, assert_equivalent):
         bad = ports.copy_timm_into_nnx(ref, ports.NNXViT(), ("proj_untransposed",))
@@ -369,49 +364,32 @@ USER_TEST = """
 
 
 @pytest.mark.slow
-def test_the_plugin_is_registered_and_reports_the_layers(tmp_path):
+def test_the_plugin_is_registered_and_reports_the_layers(pytester):
     """Nothing but `pip install`: the entry point loads the plugin, the fixture takes the
     session's options, a failure prints the layers and the named fault."""
-    done = run_pytest(tmp_path, USER_TEST, "--parity-images", "3")
-    out = done.stdout + done.stderr
-    assert done.returncode == 1, out
+    from importlib.metadata import entry_points
+
+    assert [e.value for e in entry_points(group="pytest11") if e.name == "vit_parity"] == [
+        "weight_transfer.testing.plugin"
+    ]
+    code, out = run_pytest(pytester, USER_TEST, "--parity-images", "3")
+    assert code == 1, out
     assert "1 failed, 1 passed" in out
     assert "first divergence: reference blocks.1.attn.proj <-> candidate" in out
     assert "holds the reference's blocks.1.attn.proj.weight untransposed" in out
     assert "vit-parity: every layer" in out  # the whole table, as a report section
-    float32 = run_pytest(tmp_path, USER_TEST, "--no-parity-float64")
-    assert "1 failed, 1 passed" in float32.stdout, float32.stdout + float32.stderr
-    assert "float32 only" in float32.stdout
-    refused = run_pytest(tmp_path, USER_TEST, "--parity-images", "0")
-    assert "--parity-images 0: expected a positive number" in refused.stdout + refused.stderr
+    code, out = run_pytest(pytester, USER_TEST, "--no-parity-float64")
+    assert "1 failed, 1 passed" in out and "float32 only" in out, out
+    code, out = run_pytest(pytester, USER_TEST, "--parity-images", "0")
+    assert "--parity-images 0: expected a positive number" in out, out
 
 
 @pytest.mark.slow
-def test_the_documented_example_passes(tmp_path):
+def test_the_documented_example_passes(pytester):
     """docs/examples/test_my_port.py (timm's vit_small_patch16_224 in a hand-written NNX
     module), as a user runs it."""
-    source = (ROOT / "docs" / "examples" / "test_my_port.py").read_text()
-    done = run_pytest(tmp_path, source)
-    assert done.returncode == 0, done.stdout + done.stderr
-
-
-def test_a_side_that_cannot_compute_in_float64_is_refused(timm_ref, images):
-    """A Linen module that fixes float32 (`dtype=jnp.float32`) stays float32 when its
-    variables are cast: its noise floor cannot be measured, and it says so."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    from vit_config import ArgumentError
-
-    class Fixed(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.Dense(5, dtype=jnp.float32)(x.reshape(x.shape[0], -1))
-
-    variables = Fixed().init(jax.random.key(0), images)
-    with pytest.raises(ArgumentError, match="float64 run computed in float32"):
-        compare_models(timm_ref, (Fixed(), variables), images)
+    code, out = run_pytest(pytester, (ROOT / "docs" / "examples" / "test_my_port.py").read_text())
+    assert code == 0, out
 
 
 # ---- the CLI with MODULE:FACTORY models -----------------------------------------------------

@@ -7,79 +7,14 @@ supported. Never a crash, never wrong logits."""
 
 from __future__ import annotations
 
-import shutil
-import warnings
-
-import numpy as np
 import pytest
-import torch
-
-import weight_transfer as wt
-from tests.conftest import TOL
-from tests.helpers.models import nchw, randomize
-from vit_config import VitParityError
-from weight_transfer.frameworks.runners import run_nnx, run_torch
 
 timm = pytest.importorskip("timm")
 pytest.importorskip("huggingface_hub")  # save_for_hf writes through it (no network)
 
+from tests.helpers.zoo import run_zoo, summary  # noqa: E402
+
 TARGET = 0.90  # of the architectures timm can build small, the share that must port both ways
-
-
-def small_timm(arch: str):
-    """(model, model_args) of `arch` with 2 blocks and a 4 x 4 patch grid, or None if timm
-    itself cannot build it that way."""
-    with torch.device("meta"):
-        default = timm.create_model(arch, pretrained=False)
-    patch = default.patch_embed.patch_size[0]
-    args = dict(depth=2, img_size=4 * patch)
-    try:
-        model = timm.create_model(arch, pretrained=False, **args)
-    except Exception:  # timm's own limits (fixed sizes, naflex...): not ours to judge
-        return None
-    return randomize(model, seed=len(arch)), args
-
-
-def outcome(arch: str, model, args: dict, folder) -> str:
-    """'ported', 'refused: ...', or 'WRONG ...' / 'CRASH ...' (never acceptable)."""
-    from safetensors.torch import save_file
-    from timm.models import save_for_hf
-
-    size, channels = args["img_size"], model.patch_embed.proj.in_channels
-    images = np.random.default_rng(0).standard_normal((2, size, size, channels)).astype(np.float32)
-    with torch.no_grad():
-        expected = model(nchw(images))
-    expected = getattr(expected, "logits", expected)
-    bare = folder / f"{arch}.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(bare))
-    hub = folder / arch
-    save_for_hf(model, str(hub), safe_serialization=True)
-    forms = {
-        "state dict + arch": (
-            bare,
-            dict(arch=arch, overrides={"num_layers": 2, "image_size": args["img_size"]}),
-        ),
-        "Hub folder": (hub, {}),
-    }
-    for form, (path, hints) in forms.items():
-        for framework in ("jax", "torch"):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    ours = wt.load_checkpoint(path, framework, **hints)
-            except VitParityError as e:
-                return f"refused ({form}): {str(e).splitlines()[0][:150]}"
-            except Exception as e:  # a crash: the worst kind of refusal
-                return f"CRASH ({form}, {framework}): {type(e).__name__}: {e}"
-            got = run_nnx(ours, images) if framework == "jax" else run_torch(ours, images)
-            got = np.asarray(got, np.float64)
-            want = expected.numpy().astype(np.float64)
-            if got.shape != want.shape:
-                return f"WRONG ({form}, {framework}): shape {got.shape} vs {want.shape}"
-            gap = float(np.abs(got - want).max())
-            if gap > TOL["float32"] * max(1.0, float(np.abs(want).max())):
-                return f"WRONG ({form}, {framework}): max |diff| {gap:.3e}"
-    return "ported"
 
 
 @pytest.mark.slow
@@ -87,25 +22,31 @@ def test_the_timm_zoo_ports_or_is_refused(tmp_path, capsys):
     archs = sorted(
         set(timm.list_models(module="vision_transformer")) | set(timm.list_models(module="deit"))
     )
-    table = {}
-    for arch in archs:
-        built = small_timm(arch)
-        folder = tmp_path / arch
-        folder.mkdir()
-        table[arch] = (
-            "timm cannot build it small" if built is None else outcome(arch, *built, folder)
-        )
-        shutil.rmtree(folder)  # up to ~1 GB per giant architecture: the disk holds one at a time
-    buildable = [a for a, r in table.items() if r != "timm cannot build it small"]
-    ported = [a for a in buildable if table[a] == "ported"]
-    bad = {a: r for a, r in table.items() if r.startswith(("WRONG", "CRASH"))}
+    table = run_zoo(archs, tmp_path)
     with capsys.disabled():
-        print(
-            f"\ntimm zoo: {len(archs)} architectures, {len(buildable)} buildable small, "
-            f"{len(ported)} ported both ways ({len(ported) / len(buildable):.0%})"
-        )
-        for arch, result in table.items():
-            print(f"  {arch:55s} {result}")
+        buildable, ported, bad = summary("timm zoo", table)
     assert not bad, bad
     refused = {a: r for a, r in table.items() if r.startswith("refused")}
     assert len(ported) >= TARGET * len(buildable), f"{len(ported)} of {len(buildable)}: {refused}"
+
+
+@pytest.mark.slow
+def test_the_rope_and_relative_zoo_is_never_wrong(tmp_path, capsys):
+    """timm's `eva.py` (EVA, EVA-02, DINOv3, PE, RoPE-ViT, sbb), `beit.py`,
+    `vision_transformer_relpos.py` and `naflexvit.py`, the same way: what ports equals timm,
+    the rest is refused by name. 0 wrong, 0 crashes; the share ported is printed (the
+    published-forms issue's 90% is not reached yet: relative biases, EVA-02's blocks and
+    NaFlex are not built)."""
+    archs = sorted(
+        set().union(
+            *(
+                timm.list_models(module=m)
+                for m in ("eva", "beit", "vision_transformer_relpos", "naflexvit")
+            )
+        )
+    )
+    table = run_zoo(archs, tmp_path)
+    with capsys.disabled():
+        _, ported, bad = summary("RoPE and relative zoo", table)
+    assert not bad, bad
+    assert ported  # the RoPE models this ViT computes do port
