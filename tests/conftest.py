@@ -22,6 +22,27 @@ from vit_config import ViTConfig  # noqa: E402
 TOL = {"float32": 1e-5, "float64": 1e-12}
 
 
+# Minutes each (--durations): started first, so the two xdist workers share the rest while
+# they run (worksteal: a worker that runs dry takes queued tests from the other).
+LONGEST_FIRST = (
+    "test_timm_zoo.py::test_the_timm_zoo_ports_or_is_refused",
+    "test_timm_zoo.py::test_the_rope_and_relative_zoo_is_never_wrong",
+    "test_sharding.py::test_every_sharding_on_both_axis_types_matches_unsharded_torch",
+    "test_sharding.py::test_every_family_preset_on_both_axis_types",
+    "test_family.py::test_family_hypothesis_configs",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+
+    def key(item):
+        where = f"{item.path.name}::{item.originalname}"
+        return rank.get(where, len(rank))
+
+    items.sort(key=key)  # stable: everything else keeps its order
+
+
 @pytest.fixture
 def x64():
     """JAX float64 for one test only; the global flag is restored afterwards."""

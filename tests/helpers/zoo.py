@@ -31,7 +31,7 @@ def small_timm(arch: str):
     return randomize(model, seed=len(arch)), args
 
 
-def outcome(arch: str, model, args: dict, folder) -> str:
+def outcome(arch: str, model, args: dict, folder, hub: bool = True) -> str:
     """'ported', 'refused: ...', or 'WRONG ...' / 'CRASH ...' (never acceptable)."""
     from safetensors.torch import save_file
     from timm.models import save_for_hf
@@ -43,15 +43,15 @@ def outcome(arch: str, model, args: dict, folder) -> str:
     expected = getattr(expected, "logits", expected)
     bare = folder / f"{arch}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(bare))
-    hub = folder / arch
-    save_for_hf(model, str(hub), safe_serialization=True)
     forms = {
         "state dict + arch": (
             bare,
             dict(arch=arch, overrides={"num_layers": 2, "image_size": args["img_size"]}),
         ),
-        "Hub folder": (hub, {}),
     }
+    if hub:
+        save_for_hf(model, str(folder / arch), safe_serialization=True)
+        forms["Hub folder"] = (folder / arch, {})
     for form, (path, hints) in forms.items():
         for framework in ("jax", "torch"):
             try:
@@ -73,8 +73,9 @@ def outcome(arch: str, model, args: dict, folder) -> str:
     return "ported"
 
 
-def run_zoo(archs, tmp_path) -> dict[str, str]:
-    """{architecture: outcome} over `archs`, one on disk at a time."""
+def run_zoo(archs, tmp_path, hub: bool = True) -> dict[str, str]:
+    """{architecture: outcome} over `archs`, one on disk at a time (`hub`: the
+    `save_for_hf` folder too, beside the bare state dict)."""
     import shutil
 
     table = {}
@@ -83,7 +84,7 @@ def run_zoo(archs, tmp_path) -> dict[str, str]:
         folder = tmp_path / arch
         folder.mkdir()
         table[arch] = (
-            "timm cannot build it small" if built is None else outcome(arch, *built, folder)
+            "timm cannot build it small" if built is None else outcome(arch, *built, folder, hub)
         )
         shutil.rmtree(folder)  # up to ~1 GB per giant architecture: the disk holds one at a time
     return table
