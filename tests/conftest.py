@@ -44,6 +44,25 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture
+def call(capsys):
+    """In-process `vit-parity ARGS` -> CompletedProcess(args, exit code, stdout, stderr);
+    argparse exits included."""
+    import subprocess
+
+    from weight_transfer import cli
+
+    def call(*args):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return call
+
+
+@pytest.fixture
 def x64():
     """JAX float64 for one test only; the global flag is restored afterwards."""
     with jax.enable_x64(True):

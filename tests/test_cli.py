@@ -17,21 +17,6 @@ def run(*args):
     )
 
 
-@pytest.fixture
-def call(capsys):
-    """In-process `vit-parity ARGS` -> (exit code, stdout, stderr); argparse exits included."""
-
-    def call(*args):
-        try:
-            code = cli.main(list(args))
-        except SystemExit as e:
-            code = e.code
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out, err)
-
-    return call
-
-
 @pytest.mark.slow
 def test_check_seed_preset_json():
     r = run("check", "--preset", "seed", "--json")

@@ -93,15 +93,10 @@ def timm_model(img_size=(8, 12), seed=23, **kw):
 
 
 def port_of_timm(model, **config_changes):
-    sd = {k.replace("fc_norm.", "norm."): v for k, v in model.state_dict().items()}
-    config = CONFIG.replace(**config_changes)
-    flat = {k: v.numpy() for k, v in sd.items()}
-    from weight_transfer.core.table import meta_of
-    from weight_transfer.layouts import LAYOUTS
-    from weight_transfer.porting.conversion import plan_conversion
+    from tests.helpers.models import from_timm
 
-    plan = plan_conversion(meta_of(flat), LAYOUTS["timm"], LAYOUTS["nnx"], config)
-    return wt.nnx_from_flat(dict(plan.run(flat.items())), config)
+    sd = {k.replace("fc_norm.", "norm."): v for k, v in model.state_dict().items()}
+    return from_timm(sd, CONFIG.replace(**config_changes))
 
 
 def test_compare_against_timm_layer_by_layer(images):
@@ -231,11 +226,8 @@ def make_fault(name, ref):
 def rope_pair(arch="vit_base_patch16_rope_224", size=(32, 48), **wrong):
     """A small timm RoPE model (2 x 3 patches of 16: the axes tell apart) and our port of it
     with `wrong` config fields."""
-    from tests.helpers.models import randomize
-    from weight_transfer.core.table import meta_of
-    from weight_transfer.layouts import LAYOUTS
+    from tests.helpers.models import from_timm, randomize
     from weight_transfer.layouts.timm import config_of_timm_model
-    from weight_transfer.porting.conversion import plan_conversion
 
     model = randomize(
         timm.create_model(
@@ -244,9 +236,8 @@ def rope_pair(arch="vit_base_patch16_rope_224", size=(32, 48), **wrong):
         26,
     ).eval()
     config = config_of_timm_model(model)
-    flat = {k: v.numpy() for k, v in model.state_dict().items()}
-    plan = plan_conversion(meta_of(flat), LAYOUTS["timm"], LAYOUTS["nnx"], config)
-    return model, wt.nnx_from_flat(dict(plan.run(flat.items())), config.replace(**wrong))
+    port = wt.nnx_flat(from_timm(model.state_dict(), config))  # timm's config maps the names
+    return model, wt.nnx_from_flat(port, config.replace(**wrong))
 
 
 # faults seen only at another image size than the checkpoint's (a 4 x 5 grid from 2 x 3)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import weight_transfer as wt
-from tests.helpers.models import nchw, randomize
+from tests.helpers.models import from_timm, nchw, randomize
 from vit_config import ViTConfig
 from weight_transfer.frameworks.runners import random_images, run_nnx, run_torch
 
@@ -44,15 +44,7 @@ def timm_model(preset: str, image_size, **kw):
 
 def port(model, config: ViTConfig):
     """timm's weights in our torch model, through the timm layout (the file a user converts)."""
-    from weight_transfer.core.table import meta_of
-    from weight_transfer.layouts import LAYOUTS
-    from weight_transfer.porting.conversion import plan_conversion
-
-    flat = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    plan = plan_conversion(meta_of(flat), LAYOUTS["timm"], LAYOUTS["torch"], config)
-    return wt.torch_from_state_dict(
-        {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in plan.run(flat.items())}, config
-    )
+    return from_timm(model.state_dict(), config, to="torch")
 
 
 def close(expected, got) -> float:

@@ -412,29 +412,21 @@ USER_PORT = """
 
 
 @pytest.fixture
-def cli_call(capsys, tmp_path, monkeypatch):
-    from weight_transfer import cli
-
+def cli_call(call, tmp_path, monkeypatch):
+    """`vit-parity ARGS` in-process, with a user's module `user_port` importable."""
     (tmp_path / "user_port.py").write_text(textwrap.dedent(USER_PORT))
     monkeypatch.syspath_prepend(str(tmp_path))
-
-    def call(*args):
-        try:
-            code = cli.main(list(args))
-        except SystemExit as e:
-            code = e.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
     return call
 
 
 def test_cli_diff_and_doctor_take_factories(cli_call):
-    code, out, _ = cli_call("diff", "user_port:reference", "user_port:build")
-    assert code == 0, out
+    done = cli_call("diff", "user_port:reference", "user_port:build")
+    out = done.stdout
+    assert done.returncode == 0, out
     assert "blocks.1.attn.proj" in out and "layers.1.attention.out" in out
-    code, out, _ = cli_call("doctor", "user_port:reference", "user_port:broken")
-    assert code == 1
+    done = cli_call("doctor", "user_port:reference", "user_port:broken")
+    out = done.stdout
+    assert done.returncode == 1
     assert "first divergence: reference blocks.1.attn.proj <-> candidate layers.1.attention" in out
     assert "holds the reference's blocks.1.attn.proj.weight untransposed" in out
 
@@ -450,9 +442,9 @@ def test_cli_diff_and_doctor_take_factories(cli_call):
     ],
 )
 def test_cli_bad_factories_exit_2_with_one_message(cli_call, args, fragment):
-    code, out, err = cli_call("diff", *args)
-    assert code == 2 and fragment in err, (out, err)
-    assert "Traceback" not in err
+    done = cli_call("diff", *args)
+    assert done.returncode == 2 and fragment in done.stderr, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
 
 
 def test_timm_shorthand_builds_seeded_random_weights():

@@ -127,6 +127,20 @@ def _zoom_linear(n_in: int, n_out: int) -> np.ndarray:
     return m
 
 
+def array_ops(x):
+    """(stack, concatenate) for x's array library, NumPy, JAX or torch, each taking an axis
+    as its second argument: the position maths runs on any of the three."""
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        return (lambda a, axis: torch.stack(a, dim=axis)), (lambda a, axis: torch.cat(a, dim=axis))
+    if type(x).__module__.startswith("jax"):
+        import jax.numpy as jnp
+
+        return jnp.stack, jnp.concatenate
+    return np.stack, np.concatenate
+
+
 def resample_grid(
     grid,
     new_hw: tuple[int, int],
@@ -180,12 +194,8 @@ def resample_pos_embed(
     d = rows.shape[-1]
     grid = resample_grid(rows.reshape(*old_grid, d), new_grid, interpolation, antialias, **variant)
     flat = grid.reshape(new_grid[0] * new_grid[1], d)
-    if type(pos).__module__.startswith("torch"):
-        import torch
-
-        return torch.cat([prefix, flat], dim=0)
-    xp = np if isinstance(pos, np.ndarray) else __import__("jax.numpy", fromlist=["numpy"])
-    return xp.concatenate([prefix, flat], axis=0)
+    _, concatenate = array_ops(pos)
+    return concatenate([prefix, flat], 0)
 
 
 def positions_for_grid(

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from vit_config.resample import array_ops
+
 
 def rope_angles(config, grid: tuple[int, int]) -> np.ndarray:
     """(Hp * Wp, head_dim / 2) float64 angles for a (Hp, Wp) patch grid."""
@@ -55,23 +57,10 @@ def rope_angles(config, grid: tuple[int, int]) -> np.ndarray:
     return angles
 
 
-def _xp(x):
-    """(stack, concatenate) for x's array library: NumPy, JAX or torch."""
-    if type(x).__module__.startswith("torch"):
-        import torch
-
-        return (lambda a, axis: torch.stack(a, dim=axis)), (lambda a, axis: torch.cat(a, dim=axis))
-    if type(x).__module__.startswith("jax"):
-        import jax.numpy as jnp
-
-        return jnp.stack, jnp.concatenate
-    return np.stack, np.concatenate
-
-
 def rotate(x, cos, sin, layout: str, prefix: int):
     """`x` (B, T, H, hd) with its patch tokens (all but the first `prefix`) rotated by the
     angles whose cos and sin are given as (T - prefix, hd / 2), in x's library and dtype."""
-    stack, concat = _xp(x)
+    stack, concat = array_ops(x)
     head, patches = x[:, :prefix], x[:, prefix:]
     c, s = cos[None, :, None, :], sin[None, :, None, :]  # (1, N, 1, hd/2)
     if layout == "interleaved":

@@ -31,3 +31,21 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def nchw(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
+def from_timm(state: dict, config, to: str = "nnx"):
+    """timm-layout tensors (a state dict) as our model of `config` ("nnx" or "torch"),
+    through the timm layout's table: the conversion a user's file goes through."""
+    import weight_transfer as wt
+    from weight_transfer.core.table import meta_of
+    from weight_transfer.layouts import LAYOUTS
+    from weight_transfer.porting.conversion import plan_conversion
+
+    flat = {k: v.detach().numpy() if hasattr(v, "detach") else v for k, v in state.items()}
+    plan = plan_conversion(meta_of(flat), LAYOUTS["timm"], LAYOUTS[to], config)
+    ported = dict(plan.run(flat.items()))
+    if to == "nnx":
+        return wt.nnx_from_flat(ported, config)
+    return wt.torch_from_state_dict(
+        {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ported.items()}, config
+    )

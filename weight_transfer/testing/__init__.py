@@ -13,7 +13,6 @@ weights' values. The pytest plugin (`weight_transfer.testing.plugin`, registered
 """
 
 from weight_transfer.testing.compare import (
-    GradGap,
     ModelReport,
     PairGap,
     assert_equivalent,
@@ -24,7 +23,6 @@ from weight_transfer.testing.matching import ParamMatch, Transform, fingerprint,
 from weight_transfer.testing.sides import model_side
 
 __all__ = [
-    "GradGap",
     "ModelReport",
     "PairGap",
     "ParamMatch",

@@ -31,7 +31,8 @@ from weight_transfer.testing.sides import ModelSide, model_side
 
 @dataclass
 class PairGap:
-    """One matched pair of modules, its outputs compared."""
+    """One matched pair, its values compared: two modules' outputs (`compare_models`), or two
+    parameters' gradients (`compare_grads`)."""
 
     reference: str
     candidate: str
@@ -200,13 +201,6 @@ def assert_equivalent(reference, candidate, images: np.ndarray, **options) -> Mo
     return report
 
 
-@dataclass
-class GradGap:
-    reference: str
-    candidate: str
-    gap: LayerGap
-
-
 def compare_grads(
     reference,
     candidate,
@@ -215,7 +209,7 @@ def compare_grads(
     loss=None,
     reference_input: str | None = None,
     candidate_input: str | None = None,
-) -> list[GradGap]:
+) -> list[PairGap]:
     """The gradient of `loss(output)` (default: the outputs times fixed random weights,
     summed) with respect to every matched parameter and the images, each side in float32 and
     float64, judged as `compare_models` judges outputs; the reference's gradients are carried
@@ -241,7 +235,7 @@ def compare_grads(
             continue
         pick = functools.partial(part_of, part=t.cand_part)
         out.append(
-            GradGap(
+            PairGap(
                 m.reference,
                 m.candidate,
                 layer_gap(
@@ -255,7 +249,7 @@ def compare_grads(
             )
         )
     out.append(
-        GradGap(
+        PairGap(
             "images",
             "images",
             layer_gap("images", r32["images"], r64["images"], c32["images"], c64["images"]),
