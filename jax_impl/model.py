@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from vit_config import ArgumentError, ViTConfig, arch, check_image_shape
+from vit_config.relpos import relative_index
 from vit_config.resample import positions_for_grid
 from vit_config.rope import rope_angles, rotate
 
@@ -52,12 +53,19 @@ def resolve_dtype(dtype) -> jnp.dtype:
 
 class AttentionPositions(NamedTuple):
     """What positions do inside attention, computed once per forward for the token grid: a
-    rotation of q and k (`rotate(q, k)` on (B, T, H, hd)), and a bias added to the attention
-    logits (broadcast to (B, H, T, S)). A learned table is added to the tokens before the
-    blocks instead (`ViT.embed`). The plain ViT has neither."""
+    rotation of q and k (`rotate(q, k)` on (B, T, H, hd)), a bias added to the attention
+    logits (broadcast to (B, H, T, S): a shared relative table's), and the (T, T) rows an
+    attention's own relative table is read at. A learned table is added to the tokens before
+    the blocks instead (`ViT.embed`). The plain ViT has none of them."""
 
     rotate: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None
     bias: jax.Array | None = None
+    rel_index: jax.Array | None = None
+
+
+def relative_bias(table: jax.Array, index: jax.Array) -> jax.Array:
+    """A relative bias table (R, H) read at (T, T) rows -> (H, T, T) logit biases."""
+    return table[index].transpose(2, 0, 1)
 
 
 NO_POSITIONS = AttentionPositions()
@@ -93,21 +101,31 @@ class Attention(nnx.Module):
         bias: bool = True,
         proj_bias: bool = True,
         qk_norm: bool = False,
+        k_bias: bool = True,
+        o_norm: bool = False,
+        rel_bias: bool = False,
+        heads: int = 0,
         dtype=jnp.float32,
         fused: bool = False,
         rngs: nnx.Rngs,
     ):
-        self.num_heads = c.num_heads
+        self.num_heads = heads or c.num_heads
         self.fused = fused
         d = c.d_model
         dense = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.q = nnx.Linear(d, d, use_bias=bias, **dense)
-        self.k = nnx.Linear(d, d, use_bias=bias, **dense)
+        self.k = nnx.Linear(d, d, use_bias=bias and k_bias, **dense)
         self.v = nnx.Linear(d, d, use_bias=bias, **dense)
         if qk_norm:
             self.q_norm = make_norm(c, c.head_dim, dense)
             self.k_norm = make_norm(c, c.head_dim, dense)
         self.qk_norm = qk_norm
+        if rel_bias:
+            self.rel_bias = nnx.Param(jnp.zeros((c.num_relative_positions, c.num_heads), dtype))
+        self.has_rel_bias = rel_bias
+        if o_norm:
+            self.o_norm = make_norm(c, d, dense)
+        self.has_o_norm = o_norm
         self.o = nnx.Linear(d, d, use_bias=proj_bias, **dense)
 
     def __call__(
@@ -125,18 +143,24 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if positions.rotate is not None:
             q, k = positions.rotate(q, k)
+        bias = positions.bias
+        if self.has_rel_bias:
+            own = relative_bias(self.rel_bias[...], positions.rel_index)  # (H, T, T)
+            bias = own if bias is None else bias + own
         if self.fused:  # XLA's fused kernel takes (B, T, H, hd) and the same bias
-            out = jax.nn.dot_product_attention(q, k, v, bias=positions.bias)
-            return self.o(out.reshape(b, t, d))
-        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # (B, H, T, hd)
-        out = attend(q, k, v, positions.bias).transpose(0, 2, 1, 3)  # (B, T, H, hd)
-        return self.o(out.reshape(b, t, d))
+            out = jax.nn.dot_product_attention(q, k, v, bias=bias).reshape(b, t, d)
+        else:
+            q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # (B, H, T, hd)
+            out = attend(q, k, v, bias).transpose(0, 2, 1, 3).reshape(b, t, d)  # heads joined
+        return self.o(self.o_norm(out) if self.has_o_norm else out)
 
 
 class FeedForward(nnx.Module):
     """The MLP parameters' owner's forward: ff2(act(ff1 x)), or ff2(act(ff1_g x) * ff1_x x)."""
 
-    def _init_mlp(self, c: ViTConfig, bias: bool, gated: bool, dense: dict) -> None:
+    def _init_mlp(
+        self, c: ViTConfig, bias: bool, gated: bool, dense: dict, hidden_norm: bool = False
+    ) -> None:
         self.activation = c.activation
         self.gated = gated
         d, f = c.d_model, c.d_ff
@@ -145,16 +169,20 @@ class FeedForward(nnx.Module):
             self.ff1_x = nnx.Linear(d, f, use_bias=bias, **dense)
         else:
             self.ff1 = nnx.Linear(d, f, use_bias=bias, **dense)
+        if hidden_norm:
+            self.ff_norm = make_norm(c, f, dense)
+        self.hidden_norm = hidden_norm
         self.ff2 = nnx.Linear(f, d, use_bias=bias, **dense)
 
     def mlp(self, x: jax.Array) -> jax.Array:
         act = ACTIVATIONS[self.activation]
         hidden = act(self.ff1_g(x)) * self.ff1_x(x) if self.gated else act(self.ff1(x))
-        return self.ff2(hidden)
+        return self.ff2(self.ff_norm(hidden) if self.hidden_norm else hidden)
 
 
 class Block(FeedForward):
-    """Pre-norm encoder block: x + ls1 * attn(ln1(x)), then x + ls2 * mlp(ln2(x))."""
+    """Encoder block, pre-norm: x + ls1 * attn(ln1(x)), then x + ls2 * mlp(ln2(x)); post-norm:
+    x + ls1 * ln1(attn(x)), then x + ls2 * ln2(mlp(x))."""
 
     def __init__(
         self, config: ViTConfig, *, dtype=jnp.float32, fused_attention: bool = False, rngs: nnx.Rngs
@@ -167,12 +195,16 @@ class Block(FeedForward):
             bias=c.qkv_bias,
             proj_bias=c.proj_bias,
             qk_norm=c.qk_norm,
+            k_bias=c.k_bias,
+            o_norm=c.attn_norm,
+            rel_bias=c.rel_pos_bias == "block",
             dtype=dtype,
             fused=fused_attention,
             rngs=rngs,
         )
         self.ln2 = make_norm(c, c.d_model, dense)
-        self._init_mlp(c, c.mlp_bias, c.mlp != "mlp", dense)
+        self._init_mlp(c, c.mlp_bias, c.mlp != "mlp", dense, c.mlp_norm)
+        self.post_norm = c.block == "post_norm"
         if c.layer_scale:
             self.ls1 = nnx.Param(jnp.ones((c.d_model,), dtype))
             self.ls2 = nnx.Param(jnp.ones((c.d_model,), dtype))
@@ -184,6 +216,10 @@ class Block(FeedForward):
     def __call__(
         self, x: jax.Array, tap: Tap = _no_tap, positions: AttentionPositions = NO_POSITIONS
     ) -> jax.Array:
+        if self.post_norm:
+            a = self.ln1(self.attn(x, positions=positions))
+            x = x + tap("attn", self.scaled("ls1", a))
+            return x + tap("mlp", self.scaled("ls2", self.ln2(self.mlp(x))))
         x = x + tap("attn", self.scaled("ls1", self.attn(self.ln1(x), positions=positions)))
         return x + tap("mlp", self.scaled("ls2", self.mlp(self.ln2(x))))
 
@@ -196,7 +232,7 @@ class MAPHead(FeedForward):
         c = config
         dense = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.probe = nnx.Param(jnp.zeros((1, c.d_model), dtype))
-        self.attn = Attention(c, dtype=dtype, rngs=rngs)
+        self.attn = Attention(c, heads=c.map_num_heads, dtype=dtype, rngs=rngs)
         self.norm = make_norm(c, c.d_model, dense)
         self._init_mlp(c, True, False, dense)  # a plain MLP, as timm and big_vision
 
@@ -257,6 +293,8 @@ class ViT(nnx.Module):
             self.pos_embed = nnx.Param(jnp.zeros((c.num_positions, d), dtype))
         if c.norm_pre:
             self.norm_pre = make_norm(c, d, dense)
+        if c.rel_pos_bias == "shared":
+            self.rel_bias = nnx.Param(jnp.zeros((c.num_relative_positions, c.num_heads), dtype))
         block = dict(dtype=dtype, fused_attention=fused_attention)
         if self.scan_layers:
             self.blocks = _stacked_blocks(c, block, rngs)  # every parameter (L, ...)
@@ -319,8 +357,15 @@ class ViT(nnx.Module):
     def attention_positions(self, grid: tuple[int, int]) -> AttentionPositions:
         """What positions do inside every block's attention for a (Hp, Wp) patch grid: RoPE's
         rotation of q and k (angles from the config in float64, rounded once to the model's
-        dtype; constants under jit), nothing for a learned table."""
+        dtype; constants under jit), relative biases (the rows each pair reads, and a shared
+        table's biases), nothing for a learned table."""
         c = self.config
+        if c.rel_pos_bias != "none":
+            index = jnp.asarray(relative_index(c, grid).astype(np.int32))  # (T, T)
+            shared = (
+                relative_bias(self.rel_bias[...], index) if c.rel_pos_bias == "shared" else None
+            )
+            return AttentionPositions(bias=shared, rel_index=index)
         if c.rope == "none":
             return NO_POSITIONS
         angles = rope_angles(c, grid)  # (Hp * Wp, hd / 2)
@@ -334,15 +379,17 @@ class ViT(nnx.Module):
 
     def pool(self, x: jax.Array) -> jax.Array:
         """(B, T, D) -> (B, D) (or (B, 2D) for "cls_mean"); prefix tokens other than the class
-        token are never pooled."""
-        pool, patches = self.config.pool, x[:, self.config.num_prefix_tokens :]
+        token are pooled only with `pool_prefix`."""
+        c = self.config
+        pool, patches = c.pool, x[:, c.num_prefix_tokens :]
+        read = x if c.pool_prefix else patches  # what "mean" and "map" read
         if pool == "cls":
             return x[:, 0]
         if pool == "mean":
-            return patches.mean(axis=1)
+            return read.mean(axis=1)
         if pool == "cls_mean":
             return jnp.concatenate([x[:, 0], patches.mean(axis=1)], axis=-1)
-        return self.map(patches)
+        return self.map(read)
 
     def __call__(self, images: jax.Array, *, return_intermediates: bool = False):
         """Logits for NHWC images; with `return_intermediates`, also a dict of named activations.

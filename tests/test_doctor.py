@@ -220,7 +220,70 @@ def make_fault(name, ref):
         return dynamic_pair()
     if name == "rope_variant":  # timm's RoPE-ViT; the port puts the height's angles first
         return rope_pair(rope_axes="hw")
+    if name == "rope_prefix":  # the reference forgot the prefix offset
+        model = random_nnx(CONFIG.replace(rope="interleaved", reg_tokens=1), seed=31)
+        return numpy_side(model, numpy_ref.Knobs(rope_from_first_token=True)), model
+    if name == "rope_table_precision":  # DINOv3's periods buffer in bfloat16
+        # head_dim 16: periods 100 ** (k / 4), three of the four inexact in bfloat16
+        config = CONFIG.replace(d_model=48, rope="half", rope_freqs="periods", rope_theta=100.0)
+        model = random_nnx(config, seed=32)
+        return numpy_side(model, numpy_ref.Knobs(rope_periods_dtype="bfloat16")), model
+    if name == "relative_bias_index":  # timm's BEiT; the port's table read transposed
+        return beit_pair(transposed=True)
+    if name == "block_norm_placement":  # timm's post-norm blocks ported as pre-norm
+        model = timm_model(block_fn=ResPostBlock(), global_pool="token")
+        return model, port_of_timm(model)
+    if name == "inner_norms":  # the candidate normalises the MLP's hidden units, the reference not
+        flat = wt.nnx_flat(ref)
+        rng = np.random.default_rng(33)
+        for i in range(CONFIG.num_layers):
+            for leaf in ("scale", "bias"):
+                flat[f"blocks.{i}.ff_norm.{leaf}"] = rng.standard_normal(CONFIG.d_ff).astype(
+                    np.float32
+                )
+        return ref, wt.nnx_from_flat(flat, CONFIG.replace(mlp_norm=True))
     raise KeyError(name)
+
+
+def ResPostBlock():  # noqa: N802 (timm's class, imported late)
+    from timm.models.vision_transformer import ResPostBlock
+
+    return ResPostBlock
+
+
+def beit_pair(transposed=False, class_slots=(0, 1, 2)):
+    """A small timm BEiT (2 x 3 patches: offsets (dy, dx) and (-dy, -dx) differ) and our port
+    of it whose relative tables are rearranged so that our reading of them is what a port
+    reading the index transposed, or the class slots in `class_slots`' order, computes."""
+    from tests.helpers.models import from_timm, randomize
+    from weight_transfer.layouts.timm import config_of_timm_model
+
+    model = randomize(
+        timm.create_model(
+            "beit_base_patch16_224",
+            pretrained=False,
+            depth=2,
+            img_size=(8, 12),
+            patch_size=4,
+            embed_dim=24,
+            num_heads=3,
+            num_classes=7,
+        ),
+        34,
+    ).eval()
+    config = config_of_timm_model(model)
+    flat = wt.nnx_flat(from_timm(model.state_dict(), config))
+    offsets = config.num_relative_positions - 3
+    for i in range(config.num_layers):
+        table = flat[f"blocks.{i}.attn.rel_bias"]
+        # transposed: row (-dy, -dx) read where (dy, dx) belongs (the offsets' rows
+        # reversed), and the class token as key where it is the query (its first two slots)
+        slots = [class_slots[i] for i in ((1, 0, 2) if transposed else (0, 1, 2))]
+        rows = np.concatenate(
+            [table[:offsets][::-1] if transposed else table[:offsets], table[offsets:][slots]]
+        )
+        flat[f"blocks.{i}.attn.rel_bias"] = rows
+    return model, wt.nnx_from_flat(flat, config)
 
 
 def rope_pair(arch="vit_base_patch16_rope_224", size=(32, 48), **wrong):
@@ -281,6 +344,11 @@ FAULTS = [
     "map_qkv_order",
     "resampling_method",
     "rope_variant",
+    "rope_prefix",
+    "rope_table_precision",
+    "relative_bias_index",
+    "block_norm_placement",
+    "inner_norms",
 ]
 
 
@@ -303,6 +371,9 @@ def test_every_hypothesis_has_a_planted_fault():
 # the slowest (3 to 4 s each, measured) run with the whole suite; the quick subset keeps the rest
 SLOW_FAULTS = {
     "rope_variant",  # also test_doctor_names_each_rope_difference
+    "rope_prefix",
+    "rope_table_precision",
+    "relative_bias_index",  # also test_doctor_names_the_class_slots_of_a_relative_bias_table
     "resampling_method",  # also test_doctor_names_how_the_reference_resamples
     "registers",
     "map_qkv_order",
@@ -570,3 +641,14 @@ def test_doctor_names_each_rope_difference(arch, wrong, named):
     assert [f.id for f in d.findings][:1] == ["rope_variant"], d.as_dict()
     assert named in d.findings[0].detail, d.as_dict()
     assert [f.id for f in d.findings][1:] in ([], ["float32_island"]), d.as_dict()
+
+
+@pytest.mark.parametrize("slots", [(1, 0, 2), pytest.param((2, 1, 0), marks=pytest.mark.slow)])
+def test_doctor_names_the_class_slots_of_a_relative_bias_table(slots):
+    """Against timm's BEiT: a port that keeps the class token's three bias slots in another
+    order is named, with the order the reference uses."""
+    reference, candidate = beit_pair(class_slots=slots)
+    images = random_images(candidate.config, 2, seed=35)
+    d = diagnose(reference, candidate, images)
+    assert [f.id for f in d.findings] == ["relative_bias_index"], d.as_dict()
+    assert "slots in another order" in d.findings[0].detail and d.fixed

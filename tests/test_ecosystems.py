@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import weight_transfer as wt
-from tests.conftest import assert_close
+from tests.conftest import TOL, assert_close
 from tests.helpers.models import nchw, randomize
 from vit_config import ViTConfig
 from weight_transfer.frameworks.runners import random_images, run_nnx, run_torch
@@ -296,11 +296,11 @@ def test_a_timm_avg_pool_state_dict_with_set_pool_mean(tmp_path):
 def test_a_bare_state_dict_says_its_positions_were_assumed(tmp_path):
     """Perception Encoder's bare timm state dict has a plain ViT's keys and also rotates q and
     k: the file cannot tell, so the position scheme is announced by name with --arch as the
-    way out, and the architecture named is refused, never loaded as a plain ViT."""
+    way out; named, the architecture loads with its RoPE and equals timm's forward."""
     from safetensors.torch import save_file
 
     arch = "vit_pe_core_base_patch16_224"
-    pe = timm.create_model(arch, pretrained=False, depth=2, img_size=64, num_classes=0)
+    pe = randomize(timm.create_model(arch, pretrained=False, depth=2, img_size=64, num_classes=0))
     path = tmp_path / "pe.safetensors"
     save_file({k: v.contiguous() for k, v in pe.state_dict().items()}, str(path))
     with pytest.warns(
@@ -310,5 +310,10 @@ def test_a_bare_state_dict_says_its_positions_were_assumed(tmp_path):
     ):
         wt.load_checkpoint(path, "torch")
     assert "Perception Encoder" in wt.inspect_checkpoint(path)["assumed"]["positions"]
-    with pytest.raises(wt.errors.LayoutError, match=arch):
-        wt.load_checkpoint(path, "torch", arch=arch, overrides={"num_layers": 2})
+    hints = dict(arch=arch, overrides={"num_layers": 2, "image_size": 64, "num_classes": 0})
+    ours = wt.load_checkpoint(path, "torch", **hints)
+    images = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        want = pe.eval()(torch.from_numpy(images)).numpy()
+        got = ours(torch.from_numpy(images)).numpy()
+    assert np.abs(got - want).max() <= TOL["float32"] * max(1.0, np.abs(want).max())

@@ -89,6 +89,34 @@ FAMILY = {
     "rope-periods-min-max": dict(
         rope="half", rope_freqs="periods", rope_coords="min", class_token=False, pool="mean"
     ),
+    # blocks: EVA-02's (q and v biases only, sub-LN norms in attention and the SwiGLU, RoPE
+    # with a table), post-norm residuals, BEiT's relative biases (per block, shared)
+    "eva02-blocks": dict(
+        k_bias=False,
+        qkv_fused=False,
+        attn_norm=True,
+        mlp_norm=True,
+        mlp="swiglu",
+        activation="silu",
+        rope="interleaved",
+        rope_ref_grid=(4, 4),
+    ),
+    "post-norm": dict(block="post_norm", layer_scale=True),
+    "beit-relative-bias": dict(
+        rel_pos_bias="block",
+        pos_embed=False,
+        k_bias=False,
+        layer_scale=True,
+        pool="mean",
+        class_token=True,
+        final_norm="post_pool",
+    ),
+    "relative-bias-shared": dict(rel_pos_bias="shared", qkv_bias=False),
+    # pooling that reads the prefix tokens; a MAP head with its own head count (PE core)
+    "map-own-heads-with-prefix": dict(
+        pool="map", class_token=True, reg_tokens=1, map_heads=1, pool_prefix=True
+    ),
+    "mean-with-prefix": dict(pool="mean", class_token=True, reg_tokens=2, pool_prefix=True),
 }
 
 
@@ -106,7 +134,14 @@ def both_ways(config: ViTConfig, dtype: str, seed: int = 0):
 
 
 # float32 of these in the whole suite only (0.9 s each, --durations): float64 is the finer check
-FLOAT32_SLOW = {"rope-periods-min-max", "rope-with-table-offset-ref"}
+FLOAT32_SLOW = {
+    "rope-periods-min-max",
+    "rope-with-table-offset-ref",
+    "mean-with-prefix",
+    "map-own-heads-with-prefix",
+    "eva02-blocks",
+    "relative-bias-shared",
+}
 
 
 @pytest.mark.parametrize(
@@ -181,6 +216,17 @@ GRAD_TOL = {"float32": 1e-4, "float64": 1e-10}
         # 2-3 s each (--durations): one RoPE case in the quick subset
         pytest.param("rope-interleaved-wh", marks=pytest.mark.slow),
         pytest.param("rope-with-table-offset-ref", marks=pytest.mark.slow),
+        # the blocks, the relative biases, pooling with prefix tokens: in the whole suite
+        *(
+            pytest.param(n, marks=pytest.mark.slow)
+            for n in (
+                "eva02-blocks",
+                "post-norm",
+                "beit-relative-bias",
+                "relative-bias-shared",
+                "map-own-heads-with-prefix",
+            )
+        ),
     ],
 )
 def test_family_gradient_parity(name, dtype):
@@ -214,6 +260,17 @@ def family_configs(draw):
     dist = class_token and pool == "cls" and draw(st.booleans())
     final = draw(st.sampled_from(["pre_pool", "none"] + ([] if pool == "map" else ["post_pool"])))
     rope = draw(st.sampled_from(["none", "interleaved", "half"]))
+    reg_tokens = draw(st.integers(0, 2))
+    # BEiT's tables: one class token and no other prefix token, no RoPE
+    beit = class_token and not dist and not reg_tokens and rope == "none"
+    blocks = dict(
+        k_bias=draw(st.booleans()),
+        attn_norm=draw(st.booleans()),
+        mlp_norm=draw(st.booleans()),
+        block=draw(st.sampled_from(["pre_norm", "post_norm"])),
+        rel_pos_bias=draw(st.sampled_from(["none", "block", "shared"] if beit else ["none"])),
+        pool_prefix=draw(st.booleans()),
+    )
     rope_fields = {}
     if rope != "none":
         rope_fields = dict(
@@ -235,12 +292,14 @@ def family_configs(draw):
         **rope_fields,
         num_heads=heads,
         d_ff=draw(st.integers(1, 16)),
+        map_heads=draw(st.sampled_from([0, 1])),
         num_layers=draw(st.integers(0, 2)),
         num_classes=draw(st.integers(1, 5)) if dist else draw(st.integers(0, 5)),
         pool=pool,
         class_token=class_token,
         dist_token=dist,
-        reg_tokens=draw(st.integers(0, 2)),
+        reg_tokens=reg_tokens,
+        **blocks,
         pos_embed_tokens=draw(st.sampled_from(["all", "none"] + (["cls"] if class_token else []))),
         final_norm=final,
         norm_pre=draw(st.booleans()),
@@ -305,7 +364,8 @@ def small(preset: str) -> ViTConfig:
     return dataclasses.replace(c, num_layers=2, image_size=4 * c.patch_size)
 
 
-HEAVY = (  # 2-4 s each (--durations); of the RoPE presets, one of each pair layout stays quick
+HEAVY = (  # 1.4-4 s each (--durations); quick: one preset per pair layout, EVA-02's CLIP
+    # blocks
     "dinov2_g14",
     "siglip_so400m14",
     "aimv2_l14",
@@ -317,6 +377,13 @@ HEAVY = (  # 2-4 s each (--durations); of the RoPE presets, one of each pair lay
     "dinov3_l16",
     "dinov3_hplus16",
     "pe_spatial_b16",
+    "pe_core_b16",
+    "eva02_b14",
+    "beitv2_b16",
+    "rope_reg1_gap_b16",
+    "beit_b16",  # its relative biases: the family's beit-relative-bias cases stay quick
+    "vit_medium_reg4_gap",
+    "siglip_b16_gap",
 )
 
 

@@ -128,10 +128,9 @@ def test_a_file_without_a_table_and_without_its_rope_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "architecture, feature",
     [
-        ("vit_pe_core_base_patch16_224", "a MAP head with 8 heads"),
         ("vit_base_patch16_rope_mixed_224", "mixed RoPE"),
-        ("vit_base_patch16_rope_reg1_gap_256", "q and v biases with a zero k bias"),
-        ("eva02_base_patch14_224", "separate q, k, v projections"),
+        ("vit_relpos_base_patch16_224", "the model class VisionTransformerRelPos"),
+        ("naflexvit_base_patch16_gap", "the model class NaFlexVit"),
     ],
 )
 def test_what_this_vit_cannot_compute_is_refused_by_name(architecture, feature):

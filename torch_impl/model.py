@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vit_config import ViTConfig, check_image_shape
+from vit_config.relpos import relative_index
 from vit_config.resample import positions_for_grid
 from vit_config.rope import rope_angles, rotate
 
@@ -37,12 +38,19 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 class AttentionPositions(NamedTuple):
     """What positions do inside attention, computed once per forward for the token grid: a
-    rotation of q and k (`rotate(q, k)` on (B, T, H, hd)), and a bias added to the attention
-    logits (broadcast to (B, H, T, S)). A learned table is added to the tokens before the
-    blocks instead (`ViT.embed`). The plain ViT has neither."""
+    rotation of q and k (`rotate(q, k)` on (B, T, H, hd)), a bias added to the attention
+    logits (broadcast to (B, H, T, S): a shared relative table's), and the (T, T) rows an
+    attention's own relative table is read at. A learned table is added to the tokens before
+    the blocks instead (`ViT.embed`). The plain ViT has none of them."""
 
     rotate: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     bias: torch.Tensor | None = None
+    rel_index: torch.Tensor | None = None
+
+
+def relative_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """A relative bias table (R, H) read at (T, T) rows -> (H, T, T) logit biases."""
+    return table[index].permute(2, 0, 1)
 
 
 NO_POSITIONS = AttentionPositions()
@@ -67,18 +75,33 @@ class Attention(nn.Module):
     self-attention, or cross-attention from `x` to `context` (the MAP head's probe)."""
 
     def __init__(
-        self, c: ViTConfig, *, bias: bool = True, proj_bias: bool = True, qk_norm: bool = False
+        self,
+        c: ViTConfig,
+        *,
+        bias: bool = True,
+        proj_bias: bool = True,
+        qk_norm: bool = False,
+        k_bias: bool = True,
+        o_norm: bool = False,
+        rel_bias: bool = False,
+        heads: int = 0,
     ):
         super().__init__()
-        self.num_heads = c.num_heads
+        self.num_heads = heads or c.num_heads
         d = c.d_model
         self.q = nn.Linear(d, d, bias=bias)
-        self.k = nn.Linear(d, d, bias=bias)
+        self.k = nn.Linear(d, d, bias=bias and k_bias)
         self.v = nn.Linear(d, d, bias=bias)
         if qk_norm:
             self.q_norm = make_norm(c, c.head_dim)
             self.k_norm = make_norm(c, c.head_dim)
         self.qk_norm = qk_norm
+        if rel_bias:
+            self.rel_bias = nn.Parameter(torch.zeros(c.num_relative_positions, c.num_heads))
+        self.has_rel_bias = rel_bias
+        if o_norm:
+            self.o_norm = make_norm(c, d)
+        self.has_o_norm = o_norm
         self.o = nn.Linear(d, d, bias=proj_bias)
 
     def forward(
@@ -96,15 +119,19 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if positions.rotate is not None:
             q, k = positions.rotate(q, k)
+        bias = positions.bias
+        if self.has_rel_bias:
+            own = relative_bias(self.rel_bias, positions.rel_index)  # (H, T, T)
+            bias = own if bias is None else bias + own
         q, k, v = (a.transpose(1, 2) for a in (q, k, v))  # (B, H, T, hd)
-        out = attend(q, k, v, positions.bias)  # (B, H, T, hd)
-        return self.o(out.transpose(1, 2).reshape(b, t, d))
+        out = attend(q, k, v, bias).transpose(1, 2).reshape(b, t, d)  # heads concatenated
+        return self.o(self.o_norm(out) if self.has_o_norm else out)
 
 
 class FeedForward(nn.Module):
     """The MLP parameters' owner's forward: ff2(act(ff1 x)), or ff2(act(ff1_g x) * ff1_x x)."""
 
-    def _init_mlp(self, c: ViTConfig, bias: bool, gated: bool) -> None:
+    def _init_mlp(self, c: ViTConfig, bias: bool, gated: bool, hidden_norm: bool = False) -> None:
         self.activation = c.activation
         self.gated = gated
         d, f = c.d_model, c.d_ff
@@ -113,24 +140,37 @@ class FeedForward(nn.Module):
             self.ff1_x = nn.Linear(d, f, bias=bias)
         else:
             self.ff1 = nn.Linear(d, f, bias=bias)
+        if hidden_norm:
+            self.ff_norm = make_norm(c, f)
+        self.hidden_norm = hidden_norm
         self.ff2 = nn.Linear(f, d, bias=bias)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         act = ACTIVATIONS[self.activation]
         hidden = act(self.ff1_g(x)) * self.ff1_x(x) if self.gated else act(self.ff1(x))
-        return self.ff2(hidden)
+        return self.ff2(self.ff_norm(hidden) if self.hidden_norm else hidden)
 
 
 class Block(FeedForward):
-    """Pre-norm encoder block: x + ls1 * attn(ln1(x)), then x + ls2 * mlp(ln2(x))."""
+    """Encoder block, pre-norm: x + ls1 * attn(ln1(x)), then x + ls2 * mlp(ln2(x)); post-norm:
+    x + ls1 * ln1(attn(x)), then x + ls2 * ln2(mlp(x))."""
 
     def __init__(self, config: ViTConfig):
         super().__init__()
         c = config
         self.ln1 = make_norm(c, c.d_model)
-        self.attn = Attention(c, bias=c.qkv_bias, proj_bias=c.proj_bias, qk_norm=c.qk_norm)
+        self.attn = Attention(
+            c,
+            bias=c.qkv_bias,
+            proj_bias=c.proj_bias,
+            qk_norm=c.qk_norm,
+            k_bias=c.k_bias,
+            o_norm=c.attn_norm,
+            rel_bias=c.rel_pos_bias == "block",
+        )
         self.ln2 = make_norm(c, c.d_model)
-        self._init_mlp(c, c.mlp_bias, c.mlp != "mlp")
+        self._init_mlp(c, c.mlp_bias, c.mlp != "mlp", c.mlp_norm)
+        self.post_norm = c.block == "post_norm"
         if c.layer_scale:
             self.ls1 = nn.Parameter(torch.ones(c.d_model))
             self.ls2 = nn.Parameter(torch.ones(c.d_model))
@@ -142,6 +182,10 @@ class Block(FeedForward):
     def forward(
         self, x: torch.Tensor, tap: Tap = _no_tap, positions: AttentionPositions = NO_POSITIONS
     ) -> torch.Tensor:
+        if self.post_norm:
+            a = self.ln1(self.attn(x, positions=positions))
+            x = x + tap("attn", self.scaled("ls1", a))
+            return x + tap("mlp", self.scaled("ls2", self.ln2(self.mlp(x))))
         x = x + tap("attn", self.scaled("ls1", self.attn(self.ln1(x), positions=positions)))
         return x + tap("mlp", self.scaled("ls2", self.mlp(self.ln2(x))))
 
@@ -154,7 +198,7 @@ class MAPHead(FeedForward):
         super().__init__()
         c = config
         self.probe = nn.Parameter(torch.zeros(1, c.d_model))
-        self.attn = Attention(c)
+        self.attn = Attention(c, heads=c.map_num_heads)
         self.norm = make_norm(c, c.d_model)
         self._init_mlp(c, True, False)  # a plain MLP, as timm and big_vision
 
@@ -190,6 +234,8 @@ class ViT(nn.Module):
             self.pos_embed = nn.Parameter(torch.zeros(c.num_positions, d))
         if c.norm_pre:
             self.norm_pre = make_norm(c, d)
+        if c.rel_pos_bias == "shared":
+            self.rel_bias = nn.Parameter(torch.zeros(c.num_relative_positions, c.num_heads))
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_layers))
         if c.final_norm == "pre_pool":
             self.ln_f = make_norm(c, d)
@@ -245,12 +291,17 @@ class ViT(nn.Module):
     def attention_positions(self, grid: tuple[int, int]) -> AttentionPositions:
         """What positions do inside every block's attention for a (Hp, Wp) patch grid: RoPE's
         rotation of q and k (angles from the config in float64, rounded once to the model's
-        dtype), nothing for a learned table."""
+        dtype), relative biases (the rows each pair reads, and a shared table's biases),
+        nothing for a learned table."""
         c = self.config
+        device = self.patch_embed.weight.device
+        if c.rel_pos_bias != "none":
+            index = torch.from_numpy(relative_index(c, grid)).to(device)  # (T, T)
+            shared = relative_bias(self.rel_bias, index) if c.rel_pos_bias == "shared" else None
+            return AttentionPositions(bias=shared, rel_index=index)
         if c.rope == "none":
             return NO_POSITIONS
         angles = rope_angles(c, grid)  # (Hp * Wp, hd / 2)
-        device = self.patch_embed.weight.device
         cos, sin = (
             torch.from_numpy(f(angles)).to(device=device, dtype=self.dtype)
             for f in (np.cos, np.sin)
@@ -264,15 +315,17 @@ class ViT(nn.Module):
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, D) (or (B, 2D) for "cls_mean"); prefix tokens other than the class
-        token are never pooled."""
-        pool, patches = self.config.pool, x[:, self.config.num_prefix_tokens :]
+        token are pooled only with `pool_prefix`."""
+        c = self.config
+        pool, patches = c.pool, x[:, c.num_prefix_tokens :]
+        read = x if c.pool_prefix else patches  # what "mean" and "map" read
         if pool == "cls":
             return x[:, 0]
         if pool == "mean":
-            return patches.mean(dim=1)
+            return read.mean(dim=1)
         if pool == "cls_mean":
             return torch.cat([x[:, 0], patches.mean(dim=1)], dim=-1)
-        return self.map(patches)
+        return self.map(read)
 
     def forward(self, images: torch.Tensor, *, return_intermediates: bool = False):
         """Logits for NCHW images; with `return_intermediates`, also a dict of named activations."""

@@ -46,6 +46,8 @@ CHOICES = {  # every field with a fixed set of values
     "rope_axes": ("hw", "wh"),
     "rope_freqs": ("theta", "periods"),
     "rope_coords": ("separate", "min", "max"),
+    "block": ("pre_norm", "post_norm"),
+    "rel_pos_bias": ("none", "block", "shared"),
 }
 BOOLS = (
     "qkv_bias",
@@ -60,6 +62,11 @@ BOOLS = (
     "patch_bias",
     "head_bias",
     "pos_embed",
+    "k_bias",
+    "qkv_fused",
+    "attn_norm",
+    "mlp_norm",
+    "pool_prefix",
 )
 
 
@@ -114,6 +121,12 @@ class ViTConfig:
     # Bias on the query, key and value projections (timm qkv_bias); the output projection
     # always has one.
     qkv_bias: bool = True
+    # With qkv_bias: whether the key has one too. False: biases on q and v only (EVA, BEiT:
+    # timm stores q_bias and v_bias and a zero k bias that is not saved).
+    k_bias: bool = True
+    # How timm stores q, k and v: one packed qkv (ViT, BEiT, EVA-01) or q_proj, k_proj,
+    # v_proj (EVA-02 B and L). The same function and parameters; only the timm names differ.
+    qkv_fused: bool = True
     # A learned class token before the patch tokens (ViT paper, timm class_token). Independent
     # of pooling; None means "as the pooling implies": present for the pools that read it
     # ("cls", "cls_mean"), absent otherwise.
@@ -144,6 +157,25 @@ class ViTConfig:
     mlp: str = "mlp"
     # A norm over head_dim on queries and keys.
     qk_norm: bool = False
+    # A norm on the heads' concatenated output before the output projection, and one on the
+    # MLP's hidden units before its second layer (EVA-02's sub-LN; timm scale_attn_inner /
+    # scale_attn_norm and scale_mlp / scale_mlp_norm).
+    attn_norm: bool = False
+    mlp_norm: bool = False
+    # "pre_norm": x + attn(ln1(x)), then x + mlp(ln2(x)) (ViT); "post_norm": each norm on its
+    # branch's output, x + ln1(attn(x)), then x + ln2(mlp(x)) (timm ResPostBlock, EVA's
+    # use_post_norm, Swin v2). LayerScale, where present, scales the branch last.
+    block: str = "pre_norm"
+    # Learned relative position biases added to the attention logits (BEiT): "block" one
+    # table per block, "shared" one for all blocks; a row per (dy, dx) offset of the grid,
+    # then three for the class token (as query, as key, both), a column per head.
+    rel_pos_bias: str = "none"
+    # Heads of the MAP head's attention; 0: the blocks' num_heads (Perception Encoder core: 8
+    # whatever the blocks have).
+    map_heads: int = 0
+    # Whether "mean" and "map" pooling read the prefix tokens too (timm's pool_include_prefix;
+    # Eva's MAP head always does: Perception Encoder core). False: the patch tokens only.
+    pool_prefix: bool = False
     # Biases: attention output, MLP, patch embedding (CLIP has none), classifier head.
     proj_bias: bool = True
     mlp_bias: bool = True
@@ -178,6 +210,12 @@ class ViTConfig:
             object.__setattr__(self, "class_token", self.pool in ("cls", "cls_mean"))
         if self.num_classes == 0:  # no head: whether it has a bias is moot, so it is the default
             object.__setattr__(self, "head_bias", True)
+        if not self.qkv_bias:  # no biases: whether the key would have one is moot
+            object.__setattr__(self, "k_bias", True)
+        if self.pool not in ("mean", "map") or self.num_prefix_tokens == 0:  # moot
+            object.__setattr__(self, "pool_prefix", False)
+        if self.pool != "map" or self.map_heads == self.num_heads:  # no MAP head, or the same
+            object.__setattr__(self, "map_heads", 0)
         self._validate()
 
     def _validate(self) -> None:
@@ -190,7 +228,7 @@ class ViTConfig:
         for name in ("patch_size", "in_channels", "d_model", "num_heads", "d_ff"):
             if not _is_positive_int(getattr(self, name)):
                 raise ConfigError(name, getattr(self, name), "expected a positive int")
-        for name in ("num_layers", "num_classes", "reg_tokens"):
+        for name in ("num_layers", "num_classes", "reg_tokens", "map_heads"):
             if not (
                 isinstance(getattr(self, name), int)
                 and not isinstance(getattr(self, name), bool)
@@ -236,8 +274,25 @@ class ViTConfig:
                 "the distillation head averages with the class "
                 "token's head: needs pool='cls' and num_classes > 0",
             )
+        if self.d_model % self.map_num_heads:
+            raise ConfigError(
+                "map_heads", self.map_heads, f"d_model={self.d_model} is not divisible by it"
+            )
         if self.final_norm == "post_pool" and self.pool == "map":
             raise ConfigError("final_norm", self.final_norm, "MAP pooling has its own norm")
+        if self.rel_pos_bias != "none" and not (self.class_token and self.num_prefix_tokens == 1):
+            raise ConfigError(
+                "rel_pos_bias",
+                self.rel_pos_bias,
+                "BEiT's tables have slots for one class token and no other prefix token",
+            )
+        if self.rel_pos_bias != "none" and self.rope != "none":
+            raise ConfigError(
+                "rel_pos_bias",
+                self.rel_pos_bias,
+                "relative biases and RoPE together: no "
+                "published ViT has both (rope='none' or rel_pos_bias='none')",
+            )
         self._validate_rope()
 
     def _validate_rope(self) -> None:
@@ -293,6 +348,18 @@ class ViTConfig:
     def num_positions(self) -> int:
         """Rows of the position embedding: the positioned prefix tokens, then the patches."""
         return self.num_positioned_prefix + self.num_patches
+
+    @property
+    def map_num_heads(self) -> int:
+        """Heads of the MAP head's attention (`map_heads`, or the blocks')."""
+        return self.map_heads or self.num_heads
+
+    @property
+    def num_relative_positions(self) -> int:
+        """Rows of a relative bias table: every (dy, dx) offset of the grid, and the class
+        token's three slots."""
+        hp, wp = self.grid
+        return (2 * hp - 1) * (2 * wp - 1) + 3
 
     @property
     def pooled_dim(self) -> int:
@@ -378,6 +445,36 @@ _DINOV3 = dict(
     rope_freqs="periods",
     rope_theta=100.0,
 )
+# Perception Encoder's trunk: a learned table and RoPE (+1, width angles first), CLIP's norms
+_PE = dict(
+    _B,
+    patch_size=16,
+    class_token=True,
+    ln_eps=1e-5,
+    norm_pre=True,
+    patch_bias=False,
+    rope="interleaved",
+    rope_axes="wh",
+    rope_offset=1.0,
+)
+_EVA02 = dict(
+    activation="silu",
+    mlp="swiglu",
+    mlp_norm=True,
+    k_bias=False,
+    qkv_fused=False,
+    rope="interleaved",
+    rope_ref_grid=(16, 16),
+)
+_BEIT = dict(
+    pool="mean",
+    class_token=True,
+    k_bias=False,
+    final_norm="post_pool",
+    layer_scale=True,
+    rel_pos_bias="block",
+    pos_embed=False,
+)
 PRESETS: dict[str, dict[str, Any]] = {
     # The seed's toy: 4x4x3 images, P=2 (4 patches), mean pool, ReLU, flax LayerNorm eps.
     "seed": dict(
@@ -459,22 +556,61 @@ PRESETS: dict[str, dict[str, Any]] = {
         mlp="swiglu",
         activation="silu",
     ),
-    "pe_spatial_b16": dict(  # Perception Encoder spatial: a learned table and RoPE (+1, xy)
-        _B,
+    "pe_spatial_b16": dict(  # Perception Encoder spatial: the trunk, no head
+        _PE,
         image_size=512,
-        patch_size=16,
+        num_classes=0,
+        pool="mean",
+        final_norm="none",
+        rope_ref_grid=(32, 32),
+    ),
+    # Perception Encoder core: the trunk and a MAP head with its own 8 heads reading the
+    # class token too, into a 1024-wide projection
+    "pe_core_b16": dict(
+        _PE,
+        image_size=224,
+        num_classes=1024,
+        pool="map",
+        map_heads=8,
+        pool_prefix=True,
+        rope_ref_grid=(14, 14),
+    ),
+    # EVA-02 (timm Eva): RoPE with a learned table, q and v biases only, separate q/k/v, a
+    # SwiGLU with a norm on its hidden units (the CLIP tower also one before attn.proj)
+    "eva02_b14": dict(
+        _B,
+        image_size=224,
+        patch_size=14,
+        d_ff=2048,
         num_classes=0,
         pool="mean",
         class_token=True,
-        ln_eps=1e-5,
-        norm_pre=True,
-        patch_bias=False,
-        final_norm="none",
-        rope="interleaved",
-        rope_axes="wh",
-        rope_offset=1.0,
-        rope_ref_grid=(32, 32),
+        final_norm="post_pool",
+        **_EVA02,
     ),
+    "eva02_b16_clip": dict(
+        _B, image_size=224, patch_size=16, d_ff=2048, num_classes=512, attn_norm=True, **_EVA02
+    ),
+    # RoPE-ViT as the sbb recipe: q and v biases only, one register, no class token, avg pool
+    "rope_reg1_gap_b16": dict(
+        _PAPER,
+        image_size=256,
+        patch_size=16,
+        **_B,
+        pool="mean",
+        class_token=False,
+        reg_tokens=1,
+        k_bias=False,
+        final_norm="post_pool",
+        layer_scale=True,
+        pos_embed=False,
+        rope="interleaved",
+        rope_ref_grid=(16, 16),
+    ),
+    # BEiT (timm Beit): a relative bias table per block and no absolute table, q and v
+    # biases only, LayerScale, mean pooling into fc_norm
+    "beit_b16": dict(_PAPER, patch_size=16, **_B, **_BEIT),
+    "beitv2_b16": dict(_PAPER, patch_size=16, **_B, **_BEIT),
     "aimv2_l14": dict(
         image_size=224,
         patch_size=14,

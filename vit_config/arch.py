@@ -35,6 +35,8 @@ AXES = (
     "head_dim",
     "mlp",
     "classes",
+    "relative_positions",  # a relative bias table's offsets (never sharded)
+    "attention_heads",  # a count of heads, not flattened (a relative bias table's columns)
 )
 
 
@@ -103,40 +105,78 @@ def param(
     return Layer(path, "param", {"": Param(tuple(shape), kind, axes[-len(shape) :])})
 
 
-def mlp_layers(c: ViTConfig, prefix: str, bias: bool, gated: bool) -> list[Layer]:
-    """ff1 -> activation -> ff2, or the gated form: ff2(act(ff1_g x) * ff1_x x)."""
+def mlp_layers(
+    c: ViTConfig, prefix: str, bias: bool, gated: bool, hidden_norm: bool = False
+) -> list[Layer]:
+    """ff1 -> activation -> ff2, or the gated form: ff2(act(ff1_g x) * ff1_x x); with
+    `hidden_norm`, a norm on the hidden units before ff2 (EVA-02's sub-LN: `ff_norm`)."""
     d, f = c.d_model, c.d_ff
     up, down = ("embed", "mlp"), ("mlp", "embed")
     names = ("ff1",) if not gated else ("ff1_g", "ff1_x")
     return [
         *(linear(f"{prefix}.{n}", d, f, bias, up) for n in names),
+        *([norm(f"{prefix}.ff_norm", f, c.norm, "mlp")] if hidden_norm else []),
         linear(f"{prefix}.ff2", f, d, bias, down),
     ]
 
 
 def attention_layers(
-    c: ViTConfig, prefix: str, bias: bool = True, proj_bias: bool = True, qk_norm: bool = False
+    c: ViTConfig,
+    prefix: str,
+    bias: bool = True,
+    proj_bias: bool = True,
+    qk_norm: bool = False,
+    k_bias: bool = True,
+    o_norm: bool = False,
+    rel_bias: bool = False,
 ) -> list[Layer]:
-    """Four projections (q, k, v column-parallel over heads, o row-parallel), optional q/k
-    norms over head_dim between them."""
+    """Four projections (q, k, v column-parallel over heads, o row-parallel; `k_bias=False`:
+    biases on q and v only), optional q/k norms over head_dim between them, an optional norm
+    on o's input (`o_norm`, EVA-02's sub-LN), and an optional table of relative position
+    biases per head (`rel_bias`, BEiT)."""
     d, heads = c.d_model, ("embed", "heads")
     return [
-        *(linear(f"{prefix}.{n}", d, d, bias, heads) for n in "qkv"),
+        *(linear(f"{prefix}.{n}", d, d, bias and (n != "k" or k_bias), heads) for n in "qkv"),
         *(norm(f"{prefix}.{n}_norm", c.head_dim, c.norm, "head_dim") for n in "qk" if qk_norm),
+        *([rel_bias_table(c, f"{prefix}.rel_bias")] if rel_bias else []),
+        *([norm(f"{prefix}.o_norm", d, c.norm, "heads")] if o_norm else []),
         linear(f"{prefix}.o", d, d, proj_bias, heads[::-1]),
     ]
 
 
+def rel_bias_table(c: ViTConfig, path: str) -> Layer:
+    """BEiT's relative position biases: one row per (dy, dx) offset of the config's grid,
+    then three for the class token (as query, as key, both), one column per head."""
+    return param(
+        path,
+        c.num_relative_positions,
+        c.num_heads,
+        kind="bias",
+        axes=("relative_positions", "attention_heads"),
+    )
+
+
 def block_layers(c: ViTConfig, prefix: str) -> list[Layer]:
-    """One encoder block: pre-norm attention (four projections, optional q/k norms over
-    head_dim) and pre-norm MLP, each branch optionally scaled per channel (LayerScale)."""
+    """One encoder block: attention (four projections, optional q/k norms over head_dim, an
+    optional norm before o and relative biases) and MLP (an optional hidden norm), each with
+    its norm (before the branch, or after it: `block`), each branch optionally scaled per
+    channel (LayerScale)."""
     d = c.d_model
     return [
         norm(f"{prefix}.ln1", d, c.norm),
-        *attention_layers(c, f"{prefix}.attn", c.qkv_bias, c.proj_bias, c.qk_norm),
+        *attention_layers(
+            c,
+            f"{prefix}.attn",
+            c.qkv_bias,
+            c.proj_bias,
+            c.qk_norm,
+            c.k_bias,
+            c.attn_norm,
+            c.rel_pos_bias == "block",
+        ),
         *([param(f"{prefix}.ls1", d, kind="scale")] if c.layer_scale else []),
         norm(f"{prefix}.ln2", d, c.norm),
-        *mlp_layers(c, prefix, c.mlp_bias, c.mlp != "mlp"),
+        *mlp_layers(c, prefix, c.mlp_bias, c.mlp != "mlp", c.mlp_norm),
         *([param(f"{prefix}.ls2", d, kind="scale")] if c.layer_scale else []),
     ]
 
@@ -170,6 +210,8 @@ def layers(c: ViTConfig) -> list[Layer]:
         tree.append(param("pos_embed", c.num_positions, d))
     if c.norm_pre:
         tree.append(norm("norm_pre", d, c.norm))
+    if c.rel_pos_bias == "shared":
+        tree.append(rel_bias_table(c, "rel_bias"))
     for i in range(c.num_layers):
         tree += block_layers(c, f"blocks.{i}")
     if c.final_norm == "pre_pool":

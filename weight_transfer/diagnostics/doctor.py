@@ -243,7 +243,10 @@ def map_qkv_order(c: Candidate) -> Iterator[Variant]:
 
 
 def _qkv(c: Candidate, i: int) -> list[list[str]]:
-    leaves = ["kernel"] + (["bias"] if c.config.qkv_bias else [])
+    """Block i's [q, k, v] parameter keys, each [kernel(, bias)]: biases only when all three
+    have one (q and v alone, EVA's and BEiT's, are left where they are)."""
+    biased = c.config.qkv_bias and c.config.k_bias
+    leaves = ["kernel"] + (["bias"] if biased else [])
     return [[f"blocks.{i}.attn.{n}.{leaf}" for leaf in leaves] for n in "qkv"]
 
 
@@ -502,7 +505,7 @@ def rope_variant(c: Candidate) -> Iterator[Variant]:
     config), or RoPE missing on the candidate altogether."""
     cfg = c.config
     if cfg.rope == "none":
-        if cfg.head_dim % 4 == 0:
+        if cfg.head_dim % 4 == 0 and cfg.rel_pos_bias == "none":
             for name, fields in ROPE_FAMILIES:
                 yield f"the reference rotates q and k with {name} RoPE", _config(c, **fields)
         return
@@ -549,6 +552,85 @@ def rope_variant(c: Candidate) -> Iterator[Variant]:
     yield "the reference has no RoPE (a learned table alone)", _config(c, rope="none")
 
 
+def rope_prefix(c: Candidate) -> Iterator[Variant]:
+    """RoPE laid on the tokens from the first one (a port that forgot the prefix tokens: they
+    take the first patches' angles, the last patches none)."""
+    if c.config.rope != "none" and c.config.num_prefix_tokens:
+        yield (
+            "the reference rotates from the first token: its prefix tokens take the first "
+            "patches' RoPE angles and its last patches none (the prefix offset forgotten)",
+            _knobs(c, rope_from_first_token=True),
+        )
+
+
+def rope_table_precision(c: Candidate) -> Iterator[Variant]:
+    """RoPE frequencies from periods held in bfloat16 (DINOv3's released `periods` buffer).
+    Tables merely built in float32 (timm, HF) are a float32 island, named as such."""
+    if c.config.rope != "none":
+        yield (
+            "the reference's RoPE periods are bfloat16 (DINOv3's released `periods` buffer "
+            "is reported to be): its angles are off by up to 0.4% of each frequency",
+            _knobs(c, rope_periods_dtype="bfloat16"),
+        )
+
+
+def relative_bias_index(c: Candidate) -> Iterator[Variant]:
+    """A relative bias table read another way: query and key swapped, or the class token's
+    three slots (as query, as key, with itself) in another order."""
+    if c.config.rel_pos_bias == "none":
+        return
+    yield (
+        "the reference reads its relative bias table with query and key swapped (the "
+        "index transposed)",
+        _knobs(c, rel_transposed=True),
+    )
+    roles = ("as query", "as key", "with itself")
+    for slots in itertools.permutations(range(3)):
+        if slots != c.knobs.rel_class_slots:
+            order = ", ".join(f"{roles[i]} at R-{3 - slots[i]}" for i in range(3))
+            yield (
+                f"the reference keeps the class token's relative bias slots in another order "
+                f"({order}; the offsets' count R-3 first)",
+                _knobs(c, rel_class_slots=slots),
+            )
+
+
+def block_norm_placement(c: Candidate) -> Iterator[Variant]:
+    """Pre-norm vs post-norm residual blocks (the same parameters either way)."""
+    if not c.config.num_layers:
+        return
+    if c.config.block == "pre_norm":
+        yield (
+            "the reference's blocks are post-norm: each norm on its branch's output "
+            "(x + norm(attn(x)); timm ResPostBlock, EVA use_post_norm)",
+            _config(c, block="post_norm"),
+        )
+    else:
+        yield (
+            "the reference's blocks are pre-norm: each norm on its branch's input "
+            "(x + attn(norm(x)))",
+            _config(c, block="pre_norm"),
+        )
+
+
+def inner_norms(c: Candidate) -> Iterator[Variant]:
+    """A norm the candidate has inside its branches and the reference lacks (EVA-02's
+    sub-LN): on the MLP's hidden units, or on the attention output before its projection.
+    The other way round cannot be replayed: the reference's gains are not the candidate's."""
+    if c.config.mlp_norm:
+        yield (
+            "the reference has no norm on the MLP's hidden units (the candidate has EVA-02's "
+            "sub-LN there)",
+            _config(c, mlp_norm=False),
+        )
+    if c.config.attn_norm:
+        yield (
+            "the reference has no norm on the attention output before its projection (the "
+            "candidate has EVA-02's sub-LN there)",
+            _config(c, attn_norm=False),
+        )
+
+
 HYPOTHESES: dict[str, Callable[[Candidate], Iterator[Variant]]] = {
     f.__name__: f
     for f in (
@@ -568,6 +650,11 @@ HYPOTHESES: dict[str, Callable[[Candidate], Iterator[Variant]]] = {
         posembed_grid_order,
         resampling_method,
         rope_variant,
+        rope_prefix,
+        rope_table_precision,
+        relative_bias_index,
+        block_norm_placement,
+        inner_norms,
         norm_pre_presence,
         registers,
         layer_scale_count,

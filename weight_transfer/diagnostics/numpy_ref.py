@@ -11,6 +11,7 @@ test hypotheses.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -53,6 +54,15 @@ class Knobs:
     antialias: bool | None = None
     align_corners: bool = False
     cubic_a: float | None = None
+    # RoPE: the rotation starts at the first token (the prefix tokens take the first patches'
+    # angles, the last patches none); the frequencies' periods rounded to "bfloat16" (DINOv3's
+    # released `periods` buffer is reported to be bfloat16)
+    rope_from_first_token: bool = False
+    rope_periods_dtype: str | None = None
+    # relative bias tables: read with query and key swapped; the class token's three slots
+    # (as query, as key, with itself) at rows R-3 + these
+    rel_transposed: bool = False
+    rel_class_slots: tuple[int, int, int] = (0, 1, 2)
 
     def resampling(self, resampling=None) -> dict:
         """`positions_for_grid`'s method keywords: the model's `resampling` (anything with
@@ -98,12 +108,18 @@ def read_images(images: np.ndarray, how: str) -> np.ndarray:
     return images
 
 
-def rope_angles(c, grid: tuple[int, int]) -> np.ndarray:
+def rope_angles(c, grid: tuple[int, int], periods_dtype: str | None = None) -> np.ndarray:
     """RoPE's angles from the formulas, token by token ((Hp * Wp, hd / 2), float64): the
     token n of the row-major grid sits at row n // Wp, column n % Wp; each axis gets hd / 4
-    frequencies, the height's first ("hw") or the width's ("wh")."""
+    frequencies, the height's first ("hw") or the width's ("wh"). `periods_dtype`: each
+    frequency's period (theta ** (k / (hd/4)), DINOv3's base ** (4k / hd)) rounded to it."""
     hp, wp = grid
     quarter = c.head_dim // 4
+
+    def period(exponent: float) -> float:
+        value = c.rope_theta**exponent
+        return float(np.asarray(value, periods_dtype)) if periods_dtype else value
+
     out = np.zeros((hp * wp, 2 * quarter))
     for n in range(hp * wp):
         row_col = [n // wp, n % wp]
@@ -112,14 +128,11 @@ def rope_angles(c, grid: tuple[int, int]) -> np.ndarray:
                 p = i + c.rope_offset
                 if c.rope_ref_grid is not None:
                     p = p * c.rope_ref_grid[axis] / size
-                angles = [p / c.rope_theta ** (k / quarter) for k in range(quarter)]
+                angles = [p / period(k / quarter) for k in range(quarter)]
             else:
                 n_axis = {"separate": size, "min": min(grid), "max": max(grid)}[c.rope_coords]
                 coord = (i + 0.5 + c.rope_offset) / n_axis * 2 - 1
-                angles = [
-                    2 * math.pi * coord / c.rope_theta ** (4 * k / c.head_dim)
-                    for k in range(quarter)
-                ]
+                angles = [2 * math.pi * coord / period(4 * k / c.head_dim) for k in range(quarter)]
             slot = axis if c.rope_axes == "hw" else 1 - axis
             out[n, slot * quarter : (slot + 1) * quarter] = angles
     return out
@@ -134,6 +147,22 @@ class AttentionPositions(NamedTuple):
 
 
 NO_POSITIONS = AttentionPositions()
+
+
+@functools.lru_cache(maxsize=8)
+def _relative_rows(hp: int, wp: int, class_slots: tuple[int, int, int] = (0, 1, 2)) -> np.ndarray:
+    """(T, T) table rows of a class token and an (hp, wp) grid, token by token; the class
+    token's rows (as query, as key, with itself) are the offsets' count plus `class_slots`."""
+    rows = np.empty((1 + hp * wp, 1 + hp * wp), np.int64)
+    offsets = (2 * hp - 1) * (2 * wp - 1)
+    for i in range(rows.shape[0]):
+        for j in range(rows.shape[1]):
+            if i == 0 or j == 0:  # the class token: as query, as key, with itself
+                rows[i, j] = offsets + class_slots[2 if i == j else 0 if i == 0 else 1]
+                continue
+            (yi, xi), (yj, xj) = divmod(i - 1, wp), divmod(j - 1, wp)
+            rows[i, j] = (yi - yj + hp - 1) * (2 * wp - 1) + (xi - xj + wp - 1)
+    return rows
 
 
 def attend(q, k, v, bias=None, score_factor: float = 1.0):
@@ -169,7 +198,7 @@ class Reference:
         """softmax(q k^T / sqrt(hd) + bias) v per head, q and k rotated first where the
         positions say, then the output projection."""
         b, t, d = x.shape
-        heads = self.c.num_heads
+        heads = self.c.map_num_heads if name.startswith("map.") else self.c.num_heads
         hd = d // heads
         q = self.linear(f"{name}.q", x).reshape(b, t, heads, hd)  # (B, T, H, hd)
         k, v = (self.linear(f"{name}.{n}", context).reshape(b, -1, heads, hd) for n in "kv")
@@ -177,20 +206,41 @@ class Reference:
             q, k = self.norm(f"{name}.q_norm", q), self.norm(f"{name}.k_norm", k)
         if positions.rotate is not None:
             q, k = positions.rotate(q, k)
-        out = attend(q, k, v, positions.bias, self.knobs.score_factor).reshape(b, t, d)
+        bias = positions.bias
+        if f"{name}.rel_bias" in self.p:
+            bias = self.relative_bias(f"{name}.rel_bias", bias)
+        out = attend(q, k, v, bias, self.knobs.score_factor).reshape(b, t, d)
+        if self.c.attn_norm and f"{name}.o_norm.scale" in self.p:
+            out = self.norm(f"{name}.o_norm", out)
         return self.linear(f"{name}.o", out)
+
+    def relative_bias(self, name: str, bias=None):
+        """BEiT's bias of every (query, key) pair, (H, T, T), from the table `name` (plus
+        `bias`): patch pairs by their offset (dy, dx), query minus key; the class token's
+        three slots after the offsets (as query, as key, with itself)."""
+        table = self.p[name]  # (R, H)
+        rows = _relative_rows(*self.c.grid, self.knobs.rel_class_slots)
+        rows = rows.T if self.knobs.rel_transposed else rows
+        own = np.moveaxis(table[rows], -1, 0)
+        return own if bias is None else bias + own
 
     def attention_positions(self, grid: tuple[int, int]) -> AttentionPositions:
         """What positions do inside attention for a (Hp, Wp) grid: RoPE's rotation, its angles
         in float64 from the config; nothing for a learned table."""
         c = self.c
+        if c.rel_pos_bias == "shared":
+            return AttentionPositions(bias=self.relative_bias("rel_bias"))
         if c.rope == "none":
             return NO_POSITIONS
-        turn = np.exp(1j * rope_angles(c, grid))  # (Hp * Wp, hd / 2): a unit complex per pair
+        dtype = self.knobs.rope_periods_dtype
+        turn = np.exp(1j * rope_angles(c, grid, dtype))  # (Hp * Wp, hd / 2): a unit per pair
         prefix = c.num_prefix_tokens - self.knobs.drop_registers * c.reg_tokens
+        # the turned tokens: the patches, or (a fault) as many from the first token on
+        first = 0 if self.knobs.rope_from_first_token else prefix
+        turned = slice(first, first + turn.shape[0])
 
         def rotate(x):  # (B, T, H, hd): each pair of channels a complex number, times the turn
-            head, patches = x[:, :prefix], x[:, prefix:]
+            patches = x[:, turned]
             hd = x.shape[-1]
             if c.rope == "interleaved":  # pairs (2m, 2m+1)
                 z = patches[..., 0::2] + 1j * patches[..., 1::2]
@@ -201,7 +251,7 @@ class Reference:
                 out = np.stack([z.real, z.imag], axis=-1).reshape(patches.shape)
             else:
                 out = np.concatenate([z.real, z.imag], axis=-1)
-            return np.concatenate([head, out], axis=1)
+            return np.concatenate([x[:, :first], out, x[:, turned.stop :]], axis=1)
 
         return AttentionPositions(rotate=lambda q, k: (rotate(q), rotate(k)))
 
@@ -211,6 +261,8 @@ class Reference:
             hidden = act(self.linear(f"{name}.ff1", x))
         else:
             hidden = act(self.linear(f"{name}.ff1_g", x)) * self.linear(f"{name}.ff1_x", x)
+        if self.c.mlp_norm and f"{name}.ff_norm.scale" in self.p:
+            hidden = self.norm(f"{name}.ff_norm", hidden)
         return self.linear(f"{name}.ff2", hidden)
 
     def position_table(self, grid: tuple[int, int]):
@@ -250,7 +302,7 @@ class Reference:
         if how == "cls_mean":
             return np.concatenate([x[:, 0], patches.mean(axis=1)], axis=-1)
         probe = np.broadcast_to(self.p["map.probe"], (x.shape[0], 1, x.shape[-1]))  # "map"
-        y = self.attention("map.attn", probe, patches)
+        y = self.attention("map.attn", probe, x if self.c.pool_prefix else patches)
         return (y + self.mlp("map", self.norm("map.norm", y)))[:, 0]
 
 
@@ -292,15 +344,24 @@ def trace(
     positions = ref.attention_positions(grid)
     for i in range(first, c.num_layers):
         b = f"blocks.{i}"
-        h = ref.norm(f"{b}.ln1", x)
-        a = ref.gain(f"{b}.ls1") * ref.attention(f"{b}.attn", h, h, positions)
+        if c.block == "post_norm":  # each norm on its branch's output
+            a = ref.norm(f"{b}.ln1", ref.attention(f"{b}.attn", x, x, positions))
+        else:
+            h = ref.norm(f"{b}.ln1", x)
+            a = ref.attention(f"{b}.attn", h, h, positions)
+        a = ref.gain(f"{b}.ls1") * a
         yield f"{b}.attn", a
         x = x + a
-        m = ref.gain(f"{b}.ls2") * ref.mlp(b, ref.norm(f"{b}.ln2", x))
+        if c.block == "post_norm":
+            m = ref.norm(f"{b}.ln2", ref.mlp(b, x))
+        else:
+            m = ref.mlp(b, ref.norm(f"{b}.ln2", x))
+        m = ref.gain(f"{b}.ls2") * m
         yield f"{b}.mlp", m
         x = x + m
         yield b, x
-    pool = knobs.pool or {"cls": "cls", "mean": "mean_patches"}.get(c.pool, c.pool)
+    mean = "mean" if c.pool_prefix else "mean_patches"
+    pool = knobs.pool or {"cls": "cls", "mean": mean}.get(c.pool, c.pool)
     norm_name = "ln_f" if c.final_norm == "pre_pool" else "fc_norm"
     where = knobs.final_norm or {"pre_pool": "before", "post_pool": "after"}.get(c.final_norm)
     if where == "before":

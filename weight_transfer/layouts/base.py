@@ -102,6 +102,10 @@ class Layout:
     # Published models whose bare weights carry exactly this layout's keys and shapes but
     # compute another function (positions also rotary): what a file alone cannot rule out.
     lookalikes: str = ""
+    # Which of `BEYOND_VIT` (attention positions and block forms a plain ViT class has no
+    # switch for) the layout's library computes: every one for ours and timm, none for the
+    # classic ViT classes. A config using another is refused before anything is written.
+    computes: tuple[str, ...] = ()
 
     def writes_folder(self, path: Path) -> bool:
         """Whether writing to `path` makes a folder: HF types and Orbax always, timm (a Hub
@@ -113,11 +117,27 @@ class Layout:
     def check_model(self, config: ViTConfig) -> None:
         """Raise, naming the field, for a model this layout's library cannot compute: before
         anything is planned or read."""
+        beyond = {k: v for k, v in BEYOND_VIT.items() if k not in self.computes}
+        require(config, self.description, **beyond)
         if self.check_writable is not None:
             self.check_writable(config)
         elif self.container == "folder" and self.write_config_json is not None:
             self.write_config_json(config)  # the config.json writers refuse what they cannot say
 
+
+# Fields whose other values no plain ViT class computes (positions inside attention, other
+# blocks), at the value every class computes: a layout declares which it can hold (`computes`).
+BEYOND_VIT: dict[str, Any] = dict(
+    rope="none",
+    rel_pos_bias="none",
+    k_bias=True,
+    attn_norm=False,
+    mlp_norm=False,
+    block="pre_norm",
+    map_heads=0,
+    pool_prefix=False,
+)
+EVERYTHING = tuple(BEYOND_VIT)
 
 ASSUME_GELU = ("gelu", "exact GELU (timm, torch)")
 

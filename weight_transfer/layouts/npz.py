@@ -67,7 +67,7 @@ def npz_table(config: ViTConfig, variant: str) -> tuple[Rule, ...]:
         *flax_renamed("blocks.{}.ff2", f"{block}/{mlp}/Dense_1", ("kernel", "bias")),
         *flax_renamed("ln_f", "Transformer/encoder_norm", ("scale", "bias")),
         rule("map.probe", "MAPHead_0/probe", BATCH_AXIS),  # (1, D) <-> (1, 1, D)
-        *flax_mha("map.attn", "MAPHead_0/MultiHeadDotProductAttention_0", h),
+        *flax_mha("map.attn", "MAPHead_0/MultiHeadDotProductAttention_0", config.map_num_heads),
         *flax_renamed("map.norm", "MAPHead_0/LayerNorm_0", ("scale", "bias")),
         *flax_renamed("map.ff1", "MAPHead_0/MlpBlock_0/Dense_0", ("kernel", "bias")),
         *flax_renamed("map.ff2", "MAPHead_0/MlpBlock_0/Dense_1", ("kernel", "bias")),

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from vit_config import ViTConfig
 from weight_transfer.core.table import Rule, base_shapes, rule
 from weight_transfer.core.transforms import IDENTITY
-from weight_transfer.layouts.base import ASSUME_EPS6, ASSUME_GELU, Layout
+from weight_transfer.layouts.base import ASSUME_EPS6, ASSUME_GELU, EVERYTHING, Layout
 
 
 def ours(base: str) -> Callable[[ViTConfig], tuple[Rule, ...]]:
@@ -27,6 +27,7 @@ LAYOUTS = (
         ours("nnx"),
         r"^blocks\.\d+\.attn\.q\.kernel$|^ln_f\.scale$",
         "jax_impl.ViT flat NNX state",
+        computes=EVERYTHING,
         assumes=dict(activation=ASSUME_GELU, ln_eps=ASSUME_EPS6),
     ),
     Layout(
@@ -35,6 +36,7 @@ LAYOUTS = (
         ours("torch"),
         r"^blocks\.\d+\.attn\.q\.weight$|^ln_f\.weight$",
         "torch_impl.ViT state dict",
+        computes=EVERYTHING,
         assumes=dict(activation=ASSUME_GELU, ln_eps=ASSUME_EPS6),
     ),
 )

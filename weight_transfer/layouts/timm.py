@@ -22,6 +22,7 @@ from weight_transfer.core.transforms import BATCH_AXIS, FUSE_2, FUSE_QKV
 from weight_transfer.layouts.base import (
     ASSUME_EPS6,
     ASSUME_GELU,
+    EVERYTHING,
     Layout,
     fused,
     json_field,
@@ -59,6 +60,13 @@ TIMM_ARCHS = {
     "dinov3_l16": "vit_large_patch16_dinov3",
     "dinov3_hplus16": "vit_huge_plus_patch16_dinov3",
     "pe_spatial_b16": "vit_pe_spatial_base_patch16_512",
+    "pe_core_b16": "vit_pe_core_base_patch16_224",
+    "rope_reg1_gap_b16": "vit_base_patch16_rope_reg1_gap_256",
+    "eva02_b14": "eva02_base_patch14_224",
+    "eva02_b16_clip": "eva02_base_patch16_clip_224",
+    # relative position biases (timm's Beit class)
+    "beit_b16": "beit_base_patch16_224",
+    "beitv2_b16": "beitv2_base_patch16_224",
 }
 
 
@@ -73,15 +81,59 @@ def timm_mlp(ours: str, theirs: str, mlp: str) -> tuple[Rule, ...]:
             *renamed(f"{ours}.ff1_g", f"{theirs}.fc1_g"),
             *renamed(f"{ours}.ff1_x", f"{theirs}.fc1_x"),
         )
-    return (*first, *renamed(f"{ours}.ff2", f"{theirs}.fc2"))
+    return (
+        *first,
+        *renamed(f"{ours}.ff_norm", f"{theirs}.norm"),
+        *renamed(f"{ours}.ff2", f"{theirs}.fc2"),
+    )
+
+
+def eva_or_beit(config: ViTConfig) -> bool:
+    """Whether only timm's `Eva` or `Beit` computes `config` (RoPE, relative biases, q and v
+    biases alone, separate q/k/v): they store LayerScale as raw `gamma_1`, `gamma_2`."""
+    return (
+        config.rope != "none"
+        or config.rel_pos_bias != "none"
+        or not config.k_bias
+        or not config.qkv_fused
+    )
+
+
+def timm_attention(b: str, config: ViTConfig) -> tuple[Rule, ...]:
+    """q, k, v packed in one qkv (its bias packed too, or q_bias and v_bias alone: Eva, Beit),
+    or separate q_proj, k_proj, v_proj (EVA-02 B and L); norms, relative biases, proj."""
+    if not config.qkv_fused:
+        qkv = tuple(r for n in "qkv" for r in renamed(f"{b}.attn.{n}", f"{b}.attn.{n}_proj"))
+    elif config.k_bias:
+        qkv = fused([f"{b}.attn.{p}" for p in "qkv"], f"{b}.attn.qkv", FUSE_QKV)
+    else:  # (3D, D) weight; biases on q and v only
+        qkv = (
+            *fused(
+                [f"{b}.attn.{p}" for p in "qkv"],
+                f"{b}.attn.qkv",
+                FUSE_QKV,
+                ("weight",),
+                (".weight",),
+            ),
+            rule(f"{b}.attn.q.bias", f"{b}.attn.q_bias"),
+            rule(f"{b}.attn.v.bias", f"{b}.attn.v_bias"),
+        )
+    return (
+        *qkv,  # 3x (D, D) <-> (3D, D)
+        *renamed(f"{b}.attn.q_norm", f"{b}.attn.q_norm"),
+        *renamed(f"{b}.attn.k_norm", f"{b}.attn.k_norm"),
+        rule(f"{b}.attn.rel_bias", f"{b}.attn.relative_position_bias_table"),
+        *renamed(f"{b}.attn.o_norm", f"{b}.attn.norm"),
+        *renamed(f"{b}.attn.o", f"{b}.attn.proj"),
+    )
 
 
 def timm_table(config: ViTConfig) -> tuple[Rule, ...]:
-    """timm `VisionTransformer` (and `VisionTransformerDistilled`), or `Eva` for a config with
-    RoPE (LayerScale as raw `gamma_1`, `gamma_2`). Rules whose parameters a config does not
-    have are inactive, so one table serves the whole family."""
+    """timm `VisionTransformer` (and `VisionTransformerDistilled`), or `Eva` / `Beit` for a
+    config only they compute (`eva_or_beit`). Rules whose parameters a config does not have
+    are inactive, so one table serves the whole family."""
     b = "blocks.{}"
-    eva = config.rope != "none"
+    eva = eva_or_beit(config)
     return (
         *renamed("patch_embed", "patch_embed.proj"),
         *renamed("patch_norm", "patch_embed.norm"),
@@ -90,13 +142,9 @@ def timm_table(config: ViTConfig) -> tuple[Rule, ...]:
         rule("reg_tokens", "reg_token", BATCH_AXIS),  # (R, D) <-> (1, R, D)
         rule("pos_embed", "pos_embed", BATCH_AXIS),  # (P, D) <-> (1, P, D)
         *renamed("norm_pre", "norm_pre"),
+        rule("rel_bias", "rel_pos_bias.relative_position_bias_table"),
         *renamed(f"{b}.ln1", f"{b}.norm1"),
-        *fused(
-            [f"{b}.attn.{p}" for p in "qkv"], f"{b}.attn.qkv", FUSE_QKV
-        ),  # 3x (D, D) <-> (3D, D)
-        *renamed(f"{b}.attn.q_norm", f"{b}.attn.q_norm"),
-        *renamed(f"{b}.attn.k_norm", f"{b}.attn.k_norm"),
-        *renamed(f"{b}.attn.o", f"{b}.attn.proj"),
+        *timm_attention(b, config),
         rule(f"{b}.ls1", f"{b}.gamma_1" if eva else f"{b}.ls1.gamma"),
         *renamed(f"{b}.ln2", f"{b}.norm2"),
         *timm_mlp(b, f"{b}.mlp", config.mlp),
@@ -157,7 +205,7 @@ def _refuse(architecture: str, what: str) -> NoReturn:
 def _norm(module, architecture: str) -> tuple[str, float] | None:
     """("layernorm" | "rmsnorm", eps), or None for an Identity."""
     name = type(module).__name__
-    if name == "Identity":
+    if name in ("Identity", "NoneType"):
         return None
     if name in ("LayerNorm", "LayerNorm2d") and getattr(module, "bias", None) is not None:
         return "layernorm", float(module.eps)
@@ -179,18 +227,18 @@ def _activation(module, architecture: str) -> str:
 
 
 def _mlp(mlp, architecture: str) -> dict[str, Any]:
+    """The MLP's fields; a norm on its hidden units (EVA-02's sub-LN) is `mlp_norm`."""
     name = type(mlp).__name__
-    if type(getattr(mlp, "norm", None)).__name__ not in ("Identity", "NoneType"):
-        _refuse(architecture, f"a norm inside the MLP ({name} with a {type(mlp.norm).__name__})")
-    if name == "Mlp" and type(mlp.norm).__name__ == "Identity":
-        return dict(mlp="mlp", d_ff=mlp.fc2.in_features, mlp_bias=mlp.fc2.bias is not None)
-    if name == "SwiGLU" and type(mlp.norm).__name__ == "Identity":
-        return dict(mlp="swiglu", d_ff=mlp.fc2.in_features, mlp_bias=mlp.fc2.bias is not None)
-    if name == "GluMlp" and not mlp.gate_last and type(mlp.norm).__name__ == "Identity":
-        return dict(
-            mlp="swiglu_packed", d_ff=mlp.fc2.in_features, mlp_bias=mlp.fc2.bias is not None
-        )
-    _refuse(architecture, f"the MLP {name} (with its options)")
+    forms = {"Mlp": "mlp", "SwiGLU": "swiglu"}
+    form = "swiglu_packed" if name == "GluMlp" and not mlp.gate_last else forms.get(name)
+    if form is None:
+        _refuse(architecture, f"the MLP {name} (with its options)")
+    return dict(
+        mlp=form,
+        d_ff=mlp.fc2.in_features,
+        mlp_bias=mlp.fc2.bias is not None,
+        mlp_norm=_norm(getattr(mlp, "norm", None), architecture) is not None,
+    )
 
 
 def _rope(m, architecture: str) -> dict[str, Any]:
@@ -217,39 +265,78 @@ def _rope(m, architecture: str) -> dict[str, Any]:
     _refuse(architecture, f"the rotary embedding {name} (RoPE-ViT's mixed: learned frequencies)")
 
 
-def _eva_attention(attn, architecture: str) -> dict[str, Any]:
-    """An `Eva` block's attention as config fields: a fused qkv with a full bias or none."""
+ATTENTIONS = ("Attention", "EvaAttention", "AttentionRope")  # timm's, Eva's, Beit's
+
+
+def _attention(attn, d_model: int, architecture: str) -> dict[str, Any]:
+    """A block's attention as config fields: q, k, v packed or separate, with biases on all
+    three, on q and v only (`k_bias=False`), or none; q/k norms, a norm before proj, a
+    relative bias table."""
     name = type(attn).__name__
-    if name not in ("EvaAttention", "AttentionRope"):
+    if name not in ATTENTIONS:
         _refuse(architecture, f"{name} attention")
-    if getattr(attn, "qkv", None) is None:
-        _refuse(architecture, "separate q, k, v projections without a k bias (EVA-02 B/L)")
-    if getattr(attn, "q_bias", None) is not None:
-        _refuse(architecture, "q and v biases with a zero k bias")
     if getattr(attn, "gate", None) is not None:
         _refuse(architecture, "gated attention")
+    if attn.proj.in_features != d_model:
+        _refuse(architecture, f"attention {attn.proj.in_features} wide in a {d_model} model")
+    if attn.qkv is not None:
+        biases = [attn.qkv.bias is not None] * 3
+        if getattr(attn, "q_bias", None) is not None:
+            biases = [True, False, True]
+    else:
+        biases = [getattr(attn, f"{n}_proj").bias is not None for n in "qkv"]
+    if biases[0] != biases[2]:
+        _refuse(architecture, f"q, k, v biases {biases}")
     return dict(
         num_heads=attn.num_heads,
-        qkv_bias=attn.qkv.bias is not None,
+        qkv_bias=biases[0],
+        k_bias=biases[1] or not biases[0],
+        qkv_fused=attn.qkv is not None,
         proj_bias=attn.proj.bias is not None,
-        qk_norm=type(attn.q_norm).__name__ != "Identity",
+        qk_norm=type(getattr(attn, "q_norm", None)).__name__ not in ("Identity", "NoneType"),
+        attn_norm=_norm(getattr(attn, "norm", None), architecture) is not None,
+        rel_pos_bias=(
+            "block" if getattr(attn, "relative_position_bias_table", None) is not None else "none"
+        ),
     )
 
 
+def _layer_scale(block, architecture: str) -> bool:
+    """LayerScale on both branches (timm `ls1`/`ls2`, Eva and Beit `gamma_1`/`gamma_2`)."""
+    if hasattr(block, "ls1"):
+        gains = [type(block.ls1).__name__ == "LayerScale", type(block.ls2).__name__ == "LayerScale"]
+    else:
+        gains = [getattr(block, f"gamma_{i}", None) is not None for i in (1, 2)]
+    if gains[0] != gains[1]:
+        _refuse(architecture, "LayerScale on one branch only")
+    return gains[0]
+
+
+MODELS = ("VisionTransformer", "VisionTransformerDistilled", "Eva", "Beit")
+BLOCKS = {  # timm's block classes and where their norms sit
+    "Block": "pre_norm",  # VisionTransformer's and Beit's
+    "EvaBlock": "pre_norm",
+    "ResPostBlock": "post_norm",
+    "EvaBlockPostNorm": "post_norm",
+}
+
+
 def config_of_timm_model(m, architecture: str = "") -> ViTConfig:
-    """Read a timm `VisionTransformer`, `VisionTransformerDistilled` or `Eva` (RoPE ViTs:
-    DINOv3, RoPE-ViT, PE...) into a `ViTConfig`."""
+    """Read a timm `VisionTransformer`, `VisionTransformerDistilled`, `Eva` (RoPE ViTs: EVA,
+    DINOv3, RoPE-ViT, PE...) or `Beit` (relative biases) into a `ViTConfig`."""
     architecture = architecture or type(m).__name__
-    eva = type(m).__name__ == "Eva"
-    if type(m).__name__ not in ("VisionTransformer", "VisionTransformerDistilled", "Eva"):
-        _refuse(architecture, f"the model class {type(m).__name__}")
-    if eva and getattr(m, "rope_mixed", False):
+    kind = type(m).__name__
+    if kind not in MODELS:
+        _refuse(architecture, f"the model class {kind}")
+    if getattr(m, "rope_mixed", False):
         _refuse(architecture, "RoPE-ViT's mixed RoPE (learned frequencies per head)")
     block = m.blocks[0] if len(m.blocks) else None
-    if block is not None and type(block).__name__ not in ("Block", "EvaBlock"):
-        _refuse(architecture, f"{type(block).__name__} blocks (parallel or post-norm residuals)")
-    if m.pos_embed is None and not eva:
-        _refuse(architecture, "no absolute position embedding")
+    if block is not None and type(block).__name__ not in BLOCKS:
+        _refuse(architecture, f"{type(block).__name__} blocks (parallel residuals)")
+    shared_bias = getattr(m, "rel_pos_bias", None) is not None
+    if shared_bias and block is not None:
+        if getattr(block.attn, "relative_position_bias_table", None) is not None:
+            _refuse(architecture, "a shared relative bias table and one per block together")
     patch = tuple(m.patch_embed.patch_size)
     if patch[0] != patch[1]:
         _refuse(architecture, f"non-square patches {patch}")
@@ -259,9 +346,7 @@ def config_of_timm_model(m, architecture: str = "") -> ViTConfig:
     if pool == "map":
         if m.attn_pool.latent_len != 1 or type(m.attn_pool.q_norm).__name__ != "Identity":
             _refuse(architecture, "a MAP head with several latents or q/k norms")
-    if getattr(m, "pool_include_prefix", False):
-        _refuse(architecture, "pooling that includes the prefix tokens")
-    norms = {n: _norm(getattr(m, n), architecture) for n in ("norm_pre", "norm", "fc_norm")}
+    norms = {n: _norm(getattr(m, n, None), architecture) for n in ("norm_pre", "norm", "fc_norm")}
     patch_norm = _norm(m.patch_embed.norm, architecture)
     reg = getattr(m, "reg_token", None)
     fields: dict[str, Any] = dict(
@@ -274,56 +359,57 @@ def config_of_timm_model(m, architecture: str = "") -> ViTConfig:
         pool=pool,
         class_token=m.cls_token is not None,
         dist_token=getattr(m, "dist_token", None) is not None,
-        reg_tokens=(reg.shape[1] if reg is not None else 0) if eva else m.num_reg_tokens or 0,
+        reg_tokens=reg.shape[1] if reg is not None else 0,
         pos_embed=m.pos_embed is not None,
-        pos_embed_tokens="none" if m.no_embed_class else "all",
+        pos_embed_tokens="none" if getattr(m, "no_embed_class", False) else "all",
         norm_pre=norms["norm_pre"] is not None,
         patch_norm=patch_norm is not None,
         final_norm="pre_pool" if norms["norm"] else "post_pool" if norms["fc_norm"] else "none",
         patch_bias=m.patch_embed.proj.bias is not None,
         head_bias=getattr(m.head, "bias", None) is not None if m.num_classes else True,
-        **(_rope(m, architecture) if eva else {}),
+        rel_pos_bias="shared" if shared_bias else "none",
+        **(_rope(m, architecture) if kind == "Eva" else {}),
     )
     present = [n for n in (*norms.values(), patch_norm) if n is not None]
     if block is not None:
         attn = block.attn
-        if eva:
-            fields.update(_eva_attention(attn, architecture))
-            fields.update(layer_scale=getattr(block, "gamma_1", None) is not None)
-        else:
-            if type(attn).__name__ != "Attention":
-                _refuse(architecture, f"{type(attn).__name__} attention")
-            fields.update(
-                num_heads=attn.num_heads,
-                qkv_bias=attn.qkv.bias is not None,
-                proj_bias=attn.proj.bias is not None,
-                qk_norm=type(attn.q_norm).__name__ != "Identity",
-                layer_scale=type(block.ls1).__name__ == "LayerScale",
-            )
-        if (norm1 := _norm(block.norm1, architecture)) is not None:
-            present.append(norm1)
+        fields.update(_attention(attn, m.embed_dim, architecture))
+        if shared_bias:
+            fields.update(rel_pos_bias="shared")
         fields.update(
-            activation=_activation(block.mlp.act, architecture), **_mlp(block.mlp, architecture)
+            block=BLOCKS[type(block).__name__],
+            layer_scale=_layer_scale(block, architecture),
+            activation=_activation(block.mlp.act, architecture),
+            **_mlp(block.mlp, architecture),
         )
-        if type(getattr(attn, "norm", None)).__name__ not in ("Identity", "NoneType"):
-            _refuse(architecture, "a norm inside attention")
+        inner = (
+            block.norm1,
+            block.norm2,
+            getattr(attn, "norm", None),
+            getattr(block.mlp, "norm", None),
+        )
+        present += [n for n in (_norm(x, architecture) for x in inner) if n is not None]
     else:  # no blocks: the sizes a block would have are the MAP head's, or anything valid
         fields.update(
             num_heads=m.attn_pool.num_heads if pool == "map" else 1,
             d_ff=m.attn_pool.mlp.fc1.out_features if pool == "map" else 4 * m.embed_dim,
         )
+    if not (
+        fields["pos_embed"]
+        or fields.get("rope", "none") != "none"
+        or fields["rel_pos_bias"] != "none"
+    ):
+        _refuse(architecture, "no position embedding of any kind")
     kinds = {kind for kind, _ in present}
     epsilons = {eps for _, eps in present}
     if len(kinds) > 1 or len(epsilons) > 1:
         _refuse(architecture, f"norms of different kinds or epsilons {sorted(present)}")
     if present:
         fields.update(norm=kinds.pop(), ln_eps=epsilons.pop())
-    if pool == "map" and m.attn_pool.num_heads != fields["num_heads"]:
-        _refuse(
-            architecture,
-            f"a MAP head with {m.attn_pool.num_heads} heads where the blocks have "
-            f"{fields['num_heads']} (Perception Encoder core)",
-        )
+    if pool == "map":
+        fields.update(map_heads=m.attn_pool.num_heads)
+    # VisionTransformer pools the prefix tokens when told; Eva's MAP head always reads them
+    fields.update(pool_prefix=getattr(m, "pool_include_prefix", kind == "Eva" and pool == "map"))
     try:
         return ViTConfig(**fields)
     except ConfigError as e:
@@ -454,7 +540,8 @@ LAYOUTS = (
         write_config_json=timm_hub_config,
         resampling=lambda c: TIMM,
         lookalikes="Perception Encoder (timm vit_pe_core_*, vit_pe_spatial_*) has these "
-        "keys and also rotates q and k (RoPE), which this ViT does not compute",
+        "keys and also rotates q and k (RoPE)",
+        computes=EVERYTHING,
         assumes=dict(activation=ASSUME_GELU, ln_eps=ASSUME_EPS6),
     ),
 )

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,7 +97,11 @@ def infer_config(
             overrides[unknown[0]],
             f"unknown field; known: {sorted(ViTConfig.__dataclass_fields__)}",
         )
-    refuse_unsupported(source)
+    stated = given is not None or arch is not None or "vit_parity" in source.metadata
+    if (
+        not stated and source.hf_config is None
+    ):  # a config from the shapes alone: what they cannot express is refused now
+        refuse_unsupported(source)
     layout = layout or detect_layout(source.meta, source.container)
     dropped: list[str] = []
     if layout.normalise is not None:
@@ -126,19 +130,26 @@ def infer_config(
         config, found, assumed = _from_shapes(source, layout, overrides)
     found.update({f: "given" for f in overrides})
     assumed = {f: why for f, why in assumed.items() if f not in overrides}
+    refuse_unsupported(source, config)
     check_claims(config, source, layout)
     return Inferred(config, layout, found, assumed, dropped, source)
 
 
-# Architectures outside this ViT, recognised by their parameters and refused by name.
-UNSUPPORTED = {
-    r"relative_position_bias_table|rel_pos_|relative_position_index": "relative position bias "
-    "(BEiT)",
-    r"rope|freqs_cis|rotary": "rotary position embeddings (RoPE: EVA-02, DINOv3)",
-    r"lambda_init|lambda_q|\.diff_": "differential attention",
-    r"\.attn_out_proj\.|\.in_proj\.|\.mlp_out_proj\.": "parallel blocks (ViT-22B style)",
-    r"\.norm1_post\.|\.post_norm\.|\.post_attention_layernorm\.": "residual post-norm "
-    "(SwinV2 style)",
+# Features recognised by their parameters: refused by name unless the config (stated, from an
+# architecture or our manifest) computes them; a config from the shapes alone never does.
+UNSUPPORTED: dict[str, tuple[str, Callable[[ViTConfig], bool] | None]] = {
+    r"relative_position_bias_table|rel_pos_|relative_position_index": (
+        "relative position bias (BEiT)",
+        lambda c: c.rel_pos_bias != "none",
+    ),
+    r"\.attn\.q_bias$": ("q and v biases without a k bias (EVA, BEiT)", lambda c: not c.k_bias),
+    r"rope|freqs_cis|rotary": ("rotary position embeddings (RoPE: EVA-02, DINOv3)", None),
+    r"lambda_init|lambda_q|\.diff_": ("differential attention", None),
+    r"\.attn_out_proj\.|\.in_proj\.|\.mlp_out_proj\.": ("parallel blocks (ViT-22B style)", None),
+    r"\.norm1_post\.|\.post_norm\.|\.post_attention_layernorm\.": (
+        "residual post-norm (SwinV2 style)",
+        None,
+    ),
 }
 
 
@@ -171,14 +182,20 @@ def _grid_of_file(
     return config.replace(image_size=size)
 
 
-def refuse_unsupported(source: Source) -> None:
-    for pattern, feature in UNSUPPORTED.items():
+def refuse_unsupported(source: Source, config: ViTConfig | None = None) -> None:
+    """Refuse a file holding a feature `config` does not compute (None: a config still to be
+    read from the shapes, which cannot say the feature)."""
+    for pattern, (feature, computed) in UNSUPPORTED.items():
         key = next((k for k in source.meta if re.search(pattern, k)), None)
-        if key is not None:
-            raise LayoutError(
-                f"{source.path}: {key!r} belongs to {feature}, which this ViT does "
-                f"not implement; refusing rather than dropping it"
-            )
+        if key is None or (config is not None and computed is not None and computed(config)):
+            continue
+        if computed is None:
+            why = "which this ViT does not implement; refusing rather than dropping it"
+        elif config is None:
+            why = "which the shapes alone cannot configure: name the architecture (--arch)"
+        else:
+            why = "which the stated config does not have; refusing rather than dropping it"
+        raise LayoutError(f"{source.path}: {key!r} belongs to {feature}, {why}")
 
 
 def read_manifest(source: Source) -> dict[str, Any] | None:
@@ -299,7 +316,7 @@ def _from_shapes(
     prefix = int(sizes["class_token"]) + int(sizes["dist_token"]) + sizes["reg_tokens"]
     if pos is not None:
         _positions(source, layout, sizes, pos[-2], prefix, found, assumed)
-    elif sizes.get("rope", "none") == "none":
+    elif sizes.get("rope", "none") == "none" and sizes.get("rel_pos_bias", "none") == "none":
         raise LayoutError(
             f"{source.path}: no position table, so positions are computed inside attention "
             f"(RoPE: DINOv3, RoPE-ViT; or a relative bias) and the weights cannot say how; "
