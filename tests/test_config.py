@@ -32,6 +32,11 @@ def test_one_class_shared_by_both_implementations():
         ("mlp", "geglu"),
         ("layer_scale", 1),
         ("num_classes", -1),
+        ("k_bias", "no"),
+        ("block", "parallel"),
+        ("rel_pos_bias", "swin"),
+        ("map_heads", -2),
+        ("pool_prefix", 0),
     ],
 )
 def test_invalid_config_names_field_and_value(field, value):
@@ -51,6 +56,10 @@ def test_invalid_config_names_field_and_value(field, value):
         (dict(pool="mean", dist_token=True), "dist_token"),
         (dict(pool="mean", class_token=False, pos_embed_tokens="cls"), "pos_embed_tokens"),
         (dict(pool="map", final_norm="post_pool"), "final_norm"),
+        (dict(rel_pos_bias="block", reg_tokens=1), "rel_pos_bias"),
+        (dict(rel_pos_bias="block", class_token=False, pool="mean"), "rel_pos_bias"),
+        (dict(rel_pos_bias="shared", rope="interleaved"), "rel_pos_bias"),
+        (dict(pool="map", map_heads=5), "map_heads"),
     ],
 )
 def test_combinations_no_model_has_are_refused_by_name(changes, field):
@@ -127,3 +136,12 @@ def test_json_round_trip_keeps_every_field():
     assert ViTConfig.from_json(c.to_json()) == c
     with pytest.raises(ConfigError, match="colour"):
         ViTConfig.from_dict({**c.to_dict(), "colour": "red"})
+
+
+def test_moot_fields_take_their_default():
+    """A field with no effect on the model is normalised, so equal models are equal configs."""
+    base = dict(image_size=(8, 12), patch_size=4, d_model=24, num_heads=3)
+    assert ViTConfig(**base, qkv_bias=False, k_bias=False).k_bias is True
+    assert ViTConfig(**base, pool="cls", map_heads=2).map_heads == 0
+    assert ViTConfig(**base, pool="map", map_heads=3).map_heads == 0  # the blocks' own count
+    assert ViTConfig(**base, pool="mean", class_token=False, pool_prefix=True).pool_prefix is False

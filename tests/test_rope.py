@@ -12,6 +12,7 @@ import weight_transfer as wt
 from tests.helpers.models import from_timm, nchw, randomize
 from vit_config import ViTConfig
 from weight_transfer.frameworks.runners import random_images, run_nnx, run_torch
+from weight_transfer.frameworks.weights import random_nnx
 
 timm = pytest.importorskip("timm")
 
@@ -154,3 +155,28 @@ def test_the_rope_angles_are_float64_where_timm_rounds_to_float32():
     ours = np.angle(np.exp(1j * rope_angles(config, config.grid)))  # wrapped to (-pi, pi]
     gap = np.abs(np.angle(np.exp(1j * (theirs - ours)))).max()
     assert 0 < gap < 1e-5
+
+
+@pytest.mark.parametrize(
+    "changes, layout, field",
+    [
+        (dict(rope="interleaved"), "hf", "rope"),
+        (dict(rope="interleaved"), "big_vision", "rope"),
+        (dict(rel_pos_bias="block", pos_embed=False), "hf", "rel_pos_bias"),
+        (dict(mlp_norm=True), "open_clip", "mlp_norm"),
+        (dict(block="post_norm"), "google_vit", "block"),
+    ],
+)
+def test_a_layout_whose_library_cannot_compute_a_feature_refuses_it(
+    tmp_path, changes, layout, field
+):
+    """Positions inside attention and other blocks have no tensors of their own (RoPE) or
+    tensors a plain ViT class has no slot for: a writer whose library lacks them refuses by
+    name before writing, rather than dropping them."""
+    from tests.conftest import tiny
+    from weight_transfer.core.errors import LayoutError
+
+    model = random_nnx(tiny().replace(**changes), seed=3)
+    with pytest.raises(LayoutError, match=f"{field}="):
+        wt.save_checkpoint(model, tmp_path / "out", layout=layout)
+    assert not (tmp_path / "out").exists()

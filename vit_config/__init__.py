@@ -208,15 +208,16 @@ class ViTConfig:
             object.__setattr__(self, "rope_ref_grid", tuple(self.rope_ref_grid))
         if self.class_token is None:
             object.__setattr__(self, "class_token", self.pool in ("cls", "cls_mean"))
-        if self.num_classes == 0:  # no head: whether it has a bias is moot, so it is the default
+        self._validate()
+        # fields without effect take their defaults, so equal models are equal configs
+        if self.num_classes == 0:  # no head: whether it has a bias is moot
             object.__setattr__(self, "head_bias", True)
         if not self.qkv_bias:  # no biases: whether the key would have one is moot
             object.__setattr__(self, "k_bias", True)
-        if self.pool not in ("mean", "map") or self.num_prefix_tokens == 0:  # moot
+        if self.pool not in ("mean", "map") or self.num_prefix_tokens == 0:
             object.__setattr__(self, "pool_prefix", False)
         if self.pool != "map" or self.map_heads == self.num_heads:  # no MAP head, or the same
             object.__setattr__(self, "map_heads", 0)
-        self._validate()
 
     def _validate(self) -> None:
         size = self.image_size
@@ -274,7 +275,7 @@ class ViTConfig:
                 "the distillation head averages with the class "
                 "token's head: needs pool='cls' and num_classes > 0",
             )
-        if self.d_model % self.map_num_heads:
+        if self.pool == "map" and self.d_model % self.map_num_heads:
             raise ConfigError(
                 "map_heads", self.map_heads, f"d_model={self.d_model} is not divisible by it"
             )
