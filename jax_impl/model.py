@@ -17,9 +17,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from vit_config import ArgumentError, ViTConfig, arch, check_image_shape
-from vit_config.relpos import relative_index
+from vit_config.relpos import RelativeGrid, relative_grid
 from vit_config.resample import positions_for_grid
-from vit_config.rope import rope_angles, rotate
+from vit_config.rope import learned_angles, rope_angles, rope_positions, rotate
 
 Tap = Callable[[str, jax.Array], jax.Array]
 
@@ -60,12 +60,31 @@ class AttentionPositions(NamedTuple):
 
     rotate: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None
     bias: jax.Array | None = None
-    rel_index: jax.Array | None = None
+    rope_positions: jax.Array | None = None  # (N, 2): what learned RoPE frequencies multiply
+    relative: RelativeGrid | None = None  # (index, coords, pad) as arrays
 
 
-def relative_bias(table: jax.Array, index: jax.Array) -> jax.Array:
-    """A relative bias table (R, H) read at (T, T) rows -> (H, T, T) logit biases."""
-    return table[index].transpose(2, 0, 1)
+class RelativeBias(nnx.Module):
+    """Relative position biases (`vit_config.relpos`): BEiT's learned `table`, or timm
+    relpos's MLP `fc1`, `fc2` computing one from each offset's log coordinates."""
+
+    def __init__(self, c: ViTConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.form = c.rel_pos_form
+        if self.form == "beit":
+            self.table = nnx.Param(jnp.zeros((c.num_relative_positions, c.num_heads), dtype))
+        else:
+            dense = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
+            self.fc1 = nnx.Linear(2, c.rel_pos_dim, **dense)
+            self.fc2 = nnx.Linear(c.rel_pos_dim, c.num_heads, **dense)
+
+    def __call__(self, grid: RelativeGrid) -> jax.Array:
+        """(H, T, T) logit biases: the table read at each pair's row, prefix tokens padded."""
+        if self.form == "beit":
+            table = self.table[...]
+        else:
+            table = self.fc2(jax.nn.relu(self.fc1(grid.coords)))
+        bias = table[grid.index].transpose(2, 0, 1)  # (H, T, T), or (H, N, N) before the pad
+        return jnp.pad(bias, ((0, 0), (grid.pad, 0), (grid.pad, 0))) if grid.pad else bias
 
 
 NO_POSITIONS = AttentionPositions()
@@ -104,6 +123,7 @@ class Attention(nnx.Module):
         k_bias: bool = True,
         o_norm: bool = False,
         rel_bias: bool = False,
+        learned_rope: bool = False,
         heads: int = 0,
         dtype=jnp.float32,
         fused: bool = False,
@@ -120,8 +140,12 @@ class Attention(nnx.Module):
             self.q_norm = make_norm(c, c.head_dim, dense)
             self.k_norm = make_norm(c, c.head_dim, dense)
         self.qk_norm = qk_norm
+        if learned_rope:
+            self.rope_freqs = nnx.Param(jnp.zeros((2, c.num_heads, c.head_dim // 2), dtype))
+        self.learned_rope = learned_rope
+        self.rope_layout, self.rope_prefix = c.rope, c.num_prefix_tokens
         if rel_bias:
-            self.rel_bias = nnx.Param(jnp.zeros((c.num_relative_positions, c.num_heads), dtype))
+            self.rel_bias = RelativeBias(c, dtype=dtype, rngs=rngs)
         self.has_rel_bias = rel_bias
         if o_norm:
             self.o_norm = make_norm(c, d, dense)
@@ -143,9 +167,13 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if positions.rotate is not None:
             q, k = positions.rotate(q, k)
+        elif self.learned_rope:  # this block's own frequencies, per head
+            angles = learned_angles(positions.rope_positions, self.rope_freqs[...])  # (N, H, hd/2)
+            cos, sin = jnp.cos(angles), jnp.sin(angles)
+            q, k = (rotate(a, cos, sin, self.rope_layout, self.rope_prefix) for a in (q, k))
         bias = positions.bias
         if self.has_rel_bias:
-            own = relative_bias(self.rel_bias[...], positions.rel_index)  # (H, T, T)
+            own = self.rel_bias(positions.relative)  # (H, T, T)
             bias = own if bias is None else bias + own
         if self.fused:  # XLA's fused kernel takes (B, T, H, hd) and the same bias
             out = jax.nn.dot_product_attention(q, k, v, bias=bias).reshape(b, t, d)
@@ -198,6 +226,7 @@ class Block(FeedForward):
             k_bias=c.k_bias,
             o_norm=c.attn_norm,
             rel_bias=c.rel_pos_bias == "block",
+            learned_rope=c.rope != "none" and c.rope_freqs == "mixed",
             dtype=dtype,
             fused=fused_attention,
             rngs=rngs,
@@ -294,7 +323,7 @@ class ViT(nnx.Module):
         if c.norm_pre:
             self.norm_pre = make_norm(c, d, dense)
         if c.rel_pos_bias == "shared":
-            self.rel_bias = nnx.Param(jnp.zeros((c.num_relative_positions, c.num_heads), dtype))
+            self.rel_bias = RelativeBias(c, dtype=dtype, rngs=rngs)
         block = dict(dtype=dtype, fused_attention=fused_attention)
         if self.scan_layers:
             self.blocks = _stacked_blocks(c, block, rngs)  # every parameter (L, ...)
@@ -361,13 +390,20 @@ class ViT(nnx.Module):
         table's biases), nothing for a learned table."""
         c = self.config
         if c.rel_pos_bias != "none":
-            index = jnp.asarray(relative_index(c, grid).astype(np.int32))  # (T, T)
-            shared = (
-                relative_bias(self.rel_bias[...], index) if c.rel_pos_bias == "shared" else None
+            index, coords, pad = relative_grid(c, grid)
+            relative = RelativeGrid(
+                jnp.asarray(index.astype(np.int32)),  # (T, T) or (N, N)
+                None if coords is None else jnp.asarray(coords, self.dtype),
+                pad,
             )
-            return AttentionPositions(bias=shared, rel_index=index)
+            shared = self.rel_bias(relative) if c.rel_pos_bias == "shared" else None
+            return AttentionPositions(bias=shared, relative=relative)
         if c.rope == "none":
             return NO_POSITIONS
+        if c.rope_freqs == "mixed":  # each block turns by its own learned frequencies
+            return AttentionPositions(
+                rope_positions=jnp.asarray(rope_positions(c, grid), self.dtype)
+            )
         angles = rope_angles(c, grid)  # (Hp * Wp, hd / 2)
         cos, sin = (jnp.asarray(f(angles), self.dtype) for f in (np.cos, np.sin))
 

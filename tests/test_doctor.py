@@ -275,14 +275,14 @@ def beit_pair(transposed=False, class_slots=(0, 1, 2)):
     flat = wt.nnx_flat(from_timm(model.state_dict(), config))
     offsets = config.num_relative_positions - 3
     for i in range(config.num_layers):
-        table = flat[f"blocks.{i}.attn.rel_bias"]
+        table = flat[f"blocks.{i}.attn.rel_bias.table"]
         # transposed: row (-dy, -dx) read where (dy, dx) belongs (the offsets' rows
         # reversed), and the class token as key where it is the query (its first two slots)
         slots = [class_slots[i] for i in ((1, 0, 2) if transposed else (0, 1, 2))]
         rows = np.concatenate(
             [table[:offsets][::-1] if transposed else table[:offsets], table[offsets:][slots]]
         )
-        flat[f"blocks.{i}.attn.rel_bias"] = rows
+        flat[f"blocks.{i}.attn.rel_bias.table"] = rows
     return model, wt.nnx_from_flat(flat, config)
 
 
@@ -629,6 +629,12 @@ def test_the_same_method_at_another_size_has_no_finding():
             marks=pytest.mark.slow,
         ),
         ("vit_pe_spatial_base_patch16_512", dict(rope_offset=0.0), "positions start at 1"),
+        pytest.param(  # learned frequencies: the coordinates the first component multiplies
+            "vit_base_patch16_rope_mixed_224",
+            dict(rope_axes="hw"),
+            "width's RoPE angles first",
+            marks=pytest.mark.slow,
+        ),
         ("vit_base_patch16_rope_224", dict(rope="none"), "RoPE-ViT's"),
     ],
 )

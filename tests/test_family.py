@@ -89,6 +89,10 @@ FAMILY = {
     "rope-periods-min-max": dict(
         rope="half", rope_freqs="periods", rope_coords="min", class_token=False, pool="mean"
     ),
+    "rope-mixed-learned": dict(  # RoPE-ViT mixed: each block and head its own frequencies
+        rope="interleaved", rope_freqs="mixed", rope_axes="wh", pos_embed=False, reg_tokens=1
+    ),
+    "rope-mixed-half-hw-with-table": dict(rope="half", rope_freqs="mixed"),
     # blocks: EVA-02's (q and v biases only, sub-LN norms in attention and the SwiGLU, RoPE
     # with a table), post-norm residuals, BEiT's relative biases (per block, shared)
     "eva02-blocks": dict(
@@ -112,6 +116,11 @@ FAMILY = {
         final_norm="post_pool",
     ),
     "relative-bias-shared": dict(rel_pos_bias="shared", qkv_bias=False),
+    # timm relpos: the table computed by a log-coordinate MLP, the prefix tokens unbiased
+    "relpos-mlp": dict(rel_pos_bias="block", rel_pos_form="mlp", rel_pos_dim=6, reg_tokens=1),
+    "relpos-mlp-shared-post-norm": dict(
+        rel_pos_bias="shared", rel_pos_form="mlp", block="post_norm", class_token=False, pool="mean"
+    ),
     # pooling that reads the prefix tokens; a MAP head with its own head count (PE core)
     "map-own-heads-with-prefix": dict(
         pool="map", class_token=True, reg_tokens=1, map_heads=1, pool_prefix=True
@@ -133,21 +142,36 @@ def both_ways(config: ViTConfig, dtype: str, seed: int = 0):
     yield "torch->nnx", run_torch(source, images), run_nnx(wt.to_nnx(source), images)
 
 
-# float32 of these in the whole suite only (0.9 s each, --durations): float64 is the finer check
+# In the whole suite only (0.4-0.9 s each, --durations), to keep the quick subset in its
+# budget: float32 logits of these (float64 is the finer check) ...
 FLOAT32_SLOW = {
     "rope-periods-min-max",
     "rope-with-table-offset-ref",
     "mean-with-prefix",
     "map-own-heads-with-prefix",
-    "eva02-blocks",
     "relative-bias-shared",
+    "post-norm",
+    "relpos-mlp-shared-post-norm",
+    "rope-mixed-half-hw-with-table",
 }
+# ... float64 logits of all but these: each model's float64 agreement with the NumPy
+# reference (test_family_numpy_reference_agrees_with_both_in_float64) and the bit-exact round
+# trips, both quick, already imply float64 parity both ways
+FLOAT64_QUICK = {"map", "registers", "rope-half-periods-registers", "eva02-blocks", "relpos-mlp"}
+# ... and the bfloat16 round trips of all but these (the same copy as float32's)
+BFLOAT16_QUICK = {"swiglu-packed", "eva02-blocks", "beit-relative-bias", "rope-mixed-learned"}
+
+
+def slow_if(condition: bool) -> list:
+    return [pytest.mark.slow] * condition
 
 
 @pytest.mark.parametrize(
     "name, dtype",
     [
-        pytest.param(n, d, marks=[pytest.mark.slow] * (d == "float32" and n in FLOAT32_SLOW))
+        pytest.param(
+            n, d, marks=slow_if(n in FLOAT32_SLOW if d == "float32" else n not in FLOAT64_QUICK)
+        )
         for n in sorted(FAMILY)
         for d in ("float32", "float64")
     ],
@@ -179,8 +203,14 @@ def test_family_numpy_reference_agrees_with_both_in_float64(name):
             assert err <= 1e-12 * scale, f"{name} {side} {key}: {err:.3e}"
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
-@pytest.mark.parametrize("name", sorted(FAMILY))
+@pytest.mark.parametrize(
+    "name, dtype",
+    [
+        pytest.param(n, d, marks=slow_if(d == "bfloat16" and n not in BFLOAT16_QUICK))
+        for n in sorted(FAMILY)
+        for d in ("float32", "float64", "bfloat16")
+    ],
+)
 def test_family_round_trip_is_bit_exact(name, dtype):
     config = family(name)
     with x64_for(dtype):
@@ -261,14 +291,18 @@ def family_configs(draw):
     final = draw(st.sampled_from(["pre_pool", "none"] + ([] if pool == "map" else ["post_pool"])))
     rope = draw(st.sampled_from(["none", "interleaved", "half"]))
     reg_tokens = draw(st.integers(0, 2))
-    # BEiT's tables: one class token and no other prefix token, no RoPE
+    # BEiT's tables: one class token and no other prefix token; relative biases: no RoPE
     beit = class_token and not dist and not reg_tokens and rope == "none"
     blocks = dict(
         k_bias=draw(st.booleans()),
         attn_norm=draw(st.booleans()),
         mlp_norm=draw(st.booleans()),
         block=draw(st.sampled_from(["pre_norm", "post_norm"])),
-        rel_pos_bias=draw(st.sampled_from(["none", "block", "shared"] if beit else ["none"])),
+        rel_pos_bias=draw(
+            st.sampled_from(["none", "block", "shared"] if rope == "none" else ["none"])
+        ),
+        rel_pos_form=draw(st.sampled_from(["beit", "mlp"])) if beit else "mlp",
+        rel_pos_dim=draw(st.integers(1, 4)),
         pool_prefix=draw(st.booleans()),
     )
     rope_fields = {}
@@ -276,13 +310,16 @@ def family_configs(draw):
         rope_fields = dict(
             rope=rope,
             rope_axes=draw(st.sampled_from(["hw", "wh"])),
-            rope_freqs=draw(st.sampled_from(["theta", "periods"])),
+            rope_freqs=draw(st.sampled_from(["theta", "periods", "mixed"])),
             rope_theta=draw(st.sampled_from([100.0, 10000.0])),
-            rope_offset=draw(st.sampled_from([0.0, 1.0])),
-            rope_ref_grid=draw(st.sampled_from([None, (4, 4), (2, 5)])),
-            rope_coords=draw(st.sampled_from(["separate", "min", "max"])),
             pos_embed=draw(st.booleans()),
         )
+        if rope_fields["rope_freqs"] != "mixed":  # learned frequencies take none of these
+            rope_fields.update(
+                rope_offset=draw(st.sampled_from([0.0, 1.0])),
+                rope_ref_grid=draw(st.sampled_from([None, (4, 4), (2, 5)])),
+                rope_coords=draw(st.sampled_from(["separate", "min", "max"])),
+            )
     return ViTConfig(
         image_size=(patch * draw(st.integers(1, 3)), patch * draw(st.integers(1, 3))),
         patch_size=patch,
@@ -381,9 +418,12 @@ HEAVY = (  # 1.4-4 s each (--durations); quick: one preset per pair layout, EVA-
     "eva02_b14",
     "beitv2_b16",
     "rope_reg1_gap_b16",
+    "relpos_b16",
     "beit_b16",  # its relative biases: the family's beit-relative-bias cases stay quick
     "vit_medium_reg4_gap",
     "siglip_b16_gap",
+    "dinov2_b14_reg4",
+    "deit_b16_distilled",
 )
 
 

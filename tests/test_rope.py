@@ -129,8 +129,7 @@ def test_a_file_without_a_table_and_without_its_rope_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "architecture, feature",
     [
-        ("vit_base_patch16_rope_mixed_224", "mixed RoPE"),
-        ("vit_relpos_base_patch16_224", "the model class VisionTransformerRelPos"),
+        ("vit_base_patch16_xp_224", "ParallelScalingBlock blocks"),
         ("naflexvit_base_patch16_gap", "the model class NaFlexVit"),
     ],
 )

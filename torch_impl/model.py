@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vit_config import ViTConfig, check_image_shape
-from vit_config.relpos import relative_index
+from vit_config.relpos import RelativeGrid, relative_grid
 from vit_config.resample import positions_for_grid
-from vit_config.rope import rope_angles, rotate
+from vit_config.rope import learned_angles, rope_angles, rope_positions, rotate
 
 Tap = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -45,12 +45,28 @@ class AttentionPositions(NamedTuple):
 
     rotate: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     bias: torch.Tensor | None = None
-    rel_index: torch.Tensor | None = None
+    rope_positions: torch.Tensor | None = None  # (N, 2): what learned RoPE frequencies multiply
+    relative: RelativeGrid | None = None  # (index, coords, pad) as tensors
 
 
-def relative_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """A relative bias table (R, H) read at (T, T) rows -> (H, T, T) logit biases."""
-    return table[index].permute(2, 0, 1)
+class RelativeBias(nn.Module):
+    """Relative position biases (`vit_config.relpos`): BEiT's learned `table`, or timm
+    relpos's MLP `fc1`, `fc2` computing one from each offset's log coordinates."""
+
+    def __init__(self, c: ViTConfig):
+        super().__init__()
+        self.form = c.rel_pos_form
+        if self.form == "beit":
+            self.table = nn.Parameter(torch.zeros(c.num_relative_positions, c.num_heads))
+        else:
+            self.fc1 = nn.Linear(2, c.rel_pos_dim)
+            self.fc2 = nn.Linear(c.rel_pos_dim, c.num_heads)
+
+    def forward(self, grid: RelativeGrid) -> torch.Tensor:
+        """(H, T, T) logit biases: the table read at each pair's row, prefix tokens padded."""
+        table = self.table if self.form == "beit" else self.fc2(F.relu(self.fc1(grid.coords)))
+        bias = table[grid.index].permute(2, 0, 1)  # (H, T, T), or (H, N, N) before the pad
+        return F.pad(bias, (grid.pad, 0, grid.pad, 0)) if grid.pad else bias
 
 
 NO_POSITIONS = AttentionPositions()
@@ -84,6 +100,7 @@ class Attention(nn.Module):
         k_bias: bool = True,
         o_norm: bool = False,
         rel_bias: bool = False,
+        learned_rope: bool = False,
         heads: int = 0,
     ):
         super().__init__()
@@ -96,8 +113,12 @@ class Attention(nn.Module):
             self.q_norm = make_norm(c, c.head_dim)
             self.k_norm = make_norm(c, c.head_dim)
         self.qk_norm = qk_norm
+        if learned_rope:
+            self.rope_freqs = nn.Parameter(torch.zeros(2, c.num_heads, c.head_dim // 2))
+        self.learned_rope = learned_rope
+        self.rope_layout, self.rope_prefix = c.rope, c.num_prefix_tokens
         if rel_bias:
-            self.rel_bias = nn.Parameter(torch.zeros(c.num_relative_positions, c.num_heads))
+            self.rel_bias = RelativeBias(c)
         self.has_rel_bias = rel_bias
         if o_norm:
             self.o_norm = make_norm(c, d)
@@ -119,9 +140,15 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if positions.rotate is not None:
             q, k = positions.rotate(q, k)
+        elif self.learned_rope:  # this block's own frequencies, per head
+            angles = learned_angles(positions.rope_positions, self.rope_freqs)  # (N, H, hd/2)
+            q, k = (
+                rotate(a, angles.cos(), angles.sin(), self.rope_layout, self.rope_prefix)
+                for a in (q, k)
+            )
         bias = positions.bias
         if self.has_rel_bias:
-            own = relative_bias(self.rel_bias, positions.rel_index)  # (H, T, T)
+            own = self.rel_bias(positions.relative)  # (H, T, T)
             bias = own if bias is None else bias + own
         q, k, v = (a.transpose(1, 2) for a in (q, k, v))  # (B, H, T, hd)
         out = attend(q, k, v, bias).transpose(1, 2).reshape(b, t, d)  # heads concatenated
@@ -167,6 +194,7 @@ class Block(FeedForward):
             k_bias=c.k_bias,
             o_norm=c.attn_norm,
             rel_bias=c.rel_pos_bias == "block",
+            learned_rope=c.rope != "none" and c.rope_freqs == "mixed",
         )
         self.ln2 = make_norm(c, c.d_model)
         self._init_mlp(c, c.mlp_bias, c.mlp != "mlp", c.mlp_norm)
@@ -235,7 +263,7 @@ class ViT(nn.Module):
         if c.norm_pre:
             self.norm_pre = make_norm(c, d)
         if c.rel_pos_bias == "shared":
-            self.rel_bias = nn.Parameter(torch.zeros(c.num_relative_positions, c.num_heads))
+            self.rel_bias = RelativeBias(c)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_layers))
         if c.final_norm == "pre_pool":
             self.ln_f = make_norm(c, d)
@@ -296,11 +324,19 @@ class ViT(nn.Module):
         c = self.config
         device = self.patch_embed.weight.device
         if c.rel_pos_bias != "none":
-            index = torch.from_numpy(relative_index(c, grid)).to(device)  # (T, T)
-            shared = relative_bias(self.rel_bias, index) if c.rel_pos_bias == "shared" else None
-            return AttentionPositions(bias=shared, rel_index=index)
+            index, coords, pad = relative_grid(c, grid)
+            relative = RelativeGrid(
+                torch.from_numpy(index).to(device),  # (T, T) or (N, N)
+                None if coords is None else torch.from_numpy(coords).to(device, self.dtype),
+                pad,
+            )
+            shared = self.rel_bias(relative) if c.rel_pos_bias == "shared" else None
+            return AttentionPositions(bias=shared, relative=relative)
         if c.rope == "none":
             return NO_POSITIONS
+        if c.rope_freqs == "mixed":  # each block turns by its own learned frequencies
+            where = torch.from_numpy(rope_positions(c, grid)).to(device, self.dtype)
+            return AttentionPositions(rope_positions=where)
         angles = rope_angles(c, grid)  # (Hp * Wp, hd / 2)
         cos, sin = (
             torch.from_numpy(f(angles)).to(device=device, dtype=self.dtype)

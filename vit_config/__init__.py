@@ -44,10 +44,11 @@ CHOICES = {  # every field with a fixed set of values
     "mlp": ("mlp", "swiglu", "swiglu_packed"),
     "rope": ("none", "interleaved", "half"),
     "rope_axes": ("hw", "wh"),
-    "rope_freqs": ("theta", "periods"),
+    "rope_freqs": ("theta", "periods", "mixed"),
     "rope_coords": ("separate", "min", "max"),
     "block": ("pre_norm", "post_norm"),
     "rel_pos_bias": ("none", "block", "shared"),
+    "rel_pos_form": ("beit", "mlp"),
 }
 BOOLS = (
     "qkv_bias",
@@ -166,10 +167,14 @@ class ViTConfig:
     # branch's output, x + ln1(attn(x)), then x + ln2(mlp(x)) (timm ResPostBlock, EVA's
     # use_post_norm, Swin v2). LayerScale, where present, scales the branch last.
     block: str = "pre_norm"
-    # Learned relative position biases added to the attention logits (BEiT): "block" one
-    # table per block, "shared" one for all blocks; a row per (dy, dx) offset of the grid,
-    # then three for the class token (as query, as key, both), a column per head.
+    # Relative position biases added to the attention logits: "block" one table per block,
+    # "shared" one for all blocks. `rel_pos_form` "beit": a learned table, a row per (dy, dx)
+    # offset of the grid, then three for the class token (as query, as key, both), a column
+    # per head (BEiT, data2vec); "mlp": the table computed by a 2 -> rel_pos_dim -> heads ReLU
+    # MLP of each offset's log coordinates, prefix tokens unbiased (timm relpos).
     rel_pos_bias: str = "none"
+    rel_pos_form: str = "beit"
+    rel_pos_dim: int = 128
     # Heads of the MAP head's attention; 0: the blocks' num_heads (Perception Encoder core: 8
     # whatever the blocks have).
     map_heads: int = 0
@@ -194,7 +199,10 @@ class ViTConfig:
     # p = i + rope_offset (PE: +1), rescaled by `rope_ref_grid` (EVA-02's ref_feat_shape:
     # p * ref / grid); "periods": DINOv3's angle_k = 2 pi c / rope_theta ** (4k / head_dim) on
     # centred coordinates c = 2 (i + 0.5) / n - 1, n per `rope_coords` ("separate": each
-    # axis its own length; "min"/"max": the shorter/longer side for both).
+    # axis its own length; "min"/"max": the shorter/longer side for both); "mixed": RoPE-ViT's
+    # learned frequencies, each block and head its own (2, heads, head_dim/2) `rope_freqs`,
+    # angle_k = p1 f[0, k] + p2 f[1, k] on integer positions, p1 the axis `rope_axes` puts
+    # first (rope_theta only seeds them: it does not enter the function).
     rope_freqs: str = "theta"
     rope_theta: float = 10000.0
     rope_offset: float = 0.0
@@ -218,6 +226,16 @@ class ViTConfig:
             object.__setattr__(self, "pool_prefix", False)
         if self.pool != "map" or self.map_heads == self.num_heads:  # no MAP head, or the same
             object.__setattr__(self, "map_heads", 0)
+        if self.rel_pos_bias == "none":
+            object.__setattr__(self, "rel_pos_form", "beit")
+        if self.rope == "none":  # no RoPE: its settings are moot
+            for name in ("rope_axes", "rope_freqs", "rope_theta", "rope_offset", "rope_ref_grid"):
+                object.__setattr__(self, name, ViTConfig.__dataclass_fields__[name].default)
+            object.__setattr__(self, "rope_coords", "separate")
+        if self.rope_freqs == "mixed":  # the seed of learned frequencies is not the function
+            object.__setattr__(self, "rope_theta", 10000.0)
+        if self.rel_pos_bias == "none" or self.rel_pos_form != "mlp":
+            object.__setattr__(self, "rel_pos_dim", 128)
 
     def _validate(self) -> None:
         size = self.image_size
@@ -229,6 +247,8 @@ class ViTConfig:
         for name in ("patch_size", "in_channels", "d_model", "num_heads", "d_ff"):
             if not _is_positive_int(getattr(self, name)):
                 raise ConfigError(name, getattr(self, name), "expected a positive int")
+        if not _is_positive_int(self.rel_pos_dim):
+            raise ConfigError("rel_pos_dim", self.rel_pos_dim, "expected a positive int")
         for name in ("num_layers", "num_classes", "reg_tokens", "map_heads"):
             if not (
                 isinstance(getattr(self, name), int)
@@ -281,7 +301,8 @@ class ViTConfig:
             )
         if self.final_norm == "post_pool" and self.pool == "map":
             raise ConfigError("final_norm", self.final_norm, "MAP pooling has its own norm")
-        if self.rel_pos_bias != "none" and not (self.class_token and self.num_prefix_tokens == 1):
+        beit = self.rel_pos_bias != "none" and self.rel_pos_form == "beit"
+        if beit and not (self.class_token and self.num_prefix_tokens == 1):
             raise ConfigError(
                 "rel_pos_bias",
                 self.rel_pos_bias,
@@ -308,6 +329,15 @@ class ViTConfig:
             isinstance(ref, tuple) and len(ref) == 2 and all(_is_positive_int(s) for s in ref)
         ):
             raise ConfigError("rope_ref_grid", ref, "expected None or a (Hp, Wp) pair of ints")
+        if self.rope_freqs == "mixed" and (
+            self.rope_offset or self.rope_ref_grid is not None or self.rope_coords != "separate"
+        ):
+            raise ConfigError(
+                "rope_freqs",
+                "mixed",
+                "learned frequencies on integer positions: rope_offset, rope_ref_grid and "
+                "rope_coords do not apply",
+            )
         if self.rope != "none" and self.head_dim % 4:
             raise ConfigError(
                 "rope", self.rope, f"2-D RoPE needs head_dim divisible by 4, not {self.head_dim}"
@@ -357,8 +387,8 @@ class ViTConfig:
 
     @property
     def num_relative_positions(self) -> int:
-        """Rows of a relative bias table: every (dy, dx) offset of the grid, and the class
-        token's three slots."""
+        """Rows of a BEiT relative bias table: every (dy, dx) offset of the grid, and the
+        class token's three slots."""
         hp, wp = self.grid
         return (2 * hp - 1) * (2 * wp - 1) + 3
 
@@ -445,6 +475,16 @@ _DINOV3 = dict(
     rope="half",
     rope_freqs="periods",
     rope_theta=100.0,
+)
+# Naver RoPE-ViT B/16: RoPE alone (interleaved pairs, width angles first), LayerScale
+_ROPE_VIT = dict(
+    _PAPER,
+    patch_size=16,
+    **_B,
+    layer_scale=True,
+    pos_embed=False,
+    rope="interleaved",
+    rope_axes="wh",
 )
 # Perception Encoder's trunk: a learned table and RoPE (+1, width angles first), CLIP's norms
 _PE = dict(
@@ -535,16 +575,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         layer_scale=True,
         final_norm="post_pool",
     ),
-    "rope_b16": dict(  # Naver RoPE-ViT, axial: RoPE alone, width angles first, theta 100
-        _PAPER,
-        patch_size=16,
-        **_B,
-        layer_scale=True,
-        pos_embed=False,
-        rope="interleaved",
-        rope_axes="wh",
-        rope_theta=100.0,
-    ),
+    "rope_b16": dict(_ROPE_VIT, rope_theta=100.0),  # Naver RoPE-ViT, axial: theta 100
     "dinov3_s16": dict(_DINOV3, d_model=384, num_heads=6, d_ff=1536, num_layers=12),
     "dinov3_b16": dict(_DINOV3, **_B),
     "dinov3_l16": dict(_DINOV3, d_model=1024, num_heads=16, d_ff=4096, num_layers=24),
@@ -592,6 +623,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "eva02_b16_clip": dict(
         _B, image_size=224, patch_size=16, d_ff=2048, num_classes=512, attn_norm=True, **_EVA02
     ),
+    # RoPE-ViT mixed: every block and head its own learned frequencies
+    "rope_mixed_b16": dict(_ROPE_VIT, rope_freqs="mixed"),
     # RoPE-ViT as the sbb recipe: q and v biases only, one register, no class token, avg pool
     "rope_reg1_gap_b16": dict(
         _PAPER,
@@ -612,6 +645,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     # biases only, LayerScale, mean pooling into fc_norm
     "beit_b16": dict(_PAPER, patch_size=16, **_B, **_BEIT),
     "beitv2_b16": dict(_PAPER, patch_size=16, **_B, **_BEIT),
+    # timm relpos: each block's biases computed by a log-coordinate MLP, no absolute table, no
+    # class token, no qkv bias, LayerScale, mean pooling into fc_norm
+    "relpos_b16": dict(
+        _PAPER,
+        patch_size=16,
+        **_B,
+        pool="mean",
+        class_token=False,
+        qkv_bias=False,
+        final_norm="post_pool",
+        layer_scale=True,
+        rel_pos_bias="block",
+        rel_pos_form="mlp",
+        pos_embed=False,
+    ),
     "aimv2_l14": dict(
         image_size=224,
         patch_size=14,

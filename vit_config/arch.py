@@ -37,6 +37,10 @@ AXES = (
     "classes",
     "relative_positions",  # a relative bias table's offsets (never sharded)
     "attention_heads",  # a count of heads, not flattened (a relative bias table's columns)
+    "grid_axes",  # one per axis of the patch grid: a relative bias MLP's (dy, dx) inputs,
+    # learned RoPE frequencies' two components
+    "rope_pairs",  # head_dim / 2 rotated channel pairs
+    "relative_hidden",  # a relative bias MLP's hidden units
 )
 
 
@@ -129,6 +133,7 @@ def attention_layers(
     k_bias: bool = True,
     o_norm: bool = False,
     rel_bias: bool = False,
+    learned_rope: bool = False,
 ) -> list[Layer]:
     """Four projections (q, k, v column-parallel over heads, o row-parallel; `k_bias=False`:
     biases on q and v only), optional q/k norms over head_dim between them, an optional norm
@@ -138,22 +143,46 @@ def attention_layers(
     return [
         *(linear(f"{prefix}.{n}", d, d, bias and (n != "k" or k_bias), heads) for n in "qkv"),
         *(norm(f"{prefix}.{n}_norm", c.head_dim, c.norm, "head_dim") for n in "qk" if qk_norm),
-        *([rel_bias_table(c, f"{prefix}.rel_bias")] if rel_bias else []),
+        *([rope_frequencies(c, f"{prefix}.rope_freqs")] if learned_rope else []),
+        *(relative_bias_layers(c, f"{prefix}.rel_bias") if rel_bias else []),
         *([norm(f"{prefix}.o_norm", d, c.norm, "heads")] if o_norm else []),
         linear(f"{prefix}.o", d, d, proj_bias, heads[::-1]),
     ]
 
 
-def rel_bias_table(c: ViTConfig, path: str) -> Layer:
-    """BEiT's relative position biases: one row per (dy, dx) offset of the config's grid,
-    then three for the class token (as query, as key, both), one column per head."""
+def rope_frequencies(c: ViTConfig, path: str) -> Layer:
+    """RoPE-ViT's learned (mixed) frequencies of one block: per head, each pair's angle is
+    f[0] times one grid coordinate plus f[1] times the other."""
     return param(
         path,
-        c.num_relative_positions,
+        2,
         c.num_heads,
-        kind="bias",
-        axes=("relative_positions", "attention_heads"),
+        c.head_dim // 2,
+        kind="embedding",
+        axes=("grid_axes", "attention_heads", "rope_pairs"),
     )
+
+
+def relative_bias_layers(c: ViTConfig, path: str) -> list[Layer]:
+    """Relative position biases (`vit_config.relpos`): BEiT's table, one row per (dy, dx)
+    offset of the config's grid then three for the class token, one column per head; or timm
+    relpos's 2 -> rel_pos_dim -> heads MLP computing one."""
+    if c.rel_pos_form == "beit":
+        return [
+            param(
+                f"{path}.table",
+                c.num_relative_positions,
+                c.num_heads,
+                kind="bias",
+                axes=("relative_positions", "attention_heads"),
+            )
+        ]
+    return [
+        linear(f"{path}.fc1", 2, c.rel_pos_dim, True, ("grid_axes", "relative_hidden")),
+        linear(
+            f"{path}.fc2", c.rel_pos_dim, c.num_heads, True, ("relative_hidden", "attention_heads")
+        ),
+    ]
 
 
 def block_layers(c: ViTConfig, prefix: str) -> list[Layer]:
@@ -173,6 +202,7 @@ def block_layers(c: ViTConfig, prefix: str) -> list[Layer]:
             c.k_bias,
             c.attn_norm,
             c.rel_pos_bias == "block",
+            c.rope_freqs == "mixed" and c.rope != "none",
         ),
         *([param(f"{prefix}.ls1", d, kind="scale")] if c.layer_scale else []),
         norm(f"{prefix}.ln2", d, c.norm),
@@ -211,7 +241,7 @@ def layers(c: ViTConfig) -> list[Layer]:
     if c.norm_pre:
         tree.append(norm("norm_pre", d, c.norm))
     if c.rel_pos_bias == "shared":
-        tree.append(rel_bias_table(c, "rel_bias"))
+        tree += relative_bias_layers(c, "rel_bias")
     for i in range(c.num_layers):
         tree += block_layers(c, f"blocks.{i}")
     if c.final_norm == "pre_pool":

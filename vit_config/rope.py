@@ -12,6 +12,8 @@ height's head_dim/4 angles then the width's ("hw"), or the width's first ("wh").
 Rotation of a query or key row x (head_dim channels) by angles a (head_dim/2):
 - "interleaved": pairs (2m, 2m+1): x[2m] cos a_m - x[2m+1] sin a_m, x[2m+1] cos a_m + x[2m] sin a_m;
 - "half": pairs (j, j + head_dim/2), the same formula.
+- "mixed" (RoPE-ViT): learned frequencies per block and head, angle = p1 f[0] + p2 f[1] on the
+  integer positions, computed in the forward from the parameters.
 Prefix tokens (class, registers) are never rotated.
 
 The angles are computed in float64 and rounded once to the model's dtype; timm, HF and the
@@ -23,6 +25,20 @@ from __future__ import annotations
 import numpy as np
 
 from vit_config.resample import array_ops
+
+
+def rope_positions(config, grid: tuple[int, int]) -> np.ndarray:
+    """(Hp * Wp, 2) float64 integer positions of the patch tokens, the axis `rope_axes` puts
+    first in column 0: what learned ("mixed") frequencies multiply."""
+    ys, xs = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij")
+    first, second = (ys, xs) if config.rope_axes == "hw" else (xs, ys)
+    return np.stack([first.reshape(-1), second.reshape(-1)], -1).astype(np.float64)
+
+
+def learned_angles(positions, freqs):
+    """RoPE-ViT's mixed angles, (N, H, hd / 2), from positions (N, 2) and one block's learned
+    frequencies (2, H, hd / 2), in their library and dtype (gradients flow to both)."""
+    return positions[:, 0, None, None] * freqs[0] + positions[:, 1, None, None] * freqs[1]
 
 
 def rope_angles(config, grid: tuple[int, int]) -> np.ndarray:
@@ -59,10 +75,12 @@ def rope_angles(config, grid: tuple[int, int]) -> np.ndarray:
 
 def rotate(x, cos, sin, layout: str, prefix: int):
     """`x` (B, T, H, hd) with its patch tokens (all but the first `prefix`) rotated by the
-    angles whose cos and sin are given as (T - prefix, hd / 2), in x's library and dtype."""
+    angles whose cos and sin are given as (T - prefix, hd / 2), or per head as
+    (T - prefix, H, hd / 2) (learned frequencies), in x's library and dtype."""
     stack, concat = array_ops(x)
     head, patches = x[:, :prefix], x[:, prefix:]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]  # (1, N, 1, hd/2)
+    # (1, N, 1, hd/2), or (1, N, H, hd/2) per head
+    c, s = (a[None, :, None, :] if a.ndim == 2 else a[None] for a in (cos, sin))
     if layout == "interleaved":
         even, odd = patches[..., 0::2], patches[..., 1::2]
         pairs = stack([even * c - odd * s, odd * c + even * s], -1)  # (B, N, H, hd/2, 2)

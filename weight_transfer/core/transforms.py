@@ -101,8 +101,17 @@ def unstack_layers(stacked):
     return tuple(stacked)  # (L, ...) -> L x (...)
 
 
+def stack_on_axis_1(*per_layer):
+    return (np.stack(per_layer, axis=1),)  # L x (2, ...) -> (2, L, ...): RoPE-ViT's freqs
+
+
+def unstack_axis_1(stacked):
+    return tuple(np.moveaxis(stacked, 1, 0))  # (2, L, ...) -> L x (2, ...)
+
+
 IDENTITY = Transform("identity", identity, identity)
 STACK = Transform("stack_layers", stack_layers, unstack_layers, arity=(-1, 1))
+STACK_AXIS_1 = Transform("stack_on_axis_1", stack_on_axis_1, unstack_axis_1, arity=(-1, 1))
 CONV = Transform("conv_hwio_to_oihw", conv_hwio_to_oihw, conv_oihw_to_hwio)
 LINEAR = Transform("linear_in_out_to_out_in", linear_in_out_to_out_in, linear_out_in_to_in_out)
 BATCH_AXIS = Transform("add_batch_axis", add_batch_axis, drop_batch_axis)

@@ -521,7 +521,9 @@ def rope_variant(c: Candidate) -> Iterator[Variant]:
         f"(height and width swapped; visible on non-square grids only)",
         _config(c, rope_axes=axes),
     )
-    if cfg.rope_freqs == "theta":
+    if cfg.rope_freqs == "mixed":  # learned frequencies: nothing else to vary
+        pass
+    elif cfg.rope_freqs == "theta":
         for theta in (100.0, 10000.0):
             if theta != cfg.rope_theta:
                 yield f"the reference's RoPE theta is {theta:g}", _config(c, rope_theta=theta)

@@ -144,6 +144,7 @@ class AttentionPositions(NamedTuple):
 
     rotate: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
     bias: np.ndarray | None = None
+    grid: tuple[int, int] | None = None  # the patch grid, for learned RoPE frequencies
 
 
 NO_POSITIONS = AttentionPositions()
@@ -206,22 +207,55 @@ class Reference:
             q, k = self.norm(f"{name}.q_norm", q), self.norm(f"{name}.k_norm", k)
         if positions.rotate is not None:
             q, k = positions.rotate(q, k)
+        elif self.c.rope != "none" and self.c.rope_freqs == "mixed" and name != "map.attn":
+            q, k = (self.turn_learned(name, a, positions.grid) for a in (q, k))
         bias = positions.bias
-        if f"{name}.rel_bias" in self.p:
+        if self.c.rel_pos_bias == "block" and not name.startswith("map."):
             bias = self.relative_bias(f"{name}.rel_bias", bias)
         out = attend(q, k, v, bias, self.knobs.score_factor).reshape(b, t, d)
         if self.c.attn_norm and f"{name}.o_norm.scale" in self.p:
             out = self.norm(f"{name}.o_norm", out)
         return self.linear(f"{name}.o", out)
 
+    def turn_learned(self, name: str, x, grid: tuple[int, int]):
+        """RoPE-ViT's mixed rotation of x (B, T, H, hd) by the block's learned frequencies
+        f (2, H, hd/2): patch token n at (row n // Wp, column n % Wp) turns pair k of head h
+        by p1 f[0, h, k] + p2 f[1, h, k], p1 the coordinate `rope_axes` puts first."""
+        c, f = self.c, self.p[f"{name}.rope_freqs"]
+        prefix = c.num_prefix_tokens - self.knobs.drop_registers * c.reg_tokens
+        cells = np.array([divmod(n, grid[1]) for n in range(grid[0] * grid[1])], np.float64)
+        p = cells if c.rope_axes == "hw" else cells[:, ::-1]
+        turn = np.exp(1j * (p[:, 0, None, None] * f[0] + p[:, 1, None, None] * f[1]))
+        head, patches = x[:, :prefix], x[:, prefix:]
+        hd = x.shape[-1]
+        if c.rope == "interleaved":
+            z = (patches[..., 0::2] + 1j * patches[..., 1::2]) * turn
+            out = np.stack([z.real, z.imag], axis=-1).reshape(patches.shape)
+        else:
+            z = (patches[..., : hd // 2] + 1j * patches[..., hd // 2 :]) * turn
+            out = np.concatenate([z.real, z.imag], axis=-1)
+        return np.concatenate([head, out], axis=1)
+
     def relative_bias(self, name: str, bias=None):
-        """BEiT's bias of every (query, key) pair, (H, T, T), from the table `name` (plus
-        `bias`): patch pairs by their offset (dy, dx), query minus key; the class token's
-        three slots after the offsets (as query, as key, with itself)."""
-        table = self.p[name]  # (R, H)
-        rows = _relative_rows(*self.c.grid, self.knobs.rel_class_slots)
-        rows = rows.T if self.knobs.rel_transposed else rows
-        own = np.moveaxis(table[rows], -1, 0)
+        """The relative bias of every (query, key) pair, (H, T, T) (plus `bias`), from the
+        table or MLP under `name`: patch pairs by their offset (dy, dx), query minus key.
+        BEiT's table: the offset's row, the class token's three slots after the offsets (as
+        query, as key, with itself). timm relpos's MLP: a ReLU MLP of (dy, dx) as sign(d)
+        ln(1 + |d|), the prefix tokens unbiased."""
+        c, hp, wp = self.c, *self.c.grid
+        if c.rel_pos_form == "beit":
+            rows = _relative_rows(hp, wp, self.knobs.rel_class_slots)
+            own = self.p[f"{name}.table"][rows.T if self.knobs.rel_transposed else rows]
+        else:
+            cells = np.array([divmod(n, wp) for n in range(hp * wp)])  # (N, 2): (y, x)
+            d = cells[:, None, :] - cells[None, :, :]  # (N, N, 2): query minus key
+            d = d.swapaxes(0, 1) if self.knobs.rel_transposed else d
+            hidden = np.maximum(self.linear(f"{name}.fc1", np.sign(d) * np.log(1 + np.abs(d))), 0)
+            patches = self.linear(f"{name}.fc2", hidden)  # (N, N, H)
+            prefix = c.num_prefix_tokens - self.knobs.drop_registers * c.reg_tokens
+            own = np.zeros((prefix + hp * wp,) * 2 + patches.shape[-1:])
+            own[prefix:, prefix:] = patches
+        own = np.moveaxis(own, -1, 0)
         return own if bias is None else bias + own
 
     def attention_positions(self, grid: tuple[int, int]) -> AttentionPositions:
@@ -232,6 +266,8 @@ class Reference:
             return AttentionPositions(bias=self.relative_bias("rel_bias"))
         if c.rope == "none":
             return NO_POSITIONS
+        if c.rope_freqs == "mixed":  # each block turns by its own frequencies (turn_learned)
+            return AttentionPositions(grid=grid)
         dtype = self.knobs.rope_periods_dtype
         turn = np.exp(1j * rope_angles(c, grid, dtype))  # (Hp * Wp, hd / 2): a unit per pair
         prefix = c.num_prefix_tokens - self.knobs.drop_registers * c.reg_tokens

@@ -18,7 +18,7 @@ from vit_config import ConfigError, ViTConfig
 from weight_transfer.core.errors import CheckpointError, LayoutError
 from weight_transfer.core.resample import TIMM
 from weight_transfer.core.table import Rule, rule
-from weight_transfer.core.transforms import BATCH_AXIS, FUSE_2, FUSE_QKV
+from weight_transfer.core.transforms import BATCH_AXIS, FUSE_2, FUSE_QKV, STACK_AXIS_1
 from weight_transfer.layouts.base import (
     ASSUME_EPS6,
     ASSUME_GELU,
@@ -61,12 +61,15 @@ TIMM_ARCHS = {
     "dinov3_hplus16": "vit_huge_plus_patch16_dinov3",
     "pe_spatial_b16": "vit_pe_spatial_base_patch16_512",
     "pe_core_b16": "vit_pe_core_base_patch16_224",
+    "rope_mixed_b16": "vit_base_patch16_rope_mixed_224",
     "rope_reg1_gap_b16": "vit_base_patch16_rope_reg1_gap_256",
     "eva02_b14": "eva02_base_patch14_224",
     "eva02_b16_clip": "eva02_base_patch16_clip_224",
     # relative position biases (timm's Beit class)
     "beit_b16": "beit_base_patch16_224",
     "beitv2_b16": "beitv2_base_patch16_224",
+    # relative biases from a log-coordinate MLP (timm's VisionTransformerRelPos)
+    "relpos_b16": "vit_relpos_base_patch16_224",
 }
 
 
@@ -93,9 +96,19 @@ def eva_or_beit(config: ViTConfig) -> bool:
     biases alone, separate q/k/v): they store LayerScale as raw `gamma_1`, `gamma_2`."""
     return (
         config.rope != "none"
-        or config.rel_pos_bias != "none"
+        or (config.rel_pos_bias != "none" and config.rel_pos_form == "beit")
         or not config.k_bias
         or not config.qkv_fused
+    )
+
+
+def timm_relative_bias(ours: str, table: str, mlp: str) -> tuple[Rule, ...]:
+    """BEiT's table (Beit: `table`), or relpos's MLP (VisionTransformerRelPos: `mlp`.mlp.fc1,
+    fc2)."""
+    return (
+        rule(f"{ours}.table", table),
+        *renamed(f"{ours}.fc1", f"{mlp}.mlp.fc1"),
+        *renamed(f"{ours}.fc2", f"{mlp}.mlp.fc2"),
     )
 
 
@@ -122,7 +135,9 @@ def timm_attention(b: str, config: ViTConfig) -> tuple[Rule, ...]:
         *qkv,  # 3x (D, D) <-> (3D, D)
         *renamed(f"{b}.attn.q_norm", f"{b}.attn.q_norm"),
         *renamed(f"{b}.attn.k_norm", f"{b}.attn.k_norm"),
-        rule(f"{b}.attn.rel_bias", f"{b}.attn.relative_position_bias_table"),
+        *timm_relative_bias(
+            f"{b}.attn.rel_bias", f"{b}.attn.relative_position_bias_table", f"{b}.attn.rel_pos"
+        ),
         *renamed(f"{b}.attn.o_norm", f"{b}.attn.norm"),
         *renamed(f"{b}.attn.o", f"{b}.attn.proj"),
     )
@@ -142,7 +157,21 @@ def timm_table(config: ViTConfig) -> tuple[Rule, ...]:
         rule("reg_tokens", "reg_token", BATCH_AXIS),  # (R, D) <-> (1, R, D)
         rule("pos_embed", "pos_embed", BATCH_AXIS),  # (P, D) <-> (1, P, D)
         *renamed("norm_pre", "norm_pre"),
-        rule("rel_bias", "rel_pos_bias.relative_position_bias_table"),
+        # RoPE-ViT mixed: each block's (2, H, hd/2) frequencies <-> (2, L, H, hd/2)
+        *(
+            [
+                rule(
+                    tuple(f"blocks.{i}.attn.rope_freqs" for i in range(n)),
+                    "rope.freqs",
+                    STACK_AXIS_1,
+                )
+            ]
+            if (n := config.num_layers)
+            else []
+        ),
+        *timm_relative_bias(
+            "rel_bias", "rel_pos_bias.relative_position_bias_table", "shared_rel_pos"
+        ),
         *renamed(f"{b}.ln1", f"{b}.norm1"),
         *timm_attention(b, config),
         rule(f"{b}.ls1", f"{b}.gamma_1" if eva else f"{b}.ls1.gamma"),
@@ -247,12 +276,18 @@ def _rope(m, architecture: str) -> dict[str, Any]:
     if rope is None:
         return {}
     name = type(rope).__name__
+    half = getattr(rope, "rotate_half", None)
+    if half is None:  # the mixed embedding leaves the pair layout to the attention
+        half = m.blocks[0].attn.rotate_half if len(m.blocks) else False
     fields: dict[str, Any] = dict(
-        rope="half" if rope.rotate_half else "interleaved",
+        rope="half" if half else "interleaved",
         rope_axes={"ij": "hw", "xy": "wh"}[rope.grid_indexing],
-        rope_offset=float(rope.grid_offset),
-        rope_theta=float(rope.temperature or 0),
     )
+    if name == "RotaryEmbeddingMixed":
+        if getattr(rope, "aug_active", False):
+            _refuse(architecture, "RoPE coordinate augmentation")
+        return fields | dict(rope_freqs="mixed")
+    fields.update(rope_offset=float(rope.grid_offset), rope_theta=float(rope.temperature or 0))
     if name == "RotaryEmbeddingCat":
         if rope.grid_type != "index" or rope.in_pixels:
             _refuse(architecture, f"RoPE on a {rope.grid_type!r} grid with pixel bands")
@@ -262,10 +297,23 @@ def _rope(m, architecture: str) -> dict[str, Any]:
         if rope.min_period is not None or rope.max_period is not None:
             _refuse(architecture, "DINOv3 RoPE with min/max periods")
         return fields | dict(rope_freqs="periods", rope_coords=rope.normalize_coords)
-    _refuse(architecture, f"the rotary embedding {name} (RoPE-ViT's mixed: learned frequencies)")
+    _refuse(architecture, f"the rotary embedding {name}")
 
 
-ATTENTIONS = ("Attention", "EvaAttention", "AttentionRope")  # timm's, Eva's, Beit's
+ATTENTIONS = ("Attention", "EvaAttention", "AttentionRope", "RelPosAttention")
+
+
+def _relative(module, architecture: str) -> dict[str, Any]:
+    """A relative bias module's form: Beit's table (`RelativePositionBias`, or the table an
+    attention holds itself), or relpos's log-coordinate MLP (`RelPosMlp`, "cr" mode)."""
+    name = type(module).__name__
+    if name == "RelativePositionBias":
+        return dict(rel_pos_form="beit")
+    if name == "RelPosMlp":
+        if module.mode != "cr" or module.bias_gain is not None:
+            _refuse(architecture, f"a relative position MLP in {module.mode!r} mode")
+        return dict(rel_pos_form="mlp", rel_pos_dim=module.mlp.fc1.out_features)
+    _refuse(architecture, f"the relative position bias {name}")
 
 
 def _attention(attn, d_model: int, architecture: str) -> dict[str, Any]:
@@ -295,10 +343,17 @@ def _attention(attn, d_model: int, architecture: str) -> dict[str, Any]:
         proj_bias=attn.proj.bias is not None,
         qk_norm=type(getattr(attn, "q_norm", None)).__name__ not in ("Identity", "NoneType"),
         attn_norm=_norm(getattr(attn, "norm", None), architecture) is not None,
-        rel_pos_bias=(
-            "block" if getattr(attn, "relative_position_bias_table", None) is not None else "none"
-        ),
+        **_block_relative(attn, architecture),
     )
+
+
+def _block_relative(attn, architecture: str) -> dict[str, Any]:
+    """An attention's own relative biases (Beit's table, relpos's `rel_pos`), if any."""
+    if getattr(attn, "relative_position_bias_table", None) is not None:
+        return dict(rel_pos_bias="block", rel_pos_form="beit")
+    if getattr(attn, "rel_pos", None) is not None:
+        return dict(rel_pos_bias="block", **_relative(attn.rel_pos, architecture))
+    return dict(rel_pos_bias="none")
 
 
 def _layer_scale(block, architecture: str) -> bool:
@@ -312,12 +367,20 @@ def _layer_scale(block, architecture: str) -> bool:
     return gains[0]
 
 
-MODELS = ("VisionTransformer", "VisionTransformerDistilled", "Eva", "Beit")
+MODELS = (
+    "VisionTransformer",
+    "VisionTransformerDistilled",
+    "Eva",
+    "Beit",
+    "VisionTransformerRelPos",
+)
 BLOCKS = {  # timm's block classes and where their norms sit
     "Block": "pre_norm",  # VisionTransformer's and Beit's
     "EvaBlock": "pre_norm",
     "ResPostBlock": "post_norm",
     "EvaBlockPostNorm": "post_norm",
+    "RelPosBlock": "pre_norm",
+    "ResPostRelPosBlock": "post_norm",
 }
 
 
@@ -328,15 +391,13 @@ def config_of_timm_model(m, architecture: str = "") -> ViTConfig:
     kind = type(m).__name__
     if kind not in MODELS:
         _refuse(architecture, f"the model class {kind}")
-    if getattr(m, "rope_mixed", False):
-        _refuse(architecture, "RoPE-ViT's mixed RoPE (learned frequencies per head)")
     block = m.blocks[0] if len(m.blocks) else None
     if block is not None and type(block).__name__ not in BLOCKS:
         _refuse(architecture, f"{type(block).__name__} blocks (parallel residuals)")
-    shared_bias = getattr(m, "rel_pos_bias", None) is not None
-    if shared_bias and block is not None:
-        if getattr(block.attn, "relative_position_bias_table", None) is not None:
-            _refuse(architecture, "a shared relative bias table and one per block together")
+    shared_bias = getattr(m, "rel_pos_bias", None) or getattr(m, "shared_rel_pos", None)
+    if shared_bias is not None and block is not None:
+        if _block_relative(block.attn, architecture)["rel_pos_bias"] != "none":
+            _refuse(architecture, "shared relative biases and a block's own together")
     patch = tuple(m.patch_embed.patch_size)
     if patch[0] != patch[1]:
         _refuse(architecture, f"non-square patches {patch}")
@@ -360,22 +421,26 @@ def config_of_timm_model(m, architecture: str = "") -> ViTConfig:
         class_token=m.cls_token is not None,
         dist_token=getattr(m, "dist_token", None) is not None,
         reg_tokens=reg.shape[1] if reg is not None else 0,
-        pos_embed=m.pos_embed is not None,
+        pos_embed=getattr(m, "pos_embed", None) is not None,
         pos_embed_tokens="none" if getattr(m, "no_embed_class", False) else "all",
         norm_pre=norms["norm_pre"] is not None,
         patch_norm=patch_norm is not None,
         final_norm="pre_pool" if norms["norm"] else "post_pool" if norms["fc_norm"] else "none",
         patch_bias=m.patch_embed.proj.bias is not None,
         head_bias=getattr(m.head, "bias", None) is not None if m.num_classes else True,
-        rel_pos_bias="shared" if shared_bias else "none",
+        **(
+            dict(rel_pos_bias="shared", **_relative(shared_bias, architecture))
+            if shared_bias is not None
+            else {}
+        ),
         **(_rope(m, architecture) if kind == "Eva" else {}),
     )
     present = [n for n in (*norms.values(), patch_norm) if n is not None]
     if block is not None:
         attn = block.attn
         fields.update(_attention(attn, m.embed_dim, architecture))
-        if shared_bias:
-            fields.update(rel_pos_bias="shared")
+        if shared_bias is not None:  # the attentions have none of their own
+            fields.update(rel_pos_bias="shared", **_relative(shared_bias, architecture))
         fields.update(
             block=BLOCKS[type(block).__name__],
             layer_scale=_layer_scale(block, architecture),
@@ -397,7 +462,7 @@ def config_of_timm_model(m, architecture: str = "") -> ViTConfig:
     if not (
         fields["pos_embed"]
         or fields.get("rope", "none") != "none"
-        or fields["rel_pos_bias"] != "none"
+        or fields.get("rel_pos_bias", "none") != "none"
     ):
         _refuse(architecture, "no position embedding of any kind")
     kinds = {kind for kind, _ in present}
@@ -408,6 +473,12 @@ def config_of_timm_model(m, architecture: str = "") -> ViTConfig:
         fields.update(norm=kinds.pop(), ln_eps=epsilons.pop())
     if pool == "map":
         fields.update(map_heads=m.attn_pool.num_heads)
+        width = m.attn_pool.mlp.fc1.out_features
+        if width != fields["d_ff"]:
+            _refuse(
+                architecture,
+                f"a MAP head whose MLP is {width} wide where the blocks' is {fields['d_ff']}",
+            )
     # VisionTransformer pools the prefix tokens when told; Eva's MAP head always reads them
     fields.update(pool_prefix=getattr(m, "pool_include_prefix", kind == "Eva" and pool == "map"))
     try:

@@ -143,7 +143,14 @@ UNSUPPORTED: dict[str, tuple[str, Callable[[ViTConfig], bool] | None]] = {
         lambda c: c.rel_pos_bias != "none",
     ),
     r"\.attn\.q_bias$": ("q and v biases without a k bias (EVA, BEiT)", lambda c: not c.k_bias),
-    r"rope|freqs_cis|rotary": ("rotary position embeddings (RoPE: EVA-02, DINOv3)", None),
+    r"^rope\.freqs$": (
+        "RoPE-ViT's learned (mixed) RoPE frequencies",
+        lambda c: c.rope != "none" and c.rope_freqs == "mixed",
+    ),
+    r"^(?!rope\.freqs$).*(rope|freqs_cis|rotary)": (
+        "rotary position embeddings (RoPE: EVA-02, DINOv3)",
+        None,
+    ),
     r"lambda_init|lambda_q|\.diff_": ("differential attention", None),
     r"\.attn_out_proj\.|\.in_proj\.|\.mlp_out_proj\.": ("parallel blocks (ViT-22B style)", None),
     r"\.norm1_post\.|\.post_norm\.|\.post_attention_layernorm\.": (
