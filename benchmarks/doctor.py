@@ -9,10 +9,13 @@ candidate, and the diagnosis itself (the replay and the search: the in-process f
     python benchmarks/doctor.py                    # ViT-B/16, fault: LayerNorm eps 1e-5 vs 1e-6
     python benchmarks/doctor.py --fault transposed --preset dinov2_b14 --json
     python benchmarks/doctor.py --layouts torch nnx # both files in our own layouts
+    python benchmarks/doctor.py --preset dinov3_b16 --fault rope --layouts torch nnx
 
 Each command runs in a new process, `--rounds` times, interleaved; medians.
 Targets (doctor-CLI issue): the whole doctor process at most 20 s and 2 GB on this 2-core
-machine.
+machine; the family-models issue asks the same on `dinov3_b16` with one planted fault (a bare
+timm file of a RoPE model says nothing of its RoPE, so its files are written in our layouts,
+which carry their config).
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ sys.exit(cli.main(sys.argv[1:]))
 FAULTS = {
     "eps": "LayerNorm epsilon 1e-5 on the candidate, 1e-6 on the reference",
     "transposed": "block 5's attention output kernel copied without its transpose",
+    "rope": "RoPE channel pairs interleaved on the candidate, the reference's split in halves "
+    "(or the other way round); RoPE presets only",
 }
 
 
@@ -73,6 +78,11 @@ def write_pair(preset: str, fault: str, folder: Path, layouts: list[str]) -> tup
     flat = wt.nnx_flat(model)
     if fault == "eps":
         candidate = wt.nnx_from_flat(flat, config.replace(ln_eps=1e-5))
+    elif fault == "rope":
+        if config.rope == "none":
+            raise SystemExit(f"--fault rope needs a RoPE preset; {preset} has none")
+        other = {"interleaved": "half", "half": "interleaved"}[config.rope]
+        candidate = wt.nnx_from_flat(flat, config.replace(rope=other))
     else:
         key = f"blocks.{min(5, config.num_layers - 1)}.attn.o.kernel"
         candidate = wt.nnx_from_flat({**flat, key: flat[key].T.copy()}, config)

@@ -26,8 +26,12 @@ timm = pytest.importorskip("timm")
 
 OLD = 5  # the checkpoint's patch grid (5 x 5)
 NEW_GRIDS = [(7, 7), (3, 3), (6, 4)]  # up, down, non-square
+# BEiT's relative tables are not resized (refused: test_beit_tables_at_another_size_...)
 TIMM_PRESETS = sorted(
-    p for p in TIMM_ARCHS if p not in ("vit_ti16", "vit_s16", "vit_l16", "vit_h14")
+    p
+    for p in TIMM_ARCHS
+    if p not in ("vit_ti16", "vit_s16", "vit_l16", "vit_h14")
+    and not (PRESETS[p].get("rel_pos_bias") and PRESETS[p].get("rel_pos_form", "beit") == "beit")
 )
 # The quick subset keeps one of each prefix-token kind; the rest run in the whole suite
 # (0.5-5 s each, --durations).
@@ -48,12 +52,21 @@ def tiny_config(**changes) -> ViTConfig:
     return ViTConfig(**{**base, **changes})
 
 
-def load_resampled(path, grid, patch, **kw):
-    """Our torch model of `path` at `grid` patches; the method must be announced."""
-    with pytest.warns(AssumedConfigWarning, match="resampling"):
-        return wt.load_checkpoint(
-            path, "torch", image_size=(grid[0] * patch, grid[1] * patch), **kw
-        )
+def load_resampled(path, grid, patch, table=True, **kw):
+    """Our torch model of `path` at `grid` patches; the method must be announced when there is
+    a learned `table` to resample, and must not be when there is none (RoPE alone and
+    relative biases computed for any grid have nothing to resample)."""
+    load = lambda: wt.load_checkpoint(  # noqa: E731
+        path, "torch", image_size=(grid[0] * patch, grid[1] * patch), **kw
+    )
+    if table:
+        with pytest.warns(AssumedConfigWarning, match="resampling"):
+            return load()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model = load()
+    assert not [w for w in seen if "resampling" in str(w.message)], seen
+    return model
 
 
 def assert_same_function(expected_model, ours, grid, patch, what, call=None):
@@ -85,8 +98,22 @@ def test_timm_hub_folder_at_another_size_is_timms_own(tmp_path, preset):
             expected = timm.create_model(
                 f"local-dir:{tmp_path}", pretrained=True, img_size=px
             ).eval()
-        ours = load_resampled(tmp_path, grid, patch)
+        ours = load_resampled(tmp_path, grid, patch, PRESETS[preset].get("pos_embed", True))
         assert_same_function(expected, ours, grid, patch, f"{preset} at {grid}")
+
+
+def test_beit_tables_at_another_size_are_refused_by_name(tmp_path):
+    """BEiT's learned relative tables belong to their grid: loading at another size, or for
+    any size, is refused by name (timm itself cannot load them at another size either)."""
+    from timm.models import save_for_hf
+
+    from vit_config import ArgumentError
+
+    model = timm.create_model("beit_base_patch16_224", pretrained=False, depth=1, img_size=64)
+    save_for_hf(model, str(tmp_path), safe_serialization=True)
+    for options in (dict(image_size=(96, 64)), dict(dynamic_image_size=True)):
+        with pytest.raises(ArgumentError, match="relative bias tables .* not implemented"):
+            wt.load_checkpoint(tmp_path, "torch", **options)
 
 
 FAMILY_TOKENS = {  # every prefix-token kind, in the tiny config the other tests use

@@ -12,8 +12,9 @@ one of the (2 Hp - 1)(2 Wp - 1) offsets, height major.
   2 -> rel_pos_dim -> heads ReLU MLP of sign(d) ln(1 + |d|) for d = dy, dx; prefix tokens get
   no bias (zeros).
 
-A table belongs to the config's grid; timm resizes BEiT's for another
-(resize_rel_pos_bias_table), which is not implemented here: another grid is refused by name.
+The MLP computes its table for any grid (as timm does at another window size); BEiT's learned
+table belongs to the config's grid: timm resizes it for another (resize_rel_pos_bias_table),
+which is not implemented here, so another grid is refused by name.
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ class RelativeGrid(NamedTuple):
 
 def relative_grid(config, grid: tuple[int, int]) -> RelativeGrid:
     """The rows and coordinates of `config`'s relative biases on a (Hp, Wp) grid."""
-    if tuple(grid) != config.grid:
+    if config.rel_pos_form == "beit" and tuple(grid) != config.grid:
         raise ArgumentError(
-            f"relative position biases are learned for the {config.grid} patch grid, "
-            f"not {tuple(grid)}: resizing them (timm's resize_rel_pos_bias_table, "
-            f"set_window_size) is not implemented; use images of {config.image_hw} pixels"
+            f"BEiT's relative bias tables are learned for the {config.grid} patch grid, "
+            f"not {tuple(grid)}: resizing them (timm's resize_rel_pos_bias_table) is not "
+            f"implemented; use images of {config.image_hw} pixels"
         )
     hp, wp = grid
     cells = np.meshgrid(np.arange(hp), np.arange(wp), indexing="ij")

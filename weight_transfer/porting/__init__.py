@@ -114,7 +114,14 @@ def prepare(
     out = config.replace(image_size=o.image_size) if o.image_size is not None else config
     resampling = native_resampling(inferred).stated(o.interpolation, o.antialias)
     resampled = out.grid != config.grid
-    if resampled or dynamic_image_size:
+    if (resampled or dynamic_image_size) and config.rel_pos_bias != "none":
+        if config.rel_pos_form == "beit":
+            raise ArgumentError(
+                f"{source.path}: BEiT's relative bias tables are learned for the "
+                f"{config.grid} patch grid ({config.image_hw} px); resizing them (timm's "
+                f"resize_rel_pos_bias_table) is not implemented: load it at its own size"
+            )
+    if (resampled or dynamic_image_size) and config.pos_embed:  # a learned table to resample
         if out.num_positions * out.d_model * 8 > MAX_RESAMPLE_BYTES:
             raise ArgumentError(
                 f"image size {out.image_size}: {out.num_positions} positions x "
