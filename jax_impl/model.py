@@ -187,11 +187,17 @@ class FeedForward(nnx.Module):
     """The MLP parameters' owner's forward: ff2(act(ff1 x)), or ff2(act(ff1_g x) * ff1_x x)."""
 
     def _init_mlp(
-        self, c: ViTConfig, bias: bool, gated: bool, dense: dict, hidden_norm: bool = False
+        self,
+        c: ViTConfig,
+        bias: bool,
+        gated: bool,
+        dense: dict,
+        hidden_norm: bool = False,
+        width: int = 0,
     ) -> None:
         self.activation = c.activation
         self.gated = gated
-        d, f = c.d_model, c.d_ff
+        d, f = c.d_model, width or c.d_ff
         if self.gated:
             self.ff1_g = nnx.Linear(d, f, use_bias=bias, **dense)
             self.ff1_x = nnx.Linear(d, f, use_bias=bias, **dense)
@@ -263,7 +269,7 @@ class MAPHead(FeedForward):
         self.probe = nnx.Param(jnp.zeros((1, c.d_model), dtype))
         self.attn = Attention(c, heads=c.map_num_heads, dtype=dtype, rngs=rngs)
         self.norm = make_norm(c, c.d_model, dense)
-        self._init_mlp(c, True, False, dense)  # a plain MLP, as timm and big_vision
+        self._init_mlp(c, True, False, dense, width=c.map_mlp_width)  # plain, as timm, big_vision
 
     def __call__(self, x: jax.Array) -> jax.Array:
         probe = jnp.broadcast_to(self.probe[...], (x.shape[0], *self.probe.shape))  # (B, 1, D)

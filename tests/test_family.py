@@ -123,7 +123,7 @@ FAMILY = {
     ),
     # pooling that reads the prefix tokens; a MAP head with its own head count (PE core)
     "map-own-heads-with-prefix": dict(
-        pool="map", class_token=True, reg_tokens=1, map_heads=1, pool_prefix=True
+        pool="map", class_token=True, reg_tokens=1, map_heads=1, map_d_ff=12, pool_prefix=True
     ),
     "mean-with-prefix": dict(pool="mean", class_token=True, reg_tokens=2, pool_prefix=True),
 }
@@ -330,6 +330,7 @@ def family_configs(draw):
         num_heads=heads,
         d_ff=draw(st.integers(1, 16)),
         map_heads=draw(st.sampled_from([0, 1])),
+        map_d_ff=draw(st.sampled_from([0, 3])),
         num_layers=draw(st.integers(0, 2)),
         num_classes=draw(st.integers(1, 5)) if dist else draw(st.integers(0, 5)),
         pool=pool,

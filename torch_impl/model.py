@@ -158,10 +158,12 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """The MLP parameters' owner's forward: ff2(act(ff1 x)), or ff2(act(ff1_g x) * ff1_x x)."""
 
-    def _init_mlp(self, c: ViTConfig, bias: bool, gated: bool, hidden_norm: bool = False) -> None:
+    def _init_mlp(
+        self, c: ViTConfig, bias: bool, gated: bool, hidden_norm: bool = False, width: int = 0
+    ) -> None:
         self.activation = c.activation
         self.gated = gated
-        d, f = c.d_model, c.d_ff
+        d, f = c.d_model, width or c.d_ff
         if self.gated:
             self.ff1_g = nn.Linear(d, f, bias=bias)
             self.ff1_x = nn.Linear(d, f, bias=bias)
@@ -228,7 +230,7 @@ class MAPHead(FeedForward):
         self.probe = nn.Parameter(torch.zeros(1, c.d_model))
         self.attn = Attention(c, heads=c.map_num_heads)
         self.norm = make_norm(c, c.d_model)
-        self._init_mlp(c, True, False)  # a plain MLP, as timm and big_vision
+        self._init_mlp(c, True, False, width=c.map_mlp_width)  # a plain MLP, as timm and big_vision
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.attn(self.probe.expand(x.shape[0], -1, -1), context=x)  # (B, 1, D)

@@ -178,6 +178,8 @@ class ViTConfig:
     # Heads of the MAP head's attention; 0: the blocks' num_heads (Perception Encoder core: 8
     # whatever the blocks have).
     map_heads: int = 0
+    # Hidden width of the MAP head's MLP; 0: the blocks' d_ff (PE core gigantic: 4 x d_model).
+    map_d_ff: int = 0
     # Whether "mean" and "map" pooling read the prefix tokens too (timm's pool_include_prefix;
     # Eva's MAP head always does: Perception Encoder core). False: the patch tokens only.
     pool_prefix: bool = False
@@ -226,6 +228,8 @@ class ViTConfig:
             object.__setattr__(self, "pool_prefix", False)
         if self.pool != "map" or self.map_heads == self.num_heads:  # no MAP head, or the same
             object.__setattr__(self, "map_heads", 0)
+        if self.pool != "map" or self.map_d_ff == self.d_ff:
+            object.__setattr__(self, "map_d_ff", 0)
         if self.rel_pos_bias == "none":
             object.__setattr__(self, "rel_pos_form", "beit")
         if self.rope == "none":  # no RoPE: its settings are moot
@@ -249,7 +253,7 @@ class ViTConfig:
                 raise ConfigError(name, getattr(self, name), "expected a positive int")
         if not _is_positive_int(self.rel_pos_dim):
             raise ConfigError("rel_pos_dim", self.rel_pos_dim, "expected a positive int")
-        for name in ("num_layers", "num_classes", "reg_tokens", "map_heads"):
+        for name in ("num_layers", "num_classes", "reg_tokens", "map_heads", "map_d_ff"):
             if not (
                 isinstance(getattr(self, name), int)
                 and not isinstance(getattr(self, name), bool)
@@ -379,6 +383,11 @@ class ViTConfig:
     def num_positions(self) -> int:
         """Rows of the position embedding: the positioned prefix tokens, then the patches."""
         return self.num_positioned_prefix + self.num_patches
+
+    @property
+    def map_mlp_width(self) -> int:
+        """Hidden width of the MAP head's MLP (`map_d_ff`, or the blocks')."""
+        return self.map_d_ff or self.d_ff
 
     @property
     def map_num_heads(self) -> int:

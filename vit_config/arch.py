@@ -110,11 +110,17 @@ def param(
 
 
 def mlp_layers(
-    c: ViTConfig, prefix: str, bias: bool, gated: bool, hidden_norm: bool = False
+    c: ViTConfig,
+    prefix: str,
+    bias: bool,
+    gated: bool,
+    hidden_norm: bool = False,
+    width: int | None = None,
 ) -> list[Layer]:
     """ff1 -> activation -> ff2, or the gated form: ff2(act(ff1_g x) * ff1_x x); with
-    `hidden_norm`, a norm on the hidden units before ff2 (EVA-02's sub-LN: `ff_norm`)."""
-    d, f = c.d_model, c.d_ff
+    `hidden_norm`, a norm on the hidden units before ff2 (EVA-02's sub-LN: `ff_norm`).
+    `width` hidden units (default the blocks' d_ff)."""
+    d, f = c.d_model, width or c.d_ff
     up, down = ("embed", "mlp"), ("mlp", "embed")
     names = ("ff1",) if not gated else ("ff1_g", "ff1_x")
     return [
@@ -214,13 +220,13 @@ def block_layers(c: ViTConfig, prefix: str) -> list[Layer]:
 def map_layers(c: ViTConfig, prefix: str = "map") -> list[Layer]:
     """Multihead attention pooling (SigLIP's MAP head, timm AttentionPoolLatent): a learned
     probe attends to the patch tokens, then y + mlp(norm(y)). Biases always on; the MLP is a
-    plain one as wide as the encoder's, whatever the blocks use."""
+    plain one, as wide as the encoder's unless `map_d_ff` says, whatever the blocks use."""
     d = c.d_model
     return [
         param(f"{prefix}.probe", 1, d),
         *attention_layers(c, f"{prefix}.attn"),
         norm(f"{prefix}.norm", d, c.norm),
-        *mlp_layers(c, prefix, True, gated=False),
+        *mlp_layers(c, prefix, True, gated=False, width=c.map_mlp_width),
     ]
 
 

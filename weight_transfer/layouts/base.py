@@ -135,6 +135,7 @@ BEYOND_VIT: dict[str, Any] = dict(
     mlp_norm=False,
     block="pre_norm",
     map_heads=0,
+    map_d_ff=0,
     pool_prefix=False,
 )
 EVERYTHING = tuple(BEYOND_VIT)

@@ -473,12 +473,7 @@ def config_of_timm_model(m, architecture: str = "") -> ViTConfig:
         fields.update(norm=kinds.pop(), ln_eps=epsilons.pop())
     if pool == "map":
         fields.update(map_heads=m.attn_pool.num_heads)
-        width = m.attn_pool.mlp.fc1.out_features
-        if width != fields["d_ff"]:
-            _refuse(
-                architecture,
-                f"a MAP head whose MLP is {width} wide where the blocks' is {fields['d_ff']}",
-            )
+        fields.update(map_d_ff=m.attn_pool.mlp.fc1.out_features)
     # VisionTransformer pools the prefix tokens when told; Eva's MAP head always reads them
     fields.update(pool_prefix=getattr(m, "pool_include_prefix", kind == "Eva" and pool == "map"))
     try:
