@@ -294,6 +294,16 @@ ROUND_TRIP_CONFIGS = [  # the first each writable layout's library can compute i
     dict(norm_pre=True, patch_bias=False, final_norm="post_pool", head_bias=False),
     dict(dist_token=True),
     dict(layer_scale=True, num_classes=0, d_ff=48),
+    dict(  # BEiT
+        rel_pos_bias="block",
+        pos_embed=False,
+        k_bias=False,
+        layer_scale=True,
+        pool="mean",
+        class_token=True,
+        final_norm="post_pool",
+        ln_eps=1e-12,
+    ),
 ]
 
 

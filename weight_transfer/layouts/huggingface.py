@@ -105,6 +105,38 @@ def dinov2_table(config: ViTConfig) -> tuple[Rule, ...]:
     )
 
 
+def beit_table(config: ViTConfig) -> tuple[Rule, ...]:
+    """HF BEiT and data2vec-vision (`beit.` / `data2vec_vision.` stripped by the normaliser):
+    q and v biases with a bias-free key, a relative bias table per layer or one shared,
+    LayerScale `lambda_1`/`lambda_2`, mean pooling into `pooler.layernorm` (or the class
+    token after `layernorm`)."""
+    b = "encoder.layer.{}"
+    a = f"{b}.attention.attention"
+    return (
+        *renamed("patch_embed", "embeddings.patch_embeddings.projection"),
+        rule("cls_token", "embeddings.cls_token", BATCH_AXIS),
+        rule("pos_embed", "embeddings.position_embeddings", BATCH_AXIS),
+        rule("rel_bias.table", "encoder.relative_position_bias.relative_position_bias_table"),
+        *renamed("blocks.{}.ln1", f"{b}.layernorm_before"),
+        *renamed("blocks.{}.attn.q", f"{a}.query"),
+        *renamed("blocks.{}.attn.k", f"{a}.key"),
+        *renamed("blocks.{}.attn.v", f"{a}.value"),
+        rule(
+            "blocks.{}.attn.rel_bias.table",
+            f"{a}.relative_position_bias.relative_position_bias_table",
+        ),
+        *renamed("blocks.{}.attn.o", f"{b}.attention.output.dense"),
+        rule("blocks.{}.ls1", f"{b}.lambda_1"),
+        *renamed("blocks.{}.ln2", f"{b}.layernorm_after"),
+        *renamed("blocks.{}.ff1", f"{b}.intermediate.dense"),
+        *renamed("blocks.{}.ff2", f"{b}.output.dense"),
+        rule("blocks.{}.ls2", f"{b}.lambda_2"),
+        *renamed("ln_f", "layernorm"),
+        *renamed("fc_norm", "pooler.layernorm"),
+        *renamed("head", "classifier"),
+    )
+
+
 def clip_table(config: ViTConfig) -> tuple[Rule, ...]:
     """HF CLIP vision tower (`vision_model.` stripped by the normaliser): `class_embedding`
     (D,), `pre_layrnorm` (sic), `post_layernorm` on the pooled token only (our fc_norm), a
@@ -361,6 +393,64 @@ def clip_config_json(config: ViTConfig) -> dict[str, Any]:
     return _hf_json(config, "CLIPVisionModel", "clip_vision_model")
 
 
+def beit_config_json(config: ViTConfig) -> dict[str, Any]:
+    """BeitForImageClassification (BeitModel with no head): q and v biases, a relative bias
+    table per layer or shared (or a learned table), LayerScale or not, mean pooling into
+    `pooler.layernorm` or the class token after `layernorm`."""
+    mean = config.pool == "mean"
+    require(
+        config,
+        "HF BEiT",
+        **{**PLAIN, "layer_scale": config.layer_scale},
+        class_token=True,
+        qkv_bias=True,
+        k_bias=False,
+        pool="mean" if mean else "cls",
+        final_norm="post_pool" if mean else "pre_pool",
+        pos_embed_tokens="all",
+        rel_pos_form="beit",
+        head_bias=True,
+    )
+    if config.rel_pos_bias == "none" and not config.pos_embed:
+        raise LayoutError("HF BEiT cannot hold a model without positions")
+    head = "BeitForImageClassification" if config.num_classes else "BeitModel"
+    return _hf_json(
+        config,
+        head,
+        "beit",
+        use_mask_token=False,
+        use_absolute_position_embeddings=config.pos_embed,
+        use_relative_position_bias=config.rel_pos_bias == "block",
+        use_shared_relative_position_bias=config.rel_pos_bias == "shared",
+        layer_scale_init_value=1.0 if config.layer_scale else 0.0,
+        use_mean_pooling=mean,
+        drop_path_rate=0.0,
+    )
+
+
+def beit_config_fields(hf: Mapping[str, Any], where: Path):
+    """HF `beit` / `data2vec-vision`: eps 1e-12, exact GELU, q and v biases, the relative
+    tables and the pooling the config states."""
+    fields = _common(hf, where, "gelu", 1e-12, 224)
+    shared = json_field(hf, "use_shared_relative_position_bias", bool, where, False)
+    own = json_field(hf, "use_relative_position_bias", bool, where, False)
+    if shared and own:
+        raise CheckpointError(
+            f"{where}: config.json asks for a shared relative bias table and one per layer; "
+            f"this ViT has one or the other"
+        )
+    mean = json_field(hf, "use_mean_pooling", bool, where, True)
+    fields.update(
+        k_bias=False,
+        qkv_bias=True,
+        class_token=True,
+        rel_pos_bias="shared" if shared else "block" if own else "none",
+        pool="mean" if mean else "cls",
+        final_norm="post_pool" if mean else "pre_pool",
+    )
+    return fields, {}
+
+
 def vision_config(hf: Mapping[str, Any], where: Path) -> Mapping[str, Any]:
     """The vision tower's config: nested in whole CLIP/SigLIP repos, the config itself
     otherwise."""
@@ -506,6 +596,28 @@ LAYOUTS = (
             drop=(
                 ("embeddings.mask_token", "the mask token (unused at inference)"),
                 ("dinov2.embeddings.mask_token", "the mask token (unused at inference)"),
+            ),
+        ),
+    ),
+    Layout(
+        "hf_beit",
+        "torch",
+        beit_table,
+        r"(^|\.)lambda_1$|relative_position_bias\.relative_position_bias_table$"
+        r"|^(beit|data2vec_vision)\.embeddings\.",
+        "Hugging Face BEiT / data2vec-vision (model, or image classification)",
+        container="folder",
+        priority=2,
+        read_config_json=beit_config_fields,
+        write_config_json=beit_config_json,
+        computes=("rel_pos_bias", "k_bias"),
+        published=lambda key, c: key if key.startswith("classifier.") else f"beit.{key}",
+        resampling=lambda c: HF,
+        normalise=renaming(
+            strip=("beit.", "data2vec_vision."),
+            drop=(
+                ("beit.embeddings.mask_token", "the mask token (unused at inference)"),
+                ("data2vec_vision.embeddings.mask_token", "the mask token (unused at inference)"),
             ),
         ),
     ),
