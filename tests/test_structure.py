@@ -287,6 +287,9 @@ def test_every_module_keeps_its_short_name():
         assert hasattr(wt, old), old
 
 
+BEIT = dict(  # BEiT: relative tables, q and v biases, LayerScale, class token, mean pooling
+    rel_pos_bias="block", pos_embed=False, k_bias=False, layer_scale=True, pool="mean"
+)
 ROUND_TRIP_CONFIGS = [  # the first each writable layout's library can compute is used
     dict(),
     dict(pool="map", class_token=False, num_classes=0),
@@ -294,16 +297,7 @@ ROUND_TRIP_CONFIGS = [  # the first each writable layout's library can compute i
     dict(norm_pre=True, patch_bias=False, final_norm="post_pool", head_bias=False),
     dict(dist_token=True),
     dict(layer_scale=True, num_classes=0, d_ff=48),
-    dict(  # BEiT
-        rel_pos_bias="block",
-        pos_embed=False,
-        k_bias=False,
-        layer_scale=True,
-        pool="mean",
-        class_token=True,
-        final_norm="post_pool",
-        ln_eps=1e-12,
-    ),
+    dict(BEIT, class_token=True, final_norm="post_pool", ln_eps=1e-12),
 ]
 
 
