@@ -548,26 +548,36 @@ def test_a_signal_mid_conversion_cleans_up(work, model, monkeypatch, capsys):
     line on stderr, exit 128 + the signal."""
     import signal
 
-    from weight_transfer import cli as cli_module
     from weight_transfer.porting import writers
 
     src = wt.save_checkpoint(model, work / "m.safetensors", layout="torch")
     real = writers.write_safetensors
+    # SIGINT as a terminal delivers it: KeyboardInterrupt (a test process can inherit another
+    # disposition, from the runner or an earlier test: the CLI keeps what it inherits)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            _convert_interrupted_by(sig, src, work, writers, real, monkeypatch, capsys)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
 
-        def interrupted(path, *args, sig=sig, **kwargs):
-            path.write_bytes(b"partial")
-            os.kill(os.getpid(), sig)
-            return real(path, *args, **kwargs)
+def _convert_interrupted_by(sig, src, work, writers, real, monkeypatch, capsys):
+    """One conversion stopped by `sig` while writing: exit 128 + sig, one line, nothing left."""
+    from weight_transfer import cli as cli_module
 
-        monkeypatch.setattr(writers, "write_safetensors", interrupted)
-        before = sorted(os.listdir(work))
-        code = cli_module.main(["convert", str(src), str(work / "o.safetensors"), "--to", "nnx"])
-        err = capsys.readouterr().err
-        assert code == 128 + sig, (sig, code, err)
-        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-        assert sorted(os.listdir(work)) == before  # no output, no hidden temporary folder
+    def interrupted(path, *args, **kwargs):
+        path.write_bytes(b"partial")
+        os.kill(os.getpid(), sig)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(writers, "write_safetensors", interrupted)
+    before = sorted(os.listdir(work))
+    code = cli_module.main(["convert", str(src), str(work / "o.safetensors"), "--to", "nnx"])
+    err = capsys.readouterr().err
+    assert code == 128 + sig, (sig, code, err)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert sorted(os.listdir(work)) == before  # no output, no hidden temporary folder
 
 
 def test_a_closed_stdout_after_the_output_is_written_is_not_an_error(work, model):
