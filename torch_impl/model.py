@@ -39,9 +39,10 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 class AttentionPositions(NamedTuple):
     """What positions do inside attention, computed once per forward for the token grid: a
     rotation of q and k (`rotate(q, k)` on (B, T, H, hd)), a bias added to the attention
-    logits (broadcast to (B, H, T, S): a shared relative table's), and the (T, T) rows an
-    attention's own relative table is read at. A learned table is added to the tokens before
-    the blocks instead (`ViT.embed`). The plain ViT has none of them."""
+    logits (broadcast to (B, H, T, S): a shared relative table's), the token positions a
+    block's learned RoPE frequencies multiply, and the grid an attention's own relative biases
+    are read from (`vit_config.relpos.RelativeGrid`). A learned table is added to the tokens
+    before the blocks instead (`ViT.embed`). The plain ViT has none of them."""
 
     rotate: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     bias: torch.Tensor | None = None
