@@ -14,15 +14,20 @@ from tests.conftest import TOL
 from tests.helpers.models import nchw, randomize
 from vit_config import VitParityError
 from weight_transfer.frameworks.runners import run_nnx, run_torch
+from weight_transfer.layouts.timm import config_from_timm
 
 
 def small_timm(arch: str):
     """(model, model_args) of `arch` with 2 blocks and a 4 x 4 patch grid, or None if timm
     itself cannot build it that way."""
-    with torch.device("meta"):
-        default = timm.create_model(arch, pretrained=False)
-    embed = getattr(default, "patch_embed", None) or getattr(default, "embeds", None)
-    patch = embed.patch_size[0] if isinstance(embed.patch_size, (tuple, list)) else embed.patch_size
+    try:  # the port's own reading of timm's model, remembered for the load to come
+        patch = config_from_timm(arch).patch_size
+    except VitParityError:
+        with torch.device("meta"):
+            default = timm.create_model(arch, pretrained=False)
+        embed = getattr(default, "patch_embed", None) or getattr(default, "embeds", None)
+        size = embed.patch_size
+        patch = size[0] if isinstance(size, (tuple, list)) else size
     args = dict(depth=2, img_size=4 * patch)
     try:
         model = timm.create_model(arch, pretrained=False, **args)
@@ -32,7 +37,13 @@ def small_timm(arch: str):
 
 
 def outcome(arch: str, model, args: dict, folder, hub: bool = True) -> str:
-    """'ported', 'refused: ...', or 'WRONG ...' / 'CRASH ...' (never acceptable)."""
+    """'ported', 'refused: ...', or 'WRONG ...' / 'CRASH ...' (never acceptable).
+
+    The bare state dict (with `arch=`) goes the whole load path into both frameworks and is
+    judged against timm's forward. The Hub folder (no hints) is judged against the state
+    dict's port: the same config and, tensor by tensor, the same bits for the models to be
+    built from (what both frameworks compute is then the state dict's, already judged); its
+    models are not built again (the zoo's time is the suite's)."""
     from safetensors.torch import save_file
     from timm.models import save_for_hf
 
@@ -43,34 +54,60 @@ def outcome(arch: str, model, args: dict, folder, hub: bool = True) -> str:
     expected = getattr(expected, "logits", expected)
     bare = folder / f"{arch}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(bare))
-    forms = {
-        "state dict + arch": (
-            bare,
-            dict(arch=arch, overrides={"num_layers": 2, "image_size": args["img_size"]}),
-        ),
-    }
-    if hub:
-        save_for_hf(model, str(folder / arch), safe_serialization=True)
-        forms["Hub folder"] = (folder / arch, {})
-    for form, (path, hints) in forms.items():
-        for framework in ("jax", "torch"):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    ours = wt.load_checkpoint(path, framework, **hints)
-            except VitParityError as e:
-                return f"refused ({form}): {str(e).splitlines()[0][:150]}"
-            except Exception as e:  # a crash: the worst kind of refusal
-                return f"CRASH ({form}, {framework}): {type(e).__name__}: {e}"
-            got = run_nnx(ours, images) if framework == "jax" else run_torch(ours, images)
-            got = np.asarray(got, np.float64)
-            want = expected.numpy().astype(np.float64)
-            if got.shape != want.shape:
-                return f"WRONG ({form}, {framework}): shape {got.shape} vs {want.shape}"
-            gap = float(np.abs(got - want).max())
-            if gap > TOL["float32"] * max(1.0, float(np.abs(want).max())):
-                return f"WRONG ({form}, {framework}): max |diff| {gap:.3e}"
+    stated = dict(arch=arch, overrides={"num_layers": 2, "image_size": args["img_size"]})
+    for framework in ("jax", "torch"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ours = wt.load_checkpoint(bare, framework, **stated)
+        except VitParityError as e:
+            return f"refused (state dict + arch): {str(e).splitlines()[0][:150]}"
+        except Exception as e:  # a crash: the worst kind of refusal
+            return f"CRASH (state dict + arch, {framework}): {type(e).__name__}: {e}"
+        got = run_nnx(ours, images) if framework == "jax" else run_torch(ours, images)
+        got = np.asarray(got, np.float64)
+        want = expected.numpy().astype(np.float64)
+        if got.shape != want.shape:
+            return f"WRONG (state dict + arch, {framework}): shape {got.shape} vs {want.shape}"
+        gap = float(np.abs(got - want).max())
+        if gap > TOL["float32"] * max(1.0, float(np.abs(want).max())):
+            return f"WRONG (state dict + arch, {framework}): max |diff| {gap:.3e}"
+    if not hub:
+        return "ported"
+    save_for_hf(model, str(folder / arch), safe_serialization=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            port = _ported(folder / arch, {})
+    except VitParityError as e:
+        return f"refused (Hub folder): {str(e).splitlines()[0][:150]}"
+    except Exception as e:
+        return f"CRASH (Hub folder): {type(e).__name__}: {e}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        judged = _ported(bare, stated)
+    if not port[0].same_model(judged[0]):
+        theirs, ours = port[0].to_dict(), judged[0].to_dict()
+        fields = {k: (v, ours.get(k)) for k, v in theirs.items() if v != ours.get(k)}
+        return f"WRONG (Hub folder): config fields {fields} differ from the state dict's port"
+    for name, value in judged[1].items():
+        if name not in port[1] or not _same_bits(port[1][name], value):
+            return f"WRONG (Hub folder): {name} differs from the state dict's port"
     return "ported"
+
+
+def _ported(path, hints: dict):
+    """(config, {name: array}) of the models `path` builds (the torch layout's tensors: the
+    JAX model is built from the same plan but for the transforms between the two layouts)."""
+    from weight_transfer.layouts import LAYOUTS
+    from weight_transfer.porting import PortOptions, prepare
+
+    p = prepare(path, LAYOUTS["torch"], PortOptions.of(None, **hints))
+    return p.config, dict(p.plan.run(p.source.items(p.plan.inputs)))
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
 def run_zoo(archs, tmp_path, hub: bool = True) -> dict[str, str]:

@@ -223,8 +223,18 @@ def build_timm(architecture: str, model_args: Mapping[str, Any] | None = None):
 
 
 def config_from_timm(architecture: str, model_args: Mapping[str, Any] | None = None) -> ViTConfig:
-    """The `ViTConfig` computing what timm's `architecture` (with `model_args`) computes."""
-    return config_of_timm_model(build_timm(architecture, model_args), architecture)
+    """The `ViTConfig` computing what timm's `architecture` (with `model_args`) computes
+    (remembered per process: building timm's model, even on the meta device, runs its weight
+    initialisers, and a port asks once per form and framework)."""
+    key = (architecture, repr(sorted(dict(model_args or {}).items())))
+    if key not in _TIMM_CONFIGS:
+        _TIMM_CONFIGS[key] = config_of_timm_model(
+            build_timm(architecture, model_args), architecture
+        )
+    return _TIMM_CONFIGS[key]
+
+
+_TIMM_CONFIGS: dict[tuple[str, str], ViTConfig] = {}  # ViTConfig is frozen: shared safely
 
 
 def _refuse(architecture: str, what: str) -> NoReturn:
