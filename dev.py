@@ -22,6 +22,17 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 STAMP = VENV / ".vit-parity-installed"
+FLAX_ORACLE = VENV / "hf-flax-oracle"  # tests/helpers/hf_flax_oracle.py finds it here
+FLAX_ORACLE_PACKAGES = [
+    "transformers==4.47.1",
+    "tokenizers<0.22",
+    "huggingface_hub<1.0",
+    "requests<3",
+    "urllib3<3",
+    "charset_normalizer<4",
+    "idna<4",
+    "certifi",
+]
 
 
 def python() -> Path:
@@ -29,7 +40,8 @@ def python() -> Path:
 
 
 def ensure_env() -> None:
-    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    stated = (ROOT / "pyproject.toml").read_bytes() + " ".join(FLAX_ORACLE_PACKAGES).encode()
+    want = hashlib.sha256(stated).hexdigest()
     if STAMP.exists() and STAMP.read_text() == want and python().exists():
         return
     if not python().exists():
@@ -41,6 +53,16 @@ def ensure_env() -> None:
     )
     subprocess.run(
         [str(python()), "-m", "pip", "install", "--quiet", "-e", f"{ROOT}[test]"],
+        check=True,
+        cwd=ROOT,
+    )
+    # The oracle of the Hugging Face Flax tests: transformers 4.47.1, the last line with Flax
+    # classes, in a folder of its own (the venv keeps transformers 5); the tests run it in a
+    # subprocess with this folder first on PYTHONPATH. --no-deps: it shares the venv's
+    # numpy, jax, flax and safetensors, and brings the 4.x line's hub and tokenizers.
+    subprocess.run(
+        [str(python()), "-m", "pip", "install", "--quiet", "--upgrade", "--no-deps"]
+        + ["--target", str(FLAX_ORACLE), *FLAX_ORACLE_PACKAGES],
         check=True,
         cwd=ROOT,
     )

@@ -603,9 +603,10 @@ def test_a_closed_stdout_after_the_output_is_written_is_not_an_error(work, model
     assert wt.load_checkpoint(work / "o.safetensors", "jax").config == model.config
 
 
-def test_a_flax_format_hf_safetensors_is_refused_not_a_crash(work):
+def test_an_incomplete_flax_format_hf_safetensors_is_refused_not_a_crash(work):
     """An HF Flax-format `model.safetensors` (metadata format: flax, Flax leaf names) was a
-    StopIteration (exit 3); it is refused by name until the Flax layout reads it."""
+    StopIteration (exit 3); it is read as the hf_flax layout now, and one missing most of its
+    tensors is refused naming them."""
     from safetensors.numpy import save_file
 
     folder = work / "flax_vit"
@@ -614,9 +615,119 @@ def test_a_flax_format_hf_safetensors_is_refused_not_a_crash(work):
     tensors = {
         "embeddings.cls_token": np.zeros((1, 1, d), np.float32),
         "embeddings.patch_embeddings.projection.kernel": np.zeros((4, 4, 3, d), np.float32),
+        "encoder.layer.0.layernorm_before.scale": np.zeros(d, np.float32),
         "encoder.layer.0.attention.attention.query.kernel": np.zeros((d, d), np.float32),
         "layernorm.scale": np.zeros(d, np.float32),
     }
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "flax"})
-    (folder / "config.json").write_text('{"model_type": "vit", "hidden_size": 8}')
-    assert_refused(cli("inspect", folder, cwd=work), "Flax names")
+    (folder / "config.json").write_text('{"model_type": "vit", "num_attention_heads": 2}')
+    assert_refused(cli("inspect", folder, cwd=work), "hf_flax layout")
+
+
+# ---- Flax msgpack: what flax.serialization accepts and a reader must not ---------------------
+
+
+def _ext_array(shape, dtype: str, data: bytes):
+    import msgpack
+
+    return msgpack.ExtType(1, msgpack.packb((shape, dtype, data), use_bin_type=True))
+
+
+def _forged(work: Path, tree, name: str = "flax_model.msgpack", tail: bytes = b"") -> Path:
+    import msgpack
+
+    path = work / name
+    path.write_bytes(msgpack.packb(tree, use_bin_type=True, strict_types=False) + tail)
+    return path
+
+
+def _deep(n: int) -> dict:
+    tree: dict = {"w": _ext_array([1], "float32", bytes(4))}
+    for _ in range(n):
+        tree = {"a": tree}
+    return tree
+
+
+W = lambda: _ext_array([2, 2], "float32", bytes(16))  # noqa: E731  a well-formed leaf
+
+FORGERIES = {  # what flax.serialization.msgpack_restore accepts, or fails on late
+    "string-dtype": ({"w": _ext_array([2], "U2", bytes(16))}, b"", "dtype 'U2'"),
+    "datetime-dtype": (
+        {"w": _ext_array([2], "datetime64[s]", bytes(16))},
+        b"",
+        "dtype 'datetime64[s]'",
+    ),
+    "object-dtype": ({"w": _ext_array([2], "object", bytes(16))}, b"", "dtype 'object'"),
+    "negative-shape": (
+        {"w": _ext_array([-1, 2], "float32", bytes(16))},
+        b"",
+        "not non-negative sizes",
+    ),
+    "lying-shape": ({"w": _ext_array([1 << 40], "float32", bytes(16))}, b"", "with 16 bytes"),
+    "integer-key": ({"a": {7: W()}}, b"", "not a string"),
+    "unknown-ext": ({"w": "EXT42"}, b"", "ext type 42"),  # an ext msgpack packs in the test
+    "trailing-bytes": ({"w": W()}, b"\x00", "1 bytes after the tree"),
+    "nesting-bomb": (_deep(200), b"", "nesting deeper than 64"),
+    "chunked-bomb": (
+        {
+            "w": {
+                "__msgpack_chunked_array__": True,
+                "shape": {"0": 1 << 40},
+                "chunks": {"0": _ext_array([4], "float32", bytes(16))},
+            }
+        },
+        b"",
+        "chunks hold 4 values",
+    ),
+    "chunk-missing": (
+        {
+            "w": {
+                "__msgpack_chunked_array__": True,
+                "shape": {"0": 8},
+                "chunks": {"1": _ext_array([8], "float32", bytes(32))},
+            }
+        },
+        b"",
+        "malformed",
+    ),
+    "value-bomb": ({"w": list(range(1_100_000))}, b"", "more than 1,000,000 values"),
+}
+QUICK_FORGERIES = ("string-dtype", "lying-shape", "nesting-bomb", "chunked-bomb")  # ~1.5 s each
+
+
+@pytest.mark.parametrize(
+    "forgery",
+    [
+        pytest.param(name, marks=[pytest.mark.slow] * (name not in QUICK_FORGERIES))
+        for name in FORGERIES
+    ],
+)
+def test_a_forged_flax_msgpack_is_refused_before_memory_is_spent(work, forgery):
+    """Each refused by name, exit 2, peak memory bounded (`assert_refused`)."""
+    import msgpack
+
+    tree, tail, fragment = FORGERIES[forgery]
+    if tree.get("w") == "EXT42":
+        tree = {"w": msgpack.ExtType(42, b"\x00" * 8)}
+    assert_refused(cli("inspect", _forged(work, tree, tail=tail), cwd=work), fragment)
+
+
+@pytest.mark.slow
+def test_a_truncated_flax_msgpack_is_refused(work):
+    """A bin length beyond the end of the file (a download cut short)."""
+    path = _forged(work, {"w": _ext_array([64], "float64", bytes(512))})
+    path.write_bytes(path.read_bytes()[:-100])
+    assert_refused(cli("inspect", path, cwd=work), "runs past the end")
+
+
+@pytest.mark.slow
+def test_a_flax_msgpack_whose_tree_mixes_layouts_is_refused(work, model):
+    """HF Flax names beside our own NNX names in one tree: one layout is detected and every
+    key of the other is named as not belonging to it."""
+    from flax.serialization import msgpack_restore, msgpack_serialize
+
+    folder = wt.save_checkpoint(model, work / "hf", layout="hf_flax")
+    tree = msgpack_restore((folder / "flax_model.msgpack").read_bytes())
+    tree["blocks"] = {"0": {"attn": {"q": {"kernel": np.zeros((24, 24), np.float32)}}}}
+    (folder / "flax_model.msgpack").write_bytes(msgpack_serialize(tree))
+    assert_refused(cli("inspect", folder, cwd=work), "unexpected")

@@ -295,6 +295,7 @@ ROUND_TRIP_CONFIGS = [  # the first each writable layout's library can compute i
     dict(pool="map", class_token=False, num_classes=0),
     dict(norm_pre=True, patch_bias=False, ln_eps=1e-5, head_bias=False),
     dict(norm_pre=True, patch_bias=False, final_norm="post_pool", head_bias=False),
+    dict(norm_pre=True, patch_bias=False, final_norm="post_pool", num_classes=0),  # Flax CLIP
     dict(dist_token=True),
     dict(layer_scale=True, num_classes=0, d_ff=48),
     dict(BEIT, class_token=True, final_norm="post_pool", ln_eps=1e-12),

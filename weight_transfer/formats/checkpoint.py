@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import numpy as np
 
 from weight_transfer.core.errors import CheckpointError
 from weight_transfer.core.table import Meta
+from weight_transfer.formats.msgpack_io import MsgpackReader
 from weight_transfer.formats.npz_io import NpzReader
 from weight_transfer.formats.orbax_io import OrbaxReader, checkpoint_dir
 from weight_transfer.formats.reader import InMemory, Reader, Renamed
@@ -96,6 +98,10 @@ def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> S
         return Source(path, _sharded_safetensors(path))
     if name.endswith(".safetensors"):
         return Source(path, SafetensorsReader([path]))
+    if name.endswith(".msgpack.index.json"):
+        return _msgpack_source(path, _sharded_msgpack(path))
+    if name.endswith(".msgpack") or LEGACY_FLAX.fullmatch(name):
+        return _msgpack_source(path, MsgpackReader([path]))
     if name.endswith(".npz"):
         return Source(path, NpzReader(path))
     if name.endswith((".bin", ".pth", ".pt")):
@@ -108,19 +114,49 @@ def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> S
         return _read_torch_pickle(path)
     raise CheckpointError(
         f"{path}: unknown checkpoint type (expected .safetensors, "
-        f".safetensors.index.json, a folder, .npz, or .bin/.pth with pickle)"
+        f".safetensors.index.json, a folder, .npz, Flax .msgpack (or its .msgpack.index.json, "
+        f"or a flax.training checkpoint_<step>), or .bin/.pth with pickle)"
     )
+
+
+LEGACY_FLAX = re.compile(r"checkpoint_\d+")  # flax.training.checkpoints' single-file form
+
+
+def _msgpack_source(path: Path, reader: MsgpackReader) -> Source:
+    """A msgpack source, noting the leaves that were not arrays (a training state's step)."""
+    n = reader.others
+    notes = [f"{n} leaf/leaves that are not arrays (a step, a rate...) left out"] if n else []
+    return Source(path, reader, notes=notes)
+
+
+def _shards(path: Path, weight_map: dict[str, str]) -> list[Path]:
+    files = [path.parent / s for s in sorted(set(weight_map.values()))]
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{path}: shard {f.name} is missing")
+    return files
+
+
+def _sharded_msgpack(path: Path) -> MsgpackReader:
+    """Hugging Face Flax's shards (`flax_model.msgpack.index.json`: names joined by '/'),
+    checked against what the shards hold."""
+    weight_map = {k.replace("/", "."): v for k, v in _read_index(path).items()}
+    files = _shards(path, weight_map)
+    reader = MsgpackReader(files)
+    _check_index(path, weight_map, {k: files[reader.where[k][0]].name for k in reader.meta})
+    return reader
 
 
 def _sharded_safetensors(path: Path) -> SafetensorsReader:
     """The shards an index names, checked against what the shards hold."""
     weight_map = _read_index(path)
-    files = [path.parent / s for s in sorted(set(weight_map.values()))]
-    for f in files:
-        if not f.is_file():
-            raise CheckpointError(f"{path}: shard {f.name} is missing")
+    files = _shards(path, weight_map)
     reader = SafetensorsReader(files)
-    stored = {k: files[reader.where[k][0]].name for k in reader.meta}
+    _check_index(path, weight_map, {k: files[reader.where[k][0]].name for k in reader.meta})
+    return reader
+
+
+def _check_index(path: Path, weight_map: dict[str, str], stored: dict[str, str]) -> None:
     wrong = sorted(k for k in set(weight_map) | set(stored) if weight_map.get(k) != stored.get(k))
     if wrong:
         k = wrong[0]
@@ -130,7 +166,6 @@ def _sharded_safetensors(path: Path) -> SafetensorsReader:
             f"{weight_map.get(k, 'nothing')}, the shards hold it in "
             f"{stored.get(k, 'none')}"
         )
-    return reader
 
 
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module", "ema")  # common wrappers
@@ -170,13 +205,17 @@ def _read_torch_pickle(path: Path) -> Source:
 
 
 SAFE_NAMES = ("model.safetensors.index.json", "model.safetensors", "open_clip_model.safetensors")
+FLAX_NAMES = ("flax_model.msgpack.index.json", "flax_model.msgpack")  # Hugging Face Flax
 PICKLE_NAMES = ("pytorch_model.bin", "open_clip_pytorch_model.bin")
 
 
 def _weights_in_folder(folder: Path) -> Path:
-    """The one weights file of a Hub folder (HF, timm, open_clip): safetensors over pickles
-    (the Hub's convention: the same weights); two safetensors candidates are ambiguous."""
+    """The one weights file of a Hub folder (HF, timm, open_clip, HF Flax): safetensors over
+    Flax msgpack over pickles (the Hub's convention: the same weights, in the form read most
+    safely); two candidates of one form are ambiguous."""
     safe = [folder / n for n in SAFE_NAMES if (folder / n).exists()]
+    if not safe:
+        safe = [folder / n for n in FLAX_NAMES if (folder / n).exists()]
     if len(safe) > 1:
         names = ", ".join(p.name for p in safe)
         raise CheckpointError(
@@ -190,7 +229,9 @@ def _weights_in_folder(folder: Path) -> Path:
         raise CheckpointError(
             f"{folder}: several weight files ({names}); pass the one to read instead of the folder"
         )
-    raise CheckpointError(f"{folder}: a folder without {', '.join(SAFE_NAMES + PICKLE_NAMES)}")
+    raise CheckpointError(
+        f"{folder}: a folder without {', '.join(SAFE_NAMES + FLAX_NAMES + PICKLE_NAMES)}"
+    )
 
 
 def _read_index(path: Path) -> dict[str, str]:

@@ -5,7 +5,8 @@
 | `ours`        | `nnx` (`jax_impl.ViT` flat state), `torch` (`torch_impl.ViT` state dict) |
 | `orbax`       | `orbax`: our NNX state as an Orbax checkpoint                        |
 | `timm`        | `timm`: `VisionTransformer` state dicts and Hub folders               |
-| `huggingface` | `hf`, `hf5`, `hf_deit`, `hf_dinov2`, `hf_clip`, `hf_siglip`            |
+| `huggingface` | `hf`, `hf5`, `hf_deit`, `hf_dinov2`, `hf_beit`, `hf_clip`, `hf_siglip` |
+| `hf_flax`     | `hf_flax`, `hf_flax_clip`, `hf_flax_dinov2`: transformers 4.x's Flax classes |
 | `open_clip`   | `open_clip`: `visual.*` image towers                                  |
 | `npz`         | `google_vit`, `big_vision` (`big_vision_bv`, its earlier name, an alias) |
 
@@ -26,7 +27,7 @@ from weight_transfer.core.errors import LayoutError
 from weight_transfer.layouts.base import Layout
 
 # The publishers, in the order their layouts are listed (detection goes by `Layout.priority`).
-PUBLISHERS = ("ours", "orbax", "timm", "huggingface", "open_clip", "npz")
+PUBLISHERS = ("ours", "orbax", "timm", "huggingface", "hf_flax", "open_clip", "npz")
 MODULES = tuple(importlib.import_module(f"{__name__}.{name}") for name in PUBLISHERS)
 
 LAYOUTS: dict[str, Layout] = {

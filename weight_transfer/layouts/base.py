@@ -106,6 +106,8 @@ class Layout:
     # switch for) the layout's library computes: every one for ours and timm, none for the
     # classic ViT classes. A config using another is refused before anything is written.
     computes: tuple[str, ...] = ()
+    # The weights file a folder layout writes beside its config.json (HF Flax: flax_model.msgpack)
+    weights_file: str = "model.safetensors"
 
     def writes_folder(self, path: Path) -> bool:
         """Whether writing to `path` makes a folder: HF types and Orbax always, timm (a Hub

@@ -215,45 +215,51 @@ def hf_config_fields(hf: Mapping[str, Any], where: Path) -> tuple[dict[str, Any]
     return _common(hf, where, "gelu", 1e-12, 224), {}
 
 
-def normalise_hf(source: Source) -> tuple[Source, list[str]]:
-    """ViTModel -> the ViTForImageClassification names: add `vit.`; its tanh pooler is dropped;
-    with no classifier, the head is set to the identity so logits are the CLS features.
-    Returns a new `Source` (the one given is left as it is) and what was dropped."""
-    keys = list(source.meta)
-    if any(k.startswith("vit.") for k in keys) or not any(
-        k.startswith("embeddings.") for k in keys
-    ):
-        return source, []  # ViTForImageClassification names, or not HF (the table will say)
-    renamed = {("vit." + k if not k.startswith(("pooler.", "classifier.")) else k): k for k in keys}
-    dropped = [new for new in renamed if new.startswith("pooler.")]
-    for new in dropped:
-        del renamed[new]
-    meta = {new: source.meta[old] for new, old in renamed.items()}
-    extra: dict[str, np.ndarray] = {}
-    if "classifier.weight" not in meta:
-        d = next((m[0][-1] for k, m in meta.items() if k.endswith("layernorm.weight")), None)
-        if d is None:
-            flax = source.metadata.get("format") == "flax" or any(
-                k.endswith((".kernel", ".scale")) for k in keys
-            )
-            raise CheckpointError(
-                f"{source.path}: no final layernorm.weight, so not a Hugging Face "
-                f"ViT in PyTorch names"
-                + (
-                    " (these are Flax names: Hugging Face Flax checkpoints are not read yet)"
-                    if flax
-                    else ""
+def vit_normaliser(weight: str = "weight", norm: str = "weight"):
+    """ViTModel -> the ViTForImageClassification names: add `vit.`; its tanh pooler is
+    dropped; with no classifier, the head is set to the identity so logits are the CLS
+    features. `weight` and `norm` are the leaf names of a Linear's and a LayerNorm's weight
+    (torch: `weight`; Flax: `kernel` and `scale`). The normaliser returns a new `Source` (the
+    one given is left as it is) and what was dropped."""
+
+    def normalise(source: Source) -> tuple[Source, list[str]]:
+        keys = list(source.meta)
+        if any(k.startswith("vit.") for k in keys) or not any(
+            k.startswith("embeddings.") for k in keys
+        ):
+            return source, []  # ViTForImageClassification names, or not HF (the table will say)
+        renamed = {
+            ("vit." + k if not k.startswith(("pooler.", "classifier.")) else k): k for k in keys
+        }
+        dropped = [new for new in renamed if new.startswith("pooler.")]
+        for new in dropped:
+            del renamed[new]
+        meta = {new: source.meta[old] for new, old in renamed.items()}
+        extra: dict[str, np.ndarray] = {}
+        if f"classifier.{weight}" not in meta:
+            d = next((m[0][-1] for k, m in meta.items() if k.endswith(f"layernorm.{norm}")), None)
+            if d is None:
+                raise CheckpointError(
+                    f"{source.path}: no final layernorm.{norm}, so not a Hugging Face ViT in "
+                    f"{'PyTorch' if norm == 'weight' else 'Flax'} names"
                 )
+            dtype = next(iter(meta.values()))[1]
+            extra = {  # the identity is its own transpose: torch's (out, in), Flax's (in, out)
+                f"classifier.{weight}": np.eye(d, dtype=dtype),
+                "classifier.bias": np.zeros(d, dtype),
+            }
+            meta.update({k: (a.shape, a.dtype) for k, a in extra.items()})
+            dropped.append(
+                "(no classifier: head set to the identity; logits = final-norm CLS features)"
             )
-        dtype = next(iter(meta.values()))[1]
-        extra = {"classifier.weight": np.eye(d, dtype=dtype), "classifier.bias": np.zeros(d, dtype)}
-        meta.update({k: (a.shape, a.dtype) for k, a in extra.items()})
-        dropped.append(
-            "(no classifier: head set to the identity; logits = final-norm CLS features)"
-        )
-    return source.renamed(
-        meta, lambda k: extra[k] if k in extra else source.load(renamed[k])
-    ), dropped
+        return source.renamed(
+            meta, lambda k: extra[k] if k in extra else source.load(renamed[k])
+        ), dropped
+
+    return normalise
+
+
+normalise_hf = vit_normaliser()
 
 
 def _hf_json(config: ViTConfig, architecture: str, model_type: str, **fields) -> dict[str, Any]:

@@ -280,10 +280,13 @@ def _target(path: str | os.PathLike, layout: Layout, max_shard_size) -> Path:
         raise LayoutError(
             f"layout {layout.name!r} is read, not written; write one of {', '.join(WRITABLE)}"
         )
-    if max_shard_size is not None and layout.container in ("npz", "orbax"):
+    if max_shard_size is not None and (
+        layout.container in ("npz", "orbax") or layout.weights_file.endswith(".msgpack")
+    ):
+        what = "msgpack" if layout.container == "folder" else layout.container
         raise ArgumentError(
             f"max shard size: the {layout.name} layout is written as one "
-            f"{layout.container} checkpoint, which is not split by size"
+            f"{what} checkpoint, which is not split by size"
         )
     path = Path(path)
     if layout.writes_folder(path) or path.suffix:

@@ -19,6 +19,7 @@ from vit_config import ViTConfig
 from weight_transfer.core.errors import CheckpointError, LayoutError
 from weight_transfer.core.table import Meta
 from weight_transfer.formats.memory import to_contiguous
+from weight_transfer.formats.msgpack_io import write_msgpack
 from weight_transfer.formats.npz_io import NPZ_MANIFEST
 from weight_transfer.formats.safetensors_io import write_safetensors
 from weight_transfer.layouts import Layout
@@ -140,10 +141,14 @@ def write_layout(
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(layout.write_config_json(config), indent=2))
         metadata = {"format": "pt"}  # config.json is the folder's description, as HF reads it
-        base = out / "model.safetensors"
+        base = out / layout.weights_file
     else:
         base = out
-    written = _write_safetensors(base, plan, tensors, metadata, max_shard_size, source_digest)
+    if base.suffix == ".msgpack":  # Hugging Face Flax
+        write_msgpack(base, tensors)
+        written = base.name
+    else:
+        written = _write_safetensors(base, plan, tensors, metadata, max_shard_size, source_digest)
     if base != out:  # a folder described by its config.json alone: it must say exactly `config`
         _check_reads_back(out, layout, config)
         return out.name
