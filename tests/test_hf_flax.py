@@ -179,3 +179,31 @@ def test_a_model_no_flax_class_holds_is_refused(tmp_path):
         with pytest.raises(wt.errors.LayoutError, match=reason):
             wt.save_checkpoint(random_torch(config, seed=1), tmp_path / layout, layout=layout)
         assert not (tmp_path / layout).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["orbax", "msgpack"])
+def test_flax_params_in_a_training_tree_compute_what_the_flax_class_computes(
+    published, tmp_path, form
+):
+    """FlaxViT's params as a training loop saves them, `{"params": ..., "opt_state": ...,
+    "step": ...}` in an Orbax folder or a legacy `checkpoint_<step>` msgpack: found by name
+    inside the tree, the rest reported as left out; with no config.json, HF's defaults
+    assumed aloud and the heads stated."""
+    from flax.serialization import msgpack_restore
+
+    from tests.test_npz_forms import save_tree
+
+    params = msgpack_restore((published / "vit_cls" / "flax_model.msgpack").read_bytes())
+    tree = {"params": params, "opt_state": {"mu": params}, "step": 3}
+    path = save_tree(form, tree, tmp_path)
+    info = wt.inspect_checkpoint(path, overrides={"num_heads": 4})
+    assert info["layout"] == "hf_flax", info["layout"]
+    assert {"ln_eps", "activation"} <= set(info["assumed"]), info["assumed"]
+    assert any("optimiser state" in d for d in info["dropped"]), info["dropped"]
+    images = np.load(published / "images.npy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = wt.load_checkpoint(path, "jax", overrides={"num_heads": 4})
+    want = np.load(published / "vit_cls.npy")
+    assert_close(want, outputs(model, images, "jax"), "float32", f"{form} training tree")

@@ -6,6 +6,7 @@ ours gives the same output."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,3 +120,78 @@ def test_pre_logits_before_a_head_is_refused(tmp_path):
     )
     with pytest.raises(wt.CheckpointError, match="pre_logits"):
         wt.load_checkpoint(path, "jax")
+
+
+def nested(flat: dict[str, np.ndarray], leaf: str | None = None) -> dict:
+    """'/'-joined names as the tree JAX training code holds (`leaf`: each array under it, as
+    an NNX Variable's state keeps it in `value`)."""
+    tree: dict = {}
+    for key, value in flat.items():
+        *parents, name = key.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[name] = {leaf: value} if leaf else value
+    return tree
+
+
+def save_tree(form: str, tree: dict, tmp_path):
+    """The tree as a training loop saves it: an Orbax folder, or flax.training's legacy
+    msgpack `checkpoint_<step>` file."""
+    if form == "orbax":
+        import orbax.checkpoint as ocp
+
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(tmp_path / "ckpt", tree)
+        return tmp_path / "ckpt"
+    import flax
+    from flax.training import checkpoints
+
+    with flax.config.temp_flip_flag("use_orbax_checkpointing", False):
+        return Path(checkpoints.save_checkpoint(str(tmp_path / "legacy"), tree, step=3))
+
+
+@pytest.mark.parametrize(
+    "form, wrapping",
+    [
+        ("orbax", "params-scanned"),  # big_vision's own training state, scanned
+        ("orbax", "openpi"),  # openpi: PaliGemma/img/ beside its llm, NNX `value` leaves
+        ("msgpack", "train-state"),  # flax.training legacy: params, opt_state, step
+    ],
+)
+def test_big_vision_trees_from_training_code_match_timms_loader(tmp_path, form, wrapping):
+    """The npz's arrays as the tree its training code saves: read by name from inside the
+    container ('.'-joined there), wrappers and siblings left out and reported; the output is
+    what timm's `_load_weights` makes of the same arrays as an npz."""
+    from timm.models.vision_transformer import _load_weights
+
+    config = SIGLIP_LIKE
+    ours = random_nnx(config, seed=21)
+    plain = wt.save_checkpoint(ours, tmp_path / "plain.npz", layout="big_vision")
+    npz = republish(plain, tmp_path / "published.npz", scan=True)
+    reader = NpzReader(npz)
+    arrays = {k: reader.load(k) for k in reader.meta}
+    reader.close()
+    twin = timm_twin(config, big_vision=True)
+    _load_weights(twin, str(npz))
+    llm = {"llm/layers/attn/q_einsum/w": np.ones((2, 4, 4), np.float32)}
+    if wrapping == "params-scanned":
+        tree = {"params": nested(arrays), "step": np.int32(7)}
+    elif wrapping == "openpi":
+        tree = nested({f"PaliGemma/img/{k}": v for k, v in arrays.items()}, leaf="value")
+        tree["PaliGemma"] |= nested(llm, leaf="value")
+    else:
+        tree = {"params": nested(arrays), "opt_state": {"mu": nested(arrays)}, "step": 3}
+    path = save_tree(form, tree, tmp_path)
+    stated = {"num_heads": config.num_heads, "activation": config.activation}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        info = wt.inspect_checkpoint(path, overrides=stated)
+        loaded = wt.load_checkpoint(path, "jax", overrides=stated)
+    assert info["layout"] == "big_vision", info["layout"]
+    if wrapping != "params-scanned":  # the optimiser state or the language model, named
+        assert any("outside 'PaliGemma/img/'" in d or "optimiser" in d for d in info["dropped"])
+    images = random_images(config, 2, seed=22)
+    with torch.no_grad():
+        expected = twin(nchw(images))
+    assert_close(expected, np.asarray(run_nnx(loaded, images)), "float32", f"{form} {wrapping}")

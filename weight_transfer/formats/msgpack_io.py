@@ -289,6 +289,8 @@ class MsgpackReader(Reader):
     """Tensors of Flax msgpack files (one, or the shards of an index): each a view of a
     private (copy-on-write) memory map of its bytes; a chunked array is joined into one."""
 
+    container = "msgpack"  # a tree: its names may be any layout's (porting.inference.TREES)
+
     def __init__(self, paths: list[Path]):
         self.meta: dict[str, Meta] = {}
         self.where: dict[str, tuple[int, _Array]] = {}

@@ -49,11 +49,15 @@ def get_layout(name: str) -> Layout:
 def detect_layout(keys: Iterable[str], container: str | None = None) -> Layout:
     """The layout whose marker the keys carry, higher `priority` first (hf5 shares a marker
     with hf); every layout in `LAYOUTS` is tried. Keys in an Orbax folder (`container`
-    "orbax") are read as the Orbax layout, which only such a folder can hold."""
+    "orbax") are tried as the Orbax layout (our NNX state) first, which only such a folder can
+    hold; a tree of another layout's names may be saved there too."""
     keys = list(keys)
-    for layout in sorted(LAYOUTS.values(), key=lambda l: -l.priority):
-        if (layout.container == "orbax") != (container == "orbax"):
-            continue
+    # an Orbax folder is first our NNX state (the orbax layout), then any other layout's tree
+    first = [l for l in LAYOUTS.values() if l.container == "orbax" and container == "orbax"]
+    rest = sorted(
+        (l for l in LAYOUTS.values() if l.container != "orbax"), key=lambda l: -l.priority
+    )
+    for layout in first + rest:
         if any(re.search(layout.marker, k) for k in keys):
             return layout
     sample = ", ".join(sorted(keys)[:5]) or "(no tensors)"

@@ -510,7 +510,17 @@ def clip_config_fields(hf: Mapping[str, Any], where: Path):
     return _common(cfg, where, "quick_gelu", 1e-5, 224), {}
 
 
+def hf_defaults(activation: str, eps: float, what: str) -> dict[str, tuple[Any, str]]:
+    """What a file without its config.json was assumed to hold: transformers' config defaults
+    for `what` (a config.json, when there is one, states them)."""
+    return dict(
+        activation=(activation, f"{activation} ({what}'s default hidden_act; no config.json)"),
+        ln_eps=(eps, f"{eps} ({what}'s default layer_norm_eps; no config.json)"),
+    )
+
+
 _HF: dict[str, Any] = dict(
+    assumes=hf_defaults("gelu", 1e-12, "transformers ViTConfig"),
     container="folder",
     pool="cls",
     read_config_json=hf_config_fields,
@@ -577,6 +587,7 @@ LAYOUTS = (
         r"^deit\.embeddings\.distillation_token$",
         "Hugging Face DeiTForImageClassificationWithTeacher",
         container="folder",
+        assumes=hf_defaults("gelu", 1e-12, "transformers DeiTConfig"),
         priority=2,
         read_config_json=hf_config_fields,
         write_config_json=deit_config_json,
@@ -590,6 +601,7 @@ LAYOUTS = (
         r"(^|\.)embeddings\.mask_token$|(^|\.)layer_scale1\.lambda1$",
         "Hugging Face Dinov2 / Dinov2WithRegisters (model, or image classification)",
         container="folder",
+        assumes=hf_defaults("gelu", 1e-6, "transformers Dinov2Config"),
         priority=2,
         pool="cls",
         read_config_json=dinov2_config_fields,
@@ -613,6 +625,7 @@ LAYOUTS = (
         r"|^(beit|data2vec_vision)\.embeddings\.",
         "Hugging Face BEiT / data2vec-vision (model, or image classification)",
         container="folder",
+        assumes=hf_defaults("gelu", 1e-12, "transformers BeitConfig"),
         priority=2,
         read_config_json=beit_config_fields,
         write_config_json=beit_config_json,
@@ -635,6 +648,7 @@ LAYOUTS = (
         "Hugging Face CLIP vision tower (CLIPVisionModel[WithProjection], or a whole CLIP "
         "repo: the text tower is left out)",
         container="folder",
+        assumes=hf_defaults("quick_gelu", 1e-5, "transformers CLIPVisionConfig"),
         priority=2,
         pool="cls",
         read_config_json=clip_config_fields,
@@ -660,6 +674,7 @@ LAYOUTS = (
         "Hugging Face SigLIP vision tower (SiglipVisionModel, or a whole SigLIP repo: the "
         "text tower is left out)",
         container="folder",
+        assumes=hf_defaults("gelu_tanh", 1e-6, "transformers SiglipVisionConfig"),
         priority=1,
         read_config_json=siglip_config_fields,
         write_config_json=siglip_config_json,

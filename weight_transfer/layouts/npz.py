@@ -98,10 +98,16 @@ def normalise_npz(source):
     `pre_logits` layer (the in21k representation layer) feeds the head: refused if there is a
     head, reported as dropped if not."""
     keys = list(source.meta)
-    prefix = next((p for p in NPZ_PREFIXES if f"{p}embedding/kernel" in source.meta), "")
+    prefix = next((p for p in NPZ_PREFIXES if f"{p}embedding/kernel" in source.meta), None)
+    if prefix is None:  # another model's image tower (openpi's PaliGemma/img/), or none
+        stems = [k[: -len("embedding/kernel")] for k in keys if k.endswith("/embedding/kernel")]
+        prefix = min(stems, key=len) if stems else ""
     renamed = {k[len(prefix) :]: (k, None) for k in keys if k.startswith(prefix)}
     dropped = (
-        [f"{len(keys) - len(renamed)} tensor(s) outside {prefix!r} (a text tower, optimiser state)"]
+        [
+            f"{len(keys) - len(renamed)} tensor(s) outside {prefix!r} (a text tower, a "
+            f"language model, optimiser state)"
+        ]
         if len(renamed) < len(keys)
         else []
     )

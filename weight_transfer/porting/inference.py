@@ -102,10 +102,13 @@ def infer_config(
         not stated and source.hf_config is None
     ):  # a config from the shapes alone: what they cannot express is refused now
         refuse_unsupported(source)
-    layout = layout or detect_layout(source.meta, source.container)
-    dropped: list[str] = []
+    source, dropped = training_tree(source)
+    layout = layout or tree_layout(source)
+    if layout.container == "npz" and source.container in TREES:
+        source = slash_joined(source)  # a big_vision tree: its npz's '/' names
     if layout.normalise is not None:
-        source, dropped = layout.normalise(source)
+        source, normalised = layout.normalise(source)
+        dropped += normalised
     if given is None and arch is not None:
         from weight_transfer.layouts.open_clip import config_from_open_clip, is_open_clip_model
         from weight_transfer.layouts.timm import config_from_timm, is_timm_model
@@ -133,6 +136,59 @@ def infer_config(
     refuse_unsupported(source, config)
     check_claims(config, source, layout)
     return Inferred(config, layout, found, assumed, dropped, source)
+
+
+# Containers holding a tree from JAX training code (its levels joined by '.'), whose names may
+# be any layout's: Flax msgpack files and Orbax folders.
+TREES = ("msgpack", "orbax")
+# What training code wraps a model's parameters in: Linen's variables and flax's TrainState
+# ({"params": ..., "opt_state": ..., "step": ...}; MaxText nests params twice), the legacy
+# flax.optim optimizer ({"optimizer": {"target": ...}}), an NNX Variable's `value` leaf.
+WRAPPERS = ("params.", "optimizer.target.")
+
+
+def training_tree(source: Source) -> tuple[Source, list[str]]:
+    """A tree's model parameters under the names their layout gives them: training wrappers
+    stripped (what lies beside them, optimiser state and step, reported as left out) and NNX
+    `value` leaves dropped from the names. Other containers are left as they are."""
+    if source.container not in TREES:
+        return source, []
+    names = {re.sub(r"\.value$", "", k): k for k in source.meta}
+    left_out = 0
+    while wrapper := next((w for w in WRAPPERS if any(n.startswith(w) for n in names)), None):
+        inside = {n[len(wrapper) :]: k for n, k in names.items() if n.startswith(wrapper)}
+        left_out += len(names) - len(inside)
+        names = inside
+    if names == {k: k for k in source.meta}:
+        return source, []
+    dropped = (
+        [f"{left_out} tensor(s) beside the parameters (optimiser state, step)"] if left_out else []
+    )
+    return source.renamed(
+        {n: source.meta[k] for n, k in names.items()}, lambda n: source.load(names[n])
+    ), dropped
+
+
+def tree_layout(source: Source) -> Layout:
+    """The layout of `source`'s names; a tree's names are also tried joined by '/' (a
+    big_vision or google-research model saved from its training state)."""
+    try:
+        return detect_layout(source.meta, source.container)
+    except LayoutError:
+        if source.container not in TREES:
+            raise
+        try:
+            return detect_layout([k.replace(".", "/") for k in source.meta])
+        except LayoutError:
+            pass
+        raise
+
+
+def slash_joined(source: Source) -> Source:
+    names = {k.replace(".", "/"): k for k in source.meta}
+    return source.renamed(
+        {n: source.meta[k] for n, k in names.items()}, lambda n: source.load(names[n])
+    )
 
 
 # Features recognised by their parameters: refused by name unless the config (stated, from an
