@@ -731,3 +731,48 @@ def test_a_flax_msgpack_whose_tree_mixes_layouts_is_refused(work, model):
     tree["blocks"] = {"0": {"attn": {"q": {"kernel": np.zeros((24, 24), np.float32)}}}}
     (folder / "flax_model.msgpack").write_bytes(msgpack_serialize(tree))
     assert_refused(cli("inspect", folder, cwd=work), "unexpected")
+
+
+# ---- big_vision tensorstore folders ------------------------------------------------------------
+
+
+def _zarr_folder(work: Path, **zarray) -> Path:
+    """A tensorstore checkpoint folder of one zarr array whose `.zarray` says `zarray`."""
+    folder = work / "bv-000000001"
+    array = folder / "params~head~kernel"
+    array.mkdir(parents=True)
+    spec = {"zarr_format": 2, "shape": [4], "chunks": [4], "dtype": "<f4", "compressor": None}
+    spec |= {"fill_value": None, "filters": None, "order": "C"} | zarray
+    (array / ".zarray").write_text(json.dumps(spec))
+    (array / "0").write_bytes(bytes(16))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "forgery, fragment",
+    [
+        ("object-dtype", "dtype '|O'"),
+        pytest.param("bomb", "refusing to decompress", marks=pytest.mark.slow),
+        pytest.param("link-outside", "symbolic link", marks=pytest.mark.slow),
+        pytest.param("pointer-outside", "holds a step", marks=pytest.mark.slow),
+    ],
+)
+def test_a_forged_tensorstore_folder_is_refused(work, forgery, fragment):
+    """What a tensorstore folder can lie about: a dtype, a size its compressed chunks would
+    inflate to, an array (a symbolic link) outside the folder, a `-LAST` pointer elsewhere."""
+    target = {
+        "object-dtype": lambda: _zarr_folder(work, dtype="|O"),
+        "bomb": lambda: _zarr_folder(work, shape=[1 << 34], chunks=[1 << 20]),
+    }.get(forgery)
+    if target is not None:
+        path = target()
+    elif forgery == "link-outside":
+        path = _zarr_folder(work)
+        outside = work / "elsewhere"
+        outside.mkdir()
+        (path / "params~head~bias").symlink_to(outside)
+    else:
+        _zarr_folder(work)
+        path = work / "bv-LAST"
+        path.write_text("../../etc")
+    assert_refused(cli("inspect", path, cwd=work), fragment)

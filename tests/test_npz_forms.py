@@ -136,8 +136,10 @@ def nested(flat: dict[str, np.ndarray], leaf: str | None = None) -> dict:
 
 
 def save_tree(form: str, tree: dict, tmp_path):
-    """The tree as a training loop saves it: an Orbax folder, or flax.training's legacy
-    msgpack `checkpoint_<step>` file."""
+    """The tree as a training loop saves it: an Orbax folder, flax.training's legacy msgpack
+    `checkpoint_<step>` file, or big_vision's tensorstore folder (its `-LAST` pointer given)."""
+    if form == "tensorstore":
+        return tssave(tree, tmp_path / "bv")
     if form == "orbax":
         import orbax.checkpoint as ocp
 
@@ -151,9 +153,33 @@ def save_tree(form: str, tree: dict, tmp_path):
         return Path(checkpoints.save_checkpoint(str(tmp_path / "legacy"), tree, step=3))
 
 
+def tssave(tree: dict, path: Path) -> Path:
+    """big_vision's `save_checkpoint_ts` (big_vision/utils.py, `tssave`): each leaf one
+    tensorstore array named by its path, '/' written '~', in `<path>-<step:09d>`, then the
+    `<path>-LAST` pointer."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental.array_serialization import serialization
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    names = ["~".join(str(getattr(k, "key", k)) for k in p) for p, _ in leaves]
+    folder = Path(f"{path}-000000003")
+    folder.mkdir()
+    manager = serialization.GlobalAsyncCheckpointManager()
+    manager.serialize_with_paths(
+        [jnp.asarray(v) for _, v in leaves],
+        [str(folder / n) for n in names],
+        on_commit_callback=lambda: None,
+    )
+    manager.wait_until_finished()
+    Path(f"{path}-LAST").write_text("000000003")
+    return Path(f"{path}-LAST")
+
+
 @pytest.mark.parametrize(
     "form, wrapping",
     [
+        ("tensorstore", "params-scanned"),  # big_vision's training today (save_checkpoint_ts)
         ("orbax", "params-scanned"),  # big_vision's own training state, scanned
         ("orbax", "openpi"),  # openpi: PaliGemma/img/ beside its llm, NNX `value` leaves
         ("msgpack", "train-state"),  # flax.training legacy: params, opt_state, step

@@ -24,6 +24,11 @@ from weight_transfer.formats.npz_io import NpzReader
 from weight_transfer.formats.orbax_io import OrbaxReader, checkpoint_dir
 from weight_transfer.formats.reader import InMemory, Reader, Renamed
 from weight_transfer.formats.safetensors_io import SafetensorsReader
+from weight_transfer.formats.tensorstore_io import (
+    TensorstoreReader,
+    is_tensorstore_checkpoint,
+    last_checkpoint,
+)
 
 
 @dataclass
@@ -76,7 +81,9 @@ class Source:
 
 def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> Source:
     """Open a safetensors file, a sharded index, a Hugging Face folder, an .npz, an Orbax
-    checkpoint folder, or (only with `allow_pickle`) a torch .bin/.pth/.pt file."""
+    checkpoint folder, a Flax msgpack file (or its sharded index, or flax.training's
+    `checkpoint_<step>`), a big_vision tensorstore folder (or its `<name>-LAST` pointer), or
+    (only with `allow_pickle`) a torch .bin/.pth/.pt file."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
@@ -84,6 +91,12 @@ def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> S
     if path.is_dir() and (orbax := checkpoint_dir(path)) is not None:
         reader = OrbaxReader(path, orbax)
         return Source(path, reader, folder=path, notes=[f"an Orbax checkpoint ({reader.path})"])
+    if path.is_file() and path.name.endswith("-LAST"):  # big_vision's pointer to its last step
+        path = last_checkpoint(regular_file(path))
+    if path.is_dir() and is_tensorstore_checkpoint(path):
+        return Source(
+            path, TensorstoreReader(path), folder=path, notes=["a tensorstore checkpoint"]
+        )
     if path.is_dir():
         cfg = path / "config.json"
         hf_config = _read_json(cfg) if cfg.exists() else None

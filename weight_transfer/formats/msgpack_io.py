@@ -25,33 +25,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from weight_transfer.core.errors import CheckpointError
 from weight_transfer.core.table import Meta
 from weight_transfer.formats.fileio import SequentialWriter
-from weight_transfer.formats.reader import Reader
+from weight_transfer.formats.reader import WEIGHT_DTYPES, Reader
 
-# The dtypes a weight can have, by the names flax writes (`arr.dtype.name`).
-MSGPACK_DTYPES = {
-    name: np.dtype(t)
-    for name, t in {
-        "float16": np.float16,
-        "bfloat16": ml_dtypes.bfloat16,
-        "float32": np.float32,
-        "float64": np.float64,
-        "int8": np.int8,
-        "int16": np.int16,
-        "int32": np.int32,
-        "int64": np.int64,
-        "uint8": np.uint8,
-        "uint16": np.uint16,
-        "uint32": np.uint32,
-        "uint64": np.uint64,
-        "bool": np.bool_,
-    }.items()
-}
+# The dtypes a weight can have, by the names flax writes (`arr.dtype.name`)
+MSGPACK_DTYPES = {d.name: d for d in WEIGHT_DTYPES}
 ARRAY, COMPLEX, SCALAR = 1, 2, 3  # flax's ext types
 CHUNKED = "__msgpack_chunked_array__"
 MAX_DEPTH = 64  # a ViT's tree is 8 deep; a training state's, about 12

@@ -139,8 +139,8 @@ def infer_config(
 
 
 # Containers holding a tree from JAX training code (its levels joined by '.'), whose names may
-# be any layout's: Flax msgpack files and Orbax folders.
-TREES = ("msgpack", "orbax")
+# be any layout's: Flax msgpack files, Orbax folders, big_vision tensorstore folders.
+TREES = ("msgpack", "orbax", "tensorstore")
 # What training code wraps a model's parameters in: Linen's variables and flax's TrainState
 # ({"params": ..., "opt_state": ..., "step": ...}; MaxText nests params twice), the legacy
 # flax.optim optimizer ({"optimizer": {"target": ...}}), an NNX Variable's `value` leaf.
