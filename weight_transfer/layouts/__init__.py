@@ -9,6 +9,7 @@
 | `hf_flax`     | `hf_flax`, `hf_flax_clip`, `hf_flax_dinov2`: transformers 4.x's Flax classes |
 | `open_clip`   | `open_clip`: `visual.*` image towers                                  |
 | `npz`         | `google_vit`, `big_vision` (`big_vision_bv`, its earlier name, an alias) |
+| `nnx_libraries` | `bonsai_vit`: other NNX ViT libraries' states                       |
 
 Each publisher's module holds everything the tool knows of it: its tables (over one of our
 two base layouts; `core.table.nnx_torch` links those), its `Layout` entries, its config.json
@@ -27,7 +28,16 @@ from weight_transfer.core.errors import LayoutError
 from weight_transfer.layouts.base import Layout
 
 # The publishers, in the order their layouts are listed (detection goes by `Layout.priority`).
-PUBLISHERS = ("ours", "orbax", "timm", "huggingface", "hf_flax", "open_clip", "npz")
+PUBLISHERS = (
+    "ours",
+    "orbax",
+    "timm",
+    "huggingface",
+    "hf_flax",
+    "open_clip",
+    "npz",
+    "nnx_libraries",
+)
 MODULES = tuple(importlib.import_module(f"{__name__}.{name}") for name in PUBLISHERS)
 
 LAYOUTS: dict[str, Layout] = {

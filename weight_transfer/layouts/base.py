@@ -37,25 +37,28 @@ def fused(
     )
 
 
-def flax_renamed(ours: str, theirs: str, leaves: Iterable[str]) -> tuple[Rule, ...]:
-    return tuple(rule(f"{ours}.{leaf}", f"{theirs}/{leaf}") for leaf in leaves)
+def flax_renamed(ours: str, theirs: str, leaves: Iterable[str], sep: str = "/") -> tuple[Rule, ...]:
+    """A flax module's leaves under its path (`sep`: '/' in an npz, '.' in an NNX state)."""
+    return tuple(rule(f"{ours}.{leaf}", f"{theirs}{sep}{leaf}") for leaf in leaves)
 
 
-def flax_mha(ours: str, theirs: str, heads: int) -> tuple[Rule, ...]:
-    """flax MultiHeadDotProductAttention: q/k/v kernels (D, heads, hd), biases (heads, hd),
-    the output kernel (heads, hd, D)."""
+def flax_mha(ours: str, theirs: str, heads: int, sep: str = "/") -> tuple[Rule, ...]:
+    """flax MultiHeadDotProductAttention (Linen) or nnx.MultiHeadAttention: q/k/v kernels
+    (D, heads, hd), biases (heads, hd), the output kernel (heads, hd, D)."""
     rules = []
     for o, t in (("q", "query"), ("k", "key"), ("v", "value")):
         rules += [
             rule(
-                f"{ours}.{o}.kernel", f"{theirs}/{t}/kernel", heads_in(heads)
+                f"{ours}.{o}.kernel", f"{theirs}{sep}{t}{sep}kernel", heads_in(heads)
             ),  # (D, D) <-> (D, H, hd)
-            rule(f"{ours}.{o}.bias", f"{theirs}/{t}/bias", bias_heads(heads)),
+            rule(f"{ours}.{o}.bias", f"{theirs}{sep}{t}{sep}bias", bias_heads(heads)),
         ]  # (D,) <-> (H, hd)
     return (
         *rules,
-        rule(f"{ours}.o.kernel", f"{theirs}/out/kernel", heads_out(heads)),  # (D, D) <-> (H, hd, D)
-        rule(f"{ours}.o.bias", f"{theirs}/out/bias"),
+        rule(
+            f"{ours}.o.kernel", f"{theirs}{sep}out{sep}kernel", heads_out(heads)
+        ),  # (D, D) <-> (H, hd, D)
+        rule(f"{ours}.o.bias", f"{theirs}{sep}out{sep}bias"),
     )
 
 
