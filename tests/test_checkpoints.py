@@ -70,6 +70,11 @@ def test_file_describes_itself(tmp_path, model):
     manifest = json.loads(read_checkpoint(out["output"]).metadata["vit_parity"])
     assert manifest["source_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()  # sha256sum
     assert manifest["source_layout"] == "nnx" and manifest["format_version"] == "1"
+    # what wrote it, for telling a real difference from a setting later
+    import numpy
+
+    assert manifest["written_with"]["versions"]["numpy"] == numpy.__version__
+    assert manifest["written_with"]["computation"].startswith("none")
 
 
 def test_convert_chain_through_every_layout_is_bit_exact(tmp_path, model):

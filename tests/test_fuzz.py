@@ -1,8 +1,10 @@
-"""Fuzzing the file readers with hypothesis: random mutations of a valid safetensors header and
-of an HF config.json. Every outcome is exit 0 with correct output, or exit 2 with one line.
+"""Fuzzing the file readers with hypothesis: random mutations of a valid safetensors header, of
+an HF config.json and of a Flax msgpack file's bytes. Every outcome is exit 0 with correct
+output, or exit 2 with one line.
 
-The oracle for "correct" is the safetensors library itself: whatever we accept, it must accept
-too, and every tensor we write must equal the one it reads from the input under the same key.
+The oracle for "correct" is the format's own library (safetensors; flax's msgpack_restore):
+whatever we accept, it must accept too, and every tensor we read or write must equal the one it
+reads from the input under the same key.
 """
 
 from __future__ import annotations
@@ -187,3 +189,64 @@ def test_mutated_config_json(valid, field, value):
         else:
             assert_clean_refusal(code, err)
             assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def valid_msgpack(tmp_path_factory) -> bytes:
+    """An HF Flax `flax_model.msgpack` of a tiny ViT, as we write it."""
+    d = tmp_path_factory.mktemp("fuzz_msgpack")
+    folder = wt.save_checkpoint(random_nnx(tiny(image_size=8), seed=4), d / "f", layout="hf_flax")
+    return (folder / "flax_model.msgpack").read_bytes()
+
+
+@st.composite
+def byte_mutation(draw):
+    return (
+        draw(st.sampled_from(["replace", "insert", "delete", "truncate"])),
+        draw(st.integers(0, 1 << 20)),
+        draw(st.integers(0, 255)),
+    )
+
+
+def mutate_bytes(raw: bytes, mutation) -> bytes:
+    kind, at, byte = mutation
+    at %= len(raw)
+    if kind == "replace":
+        return raw[:at] + bytes([byte]) + raw[at + 1 :]
+    if kind == "insert":
+        return raw[:at] + bytes([byte]) + raw[at:]
+    if kind == "delete":
+        return raw[:at] + raw[at + 1 :]
+    return raw[:at]
+
+
+@SETTINGS
+@given(mutation=byte_mutation())
+def test_mutated_flax_msgpack(valid_msgpack, mutation):
+    """A byte replaced, inserted or deleted, or the file cut short: the CLI exits 0 or refuses
+    in one line; what our reader accepts, flax's own `msgpack_restore` reads as the same arrays
+    under the same names (it accepts more: we refuse what it should)."""
+    from flax.serialization import msgpack_restore
+
+    from weight_transfer.formats.msgpack_io import MsgpackReader
+
+    raw = mutate_bytes(valid_msgpack, mutation)
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "flax_model.msgpack"
+        src.write_bytes(raw)
+        code, err = run_cli("inspect", src)
+        if code != 0:
+            assert_clean_refusal(code, err)
+        try:
+            reader = MsgpackReader([src])
+        except wt.errors.CheckpointError:
+            return
+        ours = {k: reader.load(k) for k in reader.meta}
+    tree = msgpack_restore(raw)
+    for key, value in ours.items():
+        node = tree
+        for part in key.split("."):
+            node = node[part]
+        theirs = np.asarray(node)
+        assert theirs.dtype == value.dtype and theirs.shape == value.shape, key
+        assert theirs.tobytes() == value.tobytes(), key

@@ -88,8 +88,12 @@ class OrbaxReader(Reader):
                 f"{self.path}: an incomplete Orbax checkpoint ({why}: the save "
                 f"did not finish); nothing was read"
             )
-        try:
-            tree = ocp.StandardCheckpointer().metadata(self.path).item_metadata.tree
+        try:  # closed on the way out: a checkpointer left open logs its threads' failures
+            with ocp.StandardCheckpointer() as checkpointer:
+                item = checkpointer.metadata(self.path).item_metadata
+            if item is None:  # a tree metadata Orbax cannot match to its arrays
+                raise ValueError("no item metadata: the tree and the arrays disagree")
+            tree = item.tree
         except Exception as e:  # Orbax raises many types for a damaged folder
             raise CheckpointError(f"{self.path}: unreadable Orbax metadata ({e})") from None
         import jax

@@ -5,13 +5,17 @@ with the manifest that makes our files describe themselves."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import itertools
 import json
 import math
+import platform
 import re
 import struct
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -83,13 +87,34 @@ def _patch_digest(files: list[Path], digest: str) -> None:
             f.write(text.replace(old, new, 1))
 
 
+def written_with() -> dict[str, Any]:
+    """What wrote a file, for a reader who later cannot tell a real difference from a setting:
+    the libraries' versions (JAX, Flax, PyTorch when the model came from one of them, i.e. when
+    loaded) and what the writing computed (nothing: tensors are copied, transposed, split,
+    resampled in float64 or cast; no matmul runs, so no matmul precision applies). A
+    comparison's own context (matmul precision, TF32, backend) is in `check --json`."""
+    versions = {"python": platform.python_version(), "numpy": np.__version__}
+    for name in ("ml_dtypes", "jax", "flax", "torch"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "__version__"):
+            versions[name] = module.__version__
+    try:
+        versions["vit_parity"] = importlib.metadata.version("vit-parity")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        pass
+    return {
+        "versions": versions,
+        "computation": "none: tensors copied, transposed, split, resampled (float64) or cast",
+    }
+
+
 def write_layout(
     out: Path,
     layout: Layout,
     plan: Plan,
     tensors: Iterator[tuple[str, np.ndarray]],
     config: ViTConfig,
-    manifest: dict[str, str],
+    manifest: dict[str, Any],
     max_shard_size: int | None,
     source_digest: Callable[[], str] | None = None,
 ) -> str:
@@ -113,6 +138,7 @@ def write_layout(
         tensors = ((name(k), a) for k, a in tensors)
     if source_digest is not None:
         manifest = {**manifest, "source_sha256": DIGEST_PLACEHOLDER}
+    manifest = {**manifest, "written_with": written_with()}
     metadata = {
         "format": "flax" if layout.base == "nnx" else "pt",
         "vit_parity": json.dumps({**manifest, "config": config.to_dict()}, sort_keys=True),
