@@ -230,3 +230,22 @@ def test_a_beit_folder_that_contradicts_itself_is_refused(tmp_path, edit, messag
     with pytest.raises(wt.errors.VitParityError, match=message):
         wt.load_checkpoint(tmp_path, "torch")
     assert main(["inspect", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("framework", [pytest.param("jax", marks=pytest.mark.slow), "torch"])
+@pytest.mark.parametrize("head", [False, True], ids=["model", "classifier"])
+def test_vit_msn_folders_match_transformers(tmp_path, head, framework):
+    """HF `vit_msn`: ViTMSNModel (its output the normed class token, read with the identity
+    head) and ViTMSNForImageClassification, which transformers 5 saves with `vit.embeddings.*`
+    beside an unprefixed `encoder.layer.*` (before: refused as mixed names)."""
+    config = T.ViTMSNConfig(**SMALL, num_labels=3)
+    model = T.ViTMSNForImageClassification(config) if head else T.ViTMSNModel(config)
+    model = randomize(model, seed=7).eval()
+    model.save_pretrained(tmp_path / "msn")
+    ours = wt.load_checkpoint(tmp_path / "msn", framework)
+    images = random_images(ours.config, 2, seed=8)
+    with torch.no_grad():
+        out = model(pixel_values=nchw(images))
+    expected = out.logits if head else out.last_hidden_state[:, 0]
+    got = run_nnx(ours, images) if framework == "jax" else run_torch(ours, images)
+    assert_close(expected, np.asarray(got), "float32", f"vit_msn -> {framework}")

@@ -420,9 +420,8 @@ def test_a_header_in_another_order_than_the_data_converts(work, model):
         np.testing.assert_array_equal(wt.nnx_flat(back)[key], value, err_msg=key)
 
 
-@pytest.mark.parametrize(
-    "dtype", ["float64", *(pytest.param(d, marks=pytest.mark.slow) for d in ("mixed", "float16"))]
-)  # 4 s each
+@pytest.mark.slow  # 4 s each; the quick subset checks files through test_cli's check tests
+@pytest.mark.parametrize("dtype", ["float64", "mixed", "float16"])
 def test_check_runs_any_stored_dtype(work, dtype):
     from safetensors.numpy import save_file
 

@@ -54,7 +54,8 @@ def flat_state(model) -> dict[str, np.ndarray]:
 IMAGES = np.random.default_rng(3).standard_normal((2, 16, 16, 3)).astype(np.float32)
 
 
-@pytest.mark.parametrize("form", [pytest.param("orbax", marks=pytest.mark.slow), "safetensors"])
+@pytest.mark.slow  # 8 s: bonsai's model compiled for the first time in a worker
+@pytest.mark.parametrize("form", ["orbax", "safetensors"])
 def test_a_bonsai_state_computes_what_bonsai_computes(tmp_path, form):
     model = bonsai(seed=1)
     want = np.asarray(model(IMAGES, rngs=None))
@@ -80,6 +81,7 @@ def test_a_bonsai_state_computes_what_bonsai_computes(tmp_path, form):
         assert_close(want, np.asarray(got), "float32", f"bonsai {form} -> {framework}")
 
 
+@pytest.mark.slow  # 10 s: bonsai's model compiled (its forward is not jitted)
 def test_written_bonsai_state_loads_into_bonsais_model(tmp_path):
     from safetensors.numpy import load_file, save_file
 

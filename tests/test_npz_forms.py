@@ -179,7 +179,9 @@ def tssave(tree: dict, path: Path) -> Path:
 @pytest.mark.parametrize(
     "form, wrapping",
     [
-        ("tensorstore", "params-scanned"),  # big_vision's training today (save_checkpoint_ts)
+        pytest.param(  # big_vision's training today (save_checkpoint_ts)
+            "tensorstore", "params-scanned", marks=pytest.mark.slow
+        ),
         ("orbax", "params-scanned"),  # big_vision's own training state, scanned
         ("orbax", "openpi"),  # openpi: PaliGemma/img/ beside its llm, NNX `value` leaves
         ("msgpack", "train-state"),  # flax.training legacy: params, opt_state, step

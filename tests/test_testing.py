@@ -133,7 +133,7 @@ CORRECT = {
 
 @pytest.mark.parametrize(
     "case",
-    [pytest.param(c, marks=[pytest.mark.slow] * (c == "nnx, split qkv")) for c in CORRECT],
+    [pytest.param(c, marks=[pytest.mark.slow] * c.startswith("nnx")) for c in CORRECT],
 )
 def test_a_correct_port_passes_layer_by_layer(case, timm_ref, hf_ref, images):
     which, build = CORRECT[case]

@@ -224,13 +224,14 @@ def vit_normaliser(weight: str = "weight", norm: str = "weight"):
 
     def normalise(source: Source) -> tuple[Source, list[str]]:
         keys = list(source.meta)
-        if any(k.startswith("vit.") for k in keys) or not any(
-            k.startswith("embeddings.") for k in keys
-        ):
+        own = ("vit.", "pooler.", "classifier.")
+        if not any(k.startswith(("embeddings.", "encoder.")) for k in keys):
             return source, []  # ViTForImageClassification names, or not HF (the table will say)
-        renamed = {
-            ("vit." + k if not k.startswith(("pooler.", "classifier.")) else k): k for k in keys
-        }
+        if all(k.startswith(own) for k in keys):
+            return source, []
+        # ViTModel's bare names, or transformers 5's ViTMSNForImageClassification, which saves
+        # `vit.embeddings.*` beside an unprefixed `encoder.layer.*`
+        renamed = {("vit." + k if not k.startswith(own) else k): k for k in keys}
         dropped = [new for new in renamed if new.startswith("pooler.")]
         for new in dropped:
             del renamed[new]
