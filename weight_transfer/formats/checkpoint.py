@@ -71,6 +71,12 @@ class Source:
         """The same checkpoint under other names (a layout's normaliser)."""
         return dataclasses.replace(self, reader=Renamed(self.reader, meta, read))
 
+    def named(self, names: Mapping[str, str]) -> Source:
+        """The same checkpoint with each tensor under a new name (`names`: new -> stored)."""
+        return self.renamed(
+            {n: self.meta[k] for n, k in names.items()}, lambda n: self.load(names[n])
+        )
+
     def close(self) -> None:
         """Release the reader (a conversion that failed midway leaves no thread)."""
         self.reader.close()

@@ -30,7 +30,7 @@ import numpy as np
 from weight_transfer.core.errors import CheckpointError
 from weight_transfer.core.table import Meta
 from weight_transfer.formats.fileio import SequentialWriter
-from weight_transfer.formats.reader import WEIGHT_DTYPES, Reader
+from weight_transfer.formats.reader import WEIGHT_DTYPES, Reader, are_sizes, map_range, nested
 
 # The dtypes a weight can have, by the names flax writes (`arr.dtype.name`)
 MSGPACK_DTYPES = {d.name: d for d in WEIGHT_DTYPES}
@@ -105,7 +105,8 @@ class _Parser:
             return OTHER, nxt
         if b in (0xC4, 0xC5, 0xC6):  # bin 8/16/32
             n, at = self.uint(nxt, 1 << (b - 0xC4), end)
-            return _Bin(at, self.take(at, n, end)), self.take(at, n, end)
+            stop = self.take(at, n, end)
+            return _Bin(at, stop), stop
         if b in (0xC7, 0xC8, 0xC9):  # ext 8/16/32
             n, at = self.uint(nxt, 1 << (b - 0xC7), end)
             return self.ext(at, n, end, depth, where)
@@ -187,11 +188,7 @@ class _Parser:
         return _Array(dtype, dims, [(data.begin, data.end)])
 
     def dims(self, shape: Any, where: str, pos: int) -> tuple[int, ...]:
-        if not (
-            isinstance(shape, list)
-            and len(shape) <= MAX_DIMS
-            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-        ):
+        if not (isinstance(shape, list) and are_sizes(shape, MAX_DIMS)):
             self.fail(pos, f"an array at {where} whose shape {shape!r} is not non-negative sizes")
         return tuple(shape)
 
@@ -242,7 +239,7 @@ def _chunked(node: dict, key: str, path: Path) -> _Array:
     if len({p.dtype for p in pieces}) != 1:
         raise bad("its chunks have different dtypes")
     dims = tuple(shape.values())
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+    if not are_sizes(dims, MAX_DIMS):
         raise bad(f"its shape {dims!r} is not sizes")
     if math.prod(dims) != sum(p.shape[0] for p in pieces):
         raise bad(f"its chunks hold {sum(p.shape[0] for p in pieces)} values, its shape {dims}")
@@ -301,10 +298,7 @@ class MsgpackReader(Reader):
     def _span(path: Path, begin: int, end: int, dtype: np.dtype) -> np.ndarray:
         if begin == end:
             return np.empty(0, dtype)
-        start = begin - begin % mmap.ALLOCATIONGRANULARITY
-        with open(path, "rb") as f:
-            mapped = mmap.mmap(f.fileno(), end - start, offset=start, access=mmap.ACCESS_COPY)
-        array = np.frombuffer(memoryview(mapped)[begin - start :], dtype=dtype)
+        array = np.frombuffer(map_range(path, begin, end), dtype=dtype)
         # flax packs arrays one after another: most start off their alignment, copied then
         return array if begin % dtype.itemsize == 0 else array.copy()
 
@@ -357,18 +351,16 @@ MAX_LEAF_BYTES = 1 << 30  # flax chunks larger arrays; none of a ViT's is this l
 def write_msgpack(path: Path, tensors: Iterator[tuple[str, np.ndarray]]) -> None:
     """Dotted keys as a nested map, each array as flax's ext 1 value, in the order given
     within each map (the tensors are gathered first: a map states its size up front)."""
-    tree: dict[str, Any] = {}
-    for key, a in tensors:
+
+    def small(key: str, a: np.ndarray) -> np.ndarray:
         if a.nbytes >= MAX_LEAF_BYTES:
             raise CheckpointError(
                 f"{key!r} has {a.nbytes:,} bytes; flax splits arrays over {MAX_LEAF_BYTES:,} "
                 f"into chunks, which is not written here"
             )
-        node = tree
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = a
+        return a
+
+    tree = nested((key, small(key, a)) for key, a in tensors)
 
     with SequentialWriter(path) as f:
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from weight_transfer.core.errors import CheckpointError
 from weight_transfer.core.table import Meta
-from weight_transfer.formats.reader import Reader
+from weight_transfer.formats.reader import Reader, nested
 
 STATE = "state"
 MANIFEST = "vit_parity.json"
@@ -140,18 +140,6 @@ class OrbaxReader(Reader):
         except Exception as e:  # Orbax raises many types for a damaged folder
             raise CheckpointError(f"{self.path}: Orbax could not restore it ({e})") from None
         return {_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
-
-
-def nested(flat: Iterable[tuple[str, np.ndarray]]) -> dict:
-    """`{"a.0.b": x}` -> `{"a": {"0": {"b": x}}}`: the tree `nnx.state` has."""
-    tree: dict = {}
-    for key, value in flat:
-        *parents, leaf = key.split(".")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
 
 
 def write_orbax(

@@ -5,6 +5,7 @@ Orbax, torch pickles); a layout's normaliser wraps one in a `Renamed` view."""
 from __future__ import annotations
 
 import hashlib
+import mmap
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,37 @@ WEIGHT_DTYPES = tuple(
         np.bool_,
     )
 )
+
+
+def are_sizes(values: Any, max_dims: int | None = None) -> bool:
+    """Whether `values` is a list or tuple of non-negative integers, at most `max_dims` of them
+    when given (a shape as a file states it; a bool is not an integer here)."""
+    return (
+        isinstance(values, (list, tuple))
+        and (max_dims is None or len(values) <= max_dims)
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+    )
+
+
+def map_range(path: Path, begin: int, end: int) -> memoryview:
+    """Bytes [begin, end) of `path` as a private (copy-on-write) memory map: writes change this
+    process's pages, never the file; unmapped when the last view of it goes."""
+    start = begin - begin % mmap.ALLOCATIONGRANULARITY  # maps must start page-aligned
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), end - start, offset=start, access=mmap.ACCESS_COPY)
+    return memoryview(mapped)[begin - start :]
+
+
+def nested(flat: Iterable[tuple[str, Any]]) -> dict:
+    """`{"a.0.b": x}` -> `{"a": {"0": {"b": x}}}`: a tree's levels from dotted names."""
+    tree: dict = {}
+    for key, value in flat:
+        *parents, leaf = key.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
 
 
 class Reader:

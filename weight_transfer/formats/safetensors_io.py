@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import mmap
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 from weight_transfer.core.errors import CheckpointError
 from weight_transfer.core.table import Meta
 from weight_transfer.formats.fileio import Background, SequentialWriter
-from weight_transfer.formats.reader import Reader, chain_digests, file_sha256
+from weight_transfer.formats.reader import Reader, are_sizes, chain_digests, file_sha256, map_range
 
 SAFETENSORS_DTYPES = {
     "F16": np.float16,
@@ -117,7 +116,7 @@ def _entry(path: Path, key: str, info: Any) -> tuple[tuple[int, ...], int, int, 
         shape, offsets = info["shape"], info["data_offsets"]
         ok = (
             isinstance(shape, list)
-            and all(is_int(s) and s >= 0 for s in shape)
+            and are_sizes(shape)
             and isinstance(offsets, list)
             and len(offsets) == 2
             and all(map(is_int, offsets))
@@ -182,10 +181,7 @@ class SafetensorsReader(Reader):
         shape, dtype = self.meta[key]
         if begin == end:
             return np.empty(shape, dtype)
-        start = begin - begin % mmap.ALLOCATIONGRANULARITY  # maps must start page-aligned
-        with open(self.paths[i], "rb") as f:
-            mapped = mmap.mmap(f.fileno(), end - start, offset=start, access=mmap.ACCESS_COPY)
-        raw = memoryview(mapped)[begin - start :]  # unmapped when the last view is gone
+        raw = map_range(self.paths[i], begin, end)
         if self.track and self.hashed[i] == begin:
             self.hashing = self.hashing or Background(depth=4)
             self.hashing.submit(self.hashers[i].update, raw)

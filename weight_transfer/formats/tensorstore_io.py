@@ -26,7 +26,7 @@ import numpy as np
 
 from weight_transfer.core.errors import CheckpointError
 from weight_transfer.core.table import Meta
-from weight_transfer.formats.reader import WEIGHT_DTYPES, Reader
+from weight_transfer.formats.reader import WEIGHT_DTYPES, Reader, are_sizes
 
 ZARRAY = ".zarray"
 # by the names zarr gives them (numpy's `dtype.str`; bfloat16 by name, as jax writes it)
@@ -115,12 +115,7 @@ class TensorstoreReader(Reader):
                 raise ValueError("larger than 64 KiB")
             spec = json.loads(where.read_text())
             shape, name = spec["shape"], spec["dtype"]
-            ok = (
-                spec.get("zarr_format") == 2
-                and isinstance(shape, list)
-                and len(shape) <= 32
-                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-            )
+            ok = spec.get("zarr_format") == 2 and isinstance(shape, list) and are_sizes(shape, 32)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{where}: not a zarr array description ({e})") from None
         if not ok:

@@ -232,8 +232,6 @@ def renaming(
         if renamed == {k: k for k in source.meta}:
             return source, []
         dropped = [f"{n} tensor(s): {why}" for why, n in reasons.items()]
-        return source.renamed(
-            {n: source.meta[o] for n, o in renamed.items()}, lambda k: source.load(renamed[k])
-        ), dropped
+        return source.named(renamed), dropped
 
     return normalise

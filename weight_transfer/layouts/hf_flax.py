@@ -91,10 +91,14 @@ def _flax_name(key: str, nnx_leaf: str, ours: Rule) -> str:
     return f"{stem}.{nnx_leaf}"
 
 
+def _torch(name: str) -> Layout:
+    return next(l for l in hf.LAYOUTS if l.name == name)
+
+
 def flax_layout(torch_name: str, marker: str, description: str, **changes) -> Layout:
     """The Flax twin of one of `huggingface`'s layouts: its table in Flax names over our NNX
     keys, everything else (config.json both ways, names as published, resampling) its own."""
-    torch = next(l for l in hf.LAYOUTS if l.name == torch_name)
+    torch = _torch(torch_name)
     return dataclasses.replace(
         torch,
         name=f"{torch_name.replace('hf', 'hf_flax', 1)}",
@@ -188,9 +192,7 @@ LAYOUTS = (
         "hf_dinov2",
         r"(^|\.)encoder\.layer\.\d+\.norm1\.scale$",
         "Hugging Face Flax Dinov2 (FlaxDinov2Model, FlaxDinov2ForImageClassification)",
-        normalise=layer_scale_as_flax_computes(
-            next(l for l in hf.LAYOUTS if l.name == "hf_dinov2").normalise
-        ),
+        normalise=layer_scale_as_flax_computes(_torch("hf_dinov2").normalise),
         check_writable=_flax_dinov2_holds,
     ),
 )

@@ -3,6 +3,7 @@ manifest, a config.json, or tensor shapes), with which fields were found and whi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -164,31 +165,24 @@ def training_tree(source: Source) -> tuple[Source, list[str]]:
     dropped = (
         [f"{left_out} tensor(s) beside the parameters (optimiser state, step)"] if left_out else []
     )
-    return source.renamed(
-        {n: source.meta[k] for n, k in names.items()}, lambda n: source.load(names[n])
-    ), dropped
+    return source.named(names), dropped
 
 
 def tree_layout(source: Source) -> Layout:
     """The layout of `source`'s names; a tree's names are also tried joined by '/' (a
-    big_vision or google-research model saved from its training state)."""
+    big_vision or google-research model saved from its training state). Neither found: the
+    error of the names as stored."""
     try:
         return detect_layout(source.meta, source.container)
-    except LayoutError:
-        if source.container not in TREES:
-            raise
-        try:
-            return detect_layout([k.replace(".", "/") for k in source.meta])
-        except LayoutError:
-            pass
-        raise
+    except LayoutError as as_stored:
+        if source.container in TREES:
+            with contextlib.suppress(LayoutError):
+                return detect_layout([k.replace(".", "/") for k in source.meta])
+        raise as_stored from None
 
 
 def slash_joined(source: Source) -> Source:
-    names = {k.replace(".", "/"): k for k in source.meta}
-    return source.renamed(
-        {n: source.meta[k] for n, k in names.items()}, lambda n: source.load(names[n])
-    )
+    return source.named({k.replace(".", "/"): k for k in source.meta})
 
 
 # Features recognised by their parameters: refused by name unless the config (stated, from an
