@@ -207,3 +207,26 @@ def test_flax_params_in_a_training_tree_compute_what_the_flax_class_computes(
         model = wt.load_checkpoint(path, "jax", overrides={"num_heads": 4})
     want = np.load(published / "vit_cls.npy")
     assert_close(want, outputs(model, images, "jax"), "float32", f"{form} training tree")
+
+
+@pytest.mark.slow
+def test_flax_dinov2_layer_scale_is_never_assumed_silently(published, tmp_path):
+    """FlaxDinov2 applies lambda1 x layerscale_value**2. Its params with no config.json (a
+    training tree) cannot say the value: 1 is assumed aloud. A config.json whose value is not
+    a number is refused by name (it used to be read as 1)."""
+    import shutil
+
+    from flax.serialization import msgpack_restore
+
+    from tests.test_npz_forms import save_tree
+
+    params = msgpack_restore((published / "dinov2_cls" / "flax_model.msgpack").read_bytes())
+    path = save_tree("msgpack", {"params": params, "step": 1}, tmp_path)
+    with pytest.warns(wt.errors.AssumedConfigWarning, match="assumed layerscale_value = 1"):
+        wt.load_checkpoint(path, "torch", overrides={"num_heads": 4})
+    folder = tmp_path / "bad"
+    shutil.copytree(published / "dinov2_cls", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "layerscale_value": "0.5"}))
+    with pytest.raises(wt.errors.CheckpointError, match="layerscale_value"):
+        wt.load_checkpoint(folder, "torch")

@@ -26,11 +26,12 @@ from collections.abc import Callable
 
 from vit_config import ViTConfig
 from weight_transfer.core.errors import AssumedConfigWarning, LayoutError
+from weight_transfer.core.resample import Resampling
 from weight_transfer.core.table import Rule, nnx_torch, oriented
 from weight_transfer.core.transforms import IDENTITY
 from weight_transfer.formats.checkpoint import Source
 from weight_transfer.layouts import huggingface as hf
-from weight_transfer.layouts.base import Layout
+from weight_transfer.layouts.base import Layout, json_field
 
 FLAX_WEIGHTS = "flax_model.msgpack"
 
@@ -95,10 +96,19 @@ def _torch(name: str) -> Layout:
     return next(l for l in hf.LAYOUTS if l.name == name)
 
 
-def flax_layout(torch_name: str, marker: str, description: str, **changes) -> Layout:
+def flax_layout(
+    torch_name: str, marker: str, description: str, flax_resizes: str, **changes
+) -> Layout:
     """The Flax twin of one of `huggingface`'s layouts: its table in Flax names over our NNX
-    keys, everything else (config.json both ways, names as published, resampling) its own."""
+    keys, everything else (config.json both ways, names as published) its own; at another
+    image size its PyTorch class's resampling, announced with what the Flax class does
+    (`flax_resizes`)."""
     torch = _torch(torch_name)
+
+    def resampling(config: ViTConfig) -> Resampling:  # PyTorch's; said whose it is
+        r = torch.resampling(config)
+        return dataclasses.replace(r, origin=f"{r.origin}, the PyTorch class's: {flax_resizes}")
+
     return dataclasses.replace(
         torch,
         name=f"{torch_name.replace('hf', 'hf_flax', 1)}",
@@ -110,6 +120,7 @@ def flax_layout(torch_name: str, marker: str, description: str, **changes) -> La
         aliases=(),
         writable=True,
         weights_file=FLAX_WEIGHTS,
+        resampling=resampling,
         **changes,
     )
 
@@ -126,8 +137,19 @@ def layer_scale_as_flax_computes(inner):
                 f"transformers cannot build (FlaxDinov2SwiGLUFFN reads an undefined "
                 f"hidden_features): no Flax file holds one"
             )
-        value = (source.hf_config or {}).get("layerscale_value", 1.0)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value == 1:
+        if source.hf_config is None:  # a tree with no config.json: the value is unknown
+            if any(k.endswith(".lambda1") for k in source.meta):
+                warnings.warn(
+                    AssumedConfigWarning(
+                        f"{source.path}: assumed layerscale_value = 1 (Dinov2Config's default; "
+                        f"no config.json), so the LayerScale is lambda1 as stored: FlaxDinov2 "
+                        f"applies lambda1 x layerscale_value**2"
+                    ),
+                    stacklevel=2,
+                )
+            return source, dropped
+        value = json_field(source.hf_config, "layerscale_value", (float, int), source.path, 1.0)
+        if value == 1:
             return source, dropped
         scale = float(value) ** 2
         warnings.warn(
@@ -174,11 +196,14 @@ def _flax_dinov2_holds(config: ViTConfig) -> None:
     hf.dinov2_config_json(config)
 
 
+NO_FLAX_RESIZE = "the Flax class runs at its own size only"
+
 LAYOUTS = (
     flax_layout(
         "hf",
         r"(^|\.)encoder\.layer\.\d+\.layernorm_before\.scale$",
         "Hugging Face Flax ViT (FlaxViTModel, FlaxViTForImageClassification)",
+        NO_FLAX_RESIZE,
         normalise=hf.vit_normaliser(weight="kernel", norm="scale"),
     ),
     flax_layout(
@@ -186,12 +211,15 @@ LAYOUTS = (
         r"(^|\.)pre_layrnorm\.scale$",
         "Hugging Face Flax CLIP vision tower (FlaxCLIPVisionModel, or FlaxCLIPModel's image "
         "tower and projection: the text tower is left out)",
+        NO_FLAX_RESIZE,
         check_writable=_no_projection,
     ),
     flax_layout(
         "hf_dinov2",
         r"(^|\.)encoder\.layer\.\d+\.norm1\.scale$",
         "Hugging Face Flax Dinov2 (FlaxDinov2Model, FlaxDinov2ForImageClassification)",
+        "FlaxDinov2's own jax.image.scale_and_translate (Keys' cubic, a = -0.5) is another "
+        "method, not implemented here",
         normalise=layer_scale_as_flax_computes(_torch("hf_dinov2").normalise),
         check_writable=_flax_dinov2_holds,
     ),
