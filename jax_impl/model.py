@@ -8,6 +8,8 @@ The parameters each config builds are declared in `vit_config.arch` (tested to m
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import reduce
+from operator import add
 from typing import NamedTuple
 
 import jax
@@ -217,13 +219,15 @@ class FeedForward(nnx.Module):
 
 class Block(FeedForward):
     """Encoder block, pre-norm: x + ls1 * attn(ln1(x)), then x + ls2 * mlp(ln2(x)); post-norm:
-    x + ls1 * ln1(attn(x)), then x + ls2 * ln2(mlp(x))."""
+    x + ls1 * ln1(attn(x)), then x + ls2 * ln2(mlp(x)); parallel: x + ls1 * (attn(ln1(x)) +
+    mlp(ln1(x)))."""
 
     def __init__(
         self, config: ViTConfig, *, dtype=jnp.float32, fused_attention: bool = False, rngs: nnx.Rngs
     ):
         c = config
         dense = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.form = c.block
         self.ln1 = make_norm(c, c.d_model, dense)
         self.attn = Attention(
             c,
@@ -238,26 +242,59 @@ class Block(FeedForward):
             fused=fused_attention,
             rngs=rngs,
         )
-        self.ln2 = make_norm(c, c.d_model, dense)
+        if self.form != "parallel":
+            self.ln2 = make_norm(c, c.d_model, dense)
         self._init_mlp(c, c.mlp_bias, c.mlp != "mlp", dense, c.mlp_norm)
-        self.post_norm = c.block == "post_norm"
         if c.layer_scale:
             self.ls1 = nnx.Param(jnp.ones((c.d_model,), dtype))
-            self.ls2 = nnx.Param(jnp.ones((c.d_model,), dtype))
+            if self.form != "parallel":
+                self.ls2 = nnx.Param(jnp.ones((c.d_model,), dtype))
         self.layer_scale = c.layer_scale
 
     def scaled(self, name: str, x: jax.Array) -> jax.Array:
         return x * getattr(self, name)[...] if self.layer_scale else x
 
+    def attn_branch(self, x: jax.Array, positions: AttentionPositions) -> jax.Array:
+        """What the attention adds to the residual stream (pre- or post-norm)."""
+        if self.form == "post_norm":
+            return self.scaled("ls1", self.ln1(self.attn(x, positions=positions)))
+        return self.scaled("ls1", self.attn(self.ln1(x), positions=positions))
+
+    def mlp_branch(self, x: jax.Array) -> jax.Array:
+        """What the MLP adds to the residual stream (pre- or post-norm)."""
+        if self.form == "post_norm":
+            return self.scaled("ls2", self.ln2(self.mlp(x)))
+        return self.scaled("ls2", self.mlp(self.ln2(x)))
+
     def __call__(
         self, x: jax.Array, tap: Tap = _no_tap, positions: AttentionPositions = NO_POSITIONS
     ) -> jax.Array:
-        if self.post_norm:
-            a = self.ln1(self.attn(x, positions=positions))
-            x = x + tap("attn", self.scaled("ls1", a))
-            return x + tap("mlp", self.scaled("ls2", self.ln2(self.mlp(x))))
-        x = x + tap("attn", self.scaled("ls1", self.attn(self.ln1(x), positions=positions)))
-        return x + tap("mlp", self.scaled("ls2", self.mlp(self.ln2(x))))
+        if self.form == "parallel":  # both branches read one norm; one LayerScale for both
+            h = self.ln1(x)
+            a = tap("attn", self.attn(h, positions=positions))
+            return x + self.scaled("ls1", a + tap("mlp", self.mlp(h)))
+        x = x + tap("attn", self.attn_branch(x, positions))
+        return x + tap("mlp", self.mlp_branch(x))
+
+
+class ParallelBlocks(nnx.Module):
+    """`num_parallel` pre-norm blocks side by side: x + sum_j attn_j, then x + sum_j mlp_j
+    (timm ParallelThingsBlock), the branches added in order."""
+
+    def __init__(self, config: ViTConfig, **options):
+        branch = config.replace(num_parallel=1)
+        self.parallel = nnx.List([Block(branch, **options) for _ in range(config.num_parallel)])
+
+    def __call__(
+        self, x: jax.Array, tap: Tap = _no_tap, positions: AttentionPositions = NO_POSITIONS
+    ) -> jax.Array:
+        x = x + tap("attn", reduce(add, (b.attn_branch(x, positions) for b in self.parallel)))
+        return x + tap("mlp", reduce(add, (b.mlp_branch(x) for b in self.parallel)))
+
+
+def make_block(config: ViTConfig, **options) -> Block | ParallelBlocks:
+    kind = ParallelBlocks if config.num_parallel > 1 else Block
+    return kind(config, **options)
 
 
 class MAPHead(FeedForward):
@@ -335,7 +372,7 @@ class ViT(nnx.Module):
         if self.scan_layers:
             self.blocks = _stacked_blocks(c, block, rngs)  # every parameter (L, ...)
         else:
-            self.blocks = nnx.List([Block(c, **block, rngs=rngs) for _ in range(c.num_layers)])
+            self.blocks = nnx.List([make_block(c, **block, rngs=rngs) for _ in range(c.num_layers)])
         if c.final_norm == "pre_pool":
             self.ln_f = make_norm(c, d, dense)
         if c.pool == "map":
@@ -517,17 +554,17 @@ def _annotate(model: ViT) -> None:
             var.set_metadata(out_sharding=axes[".".join(map(str, path))])
 
 
-def _stacked_blocks(config: ViTConfig, options: dict, rngs: nnx.Rngs) -> Block:
+def _stacked_blocks(config: ViTConfig, options: dict, rngs: nnx.Rngs) -> Block | ParallelBlocks:
     @nnx.split_rngs(splits=config.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0)
-    def create(rngs: nnx.Rngs) -> Block:
-        return Block(config, **options, rngs=rngs)
+    def create(rngs: nnx.Rngs) -> Block | ParallelBlocks:
+        return make_block(config, **options, rngs=rngs)
 
     return create(rngs)
 
 
 def _scan_blocks(
-    blocks: Block, x: jax.Array, keep: bool, positions: AttentionPositions
+    blocks: Block | ParallelBlocks, x: jax.Array, keep: bool, positions: AttentionPositions
 ) -> tuple[jax.Array, dict]:
     """Run stacked blocks with nnx.scan; with `keep`, also each layer's branch outputs. The
     positions are the same for every block (closed over, not scanned)."""

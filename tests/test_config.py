@@ -33,7 +33,9 @@ def test_one_class_shared_by_both_implementations():
         ("layer_scale", 1),
         ("num_classes", -1),
         ("k_bias", "no"),
-        ("block", "parallel"),
+        ("block", "parallel_22b"),
+        ("num_parallel", 0),
+        ("num_parallel", 1.0),
         ("rel_pos_bias", "swin"),
         ("map_heads", -2),
         ("pool_prefix", 0),
@@ -60,6 +62,9 @@ def test_invalid_config_names_field_and_value(field, value):
         (dict(rel_pos_bias="block", class_token=False, pool="mean"), "rel_pos_bias"),
         (dict(rel_pos_bias="shared", rope="interleaved"), "rel_pos_bias"),
         (dict(pool="map", map_heads=5), "map_heads"),
+        (dict(num_parallel=2, block="parallel"), "num_parallel"),
+        (dict(num_parallel=2, block="post_norm"), "num_parallel"),
+        (dict(num_parallel=2, rope="half", rope_freqs="mixed"), "num_parallel"),
     ],
 )
 def test_combinations_no_model_has_are_refused_by_name(changes, field):

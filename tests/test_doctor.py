@@ -108,6 +108,25 @@ def test_compare_against_timm_layer_by_layer(images):
     assert report.reference.startswith("timm")
 
 
+@pytest.mark.parametrize("block", ["ParallelScalingBlock", "ParallelThingsBlock"])
+def test_compare_against_timm_parallel_blocks_layer_by_layer(images, block):
+    """ViT-22B's block is read at its two output projections (the branches before the one
+    LayerScale, as our models tap them); parallel branches at each block's output."""
+    import timm.models.vision_transformer as vt
+
+    from tests.helpers.models import from_timm
+    from weight_transfer.layouts.timm import config_of_timm_model
+
+    model = timm_model(global_pool="token", block_fn=getattr(vt, block), init_values=0.5)
+    config = config_of_timm_model(model)
+    assert (config.block, config.num_parallel) == (
+        ("parallel", 1) if block == "ParallelScalingBlock" else ("pre_norm", 2)
+    )
+    report = compare(model, from_timm(model.state_dict(), config), images)
+    assert report.passed, [(x.name, x.max_abs, x.noise_floor) for x in report.layers]
+    assert {"blocks.1.attn", "blocks.1"} <= {x.name for x in report.layers}
+
+
 # ---- the doctor ----------------------------------------------------------------------------------
 
 

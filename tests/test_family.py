@@ -106,6 +106,12 @@ FAMILY = {
         rope_ref_grid=(4, 4),
     ),
     "post-norm": dict(block="post_norm", layer_scale=True),
+    # parallel blocks: ViT-22B's (one norm, attention and MLP side by side: timm
+    # ParallelScalingBlock), and two pre-norm branches summed (timm ParallelThingsBlock)
+    "parallel-22b": dict(
+        block="parallel", norm="rmsnorm", qkv_bias=False, qk_norm=True, layer_scale=True
+    ),
+    "parallel-branches": dict(num_parallel=2, layer_scale=True, reg_tokens=1),
     "beit-relative-bias": dict(
         rel_pos_bias="block",
         pos_embed=False,
@@ -158,7 +164,7 @@ FLOAT32_SLOW = {
 # reference (test_family_numpy_reference_agrees_with_both_in_float64) and the bit-exact round
 # trips, both quick, already imply float64 parity both ways
 FLOAT64_QUICK = {"map", "registers", "rope-half-periods-registers", "eva02-blocks", "relpos-mlp"}
-# ... and the bfloat16 round trips of all but these (the same copy as float32's)
+# ... and the float32 and bfloat16 round trips of all but these (the same copy as float64's)
 BFLOAT16_QUICK = {"swiglu-packed", "eva02-blocks", "beit-relative-bias", "rope-mixed-learned"}
 
 
@@ -206,7 +212,7 @@ def test_family_numpy_reference_agrees_with_both_in_float64(name):
 @pytest.mark.parametrize(
     "name, dtype",
     [
-        pytest.param(n, d, marks=slow_if(d == "bfloat16" and n not in BFLOAT16_QUICK))
+        pytest.param(n, d, marks=slow_if(d != "float64" and n not in BFLOAT16_QUICK))
         for n in sorted(FAMILY)
         for d in ("float32", "float64", "bfloat16")
     ],
@@ -297,7 +303,7 @@ def family_configs(draw):
         k_bias=draw(st.booleans()),
         attn_norm=draw(st.booleans()),
         mlp_norm=draw(st.booleans()),
-        block=draw(st.sampled_from(["pre_norm", "post_norm"])),
+        block=draw(st.sampled_from(["pre_norm", "post_norm", "parallel"])),
         rel_pos_bias=draw(
             st.sampled_from(["none", "block", "shared"] if rope == "none" else ["none"])
         ),
@@ -338,6 +344,9 @@ def family_configs(draw):
         dist_token=dist,
         reg_tokens=reg_tokens,
         **blocks,
+        num_parallel=draw(st.integers(1, 3))
+        if blocks["block"] == "pre_norm" and rope_fields.get("rope_freqs") != "mixed"
+        else 1,
         pos_embed_tokens=draw(st.sampled_from(["all", "none"] + (["cls"] if class_token else []))),
         final_norm=final,
         norm_pre=draw(st.booleans()),
@@ -425,6 +434,8 @@ HEAVY = (  # 1.4-4 s each (--durations); quick: one preset per pair layout, EVA-
     "siglip_b16_gap",
     "dinov2_b14_reg4",
     "deit_b16_distilled",
+    "vit_b16_xp",  # parallel blocks: the family's parallel cases stay quick
+    "vit_s16_18x2",
 )
 
 

@@ -290,6 +290,7 @@ def test_a_fifo_input_is_refused_without_blocking(work):
     assert_refused(cli("inspect", fifo, cwd=work), "not a regular file")
 
 
+@pytest.mark.slow  # 3.9 s (--durations): the npz's other forgeries stay quick
 def test_npz_members_are_checked_before_inflating(work):
     """A small .npz whose one member declares a huge array: refused from its header."""
     import zipfile

@@ -129,7 +129,7 @@ def test_a_file_without_a_table_and_without_its_rope_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "architecture, feature",
     [
-        ("vit_base_patch16_xp_224", "ParallelScalingBlock blocks"),
+        ("vit_dpwee_patch16_reg1_gap_256", "DiffParallelScalingBlock blocks"),
         ("naflexvit_base_patch16_gap", "the model class NaFlexVit"),
     ],
 )
@@ -139,6 +139,30 @@ def test_what_this_vit_cannot_compute_is_refused_by_name(architecture, feature):
 
     with pytest.raises(LayoutError, match=feature):
         config_from_timm(architecture, {"depth": 1})
+
+
+@pytest.mark.parametrize("architecture", ["vit_base_patch16_xp_224", "vit_small_patch16_18x2_224"])
+def test_a_bare_parallel_block_state_dict_needs_its_architecture(tmp_path, architecture):
+    """Parallel blocks' keys say the block, not its norms' or activation's details: a bare
+    state dict is refused naming --arch, and loads with it."""
+    import timm
+    from safetensors.torch import save_file
+
+    from weight_transfer.core.errors import LayoutError
+
+    args = dict(depth=1, img_size=32, embed_dim=48, num_heads=2)
+    model = timm.create_model(architecture, pretrained=False, **args)
+    path = tmp_path / "p.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    with pytest.raises(LayoutError, match=r"parallel .*--arch"):
+        wt.load_checkpoint(path, "torch")
+    ours = wt.load_checkpoint(
+        path,
+        "torch",
+        arch=architecture,
+        overrides=dict(num_layers=1, image_size=32, d_model=48, num_heads=2, d_ff=192),
+    )
+    assert ours.config.block == ("parallel" if "xp" in architecture else "pre_norm")
 
 
 def test_the_rope_angles_are_float64_where_timm_rounds_to_float32():

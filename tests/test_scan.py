@@ -13,11 +13,21 @@ from weight_transfer.frameworks.runners import random_images, run_nnx, run_torch
 from weight_transfer.frameworks.weights import random_nnx, random_torch
 
 
-@pytest.mark.parametrize("config", [tiny(), tiny(pool="mean", qkv_bias=False, num_layers=3)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        tiny(),
+        tiny(pool="mean", qkv_bias=False, num_layers=3),
+        tiny(block="parallel", layer_scale=True),  # ViT-22B's block
+        tiny(num_parallel=2, layer_scale=True),  # branches: blocks.parallel.{j}
+    ],
+    ids=["vit", "no-qkv-bias", "parallel", "branches"],
+)
 def test_scan_layout_round_trip_and_logits(config):
     loop = random_nnx(config, seed=3)
     stacked = wt.stack_layers(wt.nnx_flat(loop), config)
-    assert stacked["blocks.attn.q.kernel"].shape == (config.num_layers, 24, 24)
+    q = "blocks.parallel.1.attn.q.kernel" if config.num_parallel > 1 else "blocks.attn.q.kernel"
+    assert stacked[q].shape == (config.num_layers, 24, 24)
     assert_bit_exact(wt.nnx_flat(loop), wt.unstack_layers(stacked, config))
     scanned = wt.nnx_from_flat(stacked, config, scan_layers=True)
     assert scanned.scan_layers and not isinstance(scanned.blocks, nnx.List)
@@ -44,6 +54,7 @@ def test_scan_bridges_to_torch_both_ways():
         )
 
 
+@pytest.mark.slow  # 3.8 s (--durations): the scanned layouts' round trips stay quick
 def test_scan_init_builds_per_layer_params():
     model = jax_impl.ViT(tiny(num_layers=3), rngs=nnx.Rngs(0), scan_layers=True)
     q = np.asarray(model.blocks.attn.q.kernel[...])

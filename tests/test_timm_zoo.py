@@ -14,8 +14,8 @@ pytest.importorskip("huggingface_hub")  # save_for_hf writes through it (no netw
 
 from tests.helpers.zoo import run_zoo, summary  # noqa: E402
 
-TARGET = 0.93  # of the architectures timm can build small, the share that must port both ways
-# (168 of 179 today; the published-forms issue asks 97%: parallel blocks are not built)
+TARGET = 0.97  # of the architectures timm can build small, the share that must port both ways
+# (174 of 179 today: the rest are differential attention and 384 px with 14 px patches)
 
 
 @pytest.mark.slow

@@ -80,6 +80,18 @@ def test_fused_pairs_keep_row_order():
         np.testing.assert_array_equal(a, b)
 
 
+def test_rows_of_unequal_parts_keep_their_order_and_sizes():
+    parts = [np.full((n, 2), i, np.float32) for i, n in enumerate((5, 3, 3, 3))]
+    fuse = T.fuse_rows_of(5, 3, 3, 3)  # timm's in_proj: MLP rows first, then q, k, v
+    (fused,) = fuse.forward(*parts)
+    np.testing.assert_array_equal(fused[:5], parts[0])
+    np.testing.assert_array_equal(fused[11:], parts[3])
+    for a, b in zip(fuse.inverse(fused), parts, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="expected 14 rows"):
+        fuse.inverse(fused[:13])
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, ml_dtypes.bfloat16])
 @pytest.mark.parametrize("shape", [(700, 300), (3, 5), (256, 1030)])
 def test_strip_contiguous_copy_is_exact(shape, dtype):

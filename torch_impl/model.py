@@ -8,6 +8,8 @@ The parameters each config builds are declared in `vit_config.arch` (tested to m
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import reduce
+from operator import add
 from typing import NamedTuple
 
 import numpy as np
@@ -183,11 +185,13 @@ class FeedForward(nn.Module):
 
 class Block(FeedForward):
     """Encoder block, pre-norm: x + ls1 * attn(ln1(x)), then x + ls2 * mlp(ln2(x)); post-norm:
-    x + ls1 * ln1(attn(x)), then x + ls2 * ln2(mlp(x))."""
+    x + ls1 * ln1(attn(x)), then x + ls2 * ln2(mlp(x)); parallel: x + ls1 * (attn(ln1(x)) +
+    mlp(ln1(x)))."""
 
     def __init__(self, config: ViTConfig):
         super().__init__()
         c = config
+        self.form = c.block
         self.ln1 = make_norm(c, c.d_model)
         self.attn = Attention(
             c,
@@ -199,26 +203,59 @@ class Block(FeedForward):
             rel_bias=c.rel_pos_bias == "block",
             learned_rope=c.rope != "none" and c.rope_freqs == "mixed",
         )
-        self.ln2 = make_norm(c, c.d_model)
+        if self.form != "parallel":
+            self.ln2 = make_norm(c, c.d_model)
         self._init_mlp(c, c.mlp_bias, c.mlp != "mlp", c.mlp_norm)
-        self.post_norm = c.block == "post_norm"
         if c.layer_scale:
             self.ls1 = nn.Parameter(torch.ones(c.d_model))
-            self.ls2 = nn.Parameter(torch.ones(c.d_model))
+            if self.form != "parallel":
+                self.ls2 = nn.Parameter(torch.ones(c.d_model))
         self.layer_scale = c.layer_scale
 
     def scaled(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return x * getattr(self, name) if self.layer_scale else x
 
+    def attn_branch(self, x: torch.Tensor, positions: AttentionPositions) -> torch.Tensor:
+        """What the attention adds to the residual stream (pre- or post-norm)."""
+        if self.form == "post_norm":
+            return self.scaled("ls1", self.ln1(self.attn(x, positions=positions)))
+        return self.scaled("ls1", self.attn(self.ln1(x), positions=positions))
+
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """What the MLP adds to the residual stream (pre- or post-norm)."""
+        if self.form == "post_norm":
+            return self.scaled("ls2", self.ln2(self.mlp(x)))
+        return self.scaled("ls2", self.mlp(self.ln2(x)))
+
     def forward(
         self, x: torch.Tensor, tap: Tap = _no_tap, positions: AttentionPositions = NO_POSITIONS
     ) -> torch.Tensor:
-        if self.post_norm:
-            a = self.ln1(self.attn(x, positions=positions))
-            x = x + tap("attn", self.scaled("ls1", a))
-            return x + tap("mlp", self.scaled("ls2", self.ln2(self.mlp(x))))
-        x = x + tap("attn", self.scaled("ls1", self.attn(self.ln1(x), positions=positions)))
-        return x + tap("mlp", self.scaled("ls2", self.mlp(self.ln2(x))))
+        if self.form == "parallel":  # both branches read one norm; one LayerScale for both
+            h = self.ln1(x)
+            a = tap("attn", self.attn(h, positions=positions))
+            return x + self.scaled("ls1", a + tap("mlp", self.mlp(h)))
+        x = x + tap("attn", self.attn_branch(x, positions))
+        return x + tap("mlp", self.mlp_branch(x))
+
+
+class ParallelBlocks(nn.Module):
+    """`num_parallel` pre-norm blocks side by side: x + sum_j attn_j, then x + sum_j mlp_j
+    (timm ParallelThingsBlock), the branches added in order."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        branch = config.replace(num_parallel=1)
+        self.parallel = nn.ModuleList(Block(branch) for _ in range(config.num_parallel))
+
+    def forward(
+        self, x: torch.Tensor, tap: Tap = _no_tap, positions: AttentionPositions = NO_POSITIONS
+    ) -> torch.Tensor:
+        x = x + tap("attn", reduce(add, (b.attn_branch(x, positions) for b in self.parallel)))
+        return x + tap("mlp", reduce(add, (b.mlp_branch(x) for b in self.parallel)))
+
+
+def make_block(config: ViTConfig) -> Block | ParallelBlocks:
+    return ParallelBlocks(config) if config.num_parallel > 1 else Block(config)
 
 
 class MAPHead(FeedForward):
@@ -267,7 +304,7 @@ class ViT(nn.Module):
             self.norm_pre = make_norm(c, d)
         if c.rel_pos_bias == "shared":
             self.rel_bias = RelativeBias(c)
-        self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_layers))
+        self.blocks = nn.ModuleList(make_block(c) for _ in range(c.num_layers))
         if c.final_norm == "pre_pool":
             self.ln_f = make_norm(c, d)
         if c.pool == "map":

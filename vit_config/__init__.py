@@ -46,7 +46,7 @@ CHOICES = {  # every field with a fixed set of values
     "rope_axes": ("hw", "wh"),
     "rope_freqs": ("theta", "periods", "mixed"),
     "rope_coords": ("separate", "min", "max"),
-    "block": ("pre_norm", "post_norm"),
+    "block": ("pre_norm", "post_norm", "parallel"),
     "rel_pos_bias": ("none", "block", "shared"),
     "rel_pos_form": ("beit", "mlp"),
 }
@@ -165,8 +165,15 @@ class ViTConfig:
     mlp_norm: bool = False
     # "pre_norm": x + attn(ln1(x)), then x + mlp(ln2(x)) (ViT); "post_norm": each norm on its
     # branch's output, x + ln1(attn(x)), then x + ln2(mlp(x)) (timm ResPostBlock, EVA's
-    # use_post_norm, Swin v2). LayerScale, where present, scales the branch last.
+    # use_post_norm, Swin v2); "parallel": attention and MLP side by side on one norm,
+    # x + ls1 * (attn(ln1(x)) + mlp(ln1(x))) (ViT-22B; timm ParallelScalingBlock, which stores
+    # q, k, v and the MLP's first layer as one `in_proj`): no ln2, no ls2. LayerScale, where
+    # present, scales the branch last.
     block: str = "pre_norm"
+    # Parallel branches of pre-norm blocks ("Three things everyone should know about ViTs";
+    # timm ParallelThingsBlock's num_parallel): x + sum_j ls1_j * attn_j(ln1_j(x)), then
+    # x + sum_j ls2_j * mlp_j(ln2_j(x)), branch j's parameters under `blocks.{i}.parallel.{j}`.
+    num_parallel: int = 1
     # Relative position biases added to the attention logits: "block" one table per block,
     # "shared" one for all blocks. `rel_pos_form` "beit": a learned table, a row per (dy, dx)
     # offset of the grid, then three for the class token (as query, as key, both), a column
@@ -251,8 +258,9 @@ class ViTConfig:
         for name in ("patch_size", "in_channels", "d_model", "num_heads", "d_ff"):
             if not _is_positive_int(getattr(self, name)):
                 raise ConfigError(name, getattr(self, name), "expected a positive int")
-        if not _is_positive_int(self.rel_pos_dim):
-            raise ConfigError("rel_pos_dim", self.rel_pos_dim, "expected a positive int")
+        for name in ("rel_pos_dim", "num_parallel"):
+            if not _is_positive_int(getattr(self, name)):
+                raise ConfigError(name, getattr(self, name), "expected a positive int")
         for name in ("num_layers", "num_classes", "reg_tokens", "map_heads", "map_d_ff"):
             if not (
                 isinstance(getattr(self, name), int)
@@ -318,6 +326,18 @@ class ViTConfig:
                 self.rel_pos_bias,
                 "relative biases and RoPE together: no "
                 "published ViT has both (rope='none' or rel_pos_bias='none')",
+            )
+        if self.num_parallel > 1 and self.block != "pre_norm":
+            raise ConfigError(
+                "num_parallel",
+                self.num_parallel,
+                f"parallel branches are pre-norm blocks, not block={self.block!r}",
+            )
+        if self.num_parallel > 1 and self.rope != "none" and self.rope_freqs == "mixed":
+            raise ConfigError(
+                "num_parallel",
+                self.num_parallel,
+                "parallel branches with learned RoPE frequencies: no published ViT has them",
             )
         self._validate_rope()
 
@@ -583,6 +603,30 @@ PRESETS: dict[str, dict[str, Any]] = {
         pos_embed_tokens="none",
         layer_scale=True,
         final_norm="post_pool",
+    ),
+    # parallel blocks: ViT-22B's (timm's xp: RMSNorm, q/k norms, no qkv bias, norm_pre) and
+    # "Three things"' two pre-norm branches per block (18 x 2)
+    "vit_b16_xp": dict(
+        _PAPER,
+        patch_size=16,
+        **_B,
+        block="parallel",
+        norm="rmsnorm",
+        qkv_bias=False,
+        qk_norm=True,
+        norm_pre=True,
+        patch_bias=False,
+        pos_embed_tokens="none",
+    ),
+    "vit_s16_18x2": dict(
+        _PAPER,
+        patch_size=16,
+        d_model=384,
+        num_heads=6,
+        d_ff=1536,
+        num_layers=18,
+        layer_scale=True,
+        num_parallel=2,
     ),
     "rope_b16": dict(_ROPE_VIT, rope_theta=100.0),  # Naver RoPE-ViT, axial: theta 100
     "dinov3_s16": dict(_DINOV3, d_model=384, num_heads=6, d_ff=1536, num_layers=12),

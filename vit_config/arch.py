@@ -195,8 +195,16 @@ def block_layers(c: ViTConfig, prefix: str) -> list[Layer]:
     """One encoder block: attention (four projections, optional q/k norms over head_dim, an
     optional norm before o and relative biases) and MLP (an optional hidden norm), each with
     its norm (before the branch, or after it: `block`), each branch optionally scaled per
-    channel (LayerScale)."""
-    d = c.d_model
+    channel (LayerScale). A "parallel" block has one norm and one LayerScale for both; with
+    `num_parallel` branches, each is a whole pre-norm block under `parallel.{j}`."""
+    if c.num_parallel > 1:
+        branch = c.replace(num_parallel=1)
+        return [
+            layer
+            for j in range(c.num_parallel)
+            for layer in block_layers(branch, f"{prefix}.parallel.{j}")
+        ]
+    d, side_by_side = c.d_model, c.block == "parallel"
     return [
         norm(f"{prefix}.ln1", d, c.norm),
         *attention_layers(
@@ -211,9 +219,9 @@ def block_layers(c: ViTConfig, prefix: str) -> list[Layer]:
             c.rope_freqs == "mixed" and c.rope != "none",
         ),
         *([param(f"{prefix}.ls1", d, kind="scale")] if c.layer_scale else []),
-        norm(f"{prefix}.ln2", d, c.norm),
+        *([] if side_by_side else [norm(f"{prefix}.ln2", d, c.norm)]),
         *mlp_layers(c, prefix, c.mlp_bias, c.mlp != "mlp", c.mlp_norm),
-        *([param(f"{prefix}.ls2", d, kind="scale")] if c.layer_scale else []),
+        *([param(f"{prefix}.ls2", d, kind="scale")] if c.layer_scale and not side_by_side else []),
     ]
 
 
@@ -290,7 +298,8 @@ def intermediates(c: ViTConfig) -> list[str]:
     patch tokens (after `patch_norm`), tokens with positions, `norm_pre` (if any), each
     block's attention and MLP branch outputs (after LayerScale) and its output, the final norm
     on every token (if any), the pooled features (the head's input: after MAP or `fc_norm`),
-    the logits (the pooled features again when there is no head)."""
+    the logits (the pooled features again when there is no head). A "parallel" block's
+    branch outputs are before its one LayerScale; parallel branches' are summed."""
     names = ["patch_embed", "tokens"] + (["norm_pre"] if c.norm_pre else [])
     for i in range(c.num_layers):
         names += [f"blocks.{i}.attn", f"blocks.{i}.mlp", f"blocks.{i}"]

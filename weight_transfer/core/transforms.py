@@ -69,6 +69,12 @@ def split_rows_in_2(fused):
     return tuple(np.split(fused, 2, axis=0))  # (2D, ...) -> 2x (D, ...): kv, or gate|x
 
 
+def split_rows(fused, sizes: tuple[int, ...]):
+    if fused.shape[0] != sum(sizes):  # np.split would cut anywhere
+        raise ValueError(f"expected {sum(sizes)} rows to split as {sizes}, got {fused.shape[0]}")
+    return tuple(np.split(fused, np.cumsum(sizes)[:-1], axis=0))  # rows of unequal parts
+
+
 def split_heads_in(k, num_heads: int):
     return (k.reshape(k.shape[0], num_heads, -1),)  # (D, D) -> (D, heads, hd)
 
@@ -117,6 +123,13 @@ LINEAR = Transform("linear_in_out_to_out_in", linear_in_out_to_out_in, linear_ou
 BATCH_AXIS = Transform("add_batch_axis", add_batch_axis, drop_batch_axis)
 FUSE_QKV = Transform("fuse_qkv_rows", fuse_rows, split_rows_in_3, arity=(3, 1))
 FUSE_2 = Transform("fuse_rows_in_2", fuse_rows, split_rows_in_2, arity=(2, 1))
+
+
+def fuse_rows_of(*sizes: int) -> Transform:
+    """Parts of `sizes` rows stacked into one (timm ParallelScalingBlock's in_proj: the MLP's
+    first layer, then q, k, v): (sizes[i], ...) each <-> (sum(sizes), ...)."""
+    split = lambda fused: split_rows(fused, sizes)
+    return Transform(f"fuse_rows_{'_'.join(map(str, sizes))}", fuse_rows, split, (len(sizes), 1))
 
 
 def heads_in(num_heads: int) -> Transform:

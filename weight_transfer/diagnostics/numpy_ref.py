@@ -291,6 +291,23 @@ class Reference:
 
         return AttentionPositions(rotate=lambda q, k: (rotate(q), rotate(k)))
 
+    def attention_branch(self, b: str, x, positions: AttentionPositions):
+        """What block (or parallel branch) `b`'s attention adds to the residual stream."""
+        if self.c.block == "post_norm":  # each norm on its branch's output
+            a = self.norm(f"{b}.ln1", self.attention(f"{b}.attn", x, x, positions))
+        else:
+            h = self.norm(f"{b}.ln1", x)
+            a = self.attention(f"{b}.attn", h, h, positions)
+        return self.gain(f"{b}.ls1") * a
+
+    def mlp_branch(self, b: str, x):
+        """What block (or parallel branch) `b`'s MLP adds to the residual stream."""
+        if self.c.block == "post_norm":
+            m = self.norm(f"{b}.ln2", self.mlp(b, x))
+        else:
+            m = self.mlp(b, self.norm(f"{b}.ln2", x))
+        return self.gain(f"{b}.ls2") * m
+
     def mlp(self, name: str, x):
         act = ACTIVATIONS[self.c.activation]
         if f"{name}.ff1.kernel" in self.p:
@@ -380,19 +397,20 @@ def trace(
     positions = ref.attention_positions(grid)
     for i in range(first, c.num_layers):
         b = f"blocks.{i}"
-        if c.block == "post_norm":  # each norm on its branch's output
-            a = ref.norm(f"{b}.ln1", ref.attention(f"{b}.attn", x, x, positions))
-        else:
+        if c.block == "parallel":  # attention and MLP on one norm, one LayerScale for both
             h = ref.norm(f"{b}.ln1", x)
-            a = ref.attention(f"{b}.attn", h, h, positions)
-        a = ref.gain(f"{b}.ls1") * a
+            a, m = ref.attention(f"{b}.attn", h, h, positions), ref.mlp(b, h)
+            yield f"{b}.attn", a
+            yield f"{b}.mlp", m
+            x = x + ref.gain(f"{b}.ls1") * (a + m)
+            yield b, x
+            continue
+        parallel = c.num_parallel > 1
+        branches = [f"{b}.parallel.{j}" for j in range(c.num_parallel)] if parallel else [b]
+        a = sum(ref.attention_branch(name, x, positions) for name in branches)
         yield f"{b}.attn", a
         x = x + a
-        if c.block == "post_norm":
-            m = ref.norm(f"{b}.ln2", ref.mlp(b, x))
-        else:
-            m = ref.mlp(b, ref.norm(f"{b}.ln2", x))
-        m = ref.gain(f"{b}.ls2") * m
+        m = sum(ref.mlp_branch(name, x) for name in branches)
         yield f"{b}.mlp", m
         x = x + m
         yield b, x

@@ -18,7 +18,13 @@ from vit_config import ConfigError, ViTConfig
 from weight_transfer.core.errors import CheckpointError, LayoutError
 from weight_transfer.core.resample import TIMM
 from weight_transfer.core.table import Rule, rule
-from weight_transfer.core.transforms import BATCH_AXIS, FUSE_2, FUSE_QKV, STACK_AXIS_1
+from weight_transfer.core.transforms import (
+    BATCH_AXIS,
+    FUSE_2,
+    FUSE_QKV,
+    STACK_AXIS_1,
+    fuse_rows_of,
+)
 from weight_transfer.layouts.base import (
     ASSUME_EPS6,
     ASSUME_GELU,
@@ -53,6 +59,8 @@ TIMM_ARCHS = {
     "deit3_b16": "deit3_base_patch16_224",
     "vit_medium_reg4_gap": "vit_medium_patch16_reg4_gap_256",
     "aimv2_l14": "aimv2_large_patch14_224",
+    "vit_b16_xp": "vit_base_patch16_xp_224",
+    "vit_s16_18x2": "vit_small_patch16_18x2_224",
     # rotary positions (timm's Eva class)
     "rope_b16": "vit_base_patch16_rope_224",
     "dinov3_s16": "vit_small_patch16_dinov3",
@@ -112,34 +120,76 @@ def timm_relative_bias(ours: str, table: str, mlp: str) -> tuple[Rule, ...]:
     )
 
 
-def timm_attention(b: str, config: ViTConfig) -> tuple[Rule, ...]:
+def timm_attention(ours: str, theirs: str, config: ViTConfig) -> tuple[Rule, ...]:
     """q, k, v packed in one qkv (its bias packed too, or q_bias and v_bias alone: Eva, Beit),
     or separate q_proj, k_proj, v_proj (EVA-02 B and L); norms, relative biases, proj."""
     if not config.qkv_fused:
-        qkv = tuple(r for n in "qkv" for r in renamed(f"{b}.attn.{n}", f"{b}.attn.{n}_proj"))
+        qkv = tuple(r for n in "qkv" for r in renamed(f"{ours}.{n}", f"{theirs}.{n}_proj"))
     elif config.k_bias:
-        qkv = fused([f"{b}.attn.{p}" for p in "qkv"], f"{b}.attn.qkv", FUSE_QKV)
+        qkv = fused([f"{ours}.{p}" for p in "qkv"], f"{theirs}.qkv", FUSE_QKV)
     else:  # (3D, D) weight; biases on q and v only
         qkv = (
             *fused(
-                [f"{b}.attn.{p}" for p in "qkv"],
-                f"{b}.attn.qkv",
-                FUSE_QKV,
-                ("weight",),
-                (".weight",),
+                [f"{ours}.{p}" for p in "qkv"], f"{theirs}.qkv", FUSE_QKV, ("weight",), (".weight",)
             ),
-            rule(f"{b}.attn.q.bias", f"{b}.attn.q_bias"),
-            rule(f"{b}.attn.v.bias", f"{b}.attn.v_bias"),
+            rule(f"{ours}.q.bias", f"{theirs}.q_bias"),
+            rule(f"{ours}.v.bias", f"{theirs}.v_bias"),
         )
     return (
         *qkv,  # 3x (D, D) <-> (3D, D)
-        *renamed(f"{b}.attn.q_norm", f"{b}.attn.q_norm"),
-        *renamed(f"{b}.attn.k_norm", f"{b}.attn.k_norm"),
+        *renamed(f"{ours}.q_norm", f"{theirs}.q_norm"),
+        *renamed(f"{ours}.k_norm", f"{theirs}.k_norm"),
         *timm_relative_bias(
-            f"{b}.attn.rel_bias", f"{b}.attn.relative_position_bias_table", f"{b}.attn.rel_pos"
+            f"{ours}.rel_bias", f"{theirs}.relative_position_bias_table", f"{theirs}.rel_pos"
         ),
-        *renamed(f"{b}.attn.o_norm", f"{b}.attn.norm"),
-        *renamed(f"{b}.attn.o", f"{b}.attn.proj"),
+        *renamed(f"{ours}.o_norm", f"{theirs}.norm"),
+        *renamed(f"{ours}.o", f"{theirs}.proj"),
+    )
+
+
+def timm_block(config: ViTConfig) -> tuple[Rule, ...]:
+    """One block: timm's `Block` (`EvaBlock` and Beit's store LayerScale as raw `gamma_1`,
+    `gamma_2`), `ParallelScalingBlock` (ViT-22B: one in_norm, the MLP's first layer and q, k, v
+    in one in_proj, MLP rows first; its MLP bias in in_proj's or alone as `mlp_bias`; q/k
+    norms on the block) or `ParallelThingsBlock` (branch j's attention under `attns.{j}`, its
+    MLP under `ffns.{j}`, each with its norm and LayerScale)."""
+    b = "blocks.{}"
+    if config.block == "parallel":
+        d = config.d_model
+        in_proj = fuse_rows_of(config.d_ff, d, d, d)  # (F + 3D, D) <-> (F, D), 3x (D, D)
+        parts = (f"{b}.ff1", *(f"{b}.attn.{n}" for n in "qkv"))
+        leaves = ("weight", "bias") if config.qkv_bias else ("weight",)  # else: mlp_bias alone
+        return (
+            *renamed(f"{b}.ln1", f"{b}.in_norm"),
+            *fused(parts, f"{b}.in_proj", in_proj, leaves, tuple(f".{n}" for n in leaves)),
+            *([] if config.qkv_bias else [rule(f"{b}.ff1.bias", f"{b}.mlp_bias")]),
+            *renamed(f"{b}.attn.q_norm", f"{b}.q_norm"),
+            *renamed(f"{b}.attn.k_norm", f"{b}.k_norm"),
+            *renamed(f"{b}.attn.o", f"{b}.attn_out_proj"),
+            *renamed(f"{b}.ff2", f"{b}.mlp_out_proj"),
+            rule(f"{b}.ls1", f"{b}.ls.gamma"),
+        )
+    if config.num_parallel > 1:
+        return tuple(
+            r
+            for j in range(config.num_parallel)
+            for r in (
+                *renamed(f"{b}.parallel.{j}.ln1", f"{b}.attns.{j}.norm"),
+                *timm_attention(f"{b}.parallel.{j}.attn", f"{b}.attns.{j}.attn", config),
+                rule(f"{b}.parallel.{j}.ls1", f"{b}.attns.{j}.ls.gamma"),
+                *renamed(f"{b}.parallel.{j}.ln2", f"{b}.ffns.{j}.norm"),
+                *timm_mlp(f"{b}.parallel.{j}", f"{b}.ffns.{j}.mlp", config.mlp),
+                rule(f"{b}.parallel.{j}.ls2", f"{b}.ffns.{j}.ls.gamma"),
+            )
+        )
+    eva = eva_or_beit(config)
+    return (
+        *renamed(f"{b}.ln1", f"{b}.norm1"),
+        *timm_attention(f"{b}.attn", f"{b}.attn", config),
+        rule(f"{b}.ls1", f"{b}.gamma_1" if eva else f"{b}.ls1.gamma"),
+        *renamed(f"{b}.ln2", f"{b}.norm2"),
+        *timm_mlp(b, f"{b}.mlp", config.mlp),
+        rule(f"{b}.ls2", f"{b}.gamma_2" if eva else f"{b}.ls2.gamma"),
     )
 
 
@@ -147,8 +197,6 @@ def timm_table(config: ViTConfig) -> tuple[Rule, ...]:
     """timm `VisionTransformer` (and `VisionTransformerDistilled`), or `Eva` / `Beit` for a
     config only they compute (`eva_or_beit`). Rules whose parameters a config does not have
     are inactive, so one table serves the whole family."""
-    b = "blocks.{}"
-    eva = eva_or_beit(config)
     return (
         *renamed("patch_embed", "patch_embed.proj"),
         *renamed("patch_norm", "patch_embed.norm"),
@@ -172,12 +220,7 @@ def timm_table(config: ViTConfig) -> tuple[Rule, ...]:
         *timm_relative_bias(
             "rel_bias", "rel_pos_bias.relative_position_bias_table", "shared_rel_pos"
         ),
-        *renamed(f"{b}.ln1", f"{b}.norm1"),
-        *timm_attention(b, config),
-        rule(f"{b}.ls1", f"{b}.gamma_1" if eva else f"{b}.ls1.gamma"),
-        *renamed(f"{b}.ln2", f"{b}.norm2"),
-        *timm_mlp(b, f"{b}.mlp", config.mlp),
-        rule(f"{b}.ls2", f"{b}.gamma_2" if eva else f"{b}.ls2.gamma"),
+        *timm_block(config),
         *renamed("ln_f", "norm"),
         rule("map.probe", "attn_pool.latent", BATCH_AXIS),  # (1, D) <-> (1, 1, D)
         *renamed("map.attn.q", "attn_pool.q"),
@@ -367,14 +410,60 @@ def _block_relative(attn, architecture: str) -> dict[str, Any]:
 
 
 def _layer_scale(block, architecture: str) -> bool:
-    """LayerScale on both branches (timm `ls1`/`ls2`, Eva and Beit `gamma_1`/`gamma_2`)."""
-    if hasattr(block, "ls1"):
+    """LayerScale on both branches (timm `ls1`/`ls2`, Eva and Beit `gamma_1`/`gamma_2`,
+    ParallelThingsBlock's branches' `ls`)."""
+    if hasattr(block, "attns"):
+        gains = [type(b.ls).__name__ == "LayerScale" for b in (block.attns[0], block.ffns[0])]
+    elif hasattr(block, "ls1"):
         gains = [type(block.ls1).__name__ == "LayerScale", type(block.ls2).__name__ == "LayerScale"]
     else:
         gains = [getattr(block, f"gamma_{i}", None) is not None for i in (1, 2)]
     if gains[0] != gains[1]:
         _refuse(architecture, "LayerScale on one branch only")
     return gains[0]
+
+
+def _block(block, d_model: int, architecture: str) -> tuple[dict[str, Any], list]:
+    """A block's config fields, and the norm modules inside it (for one kind and epsilon)."""
+    kind = type(block).__name__
+    if kind == "ParallelScalingBlock":
+        return _parallel_scaling(block, architecture)
+    if kind == "ParallelThingsBlock":  # every branch built alike: the first one speaks
+        attn, mlp = block.attns[0].attn, block.ffns[0].mlp
+        norms = [block.attns[0].norm, block.ffns[0].norm]
+    else:
+        attn, mlp, norms = block.attn, block.mlp, [block.norm1, block.norm2]
+    fields = dict(
+        _attention(attn, d_model, architecture),
+        block=BLOCKS[kind],
+        num_parallel=getattr(block, "num_parallel", 1),
+        layer_scale=_layer_scale(block, architecture),
+        activation=_activation(mlp.act, architecture),
+        **_mlp(mlp, architecture),
+    )
+    inner = ("q_norm", "k_norm", "norm")
+    return fields, [*norms, *(getattr(attn, n, None) for n in inner), getattr(mlp, "norm", None)]
+
+
+def _parallel_scaling(block, architecture: str) -> tuple[dict[str, Any], list]:
+    """ViT-22B's block (timm ParallelScalingBlock): one norm, one in_proj, one LayerScale."""
+    if block.out_proj is not None:
+        _refuse(architecture, "a fused output projection for attention and MLP (fuse_out_proj)")
+    if block.mlp_out_proj.bias is None:  # the MLP's first layer always has one
+        _refuse(architecture, "an MLP with a bias on its first layer and none on its second")
+    fields = dict(
+        num_heads=block.num_heads,
+        qkv_bias=block.in_proj.bias is not None,
+        proj_bias=True,
+        qk_norm=_norm(block.q_norm, architecture) is not None,
+        block="parallel",
+        layer_scale=type(block.ls).__name__ == "LayerScale",
+        activation=_activation(block.mlp_act, architecture),
+        mlp="mlp",
+        d_ff=block.mlp_out_proj.in_features,
+        mlp_bias=True,
+    )
+    return fields, [block.in_norm, block.q_norm, block.k_norm]
 
 
 MODELS = (
@@ -391,6 +480,8 @@ BLOCKS = {  # timm's block classes and where their norms sit
     "EvaBlockPostNorm": "post_norm",
     "RelPosBlock": "pre_norm",
     "ResPostRelPosBlock": "post_norm",
+    "ParallelScalingBlock": "parallel",  # ViT-22B
+    "ParallelThingsBlock": "pre_norm",  # pre-norm branches side by side
 }
 
 
@@ -403,9 +494,9 @@ def config_of_timm_model(m, architecture: str = "") -> ViTConfig:
         _refuse(architecture, f"the model class {kind}")
     block = m.blocks[0] if len(m.blocks) else None
     if block is not None and type(block).__name__ not in BLOCKS:
-        _refuse(architecture, f"{type(block).__name__} blocks (parallel residuals)")
+        _refuse(architecture, f"{type(block).__name__} blocks")
     shared_bias = getattr(m, "rel_pos_bias", None) or getattr(m, "shared_rel_pos", None)
-    if shared_bias is not None and block is not None:
+    if shared_bias is not None and block is not None and hasattr(block, "attn"):
         if _block_relative(block.attn, architecture)["rel_pos_bias"] != "none":
             _refuse(architecture, "shared relative biases and a block's own together")
     patch = tuple(m.patch_embed.patch_size)
@@ -447,22 +538,10 @@ def config_of_timm_model(m, architecture: str = "") -> ViTConfig:
     )
     present = [n for n in (*norms.values(), patch_norm) if n is not None]
     if block is not None:
-        attn = block.attn
-        fields.update(_attention(attn, m.embed_dim, architecture))
+        block_fields, inner = _block(block, m.embed_dim, architecture)
+        fields.update(block_fields)
         if shared_bias is not None:  # the attentions have none of their own
             fields.update(rel_pos_bias="shared", **_relative(shared_bias, architecture))
-        fields.update(
-            block=BLOCKS[type(block).__name__],
-            layer_scale=_layer_scale(block, architecture),
-            activation=_activation(block.mlp.act, architecture),
-            **_mlp(block.mlp, architecture),
-        )
-        inner = (
-            block.norm1,
-            block.norm2,
-            getattr(attn, "norm", None),
-            getattr(block.mlp, "norm", None),
-        )
         present += [n for n in (_norm(x, architecture) for x in inner) if n is not None]
     else:  # no blocks: the sizes a block would have are the MAP head's, or anything valid
         fields.update(
@@ -592,6 +671,11 @@ def hook_points(m) -> list[tuple[Any, str, str]]:
     for i, b in enumerate(m.blocks):
         if hasattr(b, "ls1"):  # an Eva block applies its gamma inline: its output alone
             points += [(b.ls1, f"blocks.{i}.attn", "out"), (b.ls2, f"blocks.{i}.mlp", "out")]
+        elif getattr(b, "attn_out_proj", None) is not None:  # ParallelScalingBlock: before ls
+            points += [
+                (b.attn_out_proj, f"blocks.{i}.attn", "out"),
+                (b.mlp_out_proj, f"blocks.{i}.mlp", "out"),
+            ]
         points.append((b, f"blocks.{i}", "out"))
     if hasattr(m.norm, "weight"):  # with fc_norm, timm's norm is an Identity: no ln_f point
         points.append((m.norm, "ln_f", "out"))

@@ -202,7 +202,14 @@ UNSUPPORTED: dict[str, tuple[str, Callable[[ViTConfig], bool] | None]] = {
         None,
     ),
     r"lambda_init|lambda_q|\.diff_": ("differential attention", None),
-    r"\.attn_out_proj\.|\.in_proj\.|\.mlp_out_proj\.": ("parallel blocks (ViT-22B style)", None),
+    r"\.attn_out_proj\.|\.in_proj\.|\.mlp_out_proj\.": (
+        "parallel blocks (ViT-22B style: timm ParallelScalingBlock)",
+        lambda c: c.block == "parallel",
+    ),
+    r"^blocks\.\d+\.(attns|ffns)\.\d+\.": (
+        "parallel branches (timm ParallelThingsBlock)",
+        lambda c: c.num_parallel > 1,
+    ),
     r"\.norm1_post\.|\.post_norm\.|\.post_attention_layernorm\.": (
         "residual post-norm (SwinV2 style)",
         None,
@@ -296,16 +303,13 @@ def check_claims(config: ViTConfig, source: Source, layout: Layout) -> None:
         )
 
 
-def _from_shapes(
-    source: Source, layout: Layout, stated: Mapping[str, Any]
-) -> tuple[ViTConfig, dict, dict]:
-    """The config read off which tensors exist and their shapes, a config.json the layout
-    reads, the user's `stated` fields, and what the layout assumes for the rest
-    (`Layout.assumes`), each field labelled with where it came from."""
+def _shape_fields(
+    source: Source, layout: Layout, from_json: dict, json_assumed: dict
+) -> tuple[dict, dict, dict]:
+    """The fields which tensors exist and their shapes say, with a config.json's on top."""
     probe = Probe(source, layout)
     has, shape = probe.has, probe.shape
     patch = shape("patch_embed.kernel")
-    pos = shape("pos_embed") if has("pos_embed") else None  # None: positions inside attention
     p, c = (patch[0], patch[2]) if layout.base == "nnx" else (patch[-1], patch[1])  # HWIO / OIHW
     d = patch[3] if layout.base == "nnx" else patch[0]
     sizes: dict[str, Any] = dict(
@@ -364,11 +368,31 @@ def _from_shapes(
     if norm_key is not None and not has(f"{norm_key}.bias"):
         sizes["norm"] = "rmsnorm"
         assumed["norm"] = "rmsnorm (the norms have no bias; a bias-free LayerNorm would differ)"
+    sizes.update(from_json)
+    found.update({f: "config.json" for f in from_json})
+    assumed = {f: why for f, why in assumed.items() if f not in from_json} | json_assumed
+    return sizes, found, assumed
+
+
+def _from_shapes(
+    source: Source, layout: Layout, stated: Mapping[str, Any]
+) -> tuple[ViTConfig, dict, dict]:
+    """The config read off which tensors exist and their shapes, a config.json the layout
+    reads, the user's `stated` fields, and what the layout assumes for the rest
+    (`Layout.assumes`), each field labelled with where it came from."""
+    probe = Probe(source, layout)
+    has, shape = probe.has, probe.shape
+    pos = shape("pos_embed") if has("pos_embed") else None  # None: positions inside attention
+    from_json: dict[str, Any] = {}
+    json_assumed: dict[str, str] = {}
     if layout.read_config_json is not None and source.hf_config is not None:
         from_json, json_assumed = layout.read_config_json(source.hf_config, source.path)
-        sizes.update(from_json)
-        found.update({f: "config.json" for f in from_json})
-        assumed = {f: why for f, why in assumed.items() if f not in from_json} | json_assumed
+    if set(from_json) >= set(ViTConfig.__dataclass_fields__):  # the whole config (timm's
+        # registry): the tensors are checked against it at load, not read for it
+        sizes, found, assumed = dict(from_json), {f: "config.json" for f in from_json}, json_assumed
+    else:
+        sizes, found, assumed = _shape_fields(source, layout, from_json, json_assumed)
+    d = sizes["d_model"]
     sizes.update(stated)  # the user's word beats anything inferred below
     prefix = int(sizes["class_token"]) + int(sizes["dist_token"]) + sizes["reg_tokens"]
     if pos is not None:
