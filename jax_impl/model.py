@@ -381,7 +381,7 @@ class ViT(nnx.Module):
             self.fc_norm = make_norm(c, c.pooled_dim, dense)
         if c.num_classes:
             self.head = nnx.Linear(c.pooled_dim, c.num_classes, use_bias=c.head_bias, **dense)
-        if c.dist_token:
+        if c.has_dist_head:
             self.head_dist = nnx.Linear(d, c.num_classes, use_bias=c.head_bias, **dense)
         _annotate(self)
 
@@ -523,8 +523,8 @@ class ViT(nnx.Module):
         pooled = self.pool(x)
         pooled = tap("pooled", self.fc_norm(pooled) if c.final_norm == "post_pool" else pooled)
         logits = self.head(pooled) if c.num_classes else pooled  # (B, K)
-        if c.dist_token:  # the distilled model's output: the mean of both heads
-            logits = (logits + self.head_dist(x[:, 1])) / 2
+        if c.dist_token and c.dist_head:  # the distilled model's: the mean of both tokens'
+            logits = (logits + (self.head_dist(x[:, 1]) if c.num_classes else x[:, 1])) / 2
         logits = tap("logits", logits)
         logits = logits if batched else logits[0]
         return (logits, seen) if return_intermediates else logits

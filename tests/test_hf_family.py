@@ -74,6 +74,8 @@ CASES = {
     "deit-teacher": lambda: T.DeiTForImageClassificationWithTeacher(
         T.DeiTConfig(**SMALL, num_labels=3)
     ),
+    # fine-tuned without a teacher: the distillation token in the sequence, no head reads it
+    "deit-classifier": lambda: T.DeiTForImageClassification(T.DeiTConfig(**SMALL, num_labels=3)),
     # relative position biases: a table per layer, or one shared; mean pooling or the class
     # token; a learned table beside them
     "beit-classifier": lambda: T.BeitForImageClassification(
@@ -249,3 +251,24 @@ def test_vit_msn_folders_match_transformers(tmp_path, head, framework):
     expected = out.logits if head else out.last_hidden_state[:, 0]
     got = run_nnx(ours, images) if framework == "jax" else run_torch(ours, images)
     assert_close(expected, np.asarray(got), "float32", f"vit_msn -> {framework}")
+
+
+@pytest.mark.parametrize("pooler", [False, True], ids=["no-pooler", "tanh-pooler"])
+def test_deit_model_reads_the_class_token_alone(tmp_path, pooler):
+    """DeiTModel (transformers' backbone, no teacher): the distillation token stays in the
+    sequence, unread; ours gives the final-norm class token (an identity head, announced as
+    such, and the tanh pooler, when saved, named as dropped)."""
+    model = randomize(T.DeiTModel(T.DeiTConfig(**SMALL), add_pooling_layer=pooler), seed=4).eval()
+    model.save_pretrained(tmp_path / "deit")
+    info = wt.inspect_checkpoint(tmp_path / "deit")
+    assert info["layout"] == "hf_deit" and not info["assumed"], info
+    assert any("identity" in d for d in info["dropped"])
+    assert any(d.startswith("pooler.") for d in info["dropped"]) == pooler
+    images = random_images(wt.load_checkpoint(tmp_path / "deit", "torch").config, 2, seed=5)
+    with torch.no_grad():
+        expected = model(pixel_values=nchw(images)).last_hidden_state[:, 0]
+    for framework in ("jax", "torch"):
+        ours = wt.load_checkpoint(tmp_path / "deit", framework)
+        assert (ours.config.dist_token, ours.config.dist_head) == (True, False)
+        got = run_nnx(ours, images) if framework == "jax" else run_torch(ours, images)
+        assert_close(expected, np.asarray(got), "float32", f"DeiTModel -> {framework}")

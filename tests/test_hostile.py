@@ -487,12 +487,22 @@ def _first(header: dict) -> dict:
     "edit, fragment",
     [
         (lambda h: _first(h).update(data_offsets=["0", "4"]), "malformed entry"),
-        (lambda h: _first(h).update(data_offsets=[0.0, 4.0]), "malformed entry"),
+        pytest.param(  # the forgeries below a kind's first: in the whole suite (~1 s each)
+            lambda h: _first(h).update(data_offsets=[0.0, 4.0]),
+            "malformed entry",
+            marks=pytest.mark.slow,
+        ),
         (lambda h: _first(h).update(shape=[True, 3]), "malformed entry"),
         (lambda h: h.update(__metadata__={"a": 1}), "__metadata__"),
-        (lambda h: h.update(__metadata__=["a"]), "__metadata__"),
+        pytest.param(
+            lambda h: h.update(__metadata__=["a"]), "__metadata__", marks=pytest.mark.slow
+        ),
         (lambda h: h["__metadata__"].update(vit_parity="{}"), "no config object"),
-        (lambda h: h["__metadata__"].update(vit_parity="[]"), "no config object"),
+        pytest.param(
+            lambda h: h["__metadata__"].update(vit_parity="[]"),
+            "no config object",
+            marks=pytest.mark.slow,
+        ),
         (lambda h: h["__metadata__"].update(vit_parity='{"config": 3}'), "no config object"),
         (
             lambda h: h["__metadata__"].update(vit_parity='{"config": {"d_model": "x"}}'),

@@ -54,6 +54,7 @@ BOOLS = (
     "qkv_bias",
     "class_token",
     "dist_token",
+    "dist_head",
     "norm_pre",
     "patch_norm",
     "layer_scale",
@@ -134,9 +135,14 @@ class ViTConfig:
     class_token: bool | None = None
     # Learned register tokens after the class token, dropped at pooling (DINOv2-reg, timm reg).
     reg_tokens: int = 0
-    # A distillation token after the class token, read by a second head; the output is the
-    # mean of the two heads (DeiT distilled, at inference).
+    # A distillation token after the class token (DeiT distilled; it needs pool="cls").
+    # `dist_head`: the output averages the two tokens', each through its own head (`head`,
+    # `head_dist`) when there are heads (timm VisionTransformerDistilled at inference, HF
+    # DeiTForImageClassificationWithTeacher), the two tokens' features without (timm's
+    # num_classes=0); False: the class token alone is read, the distillation token stays in
+    # the sequence (HF DeiTForImageClassification and DeiTModel, fine-tuned without a teacher).
     dist_token: bool = False
+    dist_head: bool = True
     # Which prefix tokens carry a position: "all" (ViT, timm), "none" (positions for patches
     # only: timm no_embed_class, DeiT-3, big_vision), "cls" (the class token and the patches;
     # registers join after: original DINOv2 with registers and HF).
@@ -229,6 +235,8 @@ class ViTConfig:
         # fields without effect take their defaults, so equal models are equal configs
         if self.num_classes == 0:  # no head: whether it has a bias is moot
             object.__setattr__(self, "head_bias", True)
+        if not self.dist_token:  # no distillation token: whether it is read is moot
+            object.__setattr__(self, "dist_head", True)
         if not self.qkv_bias:  # no biases: whether the key would have one is moot
             object.__setattr__(self, "k_bias", True)
         if self.pool not in ("mean", "map") or self.num_prefix_tokens == 0:
@@ -300,12 +308,12 @@ class ViTConfig:
         for name, needs in needs_class_token.items():
             if needs and not self.class_token:
                 raise ConfigError(name, getattr(self, name), "needs class_token=True")
-        if self.dist_token and (self.pool != "cls" or self.num_classes == 0):
+        if self.dist_token and self.pool != "cls":
             raise ConfigError(
                 "dist_token",
                 True,
-                "the distillation head averages with the class "
-                "token's head: needs pool='cls' and num_classes > 0",
+                "the distillation token's output averages with the class token's, or is "
+                "left unread beside it: needs pool='cls'",
             )
         if self.pool == "map" and self.d_model % self.map_num_heads:
             raise ConfigError(
@@ -383,6 +391,11 @@ class ViTConfig:
     def num_patches(self) -> int:
         hp, wp = self.grid
         return hp * wp
+
+    @property
+    def has_dist_head(self) -> bool:
+        """Whether a `head_dist` classifies the distillation token (`dist_head` with heads)."""
+        return self.dist_token and self.dist_head and self.num_classes > 0
 
     @property
     def num_prefix_tokens(self) -> int:

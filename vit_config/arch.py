@@ -266,7 +266,7 @@ def layers(c: ViTConfig) -> list[Layer]:
         tree.append(norm("fc_norm", c.pooled_dim, c.norm))
     if c.num_classes:
         tree.append(linear("head", c.pooled_dim, c.num_classes, c.head_bias, ("embed", "classes")))
-    if c.dist_token:
+    if c.has_dist_head:
         tree.append(linear("head_dist", d, c.num_classes, c.head_bias, ("embed", "classes")))
     return tree
 

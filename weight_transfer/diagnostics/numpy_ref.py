@@ -425,8 +425,8 @@ def trace(
     pooled = ref.norm(norm_name, pooled) if where == "after" else pooled
     yield "pooled", pooled
     logits = ref.linear("head", pooled) if c.num_classes else pooled
-    if c.dist_token:
-        logits = (logits + ref.linear("head_dist", x[:, 1])) / 2
+    if c.dist_token and c.dist_head:
+        logits = (logits + (ref.linear("head_dist", x[:, 1]) if c.num_classes else x[:, 1])) / 2
     yield "logits", logits
 
 

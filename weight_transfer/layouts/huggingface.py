@@ -63,14 +63,16 @@ def hf_table(config: ViTConfig, prefix: str = "vit.") -> tuple[Rule, ...]:
 
 
 def deit_table(config: ViTConfig) -> tuple[Rule, ...]:
-    """HF DeiTForImageClassificationWithTeacher: ViT's names under `deit.`, two classifiers."""
+    """HF DeiT: ViT's names under `deit.` and the distillation token; two classifiers
+    (DeiTForImageClassificationWithTeacher) or the class token's alone
+    (DeiTForImageClassification: `dist_head=False`)."""
     vit = tuple(r for r in hf_table(config, "deit.") if not r.right[0].startswith("classifier"))
-    return (
-        *vit,
-        rule("dist_token", "deit.embeddings.distillation_token", BATCH_AXIS),
-        *renamed("head", "cls_classifier"),
-        *renamed("head_dist", "distillation_classifier"),
+    heads = (
+        (*renamed("head", "cls_classifier"), *renamed("head_dist", "distillation_classifier"))
+        if config.dist_head
+        else renamed("head", "classifier")
     )
+    return (*vit, rule("dist_token", "deit.embeddings.distillation_token", BATCH_AXIS), *heads)
 
 
 def dinov2_table(config: ViTConfig) -> tuple[Rule, ...]:
@@ -215,23 +217,23 @@ def hf_config_fields(hf: Mapping[str, Any], where: Path) -> tuple[dict[str, Any]
     return _common(hf, where, "gelu", 1e-12, 224), {}
 
 
-def vit_normaliser(weight: str = "weight", norm: str = "weight"):
-    """ViTModel -> the ViTForImageClassification names: add `vit.`; its tanh pooler is
-    dropped; with no classifier, the head is set to the identity so logits are the CLS
-    features. `weight` and `norm` are the leaf names of a Linear's and a LayerNorm's weight
-    (torch: `weight`; Flax: `kernel` and `scale`). The normaliser returns a new `Source` (the
-    one given is left as it is) and what was dropped."""
+def vit_normaliser(weight: str = "weight", norm: str = "weight", model: str = "vit"):
+    """ViTModel -> the ViTForImageClassification names (DeiTModel -> DeiTForImageClassification:
+    `model="deit"`): add `vit.`; its tanh pooler is dropped; with no classifier, the head is set
+    to the identity so logits are the CLS features. `weight` and `norm` are the leaf names of a
+    Linear's and a LayerNorm's weight (torch: `weight`; Flax: `kernel` and `scale`). The
+    normaliser returns a new `Source` (the one given is left as it is) and what was dropped."""
 
     def normalise(source: Source) -> tuple[Source, list[str]]:
         keys = list(source.meta)
-        own = ("vit.", "pooler.", "classifier.")
+        own = (f"{model}.", "pooler.", "classifier.")
         if not any(k.startswith(("embeddings.", "encoder.")) for k in keys):
             return source, []  # ViTForImageClassification names, or not HF (the table will say)
         if all(k.startswith(own) for k in keys):
             return source, []
         # ViTModel's bare names, or transformers 5's ViTMSNForImageClassification, which saves
         # `vit.embeddings.*` beside an unprefixed `encoder.layer.*`
-        renamed = {("vit." + k if not k.startswith(own) else k): k for k in keys}
+        renamed = {(f"{model}.{k}" if not k.startswith(own) else k): k for k in keys}
         dropped = [new for new in renamed if new.startswith("pooler.")]
         for new in dropped:
             del renamed[new]
@@ -309,9 +311,16 @@ def hf_config_json(config: ViTConfig) -> dict[str, Any]:
 
 
 def deit_config_json(config: ViTConfig) -> dict[str, Any]:
+    """DeiTForImageClassificationWithTeacher (the mean of both heads), or
+    DeiTForImageClassification (the class token's head alone, `dist_head=False`)."""
+    architecture = (
+        "DeiTForImageClassificationWithTeacher"
+        if config.dist_head
+        else "DeiTForImageClassification"
+    )
     require(
         config,
-        "HF DeiTForImageClassificationWithTeacher",
+        f"HF {architecture}",
         **{**PLAIN, "dist_token": True},
         class_token=True,
         pool="cls",
@@ -319,9 +328,11 @@ def deit_config_json(config: ViTConfig) -> dict[str, Any]:
         pos_embed_tokens="all",
         head_bias=True,
     )
-    return _hf_json(
-        config, "DeiTForImageClassificationWithTeacher", "deit", qkv_bias=config.qkv_bias
-    )
+    if not config.num_classes:
+        raise LayoutError(
+            f"HF {architecture} has a classifier: this model has none (num_classes=0)"
+        )
+    return _hf_json(config, architecture, "deit", qkv_bias=config.qkv_bias)
 
 
 def dinov2_config_json(config: ViTConfig) -> dict[str, Any]:
@@ -585,13 +596,14 @@ LAYOUTS = (
         "hf_deit",
         "torch",
         deit_table,
-        r"^deit\.embeddings\.distillation_token$",
-        "Hugging Face DeiTForImageClassificationWithTeacher",
+        r"^(deit\.)?embeddings\.distillation_token$",
+        "Hugging Face DeiT (with its teacher's head or without; DeiTModel)",
         container="folder",
         assumes=hf_defaults("gelu", 1e-12, "transformers DeiTConfig"),
         priority=2,
         read_config_json=hf_config_fields,
         write_config_json=deit_config_json,
+        normalise=vit_normaliser(model="deit"),
         pool="cls",
         resampling=lambda c: HF,
     ),

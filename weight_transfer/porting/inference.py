@@ -38,21 +38,31 @@ class Probe:
 
     def __init__(self, source: Source, layout: Layout):
         self.source, self.layout = source, layout
-        self.rules: dict[str, Rule] = {}
-        # key names do not depend on sizes; positions as stored (big_vision: no class row)
+        self.rules: dict[str, list[Rule]] = {}
+        # key names do not depend on sizes; positions as stored (big_vision: no class row);
+        # where the forms name a parameter differently (a distillation token's model with
+        # or without its own head), each name is tried
         for config in (
             ViTConfig(pos_embed_tokens="none"),
             ViTConfig(mlp="swiglu", pos_embed_tokens="none"),
+            ViTConfig(dist_token=True, dist_head=False, pos_embed_tokens="none"),
         ):
             for r in oriented(layout.table(config), 1):
                 for k in r.left:
-                    self.rules.setdefault(k, r)
+                    if r not in self.rules.setdefault(k, []):
+                        self.rules[k].append(r)
 
     def ours(self, key: str) -> str:
         return re.sub(r"\.(kernel|scale)$", ".weight", key) if self.layout.base == "torch" else key
 
+    def rule(self, ours: str) -> Rule | None:
+        """The rule filling `ours` whose stored keys the file holds (else the first)."""
+        rules = self.rules.get(self.ours(ours), [])
+        held = (r for r in rules if all(k in self.source.meta for k in r.right))
+        return next(held, rules[0] if rules else None)
+
     def key(self, ours: str) -> str | None:
-        r = self.rules.get(self.ours(ours))
+        r = self.rule(ours)
         if r is None:
             return None
         return r.right[r.left.index(self.ours(ours)) if len(r.right) == len(r.left) else 0]
@@ -61,7 +71,7 @@ class Probe:
         return self.key(ours) in self.source.meta
 
     def shape(self, ours: str) -> tuple[int, ...]:
-        r = self.rules.get(self.ours(ours))
+        r = self.rule(ours)
         if r is None or not all(k in self.source.meta for k in r.right):
             raise CheckpointError(
                 f"{self.source.path}: cannot infer the config, "
@@ -319,6 +329,8 @@ def _shape_fields(
         num_layers=len(block_indices(source.meta)),
         class_token=has("cls_token"),
         dist_token=has("dist_token"),
+        # a head on the distillation token, or the class token's alone (HF without a teacher)
+        dist_head=has("head_dist.kernel") or not (has("dist_token") and has("head.kernel")),
         reg_tokens=shape("reg_tokens")[-2] if has("reg_tokens") else 0,
         patch_bias=has("patch_embed.bias"),
         patch_norm=has("patch_norm.scale"),
