@@ -219,10 +219,11 @@ def hf_config_fields(hf: Mapping[str, Any], where: Path) -> tuple[dict[str, Any]
 
 def vit_normaliser(weight: str = "weight", norm: str = "weight", model: str = "vit"):
     """ViTModel -> the ViTForImageClassification names (DeiTModel -> DeiTForImageClassification:
-    `model="deit"`): add `vit.`; its tanh pooler is dropped; with no classifier, the head is set
-    to the identity so logits are the CLS features. `weight` and `norm` are the leaf names of a
-    Linear's and a LayerNorm's weight (torch: `weight`; Flax: `kernel` and `scale`). The
-    normaliser returns a new `Source` (the one given is left as it is) and what was dropped."""
+    `model="deit"`): add the `model` prefix; its tanh pooler is dropped; with no classifier,
+    the head is set to the identity so logits are the CLS features. `weight` and `norm` are
+    the leaf names of a Linear's and a LayerNorm's weight (torch: `weight`; Flax: `kernel` and
+    `scale`). The normaliser returns a new `Source` (the one given is left as it is) and what
+    was dropped."""
 
     def normalise(source: Source) -> tuple[Source, list[str]]:
         keys = list(source.meta)

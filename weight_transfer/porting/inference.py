@@ -313,11 +313,10 @@ def check_claims(config: ViTConfig, source: Source, layout: Layout) -> None:
         )
 
 
-def _shape_fields(
-    source: Source, layout: Layout, from_json: dict, json_assumed: dict
-) -> tuple[dict, dict, dict]:
-    """The fields which tensors exist and their shapes say, with a config.json's on top."""
-    probe = Probe(source, layout)
+def _shape_fields(probe: Probe) -> tuple[dict, dict, dict]:
+    """The fields which tensors exist and their shapes say: (fields, where each was found,
+    what was assumed)."""
+    source, layout = probe.source, probe.layout
     has, shape = probe.has, probe.shape
     patch = shape("patch_embed.kernel")
     p, c = (patch[0], patch[2]) if layout.base == "nnx" else (patch[-1], patch[1])  # HWIO / OIHW
@@ -380,9 +379,6 @@ def _shape_fields(
     if norm_key is not None and not has(f"{norm_key}.bias"):
         sizes["norm"] = "rmsnorm"
         assumed["norm"] = "rmsnorm (the norms have no bias; a bias-free LayerNorm would differ)"
-    sizes.update(from_json)
-    found.update({f: "config.json" for f in from_json})
-    assumed = {f: why for f, why in assumed.items() if f not in from_json} | json_assumed
     return sizes, found, assumed
 
 
@@ -399,11 +395,16 @@ def _from_shapes(
     json_assumed: dict[str, str] = {}
     if layout.read_config_json is not None and source.hf_config is not None:
         from_json, json_assumed = layout.read_config_json(source.hf_config, source.path)
-    if set(from_json) >= set(ViTConfig.__dataclass_fields__):  # the whole config (timm's
-        # registry): the tensors are checked against it at load, not read for it
-        sizes, found, assumed = dict(from_json), {f: "config.json" for f in from_json}, json_assumed
-    else:
-        sizes, found, assumed = _shape_fields(source, layout, from_json, json_assumed)
+    sizes: dict[str, Any] = {}
+    found: dict[str, str] = {}
+    assumed: dict[str, str] = {}
+    # what the tensors say, unless config.json gave the whole config (timm's registry): then
+    # they are checked against it at load, not read for it
+    if not set(from_json) >= set(ViTConfig.__dataclass_fields__):
+        sizes, found, assumed = _shape_fields(probe)
+    sizes.update(from_json)
+    found.update({f: "config.json" for f in from_json})
+    assumed = {f: why for f, why in assumed.items() if f not in from_json} | json_assumed
     d = sizes["d_model"]
     sizes.update(stated)  # the user's word beats anything inferred below
     prefix = int(sizes["class_token"]) + int(sizes["dist_token"]) + sizes["reg_tokens"]
