@@ -127,6 +127,39 @@ def test_compare_against_timm_parallel_blocks_layer_by_layer(images, block):
     assert {"blocks.1.attn", "blocks.1"} <= {x.name for x in report.layers}
 
 
+@pytest.mark.slow  # 3.3 s (--durations)
+def test_compare_against_timm_naflex_layer_by_layer(images):
+    """NaFlexVit embeds, positions and joins the tokens in one module: read at its parts.
+    timm resamples the table in float32 even in a float64 run: every float32 gap is within
+    the noise floor, the float64 gaps stall at float32's resolution from `tokens` on, and the
+    doctor names that a float32 island, not a fault of the port."""
+    import timm
+
+    from tests.helpers.models import from_timm, randomize
+    from weight_transfer.layouts.timm import config_of_timm_model
+
+    model = timm.create_model(
+        "naflexvit_base_patch16_gap",
+        pretrained=False,
+        depth=2,
+        patch_size=CONFIG.patch_size,
+        embed_dim=CONFIG.d_model,
+        num_heads=CONFIG.num_heads,
+        pos_embed_grid_size=(5, 3),
+        in_chans=CONFIG.in_channels,
+    )
+    model = randomize(model, seed=2).eval()
+    config = config_of_timm_model(model, image_size=CONFIG.image_size)
+    assert config.pos_grid == (5, 3)
+    port = from_timm(model.state_dict(), config)
+    report = compare(model, port, images)
+    assert [x.name for x in report.layers][:2] == ["patch_embed", "tokens"]
+    assert "blocks.1" in {x.name for x in report.layers}
+    assert all(x.max_abs <= x.noise_floor for x in report.layers), report.as_dict()
+    assert report.first_divergence == "tokens" and report.layers[1].gap64 < 1e-6
+    assert [f.id for f in diagnose(model, port, images).findings] == ["float32_island"]
+
+
 # ---- the doctor ----------------------------------------------------------------------------------
 
 

@@ -134,6 +134,28 @@ FAMILY = {
         pool="map", class_token=True, reg_tokens=1, map_heads=1, map_d_ff=12, pool_prefix=True
     ),
     "mean-with-prefix": dict(pool="mean", class_token=True, reg_tokens=2, pool_prefix=True),
+    # NaFlex (timm NaFlexVit): the table on its own grid, resampled in the forward to the
+    # 2 x 3 image grid: antialiased bicubic down from 3 x 5 (naflexvit_*_gap); bilinear with
+    # aligned corners up to a 4 x 4 square, its top-left 2 x 3 kept (C-RADIO)
+    "naflex-bicubic-antialias": dict(
+        class_token=False,
+        pool="mean",
+        reg_tokens=2,
+        pos_embed_tokens="none",
+        final_norm="post_pool",
+        layer_scale=True,
+        pos_grid=(3, 5),
+    ),
+    "naflex-bilinear-square-corners": dict(
+        reg_tokens=1,
+        pos_embed_tokens="none",
+        final_norm="none",
+        pos_grid=(3, 2),
+        pos_interpolation="bilinear",
+        pos_antialias=False,
+        pos_align_corners=True,
+        pos_square=True,
+    ),
 }
 
 
@@ -165,6 +187,8 @@ FLOAT32_SLOW = {
     "parallel-branches",
     "distilled-features",
     "distillation-token-unread",
+    "naflex-bicubic-antialias",
+    "naflex-bilinear-square-corners",
 }
 # ... float64 logits of all but these: each model's float64 agreement with the NumPy
 # reference (test_family_numpy_reference_agrees_with_both_in_float64) and the bit-exact round
@@ -267,6 +291,8 @@ GRAD_TOL = {"float32": 1e-4, "float64": 1e-10}
                 "beit-relative-bias",
                 "relative-bias-shared",
                 "map-own-heads-with-prefix",
+                "naflex-bicubic-antialias",
+                "naflex-bilinear-square-corners",
             )
         ),
     ],
@@ -332,6 +358,16 @@ def family_configs(draw):
                 rope_ref_grid=draw(st.sampled_from([None, (4, 4), (2, 5)])),
                 rope_coords=draw(st.sampled_from(["separate", "min", "max"])),
             )
+    positions = draw(st.sampled_from(["all", "none"] + (["cls"] if class_token else [])))
+    naflex = {}
+    if positions == "none" and rope_fields.get("pos_embed", True) and draw(st.booleans()):
+        naflex = dict(
+            pos_grid=(draw(st.integers(1, 4)), draw(st.integers(1, 4))),
+            pos_interpolation=draw(st.sampled_from(["bilinear", "bicubic"])),
+            pos_square=draw(st.booleans()),
+        )
+        corners = draw(st.booleans())  # antialiased with aligned corners: not implemented
+        naflex.update(pos_align_corners=corners, pos_antialias=not corners and draw(st.booleans()))
     return ViTConfig(
         image_size=(patch * draw(st.integers(1, 3)), patch * draw(st.integers(1, 3))),
         patch_size=patch,
@@ -354,7 +390,8 @@ def family_configs(draw):
         num_parallel=draw(st.integers(1, 3))
         if blocks["block"] == "pre_norm" and rope_fields.get("rope_freqs") != "mixed"
         else 1,
-        pos_embed_tokens=draw(st.sampled_from(["all", "none"] + (["cls"] if class_token else []))),
+        pos_embed_tokens=positions,
+        **naflex,
         final_norm=final,
         norm_pre=draw(st.booleans()),
         patch_norm=draw(st.booleans()),

@@ -35,10 +35,10 @@ def test_the_timm_zoo_ports_or_is_refused(tmp_path, capsys):
 def test_the_rope_and_relative_zoo_is_never_wrong(tmp_path, capsys):
     """timm's `eva.py` (EVA, EVA-02, DINOv3, PE, RoPE-ViT, sbb), `beit.py`,
     `vision_transformer_relpos.py` and `naflexvit.py`, the same way: what ports equals timm,
-    the rest is refused by name. 0 wrong, 0 crashes, and at least the 81 of 95 that port
-    today (the published-forms issue's 90% is not reached yet: NaFlex is not built). The bare
-    state dict with `arch=` only: the Hub folders of the models that port are tested through
-    the presets (test_family), and the time is the suite's."""
+    the rest is refused by name. 0 wrong, 0 crashes, and at least 90% port (94 of 95 today:
+    NaFlexVit's factorized tables are refused). The bare state dict with `arch=` only: the
+    Hub folders of the models that port are tested through the presets (test_family,
+    test_naflex), and the time is the suite's."""
     archs = sorted(
         set().union(
             *(
@@ -49,6 +49,7 @@ def test_the_rope_and_relative_zoo_is_never_wrong(tmp_path, capsys):
     )
     table = run_zoo(archs, tmp_path, hub=False)
     with capsys.disabled():
-        _, ported, bad = summary("RoPE and relative zoo", table)
+        buildable, ported, bad = summary("RoPE and relative zoo", table)
     assert not bad, bad
-    assert len(ported) >= 81, sorted(ported)
+    refused = {a: r for a, r in table.items() if r.startswith("refused")}
+    assert len(ported) >= 0.9 * len(buildable), f"{len(ported)} of {len(buildable)}: {refused}"

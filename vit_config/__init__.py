@@ -49,6 +49,7 @@ CHOICES = {  # every field with a fixed set of values
     "block": ("pre_norm", "post_norm", "parallel"),
     "rel_pos_bias": ("none", "block", "shared"),
     "rel_pos_form": ("beit", "mlp"),
+    "pos_interpolation": ("bilinear", "bicubic"),
 }
 BOOLS = (
     "qkv_bias",
@@ -69,6 +70,9 @@ BOOLS = (
     "attn_norm",
     "mlp_norm",
     "pool_prefix",
+    "pos_antialias",
+    "pos_align_corners",
+    "pos_square",
 )
 
 
@@ -223,12 +227,25 @@ class ViTConfig:
     rope_offset: float = 0.0
     rope_ref_grid: tuple[int, int] | None = None
     rope_coords: str = "separate"
+    # NaFlex (timm NaFlexVit): the learned table has its own patch grid `pos_grid` (Hp, Wp),
+    # resampled in every forward to the image's grid by `pos_interpolation` ("bicubic" or
+    # "bilinear", torch's `F.interpolate` rules, with `pos_antialias` and `pos_align_corners`);
+    # `pos_square`: to a square of the grid's longer side, then its top-left (Hp, Wp) kept
+    # (timm's pos_embed_ar_preserving). Positions for patches only (pos_embed_tokens="none").
+    # None: the table is the image's grid (resampled only for a dynamic image size, by the
+    # port's method).
+    pos_grid: tuple[int, int] | None = None
+    pos_interpolation: str = "bicubic"
+    pos_antialias: bool = True
+    pos_align_corners: bool = False
+    pos_square: bool = False
 
     def __post_init__(self):
         if isinstance(self.image_size, (list, tuple)):
             object.__setattr__(self, "image_size", tuple(self.image_size))
-        if isinstance(self.rope_ref_grid, list):
-            object.__setattr__(self, "rope_ref_grid", tuple(self.rope_ref_grid))
+        for name in ("rope_ref_grid", "pos_grid"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.class_token is None:
             object.__setattr__(self, "class_token", self.pool in ("cls", "cls_mean"))
         self._validate()
@@ -255,6 +272,9 @@ class ViTConfig:
             object.__setattr__(self, "rope_theta", 10000.0)
         if self.rel_pos_bias == "none" or self.rel_pos_form != "mlp":
             object.__setattr__(self, "rel_pos_dim", 128)
+        if self.pos_grid is None:  # no NaFlex table: how it would be resampled is moot
+            for name in ("pos_interpolation", "pos_antialias", "pos_align_corners", "pos_square"):
+                object.__setattr__(self, name, ViTConfig.__dataclass_fields__[name].default)
 
     def _validate(self) -> None:
         size = self.image_size
@@ -348,6 +368,30 @@ class ViTConfig:
                 "parallel branches with learned RoPE frequencies: no published ViT has them",
             )
         self._validate_rope()
+        self._validate_naflex()
+
+    def _validate_naflex(self) -> None:
+        grid = self.pos_grid
+        if grid is None:
+            return
+        if not (isinstance(grid, tuple) and len(grid) == 2 and all(map(_is_positive_int, grid))):
+            raise ConfigError("pos_grid", grid, "expected None or a (Hp, Wp) pair of ints")
+        if grid[0] * grid[1] > MAX_DYNAMIC_PATCHES:
+            raise ConfigError("pos_grid", grid, f"more than {MAX_DYNAMIC_PATCHES:,} positions")
+        if not self.pos_embed or self.pos_embed_tokens != "none":
+            raise ConfigError(
+                "pos_grid",
+                grid,
+                "a NaFlex table positions the patches alone: needs pos_embed=True and "
+                "pos_embed_tokens='none'",
+            )
+        if self.pos_antialias and self.pos_align_corners:
+            raise ConfigError(
+                "pos_align_corners",
+                True,
+                "antialiased resampling with aligned corners is not implemented (no "
+                "published NaFlex model uses it)",
+            )
 
     def _validate_rope(self) -> None:
         for name in ("rope_theta", "rope_offset"):
@@ -388,6 +432,11 @@ class ViTConfig:
         return h // self.patch_size, w // self.patch_size
 
     @property
+    def table_grid(self) -> tuple[int, int]:
+        """The position table's patch grid: NaFlex's own (`pos_grid`), else the image's."""
+        return self.pos_grid or self.grid
+
+    @property
     def num_patches(self) -> int:
         hp, wp = self.grid
         return hp * wp
@@ -414,8 +463,9 @@ class ViTConfig:
 
     @property
     def num_positions(self) -> int:
-        """Rows of the position embedding: the positioned prefix tokens, then the patches."""
-        return self.num_positioned_prefix + self.num_patches
+        """Rows of the position embedding: the positioned prefix tokens, then the table's grid."""
+        hp, wp = self.table_grid
+        return self.num_positioned_prefix + hp * wp
 
     @property
     def map_mlp_width(self) -> int:
@@ -452,7 +502,7 @@ class ViTConfig:
     # ---- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for name in ("image_size", "rope_ref_grid"):
+        for name in ("image_size", "rope_ref_grid", "pos_grid"):
             if isinstance(d[name], tuple):
                 d[name] = list(d[name])
         return d
@@ -501,6 +551,17 @@ _B = dict(d_model=768, num_heads=12, d_ff=3072, num_layers=12)  # ViT-B
 _CLIP = dict(_B, image_size=224, patch_size=16, norm_pre=True, patch_bias=False, ln_eps=1e-5)
 _SIGLIP = dict(image_size=224, num_classes=0, pool="map", activation="gelu")  # timm: exact GELU
 _DINOV2 = dict(image_size=518, patch_size=14, num_classes=0, layer_scale=True)
+# timm's reg4 gap recipe: 4 registers and no class token, LayerScale, mean pooling into
+# fc_norm, positions for the patches only
+_REG4_GAP = dict(
+    _PAPER,
+    pool="mean",
+    class_token=False,
+    reg_tokens=4,
+    pos_embed_tokens="none",
+    layer_scale=True,
+    final_norm="post_pool",
+)
 # DINOv3 as timm registers it (avg pool, no head): RoPE alone, half-split pairs, periods
 # base 100 on centred coordinates; a class token and 4 registers, LayerScale, no qkv bias.
 _DINOV3 = dict(
@@ -603,19 +664,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "deit_b16_distilled": dict(_PAPER, patch_size=16, **_B, dist_token=True),
     "deit3_b16": dict(_PAPER, patch_size=16, **_B, layer_scale=True, pos_embed_tokens="none"),
     "vit_medium_reg4_gap": dict(
-        _PAPER,
-        image_size=256,
-        patch_size=16,
-        d_model=512,
-        num_heads=8,
-        d_ff=2048,
-        num_layers=12,
-        pool="mean",
-        class_token=False,
-        reg_tokens=4,
-        pos_embed_tokens="none",
-        layer_scale=True,
-        final_norm="post_pool",
+        _REG4_GAP, image_size=256, patch_size=16, d_model=512, num_heads=8, d_ff=2048, num_layers=12
     ),
     # parallel blocks: ViT-22B's (timm's xp: RMSNorm, q/k norms, no qkv bias, norm_pre) and
     # "Three things"' two pre-norm branches per block (18 x 2)
@@ -707,6 +756,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         rope="interleaved",
         rope_ref_grid=(16, 16),
     ),
+    # NaFlexVit (timm naflexvit): a 16 x 16 learned table for the patches alone, resampled in
+    # every forward to the image's grid (bicubic, antialiased); 4 registers and no class
+    # token, LayerScale, mean pooling into fc_norm
+    "naflex_b16": dict(_REG4_GAP, image_size=384, patch_size=16, **_B, pos_grid=(16, 16)),
     # BEiT (timm Beit): a relative bias table per block and no absolute table, q and v
     # biases only, LayerScale, mean pooling into fc_norm
     "beit_b16": dict(_PAPER, patch_size=16, **_B, **_BEIT),

@@ -207,16 +207,38 @@ def positions_for_grid(
     **variant,
 ):
     """`config`'s position table (NumPy, JAX or torch) for a (Hp, Wp) patch grid: as stored at
-    the config's own grid; at another, resampled with the prefix rows kept (what both models
-    and the NumPy reference do for a dynamic image size)."""
-    if tuple(grid) == config.grid:
+    the table's own grid; at another, resampled with the prefix rows kept (what both models
+    and the NumPy reference do for a dynamic image size, by the method given), or for a NaFlex
+    table (`config.pos_grid`) by the config's own method, whatever is given."""
+    grid = tuple(grid)
+    if grid == config.table_grid:
         return table
+    if config.pos_grid is not None:
+        return naflex_positions(table, config, grid)
     return resample_pos_embed(
         table,
         config.grid,
-        tuple(grid),
+        grid,
         num_prefix_tokens=config.num_positioned_prefix,
         interpolation=interpolation,
         antialias=antialias,
         **variant,
     )
+
+
+def naflex_positions(table, config, grid: tuple[int, int]):
+    """timm NaFlexVit's positions for a (Hp, Wp) grid: its (pos_grid) table resampled by the
+    config's method to the grid, or with `pos_square` to the square of its longer side and
+    the top-left (Hp, Wp) kept. (Hp * Wp, D)."""
+    hp, wp = grid
+    size = (max(grid), max(grid)) if config.pos_square else grid
+    rows = table.reshape(*config.pos_grid, table.shape[-1])  # (H0 * W0, D) -> (H0, W0, D)
+    if size != config.pos_grid:
+        rows = resample_grid(
+            rows,
+            size,
+            config.pos_interpolation,
+            config.pos_antialias,
+            align_corners=config.pos_align_corners,
+        )
+    return rows[:hp, :wp].reshape(hp * wp, table.shape[-1])

@@ -57,6 +57,24 @@ def drop_batch_axis(x):
     return (x[0],)
 
 
+def conv_to_patch_linear(w):
+    return (w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1),)  # (O, C, p, p) -> (O, p * p * C)
+
+
+def patch_linear_to_conv(w, patch: int):
+    # (O, p * p * C), each patch flattened (ph, pw, C) as timm NaFlexVit's -> (O, C, p, p)
+    return (w.reshape(w.shape[0], patch, patch, -1).transpose(0, 3, 1, 2),)
+
+
+def rows_to_grid(x, grid: tuple[int, int]):
+    return (x.reshape(1, *grid, x.shape[-1]),)  # (Hp * Wp, D) -> (1, Hp, Wp, D)
+
+
+def grid_to_rows(x):
+    (x,) = drop_batch_axis(x)
+    return (x.reshape(-1, x.shape[-1]),)  # (1, Hp, Wp, D) -> (Hp * Wp, D)
+
+
 def fuse_rows(*parts):
     return (np.concatenate(parts, axis=0),)  # q, k, v (D, ...) each -> (3D, ...), rows q|k|v
 
@@ -130,6 +148,19 @@ def fuse_rows_of(*sizes: int) -> Transform:
     first layer, then q, k, v): (sizes[i], ...) each <-> (sum(sizes), ...)."""
     split = lambda fused: split_rows(fused, sizes)
     return Transform(f"fuse_rows_{'_'.join(map(str, sizes))}", fuse_rows, split, (len(sizes), 1))
+
+
+def patch_linear(patch: int) -> Transform:
+    """timm NaFlexVit's patch embedding, a Linear on patches flattened (ph, pw, C):
+    (O, C, p, p) <-> (O, p * p * C)."""
+    return Transform(
+        "conv_to_patch_linear", conv_to_patch_linear, lambda w: patch_linear_to_conv(w, patch)
+    )
+
+
+def grid_table(grid: tuple[int, int]) -> Transform:
+    """A position table kept as its grid (timm NaFlexVit): (Hp * Wp, D) <-> (1, Hp, Wp, D)."""
+    return Transform("rows_to_grid", lambda x: rows_to_grid(x, grid), grid_to_rows)
 
 
 def heads_in(num_heads: int) -> Transform:

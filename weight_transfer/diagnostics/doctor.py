@@ -401,7 +401,7 @@ def posembed_cls_slot(c: Candidate) -> Iterator[Variant]:
 
 
 def posembed_grid_order(c: Candidate) -> Iterator[Variant]:
-    hp, wp = c.config.grid
+    hp, wp = c.config.table_grid
     if hp == 1 or wp == 1 or "pos_embed" not in c.params:
         return
     pos = c.params["pos_embed"]
@@ -440,8 +440,11 @@ RESAMPLING_VARIANTS: tuple[tuple[dict, str], ...] = (
 def resampling_method(c: Candidate) -> Iterator[Variant]:
     """At another grid than the stored table's (a dynamic-size candidate), the reference may
     resample the table otherwise. Variants with the same weights (up to float32 rounding) as
-    the candidate's are skipped; variants equal to each other are named together."""
+    the candidate's are skipped; variants equal to each other are named together. (A NaFlex
+    table is resampled by its config's own method, in every forward: not a knob here.)"""
     if c.grid is None or c.grid == c.config.grid or "pos_embed" not in c.params:
+        return
+    if c.config.pos_grid is not None:
         return
 
     def weights(knobs: Knobs) -> list[np.ndarray] | None:

@@ -24,6 +24,8 @@ from weight_transfer.core.transforms import (
     FUSE_QKV,
     STACK_AXIS_1,
     fuse_rows_of,
+    grid_table,
+    patch_linear,
 )
 from weight_transfer.layouts.base import (
     ASSUME_EPS6,
@@ -73,6 +75,8 @@ TIMM_ARCHS = {
     "rope_reg1_gap_b16": "vit_base_patch16_rope_reg1_gap_256",
     "eva02_b14": "eva02_base_patch14_224",
     "eva02_b16_clip": "eva02_base_patch16_clip_224",
+    # a learned table resampled to each image's grid in the forward (timm's NaFlexVit)
+    "naflex_b16": "naflexvit_base_patch16_gap",
     # relative position biases (timm's Beit class)
     "beit_b16": "beit_base_patch16_224",
     "beitv2_b16": "beitv2_base_patch16_224",
@@ -193,17 +197,35 @@ def timm_block(config: ViTConfig) -> tuple[Rule, ...]:
     )
 
 
+def timm_embeddings(config: ViTConfig) -> tuple[Rule, ...]:
+    """Patch embedding, prefix tokens and positions: `VisionTransformer`'s, or `NaFlexVit`'s
+    `embeds` for a NaFlex table (`pos_grid`): a Linear on patches flattened (ph, pw, C), the
+    table kept as its (1, Hp, Wp, D) grid."""
+    if config.pos_grid is None:
+        return (
+            *renamed("patch_embed", "patch_embed.proj"),
+            *renamed("patch_norm", "patch_embed.norm"),
+            rule("cls_token", "cls_token", BATCH_AXIS),  # (1, D) <-> (1, 1, D)
+            rule("dist_token", "dist_token", BATCH_AXIS),
+            rule("reg_tokens", "reg_token", BATCH_AXIS),  # (R, D) <-> (1, R, D)
+            rule("pos_embed", "pos_embed", BATCH_AXIS),  # (P, D) <-> (1, P, D)
+        )
+    return (
+        rule("patch_embed.weight", "embeds.proj.weight", patch_linear(config.patch_size)),
+        rule("patch_embed.bias", "embeds.proj.bias"),
+        *renamed("patch_norm", "embeds.norm"),
+        rule("cls_token", "embeds.cls_token", BATCH_AXIS),
+        rule("reg_tokens", "embeds.reg_token", BATCH_AXIS),
+        rule("pos_embed", "embeds.pos_embed", grid_table(config.pos_grid)),
+    )
+
+
 def timm_table(config: ViTConfig) -> tuple[Rule, ...]:
     """timm `VisionTransformer` (and `VisionTransformerDistilled`), or `Eva` / `Beit` for a
     config only they compute (`eva_or_beit`). Rules whose parameters a config does not have
     are inactive, so one table serves the whole family."""
     return (
-        *renamed("patch_embed", "patch_embed.proj"),
-        *renamed("patch_norm", "patch_embed.norm"),
-        rule("cls_token", "cls_token", BATCH_AXIS),  # (1, D) <-> (1, 1, D)
-        rule("dist_token", "dist_token", BATCH_AXIS),
-        rule("reg_tokens", "reg_token", BATCH_AXIS),  # (R, D) <-> (1, R, D)
-        rule("pos_embed", "pos_embed", BATCH_AXIS),  # (P, D) <-> (1, P, D)
+        *timm_embeddings(config),
         *renamed("norm_pre", "norm_pre"),
         # RoPE-ViT mixed: each block's (2, H, hd/2) frequencies <-> (2, L, H, hd/2)
         *(
@@ -272,7 +294,9 @@ def config_from_timm(architecture: str, model_args: Mapping[str, Any] | None = N
     key = (architecture, repr(sorted(dict(model_args or {}).items())))
     if key not in _TIMM_CONFIGS:
         _TIMM_CONFIGS[key] = config_of_timm_model(
-            build_timm(architecture, model_args), architecture
+            build_timm(architecture, model_args),
+            architecture,
+            dict(model_args or {}).get("img_size"),
         )
     return _TIMM_CONFIGS[key]
 
@@ -472,6 +496,7 @@ MODELS = (
     "Eva",
     "Beit",
     "VisionTransformerRelPos",
+    "NaFlexVit",
 )
 BLOCKS = {  # timm's block classes and where their norms sit
     "Block": "pre_norm",  # VisionTransformer's and Beit's
@@ -485,9 +510,59 @@ BLOCKS = {  # timm's block classes and where their norms sit
 }
 
 
-def config_of_timm_model(m, architecture: str = "") -> ViTConfig:
+def _embeddings(m) -> dict[str, Any]:
+    """A `VisionTransformer`'s (or Eva's, Beit's) image size, tokens and position table."""
+    return dict(
+        image_size=tuple(m.patch_embed.img_size),
+        in_channels=m.patch_embed.proj.in_channels,
+        class_token=m.cls_token is not None,
+        dist_token=getattr(m, "dist_token", None) is not None,
+        pos_embed=getattr(m, "pos_embed", None) is not None,
+        pos_embed_tokens="none" if getattr(m, "no_embed_class", False) else "all",
+    )
+
+
+def _naflex(m, architecture: str, image_size) -> dict[str, Any]:
+    """A `NaFlexVit`'s embeddings (images given whole: no patch coordinates or mask): its
+    learned table on its own grid, resampled in every forward by its method; the image size
+    as built (`img_size`), else its default input size."""
+    e = m.embeds
+    if getattr(m, "rope", None) is not None:
+        _refuse(architecture, "RoPE in a NaFlexVit")
+    if e.pos_embed_type == "factorized":
+        _refuse(architecture, "factorized position tables (pos_embed_y, pos_embed_x)")
+    if not e.is_linear or not e.channels_last or e.norm_input is not None:
+        _refuse(architecture, "a NaFlex patch embedding other than a Linear on (ph, pw, C) patches")
+    if e.pos_embed_use_grid_sample or e.pos_embed_interp_mode not in ("bilinear", "bicubic"):
+        _refuse(architecture, f"positions resampled by grid_sample or {e.pos_embed_interp_mode}")
+    if image_size is None:
+        image_size = e.default_img_size or m.pretrained_cfg.get("input_size", (3, 224, 224))[1:]
+    size = tuple(image_size) if isinstance(image_size, (tuple, list)) else (image_size,) * 2
+    table = e.pos_embed is not None
+    return dict(
+        image_size=size,
+        in_channels=e.in_chans,
+        class_token=e.cls_token is not None,
+        pos_embed=table,
+        pos_embed_tokens="none",
+        **(
+            dict(
+                pos_grid=tuple(e.pos_embed.shape[1:3]),
+                pos_interpolation=e.pos_embed_interp_mode,
+                pos_antialias=bool(e.pos_embed_antialias),
+                pos_align_corners=bool(e.pos_embed_align_corners),
+                pos_square=bool(e.pos_embed_ar_preserving),
+            )
+            if table
+            else {}
+        ),
+    )
+
+
+def config_of_timm_model(m, architecture: str = "", image_size=None) -> ViTConfig:
     """Read a timm `VisionTransformer`, `VisionTransformerDistilled`, `Eva` (RoPE ViTs: EVA,
-    DINOv3, RoPE-ViT, PE...) or `Beit` (relative biases) into a `ViTConfig`."""
+    DINOv3, RoPE-ViT, PE...), `Beit` (relative biases) or `NaFlexVit` (its `image_size`: as
+    built; the others know theirs) into a `ViTConfig`."""
     architecture = architecture or type(m).__name__
     kind = type(m).__name__
     if kind not in MODELS:
@@ -499,7 +574,8 @@ def config_of_timm_model(m, architecture: str = "") -> ViTConfig:
     if shared_bias is not None and block is not None and hasattr(block, "attn"):
         if _block_relative(block.attn, architecture)["rel_pos_bias"] != "none":
             _refuse(architecture, "shared relative biases and a block's own together")
-    patch = tuple(m.patch_embed.patch_size)
+    embed = m.embeds if kind == "NaFlexVit" else m.patch_embed
+    patch = tuple(embed.patch_size)
     if patch[0] != patch[1]:
         _refuse(architecture, f"non-square patches {patch}")
     pool = POOLS.get(m.global_pool)
@@ -509,25 +585,19 @@ def config_of_timm_model(m, architecture: str = "") -> ViTConfig:
         if m.attn_pool.latent_len != 1 or type(m.attn_pool.q_norm).__name__ != "Identity":
             _refuse(architecture, "a MAP head with several latents or q/k norms")
     norms = {n: _norm(getattr(m, n, None), architecture) for n in ("norm_pre", "norm", "fc_norm")}
-    patch_norm = _norm(m.patch_embed.norm, architecture)
-    reg = getattr(m, "reg_token", None)
+    patch_norm = _norm(embed.norm, architecture)
+    reg = getattr(embed if kind == "NaFlexVit" else m, "reg_token", None)
     fields: dict[str, Any] = dict(
-        image_size=tuple(m.patch_embed.img_size),
         patch_size=patch[0],
-        in_channels=m.patch_embed.proj.in_channels,
         d_model=m.embed_dim,
         num_layers=len(m.blocks),
         num_classes=m.num_classes,
         pool=pool,
-        class_token=m.cls_token is not None,
-        dist_token=getattr(m, "dist_token", None) is not None,
         reg_tokens=reg.shape[1] if reg is not None else 0,
-        pos_embed=getattr(m, "pos_embed", None) is not None,
-        pos_embed_tokens="none" if getattr(m, "no_embed_class", False) else "all",
         norm_pre=norms["norm_pre"] is not None,
         patch_norm=patch_norm is not None,
         final_norm="pre_pool" if norms["norm"] else "post_pool" if norms["fc_norm"] else "none",
-        patch_bias=m.patch_embed.proj.bias is not None,
+        patch_bias=embed.proj.bias is not None,
         head_bias=getattr(m.head, "bias", None) is not None if m.num_classes else True,
         **(
             dict(rel_pos_bias="shared", **_relative(shared_bias, architecture))
@@ -535,6 +605,7 @@ def config_of_timm_model(m, architecture: str = "") -> ViTConfig:
             else {}
         ),
         **(_rope(m, architecture) if kind == "Eva" else {}),
+        **(_naflex(m, architecture, image_size) if kind == "NaFlexVit" else _embeddings(m)),
     )
     present = [n for n in (*norms.values(), patch_norm) if n is not None]
     if block is not None:
@@ -623,7 +694,7 @@ def timm_hub_config(config: ViTConfig) -> dict[str, Any]:
     from vit_config import PRESETS
 
     h, w = config.image_hw
-    args = dict(
+    args: dict[str, Any] = dict(
         img_size=h if h == w else [h, w],
         patch_size=config.patch_size,
         in_chans=config.in_channels,
@@ -632,6 +703,14 @@ def timm_hub_config(config: ViTConfig) -> dict[str, Any]:
         num_heads=config.num_heads,
         num_classes=config.num_classes,
     )
+    if config.pos_grid is not None:  # NaFlexVit's table and how it resamples it
+        args.update(
+            pos_embed_grid_size=list(config.pos_grid),
+            pos_embed_interp_mode=config.pos_interpolation,
+            pos_embed_antialias=config.pos_antialias,
+            pos_embed_align_corners=config.pos_align_corners,
+            pos_embed_ar_preserving=config.pos_square,
+        )
     # timm takes int(embed_dim * mlp_ratio) as the hidden width (twice d_ff for a packed
     # SwiGLU): a half above lands on it exactly
     ratios = [(n * config.d_ff + 0.5) / config.d_model for n in (1, 2)]
@@ -664,10 +743,13 @@ def timm_hub_config(config: ViTConfig) -> dict[str, Any]:
 
 
 def hook_points(m) -> list[tuple[Any, str, str]]:
-    """Where the layer diff reads a timm `VisionTransformer`: (module, our intermediate's name,
-    "out" for its output, "tokens" for its output as (B, N, D) (a dynamic size's patch embedding
-    is (B, Hp, Wp, D)), or "in" for its first input)."""
-    points = [(m.patch_embed, "patch_embed", "tokens"), (m.pos_drop, "tokens", "out")]
+    """Where the layer diff reads a timm `VisionTransformer` (or `NaFlexVit`): (module, our
+    intermediate's name, "out" for its output, "tokens" for its output as (B, N, D) (a dynamic
+    size's patch embedding is (B, Hp, Wp, D)), or "in" for its first input)."""
+    if hasattr(m, "embeds"):  # NaFlexVit: one module embeds, positions and joins the tokens
+        points = [(m.embeds.norm, "patch_embed", "out"), (m.embeds.pos_drop, "tokens", "out")]
+    else:
+        points = [(m.patch_embed, "patch_embed", "tokens"), (m.pos_drop, "tokens", "out")]
     for i, b in enumerate(m.blocks):
         if hasattr(b, "ls1"):  # an Eva block applies its gamma inline: its output alone
             points += [(b.ls1, f"blocks.{i}.attn", "out"), (b.ls2, f"blocks.{i}.mlp", "out")]
@@ -694,7 +776,7 @@ LAYOUTS = (
         "timm",
         "torch",
         timm_table,
-        r"^blocks\.\d+\.attn\.qkv\.weight$|^patch_embed\.proj\.weight$",
+        r"^blocks\.\d+\.attn\.qkv\.weight$|^(patch_embed|embeds)\.proj\.weight$",
         "timm VisionTransformer state dict (or Hub folder)",
         read_config_json=timm_config_json,
         write_config_json=timm_hub_config,

@@ -63,7 +63,7 @@ def _hook(config: ViTConfig, out: ViTConfig, dtype, allow_nonfinite: bool, resam
                 f"(allow_nonfinite=True, --allow-nonfinite to load)"
             )
         b = a
-        if key == "pos_embed" and out.grid != config.grid:
+        if key == "pos_embed" and out.table_grid != config.table_grid:
             b = resample_pos_embed(
                 np.asarray(b),
                 config.grid,
@@ -113,15 +113,23 @@ def prepare(
     source, config = inferred.source, inferred.config
     out = config.replace(image_size=o.image_size) if o.image_size is not None else config
     resampling = native_resampling(inferred).stated(o.interpolation, o.antialias)
-    resampled = out.grid != config.grid
-    if (resampled or dynamic_image_size) and config.rel_pos_bias != "none":
+    # a NaFlex table keeps its own grid (the model resamples it in every forward)
+    resampled = out.table_grid != config.table_grid
+    if config.pos_grid is not None and (o.interpolation is not None or o.antialias is not None):
+        raise ArgumentError(
+            f"{source.path}: a NaFlex model resamples its position table in every forward by "
+            f"its own method ({config.pos_interpolation}, antialias={config.pos_antialias}); "
+            f"to change it, set pos_interpolation / pos_antialias (--set), not "
+            f"--interpolation/--antialias"
+        )
+    if (out.grid != config.grid or dynamic_image_size) and config.rel_pos_bias != "none":
         if config.rel_pos_form == "beit":
             raise ArgumentError(
                 f"{source.path}: BEiT's relative bias tables are learned for the "
                 f"{config.grid} patch grid ({config.image_hw} px); resizing them (timm's "
                 f"resize_rel_pos_bias_table) is not implemented: load it at its own size"
             )
-    if (resampled or dynamic_image_size) and config.pos_embed:  # a learned table to resample
+    if (resampled or dynamic_image_size) and config.pos_embed and config.pos_grid is None:
         if out.num_positions * out.d_model * 8 > MAX_RESAMPLE_BYTES:
             raise ArgumentError(
                 f"image size {out.image_size}: {out.num_positions} positions x "

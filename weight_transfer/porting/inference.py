@@ -46,6 +46,7 @@ class Probe:
             ViTConfig(pos_embed_tokens="none"),
             ViTConfig(mlp="swiglu", pos_embed_tokens="none"),
             ViTConfig(dist_token=True, dist_head=False, pos_embed_tokens="none"),
+            ViTConfig(pos_embed_tokens="none", pos_grid=(1, 1)),  # NaFlex's table and patches
         ):
             for r in oriented(layout.table(config), 1):
                 for k in r.left:
@@ -220,6 +221,10 @@ UNSUPPORTED: dict[str, tuple[str, Callable[[ViTConfig], bool] | None]] = {
         "parallel branches (timm ParallelThingsBlock)",
         lambda c: c.num_parallel > 1,
     ),
+    r"^embeds\.(proj|pos_embed|cls_token|reg_token)": (
+        "timm NaFlexVit (its position table resampled to each image's grid in the forward)",
+        lambda c: c.pos_grid is not None,
+    ),
     r"\.norm1_post\.|\.post_norm\.|\.post_attention_layernorm\.": (
         "residual post-norm (SwinV2 style)",
         None,
@@ -234,6 +239,14 @@ def _grid_of_file(
     win over the architecture's default image size (a square grid; else say it with
     --set image_size)."""
     if not config.pos_embed:  # RoPE alone: any grid; the architecture's size stands
+        return config
+    if config.pos_grid is not None:  # NaFlex: the table's own grid, whatever the image size
+        key = Probe(source, layout).key("pos_embed")
+        table = source.meta[key][0] if key in source.meta else ()
+        grid = tuple(table[-3:-1]) if len(table) == 4 else config.pos_grid
+        if grid != config.pos_grid:
+            found["pos_grid"] = f"{grid} from the file's table (its registry: {config.pos_grid})"
+            config = config.replace(pos_grid=grid)
         return config
     rows = Probe(source, layout).shape("pos_embed")[-2]
     stored = config.num_positions if layout.prefix_positions else config.num_patches
@@ -408,7 +421,9 @@ def _from_shapes(
     d = sizes["d_model"]
     sizes.update(stated)  # the user's word beats anything inferred below
     prefix = int(sizes["class_token"]) + int(sizes["dist_token"]) + sizes["reg_tokens"]
-    if pos is not None:
+    if pos is not None and sizes.get("pos_grid") is not None:
+        pass  # a NaFlex table on its own grid (config.json's), checked at load like any tensor
+    elif pos is not None:
         _positions(source, layout, sizes, pos[-2], prefix, found, assumed)
     elif sizes.get("rope", "none") == "none" and sizes.get("rel_pos_bias", "none") == "none":
         raise LayoutError(

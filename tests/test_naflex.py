@@ -1,0 +1,197 @@
+"""NaFlex (timm `NaFlexVit`): a learned table on its own grid, resampled in every forward to the
+image's grid by the model's own method. Ported the whole way (timm's `save_for_hf` folder and
+bare state dicts with `arch=`, random weights, no hints) and run at grids smaller, equal to and
+larger than the table's, square and not, against timm's own forward (float32 1e-5), in both
+frameworks; and what a file cannot say refused by name."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+timm = pytest.importorskip("timm")
+pytest.importorskip("huggingface_hub")
+
+import torch  # noqa: E402
+
+import weight_transfer as wt  # noqa: E402
+from tests.conftest import assert_close  # noqa: E402
+from tests.helpers.models import nchw, randomize  # noqa: E402
+from vit_config import ArgumentError  # noqa: E402
+from weight_transfer.core.errors import LayoutError  # noqa: E402
+from weight_transfer.frameworks.runners import run_nnx, run_torch  # noqa: E402
+
+SMALL = dict(depth=2, embed_dim=48, num_heads=3, pos_embed_grid_size=(5, 4))
+# (architecture, how it resamples): each NaFlexVit resampling timm registers
+ARCHS = {
+    "naflexvit_base_patch16_gap": "bicubic, antialiased; registers, mean pool, fc_norm",
+    "naflexvit_base_patch16_siglip": "bilinear, antialiased; MAP head, tanh GELU",
+    "naflexvit_base_patch16_par_gap": "bicubic to the longer side's square, top-left kept",
+    "naflexvit_base_patch16_radio_v3": "bilinear, aligned corners, no antialias; square; cls",
+}
+QUICK = "naflexvit_base_patch16_gap"
+GRIDS = [(5, 4), (2, 3), (7, 9), (4, 6)]  # the table's, smaller, larger, mixed
+
+
+def timm_folder(tmp_path, arch: str):
+    """A small random `arch` saved as timm users publish it (`save_for_hf`), and the model."""
+    from timm.models import save_for_hf
+
+    model = randomize(timm.create_model(arch, pretrained=False, **SMALL), seed=len(arch)).eval()
+    save_for_hf(model, str(tmp_path / arch), safe_serialization=True)
+    return tmp_path / arch, model
+
+
+def images_for(grid, seed: int = 0) -> np.ndarray:
+    h, w = (16 * n for n in grid)
+    return np.random.default_rng(seed).standard_normal((2, h, w, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize(  # 1.5-2.3 s each (--durations): one in the quick subset
+    "arch",
+    [a if a == QUICK else pytest.param(a, marks=pytest.mark.slow) for a in sorted(ARCHS)],
+)
+def test_a_naflex_hub_folder_matches_timm_at_every_grid(tmp_path, arch):
+    folder, model = timm_folder(tmp_path, arch)
+    for grid in GRIDS:
+        images = images_for(grid)
+        with torch.no_grad():
+            expected = model(nchw(images))
+        size = (16 * grid[0], 16 * grid[1])
+        for framework, run in (("jax", run_nnx), ("torch", run_torch)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # the folder says everything: nothing assumed
+                ours = wt.load_checkpoint(folder, framework, image_size=size)
+            assert ours.config.pos_grid == (5, 4)
+            assert_close(expected, run(ours, images), "float32", f"{arch} {framework} {grid}")
+
+
+@pytest.mark.parametrize("framework", [pytest.param("jax", marks=pytest.mark.slow), "torch"])
+def test_one_naflex_model_takes_any_grid_with_a_dynamic_image_size(tmp_path, framework):
+    """One loaded model at every grid: the table is the model's, resampled in its forward."""
+    folder, model = timm_folder(tmp_path, "naflexvit_base_patch16_gap")
+    ours = wt.load_checkpoint(folder, framework, dynamic_image_size=True)
+    run = run_nnx if framework == "jax" else run_torch
+    for grid in GRIDS:
+        images = images_for(grid, seed=1)
+        with torch.no_grad():
+            expected = model(nchw(images))
+        assert_close(expected, run(ours, images), "float32", f"{framework} {grid}")
+
+
+@pytest.mark.slow  # 1.5 s; the RoPE zoo ports every NaFlexVit this way at its own grid
+def test_a_bare_naflex_state_dict_ports_with_its_architecture(tmp_path):
+    """Full width (the registry's sizes), two blocks: `arch=` says the rest, at a grid other
+    than the table's and not square."""
+    from safetensors.torch import save_file
+
+    arch = "naflexvit_so150m2_patch16_reg1_map"
+    model = randomize(timm.create_model(arch, pretrained=False, depth=2), seed=3).eval()
+    path = tmp_path / "naflex.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    images = images_for((3, 5), seed=2)
+    with torch.no_grad():
+        expected = model(nchw(images))
+    stated = dict(arch=arch, overrides={"num_layers": 2}, image_size=(48, 80))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = wt.load_checkpoint(path, "torch", **stated)
+    assert ours.config.pos_grid == (16, 16)
+    assert_close(expected, run_torch(ours, images), "float32", arch)
+
+
+def test_a_bare_naflex_state_dict_without_its_architecture_is_refused(tmp_path):
+    """The keys cannot say how the table is resampled (bicubic or bilinear, antialias,
+    aspect): refused, naming --arch."""
+    from safetensors.torch import save_file
+
+    model = timm.create_model("naflexvit_base_patch16_gap", pretrained=False, **SMALL)
+    path = tmp_path / "naflex.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    with pytest.raises(LayoutError, match=r"NaFlexVit.*name the architecture \(--arch\)"):
+        wt.load_checkpoint(path, "torch")
+
+
+def test_naflex_resampling_is_the_models_own_and_not_restated(tmp_path):
+    folder, _ = timm_folder(tmp_path, "naflexvit_base_patch16_gap")
+    with pytest.raises(ArgumentError, match=r"pos_interpolation"):
+        wt.load_checkpoint(folder, "torch", image_size=64, interpolation="bilinear")
+
+
+def test_factorized_naflex_tables_are_refused_by_name(tmp_path):
+    folder, _ = timm_folder(tmp_path, "naflexvit_base_patch16_parfac_gap")
+    with pytest.raises(LayoutError, match=r"factorized position tables"):
+        wt.load_checkpoint(folder, "torch")
+
+
+def test_our_naflex_model_written_as_a_timm_hub_folder_loads_in_timm_at_another_grid(tmp_path):
+    """Ours -> `--to timm` folder -> timm `create_model(local-dir:)`, run at a grid that is
+    neither the table's nor the config's."""
+    from vit_config import ViTConfig
+    from weight_transfer.frameworks.weights import random_nnx
+
+    config = ViTConfig.preset("naflex_b16").replace(
+        num_layers=2, d_model=48, num_heads=3, d_ff=96, image_size=64, pos_grid=(5, 4)
+    )
+    ours = random_nnx(config, seed=5)
+    folder = wt.save_checkpoint(ours, tmp_path / "hub", layout="timm")
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    back = wt.load_checkpoint(folder, "jax", image_size=(112, 48))
+    images = images_for((7, 3), seed=6)
+    with torch.no_grad():
+        expected = model(nchw(images))
+    assert_close(expected, run_nnx(back, images), "float32", "naflex timm folder at 7 x 3")
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(pos_grid=(0, 4)), "pos_grid"),
+        (dict(pos_grid=(4,)), "pos_grid"),
+        (dict(pos_grid=("4", 4)), "pos_grid"),
+        (dict(pos_grid=(1 << 9, 1 << 9)), "more than"),
+        (dict(pos_grid=(4, 4), pos_embed_tokens="all"), "patches alone"),
+        (dict(pos_grid=(4, 4), pos_interpolation="nearest"), "pos_interpolation"),
+        (dict(pos_grid=(4, 4), pos_align_corners=True), "aligned corners"),
+        (dict(pos_grid=(4, 4), pos_square=1), "pos_square"),
+    ],
+)
+def test_bad_naflex_fields_are_refused_by_name(fields, match):
+    from vit_config import ConfigError, ViTConfig
+
+    with pytest.raises(ConfigError, match=match):
+        ViTConfig(**{"pos_embed_tokens": "none", "class_token": False, "pool": "mean", **fields})
+
+
+def _edit_config_json(folder, **model_args):
+    import json
+
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["model_args"].update(model_args)
+    path.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    "forged, match",
+    [
+        (dict(pos_embed_grid_size=[100000, 100000]), r"pos_grid.*more than"),
+        (dict(pos_embed_grid_size=[6, 4]), r"embeds\.pos_embed"),
+        (dict(pos_embed_interp_mode="area"), r"positions resampled by .*area"),
+    ],
+)
+def test_a_forged_naflex_config_json_is_refused_with_exit_2(tmp_path, capsys, forged, match):
+    """An absurd grid (built on the meta device: nothing allocated), a grid the file's table
+    does not have, a resampling this ViT does not compute: one line, exit 2, file untouched."""
+    from weight_transfer.cli import main
+
+    folder, _ = timm_folder(tmp_path, "naflexvit_base_patch16_gap")
+    _edit_config_json(folder, **forged)
+    before = (folder / "model.safetensors").read_bytes()
+    code = main(["inspect", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and __import__("re").search(match, err), err
+    assert (folder / "model.safetensors").read_bytes() == before
