@@ -195,3 +195,30 @@ def test_a_forged_naflex_config_json_is_refused_with_exit_2(tmp_path, capsys, fo
     assert code == 2 and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1 and __import__("re").search(match, err), err
     assert (folder / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("layout", ["big_vision", "google_vit", "hf", "hf_siglip", "open_clip"])
+def test_a_naflex_model_is_not_written_where_its_library_cannot_resample_it(tmp_path, layout):
+    """No library but timm (and ours) resamples a table of its own grid in the forward: a
+    NaFlex model is refused by name before anything is written (big_vision read a plain,
+    SigLIP-like NaFlex model back as itself, but its own code would compute another
+    function at any other grid)."""
+    from vit_config import ViTConfig
+    from weight_transfer.frameworks.weights import random_nnx
+
+    config = ViTConfig(
+        image_size=96,
+        patch_size=16,
+        d_model=48,
+        num_heads=3,
+        d_ff=96,
+        num_layers=1,
+        num_classes=0,
+        pool="map",
+        class_token=False,
+        pos_embed_tokens="none",
+        pos_grid=(4, 4),
+    )
+    with pytest.raises(LayoutError):
+        wt.save_checkpoint(random_nnx(config, seed=1), tmp_path / "out", layout=layout)
+    assert not (tmp_path / "out").exists()

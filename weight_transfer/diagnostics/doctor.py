@@ -442,9 +442,7 @@ def resampling_method(c: Candidate) -> Iterator[Variant]:
     resample the table otherwise. Variants with the same weights (up to float32 rounding) as
     the candidate's are skipped; variants equal to each other are named together. (A NaFlex
     table is resampled by its config's own method, in every forward: not a knob here.)"""
-    if c.grid is None or c.grid == c.config.grid or "pos_embed" not in c.params:
-        return
-    if c.config.pos_grid is not None:
+    if c.grid in (None, c.config.grid) or "pos_embed" not in c.params or c.config.pos_grid:
         return
 
     def weights(knobs: Knobs) -> list[np.ndarray] | None:

@@ -142,6 +142,7 @@ BEYOND_VIT: dict[str, Any] = dict(
     map_heads=0,
     map_d_ff=0,
     pool_prefix=False,
+    pos_grid=None,  # a NaFlex table, resampled in every forward by the model's own method
 )
 EVERYTHING = tuple(BEYOND_VIT)
 
