@@ -1,6 +1,7 @@
 """Hugging Face folders of the family, as `save_pretrained` writes them: DINOv2 (with and
 without registers, SwiGLU, the classification head), SigLIP and CLIP vision towers (alone and
-inside whole image-text repos), DeiT with its distillation head. Each is built locally with
+inside whole image-text repos), DeiT with its distillation head, BEiT and data2vec-vision
+(relative biases), DINOv3 (RoPE). Each is built locally with
 every parameter random, loaded with no hints into both frameworks, and compared with
 transformers' own forward."""
 
@@ -97,8 +98,32 @@ CASES = {
             num_labels=3,
         )
     ),
+    # RoPE computed HF's way, on a non-square grid (an axis swap would show): registers and a
+    # gated MLP with the default train-time jitter (announced); no registers, a key bias,
+    # bias-free output projection and MLP, no jitter
+    "dinov3-registers-gated": lambda: T.DINOv3ViTModel(
+        T.DINOv3ViTConfig(
+            **{**SMALL, "image_size": [32, 48]},
+            num_register_tokens=2,
+            use_gated_mlp=True,
+            hidden_act="silu",
+        )
+    ),
+    "dinov3-plain": lambda: T.DINOv3ViTModel(
+        T.DINOv3ViTConfig(
+            **{**SMALL, "image_size": [40, 24]},
+            key_bias=True,
+            proj_bias=False,
+            mlp_bias=False,
+            pos_embed_rescale=None,
+            rope_theta=50.0,
+        )
+    ),
 }
+# what a folder cannot say and is announced (HF's train-time RoPE jitter, DINOv3's default)
+ANNOUNCED = {"dinov3-registers-gated": {"rope_augmentation"}}
 LAYOUT = {
+    "dinov3": "hf_dinov3",
     "dinov2": "hf_dinov2",
     "siglip": "hf_siglip",
     "clip": "hf_clip",
@@ -114,7 +139,8 @@ def test_hf_family_folder_matches_transformers(tmp_path, case, framework):
     model = randomize(CASES[case](), seed=len(case)).eval()
     model.save_pretrained(tmp_path / case)
     info = wt.inspect_checkpoint(tmp_path / case)
-    assert info["layout"] == LAYOUT[case.split("-")[0]] and not info["assumed"], info
+    assert info["layout"] == LAYOUT[case.split("-")[0]], info
+    assert set(info["assumed"]) == ANNOUNCED.get(case, set()), info
     if case.endswith("whole"):
         assert any("text tower" in d for d in info["dropped"])
     ours = wt.load_checkpoint(tmp_path / case, framework)
@@ -208,24 +234,43 @@ def test_a_folder_that_would_read_back_differently_is_not_written(tmp_path, monk
 
 
 @pytest.mark.parametrize(
-    "edit, message",
+    "case, edit, message",
     [
         (
+            "beit-classifier",
             lambda cfg: cfg.update(use_shared_relative_position_bias=True),
             "a shared relative bias table and one per layer",
         ),
-        (lambda cfg: cfg.update(image_size=48), "relative_position_bias_table.*expected shape"),
+        (
+            "beit-classifier",
+            lambda cfg: cfg.update(image_size=48),
+            "relative_position_bias_table.*expected shape",
+        ),
+        ("dinov3-registers-gated", lambda cfg: cfg.update(rope_theta="100"), "rope_theta"),
+        ("dinov3-registers-gated", lambda cfg: cfg.update(rope_theta=-1.0), "rope_theta"),
+        (
+            "dinov3-registers-gated",
+            lambda cfg: cfg.update(query_bias=False),
+            "query_bias=False.*value_bias=True",
+        ),
+        (
+            "dinov3-registers-gated",
+            lambda cfg: cfg.update(pos_embed_rescale="2"),
+            "pos_embed_rescale",
+        ),
+        ("dinov3-registers-gated", lambda cfg: cfg.update(num_register_tokens=5), "reg"),
     ],
 )
-def test_a_beit_folder_that_contradicts_itself_is_refused(tmp_path, edit, message):
-    """A config.json asking for both kinds of relative table, or an image size its tables
-    were not learned for (a table of the wrong window), is refused by name; exit 2."""
+def test_a_folder_that_contradicts_itself_is_refused(tmp_path, case, edit, message):
+    """Forged config.json fields, refused by name, exit 2: BEiT asking for both kinds of
+    relative table, or an image size its tables were not learned for (a table of the wrong
+    window); DINOv3 with a RoPE base of the wrong type or sign, q and v biases unlike, a
+    coordinate jitter that is not a number, registers the file lacks."""
     import json
 
     from weight_transfer.cli import main
 
-    model = CASES["beit-classifier"]()
-    model.save_pretrained(tmp_path)
+    CASES[case]().save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     edit(cfg)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
@@ -272,3 +317,47 @@ def test_deit_model_reads_the_class_token_alone(tmp_path, pooler):
         assert (ours.config.dist_token, ours.config.dist_head) == (True, False)
         got = run_nnx(ours, images) if framework == "jax" else run_torch(ours, images)
         assert_close(expected, np.asarray(got), "float32", f"DeiTModel -> {framework}")
+
+
+def test_a_timm_dinov3_becomes_a_dinov3_folder_transformers_loads(tmp_path):
+    """timm's DINOv3 (pooling its class token, as upstream and HF do) written as an HF
+    DINOv3ViTModel folder: transformers loads it with no missing or unexpected key and its
+    pooled output is timm's own, on a non-square grid. Two libraries' RoPE (timm divides by
+    periods, HF multiplies by inverse frequencies) meet through our one config."""
+    timm = pytest.importorskip("timm")
+    from tests.helpers.models import from_timm
+    from weight_transfer.layouts.timm import config_of_timm_model
+
+    arch = "vit_small_patch16_dinov3"
+    model = timm.create_model(
+        arch, pretrained=False, depth=2, img_size=(64, 96), num_classes=0, global_pool="token"
+    )
+    model = randomize(model, seed=11).eval()
+    config = config_of_timm_model(model, arch)
+    folder = wt.save_checkpoint(
+        from_timm(model.state_dict(), config, to="torch"), tmp_path / "hf", layout="hf_dinov3"
+    )
+    back, info = T.DINOv3ViTModel.from_pretrained(folder, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    images = nchw(random_images(config, 2, seed=12))
+    with torch.no_grad():
+        assert_close(model(images), output(back.eval(), images), "float32", "timm -> HF DINOv3")
+
+
+def test_a_bare_dinov3_state_dict_is_read_with_its_rope_announced(tmp_path):
+    """`model.state_dict()` of a DINOv3ViTModel saved alone (the encoder under `model.`, no
+    config.json): read as HF DINOv3 with what the file cannot say (the RoPE scheme, its
+    base, the epsilon, the activation) announced by name, and equal to transformers' output."""
+    from safetensors.torch import save_file
+
+    model = randomize(CASES["dinov3-plain"](), seed=13).eval()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, tmp_path / "d.safetensors")
+    info = wt.inspect_checkpoint(tmp_path / "d.safetensors")
+    assert info["layout"] == "hf_dinov3", info
+    assumed = {"rope", "rope_freqs", "rope_theta", "ln_eps", "activation", "num_heads"}
+    assert assumed <= set(info["assumed"]), info
+    stated = {"rope_theta": 50.0, "num_heads": 2, "image_size": (40, 24)}
+    ours = wt.load_checkpoint(tmp_path / "d.safetensors", "torch", overrides=stated)
+    images = random_images(ours.config, 2, seed=14)
+    assert_close(output(model, nchw(images)), run_torch(ours, images), "float32", "bare DINOv3")

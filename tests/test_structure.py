@@ -299,6 +299,15 @@ ROUND_TRIP_CONFIGS = [  # the first each writable layout's library can compute i
     dict(dist_token=True),
     dict(layer_scale=True, num_classes=0, d_ff=48),
     dict(BEIT, class_token=True, final_norm="post_pool", ln_eps=1e-12),
+    dict(  # DINOv3 as transformers computes it
+        pos_embed=False,
+        rope="half",
+        rope_freqs="periods",
+        rope_theta=100.0,
+        layer_scale=True,
+        num_classes=0,
+        reg_tokens=2,
+    ),
 ]
 
 

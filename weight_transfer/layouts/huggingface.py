@@ -1,5 +1,6 @@
 """Hugging Face transformers: the tables of ViT (published v4 names and v5 in-memory names),
-DeiT with its teacher, DINOv2 (with registers), CLIP and SigLIP vision towers; `config.json`
+DeiT with its teacher, DINOv2 (with registers), DINOv3 (RoPE), BEiT and data2vec-vision,
+CLIP and SigLIP vision towers; `config.json`
 both ways (the fields it states, checked, never replaced by a default when present but
 unknown; the config.json we write); how published key variants are normalised (ViTModel ->
 ViTForImageClassification, towers of whole image-text repos); and the layouts."""
@@ -136,6 +137,35 @@ def beit_table(config: ViTConfig) -> tuple[Rule, ...]:
         *renamed("ln_f", "layernorm"),
         *renamed("fc_norm", "pooler.layernorm"),
         *renamed("head", "classifier"),
+    )
+
+
+def dinov3_table(config: ViTConfig) -> tuple[Rule, ...]:
+    """HF DINOv3ViTModel (names as `save_pretrained` writes them; a `state_dict()`'s
+    `model.layer.*` brought to `layer.*` by the normaliser): separate q, k, v, o projections,
+    LayerScale `lambda1`, a plain (`up_proj`, `down_proj`) or gated (`gate_proj` too) MLP;
+    positions are RoPE alone, computed in the forward (no table in the file)."""
+    b = "layer.{}"
+    mlp = (
+        (*renamed("blocks.{}.ff1", f"{b}.mlp.up_proj"),)
+        if config.mlp == "mlp"
+        else (
+            *renamed("blocks.{}.ff1_g", f"{b}.mlp.gate_proj"),
+            *renamed("blocks.{}.ff1_x", f"{b}.mlp.up_proj"),
+        )
+    )
+    return (
+        *renamed("patch_embed", "embeddings.patch_embeddings"),
+        rule("cls_token", "embeddings.cls_token", BATCH_AXIS),
+        rule("reg_tokens", "embeddings.register_tokens", BATCH_AXIS),
+        *renamed("blocks.{}.ln1", f"{b}.norm1"),
+        *(r for n in "qkvo" for r in renamed(f"blocks.{{}}.attn.{n}", f"{b}.attention.{n}_proj")),
+        rule("blocks.{}.ls1", f"{b}.layer_scale1.lambda1"),
+        *renamed("blocks.{}.ln2", f"{b}.norm2"),
+        *mlp,
+        *renamed("blocks.{}.ff2", f"{b}.mlp.down_proj"),
+        rule("blocks.{}.ls2", f"{b}.layer_scale2.lambda1"),
+        *renamed("ln_f", "norm"),
     )
 
 
@@ -470,6 +500,106 @@ def beit_config_fields(hf: Mapping[str, Any], where: Path):
     return fields, {}
 
 
+# What HF DINOv3ViTModel always computes and no config.json field changes: RoPE alone (no
+# table), half-split pairs, the height's angles first, periods on coordinates centred and
+# normalised per axis; the normed class token pooled, no head.
+DINOV3_FIXED: dict[str, Any] = dict(
+    pos_embed=False,
+    rope="half",
+    rope_axes="hw",
+    rope_freqs="periods",
+    rope_coords="separate",
+    rope_offset=0.0,
+    rope_ref_grid=None,
+    class_token=True,
+    layer_scale=True,
+    pool="cls",
+    final_norm="pre_pool",
+    num_classes=0,
+)
+# HF's train-time augmentation of the RoPE coordinates (none runs in eval())
+DINOV3_AUGMENTATION = ("pos_embed_shift", "pos_embed_jitter", "pos_embed_rescale")
+
+
+def dinov3_config_json(config: ViTConfig) -> dict[str, Any]:
+    """DINOv3ViTModel: q and v biases alike (a key bias or not), biases or not on the output
+    projection and the MLP, a plain or gated MLP, registers; no train-time coordinate
+    augmentation (so `train()` computes what we do)."""
+    require(
+        config,
+        "HF DINOv3ViTModel",
+        **{
+            **PLAIN,
+            **DINOV3_FIXED,
+            "reg_tokens": config.reg_tokens,
+            "mlp": config.mlp if config.mlp == "mlp" else "swiglu",
+            "proj_bias": config.proj_bias,
+            "mlp_bias": config.mlp_bias,
+        },
+    )
+    return _hf_json(
+        config,
+        "DINOv3ViTModel",
+        "dinov3_vit",
+        rope_theta=config.rope_theta,
+        query_bias=config.qkv_bias,
+        key_bias=config.qkv_bias and config.k_bias,
+        value_bias=config.qkv_bias,
+        proj_bias=config.proj_bias,
+        mlp_bias=config.mlp_bias,
+        use_gated_mlp=config.mlp == "swiglu",
+        num_register_tokens=config.reg_tokens,
+        layerscale_value=1.0,
+        drop_path_rate=0.0,
+        attention_dropout=0.0,
+        **dict.fromkeys(DINOV3_AUGMENTATION),
+    )
+
+
+def dinov3_config_fields(hf: Mapping[str, Any], where: Path):
+    """HF `dinov3_vit`: eps 1e-5, exact GELU (the gated MLP gates with hidden_act too), RoPE
+    periods of base `rope_theta`, the biases each projection has. Its train-time coordinate
+    augmentation is reported, not computed: `eval()` never applies it."""
+    fields = _common(hf, where, "gelu", 1e-5, 224)
+    query, key, value = (
+        json_field(hf, f"{n}_bias", bool, where, default)
+        for n, default in (("query", True), ("key", False), ("value", True))
+    )
+    if query != value or key and not query:
+        raise CheckpointError(
+            f"{where}: config.json has query_bias={query}, key_bias={key}, value_bias={value}; "
+            f"this ViT has q and v biases alike, and a key bias only beside them"
+        )
+    fields.update(
+        DINOV3_FIXED,
+        rope_theta=json_field(hf, "rope_theta", (float, int), where, 100.0),
+        qkv_bias=query,
+        k_bias=key or not query,
+        proj_bias=json_field(hf, "proj_bias", bool, where, True),
+        mlp_bias=json_field(hf, "mlp_bias", bool, where, True),
+        mlp="swiglu" if json_field(hf, "use_gated_mlp", bool, where, False) else "mlp",
+        reg_tokens=json_field(hf, "num_register_tokens", int, where, 0),
+    )
+    defaults = {"pos_embed_rescale": 2.0}  # DINOv3ViTConfig's; shift and jitter: none
+    augmented = {
+        n: v
+        for n in DINOV3_AUGMENTATION
+        if (v := json_field(hf, n, (float, int, type(None)), where, defaults.get(n))) is not None
+    }
+    assumed = (
+        {
+            "rope_augmentation": (
+                f"none ({', '.join(f'{n}={v}' for n, v in augmented.items())} is HF's "
+                f"train-time jitter of the RoPE coordinates: eval() outputs are equal, "
+                f"train() outputs are random and not computed here)"
+            )
+        }
+        if augmented
+        else {}
+    )
+    return fields, assumed
+
+
 def vision_config(hf: Mapping[str, Any], where: Path) -> Mapping[str, Any]:
     """The vision tower's config: nested in whole CLIP/SigLIP repos, the config itself
     otherwise."""
@@ -550,6 +680,30 @@ def _dinov2_name(key: str, config: ViTConfig) -> str:
     return ("dinov2_with_registers." if config.reg_tokens else "dinov2.") + key
 
 
+_MASK_TOKEN = "the mask token (unused at inference)"
+_dinov3_renaming = renaming(
+    strip=("model.",),  # a state_dict()'s encoder; save_pretrained writes `layer.*`
+    drop=(("embeddings.mask_token", _MASK_TOKEN),),
+)
+
+
+def normalise_dinov3(source: Source) -> tuple[Source, list[str]]:
+    """DINOv3ViTModel's names as saved or as `state_dict()` gives them; the unused mask token
+    and an empty (1, 0, D) register tensor (a model without registers still has one) dropped."""
+    source, dropped = _dinov3_renaming(source)
+    registers = source.meta.get("embeddings.register_tokens")
+    if registers is not None and 0 in registers[0]:
+        source = source.named({k: k for k in source.meta if k != "embeddings.register_tokens"})
+        dropped = [*dropped, "embeddings.register_tokens: empty (no registers)"]
+    return source, dropped
+
+
+def _dinov3_unused(config: ViTConfig) -> dict[str, tuple[int, ...]]:
+    """The mask token, and the empty register tensor of a model without registers."""
+    empty = {} if config.reg_tokens else {"embeddings.register_tokens": (1, 0, config.d_model)}
+    return {"embeddings.mask_token": (1, 1, config.d_model), **empty}
+
+
 def hook_points(m) -> list[tuple[Any, str, str]]:
     """Where the layer diff reads an HF `ViTForImageClassification` (v4 or v5 names)."""
     vit = m.vit
@@ -626,10 +780,34 @@ LAYOUTS = (
         normalise=renaming(
             strip=("dinov2.", "dinov2_with_registers."),
             drop=(
-                ("embeddings.mask_token", "the mask token (unused at inference)"),
-                ("dinov2.embeddings.mask_token", "the mask token (unused at inference)"),
+                ("embeddings.mask_token", _MASK_TOKEN),
+                ("dinov2.embeddings.mask_token", _MASK_TOKEN),
             ),
         ),
+    ),
+    Layout(
+        "hf_dinov3",
+        "torch",
+        dinov3_table,
+        r"(^|\.)layer\.\d+\.attention\.o_proj\.weight$",
+        "Hugging Face DINOv3ViTModel / DINOv3ViTBackbone (RoPE computed HF's way)",
+        container="folder",
+        assumes={
+            **hf_defaults("gelu", 1e-5, "transformers DINOv3ViTConfig"),
+            **{
+                f: (v, f"{v!r} (what transformers DINOv3ViTModel computes; no config.json)")
+                for f, v in DINOV3_FIXED.items()
+            },
+            "rope_theta": (100.0, "100.0 (DINOv3ViTConfig's default rope_theta; no config.json)"),
+        },
+        priority=3,  # its blocks also carry Dinov2's `layer_scale1.lambda1`
+        pool="cls",
+        read_config_json=dinov3_config_fields,
+        write_config_json=dinov3_config_json,
+        computes=("rope", "k_bias"),
+        resampling=lambda c: HF,
+        unused=_dinov3_unused,
+        normalise=normalise_dinov3,
     ),
     Layout(
         "hf_beit",
@@ -649,8 +827,8 @@ LAYOUTS = (
         normalise=renaming(
             strip=("beit.", "data2vec_vision."),
             drop=(
-                ("beit.embeddings.mask_token", "the mask token (unused at inference)"),
-                ("data2vec_vision.embeddings.mask_token", "the mask token (unused at inference)"),
+                ("beit.embeddings.mask_token", _MASK_TOKEN),
+                ("data2vec_vision.embeddings.mask_token", _MASK_TOKEN),
             ),
         ),
     ),

@@ -425,7 +425,10 @@ def _from_shapes(
         pass  # a NaFlex table on its own grid (config.json's), checked at load like any tensor
     elif pos is not None:
         _positions(source, layout, sizes, pos[-2], prefix, found, assumed)
-    elif sizes.get("rope", "none") == "none" and sizes.get("rel_pos_bias", "none") == "none":
+    elif all(  # neither stated nor what the layout's class always computes
+        sizes.get(f, layout.assumes.get(f, ("none",))[0]) == "none"
+        for f in ("rope", "rel_pos_bias")
+    ):
         raise LayoutError(
             f"{source.path}: no position table, so positions are computed inside attention "
             f"(RoPE: DINOv3, RoPE-ViT; or a relative bias) and the weights cannot say how; "
