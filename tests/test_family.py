@@ -88,8 +88,15 @@ FAMILY = {
     "rope-with-table-offset-ref": dict(  # PE: a learned table too, +1, the ref-grid rescale
         rope="interleaved", rope_axes="wh", rope_offset=1.0, rope_ref_grid=(4, 4), norm_pre=True
     ),
+    # coordinates over the shorter side; the periods as a file holds them (the original
+    # DINOv3's buffer: a min/max-period schedule, or bfloat16-rounded), not rope_theta's
     "rope-periods-min-max": dict(
-        rope="half", rope_freqs="periods", rope_coords="min", class_token=False, pool="mean"
+        rope="half",
+        rope_freqs="periods",
+        rope_coords="min",
+        rope_periods=(1.0, 5.65625),
+        class_token=False,
+        pool="mean",
     ),
     "rope-mixed-learned": dict(  # RoPE-ViT mixed: each block and head its own frequencies
         rope="interleaved", rope_freqs="mixed", rope_axes="wh", pos_embed=False, reg_tokens=1

@@ -72,6 +72,18 @@ def test_every_table_transform_is_a_tested_pair():
         assert r.transform in (T.IDENTITY, T.CONV, T.LINEAR), r
 
 
+def test_masked_k_bias_keeps_q_and_v_and_drops_the_masked_third():
+    """The original DINOv3's q|k|v bias whose k third its mask zeroes: q and v come back
+    bit-exact, the k third is written as zeros (it never enters the forward)."""
+    q, v = (np.random.default_rng(i).standard_normal(4).astype(np.float32) for i in (1, 2))
+    (fused,) = T.QV_MASKED_K.forward(q, v)
+    np.testing.assert_array_equal(fused, np.concatenate([q, np.zeros(4, np.float32), v]))
+    junk = fused.copy()
+    junk[4:8] = 7.0  # whatever the file holds there
+    for a, b in zip(T.QV_MASKED_K.inverse(junk), (q, v), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_fused_pairs_keep_row_order():
     g, x = (np.full((3, 2), i, np.float32) for i in range(2))
     (fused,) = T.FUSE_2.forward(g, x)

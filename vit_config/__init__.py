@@ -21,6 +21,7 @@ __all__ = [
     "ViTConfig",
     "VitParityError",
     "CHOICES",
+    "DINOV3_POSITIONS",
     "check_image_shape",
     "positioned_prefix",
 ]
@@ -227,6 +228,10 @@ class ViTConfig:
     rope_offset: float = 0.0
     rope_ref_grid: tuple[int, int] | None = None
     rope_coords: str = "separate"
+    # "periods" only: the head_dim/4 periods themselves, as a file holds them (the original
+    # DINOv3's `rope_embed.periods`, reported to be rounded to bfloat16), used in place of
+    # rope_theta ** (4k / head_dim). None: computed from rope_theta.
+    rope_periods: tuple[float, ...] | None = None
     # NaFlex (timm NaFlexVit): the learned table has its own patch grid `pos_grid` (Hp, Wp),
     # resampled in every forward to the image's grid by `pos_interpolation` ("bicubic" or
     # "bilinear", torch's `F.interpolate` rules, with `pos_antialias` and `pos_align_corners`);
@@ -243,7 +248,7 @@ class ViTConfig:
     def __post_init__(self):
         if isinstance(self.image_size, (list, tuple)):
             object.__setattr__(self, "image_size", tuple(self.image_size))
-        for name in ("rope_ref_grid", "pos_grid"):
+        for name in ("rope_ref_grid", "pos_grid", "rope_periods"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.class_token is None:
@@ -265,7 +270,14 @@ class ViTConfig:
         if self.rel_pos_bias == "none":
             object.__setattr__(self, "rel_pos_form", "beit")
         if self.rope == "none":  # no RoPE: its settings are moot
-            for name in ("rope_axes", "rope_freqs", "rope_theta", "rope_offset", "rope_ref_grid"):
+            for name in (
+                "rope_axes",
+                "rope_freqs",
+                "rope_theta",
+                "rope_offset",
+                "rope_ref_grid",
+                "rope_periods",
+            ):
                 object.__setattr__(self, name, ViTConfig.__dataclass_fields__[name].default)
             object.__setattr__(self, "rope_coords", "separate")
         if self.rope_freqs == "mixed":  # the seed of learned frequencies is not the function
@@ -418,6 +430,24 @@ class ViTConfig:
             raise ConfigError(
                 "rope", self.rope, f"2-D RoPE needs head_dim divisible by 4, not {self.head_dim}"
             )
+        periods = self.rope_periods
+        if periods is None or self.rope == "none":
+            return
+        if self.rope_freqs != "periods":
+            raise ConfigError(
+                "rope_periods", "...", f"only for rope_freqs='periods', not {self.rope_freqs!r}"
+            )
+        if not isinstance(periods, tuple) or len(periods) != self.head_dim // 4:
+            raise ConfigError(
+                "rope_periods",
+                f"{len(periods) if isinstance(periods, tuple) else periods!r} value(s)",
+                f"expected head_dim / 4 = {self.head_dim // 4} periods",
+            )
+        if not all(
+            isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) and p > 0
+            for p in periods
+        ):
+            raise ConfigError("rope_periods", periods, "expected positive finite numbers")
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -502,7 +532,7 @@ class ViTConfig:
     # ---- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for name in ("image_size", "rope_ref_grid", "pos_grid"):
+        for name in ("image_size", "rope_ref_grid", "pos_grid", "rope_periods"):
             if isinstance(d[name], tuple):
                 d[name] = list(d[name])
         return d
@@ -564,7 +594,13 @@ _REG4_GAP = dict(
 )
 # DINOv3 as timm registers it (avg pool, no head): RoPE alone, half-split pairs, periods
 # base 100 on centred coordinates; a class token and 4 registers, LayerScale, no qkv bias.
+# DINOv3's positions in every library: RoPE alone, half-split pairs, the height's angles
+# first, periods on centred coordinates (its base, rope_theta, 100 in every release)
+DINOV3_POSITIONS = dict(
+    pos_embed=False, rope="half", rope_axes="hw", rope_freqs="periods", rope_offset=0.0
+)
 _DINOV3 = dict(
+    DINOV3_POSITIONS,
     image_size=256,
     patch_size=16,
     num_classes=0,
@@ -574,9 +610,6 @@ _DINOV3 = dict(
     qkv_bias=False,
     reg_tokens=4,
     layer_scale=True,
-    pos_embed=False,
-    rope="half",
-    rope_freqs="periods",
     rope_theta=100.0,
 )
 # Naver RoPE-ViT B/16: RoPE alone (interleaved pairs, width angles first), LayerScale

@@ -7,7 +7,8 @@ height's head_dim/4 angles then the width's ("hw"), or the width's first ("wh").
 - "theta" (EVA-02, PE, RoPE-ViT, timm sbb): angle_k = p * rope_theta ** (-k / (head_dim/4)),
   p = i + rope_offset, rescaled to `rope_ref_grid` as p * ref / n (EVA-02's fine-tune rule).
 - "periods" (DINOv3): angle_k = 2 pi c / rope_theta ** (4k / head_dim), on centred coordinates
-  c = 2 (i + 0.5 + rope_offset) / n - 1, n per `rope_coords`.
+  c = 2 (i + 0.5 + rope_offset) / n - 1, n per `rope_coords`; with `rope_periods`, the
+  periods a file holds in place of rope_theta ** (4k / head_dim).
 
 Rotation of a query or key row x (head_dim channels) by angles a (head_dim/2):
 - "interleaved": pairs (2m, 2m+1): x[2m] cos a_m - x[2m+1] sin a_m, x[2m+1] cos a_m + x[2m] sin a_m;
@@ -64,7 +65,12 @@ def rope_angles(config, grid: tuple[int, int]) -> np.ndarray:
             2.0 * (np.arange(n, dtype=np.float64) + 0.5 + config.rope_offset) / d - 1.0
             for n, d in zip(sides, denominators, strict=True)
         ]
-        freqs = 2.0 * np.pi / config.rope_theta ** (4.0 * k / config.head_dim)
+        periods = (
+            np.asarray(config.rope_periods, np.float64)
+            if config.rope_periods is not None
+            else config.rope_theta ** (4.0 * k / config.head_dim)
+        )
+        freqs = 2.0 * np.pi / periods
     ys, xs = np.meshgrid(coords[0], coords[1], indexing="ij")  # (Hp, Wp) each
     first, second = (ys, xs) if config.rope_axes == "hw" else (xs, ys)
     angles = np.concatenate(

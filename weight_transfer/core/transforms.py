@@ -133,6 +133,17 @@ def unstack_axis_1(stacked):
     return tuple(np.moveaxis(stacked, 1, 0))  # (2, L, ...) -> L x (2, ...)
 
 
+def qv_into_qkv(q, v):
+    # q and v biases (D,) each -> a (3D,) q|k|v bias whose k part is zeros: the original
+    # DINOv3's `qkv.bias`, whose k third its `bias_mask` zeroes in the forward
+    return (np.concatenate([q, np.zeros_like(q), v]),)
+
+
+def qv_of_qkv(fused):
+    q, _, v = np.split(fused, 3)  # the k third is masked out in the forward: not a parameter
+    return q, v
+
+
 IDENTITY = Transform("identity", identity, identity)
 STACK = Transform("stack_layers", stack_layers, unstack_layers, arity=(-1, 1))
 STACK_AXIS_1 = Transform("stack_on_axis_1", stack_on_axis_1, unstack_axis_1, arity=(-1, 1))
@@ -141,6 +152,8 @@ LINEAR = Transform("linear_in_out_to_out_in", linear_in_out_to_out_in, linear_ou
 BATCH_AXIS = Transform("add_batch_axis", add_batch_axis, drop_batch_axis)
 FUSE_QKV = Transform("fuse_qkv_rows", fuse_rows, split_rows_in_3, arity=(3, 1))
 FUSE_2 = Transform("fuse_rows_in_2", fuse_rows, split_rows_in_2, arity=(2, 1))
+# Not bit-exact from the right: the k third a mask zeroes is dropped, written back as zeros
+QV_MASKED_K = Transform("qv_into_masked_qkv", qv_into_qkv, qv_of_qkv, arity=(2, 1))
 
 
 def fuse_rows_of(*sizes: int) -> Transform:

@@ -544,7 +544,7 @@ def rope_variant(c: Candidate) -> Iterator[Variant]:
         yield (
             "the reference uses theta-style frequencies (1e4) on integer positions, not "
             "DINOv3's periods",
-            _config(c, rope_freqs="theta", rope_theta=10000.0),
+            _config(c, rope_freqs="theta", rope_theta=10000.0, rope_periods=None),
         )
         for coords in ("separate", "min", "max"):
             if coords != cfg.rope_coords:

@@ -112,12 +112,13 @@ def rope_angles(c, grid: tuple[int, int], periods_dtype: str | None = None) -> n
     """RoPE's angles from the formulas, token by token ((Hp * Wp, hd / 2), float64): the
     token n of the row-major grid sits at row n // Wp, column n % Wp; each axis gets hd / 4
     frequencies, the height's first ("hw") or the width's ("wh"). `periods_dtype`: each
-    frequency's period (theta ** (k / (hd/4)), DINOv3's base ** (4k / hd)) rounded to it."""
+    frequency's period (theta ** (k / (hd/4)), DINOv3's base ** (4k / hd), or the config's
+    own `rope_periods`) rounded to it."""
     hp, wp = grid
     quarter = c.head_dim // 4
 
-    def period(exponent: float) -> float:
-        value = c.rope_theta**exponent
+    def period(exponent: float, k: int) -> float:
+        value = c.rope_theta**exponent if c.rope_periods is None else c.rope_periods[k]
         return float(np.asarray(value, periods_dtype)) if periods_dtype else value
 
     out = np.zeros((hp * wp, 2 * quarter))
@@ -128,11 +129,13 @@ def rope_angles(c, grid: tuple[int, int], periods_dtype: str | None = None) -> n
                 p = i + c.rope_offset
                 if c.rope_ref_grid is not None:
                     p = p * c.rope_ref_grid[axis] / size
-                angles = [p / period(k / quarter) for k in range(quarter)]
+                angles = [p / period(k / quarter, k) for k in range(quarter)]
             else:
                 n_axis = {"separate": size, "min": min(grid), "max": max(grid)}[c.rope_coords]
                 coord = (i + 0.5 + c.rope_offset) / n_axis * 2 - 1
-                angles = [2 * math.pi * coord / period(4 * k / c.head_dim) for k in range(quarter)]
+                angles = [
+                    2 * math.pi * coord / period(4 * k / c.head_dim, k) for k in range(quarter)
+                ]
             slot = axis if c.rope_axes == "hw" else 1 - axis
             out[n, slot * quarter : (slot + 1) * quarter] = angles
     return out

@@ -11,6 +11,7 @@
 | `open_clip`   | `open_clip`: `visual.*` image towers                                  |
 | `npz`         | `google_vit`, `big_vision` (`big_vision_bv`, its earlier name, an alias) |
 | `nnx_libraries` | `bonsai_vit`: other NNX ViT libraries' states                       |
+| `dinov3`      | `dinov3`: the original DINOv3 release (facebookresearch/dinov3)       |
 
 Each publisher's module holds everything the tool knows of it: its tables (over one of our
 two base layouts; `core.table.nnx_torch` links those), its `Layout` entries, its config.json
@@ -38,6 +39,7 @@ PUBLISHERS = (
     "open_clip",
     "npz",
     "nnx_libraries",
+    "dinov3",
 )
 MODULES = tuple(importlib.import_module(f"{__name__}.{name}") for name in PUBLISHERS)
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from vit_config import ViTConfig
 from weight_transfer.core.errors import CheckpointError, LayoutError
 from weight_transfer.core.resample import OURS, Resampling
@@ -62,6 +64,10 @@ def flax_mha(ours: str, theirs: str, heads: int, sep: str = "/") -> tuple[Rule, 
     )
 
 
+# What a publisher's class holds beside the parameters: {key: shape (zeros) or the values}
+Unused = dict[str, tuple[int, ...] | np.ndarray]
+
+
 @dataclass(frozen=True)
 class Layout:
     """One published layout: its table over one of our base layouts, and everything else the
@@ -90,12 +96,18 @@ class Layout:
     # Key names brought to the table's (ViTModel -> ViTForImageClassification): the new
     # source and what was dropped.
     normalise: Callable[[Source], tuple[Source, list[str]]] | None = None
+    # Fields the file's own buffers state (`Source.buffers`, taken out by the normaliser):
+    # (fields, where each was found, what was assumed), laid over the tensors' shapes.
+    read_buffers: (
+        Callable[[Source], tuple[dict[str, Any], dict[str, str], dict[str, str]]] | None
+    ) = None
     # The published name of a table key when we write (the inverse of what `normalise`
     # strips: `vision_model.`, `dinov2.` before a classifier...).
     published: Callable[[str, ViTConfig], str] | None = None
     # Tensors the publisher's class has and we do not compute with (DINOv2's mask token),
-    # written as that class initialises them: {table key: shape} -> zeros.
-    unused: Callable[[ViTConfig], dict[str, tuple[int, ...]]] | None = None
+    # written as that class initialises them: {table key: shape} -> zeros, or {key: values}
+    # (buffers the config determines: the original DINOv3's RoPE periods, its k-bias masks).
+    unused: Callable[[ViTConfig], Unused] | None = None
     # Raises for a model the layout's library cannot compute (a folder layout's
     # write_config_json does it too: see `check_model`).
     check_writable: Callable[[ViTConfig], Any] | None = None
@@ -143,6 +155,7 @@ BEYOND_VIT: dict[str, Any] = dict(
     map_d_ff=0,
     pool_prefix=False,
     pos_grid=None,  # a NaFlex table, resampled in every forward by the model's own method
+    rope_periods=None,  # a file's own RoPE periods (timm and HF recompute theirs)
 )
 EVERYTHING = tuple(BEYOND_VIT)
 

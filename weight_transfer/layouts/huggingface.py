@@ -22,12 +22,14 @@ from weight_transfer.formats.checkpoint import Source
 from weight_transfer.layouts.base import (
     PLAIN,
     Layout,
+    Unused,
     fused,
     json_field,
     renamed,
     renaming,
     require,
 )
+from weight_transfer.layouts.dinov3 import FIXED as DINOV3_CLASS
 
 # transformers' ACT2FN names -> ours; the first name of each of ours is what we write.
 HF_ACTIVATIONS = {
@@ -500,23 +502,9 @@ def beit_config_fields(hf: Mapping[str, Any], where: Path):
     return fields, {}
 
 
-# What HF DINOv3ViTModel always computes and no config.json field changes: RoPE alone (no
-# table), half-split pairs, the height's angles first, periods on coordinates centred and
-# normalised per axis; the normed class token pooled, no head.
-DINOV3_FIXED: dict[str, Any] = dict(
-    pos_embed=False,
-    rope="half",
-    rope_axes="hw",
-    rope_freqs="periods",
-    rope_coords="separate",
-    rope_offset=0.0,
-    rope_ref_grid=None,
-    class_token=True,
-    layer_scale=True,
-    pool="cls",
-    final_norm="pre_pool",
-    num_classes=0,
-)
+# What HF DINOv3ViTModel always computes and no config.json field changes: DINOv3's class
+# (its positions, LayerScale, the normed class token out), coordinates normalised per axis.
+DINOV3_FIXED: dict[str, Any] = dict(DINOV3_CLASS, rope_coords="separate", rope_ref_grid=None)
 # HF's train-time augmentation of the RoPE coordinates (none runs in eval())
 DINOV3_AUGMENTATION = ("pos_embed_shift", "pos_embed_jitter", "pos_embed_rescale")
 
@@ -698,9 +686,11 @@ def normalise_dinov3(source: Source) -> tuple[Source, list[str]]:
     return source, dropped
 
 
-def _dinov3_unused(config: ViTConfig) -> dict[str, tuple[int, ...]]:
+def _dinov3_unused(config: ViTConfig) -> Unused:
     """The mask token, and the empty register tensor of a model without registers."""
-    empty = {} if config.reg_tokens else {"embeddings.register_tokens": (1, 0, config.d_model)}
+    empty: Unused = (
+        {} if config.reg_tokens else {"embeddings.register_tokens": (1, 0, config.d_model)}
+    )
     return {"embeddings.mask_token": (1, 1, config.d_model), **empty}
 
 

@@ -783,7 +783,7 @@ LAYOUTS = (
         resampling=lambda c: TIMM,
         lookalikes="Perception Encoder (timm vit_pe_core_*, vit_pe_spatial_*) has these "
         "keys and also rotates q and k (RoPE)",
-        computes=EVERYTHING,
+        computes=tuple(f for f in EVERYTHING if f != "rope_periods"),  # timm recomputes them
         assumes=dict(activation=ASSUME_GELU, ln_eps=ASSUME_EPS6),
     ),
 )

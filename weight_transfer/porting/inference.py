@@ -141,6 +141,8 @@ def infer_config(
         assumed: dict[str, str] = {}
         if arch is not None and given is not None and "image_size" not in overrides:
             config = _grid_of_file(source, layout, config, found)
+        if layout.read_buffers is not None:
+            config = _buffers_over(source, layout, config, found, overrides)
     else:
         config, found, assumed = _from_shapes(source, layout, overrides)
     found.update({f: "given" for f in overrides})
@@ -208,8 +210,14 @@ UNSUPPORTED: dict[str, tuple[str, Callable[[ViTConfig], bool] | None]] = {
         "RoPE-ViT's learned (mixed) RoPE frequencies",
         lambda c: c.rope != "none" and c.rope_freqs == "mixed",
     ),
-    r"^(?!rope\.freqs$).*(rope|freqs_cis|rotary)": (
+    # (the original DINOv3's periods are read by its layout, never copied)
+    r"^(?!rope\.freqs$|rope_embed\.periods$).*(rope|freqs_cis|rotary)": (
         "rotary position embeddings (RoPE: EVA-02, DINOv3)",
+        None,
+    ),
+    r"^cls_norm\.": (
+        "a norm of its own for the class and register tokens (the original DINOv3 7B's "
+        "untie_cls_and_patch_norms)",
         None,
     ),
     r"lambda_init|lambda_q|\.diff_": ("differential attention", None),
@@ -315,6 +323,27 @@ def block_indices(keys) -> set[int]:
     return {int(m.group(1)) for k in keys for m in [BLOCK_INDEX.search(k)] if m}
 
 
+def _buffers_over(
+    source: Source, layout: Layout, config: ViTConfig, found: dict, overrides: Mapping[str, Any]
+) -> ViTConfig:
+    """A stated config (an architecture's, a manifest's) with the file's own buffers laid
+    over it: RoPE periods the file holds are used (the function it computes); a field the
+    buffers state otherwise (heads, a masked key bias) must agree, or the file is refused."""
+    fields, buffers_found, _ = layout.read_buffers(source)  # type: ignore[misc]
+    for name in buffers_found:
+        if name in overrides or name == "rope_periods" or fields[name] == getattr(config, name):
+            continue
+        raise CheckpointError(
+            f"{source.path}: {buffers_found[name]} says {name}={fields[name]!r}, the stated "
+            f"config {name}={getattr(config, name)!r}; the file is not that model"
+        )
+    periods = fields.get("rope_periods")
+    if "rope_periods" in overrides or periods == config.rope_periods:
+        return config
+    found["rope_periods"] = buffers_found["rope_periods"]
+    return dataclasses.replace(config, rope_periods=periods)
+
+
 def check_claims(config: ViTConfig, source: Source, layout: Layout) -> None:
     """Cheap checks of a stated config against the tensors present, before anything is built
     from it (a forged `num_layers: 1000000` must cost nothing)."""
@@ -418,6 +447,13 @@ def _from_shapes(
     sizes.update(from_json)
     found.update({f: "config.json" for f in from_json})
     assumed = {f: why for f, why in assumed.items() if f not in from_json} | json_assumed
+    if layout.read_buffers is not None:
+        from_buffers, buffers_found, buffers_assumed = layout.read_buffers(source)
+        sizes.update(from_buffers)
+        found.update({f: f"the {layout.name} layout's class" for f in from_buffers})
+        found.update(buffers_found)
+        assumed = {f: why for f, why in assumed.items() if f not in from_buffers}
+        assumed.update(buffers_assumed)
     d = sizes["d_model"]
     sizes.update(stated)  # the user's word beats anything inferred below
     prefix = int(sizes["class_token"]) + int(sizes["dist_token"]) + sizes["reg_tokens"]

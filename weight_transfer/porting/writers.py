@@ -124,7 +124,10 @@ def write_layout(
     manifest as `source_sha256`."""
     if layout.unused is not None:  # zeros, as the publisher's class initialises them
         dtype = plan.order[0][1][1]
-        zeros = {k: np.zeros(shape, dtype) for k, shape in layout.unused(config).items()}
+        zeros = {
+            k: np.zeros(v, dtype) if isinstance(v, tuple) else np.asarray(v, dtype)
+            for k, v in layout.unused(config).items()
+        }
         plan = dataclasses.replace(
             plan, order=[*plan.order, *((k, (a.shape, a.dtype)) for k, a in zeros.items())]
         )
