@@ -1,5 +1,6 @@
 """Fuzzing the file readers with hypothesis: random mutations of a valid safetensors header, of
-an HF config.json and of a Flax msgpack file's bytes. Every outcome is exit 0 with correct
+an HF config.json (ViT's and DINOv3's), of the original DINOv3's RoPE and mask buffers and of
+a Flax msgpack file's bytes. Every outcome is exit 0 with correct
 output, or exit 2 with one line.
 
 The oracle for "correct" is the format's own library (safetensors; flax's msgpack_restore):
@@ -189,6 +190,95 @@ def test_mutated_config_json(valid, field, value):
         else:
             assert_clean_refusal(code, err)
             assert not out.exists()
+
+
+DINOV3 = dict(  # a DINOv3 as transformers computes it: RoPE periods, registers, q/v biases
+    pos_embed=False,
+    rope="half",
+    rope_freqs="periods",
+    rope_theta=100.0,
+    layer_scale=True,
+    num_classes=0,
+    reg_tokens=1,
+    k_bias=False,
+    image_size=8,
+)
+DINOV3_FIELDS = [
+    "rope_theta",
+    "query_bias",
+    "key_bias",
+    "value_bias",
+    "proj_bias",
+    "mlp_bias",
+    "use_gated_mlp",
+    "num_register_tokens",
+    "pos_embed_rescale",
+    "num_attention_heads",
+]
+
+
+@pytest.fixture(scope="module")
+def valid_dinov3(tmp_path_factory):
+    """An HF DINOv3ViTModel folder (without our manifest: config.json is what is read), and
+    an original-release DINOv3 file with its RoPE periods."""
+    from safetensors.numpy import save_file
+
+    d = tmp_path_factory.mktemp("dinov3")
+    model = random_nnx(tiny(**DINOV3), seed=5)
+    folder = wt.save_checkpoint(model, d / "hf", layout="hf_dinov3")
+    original = wt.save_checkpoint(model, d / "original.safetensors", layout="dinov3")
+    for path in (folder / "model.safetensors", original):  # drop our manifest
+        save_file(load_file(str(path)), str(path))
+    return folder, original
+
+
+def assert_read_or_refused(src: Path, out: Path) -> None:
+    """`convert` gives a file the same model reads back from, or exits 2 in one line."""
+    code, err = run_cli("convert", src, out, "--to", "torch")
+    if code == 0:
+        wt.load_checkpoint(out, "torch")
+    else:
+        assert_clean_refusal(code, err)
+        assert not out.exists()
+
+
+@SETTINGS
+@given(field=st.sampled_from(DINOV3_FIELDS + ["*whole*"]), value=JSON_VALUES)
+def test_mutated_dinov3_config_json(valid_dinov3, field, value):
+    """HF DINOv3's config.json fields forged (a RoPE base of any type, biases, registers, the
+    coordinate jitter, heads): read, or refused in one line."""
+    folder, _ = valid_dinov3
+    with tempfile.TemporaryDirectory() as d:
+        hf = Path(d) / "hf"
+        hf.mkdir()
+        (hf / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+        config = json.loads((folder / "config.json").read_text())
+        config = value if field == "*whole*" else {**config, field: value}
+        (hf / "config.json").write_text(json.dumps(config))
+        assert_read_or_refused(hf, Path(d) / "out.safetensors")
+
+
+@SETTINGS
+@given(
+    periods=st.lists(
+        st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=0, max_size=9
+    ),
+    mask=st.lists(st.sampled_from([0.0, 1.0, 0.5]), min_size=0, max_size=30),
+)
+def test_forged_original_dinov3_buffers(valid_dinov3, periods, mask):
+    """The original DINOv3's buffers forged: RoPE periods of any count and value (NaN,
+    infinite, negative, zero), a key-bias mask of any pattern and length: read as a model
+    those periods and masks define, or refused in one line; never a crash."""
+    from safetensors.numpy import save_file
+
+    _, original = valid_dinov3
+    tensors = load_file(str(original))
+    tensors["rope_embed.periods"] = np.asarray(periods, np.float32)
+    tensors["blocks.0.attn.qkv.bias_mask"] = np.asarray(mask, np.float32)
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "forged.safetensors"
+        save_file(tensors, str(src))
+        assert_read_or_refused(src, Path(d) / "out.safetensors")
 
 
 @pytest.fixture(scope="module")

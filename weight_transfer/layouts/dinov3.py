@@ -178,7 +178,8 @@ def _key_bias(source: Source, fields: dict, found: dict) -> None:
                 f"{source.path}: {key!r} is not the key-bias mask (ones on q and v, zeros on k) "
                 f"the original DINOv3 builds; this ViT cannot compute another"
             )
-    fields["k_bias"] = False
+    fields.update(qkv_bias=True, k_bias=False)
+    found["qkv_bias"] = "the blocks' qkv.bias_mask (a q|k|v bias)"
     found["k_bias"] = "the blocks' qkv.bias_mask (the key bias masked)"
 
 
