@@ -1,6 +1,7 @@
 """open_clip and OpenAI CLIP checkpoints: `visual.*` state dicts (the text tower left out and
 reported), exact GELU and QuickGELU, against open_clip's own `encode_image`; the QuickGELU
-flag, which no file holds, from the model name (`--arch ViT-B-32-quickgelu`)."""
+flag, which no file holds, from the model name (`--arch ViT-B-32-quickgelu`); towers on a timm
+trunk (`visual.trunk.*`: EVA-02, PE, SigLIP 2) read by model name and written back."""
 
 from __future__ import annotations
 
@@ -136,3 +137,80 @@ def test_a_model_open_clip_cannot_compute_is_refused(tmp_path):
             random_torch(tiny(), seed=1), tmp_path / "v.safetensors", layout="open_clip"
         )
     assert list(tmp_path.iterdir()) == []
+
+
+# open_clip models whose image tower is a timm trunk (`visual.trunk.*`): the trunk's own
+# classifier as the projection (EVA-02, PE core: RoPE inside), or none (SigLIP 2, MAP pool)
+TIMM_TOWERS = [
+    "EVA02-B-16",
+    "PE-Core-B-16",
+    "ViT-B-16-SigLIP2",
+    "vit_medium_patch16_gap_256",  # timm's own pooling, then a bias-free head.proj
+    "vit_relpos_medium_patch16_cls_224",  # relative biases, the same projection
+]
+
+
+def timm_tower_clip(name: str, monkeypatch):
+    """open_clip's own model of `name`, its timm trunk built with 2 blocks (timm's
+    create_model, as open_clip's TimmModel calls it, given depth=2) and a tiny text tower of
+    the model's own kind, every parameter random."""
+    import functools
+
+    import timm
+
+    text = dict(open_clip.get_model_config(name)["text_cfg"])
+    text.update(layers=1, width=32, heads=2, vocab_size=64)
+    text.pop("hf_tokenizer_name", None)
+    create = timm.create_model
+    with monkeypatch.context() as m:
+        m.setattr(timm, "create_model", functools.partial(create, depth=2))
+        model = open_clip.create_model(name, pretrained=None, text_cfg=text)
+    return randomize(model, seed=9).eval()
+
+
+@pytest.mark.parametrize("name", TIMM_TOWERS)
+def test_open_clip_timm_towers_read_by_name_and_written_back(tmp_path, name, monkeypatch):
+    """A whole open_clip model (text tower included) whose image tower is a timm trunk, read
+    with `--arch NAME` (its timm architecture, pooling and projection from open_clip's
+    registry), equals `encode_image`; written back (`--to open_clip_timm`), open_clip's image
+    tower loads it strict and computes the same."""
+    from safetensors.torch import load_file, save_file
+
+    model = timm_tower_clip(name, monkeypatch)
+    path = tmp_path / "open_clip.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    info = wt.inspect_checkpoint(path, arch=name, overrides={"num_layers": 2})
+    assert info["layout"] == "open_clip_timm" and any("text tower" in d for d in info["dropped"])
+    ours = wt.load_checkpoint(path, "torch", arch=name, overrides={"num_layers": 2})
+    images = random_images(ours.config, 2, seed=10)
+    with torch.no_grad():
+        expected = model.encode_image(nchw(images))
+    assert_close(expected, run_torch(ours, images), "float32", f"{name} -> torch")
+    out = wt.save_checkpoint(ours, tmp_path / "back.safetensors", layout="open_clip_timm")
+    visual = {k.removeprefix("visual."): v for k, v in load_file(out).items()}
+    fresh = timm_tower_clip(name, monkeypatch)
+    fresh.visual.load_state_dict(visual, strict=True)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval().encode_image(nchw(images)), expected)
+
+
+@pytest.mark.slow  # 7 s: 78 timm models built on the meta device
+def test_every_open_clip_timm_tower_resolves_or_is_refused_by_name():
+    """Every open_clip model whose image tower is a timm trunk (78 in this open_clip) either
+    resolves to a config (the ViTs: EVA-01/02, PE core, SigLIP and SigLIP 2, timm's own ViTs
+    with a projection) or is refused naming what this ViT lacks (ConvNeXt, FastViT, Swin,
+    ViTamin's convolutional stem, an MLP projection, 384 px on 14 px patches); none crashes."""
+    from weight_transfer.layouts.open_clip import config_from_open_clip
+
+    resolved, refused = [], []
+    for name in open_clip.list_models():
+        cfg = open_clip.get_model_config(name)
+        if not cfg or "timm_model_name" not in cfg.get("vision_cfg", {}):
+            continue
+        try:
+            config_from_open_clip(name)
+            resolved.append(name)
+        except wt.errors.LayoutError:
+            refused.append(name)
+    assert set(TIMM_TOWERS) <= set(resolved)
+    assert len(resolved) >= 41, refused

@@ -8,7 +8,7 @@
 | `huggingface` | `hf`, `hf5`, `hf_deit`, `hf_dinov2`, `hf_dinov3`, `hf_beit`, `hf_clip`,      |
 |               | `hf_siglip`                                                          |
 | `hf_flax`     | `hf_flax`, `hf_flax_clip`, `hf_flax_dinov2`: transformers 4.x's Flax classes |
-| `open_clip`   | `open_clip`: `visual.*` image towers                                  |
+| `open_clip`   | `open_clip`: `visual.*` image towers; `open_clip_timm`: `visual.trunk.*` |
 | `npz`         | `google_vit`, `big_vision` (`big_vision_bv`, its earlier name, an alias) |
 | `nnx_libraries` | `bonsai_vit`: other NNX ViT libraries' states                       |
 | `dinov3`      | `dinov3`: the original DINOv3 release (facebookresearch/dinov3)       |

@@ -58,8 +58,10 @@ def config_from_open_clip(name: str) -> ViTConfig:
     if cfg is None or "vision_cfg" not in cfg:
         raise LayoutError(f"open_clip model {name!r} has no vision_cfg")
     vision = cfg["vision_cfg"]
+    if "timm_model_name" in vision:
+        return _timm_tower(name, cfg["embed_dim"], vision)
     other = sorted(set(vision) - SUPPORTED_VISION_KEYS)
-    if other or "timm_model_name" in vision:
+    if other:
         raise LayoutError(
             f"open_clip {name!r}: vision options {other} are not this ViT's "
             f"(a timm tower, layer scale, attention pooling...)"
@@ -83,6 +85,75 @@ def config_from_open_clip(name: str) -> ViTConfig:
         )
     except ConfigError as e:
         raise LayoutError(f"open_clip {name!r} maps to no valid config: {e}") from None
+
+
+# open_clip TimmModel options that do not change what the tower computes at inference
+TIMM_TOWER_KEYS = {
+    "image_size",
+    "timm_model_name",
+    "timm_model_pretrained",
+    "timm_pool",
+    "timm_proj",
+    "timm_proj_bias",
+    "timm_drop",
+    "timm_drop_path",
+    "patch_dropout",
+}
+
+
+def _timm_tower(name: str, embed_dim: int, vision: dict) -> ViTConfig:
+    """open_clip's `TimmModel`: timm's `timm_model_name` as the trunk, pooled by `timm_pool`.
+    With `timm_proj` unset (null) the trunk's own classifier (embed_dim outputs, with a bias)
+    is the projection; "none": the pooled features; "linear": a `head.proj` after them (a bias
+    per `timm_proj_bias`). Attention pools and an MLP projection are refused."""
+    from weight_transfer.layouts.timm import config_from_timm
+
+    proj, pool = vision.get("timm_proj", "linear"), vision.get("timm_pool", "avg")
+    other = sorted(set(vision) - TIMM_TOWER_KEYS)
+    if other or proj == "mlp" or pool in ("abs_attn", "rot_attn"):
+        what = other or [f"timm_proj={proj!r}" if proj == "mlp" else f"timm_pool={pool!r}"]
+        raise LayoutError(f"open_clip {name!r}: timm tower options {what} are not this ViT's")
+    size = vision.get("image_size", 224)
+    args = {
+        "img_size": tuple(size) if isinstance(size, list) else size,
+        "num_classes": 0 if proj in ("none", "linear") else embed_dim,
+        # a projection after the trunk keeps timm's own pooling unless one is named
+        **({"global_pool": pool} if pool or proj != "linear" else {}),
+    }
+    config = config_from_timm(vision["timm_model_name"], args)
+    if proj != "linear":
+        return config
+    return config.replace(num_classes=embed_dim, head_bias=bool(vision.get("timm_proj_bias")))
+
+
+def normalise_timm_tower(source):
+    """A whole open_clip model with a timm trunk: `visual.trunk.*` as timm's names, a
+    `visual.head.proj` projection as the head; the text tower (everything else) left out."""
+    names, text = {}, 0
+    for key in source.meta:
+        if key.startswith("visual.trunk."):
+            names[key.removeprefix("visual.trunk.")] = key
+        elif key.startswith("visual.head.proj."):
+            names["head." + key.removeprefix("visual.head.proj.")] = key
+        elif key.startswith("visual."):
+            names[key] = key  # not a tower open_clip builds from these: the table will say
+        else:
+            text += 1
+    return source.named(names), [f"{text} tensor(s): the text tower"] if text else []
+
+
+def _timm_tower_name(key: str, config: ViTConfig) -> str:
+    """Where open_clip keeps a timm tower's tensor: the trunk's, or a bias-free projection
+    after the trunk (`timm_proj: linear`; timm's own classifiers always have a bias)."""
+    if key.startswith("head.") and not config.head_bias:
+        return "visual.head.proj." + key.removeprefix("head.")
+    return "visual.trunk." + key
+
+
+def _timm_layout():
+    from weight_transfer.layouts.timm import LAYOUTS as TIMM
+
+    return TIMM[0]
 
 
 LAYOUTS = (
@@ -116,5 +187,20 @@ LAYOUTS = (
             ),
             ln_eps=(1e-5, "1e-5 (open_clip, torch LayerNorm)"),
         ),
+    ),
+    Layout(
+        "open_clip_timm",
+        "torch",
+        _timm_layout().table,
+        r"^visual\.trunk\.",
+        "open_clip image tower on a timm trunk (visual.trunk.*, visual.head.proj: EVA02-*, "
+        "PE-Core-*, SigLIP 2; --arch NAME; the text tower is left out)",
+        priority=3,  # its text tower may carry open_clip's `transformer.resblocks`
+        normalise=normalise_timm_tower,
+        published=_timm_tower_name,
+        resampling=_timm_layout().resampling,
+        computes=_timm_layout().computes,
+        assumes=_timm_layout().assumes,
+        lookalikes=_timm_layout().lookalikes,
     ),
 )

@@ -575,6 +575,8 @@ def config_of_timm_model(m, architecture: str = "", image_size=None) -> ViTConfi
         if _block_relative(block.attn, architecture)["rel_pos_bias"] != "none":
             _refuse(architecture, "shared relative biases and a block's own together")
     embed = m.embeds if kind == "NaFlexVit" else m.patch_embed
+    if not any(c.__name__ in ("PatchEmbed", "NaFlexEmbeds") for c in type(embed).__mro__):
+        _refuse(architecture, f"a {type(embed).__name__} patch embedding (a convolutional stem)")
     patch = tuple(embed.patch_size)
     if patch[0] != patch[1]:
         _refuse(architecture, f"non-square patches {patch}")

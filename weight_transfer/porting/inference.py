@@ -122,10 +122,12 @@ def infer_config(
         source, normalised = layout.normalise(source)
         dropped += normalised
     if given is None and arch is not None:
+        from weight_transfer.layouts import open_clip
         from weight_transfer.layouts.open_clip import config_from_open_clip, is_open_clip_model
         from weight_transfer.layouts.timm import config_from_timm, is_timm_model
 
-        if is_open_clip_model(arch) and not is_timm_model(arch):  # a name both know: timm's
+        # a name both know is timm's, unless the file is open_clip's
+        if is_open_clip_model(arch) and (layout in open_clip.LAYOUTS or not is_timm_model(arch)):
             given, origin = config_from_open_clip(arch), f"open_clip model {arch}"
         else:
             given, origin = config_from_timm(arch), f"timm architecture {arch}"
