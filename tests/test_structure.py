@@ -301,6 +301,15 @@ ROUND_TRIP_CONFIGS = [  # the first each writable layout's library can compute i
     dict(dist_token=True),
     dict(layer_scale=True, num_classes=0, d_ff=48),
     dict(BEIT, class_token=True, final_norm="post_pool", ln_eps=1e-12),
+    dict(  # the Perception Encoder release: PE's RoPE, CLIP's pre-norm, a bias-free projection
+        rope="interleaved",
+        rope_axes="wh",
+        rope_offset=1.0,
+        norm_pre=True,
+        patch_bias=False,
+        head_bias=False,
+        layer_scale=True,  # PE core and lang (spatial's keys are open_clip's: see its lookalike)
+    ),
     dict(  # DINOv3 as transformers computes it
         pos_embed=False,
         rope="half",

@@ -41,7 +41,7 @@ class Source:
     folder: Path | None = None  # the folder given, when the weights were found in one
     notes: list[str] = field(default_factory=list)  # how the tensors were found, for reports
     # Buffers a layout's normaliser took out of the tensors to read, not copy (the original
-    # DINOv3's RoPE periods and k-bias masks): `Layout.read_buffers` states fields from them.
+    # DINOv3's RoPE periods and k-bias masks): `Layout.class_fields` states fields from them.
     buffers: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property

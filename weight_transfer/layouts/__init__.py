@@ -12,6 +12,7 @@
 | `npz`         | `google_vit`, `big_vision` (`big_vision_bv`, its earlier name, an alias) |
 | `nnx_libraries` | `bonsai_vit`: other NNX ViT libraries' states                       |
 | `dinov3`      | `dinov3`: the original DINOv3 release (facebookresearch/dinov3)       |
+| `perception`  | `pe`: the Perception Encoder release (facebookresearch/perception_models) |
 
 Each publisher's module holds everything the tool knows of it: its tables (over one of our
 two base layouts; `core.table.nnx_torch` links those), its `Layout` entries, its config.json
@@ -40,6 +41,7 @@ PUBLISHERS = (
     "npz",
     "nnx_libraries",
     "dinov3",
+    "perception",
 )
 MODULES = tuple(importlib.import_module(f"{__name__}.{name}") for name in PUBLISHERS)
 

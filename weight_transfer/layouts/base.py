@@ -96,9 +96,11 @@ class Layout:
     # Key names brought to the table's (ViTModel -> ViTForImageClassification): the new
     # source and what was dropped.
     normalise: Callable[[Source], tuple[Source, list[str]]] | None = None
-    # Fields the file's own buffers state (`Source.buffers`, taken out by the normaliser):
-    # (fields, where each was found, what was assumed), laid over the tensors' shapes.
-    read_buffers: (
+    # Fields the layout's class fixes whatever the file (no `found` entry: laid over a stated
+    # config too, as that class computes them), fields the file's own buffers state (`found`:
+    # a stated config must agree; `Source.buffers`, taken out by the normaliser), and what is
+    # assumed (a stated config wins): (fields, found, assumed).
+    class_fields: (
         Callable[[Source], tuple[dict[str, Any], dict[str, str], dict[str, str]]] | None
     ) = None
     # The published name of a table key when we write (the inverse of what `normalise`
@@ -117,6 +119,9 @@ class Layout:
     # Published models whose bare weights carry exactly this layout's keys and shapes but
     # compute another function (positions also rotary): what a file alone cannot rule out.
     lookalikes: str = ""
+    # The keys a lookalike's file holds (the rest of the layout's files are not lookalikes);
+    # None: every file of the layout may be one.
+    lookalike_keys: Callable[[Mapping[str, Any]], bool] | None = None
     # Which of `BEYOND_VIT` (attention positions and block forms a plain ViT class has no
     # switch for) the layout's library computes: every one for ours and timm, none for the
     # classic ViT classes. A config using another is refused before anything is written.

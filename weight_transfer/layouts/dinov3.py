@@ -45,7 +45,7 @@ MASK = "blocks.{}.attn.qkv.bias_mask"
 
 
 def dinov3_table(config: ViTConfig) -> tuple[Rule, ...]:
-    """DinoVisionTransformer's parameters (its buffers are read by `read_buffers` and written
+    """DinoVisionTransformer's parameters (its buffers are read by `class_fields` and written
     by `_buffers`)."""
     b = "blocks.{}"
     if not config.qkv_bias:
@@ -94,7 +94,7 @@ _renaming = renaming(
 
 def normalise_dinov3(source: Source) -> tuple[Source, list[str]]:
     """The mask token and training-only norms dropped; the RoPE periods and the k-bias masks
-    taken out of the tensors into `Source.buffers`, to be read (`read_buffers`)."""
+    taken out of the tensors into `Source.buffers`, to be read (`class_fields`)."""
     source, dropped = _renaming(source)
     held = [k for k in source.meta if k == PERIODS or k.endswith(".attn.qkv.bias_mask")]
     if not held:
@@ -109,7 +109,7 @@ def _exact(values: np.ndarray) -> tuple[float, ...]:
     return tuple(float(v) for v in np.asarray(values, np.float64))
 
 
-def read_buffers(source: Source) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
+def class_fields(source: Source) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
     """What the file's buffers say: head_dim (4 x the periods' count, hence the heads), the
     RoPE base, the periods when they are not that base's, and whether the key bias is masked.
     What nothing in the file says (the epsilon, the coordinate normalisation) is assumed."""
@@ -230,7 +230,7 @@ LAYOUTS = (
         priority=3,  # its blocks' names are timm's too
         pool="cls",
         normalise=normalise_dinov3,
-        read_buffers=read_buffers,
+        class_fields=class_fields,
         unused=_buffers,
         check_writable=check_writable,
         computes=("rope", "k_bias", "rope_periods"),

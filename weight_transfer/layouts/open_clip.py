@@ -87,6 +87,17 @@ def config_from_open_clip(name: str) -> ViTConfig:
         raise LayoutError(f"open_clip {name!r} maps to no valid config: {e}") from None
 
 
+_strip_visual = renaming(strip=("visual.",), keep_only_stripped="the text tower")
+
+
+def normalise_open_clip(source):
+    """A whole CLIP checkpoint (`visual.*`, the text tower left out), or a bare image tower
+    (OpenAI's `model.visual.state_dict()`)."""
+    if any(k.startswith("visual.") for k in source.meta):
+        return _strip_visual(source)
+    return source, []
+
+
 # open_clip TimmModel options that do not change what the tower computes at inference
 TIMM_TOWER_KEYS = {
     "image_size",
@@ -177,7 +188,12 @@ LAYOUTS = (
             pos_embed_tokens="all",
             head_bias=False,
         ),
-        normalise=renaming(strip=("visual.",), keep_only_stripped="the text tower"),
+        normalise=normalise_open_clip,
+        lookalikes="the Perception Encoder release's spatial towers "
+        "(facebookresearch/perception_models) have these keys and also rotate q and k "
+        "(RoPE); read one with --from pe",
+        # PE spatial: no final norm and no projection, which every CLIP tower has
+        lookalike_keys=lambda keys: "ln_post.weight" not in keys and "proj" not in keys,
         assumes=dict(
             activation=(
                 "gelu",

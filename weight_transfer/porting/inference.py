@@ -143,8 +143,8 @@ def infer_config(
         assumed: dict[str, str] = {}
         if arch is not None and given is not None and "image_size" not in overrides:
             config = _grid_of_file(source, layout, config, found)
-        if layout.read_buffers is not None:
-            config = _buffers_over(source, layout, config, found, overrides)
+        if layout.class_fields is not None:
+            config = _class_fields_over(source, layout, config, found, overrides)
     else:
         config, found, assumed = _from_shapes(source, layout, overrides)
     found.update({f: "given" for f in overrides})
@@ -325,25 +325,33 @@ def block_indices(keys) -> set[int]:
     return {int(m.group(1)) for k in keys for m in [BLOCK_INDEX.search(k)] if m}
 
 
-def _buffers_over(
+def _class_fields_over(
     source: Source, layout: Layout, config: ViTConfig, found: dict, overrides: Mapping[str, Any]
 ) -> ViTConfig:
-    """A stated config (an architecture's, a manifest's) with the file's own buffers laid
-    over it: RoPE periods the file holds are used (the function it computes); a field the
-    buffers state otherwise (heads, a masked key bias) must agree, or the file is refused."""
-    fields, buffers_found, _ = layout.read_buffers(source)  # type: ignore[misc]
-    for name in buffers_found:
+    """A stated config (an architecture's, a manifest's) with what the layout's class fixes
+    laid over it (the original DINOv3 pools its class token, whatever timm's architecture
+    does), and what the file's buffers state: RoPE periods are used (the function the file
+    computes); any other field they state (heads, a masked key bias) must agree, or the file
+    is refused. The user's overrides win."""
+    fields, stated, assumed = layout.class_fields(source)  # type: ignore[misc]
+    for name in stated:
         if name in overrides or name == "rope_periods" or fields[name] == getattr(config, name):
             continue
         raise CheckpointError(
-            f"{source.path}: {buffers_found[name]} says {name}={fields[name]!r}, the stated "
+            f"{source.path}: {stated[name]} says {name}={fields[name]!r}, the stated "
             f"config {name}={getattr(config, name)!r}; the file is not that model"
         )
-    periods = fields.get("rope_periods")
-    if "rope_periods" in overrides or periods == config.rope_periods:
-        return config
-    found["rope_periods"] = buffers_found["rope_periods"]
-    return dataclasses.replace(config, rope_periods=periods)
+    fixed = {
+        f: v
+        for f, v in fields.items()
+        if (f not in stated or f == "rope_periods")
+        and f not in assumed
+        and f not in overrides
+        and getattr(config, f) != v
+    }
+    for f in fixed:
+        found[f] = stated.get(f, f"the {layout.name} layout's class")
+    return dataclasses.replace(config, **fixed) if fixed else config
 
 
 def check_claims(config: ViTConfig, source: Source, layout: Layout) -> None:
@@ -449,8 +457,8 @@ def _from_shapes(
     sizes.update(from_json)
     found.update({f: "config.json" for f in from_json})
     assumed = {f: why for f, why in assumed.items() if f not in from_json} | json_assumed
-    if layout.read_buffers is not None:
-        from_buffers, buffers_found, buffers_assumed = layout.read_buffers(source)
+    if layout.class_fields is not None:
+        from_buffers, buffers_found, buffers_assumed = layout.class_fields(source)
         sizes.update(from_buffers)
         found.update({f: f"the {layout.name} layout's class" for f in from_buffers})
         found.update(buffers_found)
@@ -492,7 +500,8 @@ def _from_shapes(
     for name, (value, why) in layout.assumes.items():
         if name not in sizes:
             sizes[name], assumed[name] = value, why
-    if layout.lookalikes and source.hf_config is None:
+    looks = layout.lookalike_keys is None or layout.lookalike_keys(source.meta)
+    if layout.lookalikes and looks and source.hf_config is None:
         assumed["positions"] = (
             f"a learned table only (the weights cannot say whether q and k "
             f"are also rotated: {layout.lookalikes}); if the file is such a "
