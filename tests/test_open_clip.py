@@ -143,7 +143,7 @@ def test_a_model_open_clip_cannot_compute_is_refused(tmp_path):
 # classifier as the projection (EVA-02, PE core: RoPE inside), or none (SigLIP 2, MAP pool)
 TIMM_TOWERS = [
     "EVA02-B-16",
-    "PE-Core-B-16",
+    "PE-Core-B-16",  # 2 s each (the first and the linear projections stay in the quick subset)
     "ViT-B-16-SigLIP2",
     "vit_medium_patch16_gap_256",  # timm's own pooling, then a bias-free head.proj
     "vit_relpos_medium_patch16_cls_224",  # relative biases, the same projection
@@ -168,7 +168,13 @@ def timm_tower_clip(name: str, monkeypatch):
     return randomize(model, seed=9).eval()
 
 
-@pytest.mark.parametrize("name", TIMM_TOWERS)
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.slow) if n in ("PE-Core-B-16", "ViT-B-16-SigLIP2") else n
+        for n in TIMM_TOWERS
+    ],
+)
 def test_open_clip_timm_towers_read_by_name_and_written_back(tmp_path, name, monkeypatch):
     """A whole open_clip model (text tower included) whose image tower is a timm trunk, read
     with `--arch NAME` (its timm architecture, pooling and projection from open_clip's

@@ -119,6 +119,7 @@ def test_a_bare_pe_spatial_tower_is_announced_and_read_with_from_pe(tmp_path):
     assert_close(output(oracle, images), run_torch(ours, images), "float32", "PE spatial")
 
 
+@pytest.mark.slow  # 2.3 s; the release's own code at any grid is the quick check
 def test_with_its_timm_architecture_the_release_keeps_pes_own_rope(tmp_path):
     """Named by timm's architecture (--arch), the release's file is still PE's model: the
     architecture's heads and pool heads, PE's RoPE without timm's rescale to a reference grid
