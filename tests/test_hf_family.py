@@ -1,7 +1,7 @@
 """Hugging Face folders of the family, as `save_pretrained` writes them: DINOv2 (with and
 without registers, SwiGLU, the classification head), SigLIP and CLIP vision towers (alone and
 inside whole image-text repos), DeiT with its distillation head, BEiT and data2vec-vision
-(relative biases), DINOv3 (RoPE). Each is built locally with
+(relative biases), DINOv3 (RoPE), AIMv2 without its head. Each is built locally with
 every parameter random, loaded with no hints into both frameworks, and compared with
 transformers' own forward."""
 
@@ -38,6 +38,8 @@ def output(model, pixels: torch.Tensor) -> torch.Tensor:
     for name in ("logits", "image_embeds", "pooler_output"):
         if getattr(out, name, None) is not None:
             return getattr(out, name)
+    if isinstance(model, T.Aimv2VisionModel):  # no head: the tokens, which timm's AIMv2 averages
+        return out.last_hidden_state.mean(1)
     raise AssertionError(f"no output in {type(out).__name__}")
 
 
@@ -119,10 +121,16 @@ CASES = {
             rope_theta=50.0,
         )
     ),
+    # AIMv2 without its attention-pooling head: RMSNorms, SwiGLU, a table for the patches
+    "aimv2-vision": lambda: T.Aimv2VisionModel(
+        T.Aimv2VisionConfig(**SMALL, use_head=False, qkv_bias=True, mlp_bias=True)
+    ),
 }
-# what a folder cannot say and is announced (HF's train-time RoPE jitter, DINOv3's default)
-ANNOUNCED = {"dinov3-registers-gated": {"rope_augmentation"}}
+# what a folder cannot say and is announced (HF's train-time RoPE jitter, DINOv3's default;
+# the pooling after AIMv2's tokens)
+ANNOUNCED = {"dinov3-registers-gated": {"rope_augmentation"}, "aimv2-vision": {"pool"}}
 LAYOUT = {
+    "aimv2": "hf_aimv2",
     "dinov3": "hf_dinov3",
     "dinov2": "hf_dinov2",
     "siglip": "hf_siglip",
@@ -259,6 +267,8 @@ def test_a_folder_that_would_read_back_differently_is_not_written(tmp_path, monk
             "pos_embed_rescale",
         ),
         ("dinov3-registers-gated", lambda cfg: cfg.update(num_register_tokens=5), "reg"),
+        ("aimv2-vision", lambda cfg: cfg.update(use_head=True), "use_head=true"),
+        ("aimv2-vision", lambda cfg: cfg.update(is_native=True), "is_native=true"),
     ],
 )
 def test_a_folder_that_contradicts_itself_is_refused(tmp_path, case, edit, message):
@@ -361,3 +371,24 @@ def test_a_bare_dinov3_state_dict_is_read_with_its_rope_announced(tmp_path):
     ours = wt.load_checkpoint(tmp_path / "d.safetensors", "torch", overrides=stated)
     images = random_images(ours.config, 2, seed=14)
     assert_close(output(model, nchw(images)), run_torch(ours, images), "float32", "bare DINOv3")
+
+
+def test_a_timm_aimv2_becomes_an_aimv2_folder_transformers_loads(tmp_path):
+    """timm's AIMv2 (mean-pooled) written as an HF Aimv2VisionModel folder without its head:
+    transformers loads it with no missing or unexpected key, and the mean of its tokens is
+    timm's output."""
+    timm = pytest.importorskip("timm")
+    from tests.helpers.models import from_timm
+    from weight_transfer.layouts.timm import config_of_timm_model
+
+    arch = "aimv2_large_patch14_224"
+    model = timm.create_model(arch, pretrained=False, depth=1, img_size=56, num_classes=0)
+    model = randomize(model, seed=15).eval()
+    config = config_of_timm_model(model, arch)
+    ours = from_timm(model.state_dict(), config, to="torch")
+    folder = wt.save_checkpoint(ours, tmp_path / "hf", layout="hf_aimv2")
+    back, info = T.Aimv2VisionModel.from_pretrained(folder, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    images = nchw(random_images(config, 2, seed=16))
+    with torch.no_grad():
+        assert_close(model(images), output(back.eval(), images), "float32", "timm -> HF AIMv2")

@@ -310,6 +310,16 @@ ROUND_TRIP_CONFIGS = [  # the first each writable layout's library can compute i
         head_bias=False,
         layer_scale=True,  # PE core and lang (spatial's keys are open_clip's: see its lookalike)
     ),
+    dict(  # AIMv2: RMSNorms, a norm after the patches, SwiGLU, no class token
+        norm="rmsnorm",
+        patch_norm=True,
+        mlp="swiglu",
+        activation="silu",
+        pool="mean",
+        num_classes=0,
+        qkv_bias=False,
+        proj_bias=False,
+    ),
     dict(  # DINOv3 as transformers computes it
         pos_embed=False,
         rope="half",

@@ -5,8 +5,8 @@
 | `ours`        | `nnx` (`jax_impl.ViT` flat state), `torch` (`torch_impl.ViT` state dict) |
 | `orbax`       | `orbax`: our NNX state as an Orbax checkpoint                        |
 | `timm`        | `timm`: `VisionTransformer` state dicts and Hub folders               |
-| `huggingface` | `hf`, `hf5`, `hf_deit`, `hf_dinov2`, `hf_dinov3`, `hf_beit`, `hf_clip`,      |
-|               | `hf_siglip`                                                          |
+| `huggingface` | `hf`, `hf5`, `hf_deit`, `hf_dinov2`, `hf_dinov3`, `hf_aimv2`, `hf_beit`,     |
+|               | `hf_clip`, `hf_siglip`                                               |
 | `hf_flax`     | `hf_flax`, `hf_flax_clip`, `hf_flax_dinov2`: transformers 4.x's Flax classes |
 | `open_clip`   | `open_clip`: `visual.*` image towers; `open_clip_timm`: `visual.trunk.*` |
 | `npz`         | `google_vit`, `big_vision` (`big_vision_bv`, its earlier name, an alias) |

@@ -223,6 +223,29 @@ def hf_encoder_table() -> tuple[Rule, ...]:
     )
 
 
+def aimv2_table(config: ViTConfig) -> tuple[Rule, ...]:
+    """HF Aimv2VisionModel (`vision_model.` stripped): an RMSNorm after the patch embedding,
+    a learned table for the patches alone, RMSNorm blocks with q/k/v/out_proj (biases as
+    `qkv_bias` says), a SwiGLU `ffn` (gate, up, down), the final `rms_norm`."""
+    b = "encoder.layers.{}"
+    return (
+        *renamed("patch_embed", "embeddings.patch_embed"),
+        rule("patch_norm.weight", "embeddings.rms_norm.weight"),
+        rule("pos_embed", "embeddings.position_embedding.weight"),
+        rule("blocks.{}.ln1.weight", f"{b}.rms_norm1.weight"),
+        *(
+            r
+            for n, theirs in zip("qkvo", ("q_proj", "k_proj", "v_proj", "out_proj"), strict=True)
+            for r in renamed(f"blocks.{{}}.attn.{n}", f"{b}.attention.{theirs}")
+        ),
+        rule("blocks.{}.ln2.weight", f"{b}.rms_norm2.weight"),
+        *renamed("blocks.{}.ff1_g", f"{b}.ffn.gate_proj"),
+        *renamed("blocks.{}.ff1_x", f"{b}.ffn.up_proj"),
+        *renamed("blocks.{}.ff2", f"{b}.ffn.down_proj"),
+        rule("ln_f.weight", "rms_norm.weight"),
+    )
+
+
 def hf5_table(config: ViTConfig, prefix: str = "vit.") -> tuple[Rule, ...]:
     block = f"{prefix}layers.{{}}"
     return (
@@ -588,6 +611,81 @@ def dinov3_config_fields(hf: Mapping[str, Any], where: Path):
     return fields, assumed
 
 
+# What HF Aimv2VisionModel (without its head) computes whatever its config says, and the
+# pooling we put after the tokens it returns (timm's aimv2 global_pool='avg')
+AIMV2_FIXED: dict[str, Any] = dict(
+    norm="rmsnorm",
+    patch_norm=True,
+    mlp="swiglu",
+    class_token=False,
+    pos_embed_tokens="all",
+    final_norm="pre_pool",
+    num_classes=0,
+    pool="mean",
+)
+AIMV2_POOL = (
+    "mean (of the final-normed tokens, as timm's AIMv2 pools them; HF Aimv2VisionModel "
+    "without its head returns the tokens and pools nothing)"
+)
+
+
+def aimv2_config_json(config: ViTConfig) -> dict[str, Any]:
+    """Aimv2VisionModel without its attention-pooling head (`use_head: false`): the tokens,
+    which we pool by their mean."""
+    require(
+        config,
+        "HF Aimv2VisionModel",
+        **{
+            **PLAIN,
+            **AIMV2_FIXED,
+            "proj_bias": config.qkv_bias,  # out_proj's bias is qkv_bias's
+            "mlp_bias": config.mlp_bias,
+        },
+    )
+    json = _hf_json(
+        config,
+        "Aimv2VisionModel",
+        "aimv2_vision_model",
+        rms_norm_eps=config.ln_eps,
+        qkv_bias=config.qkv_bias,
+        mlp_bias=config.mlp_bias,
+        use_head=False,
+        is_native=False,
+        attention_dropout=0.0,
+    )
+    del json["layer_norm_eps"], json["hidden_dropout_prob"], json["attention_probs_dropout_prob"]
+    return json
+
+
+def aimv2_config_fields(hf: Mapping[str, Any], where: Path):
+    """HF `aimv2_vision_model` (or a whole `aimv2` repo's vision_config): SiLU, RMSNorm eps
+    1e-5, the biases `qkv_bias` and `mlp_bias` say. Its attention-pooling head (`use_head`,
+    the default) and sinusoidal positions (`is_native`) are refused by name."""
+    cfg = vision_config(hf, where)
+    for name, default in (("use_head", True), ("is_native", False)):
+        if json_field(cfg, name, bool, where, default):
+            raise CheckpointError(
+                f"{where}: config.json {name}=true: AIMv2's "
+                + (
+                    "attention-pooling head (a class-token query without a projection, no "
+                    "norm or MLP)"
+                    if name == "use_head"
+                    else "sinusoidal positions computed per image (is_native)"
+                )
+                + ", which this ViT does not implement"
+            )
+    fields = _common(cfg, where, "silu", 1e-5, 224)
+    fields["ln_eps"] = json_field(cfg, "rms_norm_eps", (float, int), where, 1e-5)
+    bias = json_field(cfg, "qkv_bias", bool, where, False)
+    fields.update(
+        AIMV2_FIXED,
+        qkv_bias=bias,
+        proj_bias=bias,
+        mlp_bias=json_field(cfg, "mlp_bias", bool, where, False),
+    )
+    return fields, {"pool": AIMV2_POOL}
+
+
 def vision_config(hf: Mapping[str, Any], where: Path) -> Mapping[str, Any]:
     """The vision tower's config: nested in whole CLIP/SigLIP repos, the config itself
     otherwise."""
@@ -669,6 +767,10 @@ def _dinov2_name(key: str, config: ViTConfig) -> str:
 
 
 _MASK_TOKEN = "the mask token (unused at inference)"
+# A whole image-text repo's text side (CLIP, AIMv2), left out
+TEXT_TOWER = tuple(
+    (prefix, "the text tower") for prefix in ("text_model.", "text_projection", "logit_scale")
+)
 _dinov3_renaming = renaming(
     strip=("model.",),  # a state_dict()'s encoder; save_pretrained writes `layer.*`
     drop=(("embeddings.mask_token", _MASK_TOKEN),),
@@ -800,6 +902,30 @@ LAYOUTS = (
         normalise=normalise_dinov3,
     ),
     Layout(
+        "hf_aimv2",
+        "torch",
+        aimv2_table,
+        r"(^|\.)embeddings\.patch_embed\.weight$|(^|\.)encoder\.layers\.\d+\.rms_norm1\.",
+        "Hugging Face Aimv2VisionModel without its head (the tokens; a whole aimv2 repo's "
+        "vision_model too: the text tower is left out)",
+        container="folder",
+        assumes={
+            **hf_defaults("silu", 1e-5, "transformers Aimv2VisionConfig"),
+            "pool": ("mean", AIMV2_POOL),
+        },
+        priority=2,
+        read_config_json=aimv2_config_fields,
+        write_config_json=aimv2_config_json,
+        resampling=lambda c: HF,
+        normalise=renaming(
+            strip=("vision_model.",),
+            drop=(
+                *TEXT_TOWER,
+                ("visual_projection", "the projection after AIMv2's attention-pooling head"),
+            ),
+        ),
+    ),
+    Layout(
         "hf_beit",
         "torch",
         beit_table,
@@ -839,14 +965,7 @@ LAYOUTS = (
         published=lambda key, c: (
             key if key.startswith("visual_projection.") else f"vision_model.{key}"
         ),
-        normalise=renaming(
-            strip=("vision_model.",),
-            drop=(
-                ("text_model.", "the text tower"),
-                ("text_projection", "the text tower"),
-                ("logit_scale", "the text tower"),
-            ),
-        ),
+        normalise=renaming(strip=("vision_model.",), drop=TEXT_TOWER),
     ),
     Layout(
         "hf_siglip",

@@ -217,6 +217,10 @@ UNSUPPORTED: dict[str, tuple[str, Callable[[ViTConfig], bool] | None]] = {
         "rotary position embeddings (RoPE: EVA-02, DINOv3)",
         None,
     ),
+    r"(^|\.)head\.output_proj\.weight$": (
+        "AIMv2's attention-pooling head (a class-token query without a projection, no norm or MLP)",
+        None,
+    ),
     r"^cls_norm\.": (
         "a norm of its own for the class and register tokens (the original DINOv3 7B's "
         "untie_cls_and_patch_norms)",
