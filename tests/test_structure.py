@@ -310,6 +310,8 @@ ROUND_TRIP_CONFIGS = [  # the first each writable layout's library can compute i
         head_bias=False,
         layer_scale=True,  # PE core and lang (spatial's keys are open_clip's: see its lookalike)
     ),
+    # the EVA-02 release: RoPE rescaled to a pre-training grid on a square grid, q/v biases
+    dict(image_size=8, rope="interleaved", rope_ref_grid=(4, 4), k_bias=False),
     dict(  # AIMv2: RMSNorms, a norm after the patches, SwiGLU, no class token
         norm="rmsnorm",
         patch_norm=True,

@@ -13,6 +13,7 @@
 | `nnx_libraries` | `bonsai_vit`: other NNX ViT libraries' states                       |
 | `dinov3`      | `dinov3`: the original DINOv3 release (facebookresearch/dinov3)       |
 | `perception`  | `pe`: the Perception Encoder release (facebookresearch/perception_models) |
+| `eva`         | `eva02`: the EVA-02 release (baaivision/EVA)                          |
 
 Each publisher's module holds everything the tool knows of it: its tables (over one of our
 two base layouts; `core.table.nnx_torch` links those), its `Layout` entries, its config.json
@@ -42,6 +43,7 @@ PUBLISHERS = (
     "nnx_libraries",
     "dinov3",
     "perception",
+    "eva",
 )
 MODULES = tuple(importlib.import_module(f"{__name__}.{name}") for name in PUBLISHERS)
 

@@ -119,6 +119,9 @@ class Layout:
     # Published models whose bare weights carry exactly this layout's keys and shapes but
     # compute another function (positions also rotary): what a file alone cannot rule out.
     lookalikes: str = ""
+    # Why a file of this layout cannot be read without its architecture (`--arch`), if it
+    # cannot: its shapes and buffers leave the function open.
+    needs_arch: str = ""
     # The keys a lookalike's file holds (the rest of the layout's files are not lookalikes);
     # None: every file of the layout may be one.
     lookalike_keys: Callable[[Mapping[str, Any]], bool] | None = None

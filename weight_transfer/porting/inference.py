@@ -145,6 +145,8 @@ def infer_config(
             config = _grid_of_file(source, layout, config, found)
         if layout.class_fields is not None:
             config = _class_fields_over(source, layout, config, found, overrides)
+    elif layout.needs_arch:
+        raise LayoutError(f"{source.path}: {layout.needs_arch}")
     else:
         config, found, assumed = _from_shapes(source, layout, overrides)
     found.update({f: "given" for f in overrides})
@@ -339,7 +341,9 @@ def _class_fields_over(
     is refused. The user's overrides win."""
     fields, stated, assumed = layout.class_fields(source)  # type: ignore[misc]
     for name in stated:
-        if name in overrides or name == "rope_periods" or fields[name] == getattr(config, name):
+        if name in overrides or name == "rope_periods":
+            continue
+        if dataclasses.replace(config, **{name: fields[name]}).same_model(config):
             continue
         raise CheckpointError(
             f"{source.path}: {stated[name]} says {name}={fields[name]!r}, the stated "
