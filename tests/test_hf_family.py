@@ -27,9 +27,13 @@ SMALL = dict(
     patch_size=8,
 )
 
+SIGLIP2 = {k: v for k, v in SMALL.items() if k != "image_size"} | {"num_patches": 16}  # 4 x 4
+
 
 def output(model, pixels: torch.Tensor) -> torch.Tensor:
     """What the model gives for an image: logits, image embeddings, or pooled features."""
+    if isinstance(model, (T.Siglip2VisionModel, T.Siglip2Model)):
+        return siglip2_output(model, pixels)
     with torch.no_grad():
         if hasattr(model, "get_image_features"):
             out = model.get_image_features(pixel_values=pixels)
@@ -125,12 +129,15 @@ CASES = {
     "aimv2-vision": lambda: T.Aimv2VisionModel(
         T.Aimv2VisionConfig(**SMALL, use_head=False, qkv_bias=True, mlp_bias=True)
     ),
+    # SigLIP 2: a NaFlex table (4 x 4) resized to each image's grid in the forward
+    "siglip2-vision": lambda: T.Siglip2VisionModel(T.Siglip2VisionConfig(**SIGLIP2)),
 }
 # what a folder cannot say and is announced (HF's train-time RoPE jitter, DINOv3's default;
 # the pooling after AIMv2's tokens)
 ANNOUNCED = {"dinov3-registers-gated": {"rope_augmentation"}, "aimv2-vision": {"pool"}}
 LAYOUT = {
     "aimv2": "hf_aimv2",
+    "siglip2": "hf_siglip",
     "dinov3": "hf_dinov3",
     "dinov2": "hf_dinov2",
     "siglip": "hf_siglip",
@@ -269,6 +276,10 @@ def test_a_folder_that_would_read_back_differently_is_not_written(tmp_path, monk
         ("dinov3-registers-gated", lambda cfg: cfg.update(num_register_tokens=5), "reg"),
         ("aimv2-vision", lambda cfg: cfg.update(use_head=True), "use_head=true"),
         ("aimv2-vision", lambda cfg: cfg.update(is_native=True), "is_native=true"),
+        ("siglip2-vision", lambda cfg: cfg.update(vision_use_head=False), "vision_use_head"),
+        ("siglip2-vision", lambda cfg: cfg.update(num_patches=15), "num_patches=15"),
+        ("siglip2-vision", lambda cfg: cfg.update(num_patches=1 << 40), "num_patches"),
+        ("siglip2-vision", lambda cfg: cfg.update(num_patches="16"), "num_patches"),
     ],
 )
 def test_a_folder_that_contradicts_itself_is_refused(tmp_path, case, edit, message):
@@ -392,3 +403,93 @@ def test_a_timm_aimv2_becomes_an_aimv2_folder_transformers_loads(tmp_path):
     images = nchw(random_images(config, 2, seed=16))
     with torch.no_grad():
         assert_close(model(images), output(back.eval(), images), "float32", "timm -> HF AIMv2")
+
+
+def siglip2_output(model, pixels: torch.Tensor) -> torch.Tensor:
+    """transformers' SigLIP 2 on whole images (NCHW): each cut into (ph, pw, C) patches as its
+    image processor does, every patch valid (no padding), the image's grid as its shape."""
+    b, c, h, w = pixels.shape
+    p = model.config.patch_size if hasattr(model.config, "patch_size") else None
+    p = p or model.config.vision_config.patch_size
+    nh, nw = h // p, w // p
+    patches = pixels.reshape(b, c, nh, p, nw, p).permute(0, 2, 4, 3, 5, 1).reshape(b, nh * nw, -1)
+    inputs = dict(
+        pixel_values=patches,
+        pixel_attention_mask=torch.ones(b, nh * nw, dtype=torch.long),
+        spatial_shapes=torch.tensor([[nh, nw]] * b),
+    )
+    with torch.no_grad():
+        if hasattr(model, "get_image_features"):
+            out = model.get_image_features(**inputs)
+            return getattr(out, "pooler_output", out)
+        return model(**inputs).pooler_output
+
+
+@pytest.mark.parametrize("framework", [pytest.param("jax", marks=pytest.mark.slow), "torch"])
+@pytest.mark.parametrize("whole", [False, True], ids=["vision", "whole-repo"])
+def test_siglip2_folders_match_transformers_at_any_grid(tmp_path, whole, framework):
+    """HF SigLIP 2 (a NaFlex table of num_patches, resized to each image's grid in the
+    forward), alone or inside a whole repo, read with no hints, at grids below, at and above
+    its 4 x 4 table, square or not."""
+    vision = T.Siglip2VisionConfig(**SIGLIP2)
+    model = (
+        T.Siglip2Model(
+            T.Siglip2Config(
+                vision_config=vision.to_dict(),
+                text_config=dict(
+                    hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+                ),
+            )
+        )
+        if whole
+        else T.Siglip2VisionModel(vision)
+    )
+    model = randomize(model, seed=17).eval()
+    model.save_pretrained(tmp_path / "siglip2")
+    info = wt.inspect_checkpoint(tmp_path / "siglip2")
+    assert info["layout"] == "hf_siglip" and not info["assumed"], info
+    for size in ((40, 24), (16, 16), (48, 48)):
+        ours = wt.load_checkpoint(tmp_path / "siglip2", framework, image_size=size)
+        assert ours.config.pos_grid == (4, 4)
+        images = random_images(ours.config, 2, seed=18)
+        got = run_nnx(ours, images) if framework == "jax" else run_torch(ours, images)
+        assert_close(output(model, nchw(images)), np.asarray(got), "float32", f"{size}")
+
+
+def test_a_naflex_model_siglip2_cannot_hold_is_not_written(tmp_path):
+    """A NaFlex table that is not square, or resized another way than SigLIP 2's bilinear
+    antialiased resize: refused by name, nothing written."""
+    from tests.conftest import tiny
+    from weight_transfer.frameworks.weights import random_torch
+
+    base = dict(pool="map", class_token=False, num_classes=0, pos_embed_tokens="none")
+    for changes, field in (
+        (dict(pos_grid=(2, 3), pos_interpolation="bilinear"), "square"),
+        (dict(pos_grid=(3, 3), pos_interpolation="bicubic"), "pos_interpolation"),
+    ):
+        model = random_torch(tiny(**base, **changes), seed=1)
+        with pytest.raises(wt.errors.LayoutError, match=field):
+            wt.save_checkpoint(model, tmp_path / "s", layout="hf_siglip")
+        assert not (tmp_path / "s").exists()
+
+
+def test_a_timm_naflex_siglip2_becomes_a_siglip2_folder_transformers_loads(tmp_path):
+    """timm's NaFlexVit SigLIP 2 (its table resized bilinearly with antialias in the forward)
+    written as an HF Siglip2VisionModel folder: transformers loads it with no missing or
+    unexpected key and its pooled output is timm's, at a non-square grid off the table's."""
+    timm = pytest.importorskip("timm")
+    from tests.helpers.models import from_timm
+    from weight_transfer.layouts.timm import config_of_timm_model
+
+    arch = "naflexvit_base_patch16_siglip"
+    model = timm.create_model(arch, pretrained=False, depth=1, num_classes=0)
+    model = randomize(model, seed=21).eval()
+    config = config_of_timm_model(model, arch).replace(image_size=(64, 112))
+    ours = from_timm(model.state_dict(), config, to="torch")
+    folder = wt.save_checkpoint(ours, tmp_path / "hf", layout="hf_siglip")
+    back, info = T.Siglip2VisionModel.from_pretrained(folder, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    images = random_images(config, 2, seed=22)
+    with torch.no_grad():
+        expected = model(nchw(images))
+    assert_close(expected, output(back.eval(), nchw(images)), "float32", "timm -> HF SigLIP 2")

@@ -199,10 +199,10 @@ def test_a_forged_naflex_config_json_is_refused_with_exit_2(tmp_path, capsys, fo
 
 @pytest.mark.parametrize("layout", ["big_vision", "google_vit", "hf", "hf_siglip", "open_clip"])
 def test_a_naflex_model_is_not_written_where_its_library_cannot_resample_it(tmp_path, layout):
-    """No library but timm (and ours) resamples a table of its own grid in the forward: a
-    NaFlex model is refused by name before anything is written (big_vision read a plain,
-    SigLIP-like NaFlex model back as itself, but its own code would compute another
-    function at any other grid)."""
+    """No library but timm (and ours; HF SigLIP 2 bilinearly with antialias only) resamples a
+    table of its own grid in the forward: a NaFlex model (here bicubic) is refused by name
+    before anything is written (big_vision read a plain, SigLIP-like NaFlex model back as
+    itself, but its own code would compute another function at any other grid)."""
     from vit_config import ViTConfig
     from weight_transfer.frameworks.weights import random_nnx
 

@@ -7,17 +7,18 @@ ViTForImageClassification, towers of whole image-text repos); and the layouts.""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vit_config import ViTConfig
+from vit_config import MAX_DYNAMIC_PATCHES, ViTConfig
 from weight_transfer.core.errors import CheckpointError, LayoutError
 from weight_transfer.core.resample import HF, HF_DINOV2_REGISTERS
 from weight_transfer.core.table import Rule, rule
-from weight_transfer.core.transforms import BATCH_AXIS, FUSE_2, FUSE_QKV
+from weight_transfer.core.transforms import BATCH_AXIS, FUSE_2, FUSE_QKV, patch_linear
 from weight_transfer.formats.checkpoint import Source
 from weight_transfer.layouts.base import (
     PLAIN,
@@ -186,9 +187,21 @@ def clip_table(config: ViTConfig) -> tuple[Rule, ...]:
 
 def siglip_table(config: ViTConfig) -> tuple[Rule, ...]:
     """HF SigLIP vision tower (`vision_model.` stripped): `post_layernorm` on every token, then
-    the MAP `head` with a fused [q; k; v] `in_proj` as torch's MultiheadAttention stores it."""
+    the MAP `head` with a fused [q; k; v] `in_proj` as torch's MultiheadAttention stores it.
+    SigLIP 2 (a NaFlex table, `pos_grid`): the patch embedding a Linear on (ph, pw, C)
+    patches, the table its own square grid's rows."""
+    encoder = hf_encoder_table()
+    if config.pos_grid is not None:
+        encoder = (
+            rule(
+                "patch_embed.weight",
+                "embeddings.patch_embedding.weight",
+                patch_linear(config.patch_size),
+            ),
+            *(r for r in encoder if r.left != ("patch_embed.weight",)),
+        )
     return (
-        *hf_encoder_table(),
+        *encoder,
         *renamed("ln_f", "post_layernorm"),
         rule("map.probe", "head.probe", BATCH_AXIS),
         *fused(
@@ -431,18 +444,39 @@ def dinov2_config_json(config: ViTConfig) -> dict[str, Any]:
     )
 
 
+# SigLIP 2's table as transformers resizes it: `F.interpolate(bilinear, align_corners=False,
+# antialias=True)`'s weights, to each image's grid, in every forward
+SIGLIP2_RESIZE: dict[str, Any] = dict(
+    pos_interpolation="bilinear", pos_antialias=True, pos_align_corners=False, pos_square=False
+)
+
+
 def siglip_config_json(config: ViTConfig) -> dict[str, Any]:
+    """SiglipVisionModel, or Siglip2VisionModel for a NaFlex table (a square `pos_grid`)."""
+    naflex = config.pos_grid is not None
     require(
         config,
-        "HF SiglipVisionModel",
+        "HF Siglip2VisionModel" if naflex else "HF SiglipVisionModel",
         **PLAIN,
         class_token=False,
         pool="map",
         final_norm="pre_pool",
-        pos_embed_tokens="all",
+        pos_embed_tokens="none" if naflex else "all",
         num_classes=0,
+        **(SIGLIP2_RESIZE if naflex else {}),
     )
-    return _hf_json(config, "SiglipVisionModel", "siglip_vision_model")
+    grid = config.pos_grid
+    if grid is None:
+        return _hf_json(config, "SiglipVisionModel", "siglip_vision_model")
+    side = grid[0]
+    if grid != (side, side):
+        raise LayoutError(
+            f"HF Siglip2VisionModel keeps a square table (num_patches), not pos_grid="
+            f"{config.pos_grid}"
+        )
+    # transformers keeps `image_size` as an attribute it does not use: any image runs, the
+    # table resized to its grid in the forward; we read it back as the model's default size
+    return _hf_json(config, "Siglip2VisionModel", "siglip2_vision_model", num_patches=side * side)
 
 
 def clip_config_json(config: ViTConfig) -> dict[str, Any]:
@@ -728,9 +762,40 @@ def dinov2_config_fields(hf: Mapping[str, Any], where: Path):
 
 
 def siglip_config_fields(hf: Mapping[str, Any], where: Path):
-    """HF `siglip` / `siglip_vision_model`: tanh GELU, eps 1e-6, the MAP head's output."""
+    """HF `siglip` / `siglip_vision_model`: tanh GELU, eps 1e-6, the MAP head's output.
+    `siglip2` / `siglip2_vision_model`: the same tower on a NaFlex table of `num_patches`
+    (a square grid) resized to each image's grid (SIGLIP2_RESIZE); images are given whole,
+    one grid per batch (its padded batches of mixed sizes are not implemented)."""
     cfg = vision_config(hf, where)
-    return _common(cfg, where, "gelu_pytorch_tanh", 1e-6, 224), {}
+    model_type = json_field(
+        cfg, "model_type", str, where, json_field(hf, "model_type", str, where, "")
+    )
+    if not model_type.startswith("siglip2"):
+        return _common(cfg, where, "gelu_pytorch_tanh", 1e-6, 224), {}
+    if not json_field(cfg, "vision_use_head", bool, where, True):
+        raise CheckpointError(
+            f"{where}: config.json vision_use_head=false: a SigLIP 2 tower without its "
+            f"attention-pooling head returns tokens, which this ViT does not pool that way"
+        )
+    patches = json_field(cfg, "num_patches", int, where, 256)
+    side = math.isqrt(patches) if patches > 0 else 0
+    if side * side != patches or side * side > MAX_DYNAMIC_PATCHES:
+        raise CheckpointError(
+            f"{where}: config.json num_patches={patches}: transformers keeps a square table "
+            f"of at most {MAX_DYNAMIC_PATCHES} positions"
+        )
+    patch = json_field(cfg, "patch_size", int, where, 16)
+    fields = _common(cfg, where, "gelu_pytorch_tanh", 1e-6, side * patch)  # the table's size
+    fields.update(
+        SIGLIP2_RESIZE,
+        patch_size=patch,
+        in_channels=json_field(cfg, "num_channels", int, where, 3),
+        pos_grid=(side, side),
+        pos_embed_tokens="none",
+        class_token=False,
+        pool="map",
+    )
+    return fields, {}
 
 
 def clip_config_fields(hf: Mapping[str, Any], where: Path):
@@ -972,11 +1037,12 @@ LAYOUTS = (
         "torch",
         siglip_table,
         r"(^|\.)embeddings\.patch_embedding\.weight$",
-        "Hugging Face SigLIP vision tower (SiglipVisionModel, or a whole SigLIP repo: the "
-        "text tower is left out)",
+        "Hugging Face SigLIP and SigLIP 2 vision towers (SiglipVisionModel, Siglip2VisionModel,"
+        " or a whole repo: the text tower is left out)",
         container="folder",
         assumes=hf_defaults("gelu_tanh", 1e-6, "transformers SiglipVisionConfig"),
         priority=1,
+        computes=("pos_grid",),  # SigLIP 2's NaFlex table
         read_config_json=siglip_config_fields,
         write_config_json=siglip_config_json,
         resampling=lambda c: HF,
