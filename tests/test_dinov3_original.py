@@ -179,3 +179,18 @@ def test_a_forged_original_file_is_refused(tmp_path, edit, message):
         wt.load_checkpoint(path, "torch")
     assert main(["convert", path, str(tmp_path / "out.safetensors"), "--to", "torch"]) == 2
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_inspect_says_where_each_position_field_was_found(tmp_path, capsys):
+    """`inspect` lists the fields saying how positions enter the model, each with where it
+    was found (the layout's class, the file's buffer) or that it was assumed."""
+    from weight_transfer.cli import main
+
+    model = timm_dinov3(qkv_bias=True)
+    path = save(tmp_path, original_names(model, periods_of(model, torch.bfloat16)))
+    assert main(["inspect", path]) == 0
+    out = capsys.readouterr().out
+    assert "positions rope=half (the dinov3 layout's class)" in out
+    assert "positions rope_theta=100.0 (rope_embed.periods" in out
+    assert "positions rope_periods=[1.0, " in out and "the file's own" in out
+    assert "positions rope_coords=separate (assumed)" in out

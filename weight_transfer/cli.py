@@ -268,6 +268,25 @@ def _print_provenance(report: dict, *, assumed: bool = True) -> None:
         print(f"  note: {note}")
 
 
+def _position_fields(config: dict) -> list[str]:
+    """The fields saying how positions enter this model (a table, RoPE, relative biases, a
+    NaFlex table's resize): those in use, for `inspect` to say where each was found."""
+    groups = (
+        (True, ("pos_embed", "pos_embed_tokens")),
+        (config["rope"] != "none", [f for f in config if f.startswith("rope")]),
+        (config["rel_pos_bias"] != "none", [f for f in config if f.startswith("rel_pos")]),
+        (
+            config["pos_grid"] is not None,
+            [
+                f
+                for f in config
+                if f.startswith("pos_") and f not in ("pos_embed", "pos_embed_tokens")
+            ],
+        ),
+    )
+    return [f for used, fields in groups if used for f in fields]
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from weight_transfer.porting import inspect_checkpoint
 
@@ -281,6 +300,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"{info['tensors']} tensors, {info['bytes']:,} bytes, dtypes {info['dtypes']}"
     )
     print("  config " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
+    for field in _position_fields(info["config"]):
+        where = "assumed" if field in info["assumed"] else info["found"].get(field, "default")
+        print(f"  positions {field}={info['config'][field]} ({where})")
     _print_provenance(info)
     for key, n in info["nonfinite"].items():
         print(f"  NaN/Inf: {key} has {n}")

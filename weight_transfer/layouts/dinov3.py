@@ -159,7 +159,7 @@ def _periods(source: Source, periods: np.ndarray, fields: dict, found: dict) -> 
     found.update(
         num_heads=f"{PERIODS} ({n} periods: head_dim {head_dim})",
         rope_theta=f"{PERIODS} (its periods' base)",
-        rope_periods=f"{PERIODS} (the file's own, up to {off:.2%} from base {base:g}'s)",
+        rope_periods=f"{PERIODS} (the file's own, up to {off:.1e} relative from base {base:g}'s)",
     )
     fields["rope_periods"] = None if off <= 4 * 2.0**-24 else _exact(values)
 

@@ -468,7 +468,13 @@ def _from_shapes(
     if layout.class_fields is not None:
         from_buffers, buffers_found, buffers_assumed = layout.class_fields(source)
         sizes.update(from_buffers)
-        found.update({f: f"the {layout.name} layout's class" for f in from_buffers})
+        found.update(
+            {
+                f: f"the {layout.name} layout's class"
+                for f in from_buffers
+                if f not in buffers_assumed
+            }
+        )
         found.update(buffers_found)
         assumed = {f: why for f, why in assumed.items() if f not in from_buffers}
         assumed.update(buffers_assumed)
