@@ -136,3 +136,27 @@ def test_bfloat16_runs_in_both_and_stays_close():
     ref = run_torch(source, images).float().numpy()
     out = np.asarray(run_nnx(port, images), np.float32)
     assert np.abs(ref - out).max() <= 5e-2 * max(1.0, np.abs(ref).max())
+
+
+@pytest.mark.parametrize("bias", ["none", "per-query", "broadcast"])
+def test_attention_past_a_query_block_is_the_same_maths(x64, bias):
+    """More query rows than `QUERY_BLOCK` (attended a block at a time, for XLA:CPU's speed)
+    give softmax(q k^T / sqrt(hd) + bias) v in float64 to 1e-13, with a bias per query row or
+    one broadcast over them, against NumPy."""
+    import jax.numpy as jnp
+
+    from jax_impl.model import QUERY_BLOCK, attend
+
+    t = QUERY_BLOCK + 45
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 2, t, 8)) for _ in range(3))
+    b = {
+        "none": None,
+        "per-query": rng.standard_normal((2, t, t)),
+        "broadcast": rng.standard_normal((1, 2, 1, t)),
+    }[bias]
+    scores = q @ k.swapaxes(-1, -2) / np.sqrt(8) + (0 if b is None else b)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = weights / weights.sum(-1, keepdims=True) @ v
+    got = attend(*(jnp.asarray(a) for a in (q, k, v)), None if b is None else jnp.asarray(b))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-13)
