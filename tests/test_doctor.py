@@ -127,15 +127,12 @@ def test_compare_against_timm_parallel_blocks_layer_by_layer(images, block):
     assert {"blocks.1.attn", "blocks.1"} <= {x.name for x in report.layers}
 
 
-@pytest.mark.slow  # 3.3 s (--durations)
-def test_compare_against_timm_naflex_layer_by_layer(images):
-    """NaFlexVit embeds, positions and joins the tokens in one module: read at its parts.
-    timm resamples the table in float32 even in a float64 run: every float32 gap is within
-    the noise floor, the float64 gaps stall at float32's resolution from `tokens` on, and the
-    doctor names that a float32 island, not a fault of the port."""
+def timm_naflex(seed: int):
+    """timm's NaFlexVit (bicubic, antialiased), 2 blocks of CONFIG's sizes, its table a 5 x 3
+    grid (not the images'), every parameter random; and its config at CONFIG's image size."""
     import timm
 
-    from tests.helpers.models import from_timm, randomize
+    from tests.helpers.models import randomize
     from weight_transfer.layouts.timm import config_of_timm_model
 
     model = timm.create_model(
@@ -148,8 +145,19 @@ def test_compare_against_timm_naflex_layer_by_layer(images):
         pos_embed_grid_size=(5, 3),
         in_chans=CONFIG.in_channels,
     )
-    model = randomize(model, seed=2).eval()
-    config = config_of_timm_model(model, image_size=CONFIG.image_size)
+    model = randomize(model, seed=seed).eval()
+    return model, config_of_timm_model(model, image_size=CONFIG.image_size)
+
+
+@pytest.mark.slow  # 3.3 s (--durations)
+def test_compare_against_timm_naflex_layer_by_layer(images):
+    """NaFlexVit embeds, positions and joins the tokens in one module: read at its parts.
+    timm resamples the table in float32 even in a float64 run: every float32 gap is within
+    the noise floor, the float64 gaps stall at float32's resolution from `tokens` on, and the
+    doctor names that a float32 island, not a fault of the port."""
+    from tests.helpers.models import from_timm
+
+    model, config = timm_naflex(seed=2)
     assert config.pos_grid == (5, 3)
     port = from_timm(model.state_dict(), config)
     report = compare(model, port, images)
@@ -710,3 +718,28 @@ def test_doctor_names_the_class_slots_of_a_relative_bias_table(slots):
     d = diagnose(reference, candidate, images)
     assert [f.id for f in d.findings] == ["relative_bias_index"], d.as_dict()
     assert "slots in another order" in d.findings[0].detail and d.fixed
+
+
+@pytest.mark.parametrize(
+    "wrong, named",
+    [
+        (dict(pos_interpolation="bilinear"), "bicubic with antialias (timm naflexvit_*_gap)"),
+        (dict(pos_square=True), "without first squaring the grid"),
+    ],
+    ids=["method", "square"],
+)
+def test_doctor_names_how_a_naflex_table_is_resized(images, wrong, named):
+    """Against timm's NaFlexVit (bicubic, antialiased, its 5 x 3 table resized to the images'
+    grid in every forward): a port stating another resize, or a square first, is named with
+    the way timm does it; what remains is timm's float32 resize, a float32 island."""
+    from tests.helpers.models import from_timm
+
+    model, config = timm_naflex(seed=3)
+    assert config.grid != config.pos_grid
+    port = wt.nnx_from_flat(
+        wt.nnx_flat(from_timm(model.state_dict(), config)), config.replace(**wrong)
+    )
+    d = diagnose(model, port, images)
+    assert [f.id for f in d.findings][:1] == ["naflex_resize"], d.as_dict()
+    assert named in d.findings[0].detail, d.as_dict()
+    assert [f.id for f in d.findings][1:] in ([], ["float32_island"]), d.as_dict()

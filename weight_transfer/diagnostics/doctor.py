@@ -478,6 +478,52 @@ def resampling_method(c: Candidate) -> Iterator[Variant]:
         )
 
 
+# A NaFlex table's resize, as the libraries that have one do it (timm NaFlexVit's kinds,
+# transformers' SigLIP 2): (config fields, how)
+NAFLEX_RESIZES: tuple[tuple[dict, str], ...] = (
+    (
+        dict(pos_interpolation="bicubic", pos_antialias=True, pos_align_corners=False),
+        "bicubic with antialias (timm naflexvit_*_gap)",
+    ),
+    (
+        dict(pos_interpolation="bilinear", pos_antialias=True, pos_align_corners=False),
+        "bilinear with antialias (transformers SigLIP 2, timm naflexvit_*_siglip)",
+    ),
+    (
+        dict(pos_interpolation="bilinear", pos_antialias=False, pos_align_corners=True),
+        "bilinear, corners aligned, no antialias (C-RADIO)",
+    ),
+    (
+        dict(pos_interpolation="bicubic", pos_antialias=False, pos_align_corners=False),
+        "bicubic without antialias",
+    ),
+)
+
+
+def naflex_resize(c: Candidate) -> Iterator[Variant]:
+    """A NaFlex table (its own grid, resized in every forward) resized another way by the
+    reference: another method, antialias or corner alignment, or to the longer side's square
+    first (timm's pos_embed_ar_preserving). Only where the image's grid is not the table's."""
+    cfg = c.config
+    if cfg.pos_grid is None or (c.grid or cfg.grid) == cfg.pos_grid:
+        return
+    own = (cfg.pos_interpolation, cfg.pos_antialias, cfg.pos_align_corners)
+    for fields, how in NAFLEX_RESIZES:
+        if tuple(fields.values()) != own:
+            yield (
+                f"the reference resizes its NaFlex table {how}, not "
+                f"{cfg.pos_interpolation}{' with antialias' if cfg.pos_antialias else ''}"
+                f"{', corners aligned' if cfg.pos_align_corners else ''}",
+                _config(c, **fields),
+            )
+    square = "without" if cfg.pos_square else "after"
+    yield (
+        f"the reference resizes its NaFlex table {square} first squaring the grid to its longer "
+        f"side (timm's pos_embed_ar_preserving)",
+        _config(c, pos_square=not cfg.pos_square),
+    )
+
+
 def _method(m: dict) -> str:
     parts = [m["interpolation"], "antialiased" if m["antialias"] else "no antialias"]
     if m["align_corners"]:
@@ -652,6 +698,7 @@ HYPOTHESES: dict[str, Callable[[Candidate], Iterator[Variant]]] = {
         posembed_cls_slot,
         posembed_grid_order,
         resampling_method,
+        naflex_resize,
         rope_variant,
         rope_prefix,
         rope_table_precision,
