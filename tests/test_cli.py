@@ -154,6 +154,7 @@ def pair(tmp_path_factory):
     return ref, cand
 
 
+@pytest.mark.slow  # 3.3 s (matplotlib); the diff's JSON is also in test_testing's reports
 def test_diff_table_json_and_plot(call, tmp_path, pair):
     ref, cand = pair
     r = call("diff", str(ref), str(ref))

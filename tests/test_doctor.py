@@ -278,6 +278,12 @@ def make_fault(name, ref):
         return ref, planted(ref, pos_embed=column_major_positions)
     if name == "resampling_method":  # timm resamples antialiased, the candidate as HF does
         return dynamic_pair()
+    if name == "naflex_resize":  # timm's NaFlexVit resizes bicubic, the port bilinear
+        from tests.helpers.models import from_timm
+
+        model, config = timm_naflex(seed=4)
+        port = wt.nnx_flat(from_timm(model.state_dict(), config))
+        return model, wt.nnx_from_flat(port, config.replace(pos_interpolation="bilinear"))
     if name == "rope_variant":  # timm's RoPE-ViT; the port puts the height's angles first
         return rope_pair(rope_axes="hw")
     if name == "rope_prefix":  # the reference forgot the prefix offset
@@ -368,8 +374,12 @@ FAULT_IMAGE_SIZE = {"resampling_method": (16, 20), "rope_variant": (32, 48)}
 # timm resamples in float32 even in a float64 model (`posemb.float()`): once the method is
 # named, the two agree to float32's resolution, which the doctor names as well
 # timm's RoPE tables are float32 too (closer than 1e-9 or not, by the images): either way.
-AFTER_FIX = {"resampling_method": ["float32_island"], "rope_variant": ["float32_island"]}
-MAY_BE_FIXED = {"rope_variant"}
+AFTER_FIX = {
+    "resampling_method": ["float32_island"],
+    "rope_variant": ["float32_island"],
+    "naflex_resize": ["float32_island"],
+}
+MAY_BE_FIXED = {"rope_variant", "naflex_resize"}
 
 
 def dynamic_pair(resampling=None):
@@ -403,6 +413,7 @@ FAULTS = [
     "layer_scale_count",
     "map_qkv_order",
     "resampling_method",
+    "naflex_resize",
     "rope_variant",
     "rope_prefix",
     "rope_table_precision",
@@ -430,6 +441,7 @@ def test_every_hypothesis_has_a_planted_fault():
 
 # the slowest (3 to 4 s each, measured) run with the whole suite; the quick subset keeps the rest
 SLOW_FAULTS = {
+    "naflex_resize",  # also test_doctor_names_how_a_naflex_table_is_resized
     "rope_variant",  # also test_doctor_names_each_rope_difference
     "rope_prefix",
     "rope_table_precision",
@@ -688,7 +700,12 @@ def test_the_same_method_at_another_size_has_no_finding():
             "by separate side",
             marks=pytest.mark.slow,
         ),
-        ("vit_pe_spatial_base_patch16_512", dict(rope_offset=0.0), "positions start at 1"),
+        pytest.param(  # 2.2 s
+            "vit_pe_spatial_base_patch16_512",
+            dict(rope_offset=0.0),
+            "positions start at 1",
+            marks=pytest.mark.slow,
+        ),
         pytest.param(  # learned frequencies: the coordinates the first component multiplies
             "vit_base_patch16_rope_mixed_224",
             dict(rope_axes="hw"),
@@ -723,7 +740,11 @@ def test_doctor_names_the_class_slots_of_a_relative_bias_table(slots):
 @pytest.mark.parametrize(
     "wrong, named",
     [
-        (dict(pos_interpolation="bilinear"), "bicubic with antialias (timm naflexvit_*_gap)"),
+        pytest.param(  # 2 s; the square case keeps the hypothesis in the quick subset
+            dict(pos_interpolation="bilinear"),
+            "bicubic with antialias (timm naflexvit_*_gap)",
+            marks=pytest.mark.slow,
+        ),
         (dict(pos_square=True), "without first squaring the grid"),
     ],
     ids=["method", "square"],

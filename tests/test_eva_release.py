@@ -80,7 +80,11 @@ def output(model, images) -> np.ndarray:
 
 @pytest.mark.parametrize(
     "arch, framework",
-    [(BASE, "torch"), (TINY, "torch"), pytest.param(BASE, "jax", marks=pytest.mark.slow)],
+    [
+        (BASE, "torch"),
+        pytest.param(TINY, "torch", marks=pytest.mark.slow),
+        pytest.param(BASE, "jax", marks=pytest.mark.slow),
+    ],
 )
 def test_an_eva02_release_file_loads_with_its_architecture(tmp_path, arch, framework):
     """B (sub-LNs, split SwiGLU, separate q/k/v) and T (xformers' packed SwiGLU, fused qkv):

@@ -228,7 +228,21 @@ def test_family_logit_parity(name, dtype):
             assert_close(ref, out, dtype, f"{name} {direction} {dtype}")
 
 
-@pytest.mark.parametrize("name", sorted(FAMILY))
+# the NumPy reference's quick cases (0.8 s each): one of each kind of feature; all run with
+# the whole suite
+REFERENCE_QUICK = FLOAT64_QUICK | {
+    "rope-periods-min-max",
+    "naflex-bicubic-antialias",
+    "beit-relative-bias",
+    "post-norm",
+    "parallel-22b",
+    "cls-with-mean-pool",
+}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=slow_if(n not in REFERENCE_QUICK)) for n in sorted(FAMILY)]
+)
 def test_family_numpy_reference_agrees_with_both_in_float64(name):
     """The NumPy forward, written from the maths, against every intermediate of both models."""
     config = family(name)

@@ -148,8 +148,20 @@ LAYOUT = {
 }
 
 
-@pytest.mark.parametrize("framework", ["jax", "torch"])
-@pytest.mark.parametrize("case", sorted(CASES))
+# the newest cases' JAX runs (0.5-1 s each) are left to the whole suite
+JAX_SLOW = ("dinov3", "aimv2", "siglip2")
+
+
+@pytest.mark.parametrize(
+    "case, framework",
+    [
+        pytest.param(c, f, marks=pytest.mark.slow)
+        if f == "jax" and c.startswith(JAX_SLOW)
+        else (c, f)
+        for c in sorted(CASES)
+        for f in ("jax", "torch")
+    ],
+)
 def test_hf_family_folder_matches_transformers(tmp_path, case, framework):
     model = randomize(CASES[case](), seed=len(case)).eval()
     model.save_pretrained(tmp_path / case)

@@ -138,7 +138,14 @@ def test_bfloat16_runs_in_both_and_stays_close():
     assert np.abs(ref - out).max() <= 5e-2 * max(1.0, np.abs(ref).max())
 
 
-@pytest.mark.parametrize("bias", ["none", "per-query", "broadcast"])
+@pytest.mark.parametrize(
+    "bias",
+    [
+        pytest.param("none", marks=pytest.mark.slow),
+        "per-query",
+        pytest.param("broadcast", marks=pytest.mark.slow),
+    ],
+)
 def test_attention_past_a_query_block_is_the_same_maths(x64, bias):
     """More query rows than `QUERY_BLOCK` (attended a block at a time, for XLA:CPU's speed)
     give softmax(q k^T / sqrt(hd) + bias) v in float64 to 1e-13, with a bias per query row or

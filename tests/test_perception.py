@@ -143,7 +143,11 @@ def test_with_its_timm_architecture_the_release_keeps_pes_own_rope(tmp_path):
 @pytest.mark.parametrize(
     "kind", ["class-token-layerscale-projection", "no-class-token"], ids=lambda k: k
 )
-@pytest.mark.parametrize("size", [(64, 64), (80, 48)], ids=["native", "another-grid"])
+@pytest.mark.parametrize(
+    "size",
+    [pytest.param((64, 64), marks=pytest.mark.slow), (80, 48)],  # the other grid is the test
+    ids=["native", "another-grid"],
+)
 def test_the_release_against_its_own_code_at_any_grid(tmp_path, kind, size):
     """PE's own VisionTransformer (vendored, tests/helpers/pe_vision.py) as the oracle, at its
     training grid and at another: there PE resizes its table bilinearly in every forward and

@@ -61,6 +61,7 @@ def test_scan_init_builds_per_layer_params():
     assert q.shape == (3, 24, 24) and not np.allclose(q[0], q[1])
 
 
+@pytest.mark.slow  # 3.9 s (--durations); the scanned and loop parity stays quick
 def test_fused_attention_is_the_same_function():
     config = tiny()
     loop = random_nnx(config, seed=8)

@@ -241,6 +241,7 @@ def strip(spec: list[str]) -> list[str]:
 MESH_2D = AbstractMesh((2, 4), ("data", "model"))
 
 
+@pytest.mark.slow  # 3.2 s (--durations)
 def test_flax_derives_the_same_specs_from_the_annotations():
     """A model built by hand carries its logical axes; under `nnx.logical_axis_rules` with a
     rule set, `nnx.get_partition_spec` gives the specs the loader uses."""

@@ -23,6 +23,7 @@ def imported_after(module: str) -> set[str]:
     return {m.split(".")[0] for m in out.stdout.split()}
 
 
+@pytest.mark.slow  # 3.3 s (a process); its sibling for jax_impl stays quick
 def test_torch_impl_never_imports_jax_or_flax():
     mods = imported_after("torch_impl")
     assert "torch" in mods and not mods & {"jax", "flax", "jaxlib"}
