@@ -163,14 +163,20 @@ CONFIG_FIELDS = [
 ]
 
 
+def forged_folder(folder: Path, d: Path, config) -> Path:
+    """A copy of the HF `folder`'s weights under `d`, beside `config` as its config.json."""
+    hf = d / "hf"
+    hf.mkdir()
+    (hf / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    (hf / "config.json").write_text(json.dumps(config))
+    return hf
+
+
 @SETTINGS
 @given(field=st.sampled_from(CONFIG_FIELDS + ["*whole*", "*drop*"]), value=JSON_VALUES)
 def test_mutated_config_json(valid, field, value):
     _, folder = valid
     with tempfile.TemporaryDirectory() as d:
-        hf = Path(d) / "hf"
-        hf.mkdir()
-        (hf / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
         config = json.loads((folder / "config.json").read_text())
         if field == "*whole*":
             config = value
@@ -178,7 +184,7 @@ def test_mutated_config_json(valid, field, value):
             config.pop(CONFIG_FIELDS[len(json.dumps(value)) % len(CONFIG_FIELDS)], None)
         else:
             config[field] = value
-        (hf / "config.json").write_text(json.dumps(config))
+        hf = forged_folder(folder, Path(d), config)
         out = Path(d) / "out.safetensors"
         code, err = run_cli("convert", hf, out, "--to", "torch")
         if code == 0:
@@ -249,13 +255,9 @@ def test_mutated_dinov3_config_json(valid_dinov3, field, value):
     coordinate jitter, heads): read, or refused in one line."""
     folder, _ = valid_dinov3
     with tempfile.TemporaryDirectory() as d:
-        hf = Path(d) / "hf"
-        hf.mkdir()
-        (hf / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
         config = json.loads((folder / "config.json").read_text())
         config = value if field == "*whole*" else {**config, field: value}
-        (hf / "config.json").write_text(json.dumps(config))
-        assert_read_or_refused(hf, Path(d) / "out.safetensors")
+        assert_read_or_refused(forged_folder(folder, Path(d), config), Path(d) / "out.safetensors")
 
 
 @SETTINGS

@@ -21,6 +21,7 @@ from vit_config.rope import rope_angles
 from weight_transfer.core.errors import CheckpointError, LayoutError
 from weight_transfer.formats.checkpoint import Source
 from weight_transfer.layouts.base import Layout, Unused, require
+from weight_transfer.layouts.timm import TIMM_LAYOUT
 
 COS, SIN = "rope.freqs_cos", "rope.freqs_sin"
 # the release's names -> timm's (the inverse of what timm's checkpoint_filter_fn renames)
@@ -32,12 +33,6 @@ RENAMES = (
     ("mlp.w2.", "mlp.fc1_x."),
     ("mlp.w3.", "mlp.fc2."),
 )
-
-
-def _timm():
-    from weight_transfer.layouts.timm import LAYOUTS as TIMM
-
-    return TIMM[0]
 
 
 def _to_timm(key: str, separate_qkv: bool) -> str:
@@ -169,7 +164,7 @@ LAYOUTS = (
     Layout(
         "eva02",
         "torch",
-        lambda config: _timm().table(config),
+        TIMM_LAYOUT.table,
         r"^rope\.freqs_cos$|\.mlp\.ffn_ln\.|\.attn\.inner_attn_ln\.",
         "the EVA-02 release (baaivision/EVA EVA-02 asuka; --arch names its timm architecture)",
         priority=3,  # its names are mostly timm's

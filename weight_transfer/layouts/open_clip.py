@@ -10,6 +10,7 @@ from weight_transfer.core.resample import OPEN_CLIP
 from weight_transfer.core.table import Rule, rule
 from weight_transfer.core.transforms import BATCH_AXIS, FUSE_QKV, LINEAR
 from weight_transfer.layouts.base import PLAIN, Layout, fused, renamed, renaming, require
+from weight_transfer.layouts.timm import TIMM_LAYOUT, config_from_timm
 
 
 def open_clip_table(config: ViTConfig) -> tuple[Rule, ...]:
@@ -117,8 +118,6 @@ def _timm_tower(name: str, embed_dim: int, vision: dict) -> ViTConfig:
     With `timm_proj` unset (null) the trunk's own classifier (embed_dim outputs, with a bias)
     is the projection; "none": the pooled features; "linear": a `head.proj` after them (a bias
     per `timm_proj_bias`). Attention pools and an MLP projection are refused."""
-    from weight_transfer.layouts.timm import config_from_timm
-
     proj, pool = vision.get("timm_proj", "linear"), vision.get("timm_pool", "avg")
     other = sorted(set(vision) - TIMM_TOWER_KEYS)
     if other or proj == "mlp" or pool in ("abs_attn", "rot_attn"):
@@ -161,12 +160,6 @@ def _timm_tower_name(key: str, config: ViTConfig) -> str:
     return "visual.trunk." + key
 
 
-def _timm_layout():
-    from weight_transfer.layouts.timm import LAYOUTS as TIMM
-
-    return TIMM[0]
-
-
 LAYOUTS = (
     Layout(
         "open_clip",
@@ -207,16 +200,16 @@ LAYOUTS = (
     Layout(
         "open_clip_timm",
         "torch",
-        _timm_layout().table,
+        TIMM_LAYOUT.table,
         r"^visual\.trunk\.",
         "open_clip image tower on a timm trunk (visual.trunk.*, visual.head.proj: EVA02-*, "
         "PE-Core-*, SigLIP 2; --arch NAME; the text tower is left out)",
         priority=3,  # its text tower may carry open_clip's `transformer.resblocks`
         normalise=normalise_timm_tower,
         published=_timm_tower_name,
-        resampling=_timm_layout().resampling,
-        computes=_timm_layout().computes,
-        assumes=_timm_layout().assumes,
-        lookalikes=_timm_layout().lookalikes,
+        resampling=TIMM_LAYOUT.resampling,
+        computes=TIMM_LAYOUT.computes,
+        assumes=TIMM_LAYOUT.assumes,
+        lookalikes=TIMM_LAYOUT.lookalikes,
     ),
 )

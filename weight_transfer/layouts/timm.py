@@ -773,19 +773,20 @@ def diff_points(model):
     return f"timm {type(model).__name__}", hook_points
 
 
-LAYOUTS = (
-    Layout(
-        "timm",
-        "torch",
-        timm_table,
-        r"^blocks\.\d+\.attn\.qkv\.weight$|^(patch_embed|embeds)\.proj\.weight$",
-        "timm VisionTransformer state dict (or Hub folder)",
-        read_config_json=timm_config_json,
-        write_config_json=timm_hub_config,
-        resampling=lambda c: TIMM,
-        lookalikes="Perception Encoder (timm vit_pe_core_*, vit_pe_spatial_*) has these "
-        "keys and also rotates q and k (RoPE)",
-        computes=tuple(f for f in EVERYTHING if f != "rope_periods"),  # timm recomputes them
-        assumes=dict(activation=ASSUME_GELU, ln_eps=ASSUME_EPS6),
-    ),
+# timm's layout, which the layouts built on timm's names (open_clip's towers, EVA-02's
+# release) reuse
+TIMM_LAYOUT = Layout(
+    "timm",
+    "torch",
+    timm_table,
+    r"^blocks\.\d+\.attn\.qkv\.weight$|^(patch_embed|embeds)\.proj\.weight$",
+    "timm VisionTransformer state dict (or Hub folder)",
+    read_config_json=timm_config_json,
+    write_config_json=timm_hub_config,
+    resampling=lambda c: TIMM,
+    lookalikes="Perception Encoder (timm vit_pe_core_*, vit_pe_spatial_*) has these "
+    "keys and also rotates q and k (RoPE)",
+    computes=tuple(f for f in EVERYTHING if f != "rope_periods"),  # timm recomputes them
+    assumes=dict(activation=ASSUME_GELU, ln_eps=ASSUME_EPS6),
 )
+LAYOUTS = (TIMM_LAYOUT,)

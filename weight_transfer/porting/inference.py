@@ -331,6 +331,11 @@ def block_indices(keys) -> set[int]:
     return {int(m.group(1)) for k in keys for m in [BLOCK_INDEX.search(k)] if m}
 
 
+def _class_fact(layout: Layout) -> str:
+    """Where a field the layout's class computes whatever the file was found."""
+    return f"the {layout.name} layout's class"
+
+
 def _class_fields_over(
     source: Source, layout: Layout, config: ViTConfig, found: dict, overrides: Mapping[str, Any]
 ) -> ViTConfig:
@@ -358,7 +363,7 @@ def _class_fields_over(
         and getattr(config, f) != v
     }
     for f in fixed:
-        found[f] = stated.get(f, f"the {layout.name} layout's class")
+        found[f] = stated.get(f, _class_fact(layout))
     return dataclasses.replace(config, **fixed) if fixed else config
 
 
@@ -468,13 +473,7 @@ def _from_shapes(
     if layout.class_fields is not None:
         from_buffers, buffers_found, buffers_assumed = layout.class_fields(source)
         sizes.update(from_buffers)
-        found.update(
-            {
-                f: f"the {layout.name} layout's class"
-                for f in from_buffers
-                if f not in buffers_assumed
-            }
-        )
+        found.update({f: _class_fact(layout) for f in from_buffers if f not in buffers_assumed})
         found.update(buffers_found)
         assumed = {f: why for f, why in assumed.items() if f not in from_buffers}
         assumed.update(buffers_assumed)

@@ -122,16 +122,16 @@ def write_layout(
     an Orbax checkpoint folder, or safetensors (sharded with an index when `max_shard_size`
     splits it). `source_digest` is called after the stream is consumed and lands in the
     manifest as `source_sha256`."""
-    if layout.unused is not None:  # zeros, as the publisher's class initialises them
-        dtype = plan.order[0][1][1]
-        zeros = {
+    if layout.unused is not None:  # zeros as the publisher's class initialises them, or the
+        dtype = plan.order[0][1][1]  # buffers the config determines
+        held = {
             k: np.zeros(v, dtype) if isinstance(v, tuple) else np.asarray(v, dtype)
             for k, v in layout.unused(config).items()
         }
         plan = dataclasses.replace(
-            plan, order=[*plan.order, *((k, (a.shape, a.dtype)) for k, a in zeros.items())]
+            plan, order=[*plan.order, *((k, (a.shape, a.dtype)) for k, a in held.items())]
         )
-        tensors = itertools.chain(tensors, zeros.items())
+        tensors = itertools.chain(tensors, held.items())
     if (published := layout.published) is not None:  # the names its own loader expects
 
         def name(key: str) -> str:
