@@ -18,7 +18,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from vit_config import ArgumentError, ViTConfig, arch, check_image_shape
+from vit_config import ArgumentError, ViTConfig, arch, check_image_shape, first_image
+from vit_config.patches import Grids, check_patch_batch, padded_tokens
 from vit_config.relpos import RelativeGrid, relative_grid
 from vit_config.resample import positions_for_grid
 from vit_config.rope import learned_angles, rope_angles, rope_positions, rotate
@@ -324,9 +325,10 @@ class MAPHead(FeedForward):
         self.norm = make_norm(c, c.d_model, dense)
         self._init_mlp(c, True, False, dense, width=c.map_mlp_width)  # plain, as timm, big_vision
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """`mask`: an additive (B, 1, 1, N) key mask, for a padded batch."""
         probe = jnp.broadcast_to(self.probe[...], (x.shape[0], *self.probe.shape))  # (B, 1, D)
-        y = self.attn(probe, context=x)
+        y = self.attn(probe, context=x, positions=AttentionPositions(bias=mask))
         return (y + self.mlp(self.norm(y)))[:, 0]
 
 
@@ -417,9 +419,21 @@ class ViT(nnx.Module):
             self.pos_embed[...], self.config, grid, self.interpolation, self.antialias
         )  # (positioned prefix + Hp * Wp, D)
 
-    def embed(self, x: jax.Array, grid: tuple[int, int]) -> jax.Array:
-        """(B, N, D) patch tokens of a (Hp, Wp) grid -> (B, T, D): prefix tokens [cls, dist,
-        registers] joined and positions added to the tokens `pos_embed_tokens` says."""
+    def positions(self, grids: Grids, n: int, padded: bool) -> jax.Array | None:
+        """The learned positions of N patch tokens on `grids` (None without a table): one
+        table (positioned prefix + N, D) for a batch of one grid; for a `padded` batch, each
+        image's, (B, positioned prefix + N, D), the padding's rows zero."""
+        if not self.config.pos_embed:
+            return None
+        if not padded:
+            return self.position_table(grids[0])
+        tables = {grid: self.position_table(grid) for grid in set(grids)}
+        return jnp.stack([jnp.pad(tables[g], ((0, n - g[0] * g[1]), (0, 0))) for g in grids])
+
+    def embed(self, x: jax.Array, pos: jax.Array | None) -> jax.Array:
+        """(B, N, D) patch tokens -> (B, T, D): prefix tokens [cls, dist, registers] joined and
+        the positions `pos` ((positioned prefix + N, D), or per image with a leading B) added
+        to the tokens `pos_embed_tokens` says."""
         c, b = self.config, x.shape[0]
         prefix = [
             jnp.broadcast_to(getattr(self, name)[...], (b, *getattr(self, name).shape))
@@ -430,9 +444,8 @@ class ViT(nnx.Module):
             )
             if on
         ]  # (B, n, D) each
-        if not c.pos_embed:  # positions only inside attention (RoPE)
+        if pos is None:  # positions only inside attention (RoPE), or none
             return jnp.concatenate([*prefix, x], axis=1)
-        pos = self.position_table(grid)
         if c.pos_embed_tokens == "all":
             return jnp.concatenate([*prefix, x], axis=1) + pos
         if c.pos_embed_tokens == "none":
@@ -472,19 +485,23 @@ class ViT(nnx.Module):
 
         return AttentionPositions(rotate=turn)
 
-    def pool(self, x: jax.Array) -> jax.Array:
+    def pool(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
         """(B, T, D) -> (B, D) (or (B, 2D) for "cls_mean"); prefix tokens other than the class
-        token are pooled only with `pool_prefix`."""
+        token are pooled only with `pool_prefix`. `valid` (B, T): a padded batch's tokens,
+        the padding left out of the mean and the MAP head's attention."""
         c = self.config
-        pool, patches = c.pool, x[:, c.num_prefix_tokens :]
-        read = x if c.pool_prefix else patches  # what "mean" and "map" read
+        pool, start = c.pool, 0 if c.pool_prefix else c.num_prefix_tokens
+        read = x[:, start:]  # what "mean" and "map" read
         if pool == "cls":
             return x[:, 0]
         if pool == "mean":
-            return read.mean(axis=1)
+            return masked_mean(read, None if valid is None else valid[:, start:])
         if pool == "cls_mean":
-            return jnp.concatenate([x[:, 0], patches.mean(axis=1)], axis=-1)
-        return self.map(read)
+            patches = valid if valid is None else valid[:, c.num_prefix_tokens :]
+            return jnp.concatenate(
+                [x[:, 0], masked_mean(x[:, c.num_prefix_tokens :], patches)], axis=-1
+            )
+        return self.map(read, None if valid is None else key_mask(valid[:, start:], x.dtype))
 
     def __call__(self, images: jax.Array, *, return_intermediates: bool = False):
         """Logits for NHWC images; with `return_intermediates`, also a dict of named activations.
@@ -507,27 +524,56 @@ class ViT(nnx.Module):
 
     def forward(self, images: jax.Array, return_intermediates: bool = False):
         """The forward itself, whatever the mesh (`__call__`'s body)."""
-        c = self.config
-        batched = check_image_shape(images.shape, c, "NHWC", dynamic=self.dynamic_image_size)
+        batched = check_image_shape(
+            images.shape, self.config, "NHWC", dynamic=self.dynamic_image_size
+        )
         x = jnp.asarray(images, self.dtype)
-        x = x if batched else x[None]
+        x = self.patch_embed(x if batched else x[None])  # (B, Hp, Wp, D)
+        b, hp, wp, d = x.shape
+        x = x.reshape(b, hp * wp, d)  # (B, N, D), row-major over the grid
+        out = self.encode(x, ((hp, wp),) * b, return_intermediates, padded=False)
+        return out if batched else first_image(out, return_intermediates)
+
+    def forward_patches(
+        self, patches: jax.Array, grids: Grids, *, return_intermediates: bool = False
+    ):
+        """Logits for a padded batch of images of different sizes (NaFlex): `patches`
+        (B, N, P * P * C), each image's (Hp, Wp) in `grids` (`vit_config.patches`: its first
+        Hp * Wp tokens are its patches, row-major; the rest padding, masked out of every
+        attention and pooling). Each image's positions are the table resampled to its grid.
+        `grids` are Python ints: under `nnx.jit` close over them (one compile per set)."""
+        c = self.config
+        dynamic = self.dynamic_image_size or c.pos_grid is not None
+        grids = check_patch_batch(patches.shape, grids, c, dynamic=dynamic)
+        kernel = self.patch_embed.kernel[...]  # (P, P, C, D): rows in the patches' order
+        x = jnp.asarray(patches, self.dtype) @ kernel.reshape(-1, kernel.shape[-1])  # (B, N, D)
+        x = x + self.patch_embed.bias[...] if c.patch_bias else x
+        return self.encode(x, grids, return_intermediates, padded=True)
+
+    def encode(self, x: jax.Array, grids: Grids, keep: bool, *, padded: bool):
+        """(B, N, D) patch tokens, image i's on the patch grid `grids[i]` -> logits (B, K) and,
+        with `keep`, the named activations. All grids are one unless `padded`."""
+        c = self.config
         seen: dict[str, jax.Array] = {}
 
         def tap(name: str, value: jax.Array) -> jax.Array:
-            if return_intermediates:
-                seen[name] = value if batched else value[0]
+            if keep:
+                seen[name] = value
             return value
 
-        x = self.patch_embed(x)  # (B, Hp, Wp, D)
-        b, hp, wp, d = x.shape
-        positions = self.attention_positions((hp, wp))
-        x = x.reshape(b, hp * wp, d)  # (B, N, D), row-major over the grid
+        n = x.shape[1]
+        valid = jnp.asarray(padded_tokens(grids, n, c.num_prefix_tokens)) if padded else None
+        positions = (
+            AttentionPositions(bias=key_mask(valid, self.dtype))
+            if padded
+            else self.attention_positions(grids[0])
+        )
         x = tap("patch_embed", self.patch_norm(x) if c.patch_norm else x)
-        x = tap("tokens", self.embed(x, (hp, wp)))  # (B, T, D)
+        x = tap("tokens", self.embed(x, self.positions(grids, n, padded)))  # (B, T, D)
         if c.norm_pre:
             x = tap("norm_pre", self.norm_pre(x))
         if self.scan_layers:
-            x, per_layer = _scan_blocks(self.blocks, x, return_intermediates, positions)
+            x, per_layer = _scan_blocks(self.blocks, x, keep, positions)
             for name, stacked in per_layer.items():  # (L, B, T, D) each
                 for i in range(c.num_layers):
                     tap(f"blocks.{i}{name}", stacked[i])
@@ -535,14 +581,27 @@ class ViT(nnx.Module):
             x = tap(f"blocks.{i}", block(x, lambda n, v, i=i: tap(f"blocks.{i}.{n}", v), positions))
         if c.final_norm == "pre_pool":
             x = tap("ln_f", self.ln_f(x))
-        pooled = self.pool(x)
+        pooled = self.pool(x, valid)
         pooled = tap("pooled", self.fc_norm(pooled) if c.final_norm == "post_pool" else pooled)
         logits = self.head(pooled) if c.num_classes else pooled  # (B, K)
         if c.dist_token and c.dist_head:  # the distilled model's: the mean of both tokens'
             logits = (logits + (self.head_dist(x[:, 1]) if c.num_classes else x[:, 1])) / 2
         logits = tap("logits", logits)
-        logits = logits if batched else logits[0]
-        return (logits, seen) if return_intermediates else logits
+        return (logits, seen) if keep else logits
+
+
+def key_mask(valid: jax.Array, dtype) -> jax.Array:
+    """(B, S) valid keys -> an additive (B, 1, 1, S) attention mask: 0, or the dtype's lowest
+    value (timm's; exp of it underflows to an exact 0 weight) for padding."""
+    return jnp.where(valid, 0, jnp.finfo(dtype).min).astype(dtype)[:, None, None, :]
+
+
+def masked_mean(x: jax.Array, valid: jax.Array | None) -> jax.Array:
+    """(B, T, D) -> (B, D): the mean over the tokens `valid` (B, T) marks (all, if None)."""
+    if valid is None:
+        return x.mean(axis=1)
+    weights = valid.astype(x.dtype)[..., None]  # (B, T, 1)
+    return (x * weights).sum(axis=1) / weights.sum(axis=1)
 
 
 def _explicit_mesh(array: jax.Array):

@@ -468,6 +468,32 @@ def test_siglip2_folders_match_transformers_at_any_grid(tmp_path, whole, framewo
         assert_close(output(model, nchw(images)), np.asarray(got), "float32", f"{size}")
 
 
+@pytest.mark.parametrize("framework", [pytest.param("jax", marks=pytest.mark.slow), "torch"])
+def test_a_siglip2_padded_batch_from_its_image_processor_matches_transformers(tmp_path, framework):
+    """Images of three sizes and aspects through transformers' own Siglip2ImageProcessor
+    (resized to fit max_num_patches, patchified, padded, with pixel_attention_mask and
+    spatial_shapes): Siglip2VisionModel's pooled output on that batch is the oracle."""
+    from vit_config.patches import from_hf
+    from weight_transfer.frameworks.runners import run_patches
+
+    model = randomize(T.Siglip2VisionModel(T.Siglip2VisionConfig(**SIGLIP2)), seed=19).eval()
+    model.save_pretrained(tmp_path / "siglip2")
+    processor = T.Siglip2ImageProcessor(patch_size=SIGLIP2["patch_size"], max_num_patches=24)
+    rng = np.random.default_rng(20)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in PROCESSOR_IMAGES]
+    inputs = processor(images=images, return_tensors="pt")
+    patches, grids = from_hf(**inputs)
+    assert len(set(grids)) == 3 and inputs["pixel_attention_mask"].min() == 0  # padded
+    with torch.no_grad():
+        expected = model(**inputs).pooler_output
+    ours = wt.load_checkpoint(tmp_path / "siglip2", framework)
+    got = run_patches(ours, patches, grids)
+    assert_close(expected, got, "float32", f"SigLIP 2 padded batch, {framework}")
+
+
+PROCESSOR_IMAGES = [(40, 100, 3), (90, 90, 3), (64, 30, 3)]  # wide, square, tall
+
+
 def test_a_naflex_model_siglip2_cannot_hold_is_not_written(tmp_path):
     """A NaFlex table that is not square, or resized another way than SigLIP 2's bilinear
     antialiased resize: refused by name, nothing written."""

@@ -21,7 +21,7 @@ from tests.conftest import assert_close  # noqa: E402
 from tests.helpers.models import nchw, randomize  # noqa: E402
 from vit_config import ArgumentError  # noqa: E402
 from weight_transfer.core.errors import LayoutError  # noqa: E402
-from weight_transfer.frameworks.runners import run_nnx, run_torch  # noqa: E402
+from weight_transfer.frameworks.runners import run_nnx, run_patches, run_torch  # noqa: E402
 
 SMALL = dict(depth=2, embed_dim=48, num_heads=3, pos_embed_grid_size=(5, 4))
 # (architecture, how it resamples): each NaFlexVit resampling timm registers
@@ -66,6 +66,41 @@ def test_a_naflex_hub_folder_matches_timm_at_every_grid(tmp_path, arch):
                 ours = wt.load_checkpoint(folder, framework, image_size=size)
             assert ours.config.pos_grid == (5, 4)
             assert_close(expected, run(ours, images), "float32", f"{arch} {framework} {grid}")
+
+
+def timm_padded_batch(grids, seed: int = 0) -> dict:
+    """Images of different sizes batched by timm's own NaFlex data path: `Patchify` per image,
+    `NaFlexCollator` padding them to one length (its `patches`, `patch_coord`, `patch_valid`)."""
+    from timm.data.naflex_dataset import NaFlexCollator
+    from timm.data.naflex_transforms import Patchify
+
+    rng = np.random.default_rng(seed)
+    images = [
+        torch.from_numpy(rng.standard_normal((3, 16 * h, 16 * w), np.float32)) for h, w in grids
+    ]
+    items = [(Patchify(16)(image), 0) for image in images]
+    batch, _ = NaFlexCollator(max_seq_len=max(h * w for h, w in grids) + 3)(items)
+    return batch
+
+
+@pytest.mark.parametrize(  # 2-3 s each (--durations): one in the quick subset
+    "arch",
+    [a if a == QUICK else pytest.param(a, marks=pytest.mark.slow) for a in sorted(ARCHS)],
+)
+def test_a_padded_batch_of_mixed_sizes_matches_timm(tmp_path, arch):
+    """One batch of four sizes (the table's, smaller, larger, mixed) as timm's collator pads
+    it: timm's NaFlexVit forward on the dict is the oracle, in both frameworks."""
+    from vit_config.patches import from_timm
+
+    folder, model = timm_folder(tmp_path, arch)
+    batch = timm_padded_batch(GRIDS, seed=3)
+    with torch.no_grad():
+        expected = model(batch)
+    patches, grids = from_timm(batch)
+    assert grids == tuple(GRIDS)
+    for framework in ("jax", "torch"):
+        got = run_patches(wt.load_checkpoint(folder, framework), patches, grids)
+        assert_close(expected, got, "float32", f"{arch} {framework} padded")
 
 
 @pytest.mark.parametrize("framework", [pytest.param("jax", marks=pytest.mark.slow), "torch"])

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vit_config import ViTConfig, check_image_shape
+from vit_config import ViTConfig, check_image_shape, first_image
+from vit_config.patches import Grids, check_patch_batch, padded_tokens
 from vit_config.relpos import RelativeGrid, relative_grid
 from vit_config.resample import positions_for_grid
 from vit_config.rope import learned_angles, rope_angles, rope_positions, rotate
@@ -270,8 +271,10 @@ class MAPHead(FeedForward):
         self.norm = make_norm(c, c.d_model)
         self._init_mlp(c, True, False, width=c.map_mlp_width)  # a plain MLP, as timm and big_vision
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.attn(self.probe.expand(x.shape[0], -1, -1), context=x)  # (B, 1, D)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask`: an additive (B, 1, 1, N) key mask, for a padded batch."""
+        probe = self.probe.expand(x.shape[0], -1, -1)  # (B, 1, D)
+        y = self.attn(probe, context=x, positions=AttentionPositions(bias=mask))
         return (y + self.mlp(self.norm(y)))[:, 0]
 
 
@@ -333,9 +336,21 @@ class ViT(nn.Module):
             self.pos_embed, self.config, grid, self.interpolation, self.antialias
         )  # (positioned prefix + Hp * Wp, D)
 
-    def embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """(B, N, D) patch tokens of a (Hp, Wp) grid -> (B, T, D): prefix tokens [cls, dist,
-        registers] joined and positions added to the tokens `pos_embed_tokens` says."""
+    def positions(self, grids: Grids, n: int, padded: bool) -> torch.Tensor | None:
+        """The learned positions of N patch tokens on `grids` (None without a table): one
+        table (positioned prefix + N, D) for a batch of one grid; for a `padded` batch, each
+        image's, (B, positioned prefix + N, D), the padding's rows zero."""
+        if not self.config.pos_embed:
+            return None
+        if not padded:
+            return self.position_table(grids[0])
+        tables = {grid: self.position_table(grid) for grid in set(grids)}
+        return torch.stack([F.pad(tables[g], (0, 0, 0, n - g[0] * g[1])) for g in grids])
+
+    def embed(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        """(B, N, D) patch tokens -> (B, T, D): prefix tokens [cls, dist, registers] joined and
+        the positions `pos` ((positioned prefix + N, D), or per image with a leading B) added
+        to the tokens `pos_embed_tokens` says."""
         c, b = self.config, x.shape[0]
         prefix = [
             getattr(self, name).expand(b, -1, -1)
@@ -346,9 +361,8 @@ class ViT(nn.Module):
             )
             if on
         ]  # (B, n, D) each
-        if not c.pos_embed:  # positions only inside attention (RoPE)
+        if pos is None:  # positions only inside attention (RoPE), or none
             return torch.cat([*prefix, x], dim=1)
-        pos = self.position_table(grid)
         if c.pos_embed_tokens == "all":
             return torch.cat([*prefix, x], dim=1) + pos
         if c.pos_embed_tokens == "none":
@@ -389,50 +403,94 @@ class ViT(nn.Module):
 
         return AttentionPositions(rotate=turn)
 
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
+    def pool(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, D) -> (B, D) (or (B, 2D) for "cls_mean"); prefix tokens other than the class
-        token are pooled only with `pool_prefix`."""
+        token are pooled only with `pool_prefix`. `valid` (B, T): a padded batch's tokens,
+        the padding left out of the mean and the MAP head's attention."""
         c = self.config
-        pool, patches = c.pool, x[:, c.num_prefix_tokens :]
-        read = x if c.pool_prefix else patches  # what "mean" and "map" read
+        pool, start = c.pool, 0 if c.pool_prefix else c.num_prefix_tokens
+        read = x[:, start:]  # what "mean" and "map" read
         if pool == "cls":
             return x[:, 0]
         if pool == "mean":
-            return read.mean(dim=1)
+            return masked_mean(read, None if valid is None else valid[:, start:])
         if pool == "cls_mean":
-            return torch.cat([x[:, 0], patches.mean(dim=1)], dim=-1)
-        return self.map(read)
+            patches = valid if valid is None else valid[:, c.num_prefix_tokens :]
+            return torch.cat([x[:, 0], masked_mean(x[:, c.num_prefix_tokens :], patches)], dim=-1)
+        return self.map(read, None if valid is None else key_mask(valid[:, start:], x.dtype))
 
     def forward(self, images: torch.Tensor, *, return_intermediates: bool = False):
         """Logits for NCHW images; with `return_intermediates`, also a dict of named activations."""
-        c = self.config
-        batched = check_image_shape(tuple(images.shape), c, "NCHW", dynamic=self.dynamic_image_size)
+        batched = check_image_shape(
+            tuple(images.shape), self.config, "NCHW", dynamic=self.dynamic_image_size
+        )
         x = images.to(self.dtype)
-        x = x if batched else x[None]
+        x = self.patch_embed(x if batched else x[None])  # (B, D, Hp, Wp)
+        grids = ((x.shape[2], x.shape[3]),) * x.shape[0]
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D), row-major over the grid
+        out = self.encode(x, grids, return_intermediates, padded=False)
+        return out if batched else first_image(out, return_intermediates)
+
+    def forward_patches(
+        self, patches: torch.Tensor, grids: Grids, *, return_intermediates: bool = False
+    ):
+        """Logits for a padded batch of images of different sizes (NaFlex): `patches`
+        (B, N, P * P * C), each image's (Hp, Wp) in `grids` (`vit_config.patches`: its first
+        Hp * Wp tokens are its patches, row-major; the rest padding, masked out of every
+        attention and pooling). Each image's positions are the table resampled to its grid."""
+        c = self.config
+        dynamic = self.dynamic_image_size or c.pos_grid is not None
+        grids = check_patch_batch(tuple(patches.shape), grids, c, dynamic=dynamic)
+        weight = self.patch_embed.weight.permute(0, 2, 3, 1)  # (D, C, P, P) -> (D, P, P, C)
+        x = F.linear(patches.to(self.dtype), weight.flatten(1), self.patch_embed.bias)
+        return self.encode(x, grids, return_intermediates, padded=True)  # x: (B, N, D)
+
+    def encode(self, x: torch.Tensor, grids: Grids, keep: bool, *, padded: bool):
+        """(B, N, D) patch tokens, image i's on the patch grid `grids[i]` -> logits (B, K) and,
+        with `keep`, the named activations. All grids are one unless `padded`."""
+        c = self.config
         seen: dict[str, torch.Tensor] = {}
 
         def tap(name: str, value: torch.Tensor) -> torch.Tensor:
-            if return_intermediates:
-                seen[name] = value if batched else value[0]
+            if keep:
+                seen[name] = value
             return value
 
-        x = self.patch_embed(x)  # (B, D, Hp, Wp)
-        grid = (x.shape[2], x.shape[3])
-        positions = self.attention_positions(grid)
-        x = x.flatten(2).transpose(1, 2)  # (B, N, D)
+        n, device = x.shape[1], x.device
+        tokens = padded_tokens(grids, n, c.num_prefix_tokens) if padded else None
+        valid = None if tokens is None else torch.from_numpy(tokens).to(device)
+        positions = (
+            AttentionPositions(bias=key_mask(valid, self.dtype))
+            if valid is not None
+            else self.attention_positions(grids[0])
+        )
         x = tap("patch_embed", self.patch_norm(x) if c.patch_norm else x)
-        x = tap("tokens", self.embed(x, grid))  # (B, T, D)
+        x = tap("tokens", self.embed(x, self.positions(grids, n, padded)))  # (B, T, D)
         if c.norm_pre:
             x = tap("norm_pre", self.norm_pre(x))
         for i, block in enumerate(self.blocks):
             x = tap(f"blocks.{i}", block(x, lambda n, v, i=i: tap(f"blocks.{i}.{n}", v), positions))
         if c.final_norm == "pre_pool":
             x = tap("ln_f", self.ln_f(x))
-        pooled = self.pool(x)
+        pooled = self.pool(x, valid)
         pooled = tap("pooled", self.fc_norm(pooled) if c.final_norm == "post_pool" else pooled)
         logits = self.head(pooled) if c.num_classes else pooled  # (B, K)
         if c.dist_token and c.dist_head:  # the distilled model's: the mean of both tokens'
             logits = (logits + (self.head_dist(x[:, 1]) if c.num_classes else x[:, 1])) / 2
         logits = tap("logits", logits)
-        logits = logits if batched else logits[0]
-        return (logits, seen) if return_intermediates else logits
+        return (logits, seen) if keep else logits
+
+
+def key_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, S) valid keys -> an additive (B, 1, 1, S) attention mask: 0, or the dtype's lowest
+    value (timm's; exp of it underflows to an exact 0 weight) for padding."""
+    zero = torch.zeros((), dtype=dtype, device=valid.device)
+    return torch.where(valid, zero, torch.finfo(dtype).min)[:, None, None, :]
+
+
+def masked_mean(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, D) -> (B, D): the mean over the tokens `valid` (B, T) marks (all, if None)."""
+    if valid is None:
+        return x.mean(dim=1)
+    weights = valid.to(x.dtype)[..., None]  # (B, T, 1)
+    return (x * weights).sum(dim=1) / weights.sum(dim=1)

@@ -23,6 +23,7 @@ __all__ = [
     "CHOICES",
     "DINOV3_POSITIONS",
     "check_image_shape",
+    "first_image",
     "positioned_prefix",
 ]
 
@@ -838,6 +839,12 @@ MAX_DYNAMIC_PATCHES = 1 << 16  # a 4096 x 4096 image at patch 16: far beyond any
 
 class ImageShapeError(VitParityError):
     """An image batch whose rank, channels or size does not fit the model's config."""
+
+
+def first_image(out, keep: bool):
+    """A forward's result for the first (only) image of a batch: logits (B, K) -> (K,) and,
+    with `keep`, its intermediates (logits, {name: (B, ...)}) likewise."""
+    return (out[0][0], {k: v[0] for k, v in out[1].items()}) if keep else out[0]
 
 
 def check_image_shape(

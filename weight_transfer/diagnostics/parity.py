@@ -110,12 +110,17 @@ def check(
 # ---- gradients -----------------------------------------------------------------------------------
 
 
-def nnx_grads(model: jax_impl.ViT, images_nhwc, labels) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """d(mean cross-entropy)/d(every parameter) as `{nnx path: array}`, and d/d(images) (NHWC)."""
+def nnx_grads(
+    model: jax_impl.ViT, images_nhwc, labels, grids=None
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """d(mean cross-entropy)/d(every parameter) as `{nnx path: array}`, and d/d(images) (NHWC).
+    With `grids`, `images_nhwc` is a padded batch of patches (`ViT.forward_patches`) and the
+    second result d/d(patches)."""
     graphdef, params = nnx.split(model, nnx.Param)
 
     def loss(params, images):
-        logits = nnx.merge(graphdef, params)(images)
+        model = nnx.merge(graphdef, params)
+        logits = model(images) if grids is None else model.forward_patches(images, grids)
         logp = jax.nn.log_softmax(logits, axis=-1)
         return -jax.numpy.take_along_axis(logp, labels[:, None], axis=-1).mean()
 
@@ -125,16 +130,20 @@ def nnx_grads(model: jax_impl.ViT, images_nhwc, labels) -> tuple[dict[str, np.nd
 
 
 def torch_grads(
-    model: torch_impl.ViT, images_nhwc, labels
+    model: torch_impl.ViT, images_nhwc, labels, grids=None
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The same for torch: `{state-dict key: array}` (torch layout) and d/d(images) in NHWC."""
-    images = numpy_to_torch(nhwc_to_nchw(np.asarray(images_nhwc))).to(model.dtype)
+    """The same for torch: `{state-dict key: array}` (torch layout) and d/d(images) in NHWC
+    (or d/d(patches), with `grids`)."""
+    images = np.asarray(images_nhwc)
+    images = numpy_to_torch(images if grids else nhwc_to_nchw(images)).to(model.dtype)
     images.requires_grad_(True)
     model.zero_grad(set_to_none=True)
-    loss = torch.nn.functional.cross_entropy(model(images), torch.as_tensor(np.asarray(labels)))
+    logits = model(images) if grids is None else model.forward_patches(images, grids)
+    loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(np.asarray(labels)))
     loss.backward()
     grads = {k: torch_to_numpy(p.grad) for k, p in model.named_parameters()}
-    return grads, nchw_to_nhwc(torch_to_numpy(images.grad))
+    seen = torch_to_numpy(images.grad)
+    return grads, seen if grids else nchw_to_nhwc(seen)
 
 
 @dataclass

@@ -107,6 +107,14 @@ def run_torch(model: torch_impl.ViT, images_nhwc: np.ndarray, **kw):
         return model(numpy_to_torch(nhwc_to_nchw(images_nhwc)), **kw)
 
 
+def run_patches(model, patches: np.ndarray, grids) -> np.ndarray:
+    """Either of our models on a padded batch (`forward_patches`): its logits as NumPy."""
+    if isinstance(model, jax_impl.ViT):
+        return np.asarray(model.forward_patches(jax.numpy.asarray(patches), grids))
+    with torch.no_grad():
+        return torch_to_numpy(model.forward_patches(numpy_to_torch(patches), grids))
+
+
 def logits_of(model, images_nhwc: np.ndarray, *, jit: bool = True) -> np.ndarray:
     """Either of our models' logits in its own dtype, as float64 NumPy (no intermediates).
     `jit=False` runs a JAX model op by op: for a single call on a large model, XLA's whole-model

@@ -523,7 +523,7 @@ def _embeddings(m) -> dict[str, Any]:
 
 
 def _naflex(m, architecture: str, image_size) -> dict[str, Any]:
-    """A `NaFlexVit`'s embeddings (images given whole: no patch coordinates or mask): its
+    """A `NaFlexVit`'s embeddings (its padded batches: `vit_config.patches.from_timm`): its
     learned table on its own grid, resampled in every forward by its method; the image size
     as built (`img_size`), else its default input size."""
     e = m.embeds
