@@ -17,9 +17,8 @@ from weight_transfer.frameworks.runners import run_nnx, run_torch
 from weight_transfer.layouts.timm import config_from_timm
 
 
-def small_timm(arch: str):
-    """(model, model_args) of `arch` with 2 blocks and a 4 x 4 patch grid, or None if timm
-    itself cannot build it that way."""
+def zoo_args(arch: str) -> dict:
+    """The zoo's size: 2 blocks and a 4 x 4 patch grid."""
     try:  # the port's own reading of timm's model, remembered for the load to come
         patch = config_from_timm(arch).patch_size
     except VitParityError:
@@ -28,12 +27,43 @@ def small_timm(arch: str):
         embed = getattr(default, "patch_embed", None) or getattr(default, "embeds", None)
         size = embed.patch_size
         patch = size[0] if isinstance(size, (tuple, list)) else size
-    args = dict(depth=2, img_size=4 * patch)
+    return dict(depth=2, img_size=4 * patch)
+
+
+def small_timm(arch: str, args: dict):
+    """(model, args) of `arch` built at `args` with every parameter random, or None if timm
+    itself cannot build it that way."""
     try:
-        model = timm.create_model(arch, pretrained=False, **args)
+        model = _create(arch, args)
     except Exception:  # timm's own limits (fixed sizes, naflex...): not ours to judge
         return None
     return randomize(model, seed=len(arch)), args
+
+
+def _create(arch: str, args: dict):
+    """timm's model, its weight initialisers skipped where its class allows (every parameter is
+    drawn again by `randomize`, or the build is on the meta device)."""
+    try:
+        return timm.create_model(arch, pretrained=False, weight_init="skip", **args)
+    except Exception:  # a class without the option: built as timm builds it by default
+        return timm.create_model(arch, pretrained=False, **args)
+
+
+def twin_key(arch: str, args: dict):
+    """What makes two architectures one case at the zoo's size: timm's class and every
+    state-dict name and shape (built on the meta device), and both configs vit-parity reads
+    for it (the Hub folder's, built with `args`; the state dict's, the registered model with
+    the two sizes stated); None when any cannot be had (the architecture is then run on its
+    own, and refused on its own if it is)."""
+    try:
+        with torch.device("meta"):
+            model = _create(arch, args)
+        built = config_from_timm(arch, args)
+        stated = config_from_timm(arch).replace(num_layers=2, image_size=args["img_size"])
+    except Exception:
+        return None
+    shapes = tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+    return type(model).__name__, shapes, repr(built), repr(stated)
 
 
 def outcome(arch: str, model, args: dict, folder, hub: bool = True) -> str:
@@ -110,32 +140,48 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
-def run_zoo(archs, tmp_path, hub: bool = True) -> dict[str, str]:
-    """{architecture: outcome} over `archs`, one on disk at a time (`hub`: the
-    `save_for_hf` folder too, beside the bare state dict)."""
+def run_zoo(archs, tmp_path, hub: bool = True) -> tuple[dict[str, str], dict[str, str]]:
+    """({architecture: outcome}, {twin: its representative}) over `archs`, one on disk at a
+    time (`hub`: the `save_for_hf` folder too, beside the bare state dict). Architectures that
+    timm builds identically at the zoo's size (`twin_key`: e.g. `vit_base_patch16_224` and
+    `_384`, whose only difference, the image size, the zoo sets) are one case: the first is
+    ported and judged against timm, the others take its outcome."""
     import shutil
 
-    table = {}
+    table: dict[str, str] = {}
+    twins: dict[str, str] = {}
+    first: dict[tuple, str] = {}
     for arch in archs:
-        built = small_timm(arch)
+        args = zoo_args(arch)
+        key = twin_key(arch, args)
+        if key is not None and key in first:
+            twins[arch] = first[key]
+            table[arch] = table[first[key]]
+            continue
+        if key is not None:
+            first[key] = arch
+        built = small_timm(arch, args)
         folder = tmp_path / arch
         folder.mkdir()
         table[arch] = (
             "timm cannot build it small" if built is None else outcome(arch, *built, folder, hub)
         )
         shutil.rmtree(folder)  # up to ~1 GB per giant architecture: the disk holds one at a time
-    return table
+    return table, twins
 
 
-def summary(name: str, table: dict[str, str]) -> tuple[list[str], list[str], dict[str, str]]:
-    """(buildable, ported, bad) and the table printed."""
+def summary(
+    name: str, table: dict[str, str], twins: dict[str, str]
+) -> tuple[list[str], list[str], dict[str, str]]:
+    """(buildable, ported, bad) and the table printed (a twin with its representative)."""
     buildable = [a for a, r in table.items() if r != "timm cannot build it small"]
     ported = [a for a in buildable if table[a] == "ported"]
     bad = {a: r for a, r in table.items() if r.startswith(("WRONG", "CRASH"))}
     print(
         f"\n{name}: {len(table)} architectures, {len(buildable)} buildable small, "
-        f"{len(ported)} ported both ways ({len(ported) / max(1, len(buildable)):.0%})"
+        f"{len(ported)} ported both ways ({len(ported) / max(1, len(buildable)):.0%}); "
+        f"{len(table) - len(twins)} run, {len(twins)} built identically to one run"
     )
     for arch, result in table.items():
-        print(f"  {arch:55s} {result}")
+        print(f"  {arch:55s} {result}" + (f" (as {twins[arch]})" if arch in twins else ""))
     return buildable, ported, bad

@@ -278,10 +278,16 @@ def build_timm(architecture: str, model_args: Mapping[str, Any] | None = None):
         raise LayoutError(
             f"{architecture!r} is not a timm architecture this timm ({timm.__version__}) knows"
         )
+    args, failures = dict(model_args or {}), (TypeError, ValueError, AssertionError, RuntimeError)
+    with torch.device("meta"):
+        try:  # its initialisers skipped where its class allows: the meta device holds no values
+            return timm.create_model(architecture, pretrained=False, weight_init="skip", **args)
+        except failures:
+            pass
     try:
         with torch.device("meta"):
-            return timm.create_model(architecture, pretrained=False, **dict(model_args or {}))
-    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+            return timm.create_model(architecture, pretrained=False, **args)
+    except failures as e:
         raise LayoutError(
             f"timm cannot build {architecture!r} with {dict(model_args or {})}: {e}"
         ) from None
