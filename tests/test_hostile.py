@@ -786,3 +786,45 @@ def test_a_forged_tensorstore_folder_is_refused(work, forgery, fragment):
         path = work / "bv-LAST"
         path.write_text("../../etc")
     assert_refused(cli("inspect", path, cwd=work), fragment)
+
+
+def _orbax_with_metadata(work: Path, model, edit) -> Path:
+    """Our Orbax folder of `model` with its `_METADATA` JSON edited by `edit` (or replaced by
+    `edit`'s bytes)."""
+    folder = wt.save_checkpoint(model, work / "ckpt", layout="orbax")
+    metadata = folder / "state" / "_METADATA"
+    if isinstance(edit, bytes):
+        metadata.write_bytes(edit)
+    else:
+        tree = json.loads(metadata.read_text())
+        edit(tree)
+        metadata.write_text(json.dumps(tree))
+    return folder
+
+
+def _rename_a_leaf(tree: dict) -> None:
+    leaves = tree["tree_metadata"]
+    key = next(iter(leaves))
+    leaf = leaves.pop(key)
+    leaf["key_metadata"][-1]["key"] = "renamed"
+    leaves[key.replace("'bias'", "'renamed'")] = leaf
+
+
+@pytest.mark.slow  # 3 CLI processes, ~4 s each
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (lambda tree: tree.update(use_ocdbt=False), "use_ocdbt=False but the folder holds"),
+        (_rename_a_leaf, "unreadable Orbax metadata"),
+        (b"\xff not json", "not a JSON object"),
+    ],
+    ids=["storage", "renamed-leaf", "not-json"],
+)
+def test_orbax_metadata_that_lies_is_refused_in_one_line(work, model, edit, fragment):
+    """Orbax metadata edited so it no longer describes the arrays: one line, exit 2, and none
+    of the "Event loop is closed" tracebacks Orbax's tensorstore callbacks print after a
+    failed read (they came about one run in four, after the message)."""
+    folder = _orbax_with_metadata(work, model, edit)
+    before = digests(folder)
+    assert_refused(cli("convert", folder, work / "out", "--to", "timm", cwd=work), fragment)
+    assert digests(folder) == before and not (work / "out").exists()

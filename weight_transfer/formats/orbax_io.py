@@ -88,6 +88,7 @@ class OrbaxReader(Reader):
                 f"{self.path}: an incomplete Orbax checkpoint ({why}: the save "
                 f"did not finish); nothing was read"
             )
+        _check_storage(self.path)
         try:  # closed on the way out: a checkpointer left open logs its threads' failures
             with ocp.StandardCheckpointer() as checkpointer:
                 item = checkpointer.metadata(self.path).item_metadata
@@ -95,6 +96,7 @@ class OrbaxReader(Reader):
                 raise ValueError("no item metadata: the tree and the arrays disagree")
             tree = item.tree
         except Exception as e:  # Orbax raises many types for a damaged folder
+            _quiet_leftovers()
             raise CheckpointError(f"{self.path}: unreadable Orbax metadata ({e})") from None
         import jax
 
@@ -138,8 +140,52 @@ class OrbaxReader(Reader):
                     self.path, args=ocp.args.PyTreeRestore(restore_args=args)
                 )
         except Exception as e:  # Orbax raises many types for a damaged folder
+            _quiet_leftovers()
             raise CheckpointError(f"{self.path}: Orbax could not restore it ({e})") from None
         return {_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+
+
+def _quiet_leftovers() -> None:
+    """After Orbax failed on a damaged folder, its tensorstore callbacks can still fire into
+    the asyncio loop Orbax has closed, each printing "Event loop is closed" as an unraisable
+    exception (after our one-line refusal, or at exit). Those alone are dropped; any other
+    unraisable exception goes to the hook there was."""
+    import sys
+
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            previous(unraisable)
+
+    if getattr(previous, "__name__", "") != "hook" or previous.__module__ != __name__:
+        sys.unraisablehook = hook
+
+
+METADATA_LIMIT = 64 << 20  # a tree's _METADATA: ~150 bytes per leaf; beyond this, refused
+
+
+def _check_storage(path: Path) -> None:
+    """The storage `_METADATA` names must be the folder's (an OCDBT database or one array
+    folder per leaf), checked before Orbax reads: Orbax itself, asked to read one storage from
+    the other, leaves tensorstore callbacks running that print tracebacks after our message."""
+    import json
+
+    metadata = path / "_METADATA"
+    if metadata.stat().st_size > METADATA_LIMIT:
+        raise CheckpointError(f"{metadata}: {metadata.stat().st_size:,} bytes, not a tree's")
+    try:
+        said = json.loads(metadata.read_text()).get("use_ocdbt")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise CheckpointError(f"{metadata}: not a JSON object, not Orbax's tree metadata") from None
+    has = (path / "manifest.ocdbt").is_file()
+    if said is not None and bool(said) != has:
+        found = "an OCDBT database (manifest.ocdbt)" if has else "no OCDBT database"
+        raise CheckpointError(
+            f"{metadata}: use_ocdbt={said} but the folder holds {found}: the metadata does "
+            "not describe these arrays; nothing was read"
+        )
 
 
 def write_orbax(
