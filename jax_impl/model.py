@@ -510,17 +510,23 @@ class ViT(nnx.Module):
         axes made `Auto` inside (`jax.sharding.auto_axes`), the compiler choosing the
         activations' shardings as on an `Auto` mesh; the outputs come back split over the
         batch the way the images are (replicated for host images)."""
+        batched = jnp.ndim(images) == 4
+        return self._on_mesh(lambda m, x: m.forward(x, return_intermediates), images, batched)
+
+    def _on_mesh(self, forward: Callable, inputs: jax.Array, batched: bool = True):
+        """`forward(model, inputs)`, on an `Explicit` mesh inside `auto_axes` (the outputs split
+        over the batch as `inputs` are, when `batched`)."""
         mesh = _explicit_mesh(self.patch_embed.kernel[...])
         if mesh is None:
-            return self.forward(images, return_intermediates)
-        batch_axis = _explicit_spec(images)[:1] if jnp.ndim(images) == 4 else ()
+            return forward(self, inputs)
+        batch_axis = _explicit_spec(inputs)[:1] if batched else ()
         graphdef, state = nnx.split(self)
 
-        def forward(state, images):
-            return nnx.merge(graphdef, state).forward(images, return_intermediates)
+        def run(state, inputs):
+            return forward(nnx.merge(graphdef, state), inputs)
 
         with jax.sharding.use_abstract_mesh(mesh):
-            return jax.sharding.auto_axes(forward, out_sharding=P(*batch_axis))(state, images)
+            return jax.sharding.auto_axes(run, out_sharding=P(*batch_axis))(state, inputs)
 
     def forward(self, images: jax.Array, return_intermediates: bool = False):
         """The forward itself, whatever the mesh (`__call__`'s body)."""
@@ -541,14 +547,20 @@ class ViT(nnx.Module):
         (B, N, P * P * C), each image's (Hp, Wp) in `grids` (`vit_config.patches`: its first
         Hp * Wp tokens are its patches, row-major; the rest padding, masked out of every
         attention and pooling). Each image's positions are the table resampled to its grid.
-        `grids` are Python ints: under `nnx.jit` close over them (one compile per set)."""
+        `grids` are Python ints: under `nnx.jit` close over them (one compile per set). On a
+        mesh, as `__call__`."""
+        return self._on_mesh(
+            lambda m, x: m._forward_patches(x, grids, return_intermediates), patches
+        )
+
+    def _forward_patches(self, patches: jax.Array, grids: Grids, keep: bool):
         c = self.config
         dynamic = self.dynamic_image_size or c.pos_grid is not None
         grids = check_patch_batch(patches.shape, grids, c, dynamic=dynamic)
         kernel = self.patch_embed.kernel[...]  # (P, P, C, D): rows in the patches' order
         x = jnp.asarray(patches, self.dtype) @ kernel.reshape(-1, kernel.shape[-1])  # (B, N, D)
         x = x + self.patch_embed.bias[...] if c.patch_bias else x
-        return self.encode(x, grids, return_intermediates, padded=True)
+        return self.encode(x, grids, keep, padded=True)
 
     def encode(self, x: jax.Array, grids: Grids, keep: bool, *, padded: bool):
         """(B, N, D) patch tokens, image i's on the patch grid `grids[i]` -> logits (B, K) and,

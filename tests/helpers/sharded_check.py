@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 import weight_transfer as wt
-from weight_transfer.frameworks.runners import random_images, run_torch
+from weight_transfer.frameworks.runners import random_images, run_patches, run_torch
 
 
 def make_mesh(shape, names, axis_type: str):
@@ -30,12 +30,15 @@ def run_case(case: dict, references: dict) -> dict:
         images = random_images(model.config, 8)
         references[case["path"]] = images, run_torch(reference, images).numpy()
     images, want = references[case["path"]]
+    wants = {"jit": want, "eager": want}
     data_axis = case["names"][0]
     split = jax.device_put(images, NamedSharding(mesh, PartitionSpec(data_axis)))
     with jax.default_matmul_precision("highest"):
         got = {"jit": nnx.jit(lambda m, x: m(x))(model, split)}
         if case.get("eager", True):
             got["eager"] = model(images)
+    if case.get("padded"):  # a padded batch of 8 sizes (NaFlex), split over the data axis too
+        got["padded"], wants["padded"] = padded(model, mesh, data_axis, case["path"])
     params = {
         ".".join(map(str, path)): var.get_value()
         for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
@@ -43,7 +46,7 @@ def run_case(case: dict, references: dict) -> dict:
     trained = train(model, mesh, split) if case.get("train") else {}
     return {
         **trained,
-        "max_abs": {k: float(np.abs(np.asarray(v) - want).max()) for k, v in got.items()},
+        "max_abs": {k: float(np.abs(np.asarray(v) - wants[k]).max()) for k, v in got.items()},
         "scale": float(max(1.0, np.abs(want).max())),
         "out_spec": [str(a) for a in got["jit"].sharding.spec],
         "specs": {k: [str(a) for a in v.sharding.spec] for k, v in params.items()},
@@ -52,6 +55,20 @@ def run_case(case: dict, references: dict) -> dict:
         "block_shapes": {k: list(v.addressable_shards[0].data.shape) for k, v in params.items()},
         "axis_types": [t.name for t in mesh.axis_types],
     }
+
+
+def padded(model, mesh, data_axis: str, path: str):
+    """`forward_patches` under nnx.jit on a padded batch of 8 grid sizes split over
+    `data_axis`, and the unsharded torch model's logits for it."""
+    from vit_config.patches import patchify
+
+    p, rng = model.config.patch_size, np.random.default_rng(1)
+    sizes = [(2, 3), (3, 2), (1, 4), (2, 2), (3, 3), (1, 1), (2, 1), (4, 1)]
+    images = [rng.standard_normal((h * p, w * p, 3)).astype(np.float32) for h, w in sizes]
+    patches, grids = patchify(images, p)
+    want = run_patches(wt.load_checkpoint(path, "torch"), patches, grids)
+    split = jax.device_put(patches, NamedSharding(mesh, PartitionSpec(data_axis)))
+    return nnx.jit(lambda m, x: m.forward_patches(x, grids))(model, split), want
 
 
 def train(model, mesh, images) -> dict:
