@@ -286,9 +286,9 @@ GRAD_TOL = {"float32": 1e-4, "float64": 1e-10}
     "name",
     [
         "map",
-        "layer-scale",
         "rope-half-periods-registers",
         # 1.5-2.2 s each (--durations): in the whole suite
+        pytest.param("layer-scale", marks=pytest.mark.slow),
         *(
             pytest.param(n, marks=pytest.mark.slow)
             for n in (
@@ -501,6 +501,13 @@ HEAVY = (  # 1.4-4 s each (--durations); quick: one preset per pair layout, EVA-
     "deit_b16_distilled",
     "vit_b16_xp",  # parallel blocks: the family's parallel cases stay quick
     "vit_s16_18x2",
+    # 1-1.5 s each: the quick subset keeps siglip_b16 (MAP), dinov3_s16 (half-split RoPE),
+    # rope_mixed_b16 (interleaved, learned frequencies), eva02_b16_clip (EVA-02's blocks);
+    # NaFlex's timm oracle stays quick in test_naflex's padded batch
+    "clip_b16",
+    "dinov2_s14",
+    "naflex_b16",
+    "rope_b16",
 )
 
 

@@ -49,10 +49,8 @@ def images_for(grid, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((2, h, w, 3)).astype(np.float32)
 
 
-@pytest.mark.parametrize(  # 1.5-2.3 s each (--durations): one in the quick subset
-    "arch",
-    [a if a == QUICK else pytest.param(a, marks=pytest.mark.slow) for a in sorted(ARCHS)],
-)
+@pytest.mark.slow  # 2-5 s each (--durations); the quick subset runs a folder's padded batch
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_a_naflex_hub_folder_matches_timm_at_every_grid(tmp_path, arch):
     folder, model = timm_folder(tmp_path, arch)
     for grid in GRIDS:

@@ -58,8 +58,8 @@ def padded_batch(config, seed: int = 0):
     return images, patches, grids
 
 
-@pytest.mark.parametrize(  # 2.5-3.5 s each (--durations): the first two quick
-    "case", [*CASES[:2], *(pytest.param(c, marks=pytest.mark.slow) for c in CASES[2:])]
+@pytest.mark.parametrize(  # 2.5-3.5 s each (--durations): the first quick
+    "case", [CASES[0], *(pytest.param(c, marks=pytest.mark.slow) for c in CASES[1:])]
 )
 def test_each_image_of_a_padded_batch_is_the_numpy_reference_alone(x64, case):
     model, twin = model_pair(case, seed=1)
@@ -79,9 +79,8 @@ def test_each_image_of_a_padded_batch_is_the_numpy_reference_alone(x64, case):
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 * scale, err_msg=name)
 
 
-@pytest.mark.parametrize(
-    "case", [CASES[0], *(pytest.param(c, marks=pytest.mark.slow) for c in CASES[1:])]
-)
+@pytest.mark.slow  # 2.5-3 s each (--durations)
+@pytest.mark.parametrize("case", CASES)
 def test_padded_gradients_agree_and_never_reach_the_padding(x64, case):
     """d loss / d every parameter and d loss / d patches, JAX against torch (float64 1e-10);
     the padding's gradient is exactly zero in both."""
@@ -104,7 +103,8 @@ def test_padded_gradients_agree_and_never_reach_the_padding(x64, case):
             assert not grad[i, h * w :].any(), f"{side}: image {i}'s padding has a gradient"
 
 
-@pytest.mark.parametrize("framework", [pytest.param("jax", marks=pytest.mark.slow), "torch"])
+@pytest.mark.slow  # ~2 s each
+@pytest.mark.parametrize("framework", ["jax", "torch"])
 def test_what_the_padding_holds_changes_nothing(framework):
     """Zeros or noise a thousand times larger in the padding: bit for bit the same logits."""
     model, twin = model_pair("naflex-bicubic-antialias", seed=5, dtype="float32")
@@ -119,6 +119,7 @@ def test_what_the_padding_holds_changes_nothing(framework):
     )
 
 
+@pytest.mark.slow  # 2 s
 def test_a_padded_batch_under_nnx_jit_is_the_eager_forward(x64):
     """The grids are Python ints, closed over: one compile per set of grids."""
     model, _ = model_pair("naflex-bilinear-square-corners", seed=7)

@@ -269,6 +269,7 @@ def test_flax_derives_the_same_specs_from_the_annotations():
     )
 
 
+@pytest.mark.slow  # 4 s (--durations)
 def test_scanned_blocks_carry_a_layers_axis():
     model = jax_impl.ViT(CONFIG, rngs=nnx.Rngs(0), scan_layers=True)
     assert model.blocks.ff1.kernel.get_metadata()["out_sharding"] == ("layers", "embed", "mlp")

@@ -30,10 +30,16 @@ import numpy as np
 from weight_transfer.core.errors import CheckpointError
 from weight_transfer.core.table import Meta
 from weight_transfer.formats.fileio import SequentialWriter
-from weight_transfer.formats.reader import WEIGHT_DTYPES, Reader, are_sizes, map_range, nested
+from weight_transfer.formats.reader import (
+    WEIGHT_DTYPES,
+    Reader,
+    are_sizes,
+    map_range,
+    nested,
+    weight_dtype,
+)
 
 # The dtypes a weight can have, by the names flax writes (`arr.dtype.name`)
-MSGPACK_DTYPES = {d.name: d for d in WEIGHT_DTYPES}
 ARRAY, COMPLEX, SCALAR = 1, 2, 3  # flax's ext types
 CHUNKED = "__msgpack_chunked_array__"
 MAX_DEPTH = 64  # a ViT's tree is 8 deep; a training state's, about 12
@@ -173,12 +179,12 @@ class _Parser:
         if not (isinstance(inner, list) and len(inner) == 3):
             self.fail(pos, f"an array at {where} that is not (shape, dtype, bytes)")
         shape, name, data = inner
-        if name not in MSGPACK_DTYPES:
-            self.fail(pos, f"dtype {name!r} at {where} (weights are {', '.join(MSGPACK_DTYPES)})")
+        if name not in WEIGHT_DTYPES:
+            self.fail(pos, f"dtype {name!r} at {where} (weights are {', '.join(WEIGHT_DTYPES)})")
         dims = self.dims(shape, where, pos)
         if not isinstance(data, _Bin):
             self.fail(pos, f"an array at {where} whose data is not bytes")
-        dtype = MSGPACK_DTYPES[name]
+        dtype = weight_dtype(name)
         if math.prod(dims) * dtype.itemsize != data.end - data.begin:
             self.fail(
                 pos,

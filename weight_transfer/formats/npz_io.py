@@ -7,12 +7,11 @@ import math
 import zipfile
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
 from weight_transfer.core.errors import CheckpointError
 from weight_transfer.core.table import Meta
-from weight_transfer.formats.reader import Reader
+from weight_transfer.formats.reader import Reader, weight_dtype
 
 NPZ_MANIFEST = "__vit_parity__"  # npz has no metadata: the manifest is a uint8 array of JSON
 MANIFEST_MAX_BYTES = 1 << 20
@@ -79,7 +78,7 @@ class NpzReader(Reader):
                 raise CheckpointError(f"{where}: the manifest is not UTF-8 text") from None
             return
         if dtype.kind == "V" and dtype.itemsize == 2 and dtype.fields is None:
-            dtype = np.dtype(ml_dtypes.bfloat16)
+            dtype = weight_dtype("bfloat16")
         self.members[key] = info
         self.meta[key] = (tuple(shape), dtype)
 

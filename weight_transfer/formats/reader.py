@@ -10,30 +10,36 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from weight_transfer.core.table import Meta
 
-# The dtypes a weight may be stored in, whatever the container names them.
-WEIGHT_DTYPES = tuple(
-    np.dtype(t)
-    for t in (
-        np.float16,
-        ml_dtypes.bfloat16,
-        np.float32,
-        np.float64,
-        np.int8,
-        np.int16,
-        np.int32,
-        np.int64,
-        np.uint8,
-        np.uint16,
-        np.uint32,
-        np.uint64,
-        np.bool_,
-    )
+# The dtypes a weight may be stored in, whatever the container names them, by NumPy name.
+WEIGHT_DTYPES = (
+    "float16",
+    "bfloat16",
+    "float32",
+    "float64",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "bool",
 )
+
+
+def weight_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of a `WEIGHT_DTYPES` name. bfloat16 is ml_dtypes', imported only when a
+    file holds one: importing ml_dtypes costs ~0.6 s, most of a `convert` or `inspect`."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 def are_sizes(values: Any, max_dims: int | None = None) -> bool:

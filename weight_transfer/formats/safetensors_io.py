@@ -16,27 +16,33 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from weight_transfer.core.errors import CheckpointError
 from weight_transfer.core.table import Meta
 from weight_transfer.formats.fileio import Background, SequentialWriter
-from weight_transfer.formats.reader import Reader, are_sizes, chain_digests, file_sha256, map_range
+from weight_transfer.formats.reader import (
+    Reader,
+    are_sizes,
+    chain_digests,
+    file_sha256,
+    map_range,
+    weight_dtype,
+)
 
-SAFETENSORS_DTYPES = {
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "F32": np.float32,
-    "F64": np.float64,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "I16": np.int16,
-    "I32": np.int32,
-    "I64": np.int64,
-    "BOOL": np.bool_,
+SAFETENSORS_DTYPES = {  # code -> NumPy name (`reader.weight_dtype`)
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "I8": "int8",
+    "U8": "uint8",
+    "I16": "int16",
+    "I32": "int32",
+    "I64": "int64",
+    "BOOL": "bool",
 }
-DTYPE_CODES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
+DTYPE_CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}  # keyed by dtype.name
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -112,7 +118,7 @@ def _entry(path: Path, key: str, info: Any) -> tuple[tuple[int, ...], int, int, 
         return isinstance(v, int) and not isinstance(v, bool)
 
     try:
-        dtype = np.dtype(SAFETENSORS_DTYPES[info["dtype"]])
+        dtype = weight_dtype(SAFETENSORS_DTYPES[info["dtype"]])
         shape, offsets = info["shape"], info["data_offsets"]
         ok = (
             isinstance(shape, list)
@@ -161,7 +167,10 @@ class SafetensorsReader(Reader):
                         f"tensor {key!r} is stored twice: in "
                         f"{paths[self.where[key][0]]} and in {path}"
                     )
-                self.meta[key] = (tuple(info["shape"]), np.dtype(SAFETENSORS_DTYPES[info["dtype"]]))
+                self.meta[key] = (
+                    tuple(info["shape"]),
+                    weight_dtype(SAFETENSORS_DTYPES[info["dtype"]]),
+                )
                 begin, end = info["data_offsets"]
                 self.where[key] = (i, start + begin, start + end)
             with open(path, "rb") as f:
@@ -213,7 +222,7 @@ def encode_header(order: list[tuple[str, Meta]], metadata: dict[str, str]) -> by
     for key, (shape, dtype) in order:
         size = math.prod(shape) * np.dtype(dtype).itemsize
         header[key] = {
-            "dtype": DTYPE_CODES[np.dtype(dtype)],
+            "dtype": DTYPE_CODES[np.dtype(dtype).name],
             "shape": list(shape),
             "data_offsets": [offset, offset + size],
         }

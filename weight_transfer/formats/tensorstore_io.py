@@ -26,11 +26,11 @@ import numpy as np
 
 from weight_transfer.core.errors import CheckpointError
 from weight_transfer.core.table import Meta
-from weight_transfer.formats.reader import WEIGHT_DTYPES, Reader, are_sizes
+from weight_transfer.formats.reader import WEIGHT_DTYPES, Reader, are_sizes, weight_dtype
 
 ZARRAY = ".zarray"
 # by the names zarr gives them (numpy's `dtype.str`; bfloat16 by name, as jax writes it)
-ZARR_DTYPES = {("bfloat16" if d.kind == "V" else d.str): d for d in WEIGHT_DTYPES}
+ZARR_DTYPES = {(n if n == "bfloat16" else np.dtype(n).str): n for n in WEIGHT_DTYPES}  # -> name
 BOMB_RATIO = 16  # declared bytes over bytes on disk (random weights compress ~1x), past 64 MiB
 BOMB_FLOOR = 64 << 20
 STEP = re.compile(r"\d+(-tmp)?")  # what save_checkpoint_ts writes into `<name>-LAST`
@@ -122,7 +122,7 @@ class TensorstoreReader(Reader):
             raise CheckpointError(f"{where}: not a zarr v2 array with non-negative sizes")
         if not isinstance(name, str) or name not in ZARR_DTYPES:
             raise CheckpointError(f"{where}: dtype {name!r} (weights are {', '.join(ZARR_DTYPES)})")
-        return tuple(shape), ZARR_DTYPES[name]
+        return tuple(shape), weight_dtype(ZARR_DTYPES[name])
 
     def load(self, key: str) -> np.ndarray:
         try:

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from vit_config import ArgumentError, ViTConfig
@@ -24,6 +23,7 @@ from weight_transfer.core.resample import Resampling
 from weight_transfer.core.table import meta_of
 from weight_transfer.formats.atomic import atomic_output, file_ids
 from weight_transfer.formats.checkpoint import Source, read_checkpoint
+from weight_transfer.formats.reader import weight_dtype
 from weight_transfer.layouts import LAYOUTS, WRITABLE, Layout, get_layout
 from weight_transfer.porting.conversion import Plan, plan_conversion
 from weight_transfer.porting.inference import Inferred, infer_config, read_manifest
@@ -49,7 +49,7 @@ def _numpy_dtype(dtype: str | None):
         return None
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype {dtype!r}: expected one of {DTYPES}")
-    return np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    return weight_dtype(dtype)
 
 
 def _hook(config: ViTConfig, out: ViTConfig, dtype, allow_nonfinite: bool, resampling: Resampling):
@@ -76,6 +76,8 @@ def _hook(config: ViTConfig, out: ViTConfig, dtype, allow_nonfinite: bool, resam
             b = b.astype(dtype, copy=False) if dtype is not None else b
         # Finite in, not finite out: the cast (or resampling in half precision) overflowed.
         if screen and b is not a and (bad := count_nonfinite(b)):
+            import ml_dtypes  # its finfo knows bfloat16; imported here only (~0.6 s)
+
             raise NonFiniteError(
                 f"weight {key!r}: {bad} value(s) overflow {b.dtype} (largest "
                 f"|value| {float(np.max(np.abs(a.astype(np.float64)))):.6g}, "
