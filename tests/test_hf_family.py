@@ -531,3 +531,15 @@ def test_a_timm_naflex_siglip2_becomes_a_siglip2_folder_transformers_loads(tmp_p
     with torch.no_grad():
         expected = model(nchw(images))
     assert_close(expected, output(back.eval(), nchw(images)), "float32", "timm -> HF SigLIP 2")
+
+
+def test_a_bare_siglip2_state_dict_is_refused_naming_its_config_json(tmp_path):
+    """A Linear patch embedding's (D, P * P * C) cannot say P from C: without config.json the
+    file is refused by name, not read as a 192-pixel patch."""
+    from safetensors.torch import save_file
+
+    model = T.Siglip2VisionModel(T.Siglip2VisionConfig(**SIGLIP2))
+    path = tmp_path / "siglip2.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    with pytest.raises(wt.errors.CheckpointError, match=r"Linear on flattened patches.*config"):
+        wt.inspect_checkpoint(path)

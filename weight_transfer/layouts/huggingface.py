@@ -764,8 +764,8 @@ def dinov2_config_fields(hf: Mapping[str, Any], where: Path):
 def siglip_config_fields(hf: Mapping[str, Any], where: Path):
     """HF `siglip` / `siglip_vision_model`: tanh GELU, eps 1e-6, the MAP head's output.
     `siglip2` / `siglip2_vision_model`: the same tower on a NaFlex table of `num_patches`
-    (a square grid) resized to each image's grid (SIGLIP2_RESIZE); images are given whole,
-    one grid per batch (its padded batches of mixed sizes are not implemented)."""
+    (a square grid) resized to each image's grid (SIGLIP2_RESIZE); its padded batches of
+    mixed sizes run through `forward_patches` (`vit_config.patches.from_hf`)."""
     cfg = vision_config(hf, where)
     model_type = json_field(
         cfg, "model_type", str, where, json_field(hf, "model_type", str, where, "")

@@ -384,6 +384,12 @@ def _shape_fields(probe: Probe) -> tuple[dict, dict, dict]:
     source, layout = probe.source, probe.layout
     has, shape = probe.has, probe.shape
     patch = shape("patch_embed.kernel")
+    if len(patch) != 4:  # a Linear on flattened patches (SigLIP 2's): P * P * C in one number
+        raise CheckpointError(
+            f"{source.path}: the patch embedding is {list(patch)}, a Linear on flattened "
+            "patches (SigLIP 2, NaFlex), whose patch size and channels its shape cannot say "
+            "apart: give the file with its config.json (a Hugging Face folder)"
+        )
     p, c = (patch[0], patch[2]) if layout.base == "nnx" else (patch[-1], patch[1])  # HWIO / OIHW
     d = patch[3] if layout.base == "nnx" else patch[0]
     sizes: dict[str, Any] = dict(
