@@ -490,18 +490,18 @@ class ViT(nnx.Module):
         token are pooled only with `pool_prefix`. `valid` (B, T): a padded batch's tokens,
         the padding left out of the mean and the MAP head's attention."""
         c = self.config
-        pool, start = c.pool, 0 if c.pool_prefix else c.num_prefix_tokens
+        start = 0 if c.pool_prefix else c.num_prefix_tokens
         read = x[:, start:]  # what "mean" and "map" read
-        if pool == "cls":
+        own = None if valid is None else valid[:, start:]  # which of them are an image's own
+        if c.pool == "cls":
             return x[:, 0]
-        if pool == "mean":
-            return masked_mean(read, None if valid is None else valid[:, start:])
-        if pool == "cls_mean":
-            patches = valid if valid is None else valid[:, c.num_prefix_tokens :]
-            return jnp.concatenate(
-                [x[:, 0], masked_mean(x[:, c.num_prefix_tokens :], patches)], axis=-1
-            )
-        return self.map(read, None if valid is None else key_mask(valid[:, start:], x.dtype))
+        if c.pool == "mean":
+            return masked_mean(read, own)
+        if c.pool == "cls_mean":
+            p = c.num_prefix_tokens
+            patches = None if valid is None else valid[:, p:]
+            return jnp.concatenate([x[:, 0], masked_mean(x[:, p:], patches)], axis=-1)
+        return self.map(read, None if own is None else key_mask(own, x.dtype))
 
     def __call__(self, images: jax.Array, *, return_intermediates: bool = False):
         """Logits for NHWC images; with `return_intermediates`, also a dict of named activations.

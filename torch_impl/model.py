@@ -408,16 +408,18 @@ class ViT(nn.Module):
         token are pooled only with `pool_prefix`. `valid` (B, T): a padded batch's tokens,
         the padding left out of the mean and the MAP head's attention."""
         c = self.config
-        pool, start = c.pool, 0 if c.pool_prefix else c.num_prefix_tokens
+        start = 0 if c.pool_prefix else c.num_prefix_tokens
         read = x[:, start:]  # what "mean" and "map" read
-        if pool == "cls":
+        own = None if valid is None else valid[:, start:]  # which of them are an image's own
+        if c.pool == "cls":
             return x[:, 0]
-        if pool == "mean":
-            return masked_mean(read, None if valid is None else valid[:, start:])
-        if pool == "cls_mean":
-            patches = valid if valid is None else valid[:, c.num_prefix_tokens :]
-            return torch.cat([x[:, 0], masked_mean(x[:, c.num_prefix_tokens :], patches)], dim=-1)
-        return self.map(read, None if valid is None else key_mask(valid[:, start:], x.dtype))
+        if c.pool == "mean":
+            return masked_mean(read, own)
+        if c.pool == "cls_mean":
+            p = c.num_prefix_tokens
+            patches = None if valid is None else valid[:, p:]
+            return torch.cat([x[:, 0], masked_mean(x[:, p:], patches)], dim=-1)
+        return self.map(read, None if own is None else key_mask(own, x.dtype))
 
     def forward(self, images: torch.Tensor, *, return_intermediates: bool = False):
         """Logits for NCHW images; with `return_intermediates`, also a dict of named activations."""
@@ -461,7 +463,7 @@ class ViT(nn.Module):
         valid = None if tokens is None else torch.from_numpy(tokens).to(device)
         positions = (
             AttentionPositions(bias=key_mask(valid, self.dtype))
-            if valid is not None
+            if padded
             else self.attention_positions(grids[0])
         )
         x = tap("patch_embed", self.patch_norm(x) if c.patch_norm else x)
