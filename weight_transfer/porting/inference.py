@@ -384,12 +384,6 @@ def _shape_fields(probe: Probe) -> tuple[dict, dict, dict]:
     source, layout = probe.source, probe.layout
     has, shape = probe.has, probe.shape
     patch = shape("patch_embed.kernel")
-    if len(patch) != 4:  # a Linear on flattened patches (SigLIP 2's): P * P * C in one number
-        raise CheckpointError(
-            f"{source.path}: the patch embedding is {list(patch)}, a Linear on flattened "
-            "patches (SigLIP 2, NaFlex), whose patch size and channels its shape cannot say "
-            "apart: give the file with its config.json (a Hugging Face folder)"
-        )
     p, c = (patch[0], patch[2]) if layout.base == "nnx" else (patch[-1], patch[1])  # HWIO / OIHW
     d = patch[3] if layout.base == "nnx" else patch[0]
     sizes: dict[str, Any] = dict(
@@ -473,6 +467,13 @@ def _from_shapes(
     # they are checked against it at load, not read for it
     if not set(from_json) >= set(ViTConfig.__dataclass_fields__):
         sizes, found, assumed = _shape_fields(probe)
+    patch = shape("patch_embed.kernel")
+    if len(patch) == 2 and not {"patch_size", "in_channels"} <= set(from_json) | set(stated):
+        raise CheckpointError(  # a Linear on flattened patches (SigLIP 2's): P * P * C in one
+            f"{source.path}: the patch embedding is {list(patch)}, a Linear on flattened "
+            "patches (SigLIP 2, NaFlex), whose patch size and channels its shape cannot say "
+            "apart: give the file with its config.json (a Hugging Face folder)"
+        )
     sizes.update(from_json)
     found.update({f: "config.json" for f in from_json})
     assumed = {f: why for f, why in assumed.items() if f not in from_json} | json_assumed
