@@ -120,10 +120,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = No
     return jax.nn.softmax(scores, axis=-1) @ v  # softmax over keys
 
 
-def make_norm(c: ViTConfig, d: int, dense: dict) -> nnx.Module:
+def make_norm(c: ViTConfig, d: int, dense: dict, eps: float | None = None) -> nnx.Module:
+    eps = c.ln_eps if eps is None else eps
     if c.norm == "rmsnorm":
-        return nnx.RMSNorm(d, epsilon=c.ln_eps, **dense)
-    return nnx.LayerNorm(d, epsilon=c.ln_eps, **dense)
+        return nnx.RMSNorm(d, epsilon=eps, **dense)
+    return nnx.LayerNorm(d, epsilon=eps, **dense)
 
 
 class Attention(nnx.Module):
@@ -244,7 +245,7 @@ class Block(FeedForward):
         c = config
         dense = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.form = c.block
-        self.ln1 = make_norm(c, c.d_model, dense)
+        self.ln1 = make_norm(c, c.d_model, dense, c.block_eps)
         self.attn = Attention(
             c,
             bias=c.qkv_bias,
@@ -259,7 +260,7 @@ class Block(FeedForward):
             rngs=rngs,
         )
         if self.form != "parallel":
-            self.ln2 = make_norm(c, c.d_model, dense)
+            self.ln2 = make_norm(c, c.d_model, dense, c.block_eps)
         self._init_mlp(c, c.mlp_bias, c.mlp != "mlp", dense, c.mlp_norm)
         if c.layer_scale:
             self.ls1 = nnx.Param(jnp.ones((c.d_model,), dtype))

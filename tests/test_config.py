@@ -24,6 +24,8 @@ def test_one_class_shared_by_both_implementations():
         ("pool", "max"),
         ("activation", "swish"),
         ("ln_eps", 0.0),
+        ("block_ln_eps", 1.0),
+        ("block_ln_eps", True),
         ("qkv_bias", "yes"),
         ("reg_tokens", -1),
         ("pos_embed_tokens", "some"),

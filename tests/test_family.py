@@ -55,6 +55,8 @@ FAMILY = {
     "fc-norm": dict(class_token=False, pool="mean", final_norm="post_pool"),
     "no-final-norm": dict(final_norm="none"),
     "norm-pre-clip": dict(norm_pre=True, patch_bias=False, ln_eps=1e-5, activation="quick_gelu"),
+    # jimm: the blocks' norms with their own epsilon (large here, so a swap cannot hide)
+    "block-eps": dict(norm_pre=True, ln_eps=1e-5, block_ln_eps=0.05),
     "layer-scale": dict(layer_scale=True),
     "swiglu-rmsnorm-aimv2": dict(
         class_token=False,
@@ -421,6 +423,7 @@ def family_configs(draw):
         mlp=draw(st.sampled_from(["mlp", "swiglu", "swiglu_packed"])),
         activation=draw(st.sampled_from(["relu", "gelu", "gelu_tanh", "quick_gelu", "silu"])),
         ln_eps=draw(st.sampled_from([1e-6, 1e-5])),
+        block_ln_eps=draw(st.sampled_from([None, 1e-2])),
         qk_norm=draw(st.booleans()),
         **{
             b: draw(st.booleans())

@@ -188,6 +188,8 @@ def test_the_rope_angles_are_float64_where_timm_rounds_to_float32():
         (dict(rel_pos_bias="block", pos_embed=False), "hf", "rel_pos_bias"),
         (dict(mlp_norm=True), "open_clip", "mlp_norm"),
         (dict(block="post_norm"), "google_vit", "block"),
+        (dict(block_ln_eps=1e-3), "timm", "block_ln_eps"),
+        (dict(block_ln_eps=1e-3), "hf", "block_ln_eps"),
     ],
 )
 def test_a_layout_whose_library_cannot_compute_a_feature_refuses_it(

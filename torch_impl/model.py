@@ -84,10 +84,11 @@ def attend(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
-def make_norm(c: ViTConfig, d: int) -> nn.Module:
+def make_norm(c: ViTConfig, d: int, eps: float | None = None) -> nn.Module:
+    eps = c.ln_eps if eps is None else eps
     if c.norm == "rmsnorm":
-        return nn.RMSNorm(d, eps=c.ln_eps)
-    return nn.LayerNorm(d, eps=c.ln_eps)
+        return nn.RMSNorm(d, eps=eps)
+    return nn.LayerNorm(d, eps=eps)
 
 
 class Attention(nn.Module):
@@ -193,7 +194,7 @@ class Block(FeedForward):
         super().__init__()
         c = config
         self.form = c.block
-        self.ln1 = make_norm(c, c.d_model)
+        self.ln1 = make_norm(c, c.d_model, c.block_eps)
         self.attn = Attention(
             c,
             bias=c.qkv_bias,
@@ -205,7 +206,7 @@ class Block(FeedForward):
             learned_rope=c.rope != "none" and c.rope_freqs == "mixed",
         )
         if self.form != "parallel":
-            self.ln2 = make_norm(c, c.d_model)
+            self.ln2 = make_norm(c, c.d_model, c.block_eps)
         self._init_mlp(c, c.mlp_bias, c.mlp != "mlp", c.mlp_norm)
         if c.layer_scale:
             self.ls1 = nn.Parameter(torch.ones(c.d_model))

@@ -126,6 +126,9 @@ class ViTConfig:
     activation: str = "gelu"
     # Norm epsilon: flax and timm 1e-6, torch nn.LayerNorm default 1e-5 (CLIP), HF ViT 1e-12.
     ln_eps: float = 1e-6
+    # The blocks' ln1 and ln2 epsilon, where it is not ln_eps (None: ln_eps). jimm's blocks
+    # always use 1e-6 (its Transformer's default) while its outer norms use the model's.
+    block_ln_eps: float | None = None
     # Bias on the query, key and value projections (timm qkv_bias); the output projection
     # always has one.
     qkv_bias: bool = True
@@ -323,13 +326,17 @@ class ViTConfig:
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ConfigError(name, getattr(self, name), f"expected one of {choices}")
-        if (
-            isinstance(self.ln_eps, bool)
-            or not isinstance(self.ln_eps, (int, float))
-            or not (0 < self.ln_eps < 1)
-            or not math.isfinite(self.ln_eps)
-        ):
-            raise ConfigError("ln_eps", self.ln_eps, "expected a float in (0, 1)")
+        for name in ("ln_eps", "block_ln_eps"):
+            eps = getattr(self, name)
+            if name == "block_ln_eps" and eps is None:
+                continue
+            if (
+                isinstance(eps, bool)
+                or not isinstance(eps, (int, float))
+                or not (0 < eps < 1)
+                or not math.isfinite(eps)
+            ):
+                raise ConfigError(name, eps, "expected a float in (0, 1)")
         for name in BOOLS:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, getattr(self, name), "expected a bool")
@@ -451,6 +458,11 @@ class ViTConfig:
             raise ConfigError("rope_periods", periods, "expected positive finite numbers")
 
     # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def block_eps(self) -> float:
+        """The epsilon of each block's ln1 and ln2."""
+        return self.ln_eps if self.block_ln_eps is None else self.block_ln_eps
+
     @property
     def image_hw(self) -> tuple[int, int]:
         s = self.image_size

@@ -191,9 +191,10 @@ class Reference:
         return self.p[name] ** self.knobs.layer_scale_power if self.c.layer_scale else 1.0
 
     def norm(self, name: str, x):
+        eps = self.c.block_eps if name.endswith((".ln1", ".ln2")) else self.c.ln_eps
         if self.c.norm == "rmsnorm":
-            return rmsnorm(x, self.p[f"{name}.scale"], self.c.ln_eps)
-        return layernorm(x, self.p[f"{name}.scale"], self.p[f"{name}.bias"], self.c.ln_eps)
+            return rmsnorm(x, self.p[f"{name}.scale"], eps)
+        return layernorm(x, self.p[f"{name}.scale"], self.p[f"{name}.bias"], eps)
 
     def linear(self, name: str, x):
         return x @ as64(self.p[f"{name}.kernel"]) + self.p.get(f"{name}.bias", 0.0)

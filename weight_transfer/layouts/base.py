@@ -164,6 +164,7 @@ BEYOND_VIT: dict[str, Any] = dict(
     pool_prefix=False,
     pos_grid=None,  # a NaFlex table, resampled in every forward by the model's own method
     rope_periods=None,  # a file's own RoPE periods (timm and HF recompute theirs)
+    block_ln_eps=None,  # the blocks' norms with another epsilon than the rest's (jimm)
 )
 EVERYTHING = tuple(BEYOND_VIT)
 

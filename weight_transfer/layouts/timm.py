@@ -792,7 +792,8 @@ TIMM_LAYOUT = Layout(
     resampling=lambda c: TIMM,
     lookalikes="Perception Encoder (timm vit_pe_core_*, vit_pe_spatial_*) has these "
     "keys and also rotates q and k (RoPE)",
-    computes=tuple(f for f in EVERYTHING if f != "rope_periods"),  # timm recomputes them
+    # timm recomputes RoPE periods; its blocks and outer norms share one norm_layer
+    computes=tuple(f for f in EVERYTHING if f not in ("rope_periods", "block_ln_eps")),
     assumes=dict(activation=ASSUME_GELU, ln_eps=ASSUME_EPS6),
 )
 LAYOUTS = (TIMM_LAYOUT,)
