@@ -674,7 +674,8 @@ FORGERIES = {  # what flax.serialization.msgpack_restore accepts, or fails on la
         "not non-negative sizes",
     ),
     "lying-shape": ({"w": _ext_array([1 << 40], "float32", bytes(16))}, b"", "with 16 bytes"),
-    "integer-key": ({"a": {7: W()}}, b"", "not a string"),
+    "float-key": ({"a": {7.5: W()}}, b"", "not a string or an index"),
+    "negative-key": ({"a": {-7: W()}}, b"", "not a string or an index"),
     "unknown-ext": ({"w": "EXT42"}, b"", "ext type 42"),  # an ext msgpack packs in the test
     "trailing-bytes": ({"w": W()}, b"\x00", "1 bytes after the tree"),
     "nesting-bomb": (_deep(200), b"", "nesting deeper than 64"),

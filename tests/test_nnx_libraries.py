@@ -55,7 +55,7 @@ IMAGES = np.random.default_rng(3).standard_normal((2, 16, 16, 3)).astype(np.floa
 
 
 @pytest.mark.slow  # 8 s: bonsai's model compiled for the first time in a worker
-@pytest.mark.parametrize("form", ["orbax", "safetensors"])
+@pytest.mark.parametrize("form", ["orbax", "msgpack", "safetensors"])
 def test_a_bonsai_state_computes_what_bonsai_computes(tmp_path, form):
     model = bonsai(seed=1)
     want = np.asarray(model(IMAGES, rngs=None))
@@ -65,6 +65,12 @@ def test_a_bonsai_state_computes_what_bonsai_computes(tmp_path, form):
         path = tmp_path / "ckpt"
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(path, nnx.state(model, nnx.Param))
+    elif form == "msgpack":  # flax's own bytes of the state's pure dict (list indices: ints)
+        from flax import serialization
+
+        path = tmp_path / "bonsai.msgpack"
+        pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        path.write_bytes(serialization.msgpack_serialize(pure))
     else:
         from safetensors.numpy import save_file
 

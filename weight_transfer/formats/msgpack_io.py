@@ -11,9 +11,11 @@ The reader walks the tree over a memory map and records where each array's bytes
 and dtypes are known, and every claim checked, before a tensor is loaded, and each tensor is
 then a view of the file (`flax.serialization.msgpack_restore` reads the whole file into memory
 and keeps its arrays besides: 2.25x the file). What flax accepts and a reader must not is
-refused by name: string, datetime and object dtypes, negative or lying shapes, non-string
-keys, unknown ext types, malformed chunked arrays, deep nesting, trailing bytes. Leaves that
-are not arrays (a training state's step, a learning rate) are left out and counted.
+refused by name: string, datetime and object dtypes, negative or lying shapes, keys other
+than strings and list indices (an `nnx.Sequential`'s, in `nnx.to_pure_dict`; read as their
+decimal names), unknown ext types, malformed chunked arrays, deep nesting, trailing bytes.
+Leaves that are not arrays (a training state's step, a learning rate) are left out and
+counted.
 """
 
 from __future__ import annotations
@@ -148,8 +150,10 @@ class _Parser:
         out: dict[str, Any] = {}
         for _ in range(n):
             key, pos = self.value(pos, end, depth + 1, where)
+            if type(key) is int and key >= 0:  # a list index: nnx.Sequential, nnx.List
+                key = str(key)
             if not isinstance(key, str):
-                self.fail(pos, f"a key that is not a string under {where or 'the top'}")
+                self.fail(pos, f"a key that is not a string or an index under {where or 'the top'}")
             if key in out:
                 self.fail(pos, f"the key {key!r} twice under {where or 'the top'}")
             out[key], pos = self.value(pos, end, depth + 1, f"{where}/{key}")
