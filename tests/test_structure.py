@@ -324,6 +324,16 @@ ROUND_TRIP_CONFIGS = [  # the first each writable layout's library can compute i
         qkv_bias=False,
         proj_bias=False,
     ),
+    # jimm: its blocks' epsilon apart (ViT), its widths' heads of 64 and MLPs of 4x (CLIP, SigLIP)
+    dict(image_size=8, activation="gelu_tanh", ln_eps=1e-12, block_ln_eps=1e-6),
+    dict(
+        **dict(norm_pre=True, patch_bias=False, head_bias=False, activation="quick_gelu"),
+        **dict(image_size=8, num_heads=1, d_ff=96, ln_eps=1e-5, block_ln_eps=1e-6),
+    ),
+    dict(
+        **dict(pool="map", class_token=False, num_classes=0, activation="gelu_tanh"),
+        **dict(image_size=8, num_heads=1, d_ff=96),
+    ),
     dict(  # DINOv3 as transformers computes it
         pos_embed=False,
         rope="half",

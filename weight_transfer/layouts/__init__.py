@@ -10,7 +10,8 @@
 | `hf_flax`     | `hf_flax`, `hf_flax_clip`, `hf_flax_dinov2`: transformers 4.x's Flax classes |
 | `open_clip`   | `open_clip`: `visual.*` image towers; `open_clip_timm`: `visual.trunk.*` |
 | `npz`         | `google_vit`, `big_vision` (`big_vision_bv`, its earlier name, an alias) |
-| `nnx_libraries` | `bonsai_vit`: other NNX ViT libraries' states                       |
+| `nnx_libraries` | `bonsai_vit`, `jimm_vit`, `jimm_clip`, `jimm_siglip`: other NNX ViT    |
+|               | libraries' states                                                    |
 | `dinov3`      | `dinov3`: the original DINOv3 release (facebookresearch/dinov3)       |
 | `perception`  | `pe`: the Perception Encoder release (facebookresearch/perception_models) |
 | `eva`         | `eva02`: the EVA-02 release (baaivision/EVA)                          |

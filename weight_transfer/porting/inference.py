@@ -327,8 +327,16 @@ def manifest_config(source: Source) -> ViTConfig:
         raise CheckpointError(f"{source.path}: the manifest's config is invalid: {e}") from None
 
 
-def block_indices(keys) -> set[int]:
-    return {int(m.group(1)) for k in keys for m in [BLOCK_INDEX.search(k)] if m}
+def block_indices(source: Source, layout: Layout) -> set[int]:
+    """The blocks the file holds: the indices in its keys where the layout's table puts a
+    block's tensors (a MAP head's `mlp.layers.2` is not a block), else wherever a key names
+    a block the way publishers do."""
+    templates = {k for r in layout.table(ViTConfig(pos_embed_tokens="none")) for k in r.right}
+    patterns = [
+        re.compile(re.escape(k).replace(re.escape("{}"), r"(\d+)")) for k in templates if "{}" in k
+    ]
+    held = {int(m.group(1)) for k in source.meta for p in patterns for m in [p.fullmatch(k)] if m}
+    return held or {int(m.group(1)) for k in source.meta for m in [BLOCK_INDEX.search(k)] if m}
 
 
 def _class_fact(layout: Layout) -> str:
@@ -370,7 +378,7 @@ def _class_fields_over(
 def check_claims(config: ViTConfig, source: Source, layout: Layout) -> None:
     """Cheap checks of a stated config against the tensors present, before anything is built
     from it (a forged `num_layers: 1000000` must cost nothing)."""
-    layers = block_indices(source.meta)
+    layers = block_indices(source, layout)
     if config.num_layers != len(layers):
         raise CheckpointError(
             f"{source.path}: the config says num_layers={config.num_layers}, "
@@ -390,7 +398,7 @@ def _shape_fields(probe: Probe) -> tuple[dict, dict, dict]:
         patch_size=p,
         in_channels=c,
         d_model=d,
-        num_layers=len(block_indices(source.meta)),
+        num_layers=len(block_indices(source, layout)),
         class_token=has("cls_token"),
         dist_token=has("dist_token"),
         # a head on the distillation token, or the class token's alone (HF without a teacher)
