@@ -216,6 +216,8 @@ def make_fault(name, ref):
         return misfed, ref
     if name == "ln_eps":
         return ref, planted(ref, CONFIG.replace(ln_eps=1e-5))
+    if name == "block_ln_eps":  # the reference's blocks alone at 1e-5 (jimm's kind of port)
+        return planted(ref, CONFIG.replace(block_ln_eps=1e-5)), ref
     if name == "activation_variant":
         return ref, planted(ref, CONFIG.replace(activation="quick_gelu"))
     if name == "norm_pre_presence":  # the candidate has a pre-norm the reference does not
@@ -399,6 +401,7 @@ FAULTS = [
     "linear_not_transposed",
     "input_layout",
     "ln_eps",
+    "block_ln_eps",
     "activation_variant",
     "qkv_order",
     "qkv_interleaved",

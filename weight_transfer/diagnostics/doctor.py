@@ -157,6 +157,17 @@ def ln_eps(c: Candidate) -> Iterator[Variant]:
             )
 
 
+def block_ln_eps(c: Candidate) -> Iterator[Variant]:
+    for eps in (1e-5, 1e-6, 1e-12):
+        if eps != c.config.block_eps:
+            yield (
+                f"the blocks' LayerNorm epsilon differs: the reference's blocks use {eps:g} "
+                f"(its outer norms {c.config.ln_eps:g}, as jimm's blocks always use 1e-6), "
+                f"the candidate's {c.config.block_eps:g}",
+                _config(c, block_ln_eps=None if eps == c.config.ln_eps else eps),
+            )
+
+
 ACTIVATION_NAMES = {
     "gelu": "exact GELU (erf)",
     "gelu_tanh": "tanh-approximate GELU (jax.nn.gelu's and flax's default)",
@@ -688,6 +699,7 @@ HYPOTHESES: dict[str, Callable[[Candidate], Iterator[Variant]]] = {
         linear_not_transposed,
         input_layout,
         ln_eps,
+        block_ln_eps,
         activation_variant,
         qkv_order,
         qkv_interleaved,
