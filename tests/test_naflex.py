@@ -6,6 +6,7 @@ frameworks; and what a file cannot say refused by name."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -20,7 +21,7 @@ import weight_transfer as wt  # noqa: E402
 from tests.conftest import assert_close  # noqa: E402
 from tests.helpers.models import nchw, randomize  # noqa: E402
 from vit_config import ArgumentError  # noqa: E402
-from weight_transfer.core.errors import LayoutError  # noqa: E402
+from weight_transfer.core.errors import CheckpointError, LayoutError  # noqa: E402
 from weight_transfer.frameworks.runners import run_nnx, run_patches, run_torch  # noqa: E402
 
 SMALL = dict(depth=2, embed_dim=48, num_heads=3, pos_embed_grid_size=(5, 4))
@@ -30,6 +31,8 @@ ARCHS = {
     "naflexvit_base_patch16_siglip": "bilinear, antialiased; MAP head, tanh GELU",
     "naflexvit_base_patch16_par_gap": "bicubic to the longer side's square, top-left kept",
     "naflexvit_base_patch16_radio_v3": "bilinear, aligned corners, no antialias; square; cls",
+    # two 1-D tables (pos_embed_y, pos_embed_x), each linear to the longer side, then summed
+    "naflexvit_base_patch16_parfac_gap": "factorized, linear; the longer side's square",
 }
 QUICK = "naflexvit_base_patch16_gap"
 GRIDS = [(5, 4), (2, 3), (7, 9), (4, 6)]  # the table's, smaller, larger, mixed
@@ -39,7 +42,10 @@ def timm_folder(tmp_path, arch: str):
     """A small random `arch` saved as timm users publish it (`save_for_hf`), and the model."""
     from timm.models import save_for_hf
 
-    model = randomize(timm.create_model(arch, pretrained=False, **SMALL), seed=len(arch)).eval()
+    # a factorized table resampled to the longer side's square: square, as timm's own (timm
+    # resamples a non-square one even at its own grid: refused)
+    small = SMALL | ({"pos_embed_grid_size": (5, 5)} if "parfac" in arch else {})
+    model = randomize(timm.create_model(arch, pretrained=False, **small), seed=len(arch)).eval()
     save_for_hf(model, str(tmp_path / arch), safe_serialization=True)
     return tmp_path / arch, model
 
@@ -62,7 +68,7 @@ def test_a_naflex_hub_folder_matches_timm_at_every_grid(tmp_path, arch):
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # the folder says everything: nothing assumed
                 ours = wt.load_checkpoint(folder, framework, image_size=size)
-            assert ours.config.pos_grid == (5, 4)
+            assert ours.config.pos_grid == model.embeds.pos_embed_grid_size
             assert_close(expected, run(ours, images), "float32", f"{arch} {framework} {grid}")
 
 
@@ -153,9 +159,55 @@ def test_naflex_resampling_is_the_models_own_and_not_restated(tmp_path):
         wt.load_checkpoint(folder, "torch", image_size=64, interpolation="bilinear")
 
 
-def test_factorized_naflex_tables_are_refused_by_name(tmp_path):
+def test_a_factorized_table_is_read_as_its_sum_and_written_as_a_table_timm_resamples_alike(
+    tmp_path,
+):
+    """NaFlexVit's factorized positions, read as the 2-D table they add (bilinear resampling
+    of y[i] + x[j] is the sum of the two linear resamplings), written back as a learned
+    NaFlexVit Hub folder: timm's own model of that folder computes what the factorized
+    original computes, at a grid of neither's table."""
+    folder, model = timm_folder(tmp_path, "naflexvit_base_patch16_parfac_gap")
+    info = wt.inspect_checkpoint(folder)
+    assert any("factorized positions summed" in n for n in info["notes"]), info["notes"]
+    assert info["config"]["pos_interpolation"] == "bilinear" and info["config"]["pos_square"]
+    ours = wt.load_checkpoint(folder, "torch")
+    written = wt.save_checkpoint(ours, tmp_path / "learned", layout="timm")
+    config = json.loads((written / "config.json").read_text())
+    rebuilt = timm.create_model(config["architecture"], pretrained=False, **config["model_args"])
+    from safetensors.torch import load_file
+
+    rebuilt.load_state_dict(load_file(str(written / "model.safetensors")))
+    assert rebuilt.embeds.pos_embed_type == "learned"
+    images = images_for((7, 3), seed=4)
+    with torch.no_grad():
+        want, got = model(nchw(images)), rebuilt.eval()(nchw(images))
+    assert_close(want.numpy(), got.numpy(), "float32", "timm learned on ours vs factorized")
+
+
+def test_a_non_square_factorized_table_timm_resamples_at_its_own_grid_is_refused(tmp_path):
+    from timm.models import save_for_hf
+
+    arch = "naflexvit_base_patch16_parfac_gap"
+    model = timm.create_model(arch, pretrained=False, **SMALL)  # a (5, 4) table
+    save_for_hf(model, str(tmp_path / "f"), safe_serialization=True)
+    with pytest.raises(LayoutError, match=r"non-square factorized table \(5, 4\)"):
+        wt.load_checkpoint(tmp_path / "f", "torch")
+
+
+def test_a_factorized_table_of_the_wrong_shape_is_refused_by_name(tmp_path):
+    from safetensors.torch import load_file, save_file
+
     folder, _ = timm_folder(tmp_path, "naflexvit_base_patch16_parfac_gap")
-    with pytest.raises(LayoutError, match=r"factorized position tables"):
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["embeds.pos_embed_x"] = tensors["embeds.pos_embed_x"][:, :, :-1].contiguous()
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"embeds.pos_embed_x \(1, 5, 47\)"):
+        wt.load_checkpoint(folder, "torch")
+    # two honest 300-row tables would sum to 90,000 rows: refused before anything is summed
+    tensors["embeds.pos_embed_y"] = torch.zeros(1, 300, 48)
+    tensors["embeds.pos_embed_x"] = torch.zeros(1, 300, 48)
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"300 x 300 grid: more than 65,536 rows"):
         wt.load_checkpoint(folder, "torch")
 
 

@@ -130,7 +130,6 @@ def test_a_file_without_a_table_and_without_its_rope_is_refused(tmp_path):
     "architecture, feature",
     [
         ("vit_dpwee_patch16_reg1_gap_256", "DiffParallelScalingBlock blocks"),
-        ("naflexvit_base_patch16_parfac_gap", "factorized position tables"),
     ],
 )
 def test_what_this_vit_cannot_compute_is_refused_by_name(architecture, feature):

@@ -37,8 +37,8 @@ def test_the_timm_zoo_ports_or_is_refused(tmp_path, capsys):
 def test_the_rope_and_relative_zoo_is_never_wrong(tmp_path, capsys):
     """timm's `eva.py` (EVA, EVA-02, DINOv3, PE, RoPE-ViT, sbb), `beit.py`,
     `vision_transformer_relpos.py` and `naflexvit.py`, the same way: what ports equals timm,
-    the rest is refused by name. 0 wrong, 0 crashes, and at least 90% port (94 of 95 today:
-    NaFlexVit's factorized tables are refused). The bare state dict with `arch=` only: the
+    the rest is refused by name. 0 wrong, 0 crashes, and at least 90% port (95 of 95 today,
+    NaFlexVit's factorized tables included). The bare state dict with `arch=` only: the
     Hub folders of the models that port are tested through the presets (test_family,
     test_naflex), and the time is the suite's."""
     archs = sorted(

@@ -11,8 +11,11 @@ can: `config_from_timm("vit_base_patch16_siglip_224", {"depth": 2})`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, NoReturn
+
+import numpy as np
 
 from vit_config import ConfigError, ViTConfig
 from weight_transfer.core.errors import CheckpointError, LayoutError
@@ -27,6 +30,7 @@ from weight_transfer.core.transforms import (
     grid_table,
     patch_linear,
 )
+from weight_transfer.formats.checkpoint import Source
 from weight_transfer.layouts.base import (
     ASSUME_EPS6,
     ASSUME_GELU,
@@ -535,8 +539,6 @@ def _naflex(m, architecture: str, image_size) -> dict[str, Any]:
     e = m.embeds
     if getattr(m, "rope", None) is not None:
         _refuse(architecture, "RoPE in a NaFlexVit")
-    if e.pos_embed_type == "factorized":
-        _refuse(architecture, "factorized position tables (pos_embed_y, pos_embed_x)")
     if not e.is_linear or not e.channels_last or e.norm_input is not None:
         _refuse(architecture, "a NaFlex patch embedding other than a Linear on (ph, pw, C) patches")
     if e.pos_embed_use_grid_sample or e.pos_embed_interp_mode not in ("bilinear", "bicubic"):
@@ -544,25 +546,80 @@ def _naflex(m, architecture: str, image_size) -> dict[str, Any]:
     if image_size is None:
         image_size = e.default_img_size or m.pretrained_cfg.get("input_size", (3, 224, 224))[1:]
     size = tuple(image_size) if isinstance(image_size, (tuple, list)) else (image_size,) * 2
-    table = e.pos_embed is not None
+    if e.pos_embed_type == "factorized":  # the sum of two 1-D tables, each resampled linearly
+        grid = (e.pos_embed_y.shape[1], e.pos_embed_x.shape[1])
+        if e.pos_embed_ar_preserving and grid[0] != grid[1]:
+            _refuse(
+                architecture,
+                f"a non-square factorized table {grid} resampled to its longer side's square "
+                "(timm resamples it even at its own grid, which it does not for a 2-D table)",
+            )
+        table = dict(
+            pos_grid=grid,
+            pos_interpolation="bilinear",
+            pos_antialias=False,
+            pos_align_corners=False,
+        )
+    elif e.pos_embed is not None:
+        table = dict(
+            pos_grid=tuple(e.pos_embed.shape[1:3]),
+            pos_interpolation=e.pos_embed_interp_mode,
+            pos_antialias=bool(e.pos_embed_antialias),
+            pos_align_corners=bool(e.pos_embed_align_corners),
+        )
+    else:
+        table = {}
     return dict(
         image_size=size,
         in_channels=e.in_chans,
         class_token=e.cls_token is not None,
-        pos_embed=table,
+        pos_embed=bool(table),
         pos_embed_tokens="none",
-        **(
-            dict(
-                pos_grid=tuple(e.pos_embed.shape[1:3]),
-                pos_interpolation=e.pos_embed_interp_mode,
-                pos_antialias=bool(e.pos_embed_antialias),
-                pos_align_corners=bool(e.pos_embed_align_corners),
-                pos_square=bool(e.pos_embed_ar_preserving),
-            )
-            if table
-            else {}
-        ),
+        **table,
+        **(dict(pos_square=bool(e.pos_embed_ar_preserving)) if table else {}),
     )
+
+
+FACTORIZED = ("embeds.pos_embed_y", "embeds.pos_embed_x")
+MAX_FACTORIZED_ROWS = 256 * 256
+
+
+def factorized_table(source: Source) -> tuple[Source, list[str]]:
+    """NaFlexVit's factorized positions (`pos_embed_y` (1, H, D), `pos_embed_x` (1, W, D)) read
+    as the table they add to the patches, `embeds.pos_embed` (1, H, W, D) with rows
+    y[i] + x[j]. timm resamples each 1-D table linearly (corners not aligned, no antialias)
+    and adds them; bilinear resampling of their sum is the same function, since each axis's
+    weights sum to one: so the model is a learned NaFlex table, resampled bilinearly."""
+    if not all(k in source.meta for k in FACTORIZED):
+        return source, []
+    (ys, dtype), (xs, xdtype) = (source.meta[k] for k in FACTORIZED)
+    if len(ys) != 3 or len(xs) != 3 or ys[0] != 1 or xs[0] != 1 or ys[2] != xs[2]:
+        raise CheckpointError(
+            f"{source.path}: factorized positions {FACTORIZED[0]} {tuple(ys)} and "
+            f"{FACTORIZED[1]} {tuple(xs)}: expected (1, H, D) and (1, W, D)"
+        )
+    if ys[1] * xs[1] > MAX_FACTORIZED_ROWS:  # (H + W) rows stored make H * W: bounded
+        raise CheckpointError(
+            f"{source.path}: factorized positions of a {ys[1]} x {xs[1]} grid: more than "
+            f"{MAX_FACTORIZED_ROWS:,} rows once summed (timm's own tables are 24 x 24)"
+        )
+    if dtype != xdtype:
+        raise CheckpointError(
+            f"{source.path}: factorized positions in two dtypes ({dtype}, {xdtype})"
+        )
+    meta = {k: m for k, m in source.meta.items() if k not in FACTORIZED}
+    meta["embeds.pos_embed"] = ((1, ys[1], xs[1], ys[2]), dtype)
+    load = source.load
+
+    def read(key: str) -> np.ndarray:
+        if key != "embeds.pos_embed":
+            return load(key)
+        y, x = (load(k) for k in FACTORIZED)
+        return y[:, :, None, :] + x[:, None, :, :]  # (1, H, W, D): row i, column j
+
+    summed = source.renamed(meta, read)
+    note = f"factorized positions summed into a {ys[1]} x {xs[1]} table (y[i] + x[j])"
+    return dataclasses.replace(summed, notes=[*source.notes, note]), []
 
 
 def config_of_timm_model(m, architecture: str = "", image_size=None) -> ViTConfig:
@@ -795,5 +852,6 @@ TIMM_LAYOUT = Layout(
     # timm recomputes RoPE periods; its blocks and outer norms share one norm_layer
     computes=tuple(f for f in EVERYTHING if f not in ("rope_periods", "block_ln_eps")),
     assumes=dict(activation=ASSUME_GELU, ln_eps=ASSUME_EPS6),
+    normalise=factorized_table,
 )
 LAYOUTS = (TIMM_LAYOUT,)
