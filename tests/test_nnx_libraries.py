@@ -191,8 +191,18 @@ def test_a_jimm_state_computes_what_jimm_computed_in_float64(tmp_path, name):
             assert_close(JIMM[name]["outputs"], got, "float64", f"jimm {name} -> {framework}")
 
 
-@pytest.mark.parametrize("name", sorted(JIMM))
-@pytest.mark.parametrize("form", ["orbax", "safetensors"])
+# 0.4 s each (--durations): every model in float64 stays quick above; here one per form
+FLOAT32_QUICK = {("orbax", "vit"), ("safetensors", "siglip")}
+
+
+@pytest.mark.parametrize(
+    "form, name",
+    [
+        pytest.param(f, n, marks=[pytest.mark.slow] * ((f, n) not in FLOAT32_QUICK))
+        for f in ("orbax", "safetensors")
+        for n in sorted(JIMM)
+    ],
+)
 def test_a_float32_jimm_state_in_each_form_computes_what_jimm_computes(tmp_path, form, name):
     """Against jimm's float32 output as it runs (flax's attention on its fast path)."""
     path = save_jimm(tmp_path, name, form, np.float32)
