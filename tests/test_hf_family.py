@@ -157,9 +157,7 @@ JAX_QUICK = ("beit-classifier", "siglip-vision", "dinov2-registers")
 @pytest.mark.parametrize(
     "case, framework",
     [
-        pytest.param(c, f, marks=pytest.mark.slow)
-        if f == "jax" and c not in JAX_QUICK
-        else (c, f)
+        pytest.param(c, f, marks=pytest.mark.slow) if f == "jax" and c not in JAX_QUICK else (c, f)
         for c in sorted(CASES)
         for f in ("jax", "torch")
     ],
